@@ -1,0 +1,4 @@
+//! The `dino` binary.
+fn main() {
+    println!("dino: the trainer is coming");
+}

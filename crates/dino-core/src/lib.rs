@@ -1,0 +1,1 @@
+//! dino-core: the DINO self-distillation objective for any candle model.

@@ -1,0 +1,1 @@
+//! dino-data: datasets, the DINO multi-crop augmentation and a parallel loader.

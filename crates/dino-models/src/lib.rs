@@ -1,0 +1,1 @@
+//! dino-models: Vision Transformer, ResNet, DINO head and multi-crop wrapper.

@@ -1,0 +1,1 @@
+//! dino-train: the DINO training loop, checkpoints, logging and evaluation.

@@ -1,0 +1,2 @@
+//! cargo xtask: fetch-data | fetch-weights | ci | bench
+fn main() {}
