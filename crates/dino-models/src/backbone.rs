@@ -1,0 +1,16 @@
+//! The `Backbone` trait: what the multi-crop wrapper, the trainer and the evaluations need of a network.
+
+use candle_core::{Result, Tensor};
+
+/// A feature extractor: images in, one feature vector per image out.
+pub trait Backbone: Send + Sync {
+    /// `(B, 3, H, W)` -> `(B, D)`: the CLS token after the final norm (ViT) or the pooled feature (ResNet).
+    /// `train` enables drop path (ViT) and batch statistics with running-stat updates (BatchNorm).
+    fn forward_features(&self, x: &Tensor, train: bool) -> Result<Tensor>;
+
+    /// The feature dimension `D`.
+    fn embed_dim(&self) -> usize;
+
+    /// Reseed the network's own RNG (drop-path masks), so a given iteration draws the same masks on resume.
+    fn reseed(&self, _seed: u64) {}
+}
