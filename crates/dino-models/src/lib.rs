@@ -2,6 +2,15 @@
 //! loadable from / exportable to the official PyTorch checkpoints.
 
 pub mod backbone;
+pub mod error;
+pub mod head;
+pub mod hub;
+pub mod init;
+pub mod multicrop;
+pub mod ops;
+pub mod params;
 pub mod resnet;
+pub mod vit;
+pub mod weights;
 
 pub use backbone::Backbone;

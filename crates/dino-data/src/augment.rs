@@ -1,0 +1,1 @@
+//! The DINO multi-crop augmentation and the evaluation transform (work in progress).

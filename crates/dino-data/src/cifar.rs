@@ -1,0 +1,1 @@
+//! CIFAR binary batches (work in progress).

@@ -1,0 +1,1 @@
+//! The Dataset trait (work in progress).

@@ -1,0 +1,1 @@
+//! Image folders (work in progress).

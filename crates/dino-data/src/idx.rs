@@ -1,0 +1,1 @@
+//! IDX files (work in progress).

@@ -1,0 +1,1 @@
+//! The parallel multi-crop loader (work in progress).

@@ -1,0 +1,1 @@
+//! Pixel operations that reproduce Pillow/torchvision exactly (work in progress).

@@ -1,0 +1,1 @@
+//! The DINO projection head (work in progress).

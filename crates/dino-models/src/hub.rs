@@ -1,0 +1,1 @@
+//! hf-hub references (work in progress).

@@ -1,0 +1,1 @@
+//! Seeded initialisation (work in progress).

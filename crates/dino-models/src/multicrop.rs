@@ -1,0 +1,1 @@
+//! The multi-crop wrapper (work in progress).

@@ -1,0 +1,1 @@
+//! Fused ops with analytic backward (work in progress).

@@ -1,0 +1,1 @@
+//! Checkpoint I/O (work in progress).
