@@ -1,0 +1,216 @@
+//! `cargo xtask bench`: runs the step benchmark (the `bench_step` example of dino-cli, one process per case so that
+//! each case's peak RSS is its own) and/or the criterion benches of the workspace, printing one JSON line per case.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchArgs {
+    /// Fewer iterations (a smoke run).
+    pub quick: bool,
+    /// Only the cases whose name contains one of these (all when empty).
+    pub cases: Vec<String>,
+    /// Run the step benchmark (the training step, forward-only, loader-fed and micro cases).
+    pub step: bool,
+    /// Run `cargo bench --workspace` (criterion) and report its estimates as JSON lines.
+    pub criterion: bool,
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+/// Runs what `args` selects from the workspace at `root`.
+pub fn run(root: &Path, args: &BenchArgs) -> Result<()> {
+    if args.step {
+        run_step(root, args)?;
+    }
+    if args.criterion {
+        run_criterion(root, args)?;
+    }
+    Ok(())
+}
+
+fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
+    let status = Command::new(cargo())
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "dino-cli",
+            "--example",
+            "bench_step",
+        ])
+        .current_dir(root)
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("building the bench_step example failed ({status})");
+    }
+    let exe = target_dir(root).join("release/examples/bench_step");
+    let list = Command::new(&exe)
+        .arg("--list")
+        .output()
+        .with_context(|| format!("cannot run {}", exe.display()))?;
+    if !list.status.success() {
+        bail!(
+            "{} --list failed: {}",
+            exe.display(),
+            String::from_utf8_lossy(&list.stderr).trim()
+        );
+    }
+    let all: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let chosen: Vec<&String> = all
+        .iter()
+        .filter(|c| args.cases.is_empty() || args.cases.iter().any(|f| c.contains(f.as_str())))
+        .collect();
+    if chosen.is_empty() {
+        bail!(
+            "no benchmark case matches {:?}; the cases are: {}",
+            args.cases,
+            all.join(", ")
+        );
+    }
+    let mut failed = Vec::new();
+    for case in chosen {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["--case", case]);
+        if args.quick {
+            cmd.arg("--quick");
+        }
+        // Each case prints its JSON line on stdout; progress goes to stderr, passed through.
+        let out = cmd
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("cannot run {}", exe.display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        for line in stdout.lines().filter(|l| l.starts_with('{')) {
+            println!("{line}");
+        }
+        if !out.status.success() {
+            failed.push(case.clone());
+        }
+    }
+    if !failed.is_empty() {
+        bail!("benchmark cases failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn run_criterion(root: &Path, args: &BenchArgs) -> Result<()> {
+    let mut cmd = Command::new(cargo());
+    cmd.args(["bench", "--workspace", "--benches", "--"]);
+    if args.quick {
+        cmd.args([
+            "--warm-up-time",
+            "1",
+            "--measurement-time",
+            "2",
+            "--sample-size",
+            "10",
+        ]);
+    }
+    for f in &args.cases {
+        cmd.arg(f);
+    }
+    let status = cmd
+        .current_dir(root)
+        .stdout(Stdio::null())
+        .status()
+        .context("cannot run cargo bench")?;
+    if !status.success() {
+        bail!("cargo bench failed ({status})");
+    }
+    let dir = target_dir(root).join("criterion");
+    let mut found = Vec::new();
+    collect_estimates(&dir, &mut found)?;
+    found.sort();
+    for (id, est) in found {
+        println!("{}", criterion_line(&id, &est)?);
+    }
+    Ok(())
+}
+
+/// Walks `target/criterion` for `<bench>/new/{benchmark,estimates}.json` pairs.
+fn collect_estimates(dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if p.file_name().is_some_and(|n| n == "new") {
+                let bench = p.join("benchmark.json");
+                let est = p.join("estimates.json");
+                if bench.is_file() && est.is_file() {
+                    let b: serde_json::Value = serde_json::from_str(
+                        &std::fs::read_to_string(&bench)
+                            .with_context(|| format!("cannot read {}", bench.display()))?,
+                    )
+                    .with_context(|| format!("{} is not JSON", bench.display()))?;
+                    let id = b["full_id"].as_str().unwrap_or("?").to_string();
+                    out.push((id, est));
+                }
+            } else if p.file_name().is_some_and(|n| n != "report" && n != "base") {
+                collect_estimates(&p, out)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One JSON line from a criterion `estimates.json` (times in seconds).
+fn criterion_line(id: &str, est: &Path) -> Result<String> {
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(est).with_context(|| format!("cannot read {}", est.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", est.display()))?;
+    let ns = |k: &str| v[k]["point_estimate"].as_f64().map(|x| x * 1e-9);
+    Ok(serde_json::json!({
+        "case": id,
+        "source": "criterion",
+        "median_s": ns("median"),
+        "mean_s": ns("mean"),
+        "std_dev_s": ns("std_dev"),
+    })
+    .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn criterion_estimates_become_json_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = dir.path().join("criterion/group/case/new");
+        std::fs::create_dir_all(&new).unwrap();
+        std::fs::write(new.join("benchmark.json"), r#"{"full_id":"group/case"}"#).unwrap();
+        std::fs::write(
+            new.join("estimates.json"),
+            r#"{"mean":{"point_estimate":2.0e6},"median":{"point_estimate":1.5e6},"std_dev":{"point_estimate":1.0e3}}"#,
+        )
+        .unwrap();
+        let mut found = Vec::new();
+        collect_estimates(&dir.path().join("criterion"), &mut found).unwrap();
+        assert_eq!(found.len(), 1);
+        let line = criterion_line(&found[0].0, &found[0].1).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["case"], "group/case");
+        assert!((v["median_s"].as_f64().unwrap() - 1.5e-3).abs() < 1e-12);
+        assert!((v["mean_s"].as_f64().unwrap() - 2.0e-3).abs() < 1e-12);
+    }
+}

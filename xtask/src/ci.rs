@@ -1,0 +1,39 @@
+//! `cargo xtask ci`: exactly the checks of `.ci/run` (format, clippy with warnings denied, the workspace tests),
+//! stopping at the first failure with a non-zero exit.
+
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::process::Command;
+
+/// The steps of `.ci/run`, in order, as cargo argument lists.
+pub const STEPS: &[&[&str]] = &[
+    &["fmt", "--all", "--check"],
+    &[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ],
+    &["test", "--workspace"],
+];
+
+/// Runs every step of [`STEPS`] in `root` with the cargo that runs us; the first failing step is the error.
+pub fn run(root: &Path) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    for step in STEPS {
+        let line = format!("cargo {}", step.join(" "));
+        eprintln!("xtask ci: {line}");
+        let status = Command::new(&cargo)
+            .args(*step)
+            .current_dir(root)
+            .status()
+            .with_context(|| format!("cannot run `{line}`"))?;
+        if !status.success() {
+            bail!("`{line}` failed ({status})");
+        }
+    }
+    eprintln!("xtask ci: all checks passed");
+    Ok(())
+}
