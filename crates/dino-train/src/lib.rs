@@ -1,1 +1,26 @@
-//! dino-train: the DINO training loop, checkpoints, logging and evaluation.
+//! dino-train: the DINO training loop, checkpoints and exact resume, logging and evaluation.
+//!
+//! - [`config::TrainConfig`]: every official `main_dino.py` option (official names and defaults), TOML
+//!   loading and named presets ([`config::TrainConfig::preset`]).
+//! - [`trainer::Trainer`]: one training iteration in the official order ([`trainer::Trainer::step`]).
+//! - [`run::train`]: a whole run with checkpoints, exact resume, logs, plots and k-NN evaluation;
+//!   [`run::train_default`] is the no-argument run on the embedded Fashion-MNIST subset.
+//! - [`checkpoint`]: atomic safetensors checkpoints with embedded JSON metadata.
+//! - [`eval`]: feature extraction, weighted k-NN and the linear probe.
+//! - [`log`], [`plot`]: JSON-lines log, progress display, PNG curves.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod log;
+pub mod model;
+pub mod plot;
+pub mod run;
+pub mod trainer;
+
+pub use config::{Arch, DatasetKind, OptimizerKind, TrainConfig};
+pub use error::{Error, Result};
+pub use run::{train, train_default, TrainOptions, TrainSummary};
+pub use trainer::{StepStats, Trainer};

@@ -1,0 +1,787 @@
+//! `TrainConfig`: every option of the official `main_dino.py` (same names, same defaults), plus the
+//! options this port adds (custom small ViTs, normalisation, evaluation, logging, mid-epoch checkpoints),
+//! TOML loading, named presets and the key-by-key comparison used to refuse a changed config on resume.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Which optimiser trains the student (`--optimizer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// torch.optim.AdamW, betas (0.9, 0.999), eps 1e-8, per-parameter steps (official default).
+    #[default]
+    Adamw,
+    /// SGD with momentum 0.9, lr set by the schedule.
+    Sgd,
+    /// LARS (barlowtwins flavour): eta 0.001, momentum 0.9, no adaptation for 1-D parameters.
+    Lars,
+}
+
+impl std::str::FromStr for OptimizerKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "adamw" => Ok(Self::Adamw),
+            "sgd" => Ok(Self::Sgd),
+            "lars" => Ok(Self::Lars),
+            _ => Err(Error::config(
+                "optimizer",
+                s,
+                "expected one of adamw, sgd, lars",
+            )),
+        }
+    }
+}
+
+/// Where the training images come from (`--dataset`, together with `--data_path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// An image folder: class sub-folders (ImageNet layout, labels from folder names) or a flat folder of
+    /// unlabelled images, searched recursively (official default).
+    #[default]
+    Folder,
+    /// CIFAR-10 binary batches in `data_path` (`data_batch_{1..5}.bin` train, `test_batch.bin` test).
+    Cifar10,
+    /// CIFAR-100 binary files in `data_path` (`train.bin`, `test.bin`).
+    Cifar100,
+    /// Fashion-MNIST IDX files in `data_path` (`train-*` train, `t10k-*` test; gzipped or not).
+    FashionMnist,
+    /// MNIST IDX files in `data_path` (same layout as Fashion-MNIST).
+    Mnist,
+    /// The Fashion-MNIST subset embedded in this library (5,000 train / 1,000 test); `data_path` is ignored.
+    Embedded,
+}
+
+impl DatasetKind {
+    /// The kebab-case name used in TOML files and on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Folder => "folder",
+            Self::Cifar10 => "cifar10",
+            Self::Cifar100 => "cifar100",
+            Self::FashionMnist => "fashion-mnist",
+            Self::Mnist => "mnist",
+            Self::Embedded => "embedded",
+        }
+    }
+}
+
+impl std::str::FromStr for DatasetKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().replace('_', "-").as_str() {
+            "folder" | "image-folder" | "imagefolder" => Ok(Self::Folder),
+            "cifar10" | "cifar-10" => Ok(Self::Cifar10),
+            "cifar100" | "cifar-100" => Ok(Self::Cifar100),
+            "fashion-mnist" | "fashionmnist" | "fmnist" => Ok(Self::FashionMnist),
+            "mnist" => Ok(Self::Mnist),
+            "embedded" => Ok(Self::Embedded),
+            _ => Err(Error::config(
+                "dataset",
+                s,
+                "expected one of folder, cifar10, cifar100, fashion-mnist, mnist, embedded",
+            )),
+        }
+    }
+}
+
+/// The backbone architectures `arch` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// ViT-Tiny: dim 192, depth 12, 3 heads.
+    VitTiny,
+    /// ViT-Small: dim 384, depth 12, 6 heads.
+    VitSmall,
+    /// ViT-Base: dim 768, depth 12, 12 heads.
+    VitBase,
+    /// A ViT sized by `vit_embed_dim`, `vit_depth`, `vit_num_heads` (for small images).
+    VitCustom,
+    /// torchvision ResNet-18 (pooled 512-d feature).
+    Resnet18,
+    /// torchvision ResNet-50 (pooled 2048-d feature).
+    Resnet50,
+}
+
+impl Arch {
+    /// The names `arch` accepts.
+    pub const NAMES: &'static [&'static str] = &[
+        "vit_tiny",
+        "vit_small",
+        "vit_base",
+        "vit_custom",
+        "resnet18",
+        "resnet50",
+    ];
+
+    /// Whether this is a Vision Transformer.
+    pub fn is_vit(&self) -> bool {
+        matches!(
+            self,
+            Self::VitTiny | Self::VitSmall | Self::VitBase | Self::VitCustom
+        )
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        // The official code renames deit_tiny / deit_small to vit_tiny / vit_small.
+        match s {
+            "vit_tiny" | "deit_tiny" => Ok(Self::VitTiny),
+            "vit_small" | "deit_small" => Ok(Self::VitSmall),
+            "vit_base" => Ok(Self::VitBase),
+            "vit_custom" => Ok(Self::VitCustom),
+            "resnet18" => Ok(Self::Resnet18),
+            "resnet50" => Ok(Self::Resnet50),
+            _ => Err(Error::config(
+                "arch",
+                s,
+                format!("expected one of {}", Self::NAMES.join(", ")),
+            )),
+        }
+    }
+}
+
+/// The full training configuration. Field names are the official `main_dino.py` argument names; defaults
+/// are the official defaults (ImageNet-style data) unless stated. Loadable from TOML (every key optional).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    // ----- model -----
+    /// Backbone architecture: vit_tiny, vit_small, vit_base, vit_custom, resnet18, resnet50. Default `vit_small`.
+    pub arch: String,
+    /// ViT patch size in pixels. Default 16.
+    pub patch_size: usize,
+    /// ViT positional-embedding grid size in pixels (the official models use 224 and interpolate). Default 224.
+    pub img_size: usize,
+    /// `vit_custom` embedding dimension. Default 192.
+    pub vit_embed_dim: usize,
+    /// `vit_custom` number of blocks. Default 12.
+    pub vit_depth: usize,
+    /// `vit_custom` number of attention heads. Default 3.
+    pub vit_num_heads: usize,
+    /// ResNet: use the CIFAR stem (3x3 conv stride 1, no max-pool) for 32 px images. Default false.
+    pub resnet_cifar_stem: bool,
+    /// Dimension K of the DINO head output. Default 65536.
+    pub out_dim: usize,
+    /// Fix the weight-norm gain of the head's last layer to 1 (not trained). Default true.
+    pub norm_last_layer: bool,
+    /// Use BatchNorm in the projection head. Default false.
+    pub use_bn_in_head: bool,
+    /// Head MLP hidden dimension. Default 2048.
+    pub head_hidden_dim: usize,
+    /// Head bottleneck dimension (before the weight-normalised last layer). Default 256.
+    pub head_bottleneck_dim: usize,
+    /// Number of head MLP layers. Default 3.
+    pub head_nlayers: usize,
+    /// Stochastic depth rate of the student (linearly increasing per block). Default 0.1.
+    pub drop_path_rate: f64,
+
+    // ----- teacher and loss -----
+    /// Base EMA momentum of the teacher, cosine-scheduled to 1. Default 0.996.
+    pub momentum_teacher: f64,
+    /// Initial teacher temperature of the warm-up. Default 0.04.
+    pub warmup_teacher_temp: f64,
+    /// Final teacher temperature. Default 0.04.
+    pub teacher_temp: f64,
+    /// Number of epochs of linear teacher-temperature warm-up. Default 0 (the code default, not the help text's 30).
+    pub warmup_teacher_temp_epochs: usize,
+    /// Student temperature. Default 0.1.
+    pub student_temp: f64,
+    /// Centre EMA momentum. Default 0.9.
+    pub center_momentum: f64,
+
+    // ----- optimisation -----
+    /// Initial weight decay, cosine-scheduled to `weight_decay_end`. Default 0.04.
+    pub weight_decay: f64,
+    /// Final weight decay. Default 0.4.
+    pub weight_decay_end: f64,
+    /// Per-parameter gradient-norm clipping threshold; 0 disables. Default 3.0.
+    pub clip_grad: f64,
+    /// Images per step (the official `batch_size_per_gpu` times the world size, 1 here). Default 64.
+    pub batch_size: usize,
+    /// Number of epochs. Default 100.
+    pub epochs: usize,
+    /// Epochs during which the head's last layer receives no update. Default 1.
+    pub freeze_last_layer: usize,
+    /// Peak learning rate for a batch of 256 (scaled linearly: lr * batch_size / 256). Default 0.0005.
+    pub lr: f64,
+    /// Epochs of linear learning-rate warm-up from 0. Default 10.
+    pub warmup_epochs: usize,
+    /// Final learning rate of the cosine schedule. Default 1e-6.
+    pub min_lr: f64,
+    /// Optimiser: adamw, sgd or lars. Default adamw.
+    pub optimizer: OptimizerKind,
+
+    // ----- multi-crop augmentation -----
+    /// Scale range of the global crops' RandomResizedCrop. Default [0.4, 1.0].
+    pub global_crops_scale: [f64; 2],
+    /// Number of small local crops; 0 disables multi-crop. Default 8.
+    pub local_crops_number: usize,
+    /// Scale range of the local crops. Default [0.05, 0.4].
+    pub local_crops_scale: [f64; 2],
+    /// Side of the global crops in pixels. Default 224.
+    pub global_crops_size: usize,
+    /// Side of the local crops in pixels. Default 96.
+    pub local_crops_size: usize,
+    /// Per-channel normalisation mean. Default ImageNet [0.485, 0.456, 0.406].
+    pub norm_mean: [f32; 3],
+    /// Per-channel normalisation std. Default ImageNet [0.229, 0.224, 0.225].
+    pub norm_std: [f32; 3],
+
+    // ----- data and output -----
+    /// Training data: an image folder, or the directory of the standard CIFAR / IDX files. Default
+    /// `/path/to/imagenet/train/` (the official placeholder).
+    pub data_path: PathBuf,
+    /// What `data_path` holds. Default `folder`.
+    pub dataset: DatasetKind,
+    /// Train on the first this many images only (0: all). Default 0.
+    pub max_train_images: usize,
+    /// Labelled validation split for k-NN (image folder only; the CIFAR / IDX kinds use their test files).
+    /// Default none.
+    pub val_data_path: Option<PathBuf>,
+    /// Where logs, checkpoints and plots go. Default `.`.
+    pub output_dir: PathBuf,
+    /// Also keep `checkpoint{epoch:04}.safetensors` every this many epochs. Default 20.
+    pub saveckp_freq: usize,
+    /// Also checkpoint every this many iterations inside an epoch (0: only at epoch ends). Default 0.
+    pub ckpt_every_iters: usize,
+    /// Random seed: initial weights, shuffling, augmentation and drop path. Default 0.
+    pub seed: u64,
+    /// Data-loading threads (the loader's own pool). Default 10.
+    pub num_workers: usize,
+    /// Images prefetched ahead of the training step, in batches. Default 2.
+    pub prefetch_batches: usize,
+    /// Write a JSON log line and refresh the progress bar every this many iterations. Default 10.
+    pub log_every: usize,
+
+    // ----- evaluation -----
+    /// Run k-NN on the validation split every this many epochs (0: never during training). Default 0.
+    pub eval_every: usize,
+    /// Run k-NN after the last epoch (and report the same network at initialisation). Default false.
+    pub eval_final: bool,
+    /// Number of neighbours of the weighted k-NN. Default 20.
+    pub knn_k: usize,
+    /// Temperature of the weighted k-NN votes. Default 0.07.
+    pub knn_temperature: f64,
+    /// Evaluation transform: resize of the shorter side (bicubic). Default 256.
+    pub eval_resize: usize,
+    /// Evaluation transform: centre crop. Default 224.
+    pub eval_crop: usize,
+    /// Use at most this many training images as the k-NN bank (0: all). Default 0.
+    pub eval_max_train: usize,
+    /// Use at most this many validation images as k-NN queries (0: all). Default 0.
+    pub eval_max_val: usize,
+    /// Batch size of feature extraction. Default 128.
+    pub eval_batch_size: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            arch: "vit_small".into(),
+            patch_size: 16,
+            img_size: 224,
+            vit_embed_dim: 192,
+            vit_depth: 12,
+            vit_num_heads: 3,
+            resnet_cifar_stem: false,
+            out_dim: 65536,
+            norm_last_layer: true,
+            use_bn_in_head: false,
+            head_hidden_dim: 2048,
+            head_bottleneck_dim: 256,
+            head_nlayers: 3,
+            drop_path_rate: 0.1,
+            momentum_teacher: 0.996,
+            warmup_teacher_temp: 0.04,
+            teacher_temp: 0.04,
+            warmup_teacher_temp_epochs: 0,
+            student_temp: 0.1,
+            center_momentum: 0.9,
+            weight_decay: 0.04,
+            weight_decay_end: 0.4,
+            clip_grad: 3.0,
+            batch_size: 64,
+            epochs: 100,
+            freeze_last_layer: 1,
+            lr: 0.0005,
+            warmup_epochs: 10,
+            min_lr: 1e-6,
+            optimizer: OptimizerKind::Adamw,
+            global_crops_scale: [0.4, 1.0],
+            local_crops_number: 8,
+            local_crops_scale: [0.05, 0.4],
+            global_crops_size: 224,
+            local_crops_size: 96,
+            norm_mean: [0.485, 0.456, 0.406],
+            norm_std: [0.229, 0.224, 0.225],
+            data_path: PathBuf::from("/path/to/imagenet/train/"),
+            dataset: DatasetKind::Folder,
+            max_train_images: 0,
+            val_data_path: None,
+            output_dir: PathBuf::from("."),
+            saveckp_freq: 20,
+            ckpt_every_iters: 0,
+            seed: 0,
+            num_workers: 10,
+            prefetch_batches: 2,
+            log_every: 10,
+            eval_every: 0,
+            eval_final: false,
+            knn_k: 20,
+            knn_temperature: 0.07,
+            eval_resize: 256,
+            eval_crop: 224,
+            eval_max_train: 0,
+            eval_max_val: 0,
+            eval_batch_size: 128,
+        }
+    }
+}
+
+/// Keys that may change between a checkpoint and its resumption without changing the result.
+pub const RESUME_IGNORED_KEYS: &[&str] = &[
+    "data_path",
+    "val_data_path",
+    "output_dir",
+    "saveckp_freq",
+    "ckpt_every_iters",
+    "num_workers",
+    "prefetch_batches",
+    "log_every",
+    "eval_every",
+    "eval_final",
+    "knn_k",
+    "knn_temperature",
+    "eval_resize",
+    "eval_crop",
+    "eval_max_train",
+    "eval_max_val",
+    "eval_batch_size",
+];
+
+/// The names [`TrainConfig::preset`] accepts.
+pub const PRESETS: &[&str] = &["official", "default", "fmnist-small", "cifar"];
+
+impl TrainConfig {
+    /// The official `main_dino.py` defaults (same as `Default`).
+    pub fn official() -> Self {
+        Self::default()
+    }
+
+    /// A named preset: `official` (main_dino.py defaults), `default` (the no-argument run: a small ViT on the
+    /// embedded Fashion-MNIST subset, tuned to learn in a few minutes on 2 CPU cores), `fmnist-small` (the
+    /// learning reference of `baseline.md`, official recipe on 28 px Fashion-MNIST), `cifar` (patch-4 ViT-Tiny
+    /// on 32 px CIFAR with 2x32 + 6x16 crops).
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "official" | "imagenet" => Ok(Self::official()),
+            "default" => Ok(Self::default_preset()),
+            "fmnist-small" => Ok(Self::fmnist_small()),
+            "cifar" => Ok(Self::cifar()),
+            _ => Err(Error::config(
+                "preset",
+                name,
+                format!("expected one of {}", PRESETS.join(", ")),
+            )),
+        }
+    }
+
+    /// The no-argument preset: a small ViT on the embedded Fashion-MNIST subset (28 px), sized for 2 CPU cores
+    /// and tuned to learn fast, with the final k-NN evaluation against the same network at initialisation.
+    pub fn default_preset() -> Self {
+        Self {
+            arch: "vit_custom".into(),
+            patch_size: 7,
+            img_size: 28,
+            vit_embed_dim: 96,
+            vit_depth: 4,
+            vit_num_heads: 3,
+            out_dim: 1024,
+            norm_last_layer: true,
+            head_hidden_dim: 512,
+            head_bottleneck_dim: 128,
+            drop_path_rate: 0.0,
+            momentum_teacher: 0.99,
+            warmup_teacher_temp: 0.04,
+            teacher_temp: 0.04,
+            warmup_teacher_temp_epochs: 0,
+            weight_decay: 0.04,
+            weight_decay_end: 0.1,
+            batch_size: 64,
+            epochs: 6,
+            lr: 0.002,
+            warmup_epochs: 1,
+            min_lr: 1e-5,
+            freeze_last_layer: 1,
+            global_crops_scale: [0.4, 1.0],
+            local_crops_number: 4,
+            local_crops_scale: [0.1, 0.4],
+            global_crops_size: 28,
+            local_crops_size: 14,
+            norm_mean: [0.2860; 3],
+            norm_std: [0.3530; 3],
+            data_path: PathBuf::from("embedded"),
+            dataset: DatasetKind::Embedded,
+            output_dir: PathBuf::from("dino-output"),
+            saveckp_freq: 0,
+            ckpt_every_iters: 20,
+            num_workers: 1,
+            log_every: 5,
+            eval_every: 1,
+            eval_final: true,
+            eval_resize: 28,
+            eval_crop: 28,
+            eval_batch_size: 256,
+            ..Self::default()
+        }
+    }
+
+    /// The "fmnist-small" learning reference of `baseline.md`: the official recipe on 28 px Fashion-MNIST.
+    pub fn fmnist_small() -> Self {
+        Self {
+            arch: "vit_custom".into(),
+            patch_size: 4,
+            img_size: 28,
+            vit_embed_dim: 192,
+            vit_depth: 6,
+            vit_num_heads: 3,
+            out_dim: 4096,
+            drop_path_rate: 0.1,
+            batch_size: 64,
+            epochs: 5,
+            lr: 0.0005,
+            warmup_epochs: 1,
+            min_lr: 1e-6,
+            warmup_teacher_temp: 0.04,
+            teacher_temp: 0.07,
+            warmup_teacher_temp_epochs: 2,
+            local_crops_number: 6,
+            global_crops_size: 28,
+            local_crops_size: 16,
+            norm_mean: [0.2860; 3],
+            norm_std: [0.3530; 3],
+            dataset: DatasetKind::FashionMnist,
+            data_path: PathBuf::from("../shared/data/fashion-mnist"),
+            saveckp_freq: 1,
+            eval_final: true,
+            eval_resize: 28,
+            eval_crop: 28,
+            num_workers: 2,
+            ..Self::default()
+        }
+    }
+
+    /// Patch-4 ViT-Tiny on 32 px CIFAR-10 with 2 x 32 + 6 x 16 crops (the baseline's "cifar" step config).
+    pub fn cifar() -> Self {
+        Self {
+            arch: "vit_tiny".into(),
+            patch_size: 4,
+            img_size: 32,
+            out_dim: 4096,
+            batch_size: 64,
+            local_crops_number: 6,
+            global_crops_size: 32,
+            local_crops_size: 16,
+            norm_mean: [0.4914, 0.4822, 0.4465],
+            norm_std: [0.2470, 0.2435, 0.2616],
+            dataset: DatasetKind::Cifar10,
+            data_path: PathBuf::from("data/cifar10"),
+            eval_resize: 32,
+            eval_crop: 32,
+            ..Self::default()
+        }
+    }
+
+    /// Parse a TOML document; keys not given keep their default (official) values.
+    pub fn from_toml_str(s: &str) -> std::result::Result<Self, String> {
+        toml::from_str(s).map_err(|e| e.to_string())
+    }
+
+    /// Load a TOML file (see [`TrainConfig::from_toml_str`]).
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let s = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml_str(&s).map_err(|message| Error::ConfigParse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// The configuration as a TOML document (every key).
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot serialise configuration: {e}"))
+    }
+
+    /// The parsed architecture.
+    pub fn arch_kind(&self) -> Result<Arch> {
+        self.arch.parse()
+    }
+
+    /// Number of crops per image: 2 global + `local_crops_number`.
+    pub fn ncrops(&self) -> usize {
+        2 + self.local_crops_number
+    }
+
+    /// The linearly scaled peak learning rate `lr * batch_size / 256`.
+    pub fn scaled_lr(&self) -> f64 {
+        self.lr * self.batch_size as f64 / 256.0
+    }
+
+    /// Check every value; the error names the first bad key.
+    pub fn validate(&self) -> Result<()> {
+        let arch = self.arch_kind()?;
+        let pos = |k: &str, v: usize| {
+            if v == 0 {
+                Err(Error::config(k, v, "must be positive"))
+            } else {
+                Ok(())
+            }
+        };
+        pos("batch_size", self.batch_size)?;
+        pos("epochs", self.epochs)?;
+        pos("out_dim", self.out_dim)?;
+        pos("global_crops_size", self.global_crops_size)?;
+        pos("head_hidden_dim", self.head_hidden_dim)?;
+        pos("head_bottleneck_dim", self.head_bottleneck_dim)?;
+        pos("head_nlayers", self.head_nlayers)?;
+        pos("eval_batch_size", self.eval_batch_size)?;
+        if self.local_crops_number > 0 {
+            pos("local_crops_size", self.local_crops_size)?;
+        }
+        if arch.is_vit() {
+            pos("patch_size", self.patch_size)?;
+            pos("img_size", self.img_size)?;
+            if self.img_size % self.patch_size != 0 {
+                return Err(Error::config(
+                    "img_size",
+                    self.img_size,
+                    format!("must be a multiple of patch_size = {}", self.patch_size),
+                ));
+            }
+            if arch == Arch::VitCustom {
+                pos("vit_embed_dim", self.vit_embed_dim)?;
+                pos("vit_depth", self.vit_depth)?;
+                pos("vit_num_heads", self.vit_num_heads)?;
+                if self.vit_embed_dim % self.vit_num_heads != 0 {
+                    return Err(Error::config(
+                        "vit_embed_dim",
+                        self.vit_embed_dim,
+                        format!(
+                            "must be a multiple of vit_num_heads = {}",
+                            self.vit_num_heads
+                        ),
+                    ));
+                }
+            }
+        }
+        let finite_nonneg = |k: &str, v: f64| {
+            if !v.is_finite() || v < 0.0 {
+                Err(Error::config(k, v, "must be a finite number >= 0"))
+            } else {
+                Ok(())
+            }
+        };
+        finite_nonneg("lr", self.lr)?;
+        finite_nonneg("min_lr", self.min_lr)?;
+        finite_nonneg("weight_decay", self.weight_decay)?;
+        finite_nonneg("weight_decay_end", self.weight_decay_end)?;
+        finite_nonneg("clip_grad", self.clip_grad)?;
+        finite_nonneg("knn_temperature", self.knn_temperature)?;
+        for (k, v) in [
+            ("teacher_temp", self.teacher_temp),
+            ("warmup_teacher_temp", self.warmup_teacher_temp),
+            ("student_temp", self.student_temp),
+        ] {
+            if !v.is_finite() || v <= 0.0 {
+                return Err(Error::config(k, v, "must be a finite number > 0"));
+            }
+        }
+        for (k, v) in [
+            ("momentum_teacher", self.momentum_teacher),
+            ("center_momentum", self.center_momentum),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Error::config(k, v, "must lie in [0, 1]"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.drop_path_rate) {
+            return Err(Error::config(
+                "drop_path_rate",
+                self.drop_path_rate,
+                "must lie in [0, 1)",
+            ));
+        }
+        for (k, s) in [
+            ("global_crops_scale", self.global_crops_scale),
+            ("local_crops_scale", self.local_crops_scale),
+        ] {
+            if !(s[0] > 0.0 && s[0] <= s[1] && s[1] <= 1.0) {
+                return Err(Error::config(
+                    k,
+                    format!("{s:?}"),
+                    "expected 0 < min <= max <= 1",
+                ));
+            }
+        }
+        if self.norm_std.iter().any(|s| !(*s > 0.0)) {
+            return Err(Error::config(
+                "norm_std",
+                format!("{:?}", self.norm_std),
+                "must be > 0",
+            ));
+        }
+        if self.warmup_epochs > self.epochs {
+            return Err(Error::config(
+                "warmup_epochs",
+                self.warmup_epochs,
+                format!("must not exceed epochs = {}", self.epochs),
+            ));
+        }
+        if self.warmup_teacher_temp_epochs > self.epochs {
+            return Err(Error::config(
+                "warmup_teacher_temp_epochs",
+                self.warmup_teacher_temp_epochs,
+                format!("must not exceed epochs = {}", self.epochs),
+            ));
+        }
+        if self.knn_k == 0 {
+            return Err(Error::config("knn_k", 0, "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// The keys whose values differ between `self` (the checkpoint's) and `other` (the requested one),
+    /// ignoring [`RESUME_IGNORED_KEYS`], each as `key: old -> new`.
+    pub fn diff_for_resume(&self, other: &TrainConfig) -> Vec<String> {
+        let a = serde_json::to_value(self).unwrap_or_default();
+        let b = serde_json::to_value(other).unwrap_or_default();
+        let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+            return vec!["<unserialisable configuration>".into()];
+        };
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter(|k| !RESUME_IGNORED_KEYS.contains(&k.as_str()))
+            .filter_map(|k| {
+                let va = a.get(k).cloned().unwrap_or(serde_json::Value::Null);
+                let vb = b.get(k).cloned().unwrap_or(serde_json::Value::Null);
+                (va != vb).then(|| format!("{k}: {va} -> {vb}"))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn official_defaults_match_main_dino() {
+        let c = TrainConfig::default();
+        assert_eq!(c.arch, "vit_small");
+        assert_eq!(
+            (c.patch_size, c.out_dim, c.batch_size, c.epochs),
+            (16, 65536, 64, 100)
+        );
+        assert_eq!(
+            (c.momentum_teacher, c.teacher_temp, c.warmup_teacher_temp),
+            (0.996, 0.04, 0.04)
+        );
+        assert_eq!(c.warmup_teacher_temp_epochs, 0);
+        assert_eq!(
+            (c.weight_decay, c.weight_decay_end, c.clip_grad),
+            (0.04, 0.4, 3.0)
+        );
+        assert_eq!(
+            (c.lr, c.warmup_epochs, c.min_lr, c.freeze_last_layer),
+            (0.0005, 10, 1e-6, 1)
+        );
+        assert_eq!(
+            (
+                c.drop_path_rate,
+                c.local_crops_number,
+                c.saveckp_freq,
+                c.seed
+            ),
+            (0.1, 8, 20, 0)
+        );
+        assert_eq!(
+            (c.global_crops_scale, c.local_crops_scale),
+            ([0.4, 1.0], [0.05, 0.4])
+        );
+        assert_eq!(c.num_workers, 10);
+        assert!(c.norm_last_layer && !c.use_bn_in_head);
+        assert_eq!(c.optimizer, OptimizerKind::Adamw);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn toml_overrides_only_given_keys_and_round_trips() {
+        let c = TrainConfig::from_toml_str(
+            "arch = \"vit_tiny\"\nlr = 0.001\nglobal_crops_scale = [0.14, 1.0]\n",
+        )
+        .unwrap();
+        assert_eq!(c.arch, "vit_tiny");
+        assert_eq!(c.lr, 0.001);
+        assert_eq!(c.global_crops_scale, [0.14, 1.0]);
+        assert_eq!(c.out_dim, 65536);
+        let back = TrainConfig::from_toml_str(&c.to_toml_string()).unwrap();
+        assert_eq!(back, c);
+        let err = TrainConfig::from_toml_str("learning_rate = 1.0").unwrap_err();
+        assert!(err.contains("learning_rate"), "{err}");
+    }
+
+    #[test]
+    fn every_preset_validates() {
+        for p in PRESETS {
+            TrainConfig::preset(p).unwrap().validate().unwrap();
+        }
+        assert!(TrainConfig::preset("nope").is_err());
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let c = TrainConfig {
+            arch: "vit_huge".into(),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("arch"));
+        let c = TrainConfig {
+            batch_size: 0,
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("batch_size"));
+        let c = TrainConfig {
+            local_crops_scale: [0.5, 0.4],
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("local_crops_scale"));
+    }
+
+    #[test]
+    fn resume_diff_names_keys_and_ignores_cosmetic_ones() {
+        let a = TrainConfig::default();
+        let b = TrainConfig {
+            lr: 0.001,
+            epochs: 7,
+            output_dir: "elsewhere".into(),
+            log_every: 3,
+            ..a.clone()
+        };
+        let d = a.diff_for_resume(&b);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(d[0].starts_with("epochs: 100 -> 7"), "{d:?}");
+        assert!(d[1].starts_with("lr: 0.0005 -> 0.001"), "{d:?}");
+    }
+}

@@ -1,0 +1,124 @@
+//! `dino_train::Error`: every failure the trainer, checkpoints, logging and evaluation can report.
+
+use std::path::PathBuf;
+
+/// Errors of the training library. Messages name the file, key or tensor at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A numerical or shape error from candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// An error from dino-core (loss, optimiser, k-NN, ...).
+    #[error(transparent)]
+    Core(#[from] dino_core::Error),
+    /// An error from dino-models (architectures, weights).
+    #[error(transparent)]
+    Models(#[from] dino_models::error::Error),
+    /// An error from dino-data (datasets, augmentation, loader).
+    #[error(transparent)]
+    Data(#[from] dino_data::error::Error),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {key} = {value}: {reason}")]
+    Config {
+        /// The configuration key (official name).
+        key: String,
+        /// The offending value, as written.
+        value: String,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// A TOML configuration file could not be parsed.
+    #[error("{path}: cannot parse configuration: {message}")]
+    ConfigParse {
+        /// The TOML file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// Resuming with a configuration that differs from the checkpoint's.
+    #[error(
+        "{path}: the checkpoint was written with a different configuration (differing keys: {}); use another \
+         --output-dir or the checkpoint's values",
+        keys.join(", ")
+    )]
+    ConfigMismatch {
+        /// The checkpoint metadata file.
+        path: PathBuf,
+        /// `key: checkpoint value -> requested value` for each differing key.
+        keys: Vec<String>,
+    },
+    /// A checkpoint is unreadable or inconsistent.
+    #[error("{path}: bad checkpoint: {reason}")]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The loss became NaN or infinite.
+    #[error(
+        "loss is {loss} at epoch {epoch}, iteration {iteration} (global iteration {global_iteration}); stopping. \
+         The last good checkpoint is kept in the output directory"
+    )]
+    NonFiniteLoss {
+        /// The loss value.
+        loss: f64,
+        /// Epoch index (0-based).
+        epoch: usize,
+        /// Iteration within the epoch (0-based).
+        iteration: usize,
+        /// Global iteration `epoch * niter_per_ep + iteration`.
+        global_iteration: usize,
+    },
+    /// The dataset is too small for the batch size (drop_last leaves no iteration).
+    #[error("dataset {what} has {len} images, fewer than batch_size = {batch_size}: no iteration per epoch")]
+    DatasetTooSmall {
+        /// The dataset description.
+        what: String,
+        /// Its length.
+        len: usize,
+        /// The batch size.
+        batch_size: usize,
+    },
+    /// JSON (de)serialisation failed.
+    #[error("{path}: {source}")]
+    Json {
+        /// The JSON file.
+        path: PathBuf,
+        /// The underlying error.
+        source: serde_json::Error,
+    },
+    /// Anything else, with its explanation.
+    #[error("{0}")]
+    Msg(String),
+}
+
+/// The library's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// An invalid configuration value.
+    pub fn config(key: &str, value: impl std::fmt::Display, reason: impl Into<String>) -> Self {
+        Error::Config {
+            key: key.to_string(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}

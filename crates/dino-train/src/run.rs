@@ -1,0 +1,500 @@
+//! A whole training run: data, loader, [`Trainer`], checkpoints (every epoch, every `saveckp_freq` epochs
+//! under their own name, and every `ckpt_every_iters` iterations inside an epoch), exact resume from the
+//! output directory, JSON-lines log, progress display, periodic and final k-NN, and PNG plots at the end.
+//!
+//! Exact resume: the checkpoint holds every tensor of the state (student, teacher, AdamW moments and
+//! per-parameter steps, centre) and the global iteration; the schedules are recomputed from the config and
+//! every random draw depends only on `(seed, epoch, sample)` (shuffle, augmentation) or `(seed, global
+//! iteration)` (drop path), so a resumed run computes exactly what the uninterrupted run computes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Device;
+use dino_core::KnnResult;
+use dino_data::dataset::Dataset;
+use dino_data::loader::{LoaderConfig, MultiCropLoader};
+use dino_data::Transform;
+use dino_models::Backbone;
+
+use crate::checkpoint::{self, CheckpointMeta, RngState, Versions, LATEST};
+use crate::config::TrainConfig;
+use crate::data;
+use crate::error::{Error, Result};
+use crate::eval::{extract_features, knn_eval, Features};
+use crate::log::{read_log, EpochRecord, JsonLog, Progress, StepRecord};
+use crate::model::DinoNetwork;
+use crate::plot::{save_png, Curve};
+use crate::trainer::Trainer;
+
+/// How to run (things that do not change the result, so they are not part of the config).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOptions {
+    /// Continue from `<output_dir>/checkpoint.safetensors` when it exists. Default true.
+    pub resume: bool,
+    /// Show progress on stderr (a bar on a terminal, plain lines otherwise). Default true.
+    pub progress: bool,
+    /// Write PNG plots of the curves at the end. Default true.
+    pub plots: bool,
+    /// Return (as if killed, without writing anything more) once this many global iterations are complete.
+    /// For tests of interruption and resume. Default none.
+    pub stop_after_iterations: Option<usize>,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            resume: true,
+            progress: true,
+            plots: true,
+            stop_after_iterations: None,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// The output directory.
+    pub output_dir: PathBuf,
+    /// Global iterations complete at the end of this call.
+    pub global_iteration: usize,
+    /// Iterations per epoch.
+    pub niter_per_ep: usize,
+    /// Global iteration this call resumed from (None for a fresh start).
+    pub resumed_from: Option<usize>,
+    /// Whether the run stopped early (`stop_after_iterations`).
+    pub interrupted: bool,
+    /// Loss of the last iteration run by this call (NaN if none).
+    pub last_loss: f64,
+    /// Mean loss of the first epoch this call ran and of the last one (NaN if none).
+    pub first_epoch_loss: f64,
+    /// Mean loss of the last epoch this call ran.
+    pub last_epoch_loss: f64,
+    /// k-NN of the teacher backbone after training (when evaluated).
+    pub knn_final: Option<KnnResult>,
+    /// k-NN of the same network at random initialisation (when `eval_final`).
+    pub knn_init: Option<KnnResult>,
+    /// Seconds spent in this call.
+    pub seconds: f64,
+    /// The rolling checkpoint.
+    pub checkpoint: PathBuf,
+    /// PNG plots written.
+    pub plots: Vec<PathBuf>,
+}
+
+/// Everything the k-NN evaluation needs, opened once.
+struct KnnSetup {
+    bank: Arc<dyn Dataset>,
+    val: Arc<dyn Dataset>,
+    transform: Arc<dyn Transform>,
+}
+
+impl KnnSetup {
+    fn open(cfg: &TrainConfig) -> Result<Option<Self>> {
+        let (Some(bank), Some(val)) = (data::open_bank(cfg)?, data::open_val(cfg)?) else {
+            return Ok(None);
+        };
+        if val.is_empty() || val.label(0).is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            bank,
+            val,
+            transform: data::eval_transform(cfg)?,
+        }))
+    }
+
+    fn run(&self, cfg: &TrainConfig, backbone: &dyn Backbone) -> Result<KnnResult> {
+        let w = cfg.num_workers.max(1);
+        let train: Features = extract_features(
+            backbone,
+            self.bank.clone(),
+            self.transform.clone(),
+            cfg.eval_batch_size,
+            w,
+        )?;
+        let test = extract_features(
+            backbone,
+            self.val.clone(),
+            self.transform.clone(),
+            cfg.eval_batch_size,
+            w,
+        )?;
+        knn_eval(&train, &test, cfg.knn_k, cfg.knn_temperature)
+    }
+}
+
+fn save_checkpoint(
+    trainer: &Trainer,
+    cfg: &TrainConfig,
+    stems: &[String],
+    global_iteration: usize,
+    last_loss: f64,
+    fingerprint: &checkpoint::DatasetFingerprint,
+) -> Result<()> {
+    let niter = trainer.niter_per_ep;
+    let meta = CheckpointMeta {
+        epoch: global_iteration / niter,
+        global_iteration,
+        niter_per_ep: niter,
+        last_loss,
+        config: cfg.clone(),
+        rng: RngState {
+            seed: cfg.seed,
+            next_global_iteration: global_iteration,
+            next_epoch: global_iteration / niter,
+            next_iteration: global_iteration % niter,
+            scheme: "shuffle: epoch_permutation(seed, epoch); augmentation: sample_rng(seed, epoch, sample); drop \
+                     path: ChaCha8(drop_path_seed(seed, global_iteration))"
+                .into(),
+        },
+        dataset: fingerprint.clone(),
+        versions: Versions::default(),
+    };
+    let tensors = trainer.state_tensors()?;
+    for stem in stems {
+        checkpoint::save(&cfg.output_dir, stem, &tensors, &meta)?;
+    }
+    Ok(())
+}
+
+/// Train as `cfg` says, resuming from the output directory when a checkpoint is there (`opts.resume`).
+pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
+    let t0 = Instant::now();
+    cfg.validate()?;
+    let out = cfg.output_dir.clone();
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let device = Device::Cpu;
+
+    let train_ds = data::open_train(cfg)?;
+    let description = data::describe(cfg, train_ds.as_ref());
+    let niter = train_ds.len() / cfg.batch_size;
+    if niter == 0 {
+        return Err(Error::DatasetTooSmall {
+            what: description,
+            len: train_ds.len(),
+            batch_size: cfg.batch_size,
+        });
+    }
+    let fingerprint = data::fingerprint(train_ds.as_ref(), &description)?;
+    let mut trainer = Trainer::new(cfg, niter, &device)?;
+    let total = trainer.total_iterations();
+
+    // Resume.
+    let mut start_g = 0usize;
+    let mut resumed_from = None;
+    if opts.resume {
+        if let Some(path) = checkpoint::find_latest(&out) {
+            let (tensors, meta) = checkpoint::load(&path, &device)?;
+            let diff = meta.config.diff_for_resume(cfg);
+            if !diff.is_empty() {
+                return Err(Error::ConfigMismatch { path, keys: diff });
+            }
+            if meta.dataset.len != fingerprint.len || meta.dataset.hash != fingerprint.hash {
+                return Err(Error::Checkpoint {
+                    path,
+                    reason: format!(
+                        "it was trained on other data ({}, {} images, fingerprint {}) than now ({}, {} images, \
+                         fingerprint {})",
+                        meta.dataset.description,
+                        meta.dataset.len,
+                        meta.dataset.hash,
+                        fingerprint.description,
+                        fingerprint.len,
+                        fingerprint.hash
+                    ),
+                });
+            }
+            if meta.niter_per_ep != niter {
+                return Err(Error::Checkpoint {
+                    path,
+                    reason: format!("{} iterations per epoch, now {niter}", meta.niter_per_ep),
+                });
+            }
+            trainer.load_state(&tensors, &path.display().to_string())?;
+            start_g = meta.global_iteration.min(total);
+            resumed_from = Some(start_g);
+        }
+    }
+    checkpoint::atomic_write(&out.join("config.toml"), cfg.to_toml_string().as_bytes())?;
+
+    let mut log = JsonLog::open(&out)?;
+    let mut progress = Progress::new(total, start_g, opts.progress);
+    progress.println(&format!(
+        "dino-train: {description}; {} {}; {niter} it/epoch x {} epochs; output {}{}",
+        cfg.arch,
+        if cfg.arch_kind()?.is_vit() {
+            format!("patch {}", cfg.patch_size)
+        } else {
+            String::new()
+        },
+        cfg.epochs,
+        out.display(),
+        match resumed_from {
+            Some(g) => format!("; resuming at global iteration {g}"),
+            None => String::new(),
+        }
+    ));
+    let knn = if cfg.eval_every > 0 || cfg.eval_final {
+        KnnSetup::open(cfg)?
+    } else {
+        None
+    };
+    if (cfg.eval_every > 0 || cfg.eval_final) && knn.is_none() {
+        progress
+            .println("k-NN evaluation skipped: no labelled validation split (set val_data_path)");
+    }
+
+    let loader = MultiCropLoader::new(
+        train_ds.clone(),
+        data::augmentation(cfg)?,
+        LoaderConfig {
+            batch_size: cfg.batch_size,
+            num_workers: cfg.num_workers.max(1),
+            prefetch: cfg.prefetch_batches,
+            seed: cfg.seed,
+            shuffle: true,
+            drop_last: true,
+        },
+    )?;
+
+    let mut summary = TrainSummary {
+        output_dir: out.clone(),
+        global_iteration: start_g,
+        niter_per_ep: niter,
+        resumed_from,
+        interrupted: false,
+        last_loss: f64::NAN,
+        first_epoch_loss: f64::NAN,
+        last_epoch_loss: f64::NAN,
+        knn_final: None,
+        knn_init: None,
+        seconds: 0.0,
+        checkpoint: checkpoint::weights_path(&out, LATEST),
+        plots: Vec::new(),
+    };
+    let mut window_start = Instant::now();
+    let mut window_images = 0usize;
+    let (start_epoch, start_it) = (start_g / niter, start_g % niter);
+    for epoch in start_epoch..cfg.epochs {
+        let t_epoch = Instant::now();
+        let first_it = if epoch == start_epoch { start_it } else { 0 };
+        let mut batches = loader.epoch_from(epoch as u64, first_it);
+        let (mut loss_sum, mut ent_sum, mut n_loss, mut n_ent) = (0.0, 0.0, 0usize, 0usize);
+        let mut last_lr_wd = (f64::NAN, f64::NAN);
+        for it in first_it..niter {
+            let batch = batches.next().ok_or_else(|| {
+                Error::Msg(format!(
+                    "the loader ended early at epoch {epoch}, iteration {it}"
+                ))
+            })??;
+            let stats = trainer.step(&batch.crops, epoch, it)?;
+            let g = stats.global_iteration + 1;
+            summary.global_iteration = g;
+            summary.last_loss = stats.loss;
+            loss_sum += stats.loss;
+            n_loss += 1;
+            last_lr_wd = (stats.lr, stats.wd);
+            window_images += cfg.batch_size;
+            let log_now = cfg.log_every > 0 && (g % cfg.log_every == 0 || it + 1 == niter);
+            if log_now {
+                let m = trainer.last_metrics()?;
+                let el = window_start.elapsed().as_secs_f64();
+                let rec = StepRecord {
+                    kind: "step".into(),
+                    epoch,
+                    iteration: it,
+                    global_iteration: stats.global_iteration,
+                    loss: stats.loss,
+                    lr: stats.lr,
+                    wd: stats.wd,
+                    momentum: stats.momentum,
+                    teacher_temp: stats.teacher_temp,
+                    teacher_entropy: m.map(|m| m.teacher_entropy).unwrap_or(f64::NAN),
+                    kl_teacher_student: m.map(|m| m.kl_teacher_student).unwrap_or(f64::NAN),
+                    teacher_std: m.map(|m| m.teacher_std).unwrap_or(f64::NAN),
+                    images_per_s: if el > 0.0 {
+                        window_images as f64 / el
+                    } else {
+                        0.0
+                    },
+                    elapsed_s: t0.elapsed().as_secs_f64(),
+                };
+                if rec.teacher_entropy.is_finite() {
+                    ent_sum += rec.teacher_entropy;
+                    n_ent += 1;
+                }
+                log.write(&rec)?;
+                progress.update(
+                    g,
+                    &format!(
+                        "ep {epoch} loss {:.4} lr {:.2e} H(t) {:.2} {:.1} img/s",
+                        rec.loss, rec.lr, rec.teacher_entropy, rec.images_per_s
+                    ),
+                );
+                window_start = Instant::now();
+                window_images = 0;
+            }
+            let end_of_epoch = it + 1 == niter;
+            if !end_of_epoch && cfg.ckpt_every_iters > 0 && g % cfg.ckpt_every_iters == 0 {
+                save_checkpoint(
+                    &trainer,
+                    cfg,
+                    &[LATEST.to_string()],
+                    g,
+                    stats.loss,
+                    &fingerprint,
+                )?;
+            }
+            if !end_of_epoch && opts.stop_after_iterations == Some(g) {
+                summary.interrupted = true;
+                summary.seconds = t0.elapsed().as_secs_f64();
+                progress.finish();
+                return Ok(summary);
+            }
+        }
+        let skipped = batches.skipped();
+        drop(batches);
+        let g = (epoch + 1) * niter;
+        let mut stems = vec![LATEST.to_string()];
+        if cfg.saveckp_freq > 0 && epoch % cfg.saveckp_freq == 0 {
+            stems.push(format!("checkpoint{epoch:04}"));
+        }
+        save_checkpoint(&trainer, cfg, &stems, g, summary.last_loss, &fingerprint)?;
+        let last_epoch = epoch + 1 == cfg.epochs;
+        let eval_now = knn.is_some()
+            && ((cfg.eval_every > 0 && (epoch + 1) % cfg.eval_every == 0)
+                || (last_epoch && cfg.eval_final));
+        let knn_res = match (&knn, eval_now) {
+            (Some(k), true) => Some(k.run(cfg, trainer.teacher.model.backbone.as_ref())?),
+            _ => None,
+        };
+        if last_epoch {
+            summary.knn_final = knn_res;
+        }
+        let mean_loss = loss_sum / n_loss.max(1) as f64;
+        if summary.first_epoch_loss.is_nan() {
+            summary.first_epoch_loss = mean_loss;
+        }
+        summary.last_epoch_loss = mean_loss;
+        let rec = EpochRecord {
+            kind: "epoch".into(),
+            epoch,
+            train_loss: mean_loss,
+            train_lr: last_lr_wd.0,
+            train_wd: last_lr_wd.1,
+            teacher_entropy: if n_ent > 0 {
+                ent_sum / n_ent as f64
+            } else {
+                f64::NAN
+            },
+            knn_top1: knn_res.map(|k| k.top1),
+            knn_top5: knn_res.map(|k| k.top5),
+            skipped_images: skipped,
+            epoch_s: t_epoch.elapsed().as_secs_f64(),
+        };
+        log.write(&rec)?;
+        progress.println(&format!(
+            "epoch {epoch}: loss {mean_loss:.4}{} ({:.1} s){}",
+            match knn_res {
+                Some(k) => format!(", k-NN top-1 {:.2}% top-5 {:.2}%", k.top1, k.top5),
+                None => String::new(),
+            },
+            rec.epoch_s,
+            if skipped > 0 {
+                format!(", {skipped} unreadable images skipped")
+            } else {
+                String::new()
+            }
+        ));
+        if opts.stop_after_iterations == Some(g) && !last_epoch {
+            summary.interrupted = true;
+            summary.seconds = t0.elapsed().as_secs_f64();
+            progress.finish();
+            return Ok(summary);
+        }
+    }
+    progress.finish();
+
+    if cfg.eval_final {
+        if let Some(k) = &knn {
+            if summary.knn_final.is_none() {
+                summary.knn_final = Some(k.run(cfg, trainer.teacher.model.backbone.as_ref())?);
+            }
+            // The same network at initialisation: the seeded init is deterministic.
+            let init = DinoNetwork::new(cfg, cfg.seed, 0.0, &device)?;
+            summary.knn_init = Some(k.run(cfg, init.model.backbone.as_ref())?);
+        }
+    }
+    if let (Some(a), Some(b)) = (summary.knn_final, summary.knn_init) {
+        let line = format!(
+            "k-NN (k = {}, T = {}) top-1 on the validation split: trained teacher {:.2}% vs same network at random \
+             initialisation {:.2}% (top-5 {:.2}% vs {:.2}%)",
+            cfg.knn_k, cfg.knn_temperature, a.top1, b.top1, a.top5, b.top5
+        );
+        progress.println(&line);
+        if !opts.progress {
+            tracing::info!("{line}");
+        }
+    }
+    if opts.plots {
+        summary.plots = write_plots(&out)?;
+    }
+    summary.seconds = t0.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Plot every curve of `<dir>/log.jsonl` into `<dir>/plots/*.png`.
+pub fn write_plots(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    let path = dir.join(crate::log::LOG_FILE);
+    let (steps, epochs) = read_log(&path)?;
+    let pdir = dir.join("plots");
+    std::fs::create_dir_all(&pdir).map_err(|e| Error::io(&pdir, e))?;
+    let series = |name: &str, f: &dyn Fn(&StepRecord) -> f64| Curve {
+        name: name.into(),
+        points: steps
+            .iter()
+            .map(|s| (s.global_iteration as f64, f(s)))
+            .collect(),
+    };
+    let mut curves = vec![
+        series("loss", &|s| s.loss),
+        series("lr", &|s| s.lr),
+        series("wd", &|s| s.wd),
+        series("momentum", &|s| s.momentum),
+        series("teacher_temp", &|s| s.teacher_temp),
+        series("teacher_entropy", &|s| s.teacher_entropy),
+        series("kl_teacher_student", &|s| s.kl_teacher_student),
+        series("teacher_std", &|s| s.teacher_std),
+        Curve {
+            name: "epoch_loss".into(),
+            points: epochs
+                .iter()
+                .map(|e| (e.epoch as f64, e.train_loss))
+                .collect(),
+        },
+    ];
+    let knn: Vec<(f64, f64)> = epochs
+        .iter()
+        .filter_map(|e| e.knn_top1.map(|k| (e.epoch as f64, k)))
+        .collect();
+    if !knn.is_empty() {
+        curves.push(Curve {
+            name: "knn_top1".into(),
+            points: knn,
+        });
+    }
+    curves.iter().map(|c| save_png(&pdir, c)).collect()
+}
+
+/// The no-argument run: [`TrainConfig::default_preset`] (a small ViT on the embedded Fashion-MNIST subset),
+/// writing into `output_dir`, reporting the trained teacher's k-NN accuracy next to the random-init one.
+pub fn train_default(output_dir: Option<PathBuf>) -> Result<TrainSummary> {
+    let mut cfg = TrainConfig::default_preset();
+    if let Some(d) = output_dir {
+        cfg.output_dir = d;
+    }
+    train(&cfg, &TrainOptions::default())
+}

@@ -1,0 +1,358 @@
+//! The DINO training iteration in the official order (dino-spec §1.10) and the state it carries: student,
+//! teacher (a copy of the student with its own storage), optimiser, DINO loss with its centre, and the lr /
+//! weight-decay / momentum schedules indexed by the global iteration.
+//!
+//! One [`Trainer::step`]:
+//! 1. `g = epoch * niter_per_ep + it`; lr (all groups) = `lr_schedule[g]`, wd (group 0) = `wd_schedule[g]`;
+//! 2. the student's drop-path RNG is reseeded from `(seed, g)` (exact resume);
+//! 3. teacher forward on the 2 global crops FIRST (output detached: no gradient reaches the teacher),
+//!    then student forward on all crops, then the DINO loss (the centre is updated inside);
+//! 4. a non-finite loss stops with [`Error::NonFiniteLoss`] naming the epoch and iteration;
+//! 5. backward, per-parameter clipping (`clip_grad`), last-layer gradients dropped while
+//!    `epoch < freeze_last_layer`, optimiser step (two groups, wd on group 0 only);
+//! 6. teacher EMA with `momentum_schedule[g]`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{Device, Tensor};
+use dino_core::optim::{Lars, Sgd};
+use dino_core::{
+    cancel_gradients_last_layer, clip_gradients, cosine_scheduler, AdamW, CollapseMetrics,
+    DinoLoss, DinoLossConfig, EmaTeacher, NamedVar, Optimizer, ParamGroup,
+};
+use dino_models::params::is_regularized;
+
+use crate::checkpoint::take_prefixed;
+use crate::config::{OptimizerKind, TrainConfig};
+use crate::error::{Error, Result};
+use crate::model::DinoNetwork;
+
+/// The optimiser of the run.
+#[derive(Debug)]
+pub enum RunOptimizer {
+    /// torch-exact AdamW (state checkpointed exactly).
+    AdamW(AdamW),
+    /// SGD with momentum 0.9.
+    Sgd(Sgd),
+    /// LARS.
+    Lars(Lars),
+}
+
+impl RunOptimizer {
+    fn as_dyn(&mut self) -> &mut dyn Optimizer {
+        match self {
+            Self::AdamW(o) => o,
+            Self::Sgd(o) => o,
+            Self::Lars(o) => o,
+        }
+    }
+}
+
+/// What one iteration produced.
+#[derive(Debug, Clone)]
+pub struct StepStats {
+    /// Epoch index.
+    pub epoch: usize,
+    /// Iteration within the epoch.
+    pub iteration: usize,
+    /// Global iteration.
+    pub global_iteration: usize,
+    /// The DINO loss.
+    pub loss: f64,
+    /// Learning rate used (both groups).
+    pub lr: f64,
+    /// Weight decay used (group 0).
+    pub wd: f64,
+    /// Teacher momentum used for the EMA after the step.
+    pub momentum: f64,
+    /// Teacher temperature of the epoch.
+    pub teacher_temp: f64,
+    /// Pre-clip gradient norm of every trainable parameter that had a gradient, by name (empty if
+    /// `clip_grad` is 0).
+    pub clip_norms: Vec<(String, f64)>,
+    /// Number of parameters whose gradient reached the optimiser (after the last-layer freeze).
+    pub params_with_grad: usize,
+}
+
+/// `(seed, global_iteration)` -> the drop-path seed of that iteration (SplitMix64).
+pub fn drop_path_seed(seed: u64, global_iteration: usize) -> u64 {
+    let mut z = seed ^ 0xd1b5_4a32_d192_ed03u64.wrapping_mul(global_iteration as u64 + 1);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Student, teacher, optimiser, loss and schedules.
+pub struct Trainer {
+    /// The run's configuration.
+    pub cfg: TrainConfig,
+    /// The student (trained by the optimiser).
+    pub student: DinoNetwork,
+    /// The teacher (EMA of the student; never receives gradients).
+    pub teacher: DinoNetwork,
+    /// The student's trainable parameters, sorted by name.
+    pub params: Vec<NamedVar>,
+    /// The optimiser over `params` (group 0 regularised, group 1 not).
+    pub optimizer: RunOptimizer,
+    /// The DINO loss with its centre.
+    pub loss: DinoLoss,
+    ema: EmaTeacher,
+    /// Learning rate per global iteration (`cosine_scheduler(lr * batch / 256, min_lr, ...)`).
+    pub lr_schedule: Vec<f64>,
+    /// Weight decay per global iteration.
+    pub wd_schedule: Vec<f64>,
+    /// Teacher momentum per global iteration.
+    pub momentum_schedule: Vec<f64>,
+    /// Iterations per epoch.
+    pub niter_per_ep: usize,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("params", &self.params.len())
+            .field("niter_per_ep", &self.niter_per_ep)
+            .finish()
+    }
+}
+
+impl Trainer {
+    /// A fresh run: the student initialised from `cfg.seed` (with `drop_path_rate`), the teacher a copy of it.
+    pub fn new(cfg: &TrainConfig, niter_per_ep: usize, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let student = DinoNetwork::new(cfg, cfg.seed, cfg.drop_path_rate, device)?;
+        Self::from_student(cfg, student, niter_per_ep, device)
+    }
+
+    /// A run starting from a given student (e.g. loaded weights); the teacher is a copy of it.
+    pub fn from_student(
+        cfg: &TrainConfig,
+        student: DinoNetwork,
+        niter_per_ep: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        if niter_per_ep == 0 {
+            return Err(Error::Msg("niter_per_ep must be positive".into()));
+        }
+        let teacher = DinoNetwork::copy_of(cfg, &student, device)?;
+        let params = student.trainable(cfg.norm_last_layer);
+        let (reg, noreg): (Vec<NamedVar>, Vec<NamedVar>) = params
+            .iter()
+            .cloned()
+            .partition(|(n, v)| is_regularized(n, v.rank()));
+        let groups = vec![ParamGroup::new(reg), ParamGroup::new(noreg)];
+        let optimizer = match cfg.optimizer {
+            OptimizerKind::Adamw => RunOptimizer::AdamW(AdamW::new(groups)?),
+            OptimizerKind::Sgd => RunOptimizer::Sgd(Sgd::new(groups, 0.9)?),
+            OptimizerKind::Lars => RunOptimizer::Lars(Lars::new(groups)?),
+        };
+        let loss = DinoLoss::new(
+            DinoLossConfig {
+                out_dim: cfg.out_dim,
+                ncrops: cfg.ncrops(),
+                warmup_teacher_temp: cfg.warmup_teacher_temp,
+                teacher_temp: cfg.teacher_temp,
+                warmup_teacher_temp_epochs: cfg.warmup_teacher_temp_epochs,
+                nepochs: cfg.epochs,
+                student_temp: cfg.student_temp,
+                center_momentum: cfg.center_momentum,
+            },
+            device,
+        )?;
+        let ema = EmaTeacher::new(&student.ema_params(), &teacher.ema_params())?;
+        let lr_schedule = cosine_scheduler(
+            cfg.scaled_lr(),
+            cfg.min_lr,
+            cfg.epochs,
+            niter_per_ep,
+            cfg.warmup_epochs,
+            0.0,
+        );
+        let wd_schedule = cosine_scheduler(
+            cfg.weight_decay,
+            cfg.weight_decay_end,
+            cfg.epochs,
+            niter_per_ep,
+            0,
+            0.0,
+        );
+        let momentum_schedule =
+            cosine_scheduler(cfg.momentum_teacher, 1.0, cfg.epochs, niter_per_ep, 0, 0.0);
+        Ok(Self {
+            cfg: cfg.clone(),
+            student,
+            teacher,
+            params,
+            optimizer,
+            loss,
+            ema,
+            lr_schedule,
+            wd_schedule,
+            momentum_schedule,
+            niter_per_ep,
+        })
+    }
+
+    /// Total number of iterations of the run.
+    pub fn total_iterations(&self) -> usize {
+        self.cfg.epochs * self.niter_per_ep
+    }
+
+    /// One training iteration on `crops` (2 global crops then the local ones, each `(B, 3, h, w)`), at
+    /// `epoch` and iteration `it` within it. See the module documentation for the order.
+    pub fn step(&mut self, crops: &[Tensor], epoch: usize, it: usize) -> Result<StepStats> {
+        let g = epoch * self.niter_per_ep + it;
+        let sched = |s: &[f64], name: &str| {
+            s.get(g).copied().ok_or_else(|| {
+                Error::Msg(format!(
+                    "global iteration {g} is past the end of the {name} schedule ({})",
+                    s.len()
+                ))
+            })
+        };
+        let (lr, wd, m) = (
+            sched(&self.lr_schedule, "lr")?,
+            sched(&self.wd_schedule, "wd")?,
+            sched(&self.momentum_schedule, "momentum")?,
+        );
+        if crops.len() != self.cfg.ncrops() {
+            return Err(Error::Msg(format!(
+                "{} crops given, the configuration has 2 global + {} local = {}",
+                crops.len(),
+                self.cfg.local_crops_number,
+                self.cfg.ncrops()
+            )));
+        }
+        let opt = self.optimizer.as_dyn();
+        for group in 0..opt.groups().len() {
+            opt.set_lr(group, lr)?;
+        }
+        opt.set_weight_decay(0, wd)?;
+        let teacher_temp = self.loss.teacher_temp(epoch)?;
+
+        self.student
+            .model
+            .backbone
+            .reseed(drop_path_seed(self.cfg.seed, g));
+        // Teacher first, on the two global crops; detached (stop-gradient).
+        let t_out = self.teacher.model.forward(&crops[..2], true)?.detach();
+        let s_out = self.student.model.forward(crops, true)?;
+        let loss = self.loss.forward(&s_out, &t_out, epoch)?;
+        let loss_v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        if !loss_v.is_finite() {
+            return Err(Error::NonFiniteLoss {
+                loss: loss_v,
+                epoch,
+                iteration: it,
+                global_iteration: g,
+            });
+        }
+        let mut grads = loss.backward()?;
+        let clip_norms = if self.cfg.clip_grad > 0.0 {
+            let with_grad: Vec<String> = self
+                .params
+                .iter()
+                .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
+                .map(|(n, _)| n.clone())
+                .collect();
+            let norms = clip_gradients(&mut grads, &self.params, self.cfg.clip_grad)?;
+            with_grad.into_iter().zip(norms).collect()
+        } else {
+            Vec::new()
+        };
+        cancel_gradients_last_layer(epoch, &mut grads, &self.params, self.cfg.freeze_last_layer);
+        let params_with_grad = self
+            .params
+            .iter()
+            .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
+            .count();
+        self.optimizer.as_dyn().step(&grads)?;
+        drop(grads);
+        self.ema.update(m)?;
+        Ok(StepStats {
+            epoch,
+            iteration: it,
+            global_iteration: g,
+            loss: loss_v,
+            lr,
+            wd,
+            momentum: m,
+            teacher_temp,
+            clip_norms,
+            params_with_grad,
+        })
+    }
+
+    /// Collapse monitors of the last step (teacher entropy, KL(teacher || student), teacher std).
+    pub fn last_metrics(&self) -> Result<Option<CollapseMetrics>> {
+        Ok(self.loss.last_metrics()?)
+    }
+
+    /// Every tensor of the training state for a checkpoint: `student.*`, `teacher.*`, `optimizer.*`
+    /// (AdamW: `exp_avg.<p>`, `exp_avg_sq.<p>`, `step.<p>`), `dino_loss.center`.
+    pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (n, t) in self.student.tensors() {
+            out.push((format!("student.{n}"), t));
+        }
+        for (n, t) in self.teacher.tensors() {
+            out.push((format!("teacher.{n}"), t));
+        }
+        match &self.optimizer {
+            RunOptimizer::AdamW(o) => {
+                for (n, t) in o.state_tensors()? {
+                    out.push((format!("optimizer.{n}"), t));
+                }
+            }
+            RunOptimizer::Sgd(o) => {
+                for (n, _) in &self.params {
+                    if let Some(b) = o.momentum_buffer(n) {
+                        out.push((format!("optimizer.momentum_buffer.{n}"), b.copy()?));
+                    }
+                }
+            }
+            RunOptimizer::Lars(_) => {}
+        }
+        out.push(("dino_loss.center".into(), self.loss.center().copy()?));
+        Ok(out)
+    }
+
+    /// Restore the state written by [`Trainer::state_tensors`] (strict: every student / teacher variable must
+    /// be present with its shape). `origin` names the file in errors.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, origin: &str) -> Result<()> {
+        let to_btree = |m: HashMap<String, Tensor>| m.into_iter().collect::<BTreeMap<_, _>>();
+        let student = to_btree(take_prefixed(tensors, "student"));
+        let teacher = to_btree(take_prefixed(tensors, "teacher"));
+        dino_models::weights::load_strict(
+            &self.student.vars(),
+            &student,
+            &format!("{origin} (student)"),
+        )?;
+        dino_models::weights::load_strict(
+            &self.teacher.vars(),
+            &teacher,
+            &format!("{origin} (teacher)"),
+        )?;
+        let opt = take_prefixed(tensors, "optimizer");
+        match &mut self.optimizer {
+            RunOptimizer::AdamW(o) => o.load_state_tensors(&opt)?,
+            RunOptimizer::Sgd(_) | RunOptimizer::Lars(_) => {
+                if !opt.is_empty() {
+                    tracing::warn!(
+                        "{origin}: the SGD/LARS momentum buffers cannot be restored by dino-core yet; they restart \
+                         from zero (resume is exact for AdamW only)"
+                    );
+                }
+            }
+        }
+        let center = tensors
+            .get("dino_loss.center")
+            .ok_or_else(|| Error::Checkpoint {
+                path: origin.into(),
+                reason: "no `dino_loss.center` tensor".into(),
+            })?;
+        self.loss.set_center(center)?;
+        Ok(())
+    }
+}

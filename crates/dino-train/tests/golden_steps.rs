@@ -1,0 +1,259 @@
+//! The 4 official training iterations of `../shared/golden/train_steps.safetensors` (manifest entry
+//! `train_steps`): ViT-tiny/16 + DINOHead(192, 1024) from the saved weights, 2 global + 2 local crops, AdamW,
+//! clip 3.0, freeze_last_layer 1, EMA; the same images every iteration. Each step's loss, lr, wd, momentum,
+//! teacher temperature, per-parameter clip norms, number of parameters reaching AdamW, and per-parameter
+//! sums of the student (sum and sum of squares) and teacher must match; then the centres, the final tensors
+//! and the Adam moments.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use dino_train::model::DinoNetwork;
+use dino_train::{TrainConfig, Trainer};
+use serde_json::Value;
+
+fn golden(name: &str) -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/golden/"
+    ))
+    .join(name)
+}
+
+fn load(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(golden(name), &Device::Cpu).unwrap()
+}
+
+fn close(got: f64, want: f64, rtol: f64, atol: f64) -> bool {
+    (got - want).abs() <= atol + rtol * want.abs()
+}
+
+fn sum_f64(t: &Tensor) -> (f64, f64) {
+    let v = t
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    (v.iter().sum(), v.iter().map(|x| x * x).sum())
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+#[test]
+fn reproduces_the_four_official_training_iterations() {
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("manifest.json")).unwrap()).unwrap();
+    let entry = &manifest["train_steps"];
+
+    // The run of the golden file: lr 0.0005 * 512 / 256 = 1e-3, 100 epochs x 2 it, 2 warm-up epochs,
+    // teacher temp 0.04 -> 0.07 over 30 epochs, drop path 0, 2 local crops.
+    let cfg = TrainConfig {
+        arch: "vit_tiny".into(),
+        patch_size: 16,
+        img_size: 224,
+        out_dim: 1024,
+        drop_path_rate: 0.0,
+        batch_size: 512,
+        epochs: 100,
+        warmup_epochs: 2,
+        lr: 0.0005,
+        min_lr: 1e-6,
+        warmup_teacher_temp: 0.04,
+        teacher_temp: 0.07,
+        warmup_teacher_temp_epochs: 30,
+        local_crops_number: 2,
+        clip_grad: 3.0,
+        freeze_last_layer: 1,
+        ..TrainConfig::default()
+    };
+
+    // Student variables from the saved official weights (backbone.*, head.*).
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().unwrap();
+        for (file, prefix) in [
+            ("vit_tiny16_weights.safetensors", "backbone"),
+            ("dino_head_weights.safetensors", "head"),
+        ] {
+            for (k, t) in load(file) {
+                data.insert(format!("{prefix}.{k}"), Var::from_tensor(&t).unwrap());
+            }
+        }
+    }
+    let n_vars = varmap.all_vars().len();
+    let student = DinoNetwork::build_on(&cfg, varmap, 0, 0.0, &Device::Cpu).unwrap();
+    assert_eq!(
+        student.vars().len(),
+        n_vars,
+        "building the network must not create variables"
+    );
+    let mut trainer = Trainer::from_student(&cfg, student, 2, &Device::Cpu).unwrap();
+
+    let io = load("vit_tiny16_io.safetensors");
+    let (x224, x96) = (&io["x224"], &io["x96"]);
+    let crops = vec![
+        x224.narrow(0, 0, 1).unwrap(),
+        x224.narrow(0, 1, 1).unwrap(),
+        x96.narrow(0, 0, 1).unwrap(),
+        x96.narrow(0, 1, 1).unwrap(),
+    ];
+    let gold = load("train_steps.safetensors");
+
+    for (i, want) in entry["steps"].as_array().unwrap().iter().enumerate() {
+        let (epoch, it) = (want["epoch"].as_u64().unwrap() as usize, i % 2);
+        assert_eq!(want["it"].as_u64().unwrap() as usize, i);
+        let s = trainer.step(&crops, epoch, it).unwrap();
+        let f = |k: &str| want[k].as_f64().unwrap();
+        assert!(
+            close(s.loss, f("loss"), 1e-4, 0.0),
+            "step {i}: loss {} vs {}",
+            s.loss,
+            f("loss")
+        );
+        for (name, got) in [
+            ("lr", s.lr),
+            ("wd", s.wd),
+            ("momentum", s.momentum),
+            ("teacher_temp", s.teacher_temp),
+        ] {
+            assert!(
+                close(got, f(name), 1e-12, 1e-15),
+                "step {i}: {name} {got} vs {}",
+                f(name)
+            );
+        }
+        assert_eq!(
+            s.params_with_grad as u64,
+            want["params_with_grad_after_cancel"].as_u64().unwrap(),
+            "step {i}"
+        );
+        let norms = want["clip_norms"].as_object().unwrap();
+        assert_eq!(
+            s.clip_norms.len(),
+            norms.len(),
+            "step {i}: number of clipped parameters"
+        );
+        for (name, got) in &s.clip_norms {
+            let w = norms[name.as_str()].as_f64().unwrap();
+            assert!(
+                close(*got, w, 1e-4, 1e-7),
+                "step {i}: clip norm of {name}: {got} vs {w}"
+            );
+        }
+        // Per-parameter sums: rtol 1e-4 with an absolute floor for sums that nearly cancel.
+        let by_name = |net: &DinoNetwork| -> BTreeMap<String, Tensor> {
+            net.vars()
+                .into_iter()
+                .map(|(n, v)| (n, v.as_tensor().clone()))
+                .collect()
+        };
+        let (sv, tv) = (by_name(&trainer.student), by_name(&trainer.teacher));
+        for (key, vars, sq) in [
+            ("student_sum", &sv, false),
+            ("student_sqsum", &sv, true),
+            ("teacher_sum", &tv, false),
+        ] {
+            let sums = want[key].as_object().unwrap();
+            assert_eq!(
+                sums.len(),
+                vars.len(),
+                "step {i}: {key} covers every parameter"
+            );
+            for (name, w) in sums {
+                let t = &vars[name.as_str()];
+                let (s1, s2) = sum_f64(t);
+                let got = if sq { s2 } else { s1 };
+                // Floor: 1e-5 of the tensor's l1 scale (sqrt(n * sqsum)), for sums of values of both signs.
+                let atol = 1e-5 * ((t.elem_count() as f64) * s2).sqrt();
+                assert!(
+                    close(got, w.as_f64().unwrap(), 1e-4, atol),
+                    "step {i}: {key} of {name}: {got} vs {w} (atol {atol:e})"
+                );
+            }
+        }
+        let c = &gold[&format!("step{i}_center")];
+        let d = max_abs_diff(trainer.loss.center(), c);
+        let scale = c
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        assert!(
+            d <= 1e-4 * scale + 1e-6,
+            "step {i}: centre differs by {d} (scale {scale})"
+        );
+    }
+
+    // Final tensors and Adam moments.
+    let sv: HashMap<String, Tensor> = trainer
+        .student
+        .vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let tv: HashMap<String, Tensor> = trainer
+        .teacher
+        .vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    let adam = match &trainer.optimizer {
+        dino_train::trainer::RunOptimizer::AdamW(o) => o.state_tensors().unwrap(),
+        _ => unreachable!(),
+    };
+    let mut checked = 0;
+    for (key, want) in &gold {
+        let (got, what) = if let Some(n) = key.strip_prefix("final_student.") {
+            (sv[n].clone(), "student")
+        } else if let Some(n) = key.strip_prefix("final_teacher.") {
+            (tv[n].clone(), "teacher")
+        } else if let Some(n) = key.strip_prefix("final_adam_exp_avg_sq.") {
+            (adam[&format!("exp_avg_sq.{n}")].clone(), "exp_avg_sq")
+        } else if let Some(n) = key.strip_prefix("final_adam_exp_avg.") {
+            (adam[&format!("exp_avg.{n}")].clone(), "exp_avg")
+        } else {
+            continue;
+        };
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        let d = max_abs_diff(&got, want);
+        assert!(
+            d <= 1e-4 * scale + 1e-7,
+            "{what} {key}: max |diff| {d} (scale {scale})"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 22);
+    // Per-parameter step counts: the last layer skipped the 2 frozen iterations.
+    let steps = |n: &str| {
+        adam[&format!("step.{n}")]
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[0]
+    };
+    assert_eq!(steps("backbone.cls_token"), 4.0);
+    assert_eq!(steps("head.last_layer.weight_v"), 2.0);
+}

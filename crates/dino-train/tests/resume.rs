@@ -1,0 +1,329 @@
+//! Exact resume, interruption, non-finite loss and changed-config refusal, on a tiny ViT and 40 images of
+//! the embedded Fashion-MNIST subset (a few seconds each).
+//!
+//! - A run stopped mid-epoch (as if killed right after an iteration: nothing more written) and resumed ends
+//!   with every tensor (student, teacher, AdamW moments and steps, centre) bit-identical to an uninterrupted
+//!   run's, also with a torn `checkpoint.safetensors.tmp` left behind by a crash during a write.
+//! - A child process killed with SIGKILL in the middle of training, resumed, ends equal too.
+//! - A NaN loss stops with the epoch and iteration named and leaves the last checkpoint in place.
+//! - Resuming with a changed config is refused with the differing keys named.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use dino_train::checkpoint::{self, weights_path, LATEST};
+use dino_train::{train, DatasetKind, Error, TrainConfig, TrainOptions, Trainer};
+
+fn tiny(out: &Path) -> TrainConfig {
+    TrainConfig {
+        arch: "vit_custom".into(),
+        patch_size: 7,
+        img_size: 28,
+        vit_embed_dim: 32,
+        vit_depth: 2,
+        vit_num_heads: 2,
+        out_dim: 64,
+        head_hidden_dim: 64,
+        head_bottleneck_dim: 32,
+        drop_path_rate: 0.2,
+        batch_size: 8,
+        epochs: 2,
+        warmup_epochs: 1,
+        lr: 0.01,
+        min_lr: 1e-5,
+        freeze_last_layer: 1,
+        local_crops_number: 2,
+        global_crops_size: 28,
+        local_crops_size: 14,
+        global_crops_scale: [0.4, 1.0],
+        local_crops_scale: [0.1, 0.4],
+        norm_mean: [0.286; 3],
+        norm_std: [0.353; 3],
+        dataset: DatasetKind::Embedded,
+        max_train_images: 40,
+        output_dir: out.to_path_buf(),
+        saveckp_freq: 1,
+        ckpt_every_iters: 2,
+        num_workers: 1,
+        log_every: 1,
+        eval_every: 0,
+        eval_final: false,
+        ..TrainConfig::default()
+    }
+}
+
+fn quiet() -> TrainOptions {
+    TrainOptions {
+        progress: false,
+        plots: false,
+        ..TrainOptions::default()
+    }
+}
+
+fn final_state(dir: &Path) -> (HashMap<String, Tensor>, checkpoint::CheckpointMeta) {
+    checkpoint::load(&weights_path(dir, LATEST), &Device::Cpu).unwrap()
+}
+
+fn assert_same_state(a: &Path, b: &Path) {
+    let (ta, ma) = final_state(a);
+    let (tb, mb) = final_state(b);
+    assert_eq!(ma.global_iteration, mb.global_iteration);
+    assert_eq!(ma.global_iteration, 10);
+    let mut keys: Vec<&String> = ta.keys().collect();
+    keys.sort();
+    assert_eq!(keys.len(), tb.len());
+    assert!(keys.iter().any(|k| k.starts_with("optimizer.exp_avg_sq.")));
+    for k in keys {
+        let (x, y) = (&ta[k], &tb[k]);
+        assert_eq!(x.dims(), y.dims(), "{k}");
+        let (x, y) = (
+            x.to_dtype(DType::F64).unwrap(),
+            y.to_dtype(DType::F64).unwrap(),
+        );
+        let d = (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert_eq!(
+            d, 0.0,
+            "tensor {k} differs by {d} between the uninterrupted and the resumed run"
+        );
+    }
+}
+
+fn reference_run(root: &Path) -> PathBuf {
+    let dir = root.join("reference");
+    let s = train(&tiny(&dir), &quiet()).unwrap();
+    assert_eq!(
+        (s.global_iteration, s.niter_per_ep, s.interrupted),
+        (10, 5, false)
+    );
+    assert!(s.last_loss.is_finite());
+    dir
+}
+
+#[test]
+fn interrupted_mid_epoch_then_resumed_equals_uninterrupted() {
+    let root = tempfile::tempdir().unwrap();
+    let reference = reference_run(root.path());
+
+    let dir = root.path().join("interrupted");
+    let cfg = tiny(&dir);
+    // "Killed" right after global iteration 7 (epoch 1, iteration 2): the last checkpoint is at iteration 6.
+    let s = train(
+        &cfg,
+        &TrainOptions {
+            stop_after_iterations: Some(7),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert!(s.interrupted);
+    assert_eq!(final_state(&dir).1.global_iteration, 6);
+    // A crash while writing the next checkpoint leaves a torn temporary file; it must be ignored.
+    let full = std::fs::read(weights_path(&dir, LATEST)).unwrap();
+    std::fs::write(
+        checkpoint::tmp_path(&weights_path(&dir, LATEST)),
+        &full[..full.len() / 3],
+    )
+    .unwrap();
+    let s = train(&cfg, &quiet()).unwrap();
+    assert_eq!(s.resumed_from, Some(6));
+    assert_eq!(s.global_iteration, 10);
+    assert_same_state(&reference, &dir);
+    // The per-epoch checkpoints exist under their own names.
+    assert!(
+        weights_path(&dir, "checkpoint0000").is_file()
+            && weights_path(&dir, "checkpoint0001").is_file()
+    );
+    // Re-running a finished run changes nothing.
+    let s = train(&cfg, &quiet()).unwrap();
+    assert_eq!((s.resumed_from, s.global_iteration), (Some(10), 10));
+    assert_same_state(&reference, &dir);
+}
+
+/// Entry point of the child process of `sigkill_mid_training_then_resume_equals_uninterrupted` (does nothing
+/// unless `DINO_TRAIN_CHILD_OUT` is set).
+#[test]
+fn child_process_entry() {
+    let Ok(out) = std::env::var("DINO_TRAIN_CHILD_OUT") else {
+        return;
+    };
+    let mut cfg = tiny(Path::new(&out));
+    cfg.ckpt_every_iters = 1;
+    train(&cfg, &quiet()).unwrap();
+}
+
+#[test]
+fn sigkill_mid_training_then_resume_equals_uninterrupted() {
+    let root = tempfile::tempdir().unwrap();
+    let reference = root.path().join("reference");
+    let mut cfg = tiny(&reference);
+    cfg.ckpt_every_iters = 1;
+    train(&cfg, &quiet()).unwrap();
+
+    let dir = root.path().join("killed");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_process_entry",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("DINO_TRAIN_CHILD_OUT", &dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it (SIGKILL) as soon as a mid-run checkpoint is on disk.
+    let t0 = Instant::now();
+    let mut killed_at = None;
+    while t0.elapsed() < Duration::from_secs(60) {
+        if let Ok(meta) = checkpoint::load_meta(&weights_path(&dir, LATEST)) {
+            if meta.global_iteration >= 2 {
+                child.kill().unwrap();
+                killed_at = Some(meta.global_iteration);
+                break;
+            }
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.wait();
+    assert!(killed_at.is_some(), "the child never wrote a checkpoint");
+    let s = train(&cfg.clone_with_output(&dir), &quiet()).unwrap();
+    assert!(s.resumed_from.unwrap() >= 2);
+    assert_same_state(&reference, &dir);
+}
+
+trait WithOutput {
+    fn clone_with_output(&self, dir: &Path) -> TrainConfig;
+}
+impl WithOutput for TrainConfig {
+    fn clone_with_output(&self, dir: &Path) -> TrainConfig {
+        TrainConfig {
+            output_dir: dir.to_path_buf(),
+            ..self.clone()
+        }
+    }
+}
+
+#[test]
+fn changed_config_on_resume_is_refused_naming_the_keys() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("run");
+    let cfg = tiny(&dir);
+    train(
+        &cfg,
+        &TrainOptions {
+            stop_after_iterations: Some(5),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    let changed = TrainConfig {
+        lr: 0.02,
+        teacher_temp: 0.05,
+        ..cfg.clone()
+    };
+    let err = train(&changed, &quiet()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::ConfigMismatch { .. }), "{msg}");
+    assert!(
+        msg.contains("lr: 0.01 -> 0.02") && msg.contains("teacher_temp: 0.04 -> 0.05"),
+        "{msg}"
+    );
+    assert!(msg.contains("checkpoint.safetensors"), "{msg}");
+    // Keys that do not change the result may differ.
+    let cosmetic = TrainConfig {
+        log_every: 3,
+        num_workers: 2,
+        ..cfg.clone()
+    };
+    let s = train(&cosmetic, &quiet()).unwrap();
+    assert_eq!(s.resumed_from, Some(5));
+    // Other data is refused too.
+    let other_data = TrainConfig {
+        max_train_images: 48,
+        ..cfg
+    };
+    let err = train(&other_data, &quiet()).unwrap_err().to_string();
+    assert!(err.contains("max_train_images"), "{err}");
+}
+
+#[test]
+fn non_finite_loss_stops_naming_epoch_and_iteration() {
+    // Step level: a NaN input image gives a NaN loss; nothing is updated.
+    let cfg = tiny(Path::new("unused"));
+    let mut t = Trainer::new(&cfg, 5, &Device::Cpu).unwrap();
+    let before = t.student.vars()[0].1.as_tensor().copy().unwrap();
+    let mut crops: Vec<Tensor> = (0..2)
+        .map(|_| Tensor::zeros((2, 3, 28, 28), DType::F32, &Device::Cpu).unwrap())
+        .collect();
+    crops.extend((0..2).map(|_| Tensor::zeros((2, 3, 14, 14), DType::F32, &Device::Cpu).unwrap()));
+    crops[0] = (crops[0].clone() * f64::NAN).unwrap();
+    let err = t.step(&crops, 1, 3).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::NonFiniteLoss {
+                epoch: 1,
+                iteration: 3,
+                global_iteration: 8,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("epoch 1") && msg.contains("iteration 3"),
+        "{msg}"
+    );
+    let after = t.student.vars()[0].1.as_tensor().copy().unwrap();
+    assert_eq!(
+        before.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        after.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+
+    // Run level: an absurd learning rate blows the weights up; the run stops with the position named and the
+    // checkpoint of the last good iteration stays.
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("nan");
+    let cfg = TrainConfig {
+        lr: 1e37,
+        warmup_epochs: 0,
+        clip_grad: 0.0,
+        ckpt_every_iters: 1,
+        ..tiny(&dir)
+    };
+    let err = train(&cfg, &quiet()).unwrap_err();
+    let Error::NonFiniteLoss {
+        epoch,
+        iteration,
+        global_iteration,
+        ..
+    } = err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(epoch * 5 + iteration, global_iteration);
+    assert!(global_iteration >= 1);
+    let meta = checkpoint::load_meta(&weights_path(&dir, LATEST)).unwrap();
+    assert_eq!(
+        meta.global_iteration, global_iteration,
+        "the last checkpoint is the one before the bad iteration"
+    );
+    assert!(meta.last_loss.is_finite());
+}
