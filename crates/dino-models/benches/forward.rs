@@ -1,0 +1,244 @@
+//! Forward-only throughput of the ViT configurations of `shared/spec/baseline.md` and fwd+bwd micro
+//! benchmarks of the fused ops (LayerNorm, softmax, GELU, one transformer block) against candle's composed
+//! ops. Run: `cargo bench -p dino-models --bench forward` (append a filter, e.g. `-- vit_forward`).
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_nn::VarMap;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use dino_models::init::seeded_var_builder;
+use dino_models::ops;
+use dino_models::vit::{ViTConfig, VisionTransformer};
+
+fn vit(cfg: ViTConfig) -> VisionTransformer {
+    let vm = VarMap::new();
+    VisionTransformer::new(cfg, seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu)).expect("vit")
+}
+
+fn vit_forward(c: &mut Criterion) {
+    let mut g = c.benchmark_group("vit_forward");
+    g.sample_size(10);
+    let cases = [
+        ("vit_tiny16_224_b8", ViTConfig::vit_tiny(16), 224, 8),
+        (
+            "cifar_p4_32_b64",
+            ViTConfig::custom(32, 4, 192, 12, 3),
+            32,
+            64,
+        ),
+        ("vit_tiny16_96_b48", ViTConfig::vit_tiny(16), 96, 48),
+        (
+            "cifar_p4_16_b384",
+            ViTConfig::custom(32, 4, 192, 12, 3),
+            16,
+            384,
+        ),
+    ];
+    for (name, cfg, size, batch) in cases {
+        let model = vit(cfg);
+        let x = Tensor::randn(0f32, 1f32, (batch, 3, size, size), &Device::Cpu).expect("x");
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_function(name, |b| b.iter(|| model.forward(&x).expect("forward")));
+    }
+    g.finish();
+}
+
+fn vit_train_step(c: &mut Criterion) {
+    let mut g = c.benchmark_group("vit_fwd_bwd");
+    g.sample_size(10);
+    let cases = [
+        (
+            "vit_tiny16_224_b8",
+            ViTConfig::vit_tiny(16).with_drop_path(0.1),
+            224,
+            8,
+        ),
+        (
+            "cifar_p4_32_b64",
+            ViTConfig::custom(32, 4, 192, 12, 3).with_drop_path(0.1),
+            32,
+            64,
+        ),
+    ];
+    for (name, cfg, size, batch) in cases {
+        let model = vit(cfg);
+        let x = Tensor::randn(0f32, 1f32, (batch, 3, size, size), &Device::Cpu).expect("x");
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let y = model.forward_t(&x, true).expect("forward");
+                y.sqr()
+                    .and_then(|t| t.sum_all())
+                    .and_then(|l| l.backward())
+                    .expect("backward")
+            })
+        });
+    }
+    g.finish();
+}
+
+/// `sum(f(x) * r)` forward + backward.
+fn fwd_bwd(f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &Var, r: &Tensor) {
+    let y = f(x.as_tensor()).expect("fwd");
+    let g = (y * r)
+        .and_then(|t| t.sum_all())
+        .and_then(|l| l.backward())
+        .expect("bwd");
+    std::hint::black_box(g);
+}
+
+fn ops_fwd_bwd(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let mut g = c.benchmark_group("ops_fwd_bwd");
+    g.sample_size(20);
+
+    // LayerNorm on the tokens of vit_tiny/16, batch 8: (8*197, 192).
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1f32, (8 * 197, 192), &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::ones(192, DType::F32, &dev).unwrap()).unwrap();
+    let bias = Var::from_tensor(&Tensor::zeros(192, DType::F32, &dev).unwrap()).unwrap();
+    let r = Tensor::randn(0f32, 1f32, (8 * 197, 192), &dev).unwrap();
+    let fast = |x: &Tensor| ops::layer_norm(x, w.as_tensor(), bias.as_tensor(), 1e-6);
+    let slow =
+        |x: &Tensor| candle_nn::ops::layer_norm_slow(x, w.as_tensor(), bias.as_tensor(), 1e-6);
+    g.bench_function(BenchmarkId::new("layer_norm", "ours"), |b| {
+        b.iter(|| fwd_bwd(&fast, &x, &r))
+    });
+    g.bench_function(BenchmarkId::new("layer_norm", "candle_composed"), |b| {
+        b.iter(|| fwd_bwd(&slow, &x, &r))
+    });
+
+    // Softmax on the attention logits of vit_tiny/16, batch 8: (8*3, 197, 197).
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1f32, (24, 197, 197), &dev).unwrap()).unwrap();
+    let r = Tensor::randn(0f32, 1f32, (24, 197, 197), &dev).unwrap();
+    let fast = |x: &Tensor| ops::softmax_last_dim(x);
+    let slow = |x: &Tensor| candle_nn::ops::softmax(x, D::Minus1);
+    g.bench_function(BenchmarkId::new("softmax", "ours"), |b| {
+        b.iter(|| fwd_bwd(&fast, &x, &r))
+    });
+    g.bench_function(BenchmarkId::new("softmax", "candle_composed"), |b| {
+        b.iter(|| fwd_bwd(&slow, &x, &r))
+    });
+
+    // GELU on the MLP hidden activations of vit_tiny/16, batch 8: (8*197, 768).
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1f32, (8 * 197, 768), &dev).unwrap()).unwrap();
+    let r = Tensor::randn(0f32, 1f32, (8 * 197, 768), &dev).unwrap();
+    let fast = |x: &Tensor| ops::gelu_erf(x);
+    let slow = |x: &Tensor| x.gelu_erf();
+    g.bench_function(BenchmarkId::new("gelu_erf", "ours"), |b| {
+        b.iter(|| fwd_bwd(&fast, &x, &r))
+    });
+    g.bench_function(BenchmarkId::new("gelu_erf", "candle_composed"), |b| {
+        b.iter(|| fwd_bwd(&slow, &x, &r))
+    });
+    g.finish();
+}
+
+/// The parameters of one vit_tiny block.
+struct BlockParams {
+    vars: Vec<Var>,
+}
+
+impl BlockParams {
+    fn new() -> Self {
+        let dev = Device::Cpu;
+        let d = 192;
+        let shapes: [&[usize]; 12] = [
+            &[d],
+            &[d],
+            &[3 * d, d],
+            &[3 * d],
+            &[d, d],
+            &[d],
+            &[d],
+            &[d],
+            &[4 * d, d],
+            &[4 * d],
+            &[d, 4 * d],
+            &[d],
+        ];
+        let vars = shapes
+            .iter()
+            .map(|s| {
+                Var::from_tensor(&(Tensor::randn(0f32, 1f32, *s, &dev).unwrap() * 0.05).unwrap())
+                    .unwrap()
+            })
+            .collect();
+        Self { vars }
+    }
+
+    fn t(&self, i: usize) -> &Tensor {
+        self.vars[i].as_tensor()
+    }
+
+    /// One pre-norm block on `(B*T, D)` tokens, with either our fused ops or candle's composed ones.
+    fn forward(&self, x: &Tensor, b: usize, t: usize, fused: bool) -> Result<Tensor> {
+        let (d, h) = (192, 3);
+        let hd = d / h;
+        let ln = |x: &Tensor, w: &Tensor, bb: &Tensor| {
+            if fused {
+                ops::layer_norm(x, w, bb, 1e-6)
+            } else {
+                candle_nn::ops::layer_norm_slow(x, w, bb, 1e-6)
+            }
+        };
+        let lin = |x: &Tensor, w: &Tensor, bb: &Tensor| x.matmul(&w.t()?)?.broadcast_add(bb);
+        let qkv = lin(&ln(x, self.t(0), self.t(1))?, self.t(2), self.t(3))?
+            .reshape((b, t, 3, h, hd))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let q = qkv.get(0)?.reshape((b * h, t, hd))?;
+        let k = qkv.get(1)?.reshape((b * h, t, hd))?;
+        let v = qkv.get(2)?.reshape((b * h, t, hd))?;
+        let logits = q.matmul(&k.t()?)?;
+        let scale = (hd as f64).powf(-0.5);
+        let p = if fused {
+            ops::softmax_last_dim_scaled(&logits, scale)?
+        } else {
+            candle_nn::ops::softmax(&(logits * scale)?, D::Minus1)?
+        };
+        let o = p
+            .matmul(&v)?
+            .reshape((b, h, t, hd))?
+            .permute((0, 2, 1, 3))?
+            .contiguous()?
+            .reshape((b * t, d))?;
+        let x = (x + lin(&o, self.t(4), self.t(5))?)?;
+        let hdn = lin(&ln(&x, self.t(6), self.t(7))?, self.t(8), self.t(9))?;
+        let act = if fused {
+            ops::gelu_erf(&hdn)?
+        } else {
+            hdn.gelu_erf()?
+        };
+        x + lin(&act, self.t(10), self.t(11))?
+    }
+}
+
+fn block_fwd_bwd(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let mut g = c.benchmark_group("block_fwd_bwd");
+    g.sample_size(10);
+    let p = BlockParams::new();
+    for (name, b, t) in [("tiny_224_b8", 8, 197), ("cifar_32_b64", 64, 65)] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1f32, (b * t, 192), &dev).unwrap()).unwrap();
+        let r = Tensor::randn(0f32, 1f32, (b * t, 192), &dev).unwrap();
+        for (label, fused) in [("ours", true), ("candle_composed", false)] {
+            let f = |x: &Tensor| p.forward(x, b, t, fused);
+            g.bench_function(BenchmarkId::new(name, label), |bch| {
+                bch.iter(|| fwd_bwd(&f, &x, &r))
+            });
+            let id = format!("{name}_fwd_only");
+            g.bench_function(BenchmarkId::new(id, label), |bch| {
+                bch.iter(|| p.forward(x.as_tensor(), b, t, fused).expect("fwd"))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    vit_forward,
+    vit_train_step,
+    ops_fwd_bwd,
+    block_fwd_bwd
+);
+criterion_main!(benches);
