@@ -85,7 +85,7 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A ChaCha8 RNG seeded from a hash of `(domain, seed, epoch, index)`.
+/// A ChaCha8 RNG seeded from a hash of `(domain, seed, epoch, index)` (the shuffle's own stream).
 fn keyed_rng(domain: u64, seed: u64, epoch: u64, index: u64) -> ChaCha8Rng {
     let mut h = mix64(domain);
     let mut key = [0u8; 32];
@@ -96,9 +96,9 @@ fn keyed_rng(domain: u64, seed: u64, epoch: u64, index: u64) -> ChaCha8Rng {
     ChaCha8Rng::from_seed(key)
 }
 
-/// The RNG of sample `index` in `epoch` (interim: the loader's own keyed ChaCha8 until `augment::sample_rng`).
+/// The RNG of sample `index` in `epoch`: [`crate::augment::sample_rng`], the one source of per-sample randomness.
 pub fn sample_rng(seed: u64, epoch: u64, index: usize) -> ChaCha8Rng {
-    keyed_rng(0x5a4d_504c_455f_524e, seed, epoch, index as u64)
+    crate::augment::sample_rng(seed, epoch, index as u64)
 }
 
 /// Uniform integer in `[0, n)` (Lemire's unbiased multiply-shift), stable across `rand` versions.

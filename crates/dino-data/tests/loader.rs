@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dino_data::augment::{sample_rng, DataAugmentationDINO, DinoAugConfig};
 use dino_data::cifar::{CifarDataset, CifarKind};
 use dino_data::dataset::{Dataset, Subset};
 use dino_data::folder::ImageFolder;
@@ -205,6 +206,13 @@ fn views_depend_only_on_seed_epoch_and_index() {
     ));
     assert_eq!(a.len(), 60);
     assert_eq!(a, b);
+    // And they are exactly the transform applied with `augment::sample_rng(seed, epoch, i)`.
+    let t = ToyCrops::new(&[10, 5]);
+    for i in [0usize, 17, 59] {
+        let views = t.views(&ds.get(i).unwrap(), &mut sample_rng(7, 1, i as u64));
+        let want: Vec<Vec<f32>> = views.into_iter().map(|v| v.data).collect();
+        assert_eq!(a[&i], want, "sample {i}");
+    }
     // Another epoch draws other views of the same sample; another seed too.
     let c = rows_by_index(&collect(
         &loader(Arc::clone(&ds), ToyCrops::new(&[10, 5]), cfg(4, 2)),
@@ -442,5 +450,47 @@ fn eval_batcher_is_sequential_and_keeps_the_last_batch() {
             a.images.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
+    }
+}
+
+#[test]
+fn real_dino_augmentation_through_the_loader() {
+    // Small crops of the real CIFAR images with the official recipe: 2 x 32 + 3 x 16.
+    let aug_cfg = DinoAugConfig {
+        global_crop_size: 32,
+        local_crop_size: 16,
+        local_crops_number: 3,
+        ..DinoAugConfig::default()
+    };
+    let aug = Arc::new(DataAugmentationDINO::new(aug_cfg).unwrap());
+    let ds = cifar20();
+    let l1 = MultiCropLoader::new(Arc::clone(&ds), aug.clone(), cfg(5, 1)).unwrap();
+    let l2 = MultiCropLoader::new(Arc::clone(&ds), aug.clone(), cfg(5, 2)).unwrap();
+    let a = collect(&l1, 2);
+    let b = collect(&l2, 2);
+    assert_eq!(a.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        let dims: Vec<Vec<usize>> = x.crops.iter().map(|t| t.dims().to_vec()).collect();
+        assert_eq!(
+            dims,
+            [
+                [5, 3, 32, 32],
+                [5, 3, 32, 32],
+                [5, 3, 16, 16],
+                [5, 3, 16, 16],
+                [5, 3, 16, 16]
+            ]
+        );
+        assert_eq!(x.indices, y.indices);
+        assert_eq!(flat(x), flat(y));
+    }
+    let rows = rows_by_index(&a);
+    for i in [0usize, 9, 19] {
+        let want: Vec<Vec<f32>> = aug
+            .views(&ds.get(i).unwrap(), &mut sample_rng(7, 2, i as u64))
+            .into_iter()
+            .map(|v| v.data)
+            .collect();
+        assert_eq!(rows[&i], want, "sample {i}");
     }
 }
