@@ -28,6 +28,12 @@ fn photos() -> Vec<RgbImage> {
         .collect()
 }
 
+/// CPU time of the calling thread in ns (`/proc/thread-self/schedstat`), robust to a busy shared machine.
+fn thread_cpu_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
 fn bench_multicrop(c: &mut Criterion) {
     let imgs = photos();
     let aug = DataAugmentationDINO::new(DinoAugConfig {
@@ -35,6 +41,22 @@ fn bench_multicrop(c: &mut Criterion) {
         ..DinoAugConfig::default()
     })
     .unwrap();
+    // Images per CPU-second on one thread (wall-clock figures below suffer when other jobs share the cores).
+    let n = 300u64;
+    let (t0, w0) = (thread_cpu_ns(), std::time::Instant::now());
+    for i in 0..n {
+        std::hint::black_box(aug.views(&imgs[i as usize % imgs.len()], &mut sample_rng(0, 2, i)));
+    }
+    let wall = w0.elapsed().as_secs_f64();
+    if let (Some(t0), Some(t1)) = (t0, thread_cpu_ns()) {
+        let cpu = (t1 - t0) as f64 * 1e-9;
+        println!(
+            "multicrop 2x224+6x96, 1 thread: {n} images in {cpu:.3} CPU-s = {:.1} images per CPU-second \
+             ({:.1} images/s wall)",
+            n as f64 / cpu,
+            n as f64 / wall
+        );
+    }
     let mut g = c.benchmark_group("multicrop_2x224_6x96");
     g.sample_size(30);
     g.throughput(Throughput::Elements(1));

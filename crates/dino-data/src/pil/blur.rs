@@ -2,6 +2,8 @@
 //! convolution: 3 passes per axis of an "extended box" blur of fractional radius (Gwosdek et al. 2011), in
 //! 24-bit fixed point, edges replicated, every pass rounded to u8; 3 horizontal passes, then 3 vertical ones.
 
+use super::kernels;
+
 /// Number of box passes Pillow uses for `GaussianBlur`.
 pub const PASSES: usize = 3;
 
@@ -24,46 +26,6 @@ pub fn box_weights(float_radius: f32) -> (usize, u32, u32) {
     (radius.max(0) as usize, ww, fw)
 }
 
-/// One extended-box pass along an axis of `len` positions. Element `j` (of `m`) at position `p` lives at
-/// `data[p * pstride + j]`; `acc`, `lo`, `hi` are scratch of length `m`; `out` is laid out like `data`.
-#[allow(clippy::too_many_arguments)]
-fn box_pass(
-    data: &[u8],
-    out: &mut [u8],
-    len: usize,
-    m: usize,
-    pstride: usize,
-    radius: usize,
-    ww: u32,
-    fw: u32,
-    acc: &mut [u32],
-) {
-    let last = len as isize - 1;
-    let at = |p: isize| -> usize { p.clamp(0, last) as usize * pstride };
-    let r = radius as isize;
-    // Window sum over positions [-r-1, r-1], edges replicated.
-    acc[..m].fill(0);
-    for p in (-r - 1)..r {
-        let o = at(p);
-        super::kernels::add_row(&mut acc[..m], &data[o..o + m]);
-    }
-    for x in 0..len as isize {
-        let sub = at(x - r - 1);
-        let add = at(x + r);
-        let far = at(x + r + 1);
-        let o = x as usize * pstride;
-        super::kernels::step(
-            &mut acc[..m],
-            &data[add..add + m],
-            &data[sub..sub + m],
-            &data[far..far + m],
-            &mut out[o..o + m],
-            ww,
-            fw,
-        );
-    }
-}
-
 /// `img.filter(ImageFilter.GaussianBlur(radius=sigma))` on an RGB u8 HWC buffer of `width x height`, in
 /// place. `sigma` is Pillow's radius (the Gaussian's standard deviation); `sigma <= 0` leaves the image as is.
 pub fn gaussian_blur(data: &mut [u8], width: usize, height: usize, sigma: f32) {
@@ -77,20 +39,19 @@ pub fn gaussian_blur(data: &mut [u8], width: usize, height: usize, sigma: f32) {
     let (radius, ww, fw) = box_weights(fr);
     let rowlen = width * 3;
     let mut tmp = vec![0u8; data.len()];
-    let mut acc = vec![0u32; rowlen.max(3)];
-    // Horizontal: each row is a line of `width` positions of 3 values.
+    let mut acc = vec![0u32; rowlen.max(height * 3)];
+    // Horizontal: 3 passes along the rows, run as vertical passes over the transposed image (the same
+    // arithmetic per value, vectorised along the other axis).
+    let mut t = vec![0u8; data.len()];
+    kernels::transpose_rgb(data, 0, rowlen, width, height, &mut t);
     for _ in 0..PASSES {
-        for (row, orow) in data.chunks_exact(rowlen).zip(tmp.chunks_exact_mut(rowlen)) {
-            box_pass(row, orow, width, 3, 3, radius, ww, fw, &mut acc);
-        }
-        data.copy_from_slice(&tmp);
+        kernels::box_pass_vertical(&t, &mut tmp, height * 3, width, radius, ww, fw, &mut acc);
+        t.copy_from_slice(&tmp);
     }
-    // Vertical: the whole image is a line of `height` positions of `rowlen` values (the same arithmetic per
-    // column as Pillow's transpose + horizontal pass).
+    kernels::transpose_rgb(&t, 0, height * 3, height, width, data);
+    // Vertical: the same arithmetic per column as Pillow's transpose + horizontal pass.
     for _ in 0..PASSES {
-        box_pass(
-            data, &mut tmp, height, rowlen, rowlen, radius, ww, fw, &mut acc,
-        );
+        kernels::box_pass_vertical(data, &mut tmp, rowlen, height, radius, ww, fw, &mut acc);
         data.copy_from_slice(&tmp);
     }
 }

@@ -51,11 +51,11 @@ pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     if minc == maxc {
         return (0, 0, maxc);
     }
-    let cr = (maxc - minc) as f32;
+    let cr = maxc.wrapping_sub(minc) as f32;
     let s: f32 = cr / maxc as f32;
-    let rc: f32 = (maxc - r) as f32 / cr;
-    let gc: f32 = (maxc - g) as f32 / cr;
-    let bc: f32 = (maxc - b) as f32 / cr;
+    let rc: f32 = maxc.wrapping_sub(r) as f32 / cr;
+    let gc: f32 = maxc.wrapping_sub(g) as f32 / cr;
+    let bc: f32 = maxc.wrapping_sub(b) as f32 / cr;
     let h: f32 = if r == maxc {
         bc - gc
     } else if g == maxc {
@@ -63,8 +63,10 @@ pub fn rgb_to_hsv(r: u8, g: u8, b: u8) -> (u8, u8, u8) {
     } else {
         (4.0 + gc as f64 - rc as f64) as f32
     };
-    // fmod(h / 6.0 + 1.0, 1.0) in double (Rust's `%` on floats is C's fmod).
-    let h: f32 = ((h as f64 / 6.0 + 1.0) % 1.0) as f32;
+    // fmod(h / 6.0 + 1.0, 1.0) in double. h is in [-1, 5], so x is in [5/6, 11/6) and fmod is x or the
+    // exact difference x - 1 (Sterbenz).
+    let x = h as f64 / 6.0 + 1.0;
+    let h: f32 = (if x >= 1.0 { x - 1.0 } else { x }) as f32;
     let uh = clip8i((h as f64 * 255.0) as i32);
     let us = clip8i((s as f64 * 255.0) as i32);
     (uh, us, maxc)
@@ -114,12 +116,5 @@ pub fn hue_shift(hue_factor: f64) -> u8 {
 /// `TF.adjust_hue(img, f)` on the PIL path: RGB -> Pillow HSV, `H += hue_shift(f)` mod 256, HSV -> RGB.
 /// The round trip is lossy by itself, so a shift of 0 still changes pixels (as in torchvision).
 pub fn adjust_hue(data: &mut [u8], hue_factor: f64) {
-    let shift = hue_shift(hue_factor);
-    for p in data.chunks_exact_mut(3) {
-        let (h, s, v) = rgb_to_hsv(p[0], p[1], p[2]);
-        let (r, g, b) = hsv_to_rgb(h.wrapping_add(shift), s, v);
-        p[0] = r;
-        p[1] = g;
-        p[2] = b;
-    }
+    kernels::hue_rotate(data, hue_shift(hue_factor));
 }

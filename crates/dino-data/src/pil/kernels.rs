@@ -43,7 +43,8 @@ multiversion! {
     /// `acc[i] += row[i] * k` over a whole row (the vertical resampling pass).
     pub fn mac_row(acc: &mut [i32], row: &[u8], k: i32) {
         for (a, &p) in acc.iter_mut().zip(row) {
-            *a += p as i32 * k;
+            // Never overflows (|sum| < 2^31); wrapping keeps overflow checks out of the vector loop.
+            *a = a.wrapping_add((p as i32).wrapping_mul(k));
         }
     }
 }
@@ -68,9 +69,9 @@ multiversion! {
             let init = 1i32 << (PRECISION_BITS - 1);
             let (mut s0, mut s1, mut s2) = (init, init, init);
             for (p, &kt) in px.chunks_exact(3).zip(k) {
-                s0 += p[0] as i32 * kt;
-                s1 += p[1] as i32 * kt;
-                s2 += p[2] as i32 * kt;
+                s0 = s0.wrapping_add((p[0] as i32).wrapping_mul(kt));
+                s1 = s1.wrapping_add((p[1] as i32).wrapping_mul(kt));
+                s2 = s2.wrapping_add((p[2] as i32).wrapping_mul(kt));
             }
             o[0] = clip8(s0);
             o[1] = clip8(s1);
@@ -123,7 +124,13 @@ multiversion! {
 /// Pillow's `L` conversion: `(19595 R + 38470 G + 7471 B + 0x8000) >> 16`.
 #[inline(always)]
 pub fn luma(r: u8, g: u8, b: u8) -> u8 {
-    ((19595 * r as u32 + 38470 * g as u32 + 7471 * b as u32 + 0x8000) >> 16) as u8
+    // At most 255 * 65536 + 0x8000: never overflows; wrapping keeps overflow checks out of vector loops.
+    (19595u32
+        .wrapping_mul(r as u32)
+        .wrapping_add(38470u32.wrapping_mul(g as u32))
+        .wrapping_add(7471u32.wrapping_mul(b as u32))
+        .wrapping_add(0x8000)
+        >> 16) as u8
 }
 
 multiversion! {
@@ -143,7 +150,7 @@ multiversion! {
     pub fn luma_sum(data: &[u8], out: &mut u64) {
         let mut s = 0u64;
         for p in data.chunks_exact(3) {
-            s += luma(p[0], p[1], p[2]) as u64;
+            s = s.wrapping_add(luma(p[0], p[1], p[2]) as u64);
         }
         *out = s;
     }
@@ -164,23 +171,126 @@ multiversion! {
     }
 }
 
+/// One position of Pillow's extended-box blur on `m` lanes: slide the window sum (`+ add - sub`), then
+/// `out = (acc * ww + (sub + far) * fw + 2^23) >> 24`, all in u32 as in BoxBlur.c.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn box_step(acc: &mut [u32], add: &[u8], sub: &[u8], far: &[u8], out: &mut [u8], ww: u32, fw: u32) {
+    let m = acc.len();
+    let (add, sub, far, out) = (&add[..m], &sub[..m], &far[..m], &mut out[..m]);
+    for j in 0..m {
+        let a = acc[j]
+            .wrapping_add(add[j] as u32)
+            .wrapping_sub(sub[j] as u32);
+        acc[j] = a;
+        let bulk = a
+            .wrapping_mul(ww)
+            .wrapping_add((sub[j] as u32 + far[j] as u32).wrapping_mul(fw));
+        out[j] = (bulk.wrapping_add(1 << 23) >> 24) as u8;
+    }
+}
+
 multiversion! {
-    /// `acc[i] += row[i]` (the box blur's initial window sum).
-    pub fn add_row(acc: &mut [u32], row: &[u8]) {
-        for (a, &p) in acc.iter_mut().zip(row) {
-            *a += p as u32;
+    /// One extended-box pass along the vertical axis: the image (`height` rows of `rowlen` values) is one line
+    /// of `height` positions whose elements are whole rows, so each column gets exactly Pillow's arithmetic
+    /// (Pillow transposes and runs its horizontal pass). `acc` is scratch of `rowlen` values.
+    #[allow(clippy::too_many_arguments)]
+    pub fn box_pass_vertical(
+        data: &[u8],
+        out: &mut [u8],
+        rowlen: usize,
+        height: usize,
+        radius: usize,
+        ww: u32,
+        fw: u32,
+        acc: &mut [u32],
+    ) {
+        let last = height as isize - 1;
+        let at = |p: isize| -> usize { p.clamp(0, last) as usize * rowlen };
+        let r = radius as isize;
+        let acc = &mut acc[..rowlen];
+        acc.fill(0);
+        // Window sum over positions [-r-1, r-1], edges replicated.
+        for p in (-r - 1)..r {
+            let o = at(p);
+            for (a, &v) in acc.iter_mut().zip(&data[o..o + rowlen]) {
+                *a = a.wrapping_add(v as u32);
+            }
+        }
+        for y in 0..height as isize {
+            let (sub, add, far) = (at(y - r - 1), at(y + r), at(y + r + 1));
+            let o = y as usize * rowlen;
+            box_step(
+                acc,
+                &data[add..add + rowlen],
+                &data[sub..sub + rowlen],
+                &data[far..far + rowlen],
+                &mut out[o..o + rowlen],
+                ww,
+                fw,
+            );
         }
     }
 }
 
 multiversion! {
-    /// One position of Pillow's extended-box blur: slide the window sum (`+ add - sub`), then
-    /// `out = (acc * ww + (sub + far) * fw + 2^23) >> 24`, all in u32 as in BoxBlur.c.
-    pub fn step(acc: &mut [u32], add: &[u8], sub: &[u8], far: &[u8], out: &mut [u8], ww: u32, fw: u32) {
-        for ((((a, &ad), &sb), &fr), o) in acc.iter_mut().zip(add).zip(sub).zip(far).zip(out.iter_mut()) {
-            *a = a.wrapping_add(ad as u32).wrapping_sub(sb as u32);
-            let bulk = a.wrapping_mul(ww).wrapping_add((sb as u32 + fr as u32).wrapping_mul(fw));
-            *o = (bulk.wrapping_add(1 << 23) >> 24) as u8;
+    /// One extended-box pass along every row of an RGB image (`height` rows of `width` pixels), edges
+    /// replicated, exactly Pillow's `ImagingLineBoxBlur32` per channel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn box_pass_rows(data: &[u8], out: &mut [u8], width: usize, height: usize, radius: usize, ww: u32, fw: u32) {
+        let last = width as isize - 1;
+        let r = radius as isize;
+        let at = |p: isize| -> usize { p.clamp(0, last) as usize * 3 };
+        for (row, orow) in data.chunks_exact(width * 3).zip(out.chunks_exact_mut(width * 3)).take(height) {
+            let mut acc = [0u32; 3];
+            for p in (-r - 1)..r {
+                let o = at(p);
+                for c in 0..3 {
+                    acc[c] += row[o + c] as u32;
+                }
+            }
+            for x in 0..width as isize {
+                let (sub, add, far) = (at(x - r - 1), at(x + r), at(x + r + 1));
+                let o = x as usize * 3;
+                for c in 0..3 {
+                    let a = acc[c].wrapping_add(row[add + c] as u32).wrapping_sub(row[sub + c] as u32);
+                    acc[c] = a;
+                    let bulk = a
+                        .wrapping_mul(ww)
+                        .wrapping_add((row[sub + c] as u32 + row[far + c] as u32).wrapping_mul(fw));
+                    orow[o + c] = (bulk.wrapping_add(1 << 23) >> 24) as u8;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// RGB -> Pillow HSV, `H += shift` (mod 256), -> RGB, in place.
+    pub fn hue_rotate(data: &mut [u8], shift: u8) {
+        for p in data.chunks_exact_mut(3) {
+            let (h, s, v) = super::color::rgb_to_hsv(p[0], p[1], p[2]);
+            let (r, g, b) = super::color::hsv_to_rgb(h.wrapping_add(shift), s, v);
+            p[0] = r;
+            p[1] = g;
+            p[2] = b;
+        }
+    }
+}
+
+/// Transposes the `w x h` RGB region of `src` starting at byte `off` (rows `stride` bytes apart) into `dst`,
+/// `w` packed rows of `h` pixels: `dst[x][y] = src[y][x]`.
+pub fn transpose_rgb(src: &[u8], off: usize, stride: usize, w: usize, h: usize, dst: &mut [u8]) {
+    let h3 = h * 3;
+    for y in 0..h {
+        let start = off + y * stride;
+        let row = &src[start..start + w * 3];
+        for (x, px) in row.chunks_exact(3).enumerate() {
+            let d = x.wrapping_mul(h3).wrapping_add(y * 3);
+            let o = &mut dst[d..d + 3];
+            o[0] = px[0];
+            o[1] = px[1];
+            o[2] = px[2];
         }
     }
 }

@@ -113,15 +113,25 @@ pub fn pass_order(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> PassO
     }
 }
 
-/// Horizontal pass: `src` holds `h` rows of `in_w` RGB pixels starting at byte `off`, rows `stride` bytes apart;
-/// writes `h` rows of `c.bounds.len()` pixels, tightly packed, into `dst`.
-fn horizontal_pass(src: &[u8], off: usize, stride: usize, h: usize, c: &Coeffs, dst: &mut [u8]) {
+/// Horizontal pass: `src` holds `h` rows of `w` RGB pixels starting at byte `off`, rows `stride` bytes apart;
+/// writes `h` rows of `c.bounds.len()` pixels, tightly packed, into `dst`. Computed as transpose, vertical
+/// pass, transpose: the same integer arithmetic per output value as Pillow's horizontal pass, but
+/// vectorised along the rows.
+fn horizontal_pass(
+    src: &[u8],
+    off: usize,
+    stride: usize,
+    w: usize,
+    h: usize,
+    c: &Coeffs,
+    dst: &mut [u8],
+) {
     let out_w = c.bounds.len();
-    for y in 0..h {
-        let row = &src[off + y * stride..];
-        let out = &mut dst[y * out_w * 3..(y + 1) * out_w * 3];
-        kernels::resample_row_h(row, c, out);
-    }
+    let mut t = vec![0u8; w * h * 3];
+    kernels::transpose_rgb(src, off, stride, w, h, &mut t);
+    let mut t2 = vec![0u8; out_w * h * 3];
+    vertical_pass(&t, 0, h * 3, h, c, &mut t2);
+    kernels::transpose_rgb(&t2, 0, h * 3, h, out_w, dst);
 }
 
 /// Vertical pass: `src` rows of `w` RGB pixels starting at `off`, `stride` bytes apart; writes
@@ -166,7 +176,7 @@ pub fn resized_crop_raw(
         }
         PassOrder::HorizontalOnly => {
             let ch = Coeffs::bicubic(w, 0.0, w as f64, out_w);
-            horizontal_pass(src, off, stride, h, &ch, &mut out);
+            horizontal_pass(src, off, stride, w, h, &ch, &mut out);
         }
         PassOrder::VerticalOnly => {
             let cv = Coeffs::bicubic(h, 0.0, h as f64, out_h);
@@ -180,7 +190,7 @@ pub fn resized_crop_raw(
             let last = cv.bounds.iter().map(|b| b.0 + b.1).max().unwrap_or(0);
             let rows = last.saturating_sub(first);
             let mut tmp = vec![0u8; rows * out_w * 3];
-            horizontal_pass(src, off + first * stride, stride, rows, &ch, &mut tmp);
+            horizontal_pass(src, off + first * stride, stride, w, rows, &ch, &mut tmp);
             let cv = Coeffs {
                 bounds: cv.bounds.iter().map(|&(a, n)| (a - first, n)).collect(),
                 ..cv
@@ -192,7 +202,7 @@ pub fn resized_crop_raw(
             let cv = Coeffs::bicubic(h, 0.0, h as f64, out_h);
             let mut tmp = vec![0u8; out_h * w * 3];
             vertical_pass(src, off, stride, w, &cv, &mut tmp);
-            horizontal_pass(&tmp, 0, w * 3, out_h, &ch, &mut out);
+            horizontal_pass(&tmp, 0, w * 3, w, out_h, &ch, &mut out);
         }
     }
     out
