@@ -658,6 +658,138 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Bias add and linear
+// ---------------------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn add_bias_kernel(y: &[f32], b: &[f32], out: &mut [f32]) {
+    let c = b.len();
+    for (yr, or) in y.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+        let (yr, or) = (&yr[..c], &mut or[..c]);
+        for i in 0..c {
+            or[i] = yr[i] + b[i];
+        }
+    }
+}
+
+multiversion!(fn add_bias_chunk => add_bias_kernel(y: &[f32], b: &[f32], out: &mut [f32]));
+
+#[inline(always)]
+fn col_sum_kernel(g: &[f32], acc: &mut [f32]) {
+    let c = acc.len();
+    for gr in g.chunks_exact(c) {
+        let gr = &gr[..c];
+        for i in 0..c {
+            acc[i] += gr[i];
+        }
+    }
+}
+
+multiversion!(fn col_sum_chunk => col_sum_kernel(g: &[f32], acc: &mut [f32]));
+
+/// `y + b` for `y`: `(R, C)`, `b`: `(C)`; backward: `dy = grad`, `db = column sums of grad` (parallel, instead
+/// of candle's generic strided reduction).
+struct AddBiasOp;
+
+impl CustomOp2 for AddBiasOp {
+    fn name(&self) -> &'static str {
+        "dino-add-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_data(s1, l1, self.name())?;
+        let b = f32_data(s2, l2, self.name())?;
+        let (rows, c) = last_dim(l1.shape(), self.name())?;
+        let mut out = vec![0f32; rows * c];
+        for_row_chunks(&mut out, rows, c, |r0, oc| {
+            let n = oc.len();
+            add_bias_chunk(&y[r0 * c..r0 * c + n], &b, oc)
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = grad.apply_op1_no_bwd(&ColSumOp)?.reshape(b.shape())?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+/// Sum over all but the last dimension: `(..., C)` -> `(C)`.
+struct ColSumOp;
+
+impl CustomOp1 for ColSumOp {
+    fn name(&self) -> &'static str {
+        "dino-col-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = f32_data(s, l, self.name())?;
+        let (rows, c) = last_dim(l.shape(), self.name())?;
+        let out = if rows * c < PAR_MIN_ELEMS {
+            let mut acc = vec![0f32; c];
+            col_sum_chunk(&g, &mut acc);
+            acc
+        } else {
+            let rpt = rows_per_task(rows, c).max(16);
+            g.par_chunks(rpt * c)
+                .fold(
+                    || vec![0f32; c],
+                    |mut acc, gc| {
+                        col_sum_chunk(gc, &mut acc);
+                        acc
+                    },
+                )
+                .reduce(
+                    || vec![0f32; c],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(u, v)| *u += v);
+                        a
+                    },
+                )
+        };
+        Ok((CpuStorage::F32(out), Shape::from(c)))
+    }
+}
+
+/// `y + bias` broadcast over the rows: `y`: `(..., C)`, `bias`: `(C)`, with a fast bias gradient.
+pub fn add_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let c = y.dim(D::Minus1)?;
+    if bias.dims() != [c] {
+        candle_core::bail!(
+            "add_bias: bias {:?} must be ({c}) to match {:?}",
+            bias.dims(),
+            y.dims()
+        );
+    }
+    if is_cpu_f32(&[y, bias]) {
+        y.apply_op2(bias, AddBiasOp)
+    } else {
+        y.broadcast_add(bias)
+    }
+}
+
+/// A linear layer on a 2-D input: `x`: `(R, in)`, `weight`: `(out, in)`, `bias`: `(out)` -> `(R, out)`.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&weight.t()?)?;
+    match bias {
+        Some(b) => add_bias(&y, b),
+        None => Ok(y),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -195,11 +195,7 @@ impl Linear {
 
     /// `(R, in)` -> `(R, out)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        ops::linear(x, &self.weight, self.bias.as_ref())
     }
 }
 
@@ -273,16 +269,21 @@ impl Block {
         let h = self.num_heads;
         let hd = d / h;
         let xn = self.norm1.forward(x)?;
-        // (B*T, 3D) -> (B, T, 3, H, hd) -> (3, B, H, T, hd), one contiguous copy.
-        let qkv = self
-            .qkv
-            .forward(&xn)?
-            .reshape((b, t, 3, h, hd))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?;
-        let q = qkv.get(0)?.reshape((b * h, t, hd))?;
-        let k = qkv.get(1)?.reshape((b * h, t, hd))?;
-        let v = qkv.get(2)?.reshape((b * h, t, hd))?;
+        // q, k and v from row slices of the qkv weight (rows [q; k; v]): slicing the (3D, D) weight is
+        // cheaper in the backward pass than slicing the (B*T, 3D) activations. Each (B*T, D) -> (B*H, T, hd).
+        let head = |i: usize| -> Result<Tensor> {
+            let w = self.qkv.weight.narrow(0, i * d, d)?;
+            let bias = match &self.qkv.bias {
+                Some(bb) => Some(bb.narrow(0, i * d, d)?),
+                None => None,
+            };
+            ops::linear(&xn, &w, bias.as_ref())?
+                .reshape((b, t, h, hd))?
+                .permute((0, 2, 1, 3))?
+                .contiguous()?
+                .reshape((b * h, t, hd))
+        };
+        let (q, k, v) = (head(0)?, head(1)?, head(2)?);
         let logits = q.matmul(&k.t()?)?; // (B*H, T, T)
         let probs = ops::softmax_last_dim_scaled(&logits, (hd as f64).powf(-0.5))?;
         let out = probs.matmul(&v)?; // (B*H, T, hd)

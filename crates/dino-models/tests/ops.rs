@@ -276,3 +276,48 @@ fn gelu_gradients_match_finite_differences() -> Result<()> {
     let fd = finite_diff(&fast_gelu, &[x], &r, 0, 1e-2)?;
     check_fd(&g[0], &fd, 2e-3, "gelu x")
 }
+
+#[test]
+fn linear_and_add_bias_match_composed_values_and_gradients() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    // Small (serial) and large (parallel column sums) cases.
+    for (r, i, o) in [(5usize, 7usize, 3usize), (400, 64, 192)] {
+        let x = randn(&mut rng, &[r, i], 0.0, 1.0)?;
+        let w = randn(&mut rng, &[o, i], 0.0, 0.2)?;
+        let b = randn(&mut rng, &[o], 0.0, 1.0)?;
+        let g = randn(&mut rng, &[r, o], 0.0, 1.0)?;
+        let inputs = [x, w, b];
+        let fast = |t: &[Tensor]| ops::linear(&t[0], &t[1], Some(&t[2]));
+        let slow = |t: &[Tensor]| t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2]);
+        let (yf, gf) = grads_of(&fast, &inputs, &g)?;
+        let (ys, gs) = grads_of(&slow, &inputs, &g)?;
+        assert!(max_abs_diff(&yf, &ys)? < 1e-5);
+        for (k, (a, b)) in gf.iter().zip(&gs).enumerate() {
+            let tol = 1e-5 * max_abs(b)?.max(1.0);
+            assert!(max_abs_diff(a, b)? < tol, "({r},{i},{o}) grad {k}");
+        }
+    }
+    // A non-contiguous input and a shape error.
+    let y = randn(&mut rng, &[6, 4], 0.0, 1.0)?.t()?;
+    let b = randn(&mut rng, &[6], 0.0, 1.0)?;
+    assert!(max_abs_diff(&ops::add_bias(&y, &b)?, &y.broadcast_add(&b)?)? < 1e-6);
+    let err = ops::add_bias(&y, &b.narrow(0, 0, 2)?).unwrap_err();
+    assert!(err.to_string().contains("[2]"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn add_bias_gradients_match_finite_differences() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    let y = randn(&mut rng, &[4, 5], 0.0, 1.0)?;
+    let b = randn(&mut rng, &[5], 0.0, 1.0)?;
+    let r = randn(&mut rng, &[4, 5], 0.0, 1.0)?;
+    let f = |t: &[Tensor]| ops::add_bias(&t[0], &t[1]);
+    let inputs = [y, b];
+    let (_, g) = grads_of(&f, &inputs, &r)?;
+    for (which, grad) in g.iter().enumerate() {
+        let fd = finite_diff(&f, &inputs, &r, which, 1e-2)?;
+        check_fd(grad, &fd, 2e-3, "add_bias")?;
+    }
+    Ok(())
+}
