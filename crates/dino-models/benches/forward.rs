@@ -4,6 +4,8 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::VarMap;
+use std::time::Duration;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dino_models::init::seeded_var_builder;
 use dino_models::ops;
@@ -14,58 +16,92 @@ fn vit(cfg: ViTConfig) -> VisionTransformer {
     VisionTransformer::new(cfg, seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu)).expect("vit")
 }
 
+/// A benchmark case: one "image" is a set of crops; `crops` lists (count, size) per image.
+struct Case {
+    name: &'static str,
+    cfg: ViTConfig,
+    batch: usize,
+    crops: &'static [(usize, usize)],
+}
+
+fn cases(drop_path: f64) -> Vec<Case> {
+    let tiny = ViTConfig::vit_tiny(16).with_drop_path(drop_path);
+    let cifar = ViTConfig::custom(32, 4, 192, 12, 3).with_drop_path(drop_path);
+    vec![
+        Case {
+            name: "vit_tiny16_224_b8",
+            cfg: tiny.clone(),
+            batch: 8,
+            crops: &[(1, 224)],
+        },
+        Case {
+            name: "cifar_p4_32_b64",
+            cfg: cifar.clone(),
+            batch: 64,
+            crops: &[(1, 32)],
+        },
+        // The multi-crop work of baseline.md per image: 2 x 224 + 6 x 96 (imagenet), 2 x 32 + 6 x 16 (cifar),
+        // one backbone call per resolution as the multi-crop wrapper does (backbone only, no head).
+        Case {
+            name: "imagenet_multicrop_b8",
+            cfg: tiny,
+            batch: 8,
+            crops: &[(2, 224), (6, 96)],
+        },
+        Case {
+            name: "cifar_multicrop_b64",
+            cfg: cifar,
+            batch: 64,
+            crops: &[(2, 32), (6, 16)],
+        },
+    ]
+}
+
+fn inputs(case: &Case) -> Vec<Tensor> {
+    case.crops
+        .iter()
+        .map(|&(n, s)| {
+            Tensor::randn(0f32, 1f32, (n * case.batch, 3, s, s), &Device::Cpu).expect("x")
+        })
+        .collect()
+}
+
 fn vit_forward(c: &mut Criterion) {
     let mut g = c.benchmark_group("vit_forward");
-    g.sample_size(10);
-    let cases = [
-        ("vit_tiny16_224_b8", ViTConfig::vit_tiny(16), 224, 8),
-        (
-            "cifar_p4_32_b64",
-            ViTConfig::custom(32, 4, 192, 12, 3),
-            32,
-            64,
-        ),
-        ("vit_tiny16_96_b48", ViTConfig::vit_tiny(16), 96, 48),
-        (
-            "cifar_p4_16_b384",
-            ViTConfig::custom(32, 4, 192, 12, 3),
-            16,
-            384,
-        ),
-    ];
-    for (name, cfg, size, batch) in cases {
-        let model = vit(cfg);
-        let x = Tensor::randn(0f32, 1f32, (batch, 3, size, size), &Device::Cpu).expect("x");
-        g.throughput(Throughput::Elements(batch as u64));
-        g.bench_function(name, |b| b.iter(|| model.forward(&x).expect("forward")));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    for case in cases(0.0) {
+        let model = vit(case.cfg.clone());
+        let xs = inputs(&case);
+        g.throughput(Throughput::Elements(case.batch as u64));
+        g.bench_function(case.name, |b| {
+            b.iter(|| {
+                for x in &xs {
+                    std::hint::black_box(model.forward(x).expect("forward"));
+                }
+            })
+        });
     }
     g.finish();
 }
 
 fn vit_train_step(c: &mut Criterion) {
     let mut g = c.benchmark_group("vit_fwd_bwd");
-    g.sample_size(10);
-    let cases = [
-        (
-            "vit_tiny16_224_b8",
-            ViTConfig::vit_tiny(16).with_drop_path(0.1),
-            224,
-            8,
-        ),
-        (
-            "cifar_p4_32_b64",
-            ViTConfig::custom(32, 4, 192, 12, 3).with_drop_path(0.1),
-            32,
-            64,
-        ),
-    ];
-    for (name, cfg, size, batch) in cases {
-        let model = vit(cfg);
-        let x = Tensor::randn(0f32, 1f32, (batch, 3, size, size), &Device::Cpu).expect("x");
-        g.throughput(Throughput::Elements(batch as u64));
-        g.bench_function(name, |b| {
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    for case in cases(0.1) {
+        let model = vit(case.cfg.clone());
+        let xs = inputs(&case);
+        g.throughput(Throughput::Elements(case.batch as u64));
+        g.bench_function(case.name, |b| {
             b.iter(|| {
-                let y = model.forward_t(&x, true).expect("forward");
+                let ys: Vec<Tensor> = xs
+                    .iter()
+                    .map(|x| model.forward_t(x, true).expect("forward"))
+                    .collect();
+                let y = Tensor::cat(&ys, 0).expect("cat");
                 y.sqr()
                     .and_then(|t| t.sum_all())
                     .and_then(|l| l.backward())
@@ -89,7 +125,9 @@ fn fwd_bwd(f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &Var, r: &Tensor) {
 fn ops_fwd_bwd(c: &mut Criterion) {
     let dev = Device::Cpu;
     let mut g = c.benchmark_group("ops_fwd_bwd");
-    g.sample_size(20);
+    g.sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
 
     // LayerNorm on the tokens of vit_tiny/16, batch 8: (8*197, 192).
     let x = Var::from_tensor(&Tensor::randn(0f32, 1f32, (8 * 197, 192), &dev).unwrap()).unwrap();
@@ -180,7 +218,13 @@ impl BlockParams {
                 candle_nn::ops::layer_norm_slow(x, w, bb, 1e-6)
             }
         };
-        let lin = |x: &Tensor, w: &Tensor, bb: &Tensor| x.matmul(&w.t()?)?.broadcast_add(bb);
+        let lin = |x: &Tensor, w: &Tensor, bb: &Tensor| {
+            if fused {
+                ops::linear(x, w, Some(bb))
+            } else {
+                x.matmul(&w.t()?)?.broadcast_add(bb)
+            }
+        };
         let qkv = lin(&ln(x, self.t(0), self.t(1))?, self.t(2), self.t(3))?
             .reshape((b, t, 3, h, hd))?
             .permute((2, 0, 3, 1, 4))?
@@ -215,7 +259,9 @@ impl BlockParams {
 fn block_fwd_bwd(c: &mut Criterion) {
     let dev = Device::Cpu;
     let mut g = c.benchmark_group("block_fwd_bwd");
-    g.sample_size(10);
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
     let p = BlockParams::new();
     for (name, b, t) in [("tiny_224_b8", 8, 197), ("cifar_32_b64", 64, 65)] {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1f32, (b * t, 192), &dev).unwrap()).unwrap();
