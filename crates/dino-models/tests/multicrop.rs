@@ -1,0 +1,178 @@
+//! Multi-crop wrapper: grouping of consecutive equal-resolution crops, one backbone call per group, one head
+//! call, crop-major rows; gradients through the wrapper.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use dino_models::head::{DinoHead, DinoHeadConfig};
+use dino_models::multicrop::{resolution_groups, MultiCropWrapper};
+use dino_models::params::{sorted_vars, trainable_vars, ModelSpec};
+use dino_models::Backbone;
+
+/// A tiny backbone: per-channel spatial mean (B, 3) then a Linear to `dim`; records every call's input shape.
+struct ToyBackbone {
+    w: Tensor,
+    calls: Arc<Mutex<Vec<Vec<usize>>>>,
+}
+
+impl Backbone for ToyBackbone {
+    fn forward_features(&self, x: &Tensor, _train: bool) -> Result<Tensor> {
+        self.calls.lock().unwrap().push(x.dims().to_vec());
+        // Spatial mean and spatial max, so crops of different content/size give different features.
+        let mean = x.mean((2, 3))?;
+        let max = x.flatten_from(2)?.max(2)?;
+        Tensor::cat(&[mean, max], 1)?.matmul(&self.w.t()?)
+    }
+    fn embed_dim(&self) -> usize {
+        self.w.dim(0).unwrap()
+    }
+}
+
+fn toy(varmap: &VarMap, dim: usize) -> (ToyBackbone, Arc<Mutex<Vec<Vec<usize>>>>) {
+    let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+    let w = vb
+        .pp("backbone")
+        .get_with_hints(
+            (dim, 6),
+            "proj.weight",
+            candle_nn::Init::Randn {
+                mean: 0.,
+                stdev: 1.,
+            },
+        )
+        .unwrap();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    (
+        ToyBackbone {
+            w,
+            calls: calls.clone(),
+        },
+        calls,
+    )
+}
+
+fn head(varmap: &VarMap, in_dim: usize) -> DinoHead {
+    let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+    let cfg = DinoHeadConfig {
+        hidden_dim: 32,
+        bottleneck_dim: 8,
+        ..DinoHeadConfig::new(in_dim, 16)
+    };
+    DinoHead::new(cfg, vb.pp("head")).unwrap()
+}
+
+fn crop(b: usize, s: usize) -> Tensor {
+    Tensor::randn(0f32, 1., (b, 3, s, s), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn groups_consecutive_resolutions() {
+    let crops = [
+        crop(1, 8),
+        crop(1, 8),
+        crop(1, 4),
+        crop(1, 4),
+        crop(1, 4),
+        crop(1, 8),
+    ];
+    let g = resolution_groups(&crops).unwrap();
+    assert_eq!(g, vec![0..2, 2..5, 5..6]);
+    let rect = [
+        crop(1, 8),
+        Tensor::zeros((1, 3, 6, 8), DType::F32, &Device::Cpu).unwrap(),
+    ];
+    assert_eq!(resolution_groups(&rect).unwrap(), vec![0..1, 1..2]);
+    let bad = [Tensor::zeros((3, 8, 8), DType::F32, &Device::Cpu).unwrap()];
+    assert!(resolution_groups(&bad).is_err());
+}
+
+#[test]
+fn one_backbone_call_per_group_and_crop_major_rows() {
+    let varmap = VarMap::new();
+    let (bb, calls) = toy(&varmap, 10);
+    let h = head(&varmap, 10);
+    let wrapper = MultiCropWrapper::new(Box::new(bb), h.clone()).unwrap();
+    let b = 3;
+    // 2 global crops (16 px) then 4 local crops (8 px), as main_dino.py with local_crops_number 4.
+    let crops: Vec<Tensor> = (0..6)
+        .map(|i| crop(b, if i < 2 { 16 } else { 8 }))
+        .collect();
+    let (feats, out) = wrapper.forward_with_features(&crops, true).unwrap();
+    assert_eq!(feats.dims(), &[6 * b, 10]);
+    assert_eq!(out.dims(), &[6 * b, 16]);
+    assert_eq!(
+        *calls.lock().unwrap(),
+        vec![vec![2 * b, 3, 16, 16], vec![4 * b, 3, 8, 8]]
+    );
+    // Rows [i*B, (i+1)*B) are crop i: compare with running each crop alone.
+    let (bb2, _) = toy(&varmap, 10);
+    for (i, c) in crops.iter().enumerate() {
+        let f = bb2.forward_features(c, true).unwrap();
+        let o = h.forward(&f, true).unwrap();
+        let rows = out.narrow(0, i * b, b).unwrap();
+        let diff = (rows - o)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "crop {i}: {diff}");
+    }
+    // forward == forward_with_features().1, and the teacher call on the 2 global crops gives (2B, K).
+    let out2 = wrapper.forward(&crops, true).unwrap();
+    let d = (out2 - &out)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(d, 0.0);
+    assert_eq!(
+        wrapper.forward(&crops[..2], false).unwrap().dims(),
+        &[2 * b, 16]
+    );
+    assert!(wrapper.forward(&[], false).is_err());
+}
+
+#[test]
+fn gradients_reach_backbone_and_head() {
+    let varmap = VarMap::new();
+    let (bb, _) = toy(&varmap, 10);
+    let wrapper = MultiCropWrapper::new(Box::new(bb), head(&varmap, 10)).unwrap();
+    let crops = vec![crop(2, 16), crop(2, 16), crop(2, 8)];
+    let out = wrapper.forward(&crops, true).unwrap();
+    let r = Tensor::randn(0f32, 1., out.dims(), &Device::Cpu).unwrap();
+    let grads = (out * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let vars = sorted_vars(&varmap);
+    let trainable = trainable_vars(&vars, &ModelSpec::default());
+    assert_eq!(trainable.len(), 8); // backbone.proj.weight + 7 head parameters
+    for (name, var) in trainable {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no grad"));
+        let n = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n > 0.0, "{name}: zero gradient");
+    }
+}
+
+#[test]
+fn embed_dim_mismatch_is_an_error() {
+    let varmap = VarMap::new();
+    let (bb, _) = toy(&varmap, 10);
+    let err = MultiCropWrapper::new(Box::new(bb), head(&varmap, 12))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("10") && err.contains("12"), "{err}");
+}
