@@ -1,0 +1,86 @@
+//! The crate's error type: every failure names the argument or tensor at fault and its shape.
+
+/// Errors returned by dino-core.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An error from candle itself (device, dtype, shape inside an op).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// A tensor argument has the wrong shape.
+    #[error("{name}: expected shape {expected}, got {got:?}")]
+    Shape {
+        /// The argument or tensor name.
+        name: String,
+        /// What was expected, in words.
+        expected: String,
+        /// The shape received.
+        got: Vec<usize>,
+    },
+
+    /// An argument is out of its valid range.
+    #[error("invalid argument {name}: {msg}")]
+    InvalidArgument {
+        /// The argument name.
+        name: String,
+        /// What is wrong with it.
+        msg: String,
+    },
+
+    /// A named parameter is missing from a parameter list or a checkpoint state.
+    #[error("parameter {name:?} missing: {msg}")]
+    MissingParameter {
+        /// The parameter name.
+        name: String,
+        /// Where it was looked for.
+        msg: String,
+    },
+
+    /// A parameter or a state entry has a shape different from the one it pairs with.
+    #[error("parameter {name:?}: shape mismatch, {what}: expected {expected:?}, got {got:?}")]
+    ParameterShape {
+        /// The parameter name.
+        name: String,
+        /// What is being compared.
+        what: String,
+        /// The reference shape.
+        expected: Vec<usize>,
+        /// The offending shape.
+        got: Vec<usize>,
+    },
+
+    /// An epoch or iteration index lies beyond the end of a schedule.
+    #[error("{name}: index {index} is past the end of the schedule (length {len})")]
+    PastSchedule {
+        /// Which schedule.
+        name: String,
+        /// The index asked for.
+        index: usize,
+        /// The schedule length.
+        len: usize,
+    },
+}
+
+/// `Result` with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn shape(
+        name: impl Into<String>,
+        expected: impl Into<String>,
+        got: &[usize],
+    ) -> Self {
+        Error::Shape {
+            name: name.into(),
+            expected: expected.into(),
+            got: got.to_vec(),
+        }
+    }
+
+    pub(crate) fn arg(name: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            name: name.into(),
+            msg: msg.into(),
+        }
+    }
+}

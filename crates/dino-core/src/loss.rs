@@ -1,0 +1,597 @@
+//! `DINOLoss` (main_dino.py): cross-entropy between the centred, sharpened teacher distribution of the
+//! two global crops and the student distribution of every other crop, with the centre EMA updated
+//! after the loss. On CPU the loss and its gradient are one fused op with an analytic backward
+//! ([`DinoLossOp`]); on other devices the same formula is composed from candle ops.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor, D};
+
+use crate::kernels::{dot_log_softmax, exp_f32, max_f32, par_fill, par_rows_mut, sum_exp_scaled};
+use crate::monitor::CollapseMetrics;
+use crate::schedule::teacher_temp_schedule;
+use crate::{Error, Result};
+
+/// Configuration of [`DinoLoss`]; field names and defaults follow `main_dino.DINOLoss` and its CLI.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DinoLossConfig {
+    /// Head output dimension K (`--out_dim`, default 65536).
+    pub out_dim: usize,
+    /// Number of crops n = 2 global + `local_crops_number` (default 2 + 8 = 10). At least 2.
+    pub ncrops: usize,
+    /// Teacher temperature at epoch 0 (`--warmup_teacher_temp`, default 0.04).
+    pub warmup_teacher_temp: f64,
+    /// Teacher temperature after the warm-up (`--teacher_temp`, default 0.04).
+    pub teacher_temp: f64,
+    /// Epochs of linear teacher-temperature warm-up (`--warmup_teacher_temp_epochs`, code default 0).
+    pub warmup_teacher_temp_epochs: usize,
+    /// Training epochs, the length of the teacher-temperature schedule (`--epochs`, default 100).
+    pub nepochs: usize,
+    /// Student temperature (default 0.1).
+    pub student_temp: f64,
+    /// Momentum of the centre EMA (default 0.9).
+    pub center_momentum: f64,
+}
+
+impl Default for DinoLossConfig {
+    fn default() -> Self {
+        Self {
+            out_dim: 65536,
+            ncrops: 10,
+            warmup_teacher_temp: 0.04,
+            teacher_temp: 0.04,
+            warmup_teacher_temp_epochs: 0,
+            nepochs: 100,
+            student_temp: 0.1,
+            center_momentum: 0.9,
+        }
+    }
+}
+
+impl DinoLossConfig {
+    /// The official constructor's positional arguments; `student_temp` 0.1 and `center_momentum` 0.9.
+    pub fn new(
+        out_dim: usize,
+        ncrops: usize,
+        warmup_teacher_temp: f64,
+        teacher_temp: f64,
+        warmup_teacher_temp_epochs: usize,
+        nepochs: usize,
+    ) -> Self {
+        Self {
+            out_dim,
+            ncrops,
+            warmup_teacher_temp,
+            teacher_temp,
+            warmup_teacher_temp_epochs,
+            nepochs,
+            ..Self::default()
+        }
+    }
+}
+
+/// What the last forward pass saw, kept (cheap `Tensor` clones) for [`DinoLoss::last_metrics`].
+#[derive(Debug, Clone)]
+struct LastCall {
+    loss: f64,
+    teacher_output: Tensor,
+    center_before: Tensor,
+    teacher_temp: f64,
+}
+
+/// The DINO loss with its centre buffer (`center`, shape (1, K), zeros at start).
+#[derive(Debug)]
+pub struct DinoLoss {
+    cfg: DinoLossConfig,
+    center: Tensor,
+    teacher_temp_schedule: Vec<f64>,
+    last: Option<LastCall>,
+}
+
+impl DinoLoss {
+    /// Builds the loss; the centre starts at zeros (1, `out_dim`) f32 on `device`.
+    pub fn new(cfg: DinoLossConfig, device: &Device) -> Result<Self> {
+        if cfg.ncrops < 2 {
+            return Err(Error::arg(
+                "ncrops",
+                format!(
+                    "must be at least 2 (the two global crops), got {}",
+                    cfg.ncrops
+                ),
+            ));
+        }
+        if cfg.out_dim == 0 {
+            return Err(Error::arg("out_dim", "must be positive"));
+        }
+        for (name, t) in [
+            ("student_temp", cfg.student_temp),
+            ("teacher_temp", cfg.teacher_temp),
+            ("warmup_teacher_temp", cfg.warmup_teacher_temp),
+        ] {
+            if !(t > 0.0 && t.is_finite()) {
+                return Err(Error::arg(
+                    name,
+                    format!("must be a positive number, got {t}"),
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&cfg.center_momentum) {
+            return Err(Error::arg(
+                "center_momentum",
+                format!("must lie in [0, 1], got {}", cfg.center_momentum),
+            ));
+        }
+        let teacher_temp_schedule = teacher_temp_schedule(
+            cfg.warmup_teacher_temp,
+            cfg.teacher_temp,
+            cfg.warmup_teacher_temp_epochs,
+            cfg.nepochs,
+        )?;
+        let center = Tensor::zeros((1, cfg.out_dim), DType::F32, device)?;
+        Ok(Self {
+            cfg,
+            center,
+            teacher_temp_schedule,
+            last: None,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DinoLossConfig {
+        &self.cfg
+    }
+
+    /// The centre buffer, shape (1, K) (the `dino_loss.center` checkpoint entry).
+    pub fn center(&self) -> &Tensor {
+        &self.center
+    }
+
+    /// Restores the centre from a checkpoint; it must have shape (1, K) or (K).
+    pub fn set_center(&mut self, center: &Tensor) -> Result<()> {
+        let k = self.cfg.out_dim;
+        let dims = center.dims();
+        if dims != [1, k] && dims != [k] {
+            return Err(Error::shape("center", format!("(1, {k})"), dims));
+        }
+        self.center = center
+            .reshape((1, k))?
+            .to_dtype(DType::F32)?
+            .to_device(self.center.device())?
+            .detach();
+        Ok(())
+    }
+
+    /// The per-epoch teacher temperature schedule (length `nepochs`).
+    pub fn teacher_temp_schedule(&self) -> &[f64] {
+        &self.teacher_temp_schedule
+    }
+
+    /// The teacher temperature at `epoch`; an error past the schedule's end.
+    pub fn teacher_temp(&self, epoch: usize) -> Result<f64> {
+        crate::schedule::at(
+            &self.teacher_temp_schedule,
+            epoch,
+            "teacher_temp_schedule (epoch)",
+        )
+    }
+
+    /// The loss for `student_output` (n*B, K), crop-major (rows `[c*B, (c+1)*B)` are crop c, crops 0 and
+    /// 1 global) and `teacher_output` (2*B, K) for the two global crops, at `epoch`. Returns a scalar
+    /// (shape `()`, f32). The teacher is detached (no gradient reaches it); the centre is updated after
+    /// the loss with the mean of the raw teacher logits.
+    pub fn forward(
+        &mut self,
+        student_output: &Tensor,
+        teacher_output: &Tensor,
+        epoch: usize,
+    ) -> Result<Tensor> {
+        let (n, b, k) = self.check_shapes(student_output, teacher_output)?;
+        let temp = self.teacher_temp(epoch)?;
+        let teacher = teacher_output.detach().to_dtype(DType::F32)?;
+        let loss = if student_output.device().is_cpu() {
+            let op = DinoLossOp::new(
+                n,
+                b,
+                k,
+                self.cfg.student_temp,
+                temp,
+                self.center.flatten_all()?.to_vec1::<f32>()?,
+            );
+            let student = student_output.to_dtype(DType::F32)?.contiguous()?;
+            student.apply_op2(&teacher.contiguous()?, op)?
+        } else {
+            dino_loss_composed(
+                student_output,
+                &teacher,
+                &self.center,
+                n,
+                self.cfg.student_temp,
+                temp,
+            )?
+        };
+        self.last = Some(LastCall {
+            loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            teacher_output: teacher.clone(),
+            center_before: self.center.clone(),
+            teacher_temp: temp,
+        });
+        self.update_center(&teacher)?;
+        Ok(loss)
+    }
+
+    /// [`forward`](Self::forward) for per-crop lists: `student` holds n tensors (B, K) (2 global crops
+    /// first), `teacher` the 2 global crops' (B, K) outputs.
+    pub fn forward_crops(
+        &mut self,
+        student: &[Tensor],
+        teacher: &[Tensor],
+        epoch: usize,
+    ) -> Result<Tensor> {
+        if student.is_empty() {
+            return Err(Error::arg(
+                "student",
+                "zero crops: expected ncrops student tensors",
+            ));
+        }
+        if student.len() != self.cfg.ncrops {
+            return Err(Error::arg(
+                "student",
+                format!(
+                    "{} crops given, the loss was built with ncrops = {}",
+                    student.len(),
+                    self.cfg.ncrops
+                ),
+            ));
+        }
+        if teacher.len() != 2 {
+            return Err(Error::arg(
+                "teacher",
+                format!("expected the 2 global crops, got {} tensors", teacher.len()),
+            ));
+        }
+        let b = student[0].dims().first().copied().unwrap_or(0);
+        for (name, list) in [("student", student), ("teacher", teacher)] {
+            for (i, t) in list.iter().enumerate() {
+                if t.rank() != 2 || t.dim(0)? != b || t.dim(1)? != self.cfg.out_dim {
+                    return Err(Error::shape(
+                        format!("{name}[{i}]"),
+                        format!("(B, K) = ({b}, {})", self.cfg.out_dim),
+                        t.dims(),
+                    ));
+                }
+            }
+        }
+        let s = Tensor::cat(student, 0)?;
+        let t = Tensor::cat(teacher, 0)?;
+        self.forward(&s, &t, epoch)
+    }
+
+    /// Collapse metrics of the last forward call (teacher entropy, KL(teacher || student), output std),
+    /// or `None` before the first call. Costs O(2*B*K).
+    pub fn last_metrics(&self) -> Result<Option<CollapseMetrics>> {
+        let Some(last) = &self.last else {
+            return Ok(None);
+        };
+        let mut m = CollapseMetrics::from_teacher(
+            &last.teacher_output,
+            &last.center_before,
+            last.teacher_temp,
+        )?;
+        m.kl_teacher_student = last.loss - m.teacher_entropy;
+        m.loss = last.loss;
+        Ok(Some(m))
+    }
+
+    /// `center = m * center + (1 - m) * mean(teacher_output rows)`, as `update_center` (world size 1).
+    fn update_center(&mut self, teacher: &Tensor) -> Result<()> {
+        let rows = teacher.dim(0)?;
+        let m = self.cfg.center_momentum;
+        // torch divides by the row count (true division), then scales by python floats.
+        let denom = Tensor::new(rows as f32, teacher.device())?;
+        let batch_center = teacher.sum_keepdim(0)?.broadcast_div(&denom)?;
+        self.center = (self.center.affine(m, 0.0)? + batch_center.affine(1.0 - m, 0.0)?)?.detach();
+        Ok(())
+    }
+
+    fn check_shapes(&self, student: &Tensor, teacher: &Tensor) -> Result<(usize, usize, usize)> {
+        let n = self.cfg.ncrops;
+        let k = self.cfg.out_dim;
+        let sd = student.dims();
+        if sd.len() != 2 || sd[1] != k {
+            return Err(Error::shape(
+                "student_output",
+                format!("(ncrops * B, K) with K = {k}"),
+                sd,
+            ));
+        }
+        if sd[0] == 0 || !sd[0].is_multiple_of(n) {
+            return Err(Error::shape(
+                "student_output",
+                format!("a positive multiple of ncrops = {n} rows (crop-major, n * B)"),
+                sd,
+            ));
+        }
+        let b = sd[0] / n;
+        let td = teacher.dims();
+        if td.len() != 2 || td[1] != k {
+            return Err(Error::shape(
+                "teacher_output",
+                format!("(2 * B, K) with K = {k}"),
+                td,
+            ));
+        }
+        if td[0] != 2 * b {
+            return Err(Error::shape(
+                "teacher_output",
+                format!(
+                    "2 * B = {} rows (B = {b} from student_output {sd:?})",
+                    2 * b
+                ),
+                td,
+            ));
+        }
+        if !student.device().same_device(teacher.device()) {
+            return Err(Error::arg(
+                "teacher_output",
+                "must be on the student_output's device",
+            ));
+        }
+        Ok((n, b, k))
+    }
+}
+
+/// The loss composed from candle ops (any device, autograd through `log_softmax`); the fused CPU op
+/// computes the same thing.
+pub fn dino_loss_composed(
+    student_output: &Tensor,
+    teacher_output: &Tensor,
+    center: &Tensor,
+    ncrops: usize,
+    student_temp: f64,
+    teacher_temp: f64,
+) -> Result<Tensor> {
+    // f64 inputs stay f64 (finite-difference checks); everything else computes in f32.
+    let dt = if student_output.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let student = (student_output.to_dtype(dt)? / student_temp)?;
+    let ls = candle_nn::ops::log_softmax(&student, D::Minus1)?;
+    let teacher = teacher_output.detach().to_dtype(dt)?;
+    let center = center.to_dtype(dt)?;
+    let q = candle_nn::ops::softmax(
+        &(teacher.broadcast_sub(&center)? / teacher_temp)?,
+        D::Minus1,
+    )?
+    .detach();
+    let ls = ls.chunk(ncrops, 0)?;
+    let q = q.chunk(2, 0)?;
+    let b = ls[0].dim(0)? as f64;
+    let mut total: Option<Tensor> = None;
+    let mut terms = 0usize;
+    for (iq, qi) in q.iter().enumerate() {
+        for (v, lv) in ls.iter().enumerate() {
+            if v == iq {
+                continue;
+            }
+            let term = ((qi * lv)?.sum_all()? * (-1.0 / b))?;
+            total = Some(match total {
+                Some(t) => (t + term)?,
+                None => term,
+            });
+            terms += 1;
+        }
+    }
+    let total = total.ok_or_else(|| Error::arg("ncrops", "no pair of different views"))?;
+    Ok((total / terms as f64)?)
+}
+
+/// Per-student-row quantities the backward pass reuses: row max of `s / student_temp` and
+/// `ln(sum exp(s / student_temp - max))`.
+#[derive(Clone, Copy, Default)]
+struct RowStats {
+    max: f32,
+    log_sum: f32,
+}
+
+struct FwdCache {
+    /// Teacher probabilities, (2B, K) row-major.
+    q: Vec<f32>,
+    student_rows: Vec<RowStats>,
+}
+
+/// The fused DINO loss as a candle `CustomOp2(student (nB, K), teacher (2B, K)) -> ()` with an
+/// analytic backward: `d L / d s[v,b,k] = (w_v * p[v,b,k] - Q_v[b,k]) / (student_temp * n_terms * B)`
+/// where `p` is the student softmax, `Q_v` the sum of the teacher distributions of the global crops
+/// other than v and `w_v = sum_k Q_v[b,k]` their count. The teacher gets no gradient.
+pub struct DinoLossOp {
+    ncrops: usize,
+    batch: usize,
+    out_dim: usize,
+    student_temp: f32,
+    teacher_temp: f32,
+    center: Vec<f32>,
+    cache: Mutex<Option<FwdCache>>,
+}
+
+impl DinoLossOp {
+    /// An op for `ncrops` crops of `batch` rows, `out_dim` = K, with the centre (K values) used for
+    /// the teacher.
+    pub fn new(
+        ncrops: usize,
+        batch: usize,
+        out_dim: usize,
+        student_temp: f64,
+        teacher_temp: f64,
+        center: Vec<f32>,
+    ) -> Self {
+        Self {
+            ncrops,
+            batch,
+            out_dim,
+            student_temp: student_temp as f32,
+            teacher_temp: teacher_temp as f32,
+            center,
+            cache: Mutex::new(None),
+        }
+    }
+
+    fn n_terms(&self) -> usize {
+        // every (teacher crop iq in {0, 1}, student crop v != iq): 2(n - 1) for n >= 2
+        2 * self.ncrops - 2
+    }
+
+    /// Teacher crops (0 and/or 1) whose distribution is a target for student crop `v`.
+    fn targets(v: usize) -> &'static [usize] {
+        match v {
+            0 => &[1],
+            1 => &[0],
+            _ => &[0, 1],
+        }
+    }
+}
+
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> candle_core::Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        _ => candle_core::bail!("dino loss: {name} must be f32, got {:?}", s.dtype()),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("dino loss: {name} must be contiguous"),
+    }
+}
+
+impl CustomOp2 for DinoLossOp {
+    fn name(&self) -> &'static str {
+        "dino-loss"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, b, k) = (self.ncrops, self.batch, self.out_dim);
+        let student = cpu_f32(s1, l1, "student_output")?;
+        let teacher = cpu_f32(s2, l2, "teacher_output")?;
+        if student.len() != n * b * k || teacher.len() != 2 * b * k || self.center.len() != k {
+            candle_core::bail!("dino loss: sizes do not match ncrops {n}, batch {b}, out_dim {k}");
+        }
+        // Teacher: q = softmax((t - center) / T), as torch: subtract, divide, max, exp, normalise.
+        let mut q = vec![0f32; 2 * b * k];
+        let center = &self.center;
+        let tt = self.teacher_temp;
+        par_rows_mut(&mut q, k, |r, qrow| {
+            let t = &teacher[r * k..(r + 1) * k];
+            for ((o, &x), &c) in qrow.iter_mut().zip(t).zip(center) {
+                *o = (x - c) / tt;
+            }
+            let m = max_f32(qrow);
+            let mut acc = [0f32; 16];
+            let mut chunks = qrow.chunks_exact_mut(16);
+            for c in &mut chunks {
+                for i in 0..16 {
+                    c[i] = exp_f32(c[i] - m);
+                    acc[i] += c[i];
+                }
+            }
+            let mut sum: f64 = acc.iter().map(|&v| v as f64).sum();
+            for v in chunks.into_remainder() {
+                *v = exp_f32(*v - m);
+                sum += *v as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            for v in qrow.iter_mut() {
+                *v *= inv;
+            }
+        });
+        // Student: row stats of s / student_temp, then the cross-entropy against each target.
+        let st = self.student_temp;
+        let mut stats = vec![RowStats::default(); n * b];
+        par_fill(&mut stats, k, |r| {
+            let s = &student[r * k..(r + 1) * k];
+            let m = max_f32(s) / st;
+            let log_sum = sum_exp_scaled(s, st, m).ln() as f32;
+            RowStats { max: m, log_sum }
+        });
+        let mut ce = vec![0f64; n * b];
+        let q_ref = &q;
+        let stats_ref = &stats;
+        par_fill(&mut ce, 2 * k, |r| {
+            let (v, bi) = (r / b, r % b);
+            let s = &student[r * k..(r + 1) * k];
+            let shift = stats_ref[r].max + stats_ref[r].log_sum;
+            Self::targets(v)
+                .iter()
+                .map(|&iq| {
+                    -dot_log_softmax(
+                        &q_ref[(iq * b + bi) * k..(iq * b + bi + 1) * k],
+                        s,
+                        st,
+                        shift,
+                    )
+                })
+                .sum()
+        });
+        let loss = ce.iter().sum::<f64>() / (b as f64 * self.n_terms() as f64);
+        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(FwdCache {
+            q,
+            student_rows: stats,
+        });
+        Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        arg1: &Tensor,
+        _arg2: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, b, k) = (self.ncrops, self.batch, self.out_dim);
+        let g = grad_res
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let g = *g
+            .first()
+            .ok_or_else(|| candle_core::Error::Msg("dino loss: empty grad".into()))?;
+        let guard = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let cache = guard
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("dino loss: backward before forward".into()))?;
+        let (storage, layout) = arg1.storage_and_layout();
+        let student = match &*storage {
+            Storage::Cpu(s) => cpu_f32(s, layout, "student_output")?,
+            _ => candle_core::bail!("dino loss: the fused op runs on cpu only"),
+        };
+        let st = self.student_temp;
+        let scale = g / (st * (b * self.n_terms()) as f32);
+        let mut grad = vec![0f32; n * b * k];
+        par_rows_mut(&mut grad, k, |r, out| {
+            let (v, bi) = (r / b, r % b);
+            let s = &student[r * k..(r + 1) * k];
+            let RowStats { max, log_sum } = cache.student_rows[r];
+            let shift = max + log_sum;
+            let targets = Self::targets(v);
+            let w = targets.len() as f32 * scale;
+            for (o, &x) in out.iter_mut().zip(s) {
+                *o = w * exp_f32(x / st - shift);
+            }
+            for &iq in targets {
+                let qrow = &cache.q[(iq * b + bi) * k..(iq * b + bi + 1) * k];
+                for (o, &qv) in out.iter_mut().zip(qrow) {
+                    *o -= scale * qv;
+                }
+            }
+        });
+        drop(storage);
+        let grad = Tensor::from_vec(grad, (n * b, k), arg1.device())?;
+        Ok((Some(grad), None))
+    }
+}
