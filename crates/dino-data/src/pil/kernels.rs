@@ -80,22 +80,32 @@ multiversion! {
     }
 }
 
-multiversion! {
-    /// `Image.blend(a, img, alpha)` with a constant first image `a` for every channel value (brightness: a = 0,
-    /// contrast: a = the rounded mean luma): `a + alpha * (v - a)` in f32, truncated toward zero, clipped to
-    /// `0..=255` when alpha is outside `[0, 1]`.
-    pub fn blend_const(data: &mut [u8], a: u8, alpha: f32) {
-        let af = a as i32;
-        if (0.0..=1.0).contains(&alpha) {
-            for v in data.iter_mut() {
-                *v = (af as f32 + alpha * (*v as i32 - af) as f32) as u8;
-            }
-        } else {
-            for v in data.iter_mut() {
-                let t = af as f32 + alpha * (*v as i32 - af) as f32;
-                *v = if t <= 0.0 { 0 } else if t >= 255.0 { 255 } else { t as u8 };
-            }
-        }
+/// `Image.blend(a, img, alpha)` of one value against the constant `a`: `a + alpha * (v - a)` in f32, truncated
+/// toward zero, clipped to `0..=255` when alpha is outside `[0, 1]` (Blend.c).
+#[inline(always)]
+pub fn blend_value(a: u8, v: u8, alpha: f32) -> u8 {
+    let af = a as i32;
+    let t = af as f32 + alpha * (v as i32).wrapping_sub(af) as f32;
+    if (0.0..=1.0).contains(&alpha) {
+        t as u8
+    } else if t <= 0.0 {
+        0
+    } else if t >= 255.0 {
+        255
+    } else {
+        t as u8
+    }
+}
+
+/// `Image.blend(a, img, alpha)` with a constant first image `a` for every channel value (brightness: a = 0,
+/// contrast: a = the rounded mean luma), through a 256-entry table of [`blend_value`].
+pub fn blend_const(data: &mut [u8], a: u8, alpha: f32) {
+    let mut lut = [0u8; 256];
+    for (v, o) in lut.iter_mut().enumerate() {
+        *o = blend_value(a, v as u8, alpha);
+    }
+    for v in data.iter_mut() {
+        *v = lut[*v as usize];
     }
 }
 
@@ -106,7 +116,7 @@ multiversion! {
         for p in data.chunks_exact_mut(3) {
             let l = luma(p[0], p[1], p[2]) as i32;
             for v in p.iter_mut() {
-                let t = l as f32 + alpha * (*v as i32 - l) as f32;
+                let t = l as f32 + alpha * (*v as i32).wrapping_sub(l) as f32;
                 *v = if inside {
                     t as u8
                 } else if t <= 0.0 {
