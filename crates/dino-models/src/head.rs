@@ -8,7 +8,7 @@
 //! in every forward pass, so `v` (and `g` when it is trainable) receive gradients.
 
 use candle_core::{ModuleT, Tensor};
-use candle_nn::{BatchNorm, BatchNormConfig, Init, Linear, VarBuilder};
+use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
 
 use crate::error::{Error, Result};
 
@@ -91,7 +91,8 @@ impl DinoHeadConfig {
 /// One module of the `mlp` Sequential.
 #[derive(Debug, Clone)]
 enum MlpLayer {
-    Linear(Linear),
+    /// `(weight (out, in), bias (out))`, applied with the fused [`crate::ops::linear`].
+    Linear(Tensor, Tensor),
     BatchNorm(BatchNorm),
     Gelu,
 }
@@ -105,12 +106,13 @@ pub struct DinoHead {
     weight_v: Tensor,
 }
 
-/// Exact (erf) GELU, as `nn.GELU()`.
+/// Exact (erf) GELU, as `nn.GELU()`: the fused op with an analytic backward (f32 on CPU), candle's
+/// `gelu_erf` otherwise.
 fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.gelu_erf()
+    crate::ops::gelu_erf(x)
 }
 
-fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<MlpLayer> {
     let w = vb.get_with_hints(
         (out_dim, in_dim),
         "weight",
@@ -120,7 +122,7 @@ fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<
         },
     )?;
     let b = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
-    Ok(Linear::new(w, Some(b)))
+    Ok(MlpLayer::Linear(w, b))
 }
 
 impl DinoHead {
@@ -132,20 +134,12 @@ impl DinoHead {
         let nlayers = cfg.nlayers.max(1);
         let mut mlp = Vec::new();
         if nlayers == 1 {
-            mlp.push(MlpLayer::Linear(linear(
-                cfg.in_dim,
-                cfg.bottleneck_dim,
-                vb.pp("mlp"),
-            )?));
+            mlp.push(linear(cfg.in_dim, cfg.bottleneck_dim, vb.pp("mlp"))?);
         } else {
             let vb_mlp = vb.pp("mlp");
             let mut idx = 0usize;
             let mut push_hidden = |mlp: &mut Vec<MlpLayer>, in_dim: usize| -> Result<()> {
-                mlp.push(MlpLayer::Linear(linear(
-                    in_dim,
-                    cfg.hidden_dim,
-                    vb_mlp.pp(idx.to_string()),
-                )?));
+                mlp.push(linear(in_dim, cfg.hidden_dim, vb_mlp.pp(idx.to_string()))?);
                 idx += 1;
                 if cfg.use_bn {
                     let bn = candle_nn::batch_norm(
@@ -164,11 +158,11 @@ impl DinoHead {
             for _ in 0..nlayers - 2 {
                 push_hidden(&mut mlp, cfg.hidden_dim)?;
             }
-            mlp.push(MlpLayer::Linear(linear(
+            mlp.push(linear(
                 cfg.hidden_dim,
                 cfg.bottleneck_dim,
                 vb_mlp.pp(idx.to_string()),
-            )?));
+            )?);
         }
         let vb_last = vb.pp("last_layer");
         let bound = 1.0 / (cfg.bottleneck_dim as f64).sqrt();
@@ -205,7 +199,7 @@ impl DinoHead {
         let mut x = x.clone();
         for layer in &self.mlp {
             x = match layer {
-                MlpLayer::Linear(l) => l.forward_t(&x, train)?,
+                MlpLayer::Linear(w, b) => crate::ops::linear(&x, w, Some(b))?,
                 MlpLayer::BatchNorm(bn) => bn.forward_t(&x, train)?,
                 MlpLayer::Gelu => gelu(&x)?,
             };

@@ -176,3 +176,63 @@ fn embed_dim_mismatch_is_an_error() {
         .to_string();
     assert!(err.contains("10") && err.contains("12"), "{err}");
 }
+
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden/");
+
+/// Official `MultiCropWrapper(vit_tiny(16), DINOHead(192, 1024))` on `[x224 (2 images), x96 (2 images)]`.
+#[test]
+fn golden_multicrop_vit_tiny16_with_head() {
+    use dino_models::vit::{ViTConfig, VisionTransformer};
+    use dino_models::weights::{load_backbone, load_head, LoadOptions};
+    let load =
+        |f: &str| candle_core::safetensors::load(format!("{GOLDEN}{f}"), &Device::Cpu).unwrap();
+    let vit_io = load("vit_tiny16_io.safetensors");
+    let head_io = load("dino_head_io.safetensors");
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vit = VisionTransformer::new(ViTConfig::vit_tiny(16), vb.pp("backbone")).unwrap();
+    let head = DinoHead::new(DinoHeadConfig::new(192, 1024), vb.pp("head")).unwrap();
+    load_backbone(
+        &varmap,
+        format!("{GOLDEN}vit_tiny16_weights.safetensors"),
+        &LoadOptions::with_prefix("backbone."),
+    )
+    .unwrap();
+    load_head(
+        &varmap,
+        format!("{GOLDEN}dino_head_weights.safetensors"),
+        &LoadOptions::with_prefix("head."),
+    )
+    .unwrap();
+    let wrapper = MultiCropWrapper::new(Box::new(vit), head).unwrap();
+    let crops = [vit_io["x224"].clone(), vit_io["x96"].clone()];
+    let (feats, out) = wrapper.forward_with_features(&crops, false).unwrap();
+    let expected = &head_io["multicrop_out_x224_x96"];
+    assert_eq!(out.dims(), expected.dims());
+    let excess = |a: &Tensor, b: &Tensor| {
+        // max(|a - b| - (1e-4 + 1e-4 |b|)), the manifest's tolerance
+        let d = (a - b).unwrap().abs().unwrap();
+        let tol = (b.abs().unwrap() * 1e-4)
+            .unwrap()
+            .affine(1.0, 1e-4)
+            .unwrap();
+        (d - tol)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert!(
+        excess(&out, expected) <= 0.0,
+        "head output off by {}",
+        excess(&out, expected)
+    );
+    // Backbone features are the CLS tokens, crop-major.
+    let cls = Tensor::cat(&[&vit_io["cls224"], &vit_io["cls96"]], 0).unwrap();
+    assert!(
+        excess(&feats, &cls) <= 0.0,
+        "features off by {}",
+        excess(&feats, &cls)
+    );
+}

@@ -207,19 +207,30 @@ impl PickleWriter {
     }
 }
 
+/// CRC-32 (IEEE, as zip), table-driven.
 fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in data {
-        crc ^= b as u32;
+    let mut table = [0u32; 256];
+    for (i, t) in table.iter_mut().enumerate() {
+        let mut c = i as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
             } else {
-                crc >> 1
+                c >> 1
             };
         }
+        *t = c;
+    }
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in data {
+        crc = table[((crc ^ b as u32) & 0xFF) as usize] ^ (crc >> 8);
     }
     !crc
+}
+
+#[test]
+fn crc32_known_answer() {
+    assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
 }
 
 fn write_zip(path: &Path, entries: &[(String, Vec<u8>)]) {
@@ -668,4 +679,157 @@ fn pytorch_bn_counters_are_set_aside() {
     let expect: HashMap<_, _> = values(&vm_a, "head.").into_iter().collect();
     let got: HashMap<_, _> = values(&vm_b, "head.").into_iter().collect();
     assert_same(&expect.into_iter().collect(), &got.into_iter().collect());
+}
+
+mod with_vit {
+    use super::*;
+    use dino_models::params::NamedVar;
+    use dino_models::vit::{ViTConfig, VisionTransformer};
+    use dino_models::weights::export_safetensors;
+    use dino_models::Backbone;
+
+    fn golden_io() -> HashMap<String, Tensor> {
+        candle_core::safetensors::load(format!("{GOLDEN}vit_tiny16_io.safetensors"), &Device::Cpu)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// A freshly initialised ViT-tiny/16 + head (random weights) in one VarMap with `backbone.`/`head.`.
+    fn model(out_dim: usize) -> (VarMap, VisionTransformer, DinoHead) {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let vit = VisionTransformer::new(ViTConfig::vit_tiny(16), vb.pp("backbone")).unwrap();
+        let head = DinoHead::new(
+            DinoHeadConfig {
+                hidden_dim: 64,
+                bottleneck_dim: 32,
+                ..DinoHeadConfig::new(192, out_dim)
+            },
+            vb.pp("head"),
+        )
+        .unwrap();
+        (varmap, vit, head)
+    }
+
+    #[test]
+    fn hugging_face_layout_into_a_real_vit_matches_official_outputs() {
+        let io = golden_io();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("model.safetensors");
+        save_tensors_atomic(&p, &to_hf(&golden_vit())).unwrap();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let vit = VisionTransformer::new(ViTConfig::vit_tiny(16), vb).unwrap();
+        load_backbone(&varmap, &p, &LoadOptions::default()).unwrap();
+        let cls = vit.forward_features(&io["x224"], false).unwrap();
+        assert!(
+            max_diff(&cls, &io["cls224"]) < 2e-4,
+            "{}",
+            max_diff(&cls, &io["cls224"])
+        );
+    }
+
+    #[test]
+    fn export_load_round_trip_full_and_backbone_only() {
+        let io = golden_io();
+        let x = &io["x96"];
+        let (vm_a, vit_a, head_a) = model(48);
+        let feats_a = vit_a.forward_features(x, false).unwrap();
+        let out_a = head_a.forward(&feats_a, false).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+
+        // Full: official teacher layout (backbone.*, head.*).
+        let full = dir.path().join("teacher.safetensors");
+        export_varmap(&vm_a, &full, "").unwrap();
+        let (vm_b, vit_b, head_b) = model(48);
+        assert!(max_diff(&vit_b.forward_features(x, false).unwrap(), &feats_a) > 1e-3);
+        let rep = load_model(&vm_b, &full, &LoadOptions::default()).unwrap();
+        assert_eq!(rep.loaded.len(), sorted_vars(&vm_a).len());
+        let feats_b = vit_b.forward_features(x, false).unwrap();
+        assert_eq!(max_diff(&feats_b, &feats_a), 0.0);
+        assert_eq!(
+            max_diff(&head_b.forward(&feats_b, false).unwrap(), &out_a),
+            0.0
+        );
+
+        // Backbone-only (the *_pretrain.pth names) into a bare ViT, and the backbone part of the full file.
+        let bb = dir.path().join("backbone.safetensors");
+        let n = export_varmap(&vm_a, &bb, "backbone.").unwrap();
+        let names: std::collections::BTreeSet<String> =
+            candle_core::safetensors::load(&bb, &Device::Cpu)
+                .unwrap()
+                .into_keys()
+                .collect();
+        // Exactly the official vit_tiny state_dict names, so PyTorch's strict load_state_dict accepts it.
+        let official: std::collections::BTreeSet<String> = golden_vit().into_keys().collect();
+        assert_eq!(names, official);
+        assert_eq!(n, official.len());
+        for file in [&bb, &full] {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            let vit_c = VisionTransformer::new(ViTConfig::vit_tiny(16), vb).unwrap();
+            let rep = load_backbone(&varmap, file, &LoadOptions::default()).unwrap();
+            assert_eq!(rep.loaded.len(), official.len());
+            assert_eq!(
+                max_diff(&vit_c.forward_features(x, false).unwrap(), &feats_a),
+                0.0
+            );
+        }
+
+        // Head-only export has exactly the official DINOHead names (as dino_head_weights.safetensors).
+        let hd = dir.path().join("head.safetensors");
+        export_varmap(&vm_a, &hd, "head.").unwrap();
+        let names: std::collections::BTreeSet<String> =
+            candle_core::safetensors::load(&hd, &Device::Cpu)
+                .unwrap()
+                .into_keys()
+                .collect();
+        let official: std::collections::BTreeSet<String> = candle_core::safetensors::load(
+            format!("{GOLDEN}dino_head_weights.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap()
+        .into_keys()
+        .collect();
+        assert_eq!(names, official);
+
+        // Round trip through a full training checkpoint written as torch.save would.
+        let vars: Vec<NamedVar> = sorted_vars(&vm_a);
+        let sd: BTreeMap<String, Tensor> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap()))
+            .collect();
+        let p = dir.path().join("checkpoint.pth");
+        torch_save(
+            &p,
+            &Py::Dict(vec![
+                ("teacher".into(), Py::OrderedDict(state_dict(&sd, ""))),
+                (
+                    "student".into(),
+                    Py::OrderedDict(state_dict(&sd, "module.")),
+                ),
+                ("epoch".into(), Py::Int(1)),
+            ]),
+        );
+        let (vm_d, vit_d, head_d) = model(48);
+        load_model(&vm_d, &p, &LoadOptions::default()).unwrap();
+        let feats_d = vit_d.forward_features(x, false).unwrap();
+        assert_eq!(max_diff(&feats_d, &feats_a), 0.0);
+        assert_eq!(
+            max_diff(&head_d.forward(&feats_d, false).unwrap(), &out_a),
+            0.0
+        );
+        let _ = export_safetensors(&vars, dir.path().join("unused.safetensors"), "nothing.")
+            .unwrap_err();
+    }
 }
