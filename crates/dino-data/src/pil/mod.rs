@@ -93,10 +93,8 @@ pub fn solarize(data: &mut [u8], threshold: u8) {
 /// results `((v / 255) - mean) / std` (true float32 divisions, bitwise equal to torchvision).
 #[derive(Debug, Clone)]
 pub struct Normalize {
-    /// Per-channel mean (ImageNet: 0.485, 0.456, 0.406).
-    pub mean: [f32; 3],
-    /// Per-channel standard deviation (ImageNet: 0.229, 0.224, 0.225).
-    pub std: [f32; 3],
+    mean: [f32; 3],
+    std: [f32; 3],
     lut: Box<[[f32; 256]; 3]>,
 }
 
@@ -120,6 +118,16 @@ impl Normalize {
     /// The ImageNet statistics DINO uses.
     pub fn imagenet() -> Self {
         Self::new([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]).expect("valid constants")
+    }
+
+    /// Per-channel mean (ImageNet: 0.485, 0.456, 0.406).
+    pub fn mean(&self) -> [f32; 3] {
+        self.mean
+    }
+
+    /// Per-channel standard deviation (ImageNet: 0.229, 0.224, 0.225).
+    pub fn std(&self) -> [f32; 3] {
+        self.std
     }
 
     /// RGB u8 HWC (`data.len() / 3` pixels) to normalised f32 CHW.
