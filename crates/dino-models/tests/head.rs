@@ -473,3 +473,57 @@ fn weight_norm_formula_and_l2_eps() {
     assert_eq!(y[0], [0., 0., 0.]);
     assert!((y[1][0] - 0.6).abs() < 1e-12 && (y[1][2] - 0.8).abs() < 1e-12);
 }
+
+/// The fused weight-norm kernel (f32) against the composed candle ops: values and both gradients.
+#[test]
+fn fused_weight_norm_matches_composed_ops() {
+    use dino_models::head::{weight_norm, weight_norm_composed};
+    let dev = Device::Cpu;
+    for (k, c) in [(37, 16), (300, 256)] {
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1., (k, c), &dev).unwrap()).unwrap();
+        let g = Var::from_tensor(&Tensor::rand(0.5f32, 2.0, (k, 1), &dev).unwrap()).unwrap();
+        let r = Tensor::randn(0f32, 1., (k, c), &dev).unwrap();
+        let fused = weight_norm(v.as_tensor(), g.as_tensor()).unwrap();
+        let composed = weight_norm_composed(v.as_tensor(), g.as_tensor()).unwrap();
+        assert_close(&fused, &composed, 1e-6, 1e-5, "W");
+        // A transposed upstream gradient, as the matmul x @ W^T produces.
+        let loss = |w: &Tensor| {
+            (w.t().unwrap().contiguous().unwrap().t().unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let gf = loss(&fused).backward().unwrap();
+        let gc = loss(&composed).backward().unwrap();
+        for (name, var) in [("v", &v), ("g", &g)] {
+            let a = gf.get(var.as_tensor()).unwrap();
+            let b = gc.get(var.as_tensor()).unwrap();
+            assert_close(a, b, 1e-5, 1e-4, name);
+        }
+        // Through the head's matmul too: x @ W^T.
+        let x = Tensor::randn(0f32, 1., (5, c), &dev).unwrap();
+        let r2 = Tensor::randn(0f32, 1., (5, k), &dev).unwrap();
+        let via = |w: Tensor| {
+            (x.matmul(&w.t().unwrap()).unwrap() * &r2)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let gf = via(fused).backward().unwrap();
+        let gc = via(composed).backward().unwrap();
+        for (name, var) in [("v (matmul)", &v), ("g (matmul)", &g)] {
+            assert_close(
+                gf.get(var.as_tensor()).unwrap(),
+                gc.get(var.as_tensor()).unwrap(),
+                1e-5,
+                1e-4,
+                name,
+            );
+        }
+    }
+    assert!(weight_norm(
+        &Tensor::zeros((4, 3), DType::F32, &dev).unwrap(),
+        &Tensor::zeros((3, 1), DType::F32, &dev).unwrap()
+    )
+    .is_err());
+}
