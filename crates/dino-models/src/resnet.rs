@@ -12,6 +12,11 @@
 //! - [`max_pool2d`]: a max-pool with a correct backward (candle 0.11.1's `max_pool2d` backward is wrong).
 //!   On CPU it is a custom op with an analytic backward that routes the gradient to the first maximum of
 //!   each window, as PyTorch does; elsewhere it is composed from padded strided views and `maximum`.
+//! - [`conv2d`]: on CPU the forward is im2col + one GEMM and the backward two GEMMs + col2im. candle's own
+//!   conv2d backward runs a direct `conv_transpose2d` loop (about 3x slower here) and fails on non-square
+//!   inputs whose height and width differ in parity under stride 2.
+//! - The train-mode BatchNorm runs as one fused CPU op with an analytic backward (composed candle ops on
+//!   other devices).
 //!
 //! Parameter names follow torchvision (`conv1.weight`, `bn1.*`, `layer1.0.conv1.weight`,
 //! `layer2.0.downsample.0.weight`, `layer2.0.downsample.1.*`, ...). `fc` is removed, as DINO's
@@ -519,14 +524,30 @@ impl BatchNorm2d {
                     x.dims()
                 )
             }
-            let mean = x.mean_keepdim((0, 2, 3))?;
-            let xc = x.broadcast_sub(&mean)?;
-            let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
-            let inv_std = (&var + self.eps)?.sqrt()?.recip()?;
-            let scale = inv_std.broadcast_mul(&self.weight.reshape(shape)?)?;
-            let y = xc
-                .broadcast_mul(&scale)?
-                .broadcast_add(&self.bias.reshape(shape)?)?;
+            let fused = matches!(x.device(), Device::Cpu)
+                && matches!(x.dtype(), DType::F32 | DType::F64)
+                && self.weight.dtype() == x.dtype()
+                && self.bias.dtype() == x.dtype();
+            if fused {
+                let x = x.contiguous()?;
+                let stats = match x.dtype() {
+                    DType::F32 => channel_stats(&x.flatten_all()?.to_vec1::<f32>()?, b, c, h * w),
+                    _ => channel_stats(&x.flatten_all()?.to_vec1::<f64>()?, b, c, h * w),
+                };
+                let mean: Vec<f64> = stats.iter().map(|s| s.0).collect();
+                let var: Vec<f64> = stats.iter().map(|s| s.1).collect();
+                let inv_std = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+                let op = BatchNormTrainOp {
+                    mean: mean.clone(),
+                    inv_std,
+                };
+                let y =
+                    x.apply_op3_arc(&self.weight, &self.bias, std::sync::Arc::new(Box::new(op)))?;
+                let dev = x.device();
+                self.update_running_stats(&Tensor::new(mean, dev)?, &Tensor::new(var, dev)?, n)?;
+                return Ok(y);
+            }
+            let (y, mean, var) = self.train_composed(x)?;
             self.update_running_stats(&mean.detach(), &var.detach(), n)?;
             Ok(y)
         } else {
@@ -538,6 +559,26 @@ impl BatchNorm2d {
             x.broadcast_mul(&scale.reshape(shape)?)?
                 .broadcast_add(&shift.reshape(shape)?)
         }
+    }
+
+    /// Train-mode normalisation composed from candle ops (any device and dtype): `(y, mean, biased var)`.
+    /// [`BatchNorm2d::forward`] uses it off CPU; on CPU f32/f64 it runs a fused op with an analytic
+    /// backward instead. Does not touch the running statistics.
+    pub fn forward_train_composed(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.train_composed(x)?.0)
+    }
+
+    fn train_composed(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let shape = (1, self.num_features, 1, 1);
+        let mean = x.mean_keepdim((0, 2, 3))?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
+        let inv_std = (&var + self.eps)?.sqrt()?.recip()?;
+        let scale = inv_std.broadcast_mul(&self.weight.reshape(shape)?)?;
+        let y = xc
+            .broadcast_mul(&scale)?
+            .broadcast_add(&self.bias.reshape(shape)?)?;
+        Ok((y, mean, var))
     }
 
     fn update_running_stats(&self, mean: &Tensor, biased_var: &Tensor, n: usize) -> Result<()> {
@@ -553,6 +594,178 @@ impl BatchNorm2d {
         let next =
             Tensor::new(self.num_batches_tracked()? + 1, nbt.device())?.to_dtype(nbt.dtype())?;
         self.num_batches_tracked.set(&next)
+    }
+}
+
+/// Per-channel `(mean, biased variance)` of a contiguous `(B, C, HW)` buffer, two-pass in f64, channels
+/// spread over all cores.
+fn channel_stats<T: WithDType>(x: &[T], b: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
+    let mut out = vec![(0.0, 0.0); c];
+    par_chunks(&mut out, 1, |ci, slot| {
+        let n = (b * hw) as f64;
+        let planes = || (0..b).map(|bi| &x[(bi * c + ci) * hw..(bi * c + ci + 1) * hw]);
+        let mean = planes()
+            .map(|p| p.iter().map(|v| v.to_f64()).sum::<f64>())
+            .sum::<f64>()
+            / n;
+        let var = planes()
+            .map(|p| p.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>())
+            .sum::<f64>()
+            / n;
+        slot[0] = (mean, var);
+    });
+    out
+}
+
+/// Train-mode BatchNorm `y = (x - mean) * inv_std * weight + bias` on CPU with an analytic backward; the
+/// batch statistics are computed beforehand (they also feed the running statistics).
+struct BatchNormTrainOp {
+    mean: Vec<f64>,
+    inv_std: Vec<f64>,
+}
+
+impl BatchNormTrainOp {
+    fn fwd<T: WithDType>(&self, x: &[T], w: &[T], bias: &[T], c: usize, hw: usize) -> Vec<T> {
+        let mut y = x.to_vec();
+        let scale: Vec<f64> = (0..c).map(|ci| self.inv_std[ci] * w[ci].to_f64()).collect();
+        let shift: Vec<f64> = (0..c)
+            .map(|ci| bias[ci].to_f64() - self.mean[ci] * scale[ci])
+            .collect();
+        par_chunks(&mut y, c * hw, |_, img| {
+            for (ci, plane) in img.chunks_mut(hw).enumerate() {
+                let (sc, sh) = (scale[ci], shift[ci]);
+                for v in plane.iter_mut() {
+                    *v = T::from_f64(v.to_f64() * sc + sh);
+                }
+            }
+        });
+        y
+    }
+
+    /// `(dx, dweight, dbias)` for upstream gradient `g`.
+    fn bwd_impl<T: WithDType>(
+        &self,
+        x: &[T],
+        w: &[T],
+        g: &[T],
+        b: usize,
+        c: usize,
+        hw: usize,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        // Per channel: sum(g) and sum(g * xhat).
+        let mut sums = vec![(0.0f64, 0.0f64); c];
+        par_chunks(&mut sums, 1, |ci, slot| {
+            let (m, is) = (self.mean[ci], self.inv_std[ci]);
+            let (mut sg, mut sgx) = (0.0, 0.0);
+            for bi in 0..b {
+                let r = (bi * c + ci) * hw..(bi * c + ci + 1) * hw;
+                for (xv, gv) in x[r.clone()].iter().zip(&g[r]) {
+                    let gv = gv.to_f64();
+                    sg += gv;
+                    sgx += gv * (xv.to_f64() - m) * is;
+                }
+            }
+            slot[0] = (sg, sgx);
+        });
+        let n = (b * hw) as f64;
+        let mut dx = vec![T::zero(); x.len()];
+        par_chunks(&mut dx, c * hw, |bi, img| {
+            for (ci, plane) in img.chunks_mut(hw).enumerate() {
+                let (m, is) = (self.mean[ci], self.inv_std[ci]);
+                let (sg, sgx) = sums[ci];
+                let k = w[ci].to_f64() * is / n;
+                let off = (bi * c + ci) * hw;
+                for (i, d) in plane.iter_mut().enumerate() {
+                    let xhat = (x[off + i].to_f64() - m) * is;
+                    *d = T::from_f64(k * (n * g[off + i].to_f64() - sg - xhat * sgx));
+                }
+            }
+        });
+        let dw = sums.iter().map(|s| T::from_f64(s.1)).collect();
+        let db = sums.iter().map(|s| T::from_f64(s.0)).collect();
+        (dx, dw, db)
+    }
+}
+
+impl CustomOp3 for BatchNormTrainOp {
+    fn name(&self) -> &'static str {
+        "dino-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, h, w) = l1.shape().dims4()?;
+        let range = |l: &Layout| {
+            l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg("dino-batch-norm-train: inputs must be contiguous".into())
+            })
+        };
+        let ((a1, e1), (a2, e2), (a3, e3)) = (range(l1)?, range(l2)?, range(l3)?);
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(wt), CpuStorage::F32(bs)) => {
+                CpuStorage::F32(self.fwd(&x[a1..e1], &wt[a2..e2], &bs[a3..e3], c, h * w))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(wt), CpuStorage::F64(bs)) => {
+                CpuStorage::F64(self.fwd(&x[a1..e1], &wt[a2..e2], &bs[a3..e3], c, h * w))
+            }
+            _ => candle_core::bail!(
+                "dino-batch-norm-train: x, weight and bias must all be f32 or all f64"
+            ),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, c, h, w) = x.dims4()?;
+        let dev = x.device();
+        let (dx, dw, db) = match x.dtype() {
+            DType::F32 => {
+                let (dx, dw, db) = self.bwd_impl(
+                    &x.flatten_all()?.to_vec1::<f32>()?,
+                    &weight.to_vec1::<f32>()?,
+                    &grad.flatten_all()?.to_vec1::<f32>()?,
+                    b,
+                    c,
+                    h * w,
+                );
+                (
+                    Tensor::from_vec(dx, x.shape(), dev)?,
+                    Tensor::new(dw, dev)?,
+                    Tensor::new(db, dev)?,
+                )
+            }
+            DType::F64 => {
+                let (dx, dw, db) = self.bwd_impl(
+                    &x.flatten_all()?.to_vec1::<f64>()?,
+                    &weight.to_vec1::<f64>()?,
+                    &grad.flatten_all()?.to_vec1::<f64>()?,
+                    b,
+                    c,
+                    h * w,
+                );
+                (
+                    Tensor::from_vec(dx, x.shape(), dev)?,
+                    Tensor::new(dw, dev)?,
+                    Tensor::new(db, dev)?,
+                )
+            }
+            dt => candle_core::bail!("dino-batch-norm-train backward: unsupported dtype {dt:?}"),
+        };
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 

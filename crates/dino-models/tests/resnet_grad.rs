@@ -501,3 +501,58 @@ fn conv2d_matches_candle_and_finite_differences() {
         }
     }
 }
+
+#[test]
+fn fused_batch_norm_equals_the_composed_one() {
+    // The CPU fused train-mode op against the candle-composed path used on other devices: outputs and
+    // the gradients of x, weight and bias (f64, non-square maps, 3 images).
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let bn = BatchNorm2d::new(5, 1e-5, 0.1, vb.pp("bn")).unwrap();
+    let (gamma, beta) = {
+        let vars = varmap.data().lock().unwrap();
+        (vars["bn.weight"].clone(), vars["bn.bias"].clone())
+    };
+    gamma.set(&rand(&[5], DType::F64)).unwrap();
+    beta.set(&rand(&[5], DType::F64)).unwrap();
+    let x = Var::from_tensor(&rand(&[3, 5, 4, 7], DType::F64).affine(3.0, 1.0).unwrap()).unwrap();
+    let r = rand(&[3, 5, 4, 7], DType::F64);
+    let fused = bn.forward(x.as_tensor(), true).unwrap();
+    let composed = bn.forward_train_composed(x.as_tensor()).unwrap();
+    let maxdiff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    assert!(maxdiff(&fused, &composed) < 1e-12);
+    let gf = (&fused * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gc = (&composed * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (name, t) in [
+        ("x", x.as_tensor()),
+        ("weight", gamma.as_tensor()),
+        ("bias", beta.as_tensor()),
+    ] {
+        let d = maxdiff(gf.get(t).unwrap(), gc.get(t).unwrap());
+        assert!(
+            d < 1e-10,
+            "gradient of {name}: fused and composed differ by {d}"
+        );
+    }
+    // Only the forward() call counted as a batch.
+    assert_eq!(bn.num_batches_tracked().unwrap(), 1);
+}
