@@ -74,6 +74,29 @@ fn bench_loss(c: &mut Criterion) {
     g.bench_function("fwd_K65536_n10_B64", |bench| {
         bench.iter(|| loss.forward(student.as_tensor(), &teacher, 0).unwrap())
     });
+    // the same loss composed from candle ops (log_softmax/softmax autograd), at B = 8 to stay short
+    let b8 = 8usize;
+    let s8 = Var::from_tensor(&Tensor::randn(0f32, 0.3, (n * b8, k), &dev).unwrap()).unwrap();
+    let t8 = Tensor::randn(0f32, 0.3, (2 * b8, k), &dev).unwrap();
+    let c8 = Tensor::zeros((1, k), candle_core::DType::F32, &dev).unwrap();
+    let mut loss8 = DinoLoss::new(DinoLossConfig::new(k, n, 0.04, 0.07, 30, 100), &dev).unwrap();
+    g.bench_function("fused_fwd_bwd_K65536_n10_B8", |bench| {
+        bench.iter(|| {
+            loss8
+                .forward(s8.as_tensor(), &t8, 0)
+                .unwrap()
+                .backward()
+                .unwrap()
+        })
+    });
+    g.bench_function("composed_fwd_bwd_K65536_n10_B8", |bench| {
+        bench.iter(|| {
+            dino_core::loss::dino_loss_composed(s8.as_tensor(), &t8, &c8, n, 0.1, 0.04)
+                .unwrap()
+                .backward()
+                .unwrap()
+        })
+    });
     g.finish();
 }
 
