@@ -305,7 +305,7 @@ impl DinoLoss {
                 sd,
             ));
         }
-        if sd[0] == 0 || !sd[0].is_multiple_of(n) {
+        if sd[0] == 0 || sd[0] % n > 0 {
             return Err(Error::shape(
                 "student_output",
                 format!("a positive multiple of ncrops = {n} rows (crop-major, n * B)"),

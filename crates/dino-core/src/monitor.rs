@@ -134,7 +134,7 @@ pub fn kl_teacher_student(
     teacher_temp: f64,
 ) -> Result<f64> {
     let (rows, k) = check_2d(student_output, "student_output")?;
-    if ncrops < 2 || !rows.is_multiple_of(ncrops) {
+    if ncrops < 2 || rows % ncrops > 0 {
         return Err(Error::shape(
             "student_output",
             format!("a multiple of ncrops = {ncrops} (>= 2) rows"),
