@@ -258,3 +258,60 @@ fn bad_inputs_are_errors_naming_the_shape() {
         .to_string();
     assert!(e.contains("layers"), "{e}");
 }
+
+#[test]
+fn seeded_init_is_reproducible_and_keeps_buffer_dtypes() {
+    use dino_models::init::seeded_var_builder;
+    let build_seeded = |seed: u64| {
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, seed, DType::F32, &Device::Cpu);
+        ResNet::new(ResNetConfig::resnet18_cifar(), vb).unwrap();
+        varmap
+    };
+    let (a, b, c) = (build_seeded(3), build_seeded(3), build_seeded(4));
+    let (a, b, c) = (
+        a.data().lock().unwrap(),
+        b.data().lock().unwrap(),
+        c.data().lock().unwrap(),
+    );
+    assert_eq!(a.len(), 120);
+    let diff = |x: &candle_core::Var, y: &candle_core::Var| {
+        let d = (x.as_tensor().to_dtype(DType::F64).unwrap()
+            - y.as_tensor().to_dtype(DType::F64).unwrap())
+        .unwrap();
+        d.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    for (name, var) in a.iter() {
+        assert_eq!(
+            diff(var, &b[name]),
+            0.0,
+            "{name}: same seed, different values"
+        );
+    }
+    assert!(diff(&a["layer3.0.conv1.weight"], &c["layer3.0.conv1.weight"]) > 0.0);
+    assert_eq!(a["layer3.0.bn1.num_batches_tracked"].dtype(), DType::I64);
+    assert_eq!(
+        a["layer3.0.bn1.num_batches_tracked"].dims(),
+        &[] as &[usize]
+    );
+    // kaiming-normal fan_out through the seeded backend too.
+    let w = a["layer4.0.conv2.weight"]
+        .as_tensor()
+        .flatten_all()
+        .unwrap();
+    let std = w
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt() as f64;
+    let want = (2.0f64 / (512.0 * 9.0)).sqrt();
+    assert!((std / want - 1.0).abs() < 0.01, "std {std} vs {want}");
+}
