@@ -179,3 +179,27 @@ fn resnet18_loads_directly_from_safetensors() {
     let io = golden("resnet_io.safetensors");
     check_stages(&model, &io, "eval");
 }
+
+#[test]
+fn resnet18_loads_through_the_strict_backbone_loader() {
+    // dino_models::weights::load_backbone on the torchvision file (int64 num_batches_tracked cast onto our
+    // i64 variables), then the same eval outputs.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let model = ResNet::new(ResNetConfig::resnet18(), vb).unwrap();
+    let path = format!("{GOLDEN}resnet18_weights.safetensors");
+    let report = dino_models::weights::load_backbone(&varmap, &path, &Default::default()).unwrap();
+    assert_eq!(report.loaded.len(), 120, "{:?}", report.ignored);
+    check_stages(&model, &golden("resnet_io.safetensors"), "eval");
+    // A CIFAR-stem network cannot take these weights: the error names conv1 and both shapes.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    ResNet::new(ResNetConfig::resnet18_cifar(), vb).unwrap();
+    let e = dino_models::weights::load_backbone(&varmap, &path, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("conv1.weight") && e.contains("[64, 3, 3, 3]") && e.contains("[64, 3, 7, 7]"),
+        "{e}"
+    );
+}
