@@ -93,6 +93,25 @@ pub(crate) fn par_ranges<F: Fn(Range<usize>) + Sync>(len: usize, f: F) {
     });
 }
 
+/// Runs `f` in a function compiled with AVX2 enabled when the CPU has it (the kernels below are
+/// `inline(always)`, so they are generated with 256-bit vectors there); plain `f()` otherwise. AVX2 only
+/// widens the vectors: no FMA contraction, so results are bit-identical either way.
+#[inline(always)]
+pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
 /// A raw pointer that may be sent to the scoped worker threads of [`par_ranges`]; every worker writes
 /// a disjoint range.
 #[derive(Clone, Copy)]
@@ -138,7 +157,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 const LANES: usize = 16;
 
 /// Maximum of a non-empty slice (NaN-propagation is not needed: inputs are finite logits).
-#[inline]
+#[inline(always)]
 pub(crate) fn max_f32(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -157,7 +176,7 @@ pub(crate) fn max_f32(x: &[f32]) -> f32 {
 
 /// `sum_k exp(x[k] / temp - shift)` with `shift` the row maximum of `x / temp`; accumulated in
 /// 16 f32 lanes and a final f64 sum.
-#[inline]
+#[inline(always)]
 pub(crate) fn sum_exp_scaled(x: &[f32], temp: f32, shift: f32) -> f64 {
     let mut acc = [0f32; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -175,7 +194,7 @@ pub(crate) fn sum_exp_scaled(x: &[f32], temp: f32, shift: f32) -> f64 {
 }
 
 /// `sum_k a[k] * b[k]` in 16 f32 lanes with a final f64 sum.
-#[inline]
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -197,7 +216,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
 
 /// `sum_k q[k] * (x[k] / temp - shift)`: the dot of a target distribution with a log-softmax row
 /// (`shift = max + ln(sum exp)`), in 16 f32 lanes with a final f64 sum.
-#[inline]
+#[inline(always)]
 pub(crate) fn dot_log_softmax(q: &[f32], x: &[f32], temp: f32, shift: f32) -> f64 {
     let n = q.len().min(x.len());
     let (q, x) = (&q[..n], &x[..n]);
