@@ -241,7 +241,7 @@ impl MaxPool2dOp {
             pool_out(w, self.kernel, self.stride, self.padding)?,
         );
         let mut idx = vec![usize::MAX; b * c * ho * wo];
-        for plane in 0..b * c {
+        par_chunks(&mut idx, ho * wo, |plane, out| {
             let base = plane * h * w;
             for oy in 0..ho {
                 for ox in 0..wo {
@@ -265,17 +265,34 @@ impl MaxPool2dOp {
                             if best == usize::MAX || v > best_v || is_nan {
                                 best = i;
                                 best_v = v;
-                                if is_nan {
-                                    break;
-                                }
                             }
                         }
                     }
-                    idx[(plane * ho + oy) * wo + ox] = best;
+                    out[oy * wo + ox] = best;
                 }
             }
-        }
+        });
         Ok(idx)
+    }
+
+    /// `gx[argmax[o]] += g[o]`, one image plane per task.
+    fn scatter<T: WithDType>(
+        &self,
+        gx: &mut [T],
+        idx: &[usize],
+        g: &[T],
+        (b, c, h, w): (usize, usize, usize, usize),
+    ) {
+        let per_out = idx.len() / (b * c).max(1);
+        par_chunks(gx, h * w, |plane, gplane| {
+            let base = plane * h * w;
+            let r = plane * per_out..(plane + 1) * per_out;
+            for (&i, &gv) in idx[r.clone()].iter().zip(&g[r]) {
+                if i != usize::MAX {
+                    gplane[i - base] += gv;
+                }
+            }
+        });
     }
 
     fn fwd<T: WithDType>(&self, x: &[T], dims: (usize, usize, usize, usize)) -> Result<Vec<T>> {
@@ -318,22 +335,14 @@ impl CustomOp1 for MaxPool2dOp {
                 let x = arg.flatten_all()?.to_vec1::<f32>()?;
                 let g = grad_res.flatten_all()?.to_vec1::<f32>()?;
                 let mut gx = vec![0f32; n];
-                for (o, &i) in self.argmax(&x, dims)?.iter().enumerate() {
-                    if i != usize::MAX {
-                        gx[i] += g[o];
-                    }
-                }
+                self.scatter(&mut gx, &self.argmax(&x, dims)?, &g, dims);
                 Tensor::from_vec(gx, arg.shape(), arg.device())?
             }
             DType::F64 => {
                 let x = arg.flatten_all()?.to_vec1::<f64>()?;
                 let g = grad_res.flatten_all()?.to_vec1::<f64>()?;
                 let mut gx = vec![0f64; n];
-                for (o, &i) in self.argmax(&x, dims)?.iter().enumerate() {
-                    if i != usize::MAX {
-                        gx[i] += g[o];
-                    }
-                }
+                self.scatter(&mut gx, &self.argmax(&x, dims)?, &g, dims);
                 Tensor::from_vec(gx, arg.shape(), arg.device())?
             }
             dt => candle_core::bail!("dino-max-pool2d backward: unsupported dtype {dt:?}"),
