@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Storage, Tensor, Var};
 
-use crate::kernels::{dot, par_ranges, SendPtr};
+use crate::kernels::{dot, par_ranges, with_simd, SendPtr};
 use crate::params::NamedVar;
 use crate::{Error, Result};
 
@@ -526,7 +526,7 @@ impl InplaceOp2 for AdamKernel {
                     vp.slice_mut(r.clone()),
                 )
             };
-            self.update(p, &g[r], m, v);
+            with_simd(|| self.update(p, &g[r], m, v));
         });
         Ok(())
     }
