@@ -101,11 +101,86 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 mod weights {
-    //! `fetch-weights`: placeholder until dino-models' hub lands (wired below).
-    use anyhow::{bail, Result};
+    //! `fetch-weights`: official DINO weights through dino-models' hub code (the Hugging Face cache), by their
+    //! official names (`dino_vits16`, ...) or any `hf:owner/name[/file]` reference.
+    use anyhow::{bail, Context, Result};
+    use dino_models::hub::{resolve, HubOptions, HubRef};
     use std::path::Path;
 
-    pub fn fetch(name: &str, _out: Option<&Path>) -> Result<()> {
-        bail!("fetch-weights {name}: the hub code of dino-models is not wired in yet")
+    /// The official release names and their Hugging Face repositories.
+    pub const OFFICIAL: &[(&str, &str)] = &[
+        ("dino_vits16", "hf:facebook/dino-vits16"),
+        ("dino_vits8", "hf:facebook/dino-vits8"),
+        ("dino_vitb16", "hf:facebook/dino-vitb16"),
+        ("dino_vitb8", "hf:facebook/dino-vitb8"),
+    ];
+
+    /// The hub reference of `name`: an official name, `owner/name`, or an `hf:` reference.
+    pub fn reference(name: &str) -> Result<HubRef> {
+        let r = if let Some((_, r)) = OFFICIAL.iter().find(|(n, _)| *n == name) {
+            r.to_string()
+        } else if name.starts_with("hf:") {
+            name.to_string()
+        } else if name.contains('/') {
+            format!("hf:{name}")
+        } else {
+            let names: Vec<&str> = OFFICIAL.iter().map(|(n, _)| *n).collect();
+            bail!(
+                "unknown weights `{name}`: expected one of {} or an hf:owner/name[/file] reference",
+                names.join(", ")
+            );
+        };
+        HubRef::parse(&r)?.with_context(|| format!("`{r}` is not a hub reference"))
+    }
+
+    /// Downloads `name` into the hub cache (or finds it there offline) and optionally copies it to `out`.
+    pub fn fetch(name: &str, out: Option<&Path>) -> Result<()> {
+        let r = reference(name)?;
+        let opts = HubOptions {
+            offline: HubOptions::offline_from_env(),
+            ..HubOptions::default()
+        };
+        let path = resolve(&r, &opts)?;
+        println!("{}: {}", r.repo_id(), path.display());
+        if let Some(out) = out {
+            std::fs::copy(&path, out)
+                .with_context(|| format!("cannot copy {} to {}", path.display(), out.display()))?;
+            println!("copied to {}", out.display());
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn names_map_to_the_official_repositories() {
+            let r = reference("dino_vits16").unwrap();
+            assert_eq!(
+                (r.owner.as_str(), r.name.as_str(), r.file.as_deref()),
+                ("facebook", "dino-vits16", None)
+            );
+            let r = reference("facebook/dino-vitb8/model.safetensors").unwrap();
+            assert_eq!(r.file.as_deref(), Some("model.safetensors"));
+            let e = reference("dino_vith14").unwrap_err().to_string();
+            assert!(
+                e.contains("dino_vith14") && e.contains("dino_vits16"),
+                "{e}"
+            );
+        }
+
+        #[test]
+        fn offline_without_cache_says_what_to_do() {
+            let cache = tempfile::tempdir().unwrap();
+            let r = reference("dino_vits8").unwrap();
+            let opts = HubOptions {
+                offline: true,
+                cache_dir: Some(cache.path().to_path_buf()),
+                ..HubOptions::default()
+            };
+            let e = format!("{:#}", anyhow::Error::from(resolve(&r, &opts).unwrap_err()));
+            assert!(e.contains("facebook/dino-vits8"), "{e}");
+        }
     }
 }

@@ -1,4 +1,128 @@
-//! The `dino` binary.
+//! The `dino` binary: train DINO, evaluate (k-NN, linear probe), extract features, draw attention maps, export
+//! official-named weights and describe checkpoints.
+//!
+//! Every error a user can cause ends as one line `error: ...` naming the culprit and exit status 1 (2 for a bad
+//! command line); a panic prints one line too, never a backtrace.
+
+mod attention;
+mod commands;
+mod info;
+mod source;
+mod train_args;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// DINO self-supervised learning (Caron et al. 2021) on candle.
+#[derive(Parser, Debug)]
+#[command(name = "dino", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a DINO model (flags as main_dino.py in kebab-case). With no flags: the embedded default preset.
+    Train(Box<TrainCmd>),
+    /// Weighted k-NN evaluation (eval_knn.py) of a checkpoint's teacher backbone.
+    EvalKnn(Box<commands::EvalKnnArgs>),
+    /// Linear probe (eval_linear.py protocol on frozen features) of a checkpoint's backbone.
+    EvalLinear(Box<commands::EvalLinearArgs>),
+    /// Backbone features of a dataset to safetensors.
+    Extract(Box<commands::ExtractArgs>),
+    /// Per-head CLS attention maps of the last block as PNG (visualize_attention.py).
+    Attention(Box<commands::AttentionArgs>),
+    /// Export weights to safetensors with the official parameter names.
+    Export(Box<commands::ExportArgs>),
+    /// Describe a checkpoint or weights file: tensors, shapes, configuration, epoch.
+    Info {
+        /// A checkpoint (.safetensors / .json), a training output dir, or a weights file (.safetensors / .pth).
+        path: PathBuf,
+        /// List every tensor (by default only the groups when there are more than 64).
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// `dino train`: the training flags plus how to treat an existing checkpoint in the output dir.
+#[derive(clap::Args, Debug)]
+struct TrainCmd {
+    #[command(flatten)]
+    args: train_args::TrainArgs,
+    /// Require a checkpoint in --output-dir and continue it (re-running with the same output dir also resumes).
+    #[arg(long, conflicts_with = "no_resume")]
+    resume: bool,
+    /// Start afresh even if --output-dir holds a checkpoint (it is overwritten).
+    #[arg(long)]
+    no_resume: bool,
+}
+
 fn main() {
-    println!("dino: the trainer is coming");
+    // A panic is a bug, not a user error: one line, no backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "error: internal error (please report): {}{at}",
+            one_line(&msg)
+        );
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // clap names the flag and the value (and lists missing arguments) before its usage block: keep
+            // that part, on one line.
+            let text = e.render().to_string();
+            let head: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            let msg = head.join(" ");
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+            eprintln!("error: {} (see `dino --help`)", one_line(msg));
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(cli) {
+        eprintln!("error: {}", one_line(&format!("{e:#}")));
+        std::process::exit(1);
+    }
+}
+
+/// Collapses a message onto one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(t) => commands::train(&t.args, t.resume, t.no_resume),
+        Command::EvalKnn(a) => commands::eval_knn(&a),
+        Command::EvalLinear(a) => commands::eval_linear(&a),
+        Command::Extract(a) => commands::extract(&a),
+        Command::Attention(a) => commands::attention(&a),
+        Command::Export(a) => commands::export(&a),
+        Command::Info { path, all } => info::run(&path, all),
+    }
 }

@@ -1,0 +1,301 @@
+//! The step benchmark of issue 6 (`cargo xtask bench` runs it, one process per case so each case's peak RSS is
+//! its own). It drives dino-train's public `Trainer::step`, exactly the training iteration `dino train` runs.
+//!
+//! Configurations (../shared/spec/baseline.md): vit_tiny (dim 192, depth 12, 3 heads) student with drop path 0.1
+//! + DINOHead(192, K), K = 65536 or 4096, hidden 2048, bottleneck 256, norm_last_layer; AdamW in two groups,
+//! clip 3.0, EMA; epoch 1 (the last layer is trained).
+//! - `imagenet`: patch 16, 2 x 224 + 6 x 96 crops, batch 8;
+//! - `cifar`: patch 4, 2 x 32 + 6 x 16 crops, batch 64.
+//!
+//! Cases (`--list` prints them):
+//! - `step/<cfg>/<K>`: one training step on seeded random crops: seconds/step (median of >= 10 after 2 warm-up
+//!   steps; `--quick`: 3), images/s = batch / median, peak RSS;
+//! - `forward/<cfg>/<K>`: the forward part of the step without a graph: teacher on the 2 global crops + student
+//!   on all crops (evaluation mode, no drop path), images/s;
+//! - `loader/<cfg>/<K>`: the training step fed by dino-data's parallel loader with the real multi-crop
+//!   augmentation of real images (../shared/data/photos downscaled to 256 px for imagenet, the 20 CIFAR-10 test
+//!   images for cifar), to show whether data loading hides behind compute.
+//!
+//! Output: one JSON line per case on stdout; progress on stderr.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use dino_data::dataset::{Dataset, InMemoryDataset, Subset};
+use dino_data::loader::{LoaderConfig, MultiCropLoader};
+use dino_train::{TrainConfig, Trainer};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+const CONFIGS: [&str; 2] = ["imagenet", "cifar"];
+const OUT_DIMS: [usize; 2] = [65536, 4096];
+const KINDS: [&str; 3] = ["step", "forward", "loader"];
+
+fn config(name: &str, out_dim: usize) -> Result<TrainConfig> {
+    let base = TrainConfig {
+        arch: "vit_tiny".into(),
+        out_dim,
+        drop_path_rate: 0.1,
+        norm_last_layer: true,
+        local_crops_number: 6,
+        clip_grad: 3.0,
+        epochs: 2,
+        warmup_epochs: 1,
+        freeze_last_layer: 1,
+        seed: 0,
+        ..TrainConfig::official()
+    };
+    let cfg = match name {
+        "imagenet" => TrainConfig {
+            patch_size: 16,
+            img_size: 224,
+            batch_size: 8,
+            global_crops_size: 224,
+            local_crops_size: 96,
+            ..base
+        },
+        "cifar" => TrainConfig {
+            patch_size: 4,
+            img_size: 32,
+            batch_size: 64,
+            global_crops_size: 32,
+            local_crops_size: 16,
+            norm_mean: [0.4914, 0.4822, 0.4465],
+            norm_std: [0.2470, 0.2435, 0.2616],
+            ..base
+        },
+        other => bail!("unknown configuration {other}"),
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Seeded random crops: 2 global then L local, each `(B, 3, s, s)`.
+fn random_crops(cfg: &TrainConfig, dev: &Device) -> Result<Vec<Tensor>> {
+    let b = cfg.batch_size;
+    let mut crops = Vec::new();
+    for c in 0..cfg.ncrops() {
+        let s = if c < 2 {
+            cfg.global_crops_size
+        } else {
+            cfg.local_crops_size
+        };
+        // A cheap deterministic pattern in [-2, 2]: candle's CPU RNG cannot be seeded.
+        let n = b * 3 * s * s;
+        let data: Vec<f32> = (0..n)
+            .map(|i| {
+                let x = (i as u64)
+                    .wrapping_mul(2654435761)
+                    .wrapping_add(c as u64 * 97)
+                    % 4001;
+                x as f32 / 1000.0 - 2.0
+            })
+            .collect();
+        crops.push(Tensor::from_vec(data, (b, 3, s, s), dev)?);
+    }
+    Ok(crops)
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+fn shared() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
+}
+
+/// Real images for the loader case, repeated to `n` samples.
+fn real_dataset(name: &str, n: usize) -> Result<Arc<dyn Dataset>> {
+    let inner: Arc<dyn Dataset> = if name == "imagenet" {
+        let dir = shared().join("photos");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| dino_data::folder::has_image_extension(p))
+            .collect();
+        files.sort();
+        let mut imgs = Vec::new();
+        for f in &files {
+            let img = dino_data::folder::load_rgb(f)?;
+            // Shorter side 256, as baseline.md's augmentation measurement.
+            let (w, h) = (img.width() as usize, img.height() as usize);
+            let (nw, nh) = if w <= h {
+                (256, 256 * h / w)
+            } else {
+                (256 * w / h, 256)
+            };
+            imgs.push(dino_data::pil::resize(&img, nw, nh)?);
+        }
+        Arc::new(InMemoryDataset::new("photos-256", imgs, None)?)
+    } else {
+        let f = shared().join("cifar10-test20/test_batch.bin");
+        Arc::new(dino_data::cifar::CifarDataset::open_files(
+            dino_data::cifar::CifarKind::Cifar10,
+            &[f],
+        )?)
+    };
+    let len = inner.len();
+    Ok(Arc::new(Subset::new(
+        inner,
+        (0..n).map(|i| i % len).collect(),
+    )?))
+}
+
+fn run_case(case: &str, quick: bool) -> Result<serde_json::Value> {
+    let parts: Vec<&str> = case.split('/').collect();
+    let [kind, name, k] = parts.as_slice() else {
+        bail!("bad case `{case}`: expected kind/config/out_dim");
+    };
+    let out_dim: usize = k
+        .parse()
+        .with_context(|| format!("bad out_dim in `{case}`"))?;
+    let cfg = config(name, out_dim)?;
+    let dev = Device::Cpu;
+    let b = cfg.batch_size;
+    let (warmup, iters) = if quick { (1, 3) } else { (2, 10) };
+    let niter_per_ep = 1000;
+    let mut trainer = Trainer::new(&cfg, niter_per_ep, &dev)?;
+    let mut times = Vec::new();
+    let t_all = Instant::now();
+    match *kind {
+        "step" => {
+            let crops = random_crops(&cfg, &dev)?;
+            for it in 0..warmup + iters {
+                let t = Instant::now();
+                let s = trainer.step(&crops, 1, it)?;
+                let dt = t.elapsed().as_secs_f64();
+                eprintln!("{case}: step {it} loss {:.4} {:.3} s", s.loss, dt);
+                if it >= warmup {
+                    times.push(dt);
+                }
+            }
+        }
+        "forward" => {
+            let crops = random_crops(&cfg, &dev)?;
+            for it in 0..warmup + iters {
+                let t = Instant::now();
+                let tout = trainer.teacher.model.forward(&crops[..2], false)?;
+                let sout = trainer.student.model.forward(&crops, false)?;
+                // Make sure the work is done (candle is eager, but read a value anyway).
+                let _ = (
+                    tout.sum_all()?.to_scalar::<f32>()?,
+                    sout.sum_all()?.to_scalar::<f32>()?,
+                );
+                let dt = t.elapsed().as_secs_f64();
+                eprintln!("{case}: forward {it} {dt:.3} s");
+                if it >= warmup {
+                    times.push(dt);
+                }
+            }
+        }
+        "loader" => {
+            let ds = real_dataset(name, b * (warmup + iters))?;
+            let aug = dino_train::data::augmentation(&cfg)?;
+            let loader = MultiCropLoader::new(
+                ds,
+                aug,
+                LoaderConfig {
+                    batch_size: b,
+                    num_workers: 2,
+                    prefetch: 2,
+                    seed: 0,
+                    shuffle: true,
+                    drop_last: true,
+                },
+            )?;
+            let mut epoch = loader.epoch(1);
+            for it in 0..warmup + iters {
+                let t = Instant::now();
+                let batch = epoch.next().context("the loader ran out of batches")??;
+                let s = trainer.step(&batch.crops, 1, it)?;
+                let dt = t.elapsed().as_secs_f64();
+                eprintln!(
+                    "{case}: step {it} loss {:.4} {dt:.3} s (data + compute)",
+                    s.loss
+                );
+                if it >= warmup {
+                    times.push(dt);
+                }
+            }
+        }
+        other => bail!("unknown case kind `{other}`"),
+    }
+    let med = median(&mut times);
+    Ok(serde_json::json!({
+        "case": case,
+        "config": name,
+        "out_dim": out_dim,
+        "batch": b,
+        "crops": format!("2x{} + {}x{}", cfg.global_crops_size, cfg.local_crops_number, cfg.local_crops_size),
+        "iterations": times.len(),
+        "seconds_per_step_median": med,
+        "seconds_per_step_min": times.iter().copied().fold(f64::INFINITY, f64::min),
+        "images_per_s": b as f64 / med,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_gib": peak_rss_bytes().map(|b| b as f64 / (1u64 << 30) as f64),
+        "total_seconds": t_all.elapsed().as_secs_f64(),
+        "cpus": cpus(),
+    }))
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn all_cases() -> Vec<String> {
+    let mut v = Vec::new();
+    for kind in KINDS {
+        for c in CONFIGS {
+            for k in OUT_DIMS {
+                v.push(format!("{kind}/{c}/{k}"));
+            }
+        }
+    }
+    v
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    if args.iter().any(|a| a == "--list") {
+        for c in all_cases() {
+            println!("{c}");
+        }
+        return;
+    }
+    let cases: Vec<String> = match args.iter().position(|a| a == "--case") {
+        Some(i) => match args.get(i + 1) {
+            Some(c) => vec![c.clone()],
+            None => {
+                eprintln!("error: --case needs a value (see --list)");
+                std::process::exit(2);
+            }
+        },
+        None => all_cases(),
+    };
+    for case in cases {
+        match run_case(&case, quick) {
+            Ok(v) => println!("{v}"),
+            Err(e) => {
+                eprintln!("error: {case}: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+}

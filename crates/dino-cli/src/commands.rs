@@ -1,0 +1,693 @@
+//! The subcommands other than `info`: train, eval-knn, eval-linear, extract, attention, export. Each one parses
+//! its flags, then calls the libraries: dino-train (training, data, evaluation), dino-models (networks, strict
+//! weight loading, export) and dino-data (images).
+
+use crate::attention::{self, HeadMaps};
+use crate::source::{self, ModelArgs, Net};
+use crate::train_args::TrainArgs;
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, D};
+use clap::{ArgAction, Args, ValueEnum};
+use dino_data::dataset::Dataset;
+use dino_train::eval::{self, Features};
+use dino_train::{DatasetKind, TrainConfig};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn parse_dataset(s: &str) -> Result<DatasetKind, String> {
+    s.parse::<DatasetKind>().map_err(|e| e.to_string())
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("expected true or false, got `{s}`")),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ train
+
+/// `dino train`: resolve the configuration, train (resuming from the output dir), print the summary.
+pub fn train(args: &TrainArgs, resume: bool, no_resume: bool) -> Result<()> {
+    let cfg = args.resolve()?;
+    if args.print_config {
+        print!("{}", cfg.to_toml_string());
+        return Ok(());
+    }
+    if resume && dino_train::checkpoint::find_latest(&cfg.output_dir).is_none() {
+        bail!(
+            "--resume: there is no {}.safetensors in {} to resume from",
+            dino_train::checkpoint::LATEST,
+            cfg.output_dir.display()
+        );
+    }
+    let opts = dino_train::TrainOptions {
+        resume: !no_resume,
+        ..dino_train::TrainOptions::default()
+    };
+    let s = dino_train::train(&cfg, &opts)?;
+    if let Some(g) = s.resumed_from {
+        println!("resumed from global iteration {g}");
+    }
+    println!(
+        "trained {} iterations ({} per epoch) in {:.1} s; mean loss first epoch {:.4}, last epoch {:.4}",
+        s.global_iteration, s.niter_per_ep, s.seconds, s.first_epoch_loss, s.last_epoch_loss
+    );
+    println!("checkpoint: {}", s.checkpoint.display());
+    if let Some(f) = &s.knn_final {
+        let k = cfg.knn_k;
+        match &s.knn_init {
+            Some(i) => println!(
+                "k-NN (k={k}, T={}) of the teacher: trained top-1 {:.2}% top-5 {:.2}% | random init top-1 {:.2}% \
+                 top-5 {:.2}%",
+                cfg.knn_temperature, f.top1, f.top5, i.top1, i.top5
+            ),
+            None => println!(
+                "k-NN (k={k}, T={}) of the teacher: top-1 {:.2}% top-5 {:.2}%",
+                cfg.knn_temperature, f.top1, f.top5
+            ),
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------ data
+
+/// Flags naming the labelled data of an evaluation. Without `--data-path`, a dino checkpoint's own training
+/// data is used.
+#[derive(Args, Debug, Clone, Default)]
+pub struct DataArgs {
+    /// Training split (k-NN bank / probe training set): an image folder or the folder of CIFAR / IDX files.
+    #[arg(long)]
+    pub data_path: Option<PathBuf>,
+    /// What --data-path holds: folder, cifar10, cifar100, fashion-mnist, mnist, embedded. [folder]
+    #[arg(long, value_parser = parse_dataset)]
+    pub dataset: Option<DatasetKind>,
+    /// Validation image folder (folder datasets; the CIFAR / IDX kinds use their test files).
+    #[arg(long)]
+    pub val_data_path: Option<PathBuf>,
+    /// Images per forward pass. [128]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Decoding threads. [2]
+    #[arg(long)]
+    pub num_workers: Option<usize>,
+    /// Evaluation transform: resize of the shorter side. [256, or the checkpoint's]
+    #[arg(long)]
+    pub resize: Option<usize>,
+    /// Evaluation transform: centre crop. [224, or the checkpoint's]
+    #[arg(long)]
+    pub crop: Option<usize>,
+    /// Use at most this many training images (0: all).
+    #[arg(long)]
+    pub max_train: Option<usize>,
+    /// Use at most this many validation images (0: all).
+    #[arg(long)]
+    pub max_val: Option<usize>,
+}
+
+impl DataArgs {
+    /// The data configuration: the network's configuration with these flags on top.
+    pub fn apply(&self, base: &TrainConfig) -> Result<TrainConfig> {
+        let mut c = base.clone();
+        if let Some(p) = &self.data_path {
+            c.data_path = p.clone();
+            c.dataset = self.dataset.unwrap_or(DatasetKind::Folder);
+            c.val_data_path = None;
+        } else if let Some(k) = self.dataset {
+            c.dataset = k;
+        }
+        if let Some(v) = &self.val_data_path {
+            c.val_data_path = Some(v.clone());
+        }
+        if let Some(b) = self.batch_size {
+            c.eval_batch_size = b;
+        }
+        c.num_workers = self.num_workers.unwrap_or(2).max(1);
+        if let Some(r) = self.resize {
+            c.eval_resize = r;
+        }
+        if let Some(r) = self.crop {
+            c.eval_crop = r;
+        }
+        if let Some(n) = self.max_train {
+            c.eval_max_train = n;
+            c.max_train_images = n;
+        }
+        if let Some(n) = self.max_val {
+            c.eval_max_val = n;
+        }
+        if c.dataset != DatasetKind::Embedded && !c.data_path.exists() {
+            bail!(
+                "--data-path {}: no such file or directory",
+                c.data_path.display()
+            );
+        }
+        Ok(c)
+    }
+}
+
+fn labelled_splits(cfg: &TrainConfig) -> Result<(Arc<dyn Dataset>, Arc<dyn Dataset>)> {
+    let bank = dino_train::data::open_bank(cfg)?.with_context(|| {
+        format!(
+            "{}: the training split has no labels (k-NN and the linear probe need a labelled folder: one \
+             sub-folder per class)",
+            cfg.data_path.display()
+        )
+    })?;
+    let val = dino_train::data::open_val(cfg)?.with_context(|| {
+        format!(
+            "{}: no validation split: pass --val-data-path (an image folder with one sub-folder per class)",
+            cfg.data_path.display()
+        )
+    })?;
+    if val.is_empty() || val.label(0).is_none() {
+        bail!("the validation split ({}) has no labels", val.describe());
+    }
+    Ok((bank, val))
+}
+
+// ------------------------------------------------------------------------------------------------ features
+
+fn features_to_tensors(f: &Features) -> Result<HashMap<String, Tensor>> {
+    let mut m = HashMap::new();
+    m.insert("features".to_string(), f.features.contiguous()?);
+    if let Some(l) = &f.labels {
+        let v: Vec<i64> = l.iter().map(|&x| x as i64).collect();
+        m.insert(
+            "labels".to_string(),
+            Tensor::from_vec(v, l.len(), f.features.device())?,
+        );
+    }
+    Ok(m)
+}
+
+fn tensors_to_features(mut m: HashMap<String, Tensor>, path: &Path) -> Result<Features> {
+    let features = m
+        .remove("features")
+        .with_context(|| format!("{}: no `features` tensor", path.display()))?;
+    let labels = match m.remove("labels") {
+        Some(l) => Some(
+            l.to_dtype(candle_core::DType::I64)?
+                .to_vec1::<i64>()?
+                .into_iter()
+                .map(|x| x as usize)
+                .collect(),
+        ),
+        None => None,
+    };
+    Ok(Features { features, labels })
+}
+
+/// The identity of a feature computation, stored beside cached features: same network file, same data, same
+/// transform means the same features.
+fn cache_key(
+    loaded: &source::Loaded,
+    file: &Path,
+    cfg: &TrainConfig,
+    ds: &dyn Dataset,
+) -> Result<String> {
+    let md = std::fs::metadata(file).with_context(|| format!("cannot stat {}", file.display()))?;
+    let mtime = md
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let fp = dino_train::data::fingerprint(ds, &ds.describe())?;
+    Ok(format!(
+        "{} | {} bytes | mtime {mtime} | data {} {} {} | resize {} crop {} | mean {:?} std {:?}",
+        loaded.origin,
+        md.len(),
+        fp.description,
+        fp.len,
+        fp.hash,
+        cfg.eval_resize,
+        cfg.eval_crop,
+        cfg.norm_mean,
+        cfg.norm_std
+    ))
+}
+
+/// Features of `ds` through `f`, read from `<dir>/<name>_features.safetensors` when its key matches, else
+/// computed (and written there when a cache dir is given). Returns the features and whether they were cached.
+fn cached_features(
+    dir: Option<&Path>,
+    name: &str,
+    key: &str,
+    compute: impl FnOnce() -> Result<Features>,
+) -> Result<(Features, bool)> {
+    let Some(dir) = dir else {
+        return Ok((compute()?, false));
+    };
+    let feats = dir.join(format!("{name}_features.safetensors"));
+    let keyf = dir.join(format!("{name}_features.key"));
+    if feats.is_file() && std::fs::read_to_string(&keyf).is_ok_and(|k| k == key) {
+        let m = candle_core::safetensors::load(&feats, &candle_core::Device::Cpu)
+            .with_context(|| format!("cannot read cached features {}", feats.display()))?;
+        return Ok((tensors_to_features(m, &feats)?, true));
+    }
+    let f = compute()?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    candle_core::safetensors::save(&features_to_tensors(&f)?, &feats)
+        .with_context(|| format!("cannot write {}", feats.display()))?;
+    std::fs::write(&keyf, key).with_context(|| format!("cannot write {}", keyf.display()))?;
+    Ok((f, false))
+}
+
+// ------------------------------------------------------------------------------------------------ eval-knn
+
+/// `dino eval-knn` flags.
+#[derive(Args, Debug, Clone)]
+pub struct EvalKnnArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Numbers of nearest neighbours. [10 20 100 200]
+    #[arg(long, num_args = 1.., default_values_t = [10usize, 20, 100, 200])]
+    pub nb_knn: Vec<usize>,
+    /// Temperature of the votes exp(sim / T).
+    #[arg(long, default_value_t = 0.07)]
+    pub temperature: f64,
+    /// Cache the features here (`{train,test}_features.safetensors`); a later run with the same network, data
+    /// and transform reads them instead of recomputing.
+    #[arg(long, visible_alias = "dump-features")]
+    pub features_dir: Option<PathBuf>,
+}
+
+/// `dino eval-knn`: weighted k-NN of eval_knn.py on the teacher's (or student's) backbone features.
+pub fn eval_knn(a: &EvalKnnArgs) -> Result<()> {
+    if a.nb_knn.contains(&0) {
+        bail!("--nb-knn: every k must be positive");
+    }
+    if !(a.temperature.is_finite() && a.temperature > 0.0) {
+        bail!("--temperature {}: must be a positive number", a.temperature);
+    }
+    let loaded = source::load(&a.model, false)?;
+    let file = source::resolve_file(&a.model.checkpoint, a.model.offline)?;
+    let cfg = a.data.apply(&loaded.cfg)?;
+    let (bank, val) = labelled_splits(&cfg)?;
+    let transform = dino_train::data::eval_transform(&cfg)?;
+    let backbone = loaded.net.backbone();
+    let w = cfg.num_workers;
+    let dir = a.features_dir.as_deref();
+    let (train, c1) = cached_features(
+        dir,
+        "train",
+        &cache_key(&loaded, &file, &cfg, bank.as_ref())?,
+        || {
+            Ok(eval::extract_features(
+                backbone,
+                bank.clone(),
+                transform.clone(),
+                cfg.eval_batch_size,
+                w,
+            )?)
+        },
+    )?;
+    let (test, c2) = cached_features(
+        dir,
+        "test",
+        &cache_key(&loaded, &file, &cfg, val.as_ref())?,
+        || {
+            Ok(eval::extract_features(
+                backbone,
+                val.clone(),
+                transform.clone(),
+                cfg.eval_batch_size,
+                w,
+            )?)
+        },
+    )?;
+    println!(
+        "features of {}: train {} x {}, test {} x {}{}",
+        loaded.origin,
+        train.len(),
+        train.features.dim(1)?,
+        test.len(),
+        test.features.dim(1)?,
+        if c1 && c2 { " (cached)" } else { "" }
+    );
+    for &k in &a.nb_knn {
+        let r = eval::knn_eval(&train, &test, k, a.temperature)?;
+        println!(
+            "{k}-NN classifier result: top1 {:.2}%, top5 {:.2}%",
+            r.top1, r.top5
+        );
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------ eval-linear
+
+/// `dino eval-linear` flags (eval_linear.py's protocol on features extracted once).
+#[derive(Args, Debug, Clone)]
+pub struct EvalLinearArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Concatenate the CLS tokens of the last n blocks (ViT). [4]
+    #[arg(long, default_value_t = 4)]
+    pub n_last_blocks: usize,
+    /// Interleave the CLS token with the average-pooled patch tokens (official: with --n-last-blocks 1).
+    #[arg(long, default_value = "false", value_parser = parse_bool, action = ArgAction::Set)]
+    pub avgpool_patchtokens: bool,
+    /// Epochs of the linear classifier. [100]
+    #[arg(long, default_value_t = 100)]
+    pub epochs: usize,
+    /// Learning rate for a batch of 256 (scaled linearly). [0.001]
+    #[arg(long, default_value_t = 0.001)]
+    pub lr: f64,
+    /// Batch size of the classifier's SGD. [128]
+    #[arg(long, default_value_t = 128)]
+    pub probe_batch_size: usize,
+    /// Seed of the classifier's initialisation and shuffling. [0]
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `dino eval-linear`: a linear classifier on frozen features, best top-1 over the epochs.
+pub fn eval_linear(a: &EvalLinearArgs) -> Result<()> {
+    if a.n_last_blocks == 0 {
+        bail!("--n-last-blocks must be positive");
+    }
+    let loaded = source::load(&a.model, false)?;
+    let cfg = a.data.apply(&loaded.cfg)?;
+    let (bank, val) = labelled_splits(&cfg)?;
+    let transform = dino_train::data::eval_transform(&cfg)?;
+    let (bs, w) = (cfg.eval_batch_size, cfg.num_workers);
+    let (train, test) = match &loaded.net {
+        Net::Vit(vit) => {
+            let depth = vit.config().depth;
+            if a.n_last_blocks > depth {
+                bail!(
+                    "--n-last-blocks {}: the network has {depth} blocks",
+                    a.n_last_blocks
+                );
+            }
+            let n = a.n_last_blocks;
+            (
+                eval::extract_linear_features(
+                    vit,
+                    bank,
+                    transform.clone(),
+                    bs,
+                    w,
+                    n,
+                    a.avgpool_patchtokens,
+                )?,
+                eval::extract_linear_features(
+                    vit,
+                    val,
+                    transform,
+                    bs,
+                    w,
+                    n,
+                    a.avgpool_patchtokens,
+                )?,
+            )
+        }
+        Net::Other(b) => (
+            eval::extract_features(b.as_ref(), bank, transform.clone(), bs, w)?,
+            eval::extract_features(b.as_ref(), val, transform, bs, w)?,
+        ),
+    };
+    let pc = eval::LinearProbeConfig {
+        epochs: a.epochs,
+        lr: a.lr,
+        batch_size: a.probe_batch_size,
+        n_last_blocks: a.n_last_blocks,
+        avgpool_patchtokens: a.avgpool_patchtokens,
+        seed: a.seed,
+    };
+    let r = eval::linear_probe(&train, &test, &pc)?;
+    println!(
+        "linear probe on {} features of {} (train {}, val {}), {} epochs",
+        train.features.dim(1)?,
+        loaded.origin,
+        train.len(),
+        test.len(),
+        a.epochs
+    );
+    println!(
+        "best top1 {:.2}%, top5 {:.2}% (epoch {}); last epoch top1 {:.2}%",
+        r.best_top1,
+        r.best_top5,
+        r.best_epoch + 1,
+        r.top1_per_epoch.last().copied().unwrap_or(f64::NAN)
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------ extract
+
+/// Which split `extract` reads.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// The training data (--data-path).
+    Train,
+    /// The validation / test split.
+    Test,
+}
+
+/// `dino extract` flags.
+#[derive(Args, Debug, Clone)]
+pub struct ExtractArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Which split.
+    #[arg(long, value_enum, default_value = "train")]
+    pub split: Split,
+    /// Output safetensors file: `features` (N, D) f32 and, for labelled data, `labels` (N) i64, in dataset order.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// l2-normalise each feature (as eval_knn.py's dumped features).
+    #[arg(long)]
+    pub l2_normalize: bool,
+}
+
+/// `dino extract`: backbone features of a dataset to safetensors.
+pub fn extract(a: &ExtractArgs) -> Result<()> {
+    let loaded = source::load(&a.model, false)?;
+    let cfg = a.data.apply(&loaded.cfg)?;
+    let ds = match a.split {
+        Split::Train => dino_train::data::open_train(&cfg)?,
+        Split::Test => dino_train::data::open_val(&cfg)?.with_context(|| {
+            format!(
+                "{}: no test split: pass --val-data-path for an image folder",
+                cfg.data_path.display()
+            )
+        })?,
+    };
+    let transform = dino_train::data::eval_transform(&cfg)?;
+    let mut f = eval::extract_features(
+        loaded.net.backbone(),
+        ds.clone(),
+        transform,
+        cfg.eval_batch_size,
+        cfg.num_workers,
+    )?;
+    if a.l2_normalize {
+        f.features = dino_core::l2_normalize(&f.features)?;
+    }
+    if let Some(parent) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    candle_core::safetensors::save(&features_to_tensors(&f)?, &a.output)
+        .with_context(|| format!("cannot write {}", a.output.display()))?;
+    println!(
+        "wrote {} features of dimension {} ({}) to {}",
+        f.len(),
+        f.features.dim(1)?,
+        ds.describe(),
+        a.output.display()
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------ attention
+
+/// `dino attention` flags (visualize_attention.py).
+#[derive(Args, Debug, Clone)]
+pub struct AttentionArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// An image file, or a folder: every image in it (each gets its own sub-folder of the output).
+    #[arg(long, visible_alias = "image-path")]
+    pub image: PathBuf,
+    /// Resize the image to H W before the network (official: 480 480). The result is cropped to a multiple of
+    /// the patch size.
+    #[arg(long, num_args = 2, value_names = ["H", "W"], default_values_t = [480usize, 480])]
+    pub image_size: Vec<usize>,
+    /// Keep the smallest set of patches holding this fraction of each head's attention mass (paper: 0.6) and
+    /// write mask overlays.
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// Where the PNGs go.
+    #[arg(long, default_value = ".")]
+    pub output_dir: PathBuf,
+}
+
+fn image_files(p: &Path) -> Result<Vec<PathBuf>> {
+    if !p.exists() {
+        bail!("--image {}: no such file or directory", p.display());
+    }
+    if p.is_file() {
+        return Ok(vec![p.to_path_buf()]);
+    }
+    let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+        .with_context(|| format!("cannot read {}", p.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|f| f.is_file() && dino_data::folder::has_image_extension(f))
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        bail!("--image {}: the folder holds no image files", p.display());
+    }
+    Ok(v)
+}
+
+/// `dino attention`: per-head CLS attention maps of the last block, and threshold overlays.
+pub fn attention(a: &AttentionArgs) -> Result<()> {
+    if let Some(t) = a.threshold {
+        if !(t > 0.0 && t <= 1.0) {
+            bail!("--threshold {t}: must lie in (0, 1]");
+        }
+    }
+    let (h0, w0) = (a.image_size[0], a.image_size[1]);
+    let loaded = source::load(&a.model, false)?;
+    let Net::Vit(vit) = &loaded.net else {
+        bail!(
+            "attention maps need a ViT; {} is a {}",
+            loaded.origin,
+            loaded.cfg.arch
+        );
+    };
+    let p = vit.config().patch_size;
+    if h0 < p || w0 < p {
+        bail!("--image-size {h0} {w0}: smaller than the patch size {p}");
+    }
+    let files = image_files(&a.image)?;
+    let normalize = dino_data::pil::Normalize::new(loaded.cfg.norm_mean, loaded.cfg.norm_std)?;
+    for file in &files {
+        let out = if files.len() == 1 {
+            a.output_dir.clone()
+        } else {
+            a.output_dir.join(
+                file.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            )
+        };
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
+        let img = dino_data::folder::load_rgb(file)?;
+        let resized = dino_data::pil::resize(&img, w0, h0)?;
+        // Crop to a multiple of the patch size (top-left, as the official script).
+        let (w, h) = (w0 - w0 % p, h0 - h0 % p);
+        let img = image::imageops::crop_imm(&resized, 0, 0, w as u32, h as u32).to_image();
+        let x = Tensor::from_vec(normalize.apply(img.as_raw()), (1, 3, h, w), vit.device())?;
+        let attn = vit.get_last_selfattention(&x)?; // (1, heads, N+1, N+1)
+        let heads = attn.dim(1)?;
+        let (gh, gw) = (h / p, w / p);
+        // CLS query row to every patch token: (heads, gh * gw).
+        let cls = attn
+            .get(0)?
+            .narrow(D::Minus2, 0, 1)?
+            .narrow(D::Minus1, 1, gh * gw)?;
+        let data: Vec<f32> = cls.flatten_all()?.to_vec1()?;
+        let maps = HeadMaps {
+            heads,
+            h: gh,
+            w: gw,
+            data,
+        };
+        img.save(out.join("img.png"))
+            .with_context(|| format!("cannot write {}", out.join("img.png").display()))?;
+        for j in 0..heads {
+            let up = attention::upsample_nearest(maps.head(j), gh, gw, p);
+            let f = out.join(format!("attn-head{j}.png"));
+            attention::colormap_image(&up, h, w)
+                .save(&f)
+                .with_context(|| format!("cannot write {}", f.display()))?;
+        }
+        if let Some(t) = a.threshold {
+            let masks = attention::threshold_masks(&maps, t);
+            for j in 0..heads {
+                let m = &masks[j * gh * gw..(j + 1) * gh * gw];
+                let up = attention::upsample_nearest(m, gh, gw, p);
+                let f = out.join(format!("mask_th{t}_head{j}.png"));
+                attention::overlay_mask(&img, &up, attention::head_color(j))
+                    .save(&f)
+                    .with_context(|| format!("cannot write {}", f.display()))?;
+            }
+        }
+        println!(
+            "{}: {heads} heads on a {gh}x{gw} grid -> {}",
+            file.display(),
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------ export
+
+/// What `export` writes.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportPart {
+    /// The backbone with the `*_pretrain.pth` names (`cls_token`, `blocks.0.attn.qkv.weight`, ...).
+    Backbone,
+    /// The DINO head (`mlp.0.weight`, `last_layer.weight_g`, ...).
+    Head,
+    /// Backbone and head (`backbone.*`, `head.*`), the official teacher layout.
+    Full,
+}
+
+/// `dino export` flags.
+#[derive(Args, Debug, Clone)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Output safetensors file.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// What to write.
+    #[arg(long, value_enum, default_value = "backbone")]
+    pub part: ExportPart,
+}
+
+/// `dino export`: official-named safetensors, loadable strictly by PyTorch.
+pub fn export(a: &ExportArgs) -> Result<()> {
+    let with_head = a.part != ExportPart::Backbone;
+    let loaded = source::load(&a.model, with_head)?;
+    let prefix = match a.part {
+        ExportPart::Backbone => "backbone.",
+        ExportPart::Head => "head.",
+        ExportPart::Full => "",
+    };
+    if let Some(parent) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let n = dino_models::weights::export_varmap(&loaded.varmap, &a.output, prefix)?;
+    println!(
+        "wrote {n} tensors of {} ({}) with the official names to {}",
+        loaded.origin,
+        match a.part {
+            ExportPart::Backbone => "backbone",
+            ExportPart::Head => "head",
+            ExportPart::Full => "backbone + head",
+        },
+        a.output.display()
+    );
+    Ok(())
+}

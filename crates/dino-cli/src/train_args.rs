@@ -1,0 +1,445 @@
+//! The flags of `dino train`: the official `main_dino.py` arguments in kebab-case, each optional, applied on top of
+//! a base configuration (a `--config` TOML file, a `--preset`, or the defaults) so that flags override the file.
+
+use clap::{ArgAction, Args};
+use dino_train::{Arch, DatasetKind, OptimizerKind, TrainConfig};
+use std::path::PathBuf;
+
+fn parse_arch(s: &str) -> Result<String, String> {
+    s.parse::<Arch>()
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_optimizer(s: &str) -> Result<OptimizerKind, String> {
+    s.parse::<OptimizerKind>().map_err(|e| e.to_string())
+}
+
+fn parse_dataset(s: &str) -> Result<DatasetKind, String> {
+    s.parse::<DatasetKind>().map_err(|e| e.to_string())
+}
+
+/// Booleans as the official `utils.bool_flag`: on/off, true/false, 1/0, yes/no.
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(format!(
+            "expected true or false (or on/off, 1/0, yes/no), got `{s}`"
+        )),
+    }
+}
+
+/// `dino train` flags. Every value is optional; those given override the base configuration.
+#[derive(Args, Debug, Default, Clone)]
+pub struct TrainArgs {
+    /// TOML configuration file (keys as in TrainConfig / main_dino.py); the flags below override it.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+    /// Start from a named preset: official, default (the no-argument run), fmnist-small, cifar.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Print the resolved configuration as TOML and exit without training.
+    #[arg(long)]
+    pub print_config: bool,
+
+    // ----- model -----
+    /// Backbone: vit_tiny, vit_small, vit_base, vit_custom (sized by --vit-*), resnet18, resnet50. [vit_small]
+    #[arg(long, value_parser = parse_arch)]
+    pub arch: Option<String>,
+    /// ViT patch size in pixels. [16]
+    #[arg(long)]
+    pub patch_size: Option<usize>,
+    /// ViT positional-embedding grid size in pixels. [224]
+    #[arg(long)]
+    pub img_size: Option<usize>,
+    /// vit_custom: embedding dimension. [192]
+    #[arg(long)]
+    pub vit_embed_dim: Option<usize>,
+    /// vit_custom: number of blocks. [12]
+    #[arg(long)]
+    pub vit_depth: Option<usize>,
+    /// vit_custom: number of attention heads. [3]
+    #[arg(long)]
+    pub vit_num_heads: Option<usize>,
+    /// ResNet: CIFAR stem (3x3 conv, no max-pool) for 32 px images. [false]
+    #[arg(long, value_parser = parse_bool, action = ArgAction::Set)]
+    pub resnet_cifar_stem: Option<bool>,
+    /// Dimensionality K of the DINO head output. [65536]
+    #[arg(long)]
+    pub out_dim: Option<usize>,
+    /// Fix the weight-norm gain of the head's last layer (false is better but can be unstable). [true]
+    #[arg(long, value_parser = parse_bool, action = ArgAction::Set)]
+    pub norm_last_layer: Option<bool>,
+    /// Use BatchNorm in the projection head. [false]
+    #[arg(long, value_parser = parse_bool, action = ArgAction::Set)]
+    pub use_bn_in_head: Option<bool>,
+    /// Stochastic depth rate of the student. [0.1]
+    #[arg(long)]
+    pub drop_path_rate: Option<f64>,
+
+    // ----- teacher and loss -----
+    /// Base EMA momentum of the teacher, cosine-scheduled to 1 (use 0.9995 with batch 256). [0.996]
+    #[arg(long)]
+    pub momentum_teacher: Option<f64>,
+    /// Initial teacher temperature (lower it if the loss does not decrease). [0.04]
+    #[arg(long)]
+    pub warmup_teacher_temp: Option<f64>,
+    /// Final teacher temperature (above 0.07 is unstable). [0.04]
+    #[arg(long)]
+    pub teacher_temp: Option<f64>,
+    /// Epochs of linear teacher-temperature warm-up. [0]
+    #[arg(long)]
+    pub warmup_teacher_temp_epochs: Option<usize>,
+
+    // ----- optimisation -----
+    /// Initial weight decay. [0.04]
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Final weight decay (cosine schedule). [0.4]
+    #[arg(long)]
+    pub weight_decay_end: Option<f64>,
+    /// Per-parameter gradient-norm clipping; 0 disables. [3.0]
+    #[arg(long)]
+    pub clip_grad: Option<f64>,
+    /// Images per step (official: --batch_size_per_gpu). [64]
+    #[arg(long, visible_alias = "batch-size-per-gpu")]
+    pub batch_size: Option<usize>,
+    /// Number of epochs. [100]
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Epochs during which the head's last layer is frozen. [1]
+    #[arg(long)]
+    pub freeze_last_layer: Option<usize>,
+    /// Peak learning rate for a batch of 256, scaled linearly with the batch size. [0.0005]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Epochs of linear learning-rate warm-up. [10]
+    #[arg(long)]
+    pub warmup_epochs: Option<usize>,
+    /// Final learning rate of the cosine schedule. [1e-6]
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// Optimiser: adamw, sgd or lars. [adamw]
+    #[arg(long, value_parser = parse_optimizer)]
+    pub optimizer: Option<OptimizerKind>,
+
+    // ----- multi-crop -----
+    /// Scale range of the global crops (two numbers). [0.4 1.0]
+    #[arg(long, num_args = 2, value_names = ["MIN", "MAX"])]
+    pub global_crops_scale: Option<Vec<f64>>,
+    /// Number of local crops; 0 disables multi-crop. [8]
+    #[arg(long)]
+    pub local_crops_number: Option<usize>,
+    /// Scale range of the local crops (two numbers). [0.05 0.4]
+    #[arg(long, num_args = 2, value_names = ["MIN", "MAX"])]
+    pub local_crops_scale: Option<Vec<f64>>,
+    /// Side of the global crops in pixels. [224]
+    #[arg(long)]
+    pub global_crops_size: Option<usize>,
+    /// Side of the local crops in pixels. [96]
+    #[arg(long)]
+    pub local_crops_size: Option<usize>,
+    /// Per-channel normalisation mean (three numbers). [ImageNet]
+    #[arg(long, num_args = 3, value_names = ["R", "G", "B"])]
+    pub norm_mean: Option<Vec<f32>>,
+    /// Per-channel normalisation std (three numbers). [ImageNet]
+    #[arg(long, num_args = 3, value_names = ["R", "G", "B"])]
+    pub norm_std: Option<Vec<f32>>,
+
+    // ----- data and output -----
+    /// Training data: an image folder, or the folder of the CIFAR / IDX files.
+    #[arg(long)]
+    pub data_path: Option<PathBuf>,
+    /// What --data-path holds: folder, cifar10, cifar100, fashion-mnist, mnist, embedded. [folder]
+    #[arg(long, value_parser = parse_dataset)]
+    pub dataset: Option<DatasetKind>,
+    /// Labelled validation image folder for k-NN (the CIFAR / IDX kinds use their test files).
+    #[arg(long)]
+    pub val_data_path: Option<PathBuf>,
+    /// Where checkpoints, logs and plots go. [.]
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Also keep checkpoint{epoch:04} every this many epochs. [20]
+    #[arg(long)]
+    pub saveckp_freq: Option<usize>,
+    /// Random seed. [0]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Data-loading threads. [10]
+    #[arg(long)]
+    pub num_workers: Option<usize>,
+    /// k-NN evaluation on the validation split every this many epochs (0: never). [0]
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+}
+
+macro_rules! set {
+    ($cfg:ident, $self:ident, $($f:ident),* $(,)?) => {
+        $( if let Some(v) = &$self.$f { $cfg.$f = v.clone(); } )*
+    };
+}
+
+impl TrainArgs {
+    /// Overrides the fields of `cfg` given on the command line.
+    pub fn apply(&self, cfg: &mut TrainConfig) {
+        set!(
+            cfg,
+            self,
+            arch,
+            patch_size,
+            img_size,
+            vit_embed_dim,
+            vit_depth,
+            vit_num_heads,
+            resnet_cifar_stem,
+            out_dim,
+            norm_last_layer,
+            use_bn_in_head,
+            drop_path_rate,
+            momentum_teacher,
+            warmup_teacher_temp,
+            teacher_temp,
+            warmup_teacher_temp_epochs,
+            weight_decay,
+            weight_decay_end,
+            clip_grad,
+            batch_size,
+            epochs,
+            freeze_last_layer,
+            lr,
+            warmup_epochs,
+            min_lr,
+            optimizer,
+            local_crops_number,
+            global_crops_size,
+            local_crops_size,
+            data_path,
+            dataset,
+            output_dir,
+            saveckp_freq,
+            seed,
+            num_workers,
+            eval_every,
+        );
+        if let Some(v) = &self.val_data_path {
+            cfg.val_data_path = Some(v.clone());
+        }
+        if let Some(v) = &self.global_crops_scale {
+            cfg.global_crops_scale = [v[0], v[1]];
+        }
+        if let Some(v) = &self.local_crops_scale {
+            cfg.local_crops_scale = [v[0], v[1]];
+        }
+        if let Some(v) = &self.norm_mean {
+            cfg.norm_mean = [v[0], v[1], v[2]];
+        }
+        if let Some(v) = &self.norm_std {
+            cfg.norm_std = [v[0], v[1], v[2]];
+        }
+    }
+
+    /// The configuration to train with: the `--config` file, else the `--preset`, else the official defaults
+    /// when a data path is given, else the no-argument `default` preset (embedded Fashion-MNIST); then the
+    /// flags on top. Validated.
+    pub fn resolve(&self) -> anyhow::Result<TrainConfig> {
+        let mut cfg = if let Some(path) = &self.config {
+            if self.preset.is_some() {
+                anyhow::bail!(
+                    "--config and --preset cannot be combined: pick one base configuration"
+                );
+            }
+            TrainConfig::from_toml_file(path)?
+        } else if let Some(p) = &self.preset {
+            TrainConfig::preset(p)?
+        } else if self.data_path.is_some()
+            || self.dataset.is_some_and(|d| d != DatasetKind::Embedded)
+        {
+            TrainConfig::official()
+        } else {
+            TrainConfig::default_preset()
+        };
+        self.apply(&mut cfg);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: TrainArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<TrainArgs, clap::Error> {
+        let mut v = vec!["t"];
+        v.extend_from_slice(args);
+        T::try_parse_from(v).map(|t| t.a)
+    }
+
+    #[test]
+    fn no_flags_give_the_default_preset() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.resolve().unwrap(), TrainConfig::default_preset());
+    }
+
+    #[test]
+    fn a_data_path_starts_from_the_official_defaults() {
+        let a = parse(&["--data-path", "/some/images"]).unwrap();
+        let c = a.resolve().unwrap();
+        let want = TrainConfig {
+            data_path: "/some/images".into(),
+            ..TrainConfig::official()
+        };
+        assert_eq!(c, want);
+    }
+
+    #[test]
+    fn every_official_flag_reaches_its_field() {
+        let a = parse(&[
+            "--arch",
+            "vit_tiny",
+            "--patch-size",
+            "8",
+            "--out-dim",
+            "4096",
+            "--norm-last-layer",
+            "false",
+            "--momentum-teacher",
+            "0.9995",
+            "--use-bn-in-head",
+            "true",
+            "--warmup-teacher-temp",
+            "0.03",
+            "--teacher-temp",
+            "0.07",
+            "--warmup-teacher-temp-epochs",
+            "3",
+            "--weight-decay",
+            "0.05",
+            "--weight-decay-end",
+            "0.3",
+            "--clip-grad",
+            "0.5",
+            "--batch-size",
+            "32",
+            "--epochs",
+            "10",
+            "--freeze-last-layer",
+            "2",
+            "--lr",
+            "0.001",
+            "--warmup-epochs",
+            "2",
+            "--min-lr",
+            "1e-5",
+            "--optimizer",
+            "sgd",
+            "--drop-path-rate",
+            "0.2",
+            "--global-crops-scale",
+            "0.14",
+            "1.0",
+            "--local-crops-number",
+            "4",
+            "--local-crops-scale",
+            "0.1",
+            "0.3",
+            "--global-crops-size",
+            "192",
+            "--local-crops-size",
+            "64",
+            "--data-path",
+            "imgs",
+            "--dataset",
+            "cifar10",
+            "--output-dir",
+            "out",
+            "--saveckp-freq",
+            "5",
+            "--seed",
+            "7",
+            "--num-workers",
+            "2",
+        ])
+        .unwrap();
+        let c = a.resolve().unwrap();
+        assert_eq!(c.arch, "vit_tiny");
+        assert_eq!((c.patch_size, c.out_dim), (8, 4096));
+        assert!(!c.norm_last_layer && c.use_bn_in_head);
+        assert_eq!(c.momentum_teacher, 0.9995);
+        assert_eq!(
+            (
+                c.warmup_teacher_temp,
+                c.teacher_temp,
+                c.warmup_teacher_temp_epochs
+            ),
+            (0.03, 0.07, 3)
+        );
+        assert_eq!(
+            (c.weight_decay, c.weight_decay_end, c.clip_grad),
+            (0.05, 0.3, 0.5)
+        );
+        assert_eq!((c.batch_size, c.epochs, c.freeze_last_layer), (32, 10, 2));
+        assert_eq!((c.lr, c.warmup_epochs, c.min_lr), (0.001, 2, 1e-5));
+        assert_eq!(c.optimizer, OptimizerKind::Sgd);
+        assert_eq!(c.drop_path_rate, 0.2);
+        assert_eq!(c.global_crops_scale, [0.14, 1.0]);
+        assert_eq!((c.local_crops_number, c.local_crops_scale), (4, [0.1, 0.3]));
+        assert_eq!((c.global_crops_size, c.local_crops_size), (192, 64));
+        assert_eq!(c.data_path, PathBuf::from("imgs"));
+        assert_eq!(c.dataset, DatasetKind::Cifar10);
+        assert_eq!(c.output_dir, PathBuf::from("out"));
+        assert_eq!((c.saveckp_freq, c.seed, c.num_workers), (5, 7, 2));
+    }
+
+    #[test]
+    fn flags_override_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "arch = \"vit_tiny\"\nlr = 0.002\nepochs = 3\nwarmup_epochs = 1\ndata_path = \"x\"\n",
+        )
+        .unwrap();
+        let a = parse(&["--config", f.to_str().unwrap(), "--lr", "0.004"]).unwrap();
+        let c = a.resolve().unwrap();
+        assert_eq!((c.arch.as_str(), c.lr, c.epochs), ("vit_tiny", 0.004, 3));
+        assert_eq!(
+            c.out_dim, 65536,
+            "keys absent from the file keep the official default"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_the_flag() {
+        let e = parse(&["--arch", "vit_huge"]).unwrap_err().to_string();
+        assert!(e.contains("--arch") && e.contains("vit_huge"), "{e}");
+        let e = parse(&["--lr", "fast"]).unwrap_err().to_string();
+        assert!(e.contains("--lr") && e.contains("fast"), "{e}");
+        let e = parse(&["--optimizer", "adam"]).unwrap_err().to_string();
+        assert!(e.contains("--optimizer") && e.contains("adam"), "{e}");
+        let e = parse(&["--norm-last-layer", "maybe"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--norm-last-layer"), "{e}");
+        // Values that parse but are invalid are refused by the configuration's validation, naming the key.
+        let e = parse(&["--batch-size", "0"])
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("batch_size"), "{e}");
+        let e = parse(&["--local-crops-scale", "0.5", "0.2"])
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("local_crops_scale"), "{e}");
+    }
+}

@@ -1,0 +1,417 @@
+//! End-to-end tests of the `dino` binary on small real data: a Fashion-MNIST subset (256 train / 64 test images
+//! copied from ../shared/data/fashion-mnist into an IDX folder) trains a tiny custom ViT for 2 epochs, then
+//! eval-knn, extract, attention, export and info run on its checkpoint; and every bad input a user can give ends
+//! in one clear line and a non-zero exit, never a panic or a backtrace.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn dino() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dino"));
+    // A backtrace must not appear even when the user has asked for them.
+    c.env("RUST_BACKTRACE", "1");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    dino().args(args).output().expect("the dino binary runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Asserts a failed run printed exactly one line on stderr, starting with `error:` and containing every needle.
+fn assert_one_line_error(out: &Output, needles: &[&str]) {
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "expected a failure; stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "`{n}` missing from: {err}");
+    }
+    for bad in ["panicked", "backtrace", "RUST_BACKTRACE", "stack backtrace"] {
+        assert!(!err.contains(bad), "`{bad}` in: {err}");
+    }
+}
+
+fn shared() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
+}
+
+fn gunzip(p: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(p).unwrap())
+        .read_to_end(&mut v)
+        .unwrap();
+    v
+}
+
+/// The first `n` records of an IDX file (any rank): the header with its first dimension set to `n`, then the data.
+fn idx_prefix(bytes: &[u8], n: usize) -> Vec<u8> {
+    let ndim = bytes[3] as usize;
+    let dims: Vec<usize> = (0..ndim)
+        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
+        .collect();
+    let per: usize = dims[1..].iter().product();
+    let head = 4 + 4 * ndim;
+    let mut out = bytes[..head].to_vec();
+    out[4..8].copy_from_slice(&(n as u32).to_be_bytes());
+    out.extend_from_slice(&bytes[head..head + n * per]);
+    out
+}
+
+/// A Fashion-MNIST IDX folder with 256 train and 64 test images (uncompressed).
+fn fmnist_subset(dir: &Path) {
+    let src = shared().join("fashion-mnist");
+    std::fs::create_dir_all(dir).unwrap();
+    for (split, n) in [("train", 256), ("t10k", 64)] {
+        for kind in ["images-idx3", "labels-idx1"] {
+            let b = gunzip(&src.join(format!("{split}-{kind}-ubyte.gz")));
+            std::fs::write(dir.join(format!("{split}-{kind}-ubyte")), idx_prefix(&b, n)).unwrap();
+        }
+    }
+}
+
+/// The tiny configuration: a 2-block ViT of width 32 on 28 px images, small head, 2 epochs.
+const TINY_TOML: &str = r#"
+arch = "vit_custom"
+vit_embed_dim = 32
+vit_depth = 2
+vit_num_heads = 2
+patch_size = 7
+img_size = 28
+out_dim = 128
+head_hidden_dim = 64
+head_bottleneck_dim = 32
+drop_path_rate = 0.1
+batch_size = 64
+epochs = 2
+warmup_epochs = 1
+lr = 0.002
+global_crops_size = 28
+local_crops_number = 2
+local_crops_size = 14
+norm_mean = [0.286, 0.286, 0.286]
+norm_std = [0.353, 0.353, 0.353]
+num_workers = 1
+log_every = 1
+saveckp_freq = 1
+eval_resize = 28
+eval_crop = 28
+"#;
+
+/// One trained run shared by the tests that need a checkpoint: (tempdir, data dir, output dir).
+fn trained() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
+    static RUN: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("fmnist");
+        fmnist_subset(&data);
+        let cfg = tmp.path().join("tiny.toml");
+        std::fs::write(&cfg, TINY_TOML).unwrap();
+        let out = tmp.path().join("run");
+        let o = run(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--dataset",
+            "fashion-mnist",
+            "--data-path",
+            data.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--seed",
+            "3",
+        ]);
+        assert!(
+            o.status.success(),
+            "train failed: {}{}",
+            text(&o.stdout),
+            text(&o.stderr)
+        );
+        (tmp, data, out)
+    })
+}
+
+#[test]
+fn train_two_epochs_writes_checkpoints_and_logs() {
+    let (_, _, out) = trained();
+    let ckpt = out.join("checkpoint.safetensors");
+    assert!(ckpt.is_file(), "no {}", ckpt.display());
+    assert!(out.join("checkpoint.json").is_file());
+    // saveckp_freq = 1: one kept checkpoint per epoch.
+    assert!(
+        out.join("checkpoint0001.safetensors").is_file()
+            || out.join("checkpoint0002.safetensors").is_file()
+    );
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["epoch"], 2, "{meta}");
+    assert_eq!(meta["niter_per_ep"], 4, "256 images / batch 64");
+    assert_eq!(meta["global_iteration"], 8);
+    assert!(meta["last_loss"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn info_describes_the_checkpoint() {
+    let (_, _, out) = trained();
+    let o = run(&["info", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let s = text(&o.stdout);
+    assert!(s.contains("epoch 2"), "{s}");
+    assert!(s.contains("vit_custom"), "{s}");
+    assert!(s.contains("teacher.backbone"), "{s}");
+    assert!(s.contains("student.head"), "{s}");
+    // The patch embedding of a 32-wide ViT with 7 px patches.
+    let o = run(&[
+        "info",
+        "--all",
+        out.join("checkpoint.safetensors").to_str().unwrap(),
+    ]);
+    let s = text(&o.stdout);
+    assert!(
+        s.contains("teacher.backbone.patch_embed.proj.weight") && s.contains("[32, 3, 7, 7]"),
+        "{s}"
+    );
+}
+
+#[test]
+fn eval_knn_reports_accuracy_and_caches_features() {
+    let (tmp, data, out) = trained();
+    let cache = tmp.path().join("knn-cache");
+    let args = [
+        "eval-knn",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--dataset",
+        "fashion-mnist",
+        "--data-path",
+        data.to_str().unwrap(),
+        "--nb-knn",
+        "10",
+        "20",
+        "--temperature",
+        "0.07",
+        "--features-dir",
+        cache.to_str().unwrap(),
+    ];
+    let o = run(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let s = text(&o.stdout);
+    for k in ["10", "20"] {
+        let line = s
+            .lines()
+            .find(|l| l.contains(&format!("{k}-NN")))
+            .unwrap_or_else(|| panic!("no {k}-NN line in {s}"));
+        let top1: f64 = line
+            .split("top1")
+            .nth(1)
+            .and_then(|r| {
+                r.trim_start_matches([' ', '=', ':'])
+                    .split(['%', ' '])
+                    .next()
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no top1 in `{line}`"));
+        // 10 classes: chance is 10%; a real feature does better even untrained-ish, and never above 100.
+        assert!((0.0..=100.0).contains(&top1), "{line}");
+    }
+    assert!(cache.join("train_features.safetensors").is_file());
+    assert!(cache.join("test_features.safetensors").is_file());
+    // The second run reads the cache and gives the same numbers.
+    let o2 = run(&args);
+    assert!(o2.status.success(), "{}", text(&o2.stderr));
+    let s2 = text(&o2.stdout);
+    assert!(s2.contains("cached"), "{s2}");
+    let acc = |s: &str| {
+        s.lines()
+            .filter(|l| l.contains("-NN"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(acc(&s), acc(&s2));
+}
+
+#[test]
+fn extract_writes_features_and_labels() {
+    let (tmp, data, out) = trained();
+    let f = tmp.path().join("feats.safetensors");
+    let o = run(&[
+        "extract",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--dataset",
+        "fashion-mnist",
+        "--data-path",
+        data.to_str().unwrap(),
+        "--split",
+        "test",
+        "--output",
+        f.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let t = candle_core::safetensors::load(&f, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t["features"].dims(), &[64, 32]);
+    assert_eq!(t["labels"].dims(), &[64]);
+    let labels: Vec<i64> = t["labels"].to_vec1().unwrap();
+    // The first Fashion-MNIST test labels: 9 2 1 1 6.
+    assert_eq!(&labels[..5], &[9, 2, 1, 1, 6]);
+    let feats: Vec<Vec<f32>> = t["features"].to_vec2().unwrap();
+    assert!(feats.iter().flatten().all(|v| v.is_finite()));
+    assert!(feats[0] != feats[1], "features of different images differ");
+}
+
+#[test]
+fn attention_writes_maps_and_threshold_overlays() {
+    let (tmp, _, out) = trained();
+    let img = shared().join("cifar10-test20/png");
+    let first = std::fs::read_dir(&img)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .min()
+        .unwrap();
+    let dir = tmp.path().join("attn");
+    let o = run(&[
+        "attention",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--image",
+        first.to_str().unwrap(),
+        "--image-size",
+        "28",
+        "28",
+        "--threshold",
+        "0.6",
+        "--output-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let img = image::open(dir.join("img.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (28, 28));
+    for j in 0..2 {
+        let a = image::open(dir.join(format!("attn-head{j}.png")))
+            .unwrap()
+            .to_rgb8();
+        // Nearest upsampling x7 of a 4x4 grid: constant 7x7 blocks.
+        assert_eq!((a.width(), a.height()), (28, 28));
+        assert_eq!(a.get_pixel(0, 0), a.get_pixel(6, 6));
+        let m = image::open(dir.join(format!("mask_th0.6_head{j}.png"))).unwrap();
+        assert_eq!((m.width(), m.height()), (28, 28));
+    }
+    assert!(
+        !dir.join("attn-head2.png").exists(),
+        "the tiny model has 2 heads"
+    );
+}
+
+#[test]
+fn export_writes_official_names_loadable_strictly() {
+    let (tmp, _, out) = trained();
+    let f = tmp.path().join("backbone.safetensors");
+    let o = run(&[
+        "export",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--output",
+        f.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let t = candle_core::safetensors::load(&f, &candle_core::Device::Cpu).unwrap();
+    // Official backbone names, no prefixes, teacher weights.
+    for name in [
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "blocks.1.attn.qkv.weight",
+        "norm.weight",
+    ] {
+        assert!(
+            t.contains_key(name),
+            "{name} missing: {:?}",
+            t.keys().collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(t["pos_embed"].dims(), &[1, 17, 32]);
+    assert!(!t
+        .keys()
+        .any(|k| k.starts_with("head.") || k.starts_with("teacher.")));
+    let ckpt = candle_core::safetensors::load(
+        out.join("checkpoint.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let a: Vec<f32> = t["norm.weight"].to_vec1().unwrap();
+    let b: Vec<f32> = ckpt["teacher.backbone.norm.weight"].to_vec1().unwrap();
+    assert_eq!(a, b, "the export holds the teacher's weights");
+}
+
+#[test]
+fn missing_data_path_is_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-folder");
+    let o = run(&[
+        "train",
+        "--data-path",
+        missing.to_str().unwrap(),
+        "--output-dir",
+        tmp.path().join("o").to_str().unwrap(),
+    ]);
+    assert_one_line_error(&o, &["no-such-folder"]);
+}
+
+#[test]
+fn unknown_arch_is_one_line() {
+    let o = run(&["train", "--arch", "vit_huge"]);
+    assert_one_line_error(&o, &["vit_huge", "--arch"]);
+}
+
+#[test]
+fn bad_flag_values_are_one_line() {
+    assert_one_line_error(&run(&["train", "--lr", "fast"]), &["--lr", "fast"]);
+    assert_one_line_error(
+        &run(&["train", "--optimizer", "adam"]),
+        &["--optimizer", "adam"],
+    );
+    assert_one_line_error(&run(&["train", "--batch-size", "0"]), &["batch_size"]);
+    assert_one_line_error(&run(&["train", "--no-such-flag"]), &["--no-such-flag"]);
+    assert_one_line_error(&run(&["frobnicate"]), &["frobnicate"]);
+}
+
+#[test]
+fn corrupt_and_missing_checkpoints_are_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("corrupt.safetensors");
+    std::fs::write(&bad, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}").unwrap();
+    for cmd in ["info", "export", "attention", "eval-knn", "extract"] {
+        let mut args = vec![cmd];
+        if cmd != "info" {
+            args.push("--checkpoint");
+        }
+        args.push(bad.to_str().unwrap());
+        if cmd == "export" || cmd == "extract" {
+            args.extend(["--output", "x.safetensors"]);
+        }
+        if cmd == "attention" {
+            args.extend(["--image", "whatever.png"]);
+        }
+        let o = run(&args);
+        assert_one_line_error(&o, &["corrupt.safetensors"]);
+    }
+    let missing = tmp.path().join("nothing.safetensors");
+    assert_one_line_error(
+        &run(&["info", missing.to_str().unwrap()]),
+        &["nothing.safetensors"],
+    );
+    // A directory without a checkpoint.
+    assert_one_line_error(
+        &run(&["info", tmp.path().to_str().unwrap()]),
+        &["checkpoint"],
+    );
+}
