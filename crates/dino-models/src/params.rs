@@ -7,11 +7,9 @@
 //! - `last_layer.weight_g` is frozen when `norm_last_layer` is true (`requires_grad = False`), but it is still a
 //!   parameter, so the EMA covers it (as `model.parameters()` does).
 
-use candle_core::Var;
-use candle_nn::VarMap;
-
-/// A named variable; names are the official PyTorch state-dict paths.
-pub type NamedVar = (String, Var);
+/// A named variable (the official PyTorch state-dict path) and the sorted listing of a `VarMap`: one
+/// definition, in dino-core.
+pub use dino_core::params::{sorted_vars, NamedVar};
 
 /// The model-level facts the filters need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,14 +28,6 @@ impl Default for ModelSpec {
 
 /// Suffixes of BatchNorm buffers (state, not parameters).
 pub const BUFFER_SUFFIXES: [&str; 3] = ["running_mean", "running_var", "num_batches_tracked"];
-
-/// All variables of `varmap`, sorted by name.
-pub fn sorted_vars(varmap: &VarMap) -> Vec<NamedVar> {
-    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-    let mut vars: Vec<NamedVar> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    vars
-}
 
 fn last_segment(name: &str) -> &str {
     name.rsplit('.').next().unwrap_or(name)
@@ -94,9 +84,7 @@ pub fn ema_vars(vars: &[NamedVar]) -> Vec<NamedVar> {
 /// The trainable variables split as the official `get_params_groups`: `(regularized, not_regularized)`,
 /// each sorted by name.
 pub fn param_groups(vars: &[NamedVar], spec: &ModelSpec) -> (Vec<NamedVar>, Vec<NamedVar>) {
-    trainable_vars(vars, spec)
-        .into_iter()
-        .partition(|(n, v)| is_regularized(n, v.rank()))
+    dino_core::params::get_params_groups(&trainable_vars(vars, spec))
 }
 
 /// Total number of elements of `vars`.
