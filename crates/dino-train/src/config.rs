@@ -557,7 +557,7 @@ impl TrainConfig {
         if arch.is_vit() {
             pos("patch_size", self.patch_size)?;
             pos("img_size", self.img_size)?;
-            if self.img_size % self.patch_size != 0 {
+            if !self.img_size.is_multiple_of(self.patch_size) {
                 return Err(Error::config(
                     "img_size",
                     self.img_size,
@@ -568,7 +568,7 @@ impl TrainConfig {
                 pos("vit_embed_dim", self.vit_embed_dim)?;
                 pos("vit_depth", self.vit_depth)?;
                 pos("vit_num_heads", self.vit_num_heads)?;
-                if self.vit_embed_dim % self.vit_num_heads != 0 {
+                if !self.vit_embed_dim.is_multiple_of(self.vit_num_heads) {
                     return Err(Error::config(
                         "vit_embed_dim",
                         self.vit_embed_dim,
@@ -629,7 +629,7 @@ impl TrainConfig {
                 ));
             }
         }
-        if self.norm_std.iter().any(|s| !(*s > 0.0)) {
+        if self.norm_std.iter().any(|s| s.is_nan() || *s <= 0.0) {
             return Err(Error::config(
                 "norm_std",
                 format!("{:?}", self.norm_std),

@@ -247,6 +247,24 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             .println("k-NN evaluation skipped: no labelled validation split (set val_data_path)");
     }
 
+    // The same network at random initialisation (the seeded init is deterministic), measured first so the
+    // baseline is on screen before training starts.
+    let mut knn_init = None;
+    if let (true, Some(k)) = (cfg.eval_final && start_g < total, &knn) {
+        let r = k.run(
+            cfg,
+            DinoNetwork::new(cfg, cfg.seed, 0.0, &device)?
+                .model
+                .backbone
+                .as_ref(),
+        )?;
+        progress.println(&format!(
+            "k-NN of the network at random initialisation: top-1 {:.2}% top-5 {:.2}%",
+            r.top1, r.top5
+        ));
+        knn_init = Some(r);
+    }
+
     let loader = MultiCropLoader::new(
         train_ds.clone(),
         data::augmentation(cfg)?,
@@ -298,7 +316,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             n_loss += 1;
             last_lr_wd = (stats.lr, stats.wd);
             window_images += cfg.batch_size;
-            let log_now = cfg.log_every > 0 && (g % cfg.log_every == 0 || it + 1 == niter);
+            let log_now = cfg.log_every > 0 && (g.is_multiple_of(cfg.log_every) || it + 1 == niter);
             if log_now {
                 let m = trainer.last_metrics()?;
                 let el = window_start.elapsed().as_secs_f64();
@@ -338,7 +356,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 window_images = 0;
             }
             let end_of_epoch = it + 1 == niter;
-            if !end_of_epoch && cfg.ckpt_every_iters > 0 && g % cfg.ckpt_every_iters == 0 {
+            if !end_of_epoch && cfg.ckpt_every_iters > 0 && g.is_multiple_of(cfg.ckpt_every_iters) {
                 save_checkpoint(
                     &trainer,
                     cfg,
@@ -359,13 +377,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         drop(batches);
         let g = (epoch + 1) * niter;
         let mut stems = vec![LATEST.to_string()];
-        if cfg.saveckp_freq > 0 && epoch % cfg.saveckp_freq == 0 {
+        if cfg.saveckp_freq > 0 && epoch.is_multiple_of(cfg.saveckp_freq) {
             stems.push(format!("checkpoint{epoch:04}"));
         }
         save_checkpoint(&trainer, cfg, &stems, g, summary.last_loss, &fingerprint)?;
         let last_epoch = epoch + 1 == cfg.epochs;
         let eval_now = knn.is_some()
-            && ((cfg.eval_every > 0 && (epoch + 1) % cfg.eval_every == 0)
+            && ((cfg.eval_every > 0 && (epoch + 1).is_multiple_of(cfg.eval_every))
                 || (last_epoch && cfg.eval_final));
         let knn_res = match (&knn, eval_now) {
             (Some(k), true) => Some(k.run(cfg, trainer.teacher.model.backbone.as_ref())?),
@@ -423,9 +441,18 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             if summary.knn_final.is_none() {
                 summary.knn_final = Some(k.run(cfg, trainer.teacher.model.backbone.as_ref())?);
             }
-            // The same network at initialisation: the seeded init is deterministic.
-            let init = DinoNetwork::new(cfg, cfg.seed, 0.0, &device)?;
-            summary.knn_init = Some(k.run(cfg, init.model.backbone.as_ref())?);
+            if knn_init.is_none() {
+                knn_init = Some(
+                    k.run(
+                        cfg,
+                        DinoNetwork::new(cfg, cfg.seed, 0.0, &device)?
+                            .model
+                            .backbone
+                            .as_ref(),
+                    )?,
+                );
+            }
+            summary.knn_init = knn_init;
         }
     }
     if let (Some(a), Some(b)) = (summary.knn_final, summary.knn_init) {
