@@ -218,8 +218,9 @@ fn eval_knn_reports_accuracy_and_caches_features() {
             })
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no top1 in `{line}`"));
-        // 10 classes: chance is 10%; a real feature does better even untrained-ish, and never above 100.
-        assert!((0.0..=100.0).contains(&top1), "{line}");
+        // 10 balanced classes: chance is 10%. ViT features of Fashion-MNIST separate the classes far better
+        // (random-init ViTs reach ~59% in baseline.md), so a broken feature path (zeros, NaNs, wrong rows) fails.
+        assert!(top1 > 20.0 && top1 <= 100.0, "{line}");
     }
     assert!(cache.join("train_features.safetensors").is_file());
     assert!(cache.join("test_features.safetensors").is_file());
