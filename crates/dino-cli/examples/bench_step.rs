@@ -2,7 +2,7 @@
 //! its own). It drives dino-train's public `Trainer::step`, exactly the training iteration `dino train` runs.
 //!
 //! Configurations (../shared/spec/baseline.md): vit_tiny (dim 192, depth 12, 3 heads) student with drop path 0.1
-//! + DINOHead(192, K), K = 65536 or 4096, hidden 2048, bottleneck 256, norm_last_layer; AdamW in two groups,
+//! and DINOHead(192, K), K = 65536 or 4096, hidden 2048, bottleneck 256, norm_last_layer; AdamW in two groups,
 //! clip 3.0, EMA; epoch 1 (the last layer is trained).
 //! - `imagenet`: patch 16, 2 x 224 + 6 x 96 crops, batch 8;
 //! - `cifar`: patch 4, 2 x 32 + 6 x 16 crops, batch 64.

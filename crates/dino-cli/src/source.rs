@@ -49,7 +49,7 @@ pub struct ModelArgs {
 /// The backbone of a loaded network: the concrete ViT (attention maps, intermediate layers) or any backbone.
 pub enum Net {
     /// A Vision Transformer.
-    Vit(VisionTransformer),
+    Vit(Box<VisionTransformer>),
     /// A ResNet (or another backbone).
     Other(Box<dyn Backbone>),
 }
@@ -58,7 +58,7 @@ impl Net {
     /// The backbone as the trait object the evaluations take.
     pub fn backbone(&self) -> &dyn Backbone {
         match self {
-            Net::Vit(v) => v,
+            Net::Vit(v) => v.as_ref(),
             Net::Other(b) => b.as_ref(),
         }
     }
@@ -104,7 +104,7 @@ fn build(
 ) -> Result<(Net, Option<DinoHead>)> {
     let vb = seeded_var_builder(varmap, 0, DType::F32, device);
     let net = match dino_train::model::vit_config(cfg, 0.0)? {
-        Some(v) => Net::Vit(VisionTransformer::new(v, vb.pp("backbone"))?),
+        Some(v) => Net::Vit(Box::new(VisionTransformer::new(v, vb.pp("backbone"))?)),
         None => Net::Other(dino_train::model::build_backbone(
             cfg,
             vb.pp("backbone"),
