@@ -267,13 +267,6 @@ pub fn weight_norm_composed(v: &Tensor, g: &Tensor) -> candle_core::Result<Tenso
 }
 
 /// Contiguous f32 data of a CPU storage.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
-        _ => candle_core::bail!("{op}: contiguous f32 input expected"),
-    }
-}
-
 fn row_dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -296,8 +289,8 @@ impl CustomOp2 for WeightNormOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let v = f32_slice(s1, l1, self.name())?;
-        let g = f32_slice(s2, l2, self.name())?;
+        let v = crate::ops::f32_data(s1, l1, self.name())?;
+        let g = crate::ops::f32_data(s2, l2, self.name())?;
         let (_k, c) = l1.shape().dims2()?;
         let mut w = vec![0f32; v.len()];
         w.par_chunks_mut(c)
@@ -342,9 +335,9 @@ impl CustomOp3 for WeightNormBwdV {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let v = f32_slice(s1, l1, self.name())?;
-        let g = f32_slice(s2, l2, self.name())?;
-        let gw = f32_slice(s3, l3, self.name())?;
+        let v = crate::ops::f32_data(s1, l1, self.name())?;
+        let g = crate::ops::f32_data(s2, l2, self.name())?;
+        let gw = crate::ops::f32_data(s3, l3, self.name())?;
         let (_k, c) = l1.shape().dims2()?;
         if gw.len() != v.len() {
             candle_core::bail!(
@@ -386,8 +379,8 @@ impl CustomOp2 for WeightNormBwdG {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let v = f32_slice(s1, l1, self.name())?;
-        let gw = f32_slice(s2, l2, self.name())?;
+        let v = crate::ops::f32_data(s1, l1, self.name())?;
+        let gw = crate::ops::f32_data(s2, l2, self.name())?;
         let (k, c) = l1.shape().dims2()?;
         if gw.len() != v.len() {
             candle_core::bail!(

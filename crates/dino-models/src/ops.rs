@@ -170,7 +170,7 @@ fn rows_per_task(rows: usize, d: usize) -> usize {
 }
 
 /// The f32 data of a CPU storage in row-major order (borrowed when contiguous, copied otherwise).
-fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<Cow<'a, [f32]>> {
+pub(crate) fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<Cow<'a, [f32]>> {
     let data = match s {
         CpuStorage::F32(d) => d.as_slice(),
         other => candle_core::bail!("{op}: f32 storage expected, got {:?}", other.dtype()),
