@@ -1,8 +1,10 @@
 //! dino-models: Vision Transformer, ResNet, DINO head and multi-crop wrapper, trainable in candle and
 //! loadable from / exportable to the official PyTorch checkpoints.
 
+pub mod attention;
 pub mod backbone;
 pub mod error;
+pub mod fused;
 pub mod head;
 pub mod hub;
 pub mod init;

@@ -24,10 +24,10 @@ use rayon::prelude::*;
 // ---------------------------------------------------------------------------------------------------------
 
 macro_rules! multiversion {
-    ($(#[$m:meta])* fn $name:ident => $inner:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)?) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident => $inner:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)?) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) $(-> $ret)? {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
@@ -225,7 +225,7 @@ fn last_dim(shape: &Shape, op: &str) -> Result<(usize, usize)> {
 }
 
 /// Apply `f(first_row, in_chunk_rows_out)` over `out` split into row chunks, in parallel when large.
-fn for_row_chunks(
+pub(crate) fn for_row_chunks(
     out: &mut [f32],
     rows: usize,
     d: usize,
@@ -454,7 +454,7 @@ fn softmax_fwd_kernel(x: &[f32], y: &mut [f32], d: usize, scale: f32) {
     }
 }
 
-multiversion!(fn softmax_fwd_chunk => softmax_fwd_kernel(x: &[f32], y: &mut [f32], d: usize, scale: f32));
+multiversion!(pub(crate) fn softmax_fwd_chunk => softmax_fwd_kernel(x: &[f32], y: &mut [f32], d: usize, scale: f32));
 
 #[inline(always)]
 fn softmax_bwd_kernel(y: &[f32], g: &[f32], dx: &mut [f32], d: usize, scale: f32) {
@@ -471,7 +471,7 @@ fn softmax_bwd_kernel(y: &[f32], g: &[f32], dx: &mut [f32], d: usize, scale: f32
     }
 }
 
-multiversion!(fn softmax_bwd_chunk => softmax_bwd_kernel(y: &[f32], g: &[f32], dx: &mut [f32], d: usize, scale: f32));
+multiversion!(pub(crate) fn softmax_bwd_chunk => softmax_bwd_kernel(y: &[f32], g: &[f32], dx: &mut [f32], d: usize, scale: f32));
 
 struct SoftmaxOp {
     scale: f32,
@@ -563,7 +563,7 @@ fn gelu_fwd_kernel(x: &[f32], y: &mut [f32]) {
     }
 }
 
-multiversion!(fn gelu_fwd_chunk => gelu_fwd_kernel(x: &[f32], y: &mut [f32]));
+multiversion!(pub(crate) fn gelu_fwd_chunk => gelu_fwd_kernel(x: &[f32], y: &mut [f32]));
 
 #[inline(always)]
 fn gelu_bwd_kernel(x: &[f32], g: &[f32], dx: &mut [f32]) {
@@ -579,10 +579,10 @@ fn gelu_bwd_kernel(x: &[f32], g: &[f32], dx: &mut [f32]) {
     }
 }
 
-multiversion!(fn gelu_bwd_chunk => gelu_bwd_kernel(x: &[f32], g: &[f32], dx: &mut [f32]));
+multiversion!(pub(crate) fn gelu_bwd_chunk => gelu_bwd_kernel(x: &[f32], g: &[f32], dx: &mut [f32]));
 
 /// Elementwise chunking for the GELU kernels.
-fn for_elem_chunks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+pub(crate) fn for_elem_chunks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     const CHUNK: usize = 16 * 1024;
     if out.len() < PAR_MIN_ELEMS {
         f(0, out);
@@ -781,13 +781,15 @@ pub fn add_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// A linear layer on a 2-D input: `x`: `(R, in)`, `weight`: `(out, in)`, `bias`: `(out)` -> `(R, out)`.
+/// Column sums of a 2-D gradient `(R, C)` -> `(C)` (parallel; no backward).
+pub(crate) fn col_sum(g: &Tensor) -> Result<Tensor> {
+    g.apply_op1_no_bwd(&ColSumOp)
+}
+
+/// A linear layer on a 2-D input: `x`: `(R, in)`, `weight`: `(out, in)`, `bias`: `(out)` -> `(R, out)`
+/// (the fused GEMM op of [`crate::fused::linear`]).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.matmul(&weight.t()?)?;
-    match bias {
-        Some(b) => add_bias(&y, b),
-        None => Ok(y),
-    }
+    crate::fused::linear(x, weight, bias)
 }
 
 #[cfg(test)]

@@ -9,8 +9,10 @@
 //! Speed choices (numerically equivalent to the official code within float rounding):
 //! - the patch embedding is a patchify (reshape + permute) followed by one matmul instead of a strided conv;
 //! - every linear runs on a 2-D `(B*T, D)` view; tokens stay 2-D between blocks;
-//! - attention runs as batched matmuls over contiguous `(B*H, T, hd)` views, with the fused scaled softmax of
-//!   [`crate::ops`]; LayerNorm and GELU are the fused ops of [`crate::ops`] (analytic backward);
+//! - the MLP's fc1 + GELU is one fused op and each residual sum with its drop-path scale another
+//!   ([`crate::fused`]);
+//! - attention is the fused op of [`crate::attention`] on the packed `(B*T, 3D)` qkv activations (one GEMM per
+//!   batch and head, no split or permute copies); LayerNorm and GELU are the fused ops of [`crate::ops`] (analytic backward);
 //! - `forward` applies the final LayerNorm to the CLS rows only (LayerNorm is per token).
 
 use std::collections::HashMap;
@@ -269,6 +271,11 @@ impl Block {
         let h = self.num_heads;
         let hd = d / h;
         let xn = self.norm1.forward(x)?;
+        if !want_probs {
+            let qkv = self.qkv.forward(&xn)?; // (B*T, 3D)
+            let out = crate::attention::attention(&qkv, b, t, h, (hd as f64).powf(-0.5))?;
+            return Ok((self.proj.forward(&out)?, None));
+        }
         // q, k and v from row slices of the qkv weight (rows [q; k; v]): slicing the (3D, D) weight is
         // cheaper in the backward pass than slicing the (B*T, 3D) activations. Each (B*T, D) -> (B*H, T, hd).
         let head = |i: usize| -> Result<Tensor> {
@@ -302,8 +309,9 @@ impl Block {
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.fc1.forward(&self.norm2.forward(x)?)?;
-        self.fc2.forward(&ops::gelu_erf(&y)?)
+        let xn = self.norm2.forward(x)?;
+        let h = crate::fused::linear_gelu(&xn, &self.fc1.weight, self.fc1.bias.as_ref())?;
+        self.fc2.forward(&h)
     }
 
     /// `x`: `(B*T, D)` -> `(B*T, D)`. `rng` is `Some` when drop path is active (training, rate > 0).
@@ -315,35 +323,34 @@ impl Block {
         rng: Option<&Mutex<ChaCha8Rng>>,
     ) -> Result<Tensor> {
         let (a, _) = self.attention(x, b, t, false)?;
-        let x = (x + self.drop_path(&a, b, rng)?)?;
+        let x = crate::fused::residual(x, &a, self.drop_path_scales(b, rng)?)?;
         let m = self.mlp(&x)?;
-        x + self.drop_path(&m, b, rng)?
+        crate::fused::residual(&x, &m, self.drop_path_scales(b, rng)?)
     }
 
-    /// Stochastic depth: per sample, keep with probability `1 - rate` and scale by `1 / (1 - rate)`; the mask
-    /// is `floor(keep + U[0,1))` as in the official `drop_path`.
-    fn drop_path(&self, y: &Tensor, b: usize, rng: Option<&Mutex<ChaCha8Rng>>) -> Result<Tensor> {
+    /// Stochastic depth's per-sample scales: keep with probability `1 - rate` and scale by `1 / (1 - rate)`;
+    /// the mask is `floor(keep + U[0,1))` as in the official `drop_path`. `None` when inactive.
+    fn drop_path_scales(
+        &self,
+        b: usize,
+        rng: Option<&Mutex<ChaCha8Rng>>,
+    ) -> Result<Option<Vec<f32>>> {
         let rng = match rng {
             Some(r) if self.drop_path > 0.0 => r,
-            _ => return Ok(y.clone()),
+            _ => return Ok(None),
         };
         let keep = 1.0 - self.drop_path;
-        let scale: Vec<f32> = {
-            let mut rng = rng
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("ViT drop-path RNG mutex poisoned".into()))?;
+        let mut rng = rng
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("ViT drop-path RNG mutex poisoned".into()))?;
+        Ok(Some(
             (0..b)
                 .map(|_| {
                     let u: f64 = rng.random();
                     ((keep + u).floor() / keep) as f32
                 })
-                .collect()
-        };
-        let (rows, d) = y.dims2()?;
-        let mask = Tensor::from_vec(scale, (b, 1), y.device())?.to_dtype(y.dtype())?;
-        y.reshape((b, (rows / b) * d))?
-            .broadcast_mul(&mask)?
-            .reshape((rows, d))
+                .collect(),
+        ))
     }
 }
 

@@ -1,0 +1,645 @@
+//! GEMM-level fused layers with hand-written backward passes, calling the `gemm` crate (candle's own CPU GEMM)
+//! directly with strides:
+//! - [`linear`]: `y = x Wᵀ + b` as one op: the bias is written into the output before the GEMM accumulates
+//!   onto it, and the backward pass computes `dx = dy W`, `dW = dyᵀ x` (already in `W`'s `(out, in)` layout,
+//!   no transposed copy) and `db` = column sums, instead of candle's matmul + transpose + broadcast-add graph;
+//! - [`linear_gelu`]: `GELU(x Wᵀ + b)` with the pre-activation kept by the op for the backward pass (one graph
+//!   node and one gradient accumulation fewer than linear then GELU);
+//! - [`residual`]: `x + s_i · y_i` per sample `i` (stochastic depth's kept/dropped scale, 1 without drop path),
+//!   replacing candle's reshape + broadcast-mul + add.
+//!
+//! Every op takes 2-D row-major f32 CPU tensors; other devices and dtypes use candle's composed ops.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+use gemm::{gemm, Parallelism};
+
+use crate::ops::{self, f32_data};
+
+/// The rayon parallelism of a GEMM big enough to split (`m * n * k` multiply-adds).
+fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && m * n * k >= 1 << 18 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// `dst (m, n) [+]= lhs (m, k) · rhs (k, n)`; each matrix is `(ptr, col stride, row stride)` in elements.
+/// With `accumulate` the product is added to `dst`'s contents, otherwise `dst` is overwritten.
+///
+/// # Safety
+/// Every pointer must be valid for the addresses its strides reach, and `dst` must not alias the inputs.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, isize, isize),
+    accumulate: bool,
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+    par: Parallelism,
+) {
+    gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.1,
+        dst.2,
+        accumulate,
+        lhs.0,
+        lhs.1,
+        lhs.2,
+        rhs.0,
+        rhs.1,
+        rhs.2,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+fn is_cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+fn dims2(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    match l.dims() {
+        [r, c] => Ok((*r, *c)),
+        d => candle_core::bail!("{what}: a 2-D tensor is required, got {d:?}"),
+    }
+}
+
+/// `x Wᵀ (+ b)` into a fresh `(R, out)` buffer.
+fn linear_fwd(
+    x: &[f32],
+    r: usize,
+    inp: usize,
+    w: &[f32],
+    out: usize,
+    b: Option<&[f32]>,
+) -> Vec<f32> {
+    let mut y = vec![0f32; r * out];
+    if let Some(b) = b {
+        ops::for_row_chunks(&mut y, r, out, |_, rows| {
+            rows.chunks_exact_mut(out)
+                .for_each(|row| row.copy_from_slice(b))
+        });
+    }
+    // SAFETY: x is (r, inp), w is (out, inp) row-major (read as Wᵀ through strides), y is (r, out).
+    unsafe {
+        gemm_strided(
+            r,
+            out,
+            inp,
+            (y.as_mut_ptr(), 1, out as isize),
+            b.is_some(),
+            (x.as_ptr(), 1, inp as isize),
+            (w.as_ptr(), inp as isize, 1),
+            parallelism(r, out, inp),
+        )
+    }
+    y
+}
+
+/// `op(A) · op(B)` of 2-D tensors without a backward pass (`op` = transpose when the flag is set).
+struct MatMulOp {
+    ta: bool,
+    tb: bool,
+}
+
+impl CustomOp2 for MatMulOp {
+    fn name(&self) -> &'static str {
+        "dino-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = f32_data(s1, l1, self.name())?;
+        let b = f32_data(s2, l2, self.name())?;
+        let (ar, ac) = dims2(l1, self.name())?;
+        let (br, bc) = dims2(l2, self.name())?;
+        let (m, k) = if self.ta { (ac, ar) } else { (ar, ac) };
+        let (k2, n) = if self.tb { (bc, br) } else { (br, bc) };
+        if k != k2 {
+            candle_core::bail!("{}: inner sizes {k} and {k2} differ", self.name());
+        }
+        // Row-major (rows, cols) with strides (cs, rs) = (1, cols); transposed reads swap them.
+        let lhs = if self.ta {
+            (a.as_ptr(), ac as isize, 1)
+        } else {
+            (a.as_ptr(), 1, ac as isize)
+        };
+        let rhs = if self.tb {
+            (b.as_ptr(), bc as isize, 1)
+        } else {
+            (b.as_ptr(), 1, bc as isize)
+        };
+        let mut c = vec![0f32; m * n];
+        // SAFETY: a and b hold ar*ac and br*bc elements read within those bounds; c is (m, n).
+        unsafe {
+            gemm_strided(
+                m,
+                n,
+                k,
+                (c.as_mut_ptr(), 1, n as isize),
+                false,
+                lhs,
+                rhs,
+                parallelism(m, n, k),
+            )
+        }
+        Ok((CpuStorage::F32(c), Shape::from((m, n))))
+    }
+}
+
+fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
+    a.apply_op2_no_bwd(b, &MatMulOp { ta, tb })
+}
+
+/// `g ⊙ GELU'(pre)` with the pre-activation held by the op.
+struct GeluGradOp {
+    pre: Arc<Vec<f32>>,
+}
+
+impl CustomOp1 for GeluGradOp {
+    fn name(&self) -> &'static str {
+        "dino-linear-gelu-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = f32_data(s, l, self.name())?;
+        if g.len() != self.pre.len() {
+            candle_core::bail!(
+                "{}: gradient size {} != {}",
+                self.name(),
+                g.len(),
+                self.pre.len()
+            );
+        }
+        let mut dx = vec![0f32; g.len()];
+        ops::for_elem_chunks(&mut dx, |a, c| {
+            let n = c.len();
+            ops::gelu_bwd_chunk(&self.pre[a..a + n], &g[a..a + n], c)
+        });
+        Ok((CpuStorage::F32(dx), l.shape().clone()))
+    }
+}
+
+/// The fused linear (optionally followed by GELU).
+struct LinearOp {
+    gelu: bool,
+    /// The pre-activation when `gelu`, kept for the backward pass.
+    pre: Mutex<Option<Arc<Vec<f32>>>>,
+}
+
+impl LinearOp {
+    fn new(gelu: bool) -> Self {
+        Self {
+            gelu,
+            pre: Mutex::new(None),
+        }
+    }
+
+    fn fwd(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = "dino-linear";
+        let (r, inp) = dims2(x.1, name)?;
+        let (out, win) = dims2(w.1, name)?;
+        if win != inp {
+            candle_core::bail!(
+                "{name}: input has {inp} features, the weight {:?}",
+                w.1.dims()
+            );
+        }
+        let xd = f32_data(x.0, x.1, name)?;
+        let wd = f32_data(w.0, w.1, name)?;
+        let bd = match b {
+            Some((s, l)) => {
+                if l.dims() != [out] {
+                    candle_core::bail!("{name}: bias {:?} must be ({out})", l.dims());
+                }
+                Some(f32_data(s, l, name)?)
+            }
+            None => None,
+        };
+        let y = linear_fwd(&xd, r, inp, &wd, out, bd.as_deref());
+        let y = if self.gelu {
+            let mut act = vec![0f32; y.len()];
+            ops::for_elem_chunks(&mut act, |a, c| {
+                let n = c.len();
+                ops::gelu_fwd_chunk(&y[a..a + n], c)
+            });
+            if let Ok(mut slot) = self.pre.lock() {
+                *slot = Some(Arc::new(y));
+            }
+            act
+        } else {
+            y
+        };
+        Ok((CpuStorage::F32(y), Shape::from((r, out))))
+    }
+
+    /// `(dx, dW, db)` for upstream gradient `grad` `(R, out)`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        has_bias: bool,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let g = if self.gelu {
+            let pre = self
+                .pre
+                .lock()
+                .ok()
+                .and_then(|p| p.clone())
+                .ok_or_else(|| {
+                    candle_core::Error::Msg("linear_gelu: pre-activation missing".into())
+                })?;
+            grad.apply_op1_no_bwd(&GeluGradOp { pre })?
+        } else {
+            grad.contiguous()?
+        };
+        let dx = matmul(&g, w, false, false)?;
+        let dw = matmul(&g, x, true, false)?;
+        let db = if has_bias {
+            Some(ops::col_sum(&g)?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// `LinearOp` with a bias: inputs `(x, W, b)`.
+struct LinearBiasOp(LinearOp);
+
+impl CustomOp3 for LinearBiasOp {
+    fn name(&self) -> &'static str {
+        "dino-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.0.fwd((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.0.bwd(x, w, true, grad)?;
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+/// `LinearOp` without a bias: inputs `(x, W)`.
+struct LinearNoBiasOp(LinearOp);
+
+impl CustomOp2 for LinearNoBiasOp {
+    fn name(&self) -> &'static str {
+        "dino-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.0.fwd((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.0.bwd(x, w, false, grad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+fn linear_impl(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
+    let all: Vec<&Tensor> = [Some(x), Some(weight), bias]
+        .into_iter()
+        .flatten()
+        .collect();
+    if !is_cpu_f32(&all) || x.rank() != 2 || weight.rank() != 2 {
+        let y = x.matmul(&weight.t()?)?;
+        let y = match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        return if gelu { y.gelu_erf() } else { Ok(y) };
+    }
+    let op = LinearOp::new(gelu);
+    match bias {
+        Some(b) => x.apply_op3(weight, b, LinearBiasOp(op)),
+        None => x.apply_op2(weight, LinearNoBiasOp(op)),
+    }
+}
+
+/// A linear layer on a 2-D input: `x`: `(R, in)`, `weight`: `(out, in)`, `bias`: `(out)` -> `(R, out)`.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_impl(x, weight, bias, false)
+}
+
+/// `GELU(x Wᵀ + b)` (exact erf GELU) on a 2-D input: `(R, in)` -> `(R, out)`.
+pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_impl(x, weight, bias, true)
+}
+
+/// `x + s_i · y` on the rows of sample `i`: inputs `(x, y)` of shape `(B*T, D)`, `scales` one per sample.
+struct ResidualOp {
+    scales: Arc<Vec<f32>>,
+}
+
+impl ResidualOp {
+    /// `out[i] = a[i] + s(row i) * y[i]` over rows of `d` elements, `rows_per_sample` rows per scale.
+    fn apply(&self, a: Option<&[f32]>, y: &[f32], rows: usize, d: usize) -> Vec<f32> {
+        let per = rows / self.scales.len().max(1);
+        let mut out = vec![0f32; rows * d];
+        ops::for_row_chunks(&mut out, rows, d, |r0, chunk| {
+            for (i, orow) in chunk.chunks_exact_mut(d).enumerate() {
+                let r = r0 + i;
+                let s = self.scales[r / per.max(1)];
+                let yr = &y[r * d..(r + 1) * d];
+                match a {
+                    Some(a) => {
+                        let ar = &a[r * d..(r + 1) * d];
+                        for ((o, &av), &yv) in orow.iter_mut().zip(ar).zip(yr) {
+                            *o = av + s * yv;
+                        }
+                    }
+                    None => {
+                        for (o, &yv) in orow.iter_mut().zip(yr) {
+                            *o = s * yv;
+                        }
+                    }
+                }
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp2 for ResidualOp {
+    fn name(&self) -> &'static str {
+        "dino-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, d) = dims2(l1, self.name())?;
+        if l2.dims() != l1.dims() {
+            candle_core::bail!(
+                "{}: {:?} and {:?} differ",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let x = f32_data(s1, l1, self.name())?;
+        let y = f32_data(s2, l2, self.name())?;
+        Ok((
+            CpuStorage::F32(self.apply(Some(&x), &y, rows, d)),
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.scales.iter().all(|&s| s == 1.0) {
+            return Ok((Some(grad.clone()), Some(grad.clone())));
+        }
+        let dy = grad.apply_op1_no_bwd(&ScaleRowsOp {
+            res: ResidualOp {
+                scales: self.scales.clone(),
+            },
+        })?;
+        Ok((Some(grad.clone()), Some(dy)))
+    }
+}
+
+/// `s_i · g` per sample (the `y` gradient of [`ResidualOp`]).
+struct ScaleRowsOp {
+    res: ResidualOp,
+}
+
+impl CustomOp1 for ScaleRowsOp {
+    fn name(&self) -> &'static str {
+        "dino-residual-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, d) = dims2(l, self.name())?;
+        let g = f32_data(s, l, self.name())?;
+        Ok((
+            CpuStorage::F32(self.res.apply(None, &g, rows, d)),
+            l.shape().clone(),
+        ))
+    }
+}
+
+/// `x + s_i · y` on the `rows / scales.len()` rows of each sample `i`: `x`, `y`: `(B*T, D)`, `scales`: `B`
+/// values (stochastic depth's `keep / (1 - rate)` or 0; pass `None` for a plain residual sum).
+pub fn residual(x: &Tensor, y: &Tensor, scales: Option<Vec<f32>>) -> Result<Tensor> {
+    let (rows, d) = x.dims2()?;
+    let b = scales.as_ref().map_or(1, |s| s.len());
+    if b == 0 || rows % b != 0 {
+        candle_core::bail!("residual: {rows} rows do not split into {b} samples");
+    }
+    if !is_cpu_f32(&[x, y]) {
+        return match scales {
+            None => x + y,
+            Some(s) => {
+                let mask = Tensor::from_vec(s, (b, 1), y.device())?.to_dtype(y.dtype())?;
+                x + y
+                    .reshape((b, (rows / b) * d))?
+                    .broadcast_mul(&mask)?
+                    .reshape((rows, d))?
+            }
+        };
+    }
+    let scales = Arc::new(scales.unwrap_or_else(|| vec![1.0]));
+    x.apply_op2(y, ResidualOp { scales })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn pattern(n: usize, seed: u64) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let x = (i as u64 * 2654435761 + seed * 40503) % 10007;
+                x as f32 / 10007.0 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn linear_and_linear_gelu_match_composed_ops_with_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(r, inp, out) in &[(7usize, 5usize, 3usize), (300, 64, 96), (1, 1, 1)] {
+            for gelu in [false, true] {
+                for with_bias in [true, false] {
+                    let x = Var::from_vec(pattern(r * inp, 1), (r, inp), &dev)?;
+                    let w = Var::from_vec(pattern(out * inp, 2), (out, inp), &dev)?;
+                    let b = Var::from_vec(pattern(out, 3), out, &dev)?;
+                    let up = Tensor::from_vec(pattern(r * out, 4), (r, out), &dev)?;
+                    let bias = with_bias.then(|| b.as_tensor());
+                    let y = linear_impl(x.as_tensor(), w.as_tensor(), bias, gelu)?;
+                    let mut yr = x.as_tensor().matmul(&w.as_tensor().t()?)?;
+                    if with_bias {
+                        yr = yr.broadcast_add(b.as_tensor())?;
+                    }
+                    if gelu {
+                        yr = yr.gelu_erf()?;
+                    }
+                    assert!(
+                        max_diff(&y, &yr) < 1e-5,
+                        "forward {r}x{inp}x{out} gelu {gelu}"
+                    );
+                    let g = (y * &up)?.sum_all()?.backward()?;
+                    let gr = (yr * &up)?.sum_all()?.backward()?;
+                    for (name, v) in [("x", &x), ("w", &w)] {
+                        let d = max_diff(g.get(v).unwrap(), gr.get(v).unwrap());
+                        assert!(
+                            d < 1e-4,
+                            "d{name} differs by {d} ({r}x{inp}x{out}, gelu {gelu})"
+                        );
+                    }
+                    if with_bias {
+                        let d = max_diff(g.get(&b).unwrap(), gr.get(&b).unwrap());
+                        assert!(d < 1e-4, "db differs by {d}");
+                    } else {
+                        assert!(g.get(&b).is_none());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn linear_gelu_gradient_matches_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let (r, inp, out) = (3usize, 4usize, 5usize);
+        let w0 = pattern(out * inp, 5);
+        let x = Tensor::from_vec(pattern(r * inp, 6), (r, inp), &dev)?;
+        let b = Tensor::from_vec(pattern(out, 7), out, &dev)?;
+        let f = |wv: &[f32]| -> Result<f64> {
+            let w = Tensor::from_vec(wv.to_vec(), (out, inp), &dev)?;
+            linear_gelu(&x, &w, Some(&b))?
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()
+        };
+        let w = Var::from_vec(w0.clone(), (out, inp), &dev)?;
+        let g = linear_gelu(&x, w.as_tensor(), Some(&b))?
+            .sqr()?
+            .sum_all()?
+            .backward()?;
+        let g: Vec<f32> = g.get(&w).unwrap().flatten_all()?.to_vec1()?;
+        for i in 0..w0.len() {
+            let (mut p, mut m) = (w0.clone(), w0.clone());
+            p[i] += 1e-2;
+            m[i] -= 1e-2;
+            let fd = (f(&p)? - f(&m)?) / 2e-2;
+            assert!(
+                (fd - g[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+                "w[{i}]: fd {fd}, analytic {}",
+                g[i]
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn residual_scales_each_sample_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, d) = (3usize, 4usize, 5usize);
+        let x = Var::from_vec(pattern(b * t * d, 8), (b * t, d), &dev)?;
+        let y = Var::from_vec(pattern(b * t * d, 9), (b * t, d), &dev)?;
+        let scales = vec![0.0f32, 1.25, 1.0];
+        let up = Tensor::from_vec(pattern(b * t * d, 10), (b * t, d), &dev)?;
+        let out = residual(x.as_tensor(), y.as_tensor(), Some(scales.clone()))?;
+        let mask = Tensor::from_vec(scales, (b, 1), &dev)?;
+        let yr = y
+            .as_tensor()
+            .reshape((b, t * d))?
+            .broadcast_mul(&mask)?
+            .reshape((b * t, d))?;
+        let reference = (x.as_tensor() + yr)?;
+        assert!(max_diff(&out, &reference) < 1e-6);
+        let g = (out * &up)?.sum_all()?.backward()?;
+        let gr = (reference * &up)?.sum_all()?.backward()?;
+        assert!(max_diff(g.get(&x).unwrap(), gr.get(&x).unwrap()) < 1e-6);
+        assert!(max_diff(g.get(&y).unwrap(), gr.get(&y).unwrap()) < 1e-6);
+        // Without scales: a plain sum, gradient passed through to both.
+        let plain = residual(x.as_tensor(), y.as_tensor(), None)?;
+        assert!(max_diff(&plain, &(x.as_tensor() + y.as_tensor())?) < 1e-6);
+        Ok(())
+    }
+}
