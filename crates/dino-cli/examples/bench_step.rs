@@ -271,6 +271,7 @@ fn all_cases() -> Vec<String> {
 }
 
 fn main() {
+    dino_train::runtime::tune_allocator();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     if args.iter().any(|a| a == "--list") {

@@ -60,6 +60,7 @@ struct TrainCmd {
 }
 
 fn main() {
+    dino_train::runtime::tune_allocator();
     // A panic is a bug, not a user error: one line, no backtrace.
     std::panic::set_hook(Box::new(|info| {
         let msg = info

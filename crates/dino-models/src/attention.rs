@@ -8,12 +8,13 @@
 //! attention probabilities are kept by the op for the backward pass:
 //! - `dV = Pᵀ dO`, `dP = dO Vᵀ`, `dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))`, `dQ = dS K`, `dK = dSᵀ Q`,
 //!
-//! all written into their columns of one `(B*T, 3D)` gradient. Other devices and dtypes use candle's
-//! composed ops (same result, slower).
+//! all written into their columns of one `(B*T, 3D)` gradient. [`attention_query`] is the same kernel for
+//! separate queries over packed keys/values (the last ViT block when only the CLS output is used: one query
+//! per sample). Other devices and dtypes use candle's composed ops (same result, slower).
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -50,26 +51,181 @@ unsafe fn mm(
     gemm_strided(m, n, k, dst, false, lhs, rhs, Parallelism::None)
 }
 
-/// Geometry of one attention call.
+/// Geometry of one attention call: element `j` of head `h` of row `r` of Q is at `q_off + r * q_rs + h * hd + j`
+/// of the Q buffer, and likewise for K and V (offsets `k_off`, `v_off`) in the K/V buffer with row stride `kv_rs`.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
+struct Geo {
     b: usize,
+    /// Queries per sample.
+    tq: usize,
+    /// Keys (= values) per sample.
     t: usize,
     heads: usize,
     hd: usize,
     scale: f32,
+    q_rs: usize,
+    q_off: usize,
+    kv_rs: usize,
+    k_off: usize,
+    v_off: usize,
 }
 
-impl Dims {
+impl Geo {
     fn d(&self) -> usize {
         self.heads * self.hd
     }
+
+    /// Q, K and V of sample `bi`, head `hi` inside their buffers.
+    ///
+    /// # Safety
+    /// `q` and `kv` must hold the buffers this geometry describes.
+    unsafe fn qkv(
+        &self,
+        q: *const f32,
+        kv: *const f32,
+        bi: usize,
+        hi: usize,
+    ) -> (*const f32, *const f32, *const f32) {
+        let h = hi * self.hd;
+        (
+            q.add(bi * self.tq * self.q_rs + self.q_off + h),
+            kv.add(bi * self.t * self.kv_rs + self.k_off + h),
+            kv.add(bi * self.t * self.kv_rs + self.v_off + h),
+        )
+    }
+
+    /// Forward: `(out (B*tq, D), probs (B*H, tq, t))`.
+    fn forward(&self, q: &[f32], kv: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let (tq, t, hd, d) = (self.tq, self.t, self.hd, self.d());
+        let mut probs = vec![0f32; self.b * self.heads * tq * t];
+        let mut out = vec![0f32; self.b * tq * d];
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        let (qp, kvp) = (q.as_ptr() as usize, kv.as_ptr() as usize);
+        let (q_rs, kv_rs, ti) = (self.q_rs as isize, self.kv_rs as isize, t as isize);
+        probs.par_chunks_mut(tq * t).enumerate().for_each_init(
+            || vec![0f32; tq * t],
+            |logits, (bh, p)| {
+                let (bi, hi) = (bh / self.heads, bh % self.heads);
+                // SAFETY: the geometry matches the buffers (checked by the callers); this task alone writes
+                // rows bi*tq.. x columns hi*hd.. of `out`, and `p` is its own chunk.
+                unsafe {
+                    let (qh, kh, vh) = self.qkv(qp as *const f32, kvp as *const f32, bi, hi);
+                    mm(
+                        tq,
+                        t,
+                        hd,
+                        (logits.as_mut_ptr(), 1, ti),
+                        (qh, 1, q_rs),
+                        (kh, kv_rs, 1),
+                    );
+                    ops::softmax_fwd_chunk(logits, p, t, self.scale);
+                    let o = out_ptr.get().add(bi * tq * d + hi * hd);
+                    mm(
+                        tq,
+                        hd,
+                        t,
+                        (o, 1, d as isize),
+                        (p.as_ptr(), 1, ti),
+                        (vh, 1, kv_rs),
+                    );
+                }
+            },
+        );
+        (out, probs)
+    }
+
+    /// Backward: writes dQ into `dq` (laid out like Q) and dK, dV into `dkv` (laid out like K/V); `go` is the
+    /// `(B*tq, D)` output gradient. `dq` and `dkv` may be the same buffer when Q and K/V share one.
+    ///
+    /// # Safety
+    /// `dq` / `dkv` must be valid for the layouts of Q and K/V; `q`, `kv`, `go`, `probs` must match the geometry.
+    unsafe fn backward(
+        &self,
+        q: &[f32],
+        kv: &[f32],
+        go: &[f32],
+        probs: &[f32],
+        dq: SyncPtr,
+        dkv: SyncPtr,
+    ) {
+        let (tq, t, hd, d) = (self.tq, self.t, self.hd, self.d());
+        let (qp, kvp, gop) = (
+            q.as_ptr() as usize,
+            kv.as_ptr() as usize,
+            go.as_ptr() as usize,
+        );
+        let (q_rs, kv_rs, ti) = (self.q_rs as isize, self.kv_rs as isize, t as isize);
+        let n = tq * t;
+        probs.par_chunks(n).enumerate().for_each_init(
+            || (vec![0f32; n], vec![0f32; n]),
+            |(dp, ds), (bh, p)| {
+                let (bi, hi) = (bh / self.heads, bh % self.heads);
+                let h = hi * hd;
+                // SAFETY: reads stay inside the buffers of the geometry; this task alone writes columns
+                // hi*hd.. of its sample's rows of dQ, dK and dV; `dp`, `ds` are its scratch buffers.
+                unsafe {
+                    let (qh, kh, vh) = self.qkv(qp as *const f32, kvp as *const f32, bi, hi);
+                    let goh = (gop as *const f32).add(bi * tq * d + h);
+                    let dqh = dq.get().add(bi * tq * self.q_rs + self.q_off + h);
+                    let dkh = dkv.get().add(bi * t * self.kv_rs + self.k_off + h);
+                    let dvh = dkv.get().add(bi * t * self.kv_rs + self.v_off + h);
+                    let p = p.as_ptr();
+                    // dV = Pᵀ dO
+                    mm(t, hd, tq, (dvh, 1, kv_rs), (p, ti, 1), (goh, 1, d as isize));
+                    // dP = dO Vᵀ
+                    mm(
+                        tq,
+                        t,
+                        hd,
+                        (dp.as_mut_ptr(), 1, ti),
+                        (goh, 1, d as isize),
+                        (vh, kv_rs, 1),
+                    );
+                    ops::softmax_bwd_chunk(std::slice::from_raw_parts(p, n), dp, ds, t, self.scale);
+                    // dQ = dS K, dK = dSᵀ Q
+                    mm(
+                        tq,
+                        hd,
+                        t,
+                        (dqh, 1, q_rs),
+                        (ds.as_ptr(), 1, ti),
+                        (kh, 1, kv_rs),
+                    );
+                    mm(
+                        t,
+                        hd,
+                        tq,
+                        (dkh, 1, kv_rs),
+                        (ds.as_ptr(), ti, 1),
+                        (qh, 1, q_rs),
+                    );
+                }
+            },
+        );
+    }
 }
 
-/// The forward op; keeps the probabilities `(B*H, T, T)` for the backward pass.
+/// Probabilities kept from the forward pass for the backward pass.
+type Saved = Mutex<Option<Arc<Vec<f32>>>>;
+
+fn take_saved(saved: &Saved) -> Result<Arc<Vec<f32>>> {
+    saved
+        .lock()
+        .ok()
+        .and_then(|p| p.clone())
+        .ok_or_else(|| candle_core::Error::Msg("attention: probabilities missing".into()))
+}
+
+fn save(saved: &Saved, probs: Vec<f32>) {
+    if let Ok(mut slot) = saved.lock() {
+        *slot = Some(Arc::new(probs));
+    }
+}
+
+/// Self-attention on packed `qkv` `(B*T, 3D)` -> `(B*T, D)`.
 struct AttentionOp {
-    dims: Dims,
-    probs: Mutex<Option<Arc<Vec<f32>>>>,
+    geo: Geo,
+    probs: Saved,
 }
 
 impl CustomOp1 for AttentionOp {
@@ -78,80 +234,26 @@ impl CustomOp1 for AttentionOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let Dims {
-            b,
-            t,
-            heads,
-            hd,
-            scale,
-        } = self.dims;
-        let d = self.dims.d();
-        let qkv = f32_data(s, l, "attention")?;
-        let mut probs = vec![0f32; b * heads * t * t];
-        let mut out = vec![0f32; b * t * d];
-        let out_ptr = SyncPtr(out.as_mut_ptr());
-        let qkv_ptr = qkv.as_ptr() as usize;
-        let rs3 = (3 * d) as isize;
-        probs.par_chunks_mut(t * t).enumerate().for_each_init(
-            || vec![0f32; t * t],
-            |logits, (bh, p)| {
-                let (bi, hi) = (bh / heads, bh % heads);
-                let base = qkv_ptr as *const f32;
-                // SAFETY: q, k and v of (bi, hi) lie inside qkv (rows bi*T.., columns hi*hd.. of each third);
-                // this task alone writes rows bi*T.. x columns hi*hd.. of `out`, and `p` is its own chunk.
-                unsafe {
-                    let q = base.add(bi * t * 3 * d + hi * hd);
-                    let k = q.add(d);
-                    let v = q.add(2 * d);
-                    let ti = t as isize;
-                    mm(
-                        t,
-                        t,
-                        hd,
-                        (logits.as_mut_ptr(), 1, ti),
-                        (q, 1, rs3),
-                        (k, rs3, 1),
-                    );
-                    ops::softmax_fwd_chunk(logits, p, t, scale);
-                    let o = out_ptr.get().add(bi * t * d + hi * hd);
-                    mm(
-                        t,
-                        hd,
-                        t,
-                        (o, 1, d as isize),
-                        (p.as_ptr(), 1, t as isize),
-                        (v, 1, rs3),
-                    );
-                }
-            },
-        );
-        if let Ok(mut slot) = self.probs.lock() {
-            *slot = Some(Arc::new(probs));
-        }
-        Ok((CpuStorage::F32(out), Shape::from((b * t, d))))
+        let qkv = f32_data(s, l, self.name())?;
+        let (out, probs) = self.geo.forward(&qkv, &qkv);
+        save(&self.probs, probs);
+        let g = self.geo;
+        Ok((CpuStorage::F32(out), Shape::from((g.b * g.t, g.d()))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let probs = self
-            .probs
-            .lock()
-            .ok()
-            .and_then(|p| p.clone())
-            .ok_or_else(|| candle_core::Error::Msg("attention: probabilities missing".into()))?;
-        let g = arg.apply_op2_no_bwd(
-            &grad.contiguous()?,
-            &AttentionBwdOp {
-                dims: self.dims,
-                probs,
-            },
-        )?;
-        Ok(Some(g))
+        let probs = take_saved(&self.probs)?;
+        let op = AttentionBwdOp {
+            geo: self.geo,
+            probs,
+        };
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
     }
 }
 
-/// The backward op: `(qkv, dOut)` -> `dqkv`.
+/// Backward of [`AttentionOp`]: `(qkv, dOut)` -> `dqkv`.
 struct AttentionBwdOp {
-    dims: Dims,
+    geo: Geo,
     probs: Arc<Vec<f32>>,
 }
 
@@ -167,64 +269,120 @@ impl CustomOp2 for AttentionBwdOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let Dims {
-            b,
-            t,
-            heads,
-            hd,
-            scale,
-        } = self.dims;
-        let d = self.dims.d();
-        let qkv = f32_data(s1, l1, "attention backward")?;
-        let go = f32_data(s2, l2, "attention backward")?;
-        let mut dqkv = vec![0f32; b * t * 3 * d];
-        let dptr = SyncPtr(dqkv.as_mut_ptr());
-        let qkv_ptr = qkv.as_ptr() as usize;
-        let go_ptr = go.as_ptr() as usize;
-        let rs3 = (3 * d) as isize;
-        let (tt, ti) = (t * t, t as isize);
-        self.probs.par_chunks(tt).enumerate().for_each_init(
-            || (vec![0f32; tt], vec![0f32; tt]),
-            |(dp, ds), (bh, p)| {
-                let (bi, hi) = (bh / heads, bh % heads);
-                // SAFETY: reads stay inside qkv / dOut rows bi*T.. ; this task alone writes the columns
-                // hi*hd.. of each third of dqkv rows bi*T.. ; `dp` is this task's scratch buffer.
-                unsafe {
-                    let q = (qkv_ptr as *const f32).add(bi * t * 3 * d + hi * hd);
-                    let k = q.add(d);
-                    let v = q.add(2 * d);
-                    let go = (go_ptr as *const f32).add(bi * t * d + hi * hd);
-                    let dq = dptr.get().add(bi * t * 3 * d + hi * hd);
-                    let dk = dq.add(d);
-                    let dv = dq.add(2 * d);
-                    let p = p.as_ptr();
-                    // dV = Pᵀ dO
-                    mm(t, hd, t, (dv, 1, rs3), (p, ti, 1), (go, 1, d as isize));
-                    // dP = dO Vᵀ
-                    mm(
-                        t,
-                        t,
-                        hd,
-                        (dp.as_mut_ptr(), 1, ti),
-                        (go, 1, d as isize),
-                        (v, rs3, 1),
-                    );
-                    ops::softmax_bwd_chunk(std::slice::from_raw_parts(p, tt), dp, ds, t, scale);
-                    // dQ = dS K, dK = dSᵀ Q
-                    mm(t, hd, t, (dq, 1, rs3), (ds.as_ptr(), 1, ti), (k, 1, rs3));
-                    mm(t, hd, t, (dk, 1, rs3), (ds.as_ptr(), ti, 1), (q, 1, rs3));
-                }
-            },
-        );
-        Ok((CpuStorage::F32(dqkv), Shape::from((b * t, 3 * d))))
+        let qkv = f32_data(s1, l1, self.name())?;
+        let go = f32_data(s2, l2, self.name())?;
+        let mut dqkv = vec![0f32; qkv.len()];
+        let p = SyncPtr(dqkv.as_mut_ptr());
+        // SAFETY: dqkv has qkv's layout, which the geometry describes.
+        unsafe { self.geo.backward(&qkv, &qkv, &go, &self.probs, p, p) };
+        Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
     }
+}
+
+/// Attention of separate queries `(B*tq, D)` over packed keys/values `(B*T, 2D)` -> `(B*tq, D)`.
+struct QueryAttentionOp {
+    geo: Geo,
+    probs: Saved,
+}
+
+impl CustomOp2 for QueryAttentionOp {
+    fn name(&self) -> &'static str {
+        "dino-query-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = f32_data(s1, l1, self.name())?;
+        let kv = f32_data(s2, l2, self.name())?;
+        let (out, probs) = self.geo.forward(&q, &kv);
+        save(&self.probs, probs);
+        let g = self.geo;
+        Ok((CpuStorage::F32(out), Shape::from((g.b * g.tq, g.d()))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        kv: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let probs = take_saved(&self.probs)?;
+        let op = QueryAttentionBwdOp {
+            geo: self.geo,
+            probs,
+        };
+        // One flat buffer [dq | dkv], split into two views.
+        let both = q.apply_op3_no_bwd(kv, &grad.contiguous()?, &op)?;
+        let (nq, nkv) = (q.elem_count(), kv.elem_count());
+        let dq = both.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dkv = both.narrow(0, nq, nkv)?.reshape(kv.shape())?;
+        Ok((Some(dq), Some(dkv)))
+    }
+}
+
+/// Backward of [`QueryAttentionOp`]: `(q, kv, dOut)` -> flat `[dq | dkv]`.
+struct QueryAttentionBwdOp {
+    geo: Geo,
+    probs: Arc<Vec<f32>>,
+}
+
+impl CustomOp3 for QueryAttentionBwdOp {
+    fn name(&self) -> &'static str {
+        "dino-query-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = f32_data(s1, l1, self.name())?;
+        let kv = f32_data(s2, l2, self.name())?;
+        let go = f32_data(s3, l3, self.name())?;
+        let mut both = vec![0f32; q.len() + kv.len()];
+        let dq = SyncPtr(both.as_mut_ptr());
+        // SAFETY: the first q.len() elements are dq (q's layout), the rest dkv (kv's layout).
+        let dkv = SyncPtr(unsafe { both.as_mut_ptr().add(q.len()) });
+        // SAFETY: as above; the geometry matches q and kv (checked by `attention_query`).
+        unsafe { self.geo.backward(&q, &kv, &go, &self.probs, dq, dkv) };
+        let n = both.len();
+        Ok((CpuStorage::F32(both), Shape::from(n)))
+    }
+}
+
+fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let probs = candle_nn::ops::softmax(&(q.matmul(&k.t()?)? * scale)?, candle_core::D::Minus1)?;
+    probs.matmul(v)
+}
+
+/// `(B*T, D)`-shaped columns `[off, off + D)` of a 2-D tensor as `(B, H, T, hd)`.
+fn heads_of(x: &Tensor, off: usize, b: usize, t: usize, heads: usize, hd: usize) -> Result<Tensor> {
+    x.narrow(1, off, heads * hd)?
+        .reshape((b, t, heads, hd))?
+        .permute((0, 2, 1, 3))?
+        .contiguous()
+}
+
+fn is_cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
 }
 
 /// Multi-head self-attention `softmax(scale · Q Kᵀ) V` of every head, merged back:
 /// `qkv`: `(B*T, 3D)` (rows `[q | k | v]`, heads contiguous within each) -> `(B*T, D)`.
 pub fn attention(qkv: &Tensor, b: usize, t: usize, heads: usize, scale: f64) -> Result<Tensor> {
     let (rows, d3) = qkv.dims2()?;
-    if rows != b * t || d3 % (3 * heads) != 0 || heads == 0 {
+    if heads == 0 || rows != b * t || d3 % (3 * heads) != 0 {
         candle_core::bail!(
             "attention: qkv {:?} does not match B {b} x T {t} rows and 3 x {heads} heads",
             qkv.dims()
@@ -232,32 +390,84 @@ pub fn attention(qkv: &Tensor, b: usize, t: usize, heads: usize, scale: f64) -> 
     }
     let d = d3 / 3;
     let hd = d / heads;
-    if qkv.device().is_cpu() && qkv.dtype() == candle_core::DType::F32 {
+    if is_cpu_f32(&[qkv]) {
+        let geo = Geo {
+            b,
+            tq: t,
+            t,
+            heads,
+            hd,
+            scale: scale as f32,
+            q_rs: 3 * d,
+            q_off: 0,
+            kv_rs: 3 * d,
+            k_off: d,
+            v_off: 2 * d,
+        };
         let op = AttentionOp {
-            dims: Dims {
-                b,
-                t,
-                heads,
-                hd,
-                scale: scale as f32,
-            },
+            geo,
             probs: Mutex::new(None),
         };
         return qkv.apply_op1(op);
     }
-    let split = |i: usize| -> Result<Tensor> {
-        qkv.narrow(1, i * d, d)?
-            .reshape((b, t, heads, hd))?
-            .permute((0, 2, 1, 3))?
-            .contiguous()
-    };
-    let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-    let probs = candle_nn::ops::softmax(&(q.matmul(&k.t()?)? * scale)?, candle_core::D::Minus1)?;
-    probs
-        .matmul(&v)?
+    let split = |i: usize| heads_of(qkv, i * d, b, t, heads, hd);
+    composed(&split(0)?, &split(1)?, &split(2)?, scale)?
         .permute((0, 2, 1, 3))?
         .contiguous()?
         .reshape((b * t, d))
+}
+
+/// Multi-head attention of `tq` queries per sample over `t` keys/values per sample (the last ViT block when
+/// only the CLS output is used): `q`: `(B*tq, D)`, `kv`: `(B*T, 2D)` (rows `[k | v]`) -> `(B*tq, D)`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_query(
+    q: &Tensor,
+    kv: &Tensor,
+    b: usize,
+    tq: usize,
+    t: usize,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (qr, d) = q.dims2()?;
+    let (kvr, d2) = kv.dims2()?;
+    if heads == 0 || qr != b * tq || kvr != b * t || d2 != 2 * d || d % heads != 0 {
+        candle_core::bail!(
+            "attention_query: q {:?} and kv {:?} do not match B {b}, {tq} queries, {t} keys, {heads} heads",
+            q.dims(),
+            kv.dims()
+        );
+    }
+    let hd = d / heads;
+    if is_cpu_f32(&[q, kv]) {
+        let geo = Geo {
+            b,
+            tq,
+            t,
+            heads,
+            hd,
+            scale: scale as f32,
+            q_rs: d,
+            q_off: 0,
+            kv_rs: 2 * d,
+            k_off: 0,
+            v_off: d,
+        };
+        let op = QueryAttentionOp {
+            geo,
+            probs: Mutex::new(None),
+        };
+        return q.apply_op2(kv, op);
+    }
+    composed(
+        &heads_of(q, 0, b, tq, heads, hd)?,
+        &heads_of(kv, 0, b, t, heads, hd)?,
+        &heads_of(kv, d, b, t, heads, hd)?,
+        scale,
+    )?
+    .permute((0, 2, 1, 3))?
+    .contiguous()?
+    .reshape((b * tq, d))
 }
 
 #[cfg(test)]
@@ -323,6 +533,49 @@ mod tests {
                 "gradient differs by {diff} (max {mag})"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn query_attention_matches_full_attention_rows() -> Result<()> {
+        // The CLS-row output of full attention equals attention_query with the CLS query; gradients too.
+        let dev = Device::Cpu;
+        let (b, t, heads, hd) = (3usize, 6usize, 2usize, 4usize);
+        let d = heads * hd;
+        let scale = (hd as f64).powf(-0.5);
+        let qkv = Var::from_vec(pattern(b * t * 3 * d, 5), (b * t, 3 * d), &dev)?;
+        let w = Tensor::from_vec(pattern(b * d, 6), (b, d), &dev)?;
+        let cls_rows = |x: &Tensor| -> Result<Tensor> {
+            let c = x.dim(1)?;
+            x.reshape((b, t, c))?.narrow(1, 0, 1)?.reshape((b, c))
+        };
+        let full = cls_rows(&attention(qkv.as_tensor(), b, t, heads, scale)?)?;
+        let q = cls_rows(&qkv.as_tensor().narrow(1, 0, d)?)?;
+        let kv = qkv.as_tensor().narrow(1, d, 2 * d)?;
+        let part = attention_query(&q, &kv, b, 1, t, heads, scale)?;
+        let diff = (&full - &part)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "outputs differ by {diff}");
+        let g_full = (full * &w)?.sum_all()?.backward()?;
+        let g_part = (part * &w)?.sum_all()?.backward()?;
+        let (a, r) = (g_part.get(&qkv).unwrap(), g_full.get(&qkv).unwrap());
+        let diff = (a - r)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "gradients differ by {diff}");
+        // Several queries per sample against the composed reference.
+        let tq = 2;
+        let q2 = Tensor::from_vec(pattern(b * tq * d, 7), (b * tq, d), &dev)?;
+        let kv2 = Tensor::from_vec(pattern(b * t * 2 * d, 8), (b * t, 2 * d), &dev)?;
+        let fast = attention_query(&q2, &kv2, b, tq, t, heads, scale)?;
+        let reference = composed(
+            &heads_of(&q2, 0, b, tq, heads, hd)?,
+            &heads_of(&kv2, 0, b, t, heads, hd)?,
+            &heads_of(&kv2, d, b, t, heads, hd)?,
+            scale,
+        )?
+        .permute((0, 2, 1, 3))?
+        .contiguous()?
+        .reshape((b * tq, d))?;
+        let diff = (&fast - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{tq} queries: outputs differ by {diff}");
         Ok(())
     }
 

@@ -13,7 +13,8 @@
 //!   ([`crate::fused`]);
 //! - attention is the fused op of [`crate::attention`] on the packed `(B*T, 3D)` qkv activations (one GEMM per
 //!   batch and head, no split or permute copies); LayerNorm and GELU are the fused ops of [`crate::ops`] (analytic backward);
-//! - `forward` applies the final LayerNorm to the CLS rows only (LayerNorm is per token).
+//! - `forward` runs the last block for the CLS rows only (K and V still from every token) and applies the final
+//!   LayerNorm to them: the other tokens' last-block outputs are never used, which saves ~7% of the FLOPs.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -328,6 +329,42 @@ impl Block {
         crate::fused::residual(&x, &m, self.drop_path_scales(b, rng)?)
     }
 
+    /// The block when only its CLS rows are used (the last block of `forward`): K and V for every token, Q,
+    /// the projection and the MLP for the CLS rows only. `x`: `(B*T, D)` -> `(B, D)`, equal to the CLS rows of
+    /// [`Block::forward`] (same drop-path draws) at about a sixth of its cost.
+    fn forward_cls(
+        &self,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        rng: Option<&Mutex<ChaCha8Rng>>,
+    ) -> Result<Tensor> {
+        let d = x.dim(1)?;
+        let h = self.num_heads;
+        let hd = d / h;
+        let cls_rows = |y: &Tensor| -> Result<Tensor> {
+            y.reshape((b, t, d))?.narrow(1, 0, 1)?.reshape((b, d))
+        };
+        let xn = self.norm1.forward(x)?;
+        let part = |lin: &Linear, i: usize, n: usize| -> Result<(Tensor, Option<Tensor>)> {
+            let w = lin.weight.narrow(0, i * d, n * d)?;
+            let bias = match &lin.bias {
+                Some(bb) => Some(bb.narrow(0, i * d, n * d)?),
+                None => None,
+            };
+            Ok((w, bias))
+        };
+        let (wq, bq) = part(&self.qkv, 0, 1)?;
+        let (wkv, bkv) = part(&self.qkv, 1, 2)?;
+        let q = ops::linear(&cls_rows(&xn)?, &wq, bq.as_ref())?; // (B, D)
+        let kv = ops::linear(&xn, &wkv, bkv.as_ref())?; // (B*T, 2D)
+        let a = crate::attention::attention_query(&q, &kv, b, 1, t, h, (hd as f64).powf(-0.5))?;
+        let a = self.proj.forward(&a)?;
+        let x = crate::fused::residual(&cls_rows(x)?, &a, self.drop_path_scales(b, rng)?)?;
+        let m = self.mlp(&x)?;
+        crate::fused::residual(&x, &m, self.drop_path_scales(b, rng)?)
+    }
+
     /// Stochastic depth's per-sample scales: keep with probability `1 - rate` and scale by `1 / (1 - rate)`;
     /// the mask is `floor(keep + U[0,1))` as in the official `drop_path`. `None` when inactive.
     fn drop_path_scales(
@@ -573,12 +610,10 @@ impl VisionTransformer {
     /// from the model's seeded RNG, see [`Backbone::reseed`]).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let tok = self.prepare(x)?;
-        let y = self.run_blocks(&tok, self.blocks.len(), train)?;
-        let d = self.cfg.embed_dim;
-        let cls = y
-            .reshape((tok.b, tok.t, d))?
-            .narrow(1, 0, 1)?
-            .reshape((tok.b, d))?;
+        let last = self.blocks.len() - 1;
+        let y = self.run_blocks(&tok, last, train)?;
+        let rng = if train { Some(&self.rng) } else { None };
+        let cls = self.blocks[last].forward_cls(&y, tok.b, tok.t, rng)?;
         self.norm.forward(&cls)
     }
 

@@ -5,6 +5,7 @@
 //! `cargo run --release -p dino-train --example default [-- OUTPUT_DIR]` (default output: `dino-output`).
 
 fn main() {
+    dino_train::runtime::tune_allocator();
     let out = std::env::args().nth(1).map(std::path::PathBuf::from);
     match dino_train::train_default(out) {
         Ok(s) => {

@@ -68,6 +68,7 @@ fn run() -> dino_train::Result<()> {
 }
 
 fn main() {
+    dino_train::runtime::tune_allocator();
     if let Err(e) = run() {
         eprintln!("error: {e}");
         std::process::exit(1);

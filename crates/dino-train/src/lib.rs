@@ -8,6 +8,7 @@
 //! - [`checkpoint`]: atomic safetensors checkpoints with embedded JSON metadata.
 //! - [`eval`]: feature extraction, weighted k-NN and the linear probe.
 //! - [`log`], [`plot`]: JSON-lines log, progress display, PNG curves.
+//! - [`runtime::tune_allocator`]: allocator settings for the training process.
 
 pub mod checkpoint;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod log;
 pub mod model;
 pub mod plot;
 pub mod run;
+pub mod runtime;
 pub mod trainer;
 
 pub use config::{Arch, DatasetKind, OptimizerKind, TrainConfig};
