@@ -96,6 +96,46 @@ fn random_crops(cfg: &TrainConfig, dev: &Device) -> Result<Vec<Tensor>> {
     Ok(crops)
 }
 
+/// Multiply-adds of one forward pass of vit_tiny + DINOHead on `rows` crops of `size` px, as executed here
+/// (the last block for the CLS rows only) and as the official code executes it (every row of the last block).
+fn forward_macs(cfg: &TrainConfig, size: usize, rows: usize) -> (f64, f64) {
+    let d = 192f64;
+    let depth = 12f64;
+    let p = cfg.patch_size;
+    let n = ((size / p) * (size / p)) as f64;
+    let t = n + 1.0;
+    let block = 12.0 * t * d * d + 2.0 * t * t * d;
+    let last_cls = 2.0 * t * d * d + 10.0 * d * d + 2.0 * t * d;
+    let patch = n * (3 * p * p) as f64 * d;
+    let head = d * 2048.0 + 2048.0 * 2048.0 + 2048.0 * 256.0 + 256.0 * cfg.out_dim as f64;
+    let ours = patch + (depth - 1.0) * block + last_cls + head;
+    let official = patch + depth * block + head;
+    (rows as f64 * ours, rows as f64 * official)
+}
+
+/// FLOPs of one training step (teacher forward on the global crops, student forward + backward (2x the
+/// forward) on every crop): `(as executed here, as the official code executes it)`.
+fn step_flops(cfg: &TrainConfig) -> (f64, f64) {
+    let b = cfg.batch_size;
+    let (g_ours, g_off) = forward_macs(cfg, cfg.global_crops_size, 2 * b);
+    let (l_ours, l_off) = forward_macs(cfg, cfg.local_crops_size, cfg.local_crops_number * b);
+    let teacher = (g_ours, g_off);
+    let student = (g_ours + l_ours, g_off + l_off);
+    // 2 FLOPs per multiply-add; backward = 2 x forward.
+    (
+        2.0 * (teacher.0 + 3.0 * student.0),
+        2.0 * (teacher.1 + 3.0 * student.1),
+    )
+}
+
+/// Forward-only FLOPs (teacher on the global crops + student on every crop).
+fn forward_flops(cfg: &TrainConfig) -> f64 {
+    let b = cfg.batch_size;
+    let (g, _) = forward_macs(cfg, cfg.global_crops_size, 2 * b);
+    let (l, _) = forward_macs(cfg, cfg.local_crops_size, cfg.local_crops_number * b);
+    2.0 * (2.0 * g + l)
+}
+
 fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -170,6 +210,7 @@ fn run_case(case: &str, quick: bool) -> Result<serde_json::Value> {
     let niter_per_ep = 1000;
     let mut trainer = Trainer::new(&cfg, niter_per_ep, &dev)?;
     let mut times = Vec::new();
+    let mut phases: Vec<dino_train::StepTimings> = Vec::new();
     let t_all = Instant::now();
     match *kind {
         "step" => {
@@ -181,6 +222,7 @@ fn run_case(case: &str, quick: bool) -> Result<serde_json::Value> {
                 eprintln!("{case}: step {it} loss {:.4} {:.3} s", s.loss, dt);
                 if it >= warmup {
                     times.push(dt);
+                    phases.push(s.timings);
                 }
             }
         }
@@ -229,12 +271,38 @@ fn run_case(case: &str, quick: bool) -> Result<serde_json::Value> {
                 );
                 if it >= warmup {
                     times.push(dt);
+                    phases.push(s.timings);
                 }
             }
         }
         other => bail!("unknown case kind `{other}`"),
     }
     let med = median(&mut times);
+    let phase = |f: fn(&dino_train::StepTimings) -> f64| -> f64 {
+        let mut v: Vec<f64> = phases.iter().map(f).collect();
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            median(&mut v)
+        }
+    };
+    let phases_json = (!phases.is_empty()).then(|| {
+        serde_json::json!({
+            "teacher_forward": phase(|p| p.teacher_forward),
+            "student_forward": phase(|p| p.student_forward),
+            "loss": phase(|p| p.loss),
+            "backward": phase(|p| p.backward),
+            "clip": phase(|p| p.clip),
+            "optimizer": phase(|p| p.optimizer),
+            "ema": phase(|p| p.ema),
+        })
+    });
+    let (flops, flops_official) = if *kind == "forward" {
+        let f = forward_flops(&cfg);
+        (f, f)
+    } else {
+        step_flops(&cfg)
+    };
     Ok(serde_json::json!({
         "case": case,
         "config": name,
@@ -249,6 +317,10 @@ fn run_case(case: &str, quick: bool) -> Result<serde_json::Value> {
         "peak_rss_gib": peak_rss_bytes().map(|b| b as f64 / (1u64 << 30) as f64),
         "total_seconds": t_all.elapsed().as_secs_f64(),
         "cpus": cpus(),
+        "phase_seconds_median": phases_json,
+        "gflop": flops / 1e9,
+        "gflop_official_equivalent": flops_official / 1e9,
+        "gflop_per_s": flops / med / 1e9,
     }))
 }
 

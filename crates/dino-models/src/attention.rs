@@ -97,8 +97,8 @@ impl Geo {
     /// Forward: `(out (B*tq, D), probs (B*H, tq, t))`.
     fn forward(&self, q: &[f32], kv: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (tq, t, hd, d) = (self.tq, self.t, self.hd, self.d());
-        let mut probs = vec![0f32; self.b * self.heads * tq * t];
-        let mut out = vec![0f32; self.b * tq * d];
+        let mut probs = crate::ops::uninit_f32(self.b * self.heads * tq * t);
+        let mut out = crate::ops::uninit_f32(self.b * tq * d);
         let out_ptr = SyncPtr(out.as_mut_ptr());
         let (qp, kvp) = (q.as_ptr() as usize, kv.as_ptr() as usize);
         let (q_rs, kv_rs, ti) = (self.q_rs as isize, self.kv_rs as isize, t as isize);
@@ -271,7 +271,7 @@ impl CustomOp2 for AttentionBwdOp {
     ) -> Result<(CpuStorage, Shape)> {
         let qkv = f32_data(s1, l1, self.name())?;
         let go = f32_data(s2, l2, self.name())?;
-        let mut dqkv = vec![0f32; qkv.len()];
+        let mut dqkv = crate::ops::uninit_f32(qkv.len());
         let p = SyncPtr(dqkv.as_mut_ptr());
         // SAFETY: dqkv has qkv's layout, which the geometry describes.
         unsafe { self.geo.backward(&qkv, &qkv, &go, &self.probs, p, p) };
@@ -349,7 +349,7 @@ impl CustomOp3 for QueryAttentionBwdOp {
         let q = f32_data(s1, l1, self.name())?;
         let kv = f32_data(s2, l2, self.name())?;
         let go = f32_data(s3, l3, self.name())?;
-        let mut both = vec![0f32; q.len() + kv.len()];
+        let mut both = crate::ops::uninit_f32(q.len() + kv.len());
         let dq = SyncPtr(both.as_mut_ptr());
         // SAFETY: the first q.len() elements are dq (q's layout), the rest dkv (kv's layout).
         let dkv = SyncPtr(unsafe { both.as_mut_ptr().add(q.len()) });

@@ -89,7 +89,7 @@ fn linear_fwd(
     out: usize,
     b: Option<&[f32]>,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; r * out];
+    let mut y = crate::ops::uninit_f32(r * out);
     if let Some(b) = b {
         ops::for_row_chunks(&mut y, r, out, |_, rows| {
             rows.chunks_exact_mut(out)
@@ -150,7 +150,7 @@ impl CustomOp2 for MatMulOp {
         } else {
             (b.as_ptr(), 1, bc as isize)
         };
-        let mut c = vec![0f32; m * n];
+        let mut c = crate::ops::uninit_f32(m * n);
         // SAFETY: a and b hold ar*ac and br*bc elements read within those bounds; c is (m, n).
         unsafe {
             gemm_strided(
@@ -192,7 +192,7 @@ impl CustomOp1 for GeluGradOp {
                 self.pre.len()
             );
         }
-        let mut dx = vec![0f32; g.len()];
+        let mut dx = crate::ops::uninit_f32(g.len());
         ops::for_elem_chunks(&mut dx, |a, c| {
             let n = c.len();
             ops::gelu_bwd_chunk(&self.pre[a..a + n], &g[a..a + n], c)
@@ -244,7 +244,7 @@ impl LinearOp {
         };
         let y = linear_fwd(&xd, r, inp, &wd, out, bd.as_deref());
         let y = if self.gelu {
-            let mut act = vec![0f32; y.len()];
+            let mut act = crate::ops::uninit_f32(y.len());
             ops::for_elem_chunks(&mut act, |a, c| {
                 let n = c.len();
                 ops::gelu_fwd_chunk(&y[a..a + n], c)
@@ -393,7 +393,7 @@ impl ResidualOp {
     /// `out[i] = a[i] + s(row i) * y[i]` over rows of `d` elements, `rows_per_sample` rows per scale.
     fn apply(&self, a: Option<&[f32]>, y: &[f32], rows: usize, d: usize) -> Vec<f32> {
         let per = rows / self.scales.len().max(1);
-        let mut out = vec![0f32; rows * d];
+        let mut out = crate::ops::uninit_f32(rows * d);
         ops::for_row_chunks(&mut out, rows, d, |r0, chunk| {
             for (i, orow) in chunk.chunks_exact_mut(d).enumerate() {
                 let r = r0 + i;

@@ -292,7 +292,7 @@ impl CustomOp2 for WeightNormOp {
         let v = crate::ops::f32_data(s1, l1, self.name())?;
         let g = crate::ops::f32_data(s2, l2, self.name())?;
         let (_k, c) = l1.shape().dims2()?;
-        let mut w = vec![0f32; v.len()];
+        let mut w = crate::ops::uninit_f32(v.len());
         w.par_chunks_mut(c)
             .with_min_len(WN_ROWS_PER_TASK)
             .zip(v.par_chunks(c))
@@ -347,7 +347,7 @@ impl CustomOp3 for WeightNormBwdV {
                 l1.shape()
             );
         }
-        let mut dv = vec![0f32; v.len()];
+        let mut dv = crate::ops::uninit_f32(v.len());
         dv.par_chunks_mut(c)
             .with_min_len(WN_ROWS_PER_TASK)
             .zip(v.par_chunks(c).zip(gw.par_chunks(c)))

@@ -25,4 +25,4 @@ pub mod trainer;
 pub use config::{Arch, DatasetKind, OptimizerKind, TrainConfig};
 pub use error::{Error, Result};
 pub use run::{train, train_default, TrainOptions, TrainSummary};
-pub use trainer::{StepStats, Trainer};
+pub use trainer::{StepStats, StepTimings, Trainer};

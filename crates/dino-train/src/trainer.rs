@@ -72,6 +72,40 @@ pub struct StepStats {
     pub clip_norms: Vec<(String, f64)>,
     /// Number of parameters whose gradient reached the optimiser (after the last-layer freeze).
     pub params_with_grad: usize,
+    /// Wall-clock seconds of each phase of this step.
+    pub timings: StepTimings,
+}
+
+/// Wall-clock seconds of each phase of one training step (in execution order).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StepTimings {
+    /// Teacher forward on the 2 global crops (backbone + head, no graph kept).
+    pub teacher_forward: f64,
+    /// Student forward on every crop (backbone + head).
+    pub student_forward: f64,
+    /// DINO loss forward (centering, sharpening, cross-entropy) and reading its value.
+    pub loss: f64,
+    /// Backward pass through loss, head and backbone.
+    pub backward: f64,
+    /// Gradient clipping and last-layer cancelling.
+    pub clip: f64,
+    /// Optimiser step.
+    pub optimizer: f64,
+    /// EMA update of the teacher.
+    pub ema: f64,
+}
+
+impl StepTimings {
+    /// Sum of the phases.
+    pub fn total(&self) -> f64 {
+        self.teacher_forward
+            + self.student_forward
+            + self.loss
+            + self.backward
+            + self.clip
+            + self.optimizer
+            + self.ema
+    }
 }
 
 /// `(seed, global_iteration)` -> the drop-path seed of that iteration (SplitMix64).
@@ -235,11 +269,21 @@ impl Trainer {
             .model
             .backbone
             .reseed(drop_path_seed(self.cfg.seed, g));
+        let mut timings = StepTimings::default();
+        let mut clock = std::time::Instant::now();
+        let mut lap = |slot: &mut f64| {
+            let now = std::time::Instant::now();
+            *slot = (now - clock).as_secs_f64();
+            clock = now;
+        };
         // Teacher first, on the two global crops; detached (stop-gradient).
         let t_out = self.teacher.model.forward(&crops[..2], true)?.detach();
+        lap(&mut timings.teacher_forward);
         let s_out = self.student.model.forward(crops, true)?;
+        lap(&mut timings.student_forward);
         let loss = self.loss.forward(&s_out, &t_out, epoch)?;
         let loss_v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        lap(&mut timings.loss);
         if !loss_v.is_finite() {
             return Err(Error::NonFiniteLoss {
                 loss: loss_v,
@@ -249,6 +293,7 @@ impl Trainer {
             });
         }
         let mut grads = loss.backward()?;
+        lap(&mut timings.backward);
         let clip_norms = if self.cfg.clip_grad > 0.0 {
             let with_grad: Vec<String> = self
                 .params
@@ -267,9 +312,12 @@ impl Trainer {
             .iter()
             .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
             .count();
+        lap(&mut timings.clip);
         self.optimizer.as_dyn().step(&grads)?;
         drop(grads);
+        lap(&mut timings.optimizer);
         self.ema.update(m)?;
+        lap(&mut timings.ema);
         Ok(StepStats {
             epoch,
             iteration: it,
@@ -281,6 +329,7 @@ impl Trainer {
             teacher_temp,
             clip_norms,
             params_with_grad,
+            timings,
         })
     }
 
