@@ -16,7 +16,11 @@
 //!   augmentation of real images (../shared/data/photos downscaled to 256 px for imagenet, the 20 CIFAR-10 test
 //!   images for cifar), to show whether data loading hides behind compute.
 //!
-//! Output: one JSON line per case on stdout; progress on stderr.
+//! Options: `--quick` (1 warm-up + 3 measured iterations), `--case C` (one case), `--list`, and for scaling
+//! measurements `--batch N` / `--local-crops L` (override the configuration's batch size / local crop count).
+//!
+//! Output: one JSON line per case on stdout (median seconds, images/s, peak RSS, per-phase medians, FLOPs and
+//! GFLOP/s); progress on stderr.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -195,7 +199,14 @@ fn real_dataset(name: &str, n: usize) -> Result<Arc<dyn Dataset>> {
     )?))
 }
 
-fn run_case(case: &str, quick: bool) -> Result<serde_json::Value> {
+/// Overrides of the baseline configuration, for the scaling measurements.
+#[derive(Debug, Clone, Copy, Default)]
+struct Overrides {
+    batch: Option<usize>,
+    local_crops: Option<usize>,
+}
+
+fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value> {
     let parts: Vec<&str> = case.split('/').collect();
     let [kind, name, k] = parts.as_slice() else {
         bail!("bad case `{case}`: expected kind/config/out_dim");
@@ -203,7 +214,14 @@ fn run_case(case: &str, quick: bool) -> Result<serde_json::Value> {
     let out_dim: usize = k
         .parse()
         .with_context(|| format!("bad out_dim in `{case}`"))?;
-    let cfg = config(name, out_dim)?;
+    let mut cfg = config(name, out_dim)?;
+    if let Some(b) = ov.batch {
+        cfg.batch_size = b;
+    }
+    if let Some(l) = ov.local_crops {
+        cfg.local_crops_number = l;
+    }
+    cfg.validate()?;
     let dev = Device::Cpu;
     let b = cfg.batch_size;
     let (warmup, iters) = if quick { (1, 3) } else { (2, 10) };
@@ -362,8 +380,22 @@ fn main() {
         },
         None => all_cases(),
     };
+    let value = |flag: &str| -> Option<usize> {
+        let i = args.iter().position(|a| a == flag)?;
+        match args.get(i + 1).and_then(|v| v.parse().ok()) {
+            Some(v) => Some(v),
+            None => {
+                eprintln!("error: {flag} needs a positive integer");
+                std::process::exit(2);
+            }
+        }
+    };
+    let ov = Overrides {
+        batch: value("--batch"),
+        local_crops: value("--local-crops"),
+    };
     for case in cases {
-        match run_case(&case, quick) {
+        match run_case(&case, quick, ov) {
             Ok(v) => println!("{v}"),
             Err(e) => {
                 eprintln!("error: {case}: {e:#}");

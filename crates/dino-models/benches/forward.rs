@@ -1,6 +1,6 @@
 //! Forward-only throughput of the ViT configurations of `shared/spec/baseline.md` and fwd+bwd micro
-//! benchmarks of the fused ops (LayerNorm, softmax, GELU, one transformer block) against candle's composed
-//! ops. Run: `cargo bench -p dino-models --bench forward` (append a filter, e.g. `-- vit_forward`).
+//! benchmarks of the fused ops (LayerNorm, softmax, GELU, attention, one transformer block) against candle's
+//! composed ops. Run: `cargo bench -p dino-models --bench forward` (append a filter, e.g. `-- vit_forward`).
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::VarMap;
@@ -165,6 +165,34 @@ fn ops_fwd_bwd(c: &mut Criterion) {
         b.iter(|| fwd_bwd(&fast, &x, &r))
     });
     g.bench_function(BenchmarkId::new("gelu_erf", "candle_composed"), |b| {
+        b.iter(|| fwd_bwd(&slow, &x, &r))
+    });
+
+    // Multi-head attention of vit_tiny/16 on packed qkv, batch 8: (8*197, 3*192) -> (8*197, 192).
+    let (bsz, t, heads, hd) = (8usize, 197usize, 3usize, 64usize);
+    let d = heads * hd;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1f32, (bsz * t, 3 * d), &dev).unwrap()).unwrap();
+    let r = Tensor::randn(0f32, 1f32, (bsz * t, d), &dev).unwrap();
+    let scale = (hd as f64).powf(-0.5);
+    let fast = |x: &Tensor| dino_models::attention::attention(x, bsz, t, heads, scale);
+    let slow = |x: &Tensor| -> Result<Tensor> {
+        let split = |i: usize| -> Result<Tensor> {
+            x.narrow(1, i * d, d)?
+                .reshape((bsz, t, heads, hd))?
+                .permute((0, 2, 1, 3))?
+                .contiguous()
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let p = candle_nn::ops::softmax(&(q.matmul(&k.t()?)? * scale)?, D::Minus1)?;
+        p.matmul(&v)?
+            .permute((0, 2, 1, 3))?
+            .contiguous()?
+            .reshape((bsz * t, d))
+    };
+    g.bench_function(BenchmarkId::new("attention", "ours"), |b| {
+        b.iter(|| fwd_bwd(&fast, &x, &r))
+    });
+    g.bench_function(BenchmarkId::new("attention", "candle_composed"), |b| {
         b.iter(|| fwd_bwd(&slow, &x, &r))
     });
     g.finish();
