@@ -2,7 +2,8 @@
 //! directly with strides:
 //! - [`linear`]: `y = x Wᵀ + b` as one op: the bias is written into the output before the GEMM accumulates
 //!   onto it, and the backward pass computes `dx = dy W`, `dW = dyᵀ x` (already in `W`'s `(out, in)` layout,
-//!   no transposed copy) and `db` = column sums, instead of candle's matmul + transpose + broadcast-add graph;
+//!   no transposed copy; the two GEMMs run concurrently, one thread each) and `db` = column sums, instead of
+//!   candle's matmul + transpose + broadcast-add graph;
 //! - [`linear_gelu`]: `GELU(x Wᵀ + b)` with the pre-activation kept by the op for the backward pass (one graph
 //!   node and one gradient accumulation fewer than linear then GELU);
 //! - [`residual`]: `x + s_i · y_i` per sample `i` (stochastic depth's kept/dropped scale, 1 without drop path),
@@ -16,6 +17,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
 
 use crate::ops::{self, f32_data};
 
@@ -90,37 +92,63 @@ fn linear_fwd(
     b: Option<&[f32]>,
 ) -> Vec<f32> {
     let mut y = crate::ops::uninit_f32(r * out);
-    if let Some(b) = b {
-        ops::for_row_chunks(&mut y, r, out, |_, rows| {
-            rows.chunks_exact_mut(out)
-                .for_each(|row| row.copy_from_slice(b))
-        });
+    let threads = rayon::current_num_threads();
+    // Row blocks, one single-threaded GEMM (bias first) per pool thread: no synchronisation inside a GEMM.
+    let rows_per = if threads > 1 && r >= 64 * threads {
+        r.div_ceil(threads)
+    } else {
+        r.max(1)
+    };
+    let block = |r0: usize, yb: &mut [f32]| {
+        let rows = yb.len() / out.max(1);
+        if let Some(b) = b {
+            yb.chunks_exact_mut(out)
+                .for_each(|row| row.copy_from_slice(b));
+        }
+        let par = if rows_per == r {
+            parallelism(rows, out, inp)
+        } else {
+            Parallelism::None
+        };
+        // SAFETY: x rows r0.. are (rows, inp), w is (out, inp) row-major (read as Wᵀ through strides), yb is
+        // (rows, out) and this block's own.
+        unsafe {
+            gemm_strided(
+                rows,
+                out,
+                inp,
+                (yb.as_mut_ptr(), 1, out as isize),
+                b.is_some(),
+                (x[r0 * inp..].as_ptr(), 1, inp as isize),
+                (w.as_ptr(), inp as isize, 1),
+                par,
+            )
+        }
+    };
+    if out == 0 {
+        return y;
     }
-    // SAFETY: x is (r, inp), w is (out, inp) row-major (read as Wᵀ through strides), y is (r, out).
-    unsafe {
-        gemm_strided(
-            r,
-            out,
-            inp,
-            (y.as_mut_ptr(), 1, out as isize),
-            b.is_some(),
-            (x.as_ptr(), 1, inp as isize),
-            (w.as_ptr(), inp as isize, 1),
-            parallelism(r, out, inp),
-        )
+    if rows_per == r {
+        block(0, &mut y);
+    } else {
+        y.par_chunks_mut(rows_per * out)
+            .enumerate()
+            .for_each(|(i, yb)| block(i * rows_per, yb));
     }
     y
 }
 
-/// `op(A) · op(B)` of 2-D tensors without a backward pass (`op` = transpose when the flag is set).
-struct MatMulOp {
-    ta: bool,
-    tb: bool,
+/// The input and weight gradients of a linear layer, `dx = g W` and `dW = gᵀ x`, in one op: inputs
+/// `(g (R, out), W (out, in), x (R, in))`, output `dx`; `dW` is left in the op for the caller. The two GEMMs have
+/// the same FLOPs and run concurrently, one thread each (no synchronisation inside either GEMM), when the
+/// pool has two or more threads.
+struct LinearGradOp {
+    dw: Mutex<Option<Vec<f32>>>,
 }
 
-impl CustomOp2 for MatMulOp {
+impl CustomOp3 for LinearGradOp {
     fn name(&self) -> &'static str {
-        "dino-matmul"
+        "dino-linear-grad"
     }
 
     fn cpu_fwd(
@@ -129,47 +157,81 @@ impl CustomOp2 for MatMulOp {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let a = f32_data(s1, l1, self.name())?;
-        let b = f32_data(s2, l2, self.name())?;
-        let (ar, ac) = dims2(l1, self.name())?;
-        let (br, bc) = dims2(l2, self.name())?;
-        let (m, k) = if self.ta { (ac, ar) } else { (ar, ac) };
-        let (k2, n) = if self.tb { (bc, br) } else { (br, bc) };
-        if k != k2 {
-            candle_core::bail!("{}: inner sizes {k} and {k2} differ", self.name());
+        let (r, out) = dims2(l1, self.name())?;
+        let (wo, inp) = dims2(l2, self.name())?;
+        let (xr, xi) = dims2(l3, self.name())?;
+        if wo != out || xr != r || xi != inp {
+            candle_core::bail!(
+                "{}: gradient {:?}, weight {:?} and input {:?} do not match",
+                self.name(),
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
         }
-        // Row-major (rows, cols) with strides (cs, rs) = (1, cols); transposed reads swap them.
-        let lhs = if self.ta {
-            (a.as_ptr(), ac as isize, 1)
-        } else {
-            (a.as_ptr(), 1, ac as isize)
+        let g = f32_data(s1, l1, self.name())?;
+        let w = f32_data(s2, l2, self.name())?;
+        let x = f32_data(s3, l3, self.name())?;
+        let mut dx = ops::uninit_f32(r * inp);
+        let mut dw = ops::uninit_f32(out * inp);
+        let split = rayon::current_num_threads() > 1;
+        let par = |m, n, k| {
+            if split {
+                Parallelism::None
+            } else {
+                parallelism(m, n, k)
+            }
         };
-        let rhs = if self.tb {
-            (b.as_ptr(), bc as isize, 1)
-        } else {
-            (b.as_ptr(), 1, bc as isize)
+        let (gp, wp, xp) = (
+            g.as_ptr() as usize,
+            w.as_ptr() as usize,
+            x.as_ptr() as usize,
+        );
+        let mut dx_job = || {
+            // SAFETY: g is (r, out), w is (out, inp), dx is (r, inp), all row-major; dx is this job's own.
+            unsafe {
+                gemm_strided(
+                    r,
+                    inp,
+                    out,
+                    (dx.as_mut_ptr(), 1, inp as isize),
+                    false,
+                    (gp as *const f32, 1, out as isize),
+                    (wp as *const f32, 1, inp as isize),
+                    par(r, inp, out),
+                )
+            }
         };
-        let mut c = crate::ops::uninit_f32(m * n);
-        // SAFETY: a and b hold ar*ac and br*bc elements read within those bounds; c is (m, n).
-        unsafe {
-            gemm_strided(
-                m,
-                n,
-                k,
-                (c.as_mut_ptr(), 1, n as isize),
-                false,
-                lhs,
-                rhs,
-                parallelism(m, n, k),
-            )
+        let mut dw_job = || {
+            // SAFETY: gᵀ is read through strides from the (r, out) g; x is (r, inp); dw is (out, inp), this
+            // job's own.
+            unsafe {
+                gemm_strided(
+                    out,
+                    inp,
+                    r,
+                    (dw.as_mut_ptr(), 1, inp as isize),
+                    false,
+                    (gp as *const f32, out as isize, 1),
+                    (xp as *const f32, 1, inp as isize),
+                    par(out, inp, r),
+                )
+            }
+        };
+        if split {
+            rayon::join(dx_job, dw_job);
+        } else {
+            dx_job();
+            dw_job();
         }
-        Ok((CpuStorage::F32(c), Shape::from((m, n))))
+        if let Ok(mut slot) = self.dw.lock() {
+            *slot = Some(dw);
+        }
+        Ok((CpuStorage::F32(dx), Shape::from((r, inp))))
     }
-}
-
-fn matmul(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
-    a.apply_op2_no_bwd(b, &MatMulOp { ta, tb })
 }
 
 /// `g ⊙ GELU'(pre)` with the pre-activation held by the op.
@@ -280,8 +342,17 @@ impl LinearOp {
         } else {
             grad.contiguous()?
         };
-        let dx = matmul(&g, w, false, false)?;
-        let dw = matmul(&g, x, true, false)?;
+        let op = LinearGradOp {
+            dw: Mutex::new(None),
+        };
+        let dx = g.apply_op3_no_bwd(&w.contiguous()?, &x.contiguous()?, &op)?;
+        let dw = op
+            .dw
+            .lock()
+            .ok()
+            .and_then(|mut d| d.take())
+            .ok_or_else(|| candle_core::Error::Msg("linear: weight gradient missing".into()))?;
+        let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
         let db = if has_bias {
             Some(ops::col_sum(&g)?)
         } else {
