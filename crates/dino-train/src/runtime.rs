@@ -15,7 +15,8 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         // Larger blocks (the cifar MLP activations are 45 MB) would still be mmapped: serve them from the heap.
         libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        // -1: never trim the heap top (any positive value is capped at 2 GiB, below a cifar step's heap).
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
     }
 }
