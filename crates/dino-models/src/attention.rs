@@ -19,7 +19,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::fused::gemm_strided;
-use crate::ops::{self, f32_data};
+use crate::ops::{self, f32_data, save, take_saved, Saved};
 
 /// A raw pointer that may cross rayon tasks: every task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
@@ -205,23 +205,6 @@ impl Geo {
     }
 }
 
-/// Probabilities kept from the forward pass for the backward pass.
-type Saved = Mutex<Option<Arc<Vec<f32>>>>;
-
-fn take_saved(saved: &Saved) -> Result<Arc<Vec<f32>>> {
-    saved
-        .lock()
-        .ok()
-        .and_then(|p| p.clone())
-        .ok_or_else(|| candle_core::Error::Msg("attention: probabilities missing".into()))
-}
-
-fn save(saved: &Saved, probs: Vec<f32>) {
-    if let Ok(mut slot) = saved.lock() {
-        *slot = Some(Arc::new(probs));
-    }
-}
-
 /// Self-attention on packed `qkv` `(B*T, 3D)` -> `(B*T, D)`.
 struct AttentionOp {
     geo: Geo,
@@ -242,7 +225,7 @@ impl CustomOp1 for AttentionOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let probs = take_saved(&self.probs)?;
+        let probs = take_saved(&self.probs, "attention probabilities")?;
         let op = AttentionBwdOp {
             geo: self.geo,
             probs,
@@ -312,7 +295,7 @@ impl CustomOp2 for QueryAttentionOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let probs = take_saved(&self.probs)?;
+        let probs = take_saved(&self.probs, "attention probabilities")?;
         let op = QueryAttentionBwdOp {
             geo: self.geo,
             probs,

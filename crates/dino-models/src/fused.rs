@@ -267,7 +267,7 @@ impl CustomOp1 for GeluGradOp {
 struct LinearOp {
     gelu: bool,
     /// The pre-activation when `gelu`, kept for the backward pass.
-    pre: Mutex<Option<Arc<Vec<f32>>>>,
+    pre: ops::Saved,
 }
 
 impl LinearOp {
@@ -311,9 +311,7 @@ impl LinearOp {
                 let n = c.len();
                 ops::gelu_fwd_chunk(&y[a..a + n], c)
             });
-            if let Ok(mut slot) = self.pre.lock() {
-                *slot = Some(Arc::new(y));
-            }
+            ops::save(&self.pre, y);
             act
         } else {
             y
@@ -330,14 +328,7 @@ impl LinearOp {
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let g = if self.gelu {
-            let pre = self
-                .pre
-                .lock()
-                .ok()
-                .and_then(|p| p.clone())
-                .ok_or_else(|| {
-                    candle_core::Error::Msg("linear_gelu: pre-activation missing".into())
-                })?;
+            let pre = ops::take_saved(&self.pre, "linear_gelu pre-activation")?;
             grad.apply_op1_no_bwd(&GeluGradOp { pre })?
         } else {
             grad.contiguous()?

@@ -180,6 +180,25 @@ pub(crate) fn uninit_f32(n: usize) -> Vec<f32> {
     v
 }
 
+/// A forward intermediate that an op keeps for its backward pass (attention probabilities, a pre-activation); it
+/// lives as long as the op, i.e. as long as the op's output tensor.
+pub(crate) type Saved = std::sync::Mutex<Option<std::sync::Arc<Vec<f32>>>>;
+
+/// Keep `data` in `slot`.
+pub(crate) fn save(slot: &Saved, data: Vec<f32>) {
+    if let Ok(mut s) = slot.lock() {
+        *s = Some(std::sync::Arc::new(data));
+    }
+}
+
+/// The kept intermediate, or an error naming `what` if the forward pass did not store it.
+pub(crate) fn take_saved(slot: &Saved, what: &str) -> Result<std::sync::Arc<Vec<f32>>> {
+    slot.lock()
+        .ok()
+        .and_then(|p| p.clone())
+        .ok_or_else(|| candle_core::Error::Msg(format!("backward: {what} missing")))
+}
+
 /// The f32 data of a CPU storage in row-major order (borrowed when contiguous, copied otherwise).
 pub(crate) fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<Cow<'a, [f32]>> {
     let data = match s {
