@@ -132,12 +132,13 @@ fn step_flops(cfg: &TrainConfig) -> (f64, f64) {
     )
 }
 
-/// Forward-only FLOPs (teacher on the global crops + student on every crop).
-fn forward_flops(cfg: &TrainConfig) -> f64 {
+/// Forward-only FLOPs (teacher on the global crops + student on every crop): `(as executed here, as the
+/// official code executes them)`.
+fn forward_flops(cfg: &TrainConfig) -> (f64, f64) {
     let b = cfg.batch_size;
-    let (g, _) = forward_macs(cfg, cfg.global_crops_size, 2 * b);
-    let (l, _) = forward_macs(cfg, cfg.local_crops_size, cfg.local_crops_number * b);
-    2.0 * (2.0 * g + l)
+    let (g, g_off) = forward_macs(cfg, cfg.global_crops_size, 2 * b);
+    let (l, l_off) = forward_macs(cfg, cfg.local_crops_size, cfg.local_crops_number * b);
+    (2.0 * (2.0 * g + l), 2.0 * (2.0 * g_off + l_off))
 }
 
 fn peak_rss_bytes() -> Option<u64> {
@@ -316,8 +317,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
         })
     });
     let (flops, flops_official) = if *kind == "forward" {
-        let f = forward_flops(&cfg);
-        (f, f)
+        forward_flops(&cfg)
     } else {
         step_flops(&cfg)
     };
