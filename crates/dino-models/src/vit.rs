@@ -529,7 +529,7 @@ impl VisionTransformer {
             .contiguous()?
             .reshape((b * gh * gw, c * p * p))?;
         let w2 = self.patch_weight.reshape((self.cfg.embed_dim, c * p * p))?;
-        patches.matmul(&w2.t()?)?.broadcast_add(&self.patch_bias)
+        ops::linear(&patches, &w2, Some(&self.patch_bias))
     }
 
     /// The official `interpolate_pos_encoding` for an input of `h` rows and `w` columns (pixels):
