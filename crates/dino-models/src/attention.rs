@@ -356,11 +356,6 @@ fn heads_of(x: &Tensor, off: usize, b: usize, t: usize, heads: usize, hd: usize)
         .contiguous()
 }
 
-fn is_cpu_f32(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
-}
-
 /// Multi-head self-attention `softmax(scale · Q Kᵀ) V` of every head, merged back:
 /// `qkv`: `(B*T, 3D)` (rows `[q | k | v]`, heads contiguous within each) -> `(B*T, D)`.
 pub fn attention(qkv: &Tensor, b: usize, t: usize, heads: usize, scale: f64) -> Result<Tensor> {
@@ -373,7 +368,7 @@ pub fn attention(qkv: &Tensor, b: usize, t: usize, heads: usize, scale: f64) -> 
     }
     let d = d3 / 3;
     let hd = d / heads;
-    if is_cpu_f32(&[qkv]) {
+    if ops::is_cpu_f32(&[qkv]) {
         let geo = Geo {
             b,
             tq: t,
@@ -422,7 +417,7 @@ pub fn attention_query(
         );
     }
     let hd = d / heads;
-    if is_cpu_f32(&[q, kv]) {
+    if ops::is_cpu_f32(&[q, kv]) {
         let geo = Geo {
             b,
             tq,

@@ -13,9 +13,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
@@ -68,11 +66,6 @@ pub(crate) unsafe fn gemm_strided(
         false,
         par,
     )
-}
-
-fn is_cpu_f32(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 fn dims2(l: &Layout, what: &str) -> Result<(usize, usize)> {
@@ -421,7 +414,7 @@ fn linear_impl(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -
         .into_iter()
         .flatten()
         .collect();
-    if !is_cpu_f32(&all) || x.rank() != 2 || weight.rank() != 2 {
+    if !ops::is_cpu_f32(&all) || x.rank() != 2 || weight.rank() != 2 {
         let y = x.matmul(&weight.t()?)?;
         let y = match bias {
             Some(b) => y.broadcast_add(b)?,
@@ -556,7 +549,7 @@ pub fn residual(x: &Tensor, y: &Tensor, scales: Option<Vec<f32>>) -> Result<Tens
     if b == 0 || rows % b != 0 {
         candle_core::bail!("residual: {rows} rows do not split into {b} samples");
     }
-    if !is_cpu_f32(&[x, y]) {
+    if !ops::is_cpu_f32(&[x, y]) {
         return match scales {
             None => x + y,
             Some(s) => {
@@ -575,7 +568,7 @@ pub fn residual(x: &Tensor, y: &Tensor, scales: Option<Vec<f32>>) -> Result<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     fn pattern(n: usize, seed: u64) -> Vec<f32> {
         (0..n)

@@ -274,7 +274,8 @@ pub(crate) fn for_row_chunks(
         .for_each(|(ci, chunk)| f(ci * rpt, chunk));
 }
 
-fn is_cpu_f32(ts: &[&Tensor]) -> bool {
+/// Whether every tensor is f32 on the CPU (the fast paths of the custom ops).
+pub(crate) fn is_cpu_f32(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
