@@ -115,7 +115,8 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     const C2: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting rounds to nearest integer.
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = x - n * C1 - n * C2;
     let z = r * r;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
@@ -123,7 +124,10 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
         * r
         + 0.5;
     let y = p * z + r + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // The integer n sits in the low mantissa bits of t: reading it there (instead of the saturating `n as i32`,
+    // which LLVM scalarises) keeps the whole function in vector registers.
+    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let bits = ((ni + 127) as u32) << 23;
     y * f32::from_bits(bits)
 }
 

@@ -695,6 +695,46 @@ impl Tensor {
 #[derive(Default, Debug)]
 pub struct GradStore(HashMap<TensorId, Tensor>);
 
+/// `a + b` for two contiguous f32 CPU tensors of one shape, on the global rayon pool (dino-rs patch: `Tensor::add`
+/// runs on candle's barrier-pool thread, whose spin-wait after every call takes a core from the rayon workers
+/// that run the rest of the backward pass). Bit-identical to `Tensor::add`. `None` for any other case.
+fn add_f32_cpu(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    use crate::{CpuStorage, Storage};
+    use rayon::prelude::*;
+    if a.shape() != b.shape() || !a.is_contiguous() || !b.is_contiguous() {
+        return Ok(None);
+    }
+    let (sa, la) = a.storage_and_layout();
+    let (sb, lb) = b.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(va)), Storage::Cpu(CpuStorage::F32(vb))) = (&*sa, &*sb) else {
+        return Ok(None);
+    };
+    let n = a.elem_count();
+    let (xa, xb) = (
+        &va[la.start_offset()..la.start_offset() + n],
+        &vb[lb.start_offset()..lb.start_offset() + n],
+    );
+    const CHUNK: usize = 16 * 1024;
+    let mut out = vec![0f32; 0];
+    out.reserve_exact(n);
+    // SAFETY: every element is written below before the vector is read.
+    unsafe { out.set_len(n) };
+    let add = |(o, (x, y)): (&mut [f32], (&[f32], &[f32]))| {
+        for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
+            *o = x + y;
+        }
+    };
+    if n < 4 * CHUNK {
+        add((&mut out[..], (xa, xb)));
+    } else {
+        out.par_chunks_mut(CHUNK)
+            .zip(xa.par_chunks(CHUNK).zip(xb.par_chunks(CHUNK)))
+            .for_each(add);
+    }
+    drop((sa, sb));
+    Ok(Some(Tensor::from_vec(out, a.shape(), a.device())?))
+}
+
 impl GradStore {
     /// Create a new gradient store
     fn new() -> Self {
@@ -733,7 +773,10 @@ impl GradStore {
     fn accumulate(&mut self, tensor: &Tensor, grad: Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let sum = entry.get().add(&grad)?;
+                let sum = match add_f32_cpu(entry.get(), &grad)? {
+                    Some(sum) => sum,
+                    None => entry.get().add(&grad)?,
+                };
                 entry.insert(sum);
             }
             Entry::Vacant(entry) => {
