@@ -132,11 +132,19 @@ fn linear_fwd(
 }
 
 /// The input and weight gradients of a linear layer, `dx = g W` and `dW = gᵀ x`, in one op: inputs
-/// `(g (R, out), W (out, in), x (R, in))`, output `dx`; `dW` is left in the op for the caller. The two GEMMs have
-/// the same FLOPs and run concurrently, one thread each (no synchronisation inside either GEMM), when the
-/// pool has two or more threads.
+/// `(g (R, out), W (out, in), x (R, in))`, output `dx` (or an empty tensor when the input needs no gradient);
+/// `dW` is left in the op for the caller. With a pool of `t > 1` threads, task `i` computes the `i`-th row slice
+/// of both `dx` and `dW`, each with a single-threaded GEMM: the tasks have equal work whatever the two GEMMs'
+/// shapes and need no synchronisation inside a GEMM.
 struct LinearGradOp {
+    /// Whether `dx` is computed (the patch embedding's input, the image, needs none).
+    need_dx: bool,
     dw: Mutex<Option<Vec<f32>>>,
+}
+
+/// Rows `[lo, hi)` of part `i` of `n` rows split in `parts`.
+fn part(n: usize, parts: usize, i: usize) -> (usize, usize) {
+    (n * i / parts, n * (i + 1) / parts)
 }
 
 impl CustomOp3 for LinearGradOp {
@@ -168,62 +176,73 @@ impl CustomOp3 for LinearGradOp {
         let g = f32_data(s1, l1, self.name())?;
         let w = f32_data(s2, l2, self.name())?;
         let x = f32_data(s3, l3, self.name())?;
-        let mut dx = ops::uninit_f32(r * inp);
+        let mut dx = ops::uninit_f32(if self.need_dx { r * inp } else { 0 });
         let mut dw = ops::uninit_f32(out * inp);
-        let split = rayon::current_num_threads() > 1;
-        let par = |m, n, k| {
-            if split {
-                Parallelism::None
-            } else {
-                parallelism(m, n, k)
-            }
-        };
+        let parts = rayon::current_num_threads().max(1);
         let (gp, wp, xp) = (
             g.as_ptr() as usize,
             w.as_ptr() as usize,
             x.as_ptr() as usize,
         );
-        let mut dx_job = || {
-            // SAFETY: g is (r, out), w is (out, inp), dx is (r, inp), all row-major; dx is this job's own.
-            unsafe {
-                gemm_strided(
-                    r,
-                    inp,
-                    out,
-                    (dx.as_mut_ptr(), 1, inp as isize),
-                    false,
-                    (gp as *const f32, 1, out as isize),
-                    (wp as *const f32, 1, inp as isize),
-                    par(r, inp, out),
-                )
+        let (dxp, dwp) = (dx.as_mut_ptr() as usize, dw.as_mut_ptr() as usize);
+        let need_dx = self.need_dx;
+        let job = |i: usize| {
+            let par = |m, n, k| {
+                if parts > 1 {
+                    Parallelism::None
+                } else {
+                    parallelism(m, n, k)
+                }
+            };
+            let (x0, x1) = part(r, parts, i);
+            if need_dx && x1 > x0 {
+                // SAFETY: g is (r, out), w is (out, inp), dx is (r, inp), all row-major; rows x0..x1 of dx
+                // are this task's own.
+                unsafe {
+                    gemm_strided(
+                        x1 - x0,
+                        inp,
+                        out,
+                        ((dxp as *mut f32).add(x0 * inp), 1, inp as isize),
+                        false,
+                        ((gp as *const f32).add(x0 * out), 1, out as isize),
+                        (wp as *const f32, 1, inp as isize),
+                        par(x1 - x0, inp, out),
+                    )
+                }
+            }
+            let (w0, w1) = part(out, parts, i);
+            if w1 > w0 {
+                // SAFETY: gᵀ is read through strides from the (r, out) g, columns w0..w1; x is (r, inp); dw is
+                // (out, inp) and its rows w0..w1 are this task's own.
+                unsafe {
+                    gemm_strided(
+                        w1 - w0,
+                        inp,
+                        r,
+                        ((dwp as *mut f32).add(w0 * inp), 1, inp as isize),
+                        false,
+                        ((gp as *const f32).add(w0), out as isize, 1),
+                        (xp as *const f32, 1, inp as isize),
+                        par(w1 - w0, inp, r),
+                    )
+                }
             }
         };
-        let mut dw_job = || {
-            // SAFETY: gᵀ is read through strides from the (r, out) g; x is (r, inp); dw is (out, inp), this
-            // job's own.
-            unsafe {
-                gemm_strided(
-                    out,
-                    inp,
-                    r,
-                    (dw.as_mut_ptr(), 1, inp as isize),
-                    false,
-                    (gp as *const f32, out as isize, 1),
-                    (xp as *const f32, 1, inp as isize),
-                    par(out, inp, r),
-                )
-            }
-        };
-        if split {
-            rayon::join(dx_job, dw_job);
+        if parts > 1 {
+            (0..parts).into_par_iter().for_each(job);
         } else {
-            dx_job();
-            dw_job();
+            job(0);
         }
         if let Ok(mut slot) = self.dw.lock() {
             *slot = Some(dw);
         }
-        Ok((CpuStorage::F32(dx), Shape::from((r, inp))))
+        let shape = if need_dx {
+            Shape::from((r, inp))
+        } else {
+            Shape::from(0)
+        };
+        Ok((CpuStorage::F32(dx), shape))
     }
 }
 
@@ -312,14 +331,14 @@ impl LinearOp {
         Ok((CpuStorage::F32(y), Shape::from((r, out))))
     }
 
-    /// `(dx, dW, db)` for upstream gradient `grad` `(R, out)`.
+    /// `(dx, dW, db)` for upstream gradient `grad` `(R, out)`; no `dx` when `x` needs no gradient.
     fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
         has_bias: bool,
         grad: &Tensor,
-    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
         let g = if self.gelu {
             let pre = ops::take_saved(&self.pre, "linear_gelu pre-activation")?;
             grad.apply_op1_no_bwd(&GeluGradOp { pre })?
@@ -327,9 +346,12 @@ impl LinearOp {
             grad.contiguous()?
         };
         let op = LinearGradOp {
+            need_dx: x.track_op(),
             dw: Mutex::new(None),
         };
+        let need_dx = op.need_dx;
         let dx = g.apply_op3_no_bwd(&w.contiguous()?, &x.contiguous()?, &op)?;
+        let dx = need_dx.then_some(dx);
         let dw = op
             .dw
             .lock()
@@ -375,7 +397,7 @@ impl CustomOp3 for LinearBiasOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, db) = self.0.bwd(x, w, true, grad)?;
-        Ok((Some(dx), Some(dw), db))
+        Ok((dx, Some(dw), db))
     }
 }
 
@@ -405,7 +427,7 @@ impl CustomOp2 for LinearNoBiasOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = self.0.bwd(x, w, false, grad)?;
-        Ok((Some(dx), Some(dw)))
+        Ok((dx, Some(dw)))
     }
 }
 
