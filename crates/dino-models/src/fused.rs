@@ -134,8 +134,8 @@ fn linear_fwd(
 /// The input and weight gradients of a linear layer, `dx = g W` and `dW = gᵀ x`, in one op: inputs
 /// `(g (R, out), W (out, in), x (R, in))`, output `dx` (or an empty tensor when the input needs no gradient);
 /// `dW` is left in the op for the caller. With a pool of `t > 1` threads, task `i` computes the `i`-th row slice
-/// of both `dx` and `dW`, each with a single-threaded GEMM: the tasks have equal work whatever the two GEMMs'
-/// shapes and need no synchronisation inside a GEMM.
+/// of `dx` and the `i`-th slice of `dW` (rows or columns, whichever is longer), each with a single-threaded
+/// GEMM: the tasks have equal work whatever the two GEMMs' shapes and need no synchronisation inside a GEMM.
 struct LinearGradOp {
     /// Whether `dx` is computed (the patch embedding's input, the image, needs none).
     need_dx: bool,
@@ -186,6 +186,7 @@ impl CustomOp3 for LinearGradOp {
         );
         let (dxp, dwp) = (dx.as_mut_ptr() as usize, dw.as_mut_ptr() as usize);
         let need_dx = self.need_dx;
+        let split_rows = out >= inp;
         let job = |i: usize| {
             let par = |m, n, k| {
                 if parts > 1 {
@@ -211,20 +212,32 @@ impl CustomOp3 for LinearGradOp {
                     )
                 }
             }
-            let (w0, w1) = part(out, parts, i);
-            if w1 > w0 {
-                // SAFETY: gᵀ is read through strides from the (r, out) g, columns w0..w1; x is (r, inp); dw is
-                // (out, inp) and its rows w0..w1 are this task's own.
+            // dW = gᵀ x: every task reads all of one operand, so split along the other one's larger side
+            // (rows of dW: all of x is packed by every task; columns: all of g).
+            let (lo, hi) = part(if split_rows { out } else { inp }, parts, i);
+            if hi > lo {
+                let (m, n) = if split_rows {
+                    (hi - lo, inp)
+                } else {
+                    (out, hi - lo)
+                };
+                let (d_off, g_off, x_off) = if split_rows {
+                    (lo * inp, lo, 0)
+                } else {
+                    (lo, 0, lo)
+                };
+                // SAFETY: gᵀ is read through strides from the (r, out) g; x is (r, inp); dw is (out, inp) and
+                // the block [rows lo..hi or columns lo..hi] is this task's own.
                 unsafe {
                     gemm_strided(
-                        w1 - w0,
-                        inp,
+                        m,
+                        n,
                         r,
-                        ((dwp as *mut f32).add(w0 * inp), 1, inp as isize),
+                        ((dwp as *mut f32).add(d_off), 1, inp as isize),
                         false,
-                        ((gp as *const f32).add(w0), out as isize, 1),
-                        (xp as *const f32, 1, inp as isize),
-                        par(w1 - w0, inp, r),
+                        ((gp as *const f32).add(g_off), out as isize, 1),
+                        ((xp as *const f32).add(x_off), 1, inp as isize),
+                        par(m, n, r),
                     )
                 }
             }

@@ -173,6 +173,16 @@ fn rows_per_task(rows: usize, d: usize) -> usize {
     by_size.min(by_balance).max(1)
 }
 
+/// The element-wise sum of per-chunk partial sums, added in chunk order (reproducible whatever the scheduling).
+fn sum_in_order(partials: Vec<Vec<f32>>, n: usize) -> Vec<f32> {
+    let mut it = partials.into_iter();
+    let mut total = it.next().unwrap_or_else(|| vec![0f32; n]);
+    for p in it {
+        total.iter_mut().zip(&p).for_each(|(u, v)| *u += v);
+    }
+    total
+}
+
 /// A vector of `n` f32 whose every element the caller writes before reading any (op outputs that a kernel or
 /// GEMM fills completely). Zero-filling them cost ~10% of a forward pass in `memset` and kernel page clearing.
 #[allow(clippy::uninit_vec)]
@@ -424,25 +434,20 @@ impl CustomOp3 for LayerNormBwdOp {
             ln_bwd_chunk(&x, &g, &w, dx, dwb, eps);
         } else {
             let rpt = rows_per_task(rows, d);
-            let partial = dx
+            // One partial sum per chunk, added in chunk order: rayon's fold/reduce would group chunks by how
+            // the work happened to be stolen, and the sums (so training) would not be reproducible.
+            let partials: Vec<Vec<f32>> = dx
                 .par_chunks_mut(rpt * d)
                 .enumerate()
-                .fold(
-                    || vec![0f32; 2 * d],
-                    |mut acc, (ci, dxc)| {
-                        let a = ci * rpt * d;
-                        let m = dxc.len();
-                        ln_bwd_chunk(&x[a..a + m], &g[a..a + m], &w, dxc, &mut acc, eps);
-                        acc
-                    },
-                )
-                .reduce(
-                    || vec![0f32; 2 * d],
-                    |mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(u, v)| *u += v);
-                        a
-                    },
-                );
+                .map(|(ci, dxc)| {
+                    let mut acc = vec![0f32; 2 * d];
+                    let a = ci * rpt * d;
+                    let m = dxc.len();
+                    ln_bwd_chunk(&x[a..a + m], &g[a..a + m], &w, dxc, &mut acc, eps);
+                    acc
+                })
+                .collect();
+            let partial = sum_in_order(partials, 2 * d);
             dwb.copy_from_slice(&partial);
         }
         Ok((CpuStorage::F32(out), Shape::from(n + 2 * d)))
@@ -779,21 +784,15 @@ impl CustomOp1 for ColSumOp {
             acc
         } else {
             let rpt = rows_per_task(rows, c).max(16);
-            g.par_chunks(rpt * c)
-                .fold(
-                    || vec![0f32; c],
-                    |mut acc, gc| {
-                        col_sum_chunk(gc, &mut acc);
-                        acc
-                    },
-                )
-                .reduce(
-                    || vec![0f32; c],
-                    |mut a, b| {
-                        a.iter_mut().zip(&b).for_each(|(u, v)| *u += v);
-                        a
-                    },
-                )
+            let partials: Vec<Vec<f32>> = g
+                .par_chunks(rpt * c)
+                .map(|gc| {
+                    let mut acc = vec![0f32; c];
+                    col_sum_chunk(gc, &mut acc);
+                    acc
+                })
+                .collect();
+            sum_in_order(partials, c)
         };
         Ok((CpuStorage::F32(out), Shape::from(c)))
     }
@@ -853,5 +852,62 @@ mod tests {
             worst = worst.max((a - b).abs());
         }
         assert!(worst < 5e-7, "max absolute error {worst}");
+    }
+
+    #[test]
+    fn parallel_reductions_are_reproducible() -> Result<()> {
+        // LayerNorm's weight/bias gradients and the column sum add per-chunk partial sums; the result must not
+        // depend on how rayon scheduled the chunks (resumed training must equal uninterrupted training).
+        let dev = candle_core::Device::Cpu;
+        let (rows, d) = (3152, 192);
+        let vals = |seed: u32| -> Vec<f32> {
+            (0..rows * d)
+                .map(|i| {
+                    ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) % 1000) as f32
+                        / 250.0
+                        - 2.0
+                })
+                .collect()
+        };
+        let x = candle_core::Var::from_vec(vals(1), (rows, d), &dev)?;
+        let w = candle_core::Var::from_vec(vals(2)[..d].to_vec(), d, &dev)?;
+        let b = candle_core::Var::from_vec(vals(3)[..d].to_vec(), d, &dev)?;
+        let r = Tensor::from_vec(vals(4), (rows, d), &dev)?;
+        let run = || -> Result<(Vec<f32>, Vec<f32>)> {
+            let y = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6)?;
+            let grads = (y * &r)?.sum_all()?.backward()?;
+            let gw = grads
+                .get(w.as_tensor())
+                .expect("weight gradient")
+                .to_vec1::<f32>()?;
+            let cs = col_sum(&r)?.to_vec1::<f32>()?;
+            Ok((gw, cs))
+        };
+        let first = run()?;
+        for i in 0..20 {
+            // Alternate callers inside and outside the pool: rayon splits work differently for each.
+            let again = if i % 2 == 0 {
+                rayon::scope(|_| run())?
+            } else {
+                run()?
+            };
+            assert!(
+                first
+                    .0
+                    .iter()
+                    .zip(&again.0)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "weight gradient changed on run {i}"
+            );
+            assert!(
+                first
+                    .1
+                    .iter()
+                    .zip(&again.1)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "column sum changed on run {i}"
+            );
+        }
+        Ok(())
     }
 }
