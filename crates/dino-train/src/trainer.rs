@@ -235,14 +235,7 @@ impl Trainer {
 
     /// One training iteration on `crops` (2 global crops then the local ones, each `(B, 3, h, w)`), at
     /// `epoch` and iteration `it` within it. See the module documentation for the order.
-    ///
-    /// The iteration runs on a thread of the global rayon pool (`rayon::scope`), so the ops' parallel loops
-    /// start and end on a pool thread instead of waking a blocked caller after each op.
     pub fn step(&mut self, crops: &[Tensor], epoch: usize, it: usize) -> Result<StepStats> {
-        rayon::scope(|_| self.step_on_pool(crops, epoch, it))
-    }
-
-    fn step_on_pool(&mut self, crops: &[Tensor], epoch: usize, it: usize) -> Result<StepStats> {
         let g = epoch * self.niter_per_ep + it;
         let sched = |s: &[f64], name: &str| {
             s.get(g).copied().ok_or_else(|| {
