@@ -427,7 +427,9 @@ impl CustomOp3 for LayerNormBwdOp {
         let g = f32_data(s3, l3, self.name())?;
         let (rows, d) = last_dim(l1.shape(), self.name())?;
         let n = rows * d;
-        let mut out = vec![0f32; n + 2 * d];
+        // dx is written in full by the kernel; only the weight/bias gradient sums start at zero.
+        let mut out = uninit_f32(n + 2 * d);
+        out[n..].fill(0.0);
         let (dx, dwb) = out.split_at_mut(n);
         let eps = self.eps;
         if n < PAR_MIN_ELEMS {
