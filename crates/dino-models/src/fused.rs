@@ -701,6 +701,51 @@ mod tests {
     }
 
     #[test]
+    fn long_inputs_in_row_blocks_and_inputs_without_gradient() -> Result<()> {
+        // More rows per thread than one GEMM call takes (GEMM_MAX_ROWS), in both directions of the dW split,
+        // with an input that is a variable (dx computed) and one that is not (dx skipped).
+        let dev = Device::Cpu;
+        let r = 2 * GEMM_MAX_ROWS + 101;
+        for &(inp, out) in &[(9usize, 6usize), (6, 9)] {
+            for x_is_var in [true, false] {
+                let xv = Var::from_vec(pattern(r * inp, 5), (r, inp), &dev)?;
+                let x = if x_is_var {
+                    xv.as_tensor().clone()
+                } else {
+                    xv.as_tensor().detach()
+                };
+                let w = Var::from_vec(pattern(out * inp, 6), (out, inp), &dev)?;
+                let b = Var::from_vec(pattern(out, 7), out, &dev)?;
+                let up = Tensor::from_vec(pattern(r * out, 8), (r, out), &dev)?;
+                let y = linear(&x, w.as_tensor(), Some(b.as_tensor()))?;
+                let yr = x
+                    .matmul(&w.as_tensor().t()?)?
+                    .broadcast_add(b.as_tensor())?;
+                assert!(max_diff(&y, &yr) < 1e-5, "forward {inp}->{out}");
+                let g = (y * &up)?.sum_all()?.backward()?;
+                let gr = (yr * &up)?.sum_all()?.backward()?;
+                // dW sums r products per element: compare relative to its size.
+                for v in [&w, &b] {
+                    let (a, e) = (g.get(v).unwrap(), gr.get(v).unwrap());
+                    let size = e.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                    let d = max_diff(a, e);
+                    assert!(
+                        d <= 1e-5 * (1.0 + size),
+                        "parameter gradient {inp}->{out}: {d}"
+                    );
+                }
+                if x_is_var {
+                    let d = max_diff(g.get(&xv).unwrap(), gr.get(&xv).unwrap());
+                    assert!(d < 1e-5, "dx {inp}->{out}: {d}");
+                } else {
+                    assert!(g.get(&xv).is_none());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn linear_gelu_gradient_matches_finite_differences() -> Result<()> {
         let dev = Device::Cpu;
         let (r, inp, out) = (3usize, 4usize, 5usize);

@@ -893,22 +893,13 @@ mod tests {
             } else {
                 run()?
             };
+            let same =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
             assert!(
-                first
-                    .0
-                    .iter()
-                    .zip(&again.0)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                same(&first.0, &again.0),
                 "weight gradient changed on run {i}"
             );
-            assert!(
-                first
-                    .1
-                    .iter()
-                    .zip(&again.1)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "column sum changed on run {i}"
-            );
+            assert!(same(&first.1, &again.1), "column sum changed on run {i}");
         }
         Ok(())
     }
