@@ -37,12 +37,17 @@ fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
 /// split.
 const GEMM_MAX_ROWS: usize = 1600;
 
+/// Rows `[lo, hi)` of part `i` of `n` rows split in `parts` near-equal parts.
+fn part(n: usize, parts: usize, i: usize) -> (usize, usize) {
+    (n * i / parts, n * (i + 1) / parts)
+}
+
 /// `rows` split into near-equal `(start, len)` blocks of at most [`GEMM_MAX_ROWS`].
 fn row_blocks(rows: usize) -> Vec<(usize, usize)> {
-    let n = rows.div_ceil(GEMM_MAX_ROWS).max(1);
+    let n = rows.div_ceil(GEMM_MAX_ROWS);
     (0..n)
-        .map(|i| (rows * i / n, rows * (i + 1) / n - rows * i / n))
-        .filter(|&(_, len)| len > 0)
+        .map(|i| part(rows, n, i))
+        .map(|(lo, hi)| (lo, hi - lo))
         .collect()
 }
 
@@ -166,11 +171,6 @@ struct LinearGradOp {
     /// Whether `dx` is computed (the patch embedding's input, the image, needs none).
     need_dx: bool,
     dw: Mutex<Option<Vec<f32>>>,
-}
-
-/// Rows `[lo, hi)` of part `i` of `n` rows split in `parts`.
-fn part(n: usize, parts: usize, i: usize) -> (usize, usize) {
-    (n * i / parts, n * (i + 1) / parts)
 }
 
 impl CustomOp3 for LinearGradOp {

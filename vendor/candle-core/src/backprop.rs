@@ -715,10 +715,12 @@ fn add_f32_cpu(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         &vb[lb.start_offset()..lb.start_offset() + n],
     );
     const CHUNK: usize = 16 * 1024;
-    let mut out = vec![0f32; 0];
-    out.reserve_exact(n);
+    let mut out = Vec::with_capacity(n);
     // SAFETY: every element is written below before the vector is read.
-    unsafe { out.set_len(n) };
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        out.set_len(n)
+    };
     let add = |(o, (x, y)): (&mut [f32], (&[f32], &[f32]))| {
         for ((o, x), y) in o.iter_mut().zip(x).zip(y) {
             *o = x + y;
