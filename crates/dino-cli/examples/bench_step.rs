@@ -17,7 +17,8 @@
 //!   images for cifar), to show whether data loading hides behind compute.
 //!
 //! Options: `--quick` (1 warm-up + 3 measured iterations), `--case C` (one case), `--list`, and for scaling
-//! measurements `--batch N` / `--local-crops L` (override the configuration's batch size / local crop count).
+//! measurements `--batch N` / `--local-crops L` (override the configuration's batch size / local crop count),
+//! `--matmul-precision bf16` (the linear layers' products in bf16, see `TrainConfig::matmul_precision`).
 //!
 //! Output: one JSON line per case on stdout (median seconds, images/s, peak RSS, per-phase medians, FLOPs and
 //! GFLOP/s); progress on stderr.
@@ -205,6 +206,7 @@ fn real_dataset(name: &str, n: usize) -> Result<Arc<dyn Dataset>> {
 struct Overrides {
     batch: Option<usize>,
     local_crops: Option<usize>,
+    matmul_precision: dino_train::MatmulPrecision,
 }
 
 fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value> {
@@ -219,6 +221,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
     if let Some(b) = ov.batch {
         cfg.batch_size = b;
     }
+    cfg.matmul_precision = ov.matmul_precision;
     if let Some(l) = ov.local_crops {
         cfg.local_crops_number = l;
     }
@@ -249,8 +252,13 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
             let crops = random_crops(&cfg, &dev)?;
             for it in 0..warmup + iters {
                 let t = Instant::now();
-                let tout = trainer.teacher.model.forward(&crops[..2], false)?;
-                let sout = trainer.student.model.forward(&crops, false)?;
+                let (tout, sout) =
+                    dino_models::with_matmul_precision(cfg.matmul_precision, || {
+                        anyhow::Ok((
+                            trainer.teacher.model.forward(&crops[..2], false)?,
+                            trainer.student.model.forward(&crops, false)?,
+                        ))
+                    })?;
                 // Make sure the work is done (candle is eager, but read a value anyway).
                 let _ = (
                     tout.sum_all()?.to_scalar::<f32>()?,
@@ -324,6 +332,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
     Ok(serde_json::json!({
         "case": case,
         "config": name,
+        "matmul_precision": cfg.matmul_precision.to_string(),
         "out_dim": out_dim,
         "batch": b,
         "crops": format!("2x{} + {}x{}", cfg.global_crops_size, cfg.local_crops_number, cfg.local_crops_size),
@@ -390,9 +399,24 @@ fn main() {
             }
         }
     };
+    let matmul_precision = match args.iter().position(|a| a == "--matmul-precision") {
+        Some(i) => match args.get(i + 1).map(|v| v.parse()) {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                eprintln!("error: --matmul-precision: {e}");
+                std::process::exit(2);
+            }
+            None => {
+                eprintln!("error: --matmul-precision needs a value (highest or bf16)");
+                std::process::exit(2);
+            }
+        },
+        None => dino_train::MatmulPrecision::Highest,
+    };
     let ov = Overrides {
         batch: value("--batch"),
         local_crops: value("--local-crops"),
+        matmul_precision,
     };
     for case in cases {
         match run_case(&case, quick, ov) {

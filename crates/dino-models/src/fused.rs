@@ -10,14 +10,92 @@
 //!   replacing candle's reshape + broadcast-mul + add.
 //!
 //! Every op takes 2-D row-major f32 CPU tensors; other devices and dtypes use candle's composed ops.
+//!
+//! The linear layers' products run in f32 by default; [`set_matmul_precision`] switches the calling thread's
+//! linear layers to bf16 products with f32 sums ([`MatmulPrecision::Bf16`], see [`crate::bf16`]).
 
+use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use crate::bf16::{self, Lhs};
 use crate::ops::{self, f32_data};
+
+/// The arithmetic of the linear layers' matrix products, as `torch.set_float32_matmul_precision`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatmulPrecision {
+    /// f32 products and sums (the default; what the golden tests pin).
+    #[default]
+    Highest,
+    /// Operands rounded to bfloat16, products summed in f32: about twice the f32 speed on CPUs with AVX-512
+    /// BF16, f32 elsewhere. The DINO head's last layer, attention and everything outside the linear layers
+    /// stay f32.
+    Bf16,
+}
+
+impl MatmulPrecision {
+    /// Whether this CPU runs [`MatmulPrecision::Bf16`] in bf16 (AVX-512 BF16); without it, bf16 falls back to f32.
+    pub fn bf16_supported() -> bool {
+        bf16::supported()
+    }
+}
+
+impl MatmulPrecision {
+    /// The names [`MatmulPrecision::from_str`](std::str::FromStr) accepts.
+    pub const NAMES: &'static [&'static str] = &["highest", "bf16"];
+}
+
+impl std::str::FromStr for MatmulPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "highest" => Ok(Self::Highest),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(format!("expected one of highest, bf16, got `{s}`")),
+        }
+    }
+}
+
+impl std::fmt::Display for MatmulPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Highest => "highest",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+thread_local! {
+    static PRECISION: Cell<MatmulPrecision> = const { Cell::new(MatmulPrecision::Highest) };
+}
+
+/// Sets the precision of the linear layers run on the calling thread from now on (forward and their backward
+/// passes). Per thread, so tests and models on other threads are unaffected.
+pub fn set_matmul_precision(precision: MatmulPrecision) {
+    PRECISION.with(|p| p.set(precision));
+}
+
+/// The calling thread's linear-layer precision (default [`MatmulPrecision::Highest`]).
+pub fn matmul_precision() -> MatmulPrecision {
+    PRECISION.with(|p| p.get())
+}
+
+/// Runs `f` with the calling thread's linear layers at `precision`, then restores the previous setting.
+pub fn with_matmul_precision<R>(precision: MatmulPrecision, f: impl FnOnce() -> R) -> R {
+    struct Restore(MatmulPrecision);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            set_matmul_precision(self.0);
+        }
+    }
+    let _restore = Restore(matmul_precision());
+    set_matmul_precision(precision);
+    f()
+}
 
 /// The rayon parallelism of a GEMM big enough to split (`m * n * k` multiply-adds).
 fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
@@ -170,6 +248,8 @@ fn linear_fwd(
 struct LinearGradOp {
     /// Whether `dx` is computed (the patch embedding's input, the image, needs none).
     need_dx: bool,
+    /// Products in bf16.
+    bf16: bool,
     dw: Mutex<Option<Vec<f32>>>,
 }
 
@@ -202,6 +282,10 @@ impl CustomOp3 for LinearGradOp {
         let g = f32_data(s1, l1, self.name())?;
         let w = f32_data(s2, l2, self.name())?;
         let x = f32_data(s3, l3, self.name())?;
+        if self.bf16 {
+            let (dx, dw) = linear_grad_bf16(&g, &w, &x, r, out, inp, self.need_dx);
+            return self.finish(dx, dw, r, inp);
+        }
         let mut dx = ops::uninit_f32(if self.need_dx { r * inp } else { 0 });
         let mut dw = ops::uninit_f32(out * inp);
         let parts = rayon::current_num_threads().max(1);
@@ -276,16 +360,133 @@ impl CustomOp3 for LinearGradOp {
         } else {
             job(0);
         }
+        self.finish(dx, dw, r, inp)
+    }
+}
+
+impl LinearGradOp {
+    /// Leaves `dw` in the op and returns `dx` as the op's output.
+    fn finish(
+        &self,
+        dx: Vec<f32>,
+        dw: Vec<f32>,
+        r: usize,
+        inp: usize,
+    ) -> Result<(CpuStorage, Shape)> {
         if let Ok(mut slot) = self.dw.lock() {
             *slot = Some(dw);
         }
-        let shape = if need_dx {
+        let shape = if self.need_dx {
             Shape::from((r, inp))
         } else {
             Shape::from(0)
         };
         Ok((CpuStorage::F32(dx), shape))
     }
+}
+
+/// [`linear_fwd`] with bf16 products: `W` is packed once, then each pool thread packs and multiplies its
+/// own row block.
+fn linear_fwd_bf16(
+    x: &[f32],
+    r: usize,
+    inp: usize,
+    w: &[f32],
+    out: usize,
+    b: Option<&[f32]>,
+) -> Vec<f32> {
+    let mut y = crate::ops::uninit_f32(r * out);
+    if out == 0 {
+        return y;
+    }
+    let wp = bf16::pack_nk(w, out, inp, inp, bf16::NR);
+    let threads = rayon::current_num_threads().max(1);
+    let rows_per = r.div_ceil(threads).max(1);
+    y.par_chunks_mut(rows_per * out)
+        .enumerate()
+        .for_each(|(i, yb)| {
+            let r0 = i * rows_per;
+            let rows = yb.len() / out;
+            if let Some(b) = b {
+                yb.chunks_exact_mut(out)
+                    .for_each(|row| row.copy_from_slice(b));
+            }
+            let (xa, kp) = bf16::pack_rows(&x[r0 * inp..], rows, inp, inp);
+            // SAFETY: bf16 is supported (checked when the op was built); yb is this block's own (rows, out).
+            unsafe {
+                bf16::gemm(
+                    rows,
+                    out,
+                    &Lhs::Rows(&xa, kp),
+                    &wp,
+                    yb.as_mut_ptr(),
+                    out,
+                    b.is_some(),
+                )
+            }
+        });
+    y
+}
+
+/// `(dx, dW)` of a linear layer with bf16 products: `dx = g W` (each pool thread a row slice) and `dW = gᵀ x`
+/// (each thread a slice of rows in whole panels); `W`, `gᵀ` and `x` are packed once, in parallel.
+fn linear_grad_bf16(
+    g: &[f32],
+    w: &[f32],
+    x: &[f32],
+    r: usize,
+    out: usize,
+    inp: usize,
+    need_dx: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut dx = ops::uninit_f32(if need_dx { r * inp } else { 0 });
+    let mut dw = ops::uninit_f32(out * inp);
+    let wk = need_dx.then(|| bf16::pack_kn(w, out, inp, inp, bf16::NR));
+    let gt = bf16::pack_kn(g, r, out, out, bf16::MR);
+    let xk = bf16::pack_kn(x, r, inp, inp, bf16::NR);
+    let parts = rayon::current_num_threads().max(1);
+    let panels = out.div_ceil(bf16::MR);
+    let (dxp, dwp) = (dx.as_mut_ptr() as usize, dw.as_mut_ptr() as usize);
+    let job = |i: usize| {
+        let (x0, x1) = part(r, parts, i);
+        if let Some(wk) = wk.as_ref().filter(|_| x1 > x0) {
+            let (ga, kp) = bf16::pack_rows(&g[x0 * out..], x1 - x0, out, out);
+            // SAFETY: rows x0..x1 of dx (r, inp) are this task's own.
+            unsafe {
+                bf16::gemm(
+                    x1 - x0,
+                    inp,
+                    &Lhs::Rows(&ga, kp),
+                    wk,
+                    (dxp as *mut f32).add(x0 * inp),
+                    inp,
+                    false,
+                )
+            }
+        }
+        let (p0, p1) = part(panels, parts, i);
+        let (lo, hi) = (p0 * bf16::MR, (p1 * bf16::MR).min(out));
+        if hi > lo {
+            // SAFETY: rows lo..hi of dw (out, inp) are this task's own.
+            unsafe {
+                bf16::gemm(
+                    hi - lo,
+                    inp,
+                    &Lhs::Panels(&gt, lo),
+                    &xk,
+                    (dwp as *mut f32).add(lo * inp),
+                    inp,
+                    false,
+                )
+            }
+        }
+    };
+    if parts > 1 {
+        (0..parts).into_par_iter().for_each(job);
+    } else {
+        job(0);
+    }
+    (dx, dw)
 }
 
 /// `g ⊙ GELU'(pre)` with the pre-activation held by the op.
@@ -320,14 +521,17 @@ impl CustomOp1 for GeluGradOp {
 /// The fused linear (optionally followed by GELU).
 struct LinearOp {
     gelu: bool,
+    /// Products in bf16 (forward and backward), see [`MatmulPrecision::Bf16`].
+    bf16: bool,
     /// The pre-activation when `gelu`, kept for the backward pass.
     pre: ops::Saved,
 }
 
 impl LinearOp {
-    fn new(gelu: bool) -> Self {
+    fn new(gelu: bool, bf16: bool) -> Self {
         Self {
             gelu,
+            bf16,
             pre: Mutex::new(None),
         }
     }
@@ -358,7 +562,11 @@ impl LinearOp {
             }
             None => None,
         };
-        let y = linear_fwd(&xd, r, inp, &wd, out, bd.as_deref());
+        let y = if self.bf16 {
+            linear_fwd_bf16(&xd, r, inp, &wd, out, bd.as_deref())
+        } else {
+            linear_fwd(&xd, r, inp, &wd, out, bd.as_deref())
+        };
         let y = if self.gelu {
             let mut act = crate::ops::uninit_f32(y.len());
             ops::for_elem_chunks(&mut act, |a, c| {
@@ -389,6 +597,7 @@ impl LinearOp {
         };
         let op = LinearGradOp {
             need_dx: x.track_op(),
+            bf16: self.bf16,
             dw: Mutex::new(None),
         };
         let need_dx = op.need_dx;
@@ -486,7 +695,8 @@ fn linear_impl(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -
         };
         return if gelu { y.gelu_erf() } else { Ok(y) };
     }
-    let op = LinearOp::new(gelu);
+    let bf16 = bf16::use_bf16(matmul_precision(), x.dim(0)?);
+    let op = LinearOp::new(gelu, bf16);
     match bias {
         Some(b) => x.apply_op3(weight, b, LinearBiasOp(op)),
         None => x.apply_op2(weight, LinearNoBiasOp(op)),
@@ -697,6 +907,89 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// bf16 linear layers against candle's f32 ops on bf16-rounded operands (what the bf16 products compute),
+    /// forward and every gradient; the bias gradient is the f32 column sum of the unrounded upstream gradient.
+    /// Without AVX-512 BF16 the bf16 setting must give exactly the f32 results.
+    #[test]
+    fn bf16_linear_matches_f32_ops_on_rounded_operands() -> Result<()> {
+        let dev = Device::Cpu;
+        let round = |t: &Tensor| -> Result<Tensor> {
+            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            let v: Vec<f32> = v.into_iter().map(bf16::round_bf16).collect();
+            Tensor::from_vec(v, t.shape(), t.device())
+        };
+        for &(r, inp, out) in &[(7usize, 5usize, 3usize), (301, 64, 97), (130, 33, 40)] {
+            for gelu in [false, true] {
+                let x = Var::from_vec(pattern(r * inp, 1), (r, inp), &dev)?;
+                let w = Var::from_vec(pattern(out * inp, 2), (out, inp), &dev)?;
+                let b = Var::from_vec(pattern(out, 3), out, &dev)?;
+                let up = Tensor::from_vec(pattern(r * out, 4), (r, out), &dev)?;
+                let y = with_matmul_precision(MatmulPrecision::Bf16, || {
+                    linear_impl(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), gelu)
+                })?;
+                let g = (&y * &up)?.sum_all()?.backward()?;
+                let got = [
+                    y.clone(),
+                    g.get(&x).unwrap().clone(),
+                    g.get(&w).unwrap().clone(),
+                    g.get(&b).unwrap().clone(),
+                ];
+                let want = if bf16::supported() {
+                    let (xr, wr) = (round(x.as_tensor())?, round(w.as_tensor())?);
+                    let pre = xr.matmul(&wr.t()?)?.broadcast_add(b.as_tensor())?;
+                    let (yr, gpre) = if gelu {
+                        // d/dpre of sum(gelu(pre) * up), through candle's autograd on a fresh variable.
+                        let pv = Var::from_tensor(&pre)?;
+                        let yr = pv.as_tensor().gelu_erf()?;
+                        let gp = (&yr * &up)?.sum_all()?.backward()?;
+                        (yr, gp.get(&pv).unwrap().clone())
+                    } else {
+                        (pre, up.clone())
+                    };
+                    let gr = round(&gpre)?;
+                    [yr, gr.matmul(&wr)?, gr.t()?.matmul(&xr)?, gpre.sum(0)?]
+                } else {
+                    let y = linear_impl(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), gelu)?;
+                    let g = (&y * &up)?.sum_all()?.backward()?;
+                    [
+                        y.clone(),
+                        g.get(&x).unwrap().clone(),
+                        g.get(&w).unwrap().clone(),
+                        g.get(&b).unwrap().clone(),
+                    ]
+                };
+                for (name, (a, e)) in ["y", "dx", "dw", "db"].iter().zip(got.iter().zip(&want)) {
+                    let d = max_diff(a, e);
+                    let big = e.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                    // With GELU the reference's pre-activation differs from the op's in the last f32 bits,
+                    // which can move the upstream gradient across a bf16 rounding boundary (one bf16 ulp,
+                    // 2^-8 relative): bf16-level tolerance there, f32-level otherwise.
+                    let rel = if gelu && *name != "y" { 4e-3 } else { 1e-5 };
+                    let tol = if bf16::supported() {
+                        rel * (1.0 + big)
+                    } else {
+                        0.0
+                    };
+                    assert!(
+                        d <= tol,
+                        "{name} differs by {d} > {tol} ({r}x{inp}x{out}, gelu {gelu})"
+                    );
+                }
+                // The f32 result differs (the operands are rounded): bf16 really ran.
+                if bf16::supported() {
+                    let f = linear_impl(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), gelu)?;
+                    assert!(max_diff(&f, &y) > 0.0, "bf16 gave the f32 result");
+                }
+            }
+        }
+        assert_eq!(
+            matmul_precision(),
+            MatmulPrecision::Highest,
+            "precision restored"
+        );
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod backbone;
+pub mod bf16;
 pub mod error;
 pub mod fused;
 pub mod head;
@@ -16,3 +17,4 @@ pub mod vit;
 pub mod weights;
 
 pub use backbone::Backbone;
+pub use fused::{matmul_precision, set_matmul_precision, with_matmul_precision, MatmulPrecision};

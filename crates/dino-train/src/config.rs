@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use dino_models::MatmulPrecision;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -217,6 +218,11 @@ pub struct TrainConfig {
     pub min_lr: f64,
     /// Optimiser: adamw, sgd or lars. Default adamw.
     pub optimizer: OptimizerKind,
+    /// Arithmetic of the linear layers' products in the training step: `highest` (f32) or `bf16` (operands
+    /// rounded to bfloat16, sums in f32; ~1.3-1.4x faster steps on CPUs with AVX-512 BF16, f32 on others),
+    /// the CPU counterpart of the official `--use_fp16`. The head's last layer, attention, the loss and
+    /// evaluation stay f32. Default highest.
+    pub matmul_precision: MatmulPrecision,
 
     // ----- multi-crop augmentation -----
     /// Scale range of the global crops' RandomResizedCrop. Default [0.4, 1.0].
@@ -314,6 +320,7 @@ impl Default for TrainConfig {
             warmup_epochs: 10,
             min_lr: 1e-6,
             optimizer: OptimizerKind::Adamw,
+            matmul_precision: MatmulPrecision::Highest,
             global_crops_scale: [0.4, 1.0],
             local_crops_number: 8,
             local_crops_scale: [0.05, 0.4],

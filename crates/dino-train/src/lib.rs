@@ -23,6 +23,7 @@ pub mod runtime;
 pub mod trainer;
 
 pub use config::{Arch, DatasetKind, OptimizerKind, TrainConfig};
+pub use dino_models::MatmulPrecision;
 pub use error::{Error, Result};
 pub use run::{train, train_default, TrainOptions, TrainSummary};
 pub use trainer::{StepStats, StepTimings, Trainer};

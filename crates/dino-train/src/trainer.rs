@@ -21,6 +21,7 @@ use dino_core::{
     DinoLoss, DinoLossConfig, EmaTeacher, NamedVar, Optimizer, ParamGroup,
 };
 use dino_models::params::is_regularized;
+use dino_models::with_matmul_precision;
 
 use crate::checkpoint::take_prefixed;
 use crate::config::{OptimizerKind, TrainConfig};
@@ -276,10 +277,14 @@ impl Trainer {
             *slot = (now - clock).as_secs_f64();
             clock = now;
         };
-        // Teacher first, on the two global crops; detached (stop-gradient).
-        let t_out = self.teacher.model.forward(&crops[..2], true)?.detach();
+        // Teacher first, on the two global crops; detached (stop-gradient). The linear layers run at the
+        // configured precision, which their backward passes keep.
+        let precision = self.cfg.matmul_precision;
+        let t_out =
+            with_matmul_precision(precision, || self.teacher.model.forward(&crops[..2], true))?
+                .detach();
         lap(&mut timings.teacher_forward);
-        let s_out = self.student.model.forward(crops, true)?;
+        let s_out = with_matmul_precision(precision, || self.student.model.forward(crops, true))?;
         lap(&mut timings.student_forward);
         let loss = self.loss.forward(&s_out, &t_out, epoch)?;
         let loss_v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;

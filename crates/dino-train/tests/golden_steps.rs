@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use dino_train::model::DinoNetwork;
-use dino_train::{TrainConfig, Trainer};
+use dino_train::{MatmulPrecision, TrainConfig, Trainer};
 use serde_json::Value;
 
 fn golden(name: &str) -> PathBuf {
@@ -58,12 +58,8 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
 }
 
-#[test]
-fn reproduces_the_four_official_training_iterations() {
-    let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(golden("manifest.json")).unwrap()).unwrap();
-    let entry = &manifest["train_steps"];
-
+/// The trainer of the golden run (student and teacher from the saved official weights) and its 4 crops.
+fn golden_trainer(matmul_precision: MatmulPrecision) -> (Trainer, Vec<Tensor>) {
     // The run of the golden file: lr 0.0005 * 512 / 256 = 1e-3, 100 epochs x 2 it, 2 warm-up epochs,
     // teacher temp 0.04 -> 0.07 over 30 epochs, drop path 0, 2 local crops.
     let cfg = TrainConfig {
@@ -83,6 +79,7 @@ fn reproduces_the_four_official_training_iterations() {
         local_crops_number: 2,
         clip_grad: 3.0,
         freeze_last_layer: 1,
+        matmul_precision,
         ..TrainConfig::default()
     };
 
@@ -106,7 +103,7 @@ fn reproduces_the_four_official_training_iterations() {
         n_vars,
         "building the network must not create variables"
     );
-    let mut trainer = Trainer::from_student(&cfg, student, 2, &Device::Cpu).unwrap();
+    let trainer = Trainer::from_student(&cfg, student, 2, &Device::Cpu).unwrap();
 
     let io = load("vit_tiny16_io.safetensors");
     let (x224, x96) = (&io["x224"], &io["x96"]);
@@ -116,6 +113,16 @@ fn reproduces_the_four_official_training_iterations() {
         x96.narrow(0, 0, 1).unwrap(),
         x96.narrow(0, 1, 1).unwrap(),
     ];
+    (trainer, crops)
+}
+
+#[test]
+fn reproduces_the_four_official_training_iterations() {
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("manifest.json")).unwrap()).unwrap();
+    let entry = &manifest["train_steps"];
+
+    let (mut trainer, crops) = golden_trainer(MatmulPrecision::Highest);
     let gold = load("train_steps.safetensors");
 
     let mut lr_sum = 0.0;
@@ -328,4 +335,57 @@ fn reproduces_the_four_official_training_iterations() {
     };
     assert_eq!(steps("backbone.cls_token"), 4.0);
     assert_eq!(steps("head.last_layer.weight_v"), 2.0);
+}
+
+/// The same 4 official iterations with the linear layers' products in bf16: every loss and clip norm stays
+/// within mixed-precision distance of the official f32 run (bf16 keeps 8 significant bits, 2^-8 = 0.4%
+/// relative per operand; the sums of products average most of it out), and the bf16 products really ran
+/// (the losses are not the f32 ones). Without AVX-512 BF16 the setting falls back to f32.
+#[test]
+fn bf16_matmuls_stay_within_mixed_precision_distance_of_the_official_iterations() {
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("manifest.json")).unwrap()).unwrap();
+    let (mut trainer, crops) = golden_trainer(MatmulPrecision::Bf16);
+    let (mut f32_trainer, _) = golden_trainer(MatmulPrecision::Highest);
+    for (i, want) in manifest["train_steps"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let epoch = want["epoch"].as_u64().unwrap() as usize;
+        let s = trainer.step(&crops, epoch, i % 2).unwrap();
+        let f = f32_trainer.step(&crops, epoch, i % 2).unwrap();
+        let loss = want["loss"].as_f64().unwrap();
+        assert!(
+            close(s.loss, loss, 5e-3, 0.0),
+            "step {i}: bf16 loss {} vs {loss}",
+            s.loss
+        );
+        if MatmulPrecision::bf16_supported() {
+            assert_ne!(s.loss, f.loss, "step {i}: bf16 gave the f32 loss");
+        }
+        let norms = want["clip_norms"].as_object().unwrap();
+        let worst = s
+            .clip_norms
+            .iter()
+            .map(|(n, g)| (g - norms[n.as_str()].as_f64().unwrap()).abs() / g.abs().max(1e-4))
+            .fold(0.0, f64::max);
+        eprintln!(
+            "step {i}: bf16 loss rel err {:e}, worst clip-norm rel err {worst:e}",
+            (s.loss - loss).abs() / loss
+        );
+        for (name, got) in &s.clip_norms {
+            let w = norms[name.as_str()].as_f64().unwrap();
+            assert!(
+                close(*got, w, 3e-2, 1e-4),
+                "step {i}: clip norm of {name} {got} vs {w}"
+            );
+        }
+    }
+    assert_eq!(
+        dino_models::matmul_precision(),
+        MatmulPrecision::Highest,
+        "the step restores the thread's precision"
+    );
 }
