@@ -36,11 +36,14 @@ impl SyncPtr {
     }
 }
 
-/// `dst (m, n) = lhs (m, k) · rhs (k, n)` on the calling thread (see [`gemm_strided`]).
+/// `dst (m, n) = lhs (m, k) · rhs (k, n)` on the calling thread (see [`gemm_strided`]), with bf16
+/// products when `bf16` (see [`crate::bf16::gemm_strided`]).
 ///
 /// # Safety
 /// As [`gemm_strided`].
+#[allow(clippy::too_many_arguments)]
 unsafe fn mm(
+    bf16: bool,
     m: usize,
     n: usize,
     k: usize,
@@ -48,7 +51,11 @@ unsafe fn mm(
     lhs: (*const f32, isize, isize),
     rhs: (*const f32, isize, isize),
 ) {
-    gemm_strided(m, n, k, dst, false, lhs, rhs, Parallelism::None)
+    if bf16 {
+        crate::bf16::gemm_strided(m, n, k, dst, lhs, rhs)
+    } else {
+        gemm_strided(m, n, k, dst, false, lhs, rhs, Parallelism::None)
+    }
 }
 
 /// Geometry of one attention call: element `j` of head `h` of row `r` of Q is at `q_off + r * q_rs + h * hd + j`
@@ -68,6 +75,8 @@ struct Geo {
     kv_rs: usize,
     k_off: usize,
     v_off: usize,
+    /// bf16 products (see [`crate::fused::MatmulPrecision::Bf16`]).
+    bf16: bool,
 }
 
 impl Geo {
@@ -111,6 +120,7 @@ impl Geo {
                 unsafe {
                     let (qh, kh, vh) = self.qkv(qp as *const f32, kvp as *const f32, bi, hi);
                     mm(
+                        self.bf16,
                         tq,
                         t,
                         hd,
@@ -121,6 +131,7 @@ impl Geo {
                     ops::softmax_fwd_chunk(logits, p, t, self.scale);
                     let o = out_ptr.get().add(bi * tq * d + hi * hd);
                     mm(
+                        self.bf16,
                         tq,
                         hd,
                         t,
@@ -171,9 +182,18 @@ impl Geo {
                     let dvh = dkv.get().add(bi * t * self.kv_rs + self.v_off + h);
                     let p = p.as_ptr();
                     // dV = Pᵀ dO
-                    mm(t, hd, tq, (dvh, 1, kv_rs), (p, ti, 1), (goh, 1, d as isize));
+                    mm(
+                        self.bf16,
+                        t,
+                        hd,
+                        tq,
+                        (dvh, 1, kv_rs),
+                        (p, ti, 1),
+                        (goh, 1, d as isize),
+                    );
                     // dP = dO Vᵀ
                     mm(
+                        self.bf16,
                         tq,
                         t,
                         hd,
@@ -184,6 +204,7 @@ impl Geo {
                     ops::softmax_bwd_chunk(std::slice::from_raw_parts(p, n), dp, ds, t, self.scale);
                     // dQ = dS K, dK = dSᵀ Q
                     mm(
+                        self.bf16,
                         tq,
                         hd,
                         t,
@@ -192,6 +213,7 @@ impl Geo {
                         (kh, 1, kv_rs),
                     );
                     mm(
+                        self.bf16,
                         t,
                         hd,
                         tq,
@@ -381,6 +403,7 @@ pub fn attention(qkv: &Tensor, b: usize, t: usize, heads: usize, scale: f64) -> 
             kv_rs: 3 * d,
             k_off: d,
             v_off: 2 * d,
+            bf16: crate::bf16::use_bf16(crate::fused::matmul_precision(), b * t),
         };
         let op = AttentionOp {
             geo,
@@ -430,6 +453,7 @@ pub fn attention_query(
             kv_rs: 2 * d,
             k_off: 0,
             v_off: d,
+            bf16: crate::bf16::use_bf16(crate::fused::matmul_precision(), b * t),
         };
         let op = QueryAttentionOp {
             geo,
@@ -509,6 +533,76 @@ mod tests {
             assert!(
                 diff < 1e-5 * mag.max(1.0),
                 "gradient differs by {diff} (max {mag})"
+            );
+        }
+        Ok(())
+    }
+
+    /// bf16 products: the forward pass against the composed f32 ops on the operands the bf16 GEMMs see
+    /// (Q, K, V and the probabilities rounded to bf16); the gradient within bf16 distance (2^-8 relative per
+    /// operand) of the f32 one, and different from it (the bf16 path ran). Without AVX-512 BF16 the setting
+    /// falls back to f32.
+    #[test]
+    fn bf16_products_match_rounded_operand_reference() -> Result<()> {
+        use crate::bf16::{round_bf16, supported};
+        use crate::fused::{with_matmul_precision, MatmulPrecision};
+        let dev = Device::Cpu;
+        let round = |t: &Tensor| -> Result<Tensor> {
+            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            Tensor::from_vec(
+                v.into_iter().map(round_bf16).collect::<Vec<f32>>(),
+                t.shape(),
+                t.device(),
+            )
+        };
+        for &(b, t, heads, hd) in &[(2usize, 5usize, 3usize, 4usize), (2, 40, 2, 64)] {
+            let d = heads * hd;
+            let scale = (hd as f64).powf(-0.5);
+            let qkv = Var::from_vec(pattern(b * t * 3 * d, 3), (b * t, 3 * d), &dev)?;
+            let qkv_t = (qkv.as_tensor() * 0.25)?;
+            let w = Tensor::from_vec(pattern(b * t * d, 4), (b * t, d), &dev)?;
+            let y = with_matmul_precision(MatmulPrecision::Bf16, || {
+                attention(&qkv_t, b, t, heads, scale)
+            })?;
+            let y32 = attention(&qkv_t, b, t, heads, scale)?;
+            if supported() {
+                // Reference: rounded Q, K -> f32 softmax -> rounded P times rounded V.
+                let split = |i: usize| -> Result<Tensor> {
+                    round(&qkv_t)?
+                        .narrow(1, i * d, d)?
+                        .reshape((b, t, heads, hd))?
+                        .permute((0, 2, 1, 3))?
+                        .contiguous()
+                };
+                let logits = (split(0)?.matmul(&split(1)?.t()?.contiguous()?)? * scale)?;
+                let probs = round(&candle_nn::ops::softmax(&logits, candle_core::D::Minus1)?)?;
+                let y_ref = probs
+                    .matmul(&split(2)?)?
+                    .permute((0, 2, 1, 3))?
+                    .contiguous()?
+                    .reshape((b * t, d))?;
+                let diff = (&y - &y_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    diff < 1e-5,
+                    "bf16 forward differs by {diff} at {b}x{t}x{heads}x{hd}"
+                );
+                assert!((&y - &y32)?.abs()?.max_all()?.to_scalar::<f32>()? > 0.0);
+            } else {
+                assert_eq!(y.to_vec2::<f32>()?, y32.to_vec2::<f32>()?);
+            }
+            let g = (y * &w)?.sum_all()?.backward()?;
+            let g32 = (y32 * &w)?.sum_all()?.backward()?;
+            let (a, r) = (g.get(&qkv).unwrap(), g32.get(&qkv).unwrap());
+            let diff = (a - r)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let mag = r.abs()?.max_all()?.to_scalar::<f32>()?;
+            eprintln!("bf16 attention gradient: max diff {diff}, max {mag}");
+            assert!(
+                diff < 2e-2 * mag,
+                "bf16 gradient differs by {diff} (max {mag})"
+            );
+            assert!(
+                !supported() || diff > 0.0,
+                "bf16 gradient equals the f32 one"
             );
         }
         Ok(())
