@@ -9,22 +9,41 @@ use dino_models::resnet::{
 };
 use dino_models::Backbone;
 
+thread_local! {
+    /// Per-test (per-thread) draw counter: every test sees the same inputs on every run.
+    static DRAWS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Standard-normal values, seeded by the test's draw count: the finite-difference checks must not depend on the
+/// run (a random draw can put a ReLU or max-pool input within the difference step of its kink).
 fn rand(shape: &[usize], dtype: DType) -> Tensor {
-    Tensor::randn(0f64, 1., shape, &Device::Cpu)
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let seed = DRAWS.with(|d| {
+        d.set(d.get() + 1);
+        d.get()
+    });
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n)
+        .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
         .unwrap()
         .to_dtype(dtype)
         .unwrap()
+}
+
+/// A variable builder with seeded initial values (see [`rand`]).
+fn seeded(varmap: &VarMap, dtype: DType) -> VarBuilder<'static> {
+    dino_models::init::seeded_var_builder(varmap, 0, dtype, &Device::Cpu)
 }
 
 /// One train-mode forward + backward of `sum(features * r)`; every trainable parameter must get a
 /// non-zero gradient, and no buffer may get one.
 fn all_params_get_gradients(cfg: ResNetConfig, batch: usize, hw: usize) {
     let varmap = VarMap::new();
-    let model = ResNet::new(
-        cfg.clone(),
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
+    let model = ResNet::new(cfg.clone(), seeded(&varmap, DType::F32)).unwrap();
     let x = rand(&[batch, 3, hw, hw], DType::F32);
     let feats = model.forward_features(&x, true).unwrap();
     let r = rand(feats.dims(), DType::F32);
@@ -262,7 +281,7 @@ fn conv_bn_block_finite_differences() {
     // relu(BN_train(conv3x3/s2(x))) in f64 on a non-square input: gradients of x, the conv weight, BN weight
     // and bias.
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let vb = seeded(&varmap, DType::F64);
     let bn = BatchNorm2d::new(4, 1e-5, 0.1, vb.pp("bn")).unwrap();
     let w = Var::from_tensor(&rand(&[4, 3, 3, 3], DType::F64)).unwrap();
     let gamma = varmap.data().lock().unwrap()["bn.weight"].clone();
@@ -327,11 +346,7 @@ fn conv_bn_block_finite_differences() {
 fn tiny_resnet_finite_differences() {
     // ResNet-18 (CIFAR stem) in f64 on 2x3x16x16 (layer4 BNs see 8 values per channel), train mode: spot-check input and parameter gradients.
     let varmap = VarMap::new();
-    let model = ResNet::new(
-        ResNetConfig::resnet18_cifar(),
-        VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu),
-    )
-    .unwrap();
+    let model = ResNet::new(ResNetConfig::resnet18_cifar(), seeded(&varmap, DType::F64)).unwrap();
     let x = Var::from_tensor(&rand(&[2, 3, 16, 16], DType::F64)).unwrap();
     let r = rand(&[2, 512], DType::F64);
     let f = |x: &Tensor| {
@@ -507,7 +522,7 @@ fn fused_batch_norm_equals_the_composed_one() {
     // The CPU fused train-mode op against the candle-composed path used on other devices: outputs and
     // the gradients of x, weight and bias (f64, non-square maps, 3 images).
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let vb = seeded(&varmap, DType::F64);
     let bn = BatchNorm2d::new(5, 1e-5, 0.1, vb.pp("bn")).unwrap();
     let (gamma, beta) = {
         let vars = varmap.data().lock().unwrap();
