@@ -16,6 +16,8 @@ pub struct BenchArgs {
     pub step: bool,
     /// Run `cargo bench --workspace` (criterion) and report its estimates as JSON lines.
     pub criterion: bool,
+    /// The step benchmark's linear-layer precision (`highest` or `bf16`), when given.
+    pub matmul_precision: Option<String>,
 }
 
 fn cargo() -> String {
@@ -90,6 +92,9 @@ fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
         cmd.args(["--case", case]);
         if args.quick {
             cmd.arg("--quick");
+        }
+        if let Some(p) = &args.matmul_precision {
+            cmd.args(["--matmul-precision", p]);
         }
         // Each case prints its JSON line on stdout; progress goes to stderr, passed through.
         let out = cmd

@@ -4,7 +4,8 @@
 //!   (published sha256/md5), extracted.
 //! - `fetch-weights <name>`: official DINO weights through dino-models' hub code.
 //! - `ci`: exactly what `.ci/run` runs.
-//! - `bench [--quick] [--case NAME]... [--criterion] [--no-step]`: one JSON line per benchmark case.
+//! - `bench [--quick] [--case NAME]... [--criterion] [--no-step] [--matmul-precision bf16]`: one JSON line per
+//!   benchmark case.
 
 mod bench;
 mod ci;
@@ -55,6 +56,9 @@ enum Cmd {
         /// Skip the step benchmark (with --criterion: run only the criterion benches).
         #[arg(long)]
         no_step: bool,
+        /// The step benchmark's linear-layer products: highest (f32, default) or bf16.
+        #[arg(long, value_parser = ["highest", "bf16"])]
+        matmul_precision: Option<String>,
     },
 }
 
@@ -88,6 +92,7 @@ fn run(cli: Cli) -> Result<()> {
             cases,
             criterion,
             no_step,
+            matmul_precision,
         } => bench::run(
             root(),
             &bench::BenchArgs {
@@ -95,6 +100,7 @@ fn run(cli: Cli) -> Result<()> {
                 cases,
                 step: !no_step,
                 criterion,
+                matmul_precision,
             },
         ),
     }

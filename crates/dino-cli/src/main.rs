@@ -61,6 +61,16 @@ struct TrainCmd {
 
 fn main() {
     dino_train::runtime::tune_allocator();
+    // Library warnings (e.g. a setting this CPU cannot honour) on stderr; RUST_LOG overrides the level.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_target(false)
+        .without_time()
+        .init();
     // A panic is a bug, not a user error: one line, no backtrace.
     std::panic::set_hook(Box::new(|info| {
         let msg = info

@@ -127,8 +127,8 @@ pub struct TrainArgs {
     /// Optimiser: adamw, sgd or lars. [adamw]
     #[arg(long, value_parser = parse_optimizer)]
     pub optimizer: Option<OptimizerKind>,
-    /// Linear layers' products in the training step: highest (f32) or bf16 (bf16 operands, f32 sums; faster
-    /// on CPUs with AVX-512 BF16). [highest]
+    /// Products of the training step's linear layers and attention heads: highest (f32) or bf16 (bf16
+    /// operands, f32 sums; faster on CPUs with AVX-512 BF16, f32 on others). [highest]
     #[arg(long, value_parser = parse_precision)]
     pub matmul_precision: Option<MatmulPrecision>,
 

@@ -12,7 +12,8 @@
 //! Every op takes 2-D row-major f32 CPU tensors; other devices and dtypes use candle's composed ops.
 //!
 //! The linear layers' products run in f32 by default; [`set_matmul_precision`] switches the calling thread's
-//! linear layers to bf16 products with f32 sums ([`MatmulPrecision::Bf16`], see [`crate::bf16`]).
+//! linear layers (and attention heads) to bf16 products with f32 sums ([`MatmulPrecision::Bf16`], see
+//! [`crate::bf16`]).
 
 use std::cell::Cell;
 use std::sync::{Arc, Mutex};
@@ -31,9 +32,10 @@ pub enum MatmulPrecision {
     /// f32 products and sums (the default; what the golden tests pin).
     #[default]
     Highest,
-    /// Operands rounded to bfloat16, products summed in f32: about twice the f32 speed on CPUs with AVX-512
-    /// BF16, f32 elsewhere. The DINO head's last layer, attention and everything outside the linear layers
-    /// stay f32.
+    /// Operands rounded to bfloat16, products summed in f32, on CPUs with AVX-512 BF16 (f32 elsewhere): the
+    /// linear layers (ViT blocks, patch embedding, head MLP) and the attention heads' products run at about
+    /// twice the f32 GEMM speed. Outputs, LayerNorm, softmax, GELU, the loss, the weight-normalised last
+    /// layer and the optimiser stay f32.
     Bf16,
 }
 

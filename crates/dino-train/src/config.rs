@@ -218,10 +218,10 @@ pub struct TrainConfig {
     pub min_lr: f64,
     /// Optimiser: adamw, sgd or lars. Default adamw.
     pub optimizer: OptimizerKind,
-    /// Arithmetic of the linear layers' products in the training step: `highest` (f32) or `bf16` (operands
-    /// rounded to bfloat16, sums in f32; ~1.3-1.4x faster steps on CPUs with AVX-512 BF16, f32 on others),
-    /// the CPU counterpart of the official `--use_fp16`. The head's last layer, attention, the loss and
-    /// evaluation stay f32. Default highest.
+    /// Arithmetic of the matrix products of the training step's linear layers and attention heads: `highest`
+    /// (f32) or `bf16` (operands rounded to bfloat16, sums in f32; faster steps on CPUs with AVX-512 BF16, f32
+    /// on others), the CPU counterpart of the official `--use_fp16`. Weights, activations, the head's last
+    /// layer, the loss, the optimiser and evaluation stay f32. Default highest.
     pub matmul_precision: MatmulPrecision,
 
     // ----- multi-crop augmentation -----

@@ -27,6 +27,7 @@ use crate::log::{read_log, EpochRecord, JsonLog, Progress, StepRecord};
 use crate::model::DinoNetwork;
 use crate::plot::{save_png, Curve};
 use crate::trainer::Trainer;
+use dino_models::MatmulPrecision;
 
 /// How to run (things that do not change the result, so they are not part of the config).
 #[derive(Debug, Clone, PartialEq)]
@@ -164,6 +165,12 @@ fn save_checkpoint(
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let t0 = Instant::now();
     cfg.validate()?;
+    if cfg.matmul_precision == MatmulPrecision::Bf16 && !MatmulPrecision::bf16_supported() {
+        tracing::warn!(
+            "matmul_precision = bf16: this CPU has no AVX-512 BF16, so the products run in f32 (same results \
+             as highest)"
+        );
+    }
     let out = cfg.output_dir.clone();
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let device = Device::Cpu;
