@@ -264,6 +264,16 @@ pub(crate) unsafe fn gemm_strided(
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// The first `min(n, 16)` lanes.
+    #[inline(always)]
+    fn mask16(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as u16
+        }
+    }
+
     /// The f32 values of `src` as bf16 pairs in `out` (`ceil(len / 2)` entries; an odd tail pairs with 0).
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn pairs_of_row(src: &[f32], out: &mut [u32]) {
@@ -271,27 +281,15 @@ mod x86 {
         let mut i = 0;
         while i < k {
             let left = k - i;
-            let m0: __mmask16 = if left >= 16 {
-                0xffff
-            } else {
-                ((1u32 << left) - 1) as u16
-            };
+            let m0 = mask16(left);
             let l1 = left.saturating_sub(16);
-            let m1: __mmask16 = if l1 >= 16 {
-                0xffff
-            } else {
-                ((1u32 << l1) - 1) as u16
-            };
+            let m1 = mask16(l1);
             let lo = _mm512_maskz_loadu_ps(m0, src.as_ptr().add(i));
             let hi = _mm512_maskz_loadu_ps(m1, src.as_ptr().add(i + 16));
             // 32 bf16 in order: lanes 0-15 from `lo`, 16-31 from `hi`; as u32 lanes they are the pairs.
             let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
             let pairs = left.min(32).div_ceil(2);
-            let mask: __mmask16 = if pairs >= 16 {
-                0xffff
-            } else {
-                ((1u32 << pairs) - 1) as u16
-            };
+            let mask = mask16(pairs);
             _mm512_mask_storeu_epi32(out.as_mut_ptr().add(i / 2) as *mut i32, mask, v);
             i += 32;
         }
@@ -346,17 +344,9 @@ mod x86 {
             while p0 < kp {
                 let pn = (kp - p0).min(16);
                 let left = k - 2 * p0;
-                let m0: __mmask16 = if left >= 16 {
-                    0xffff
-                } else {
-                    ((1u32 << left) - 1) as u16
-                };
+                let m0 = mask16(left);
                 let l1 = left.saturating_sub(16);
-                let m1: __mmask16 = if l1 >= 16 {
-                    0xffff
-                } else {
-                    ((1u32 << l1) - 1) as u16
-                };
+                let m1 = mask16(l1);
                 let mut v = [_mm512_setzero_si512(); 16];
                 for (r, v) in v.iter_mut().enumerate().take(cn) {
                     let row = src.as_ptr().add((c0 + r) * ld + 2 * p0);
@@ -365,11 +355,7 @@ mod x86 {
                     *v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
                 }
                 let t = transpose16(v);
-                let mask: __mmask16 = if cn >= 16 {
-                    0xffff
-                } else {
-                    ((1u32 << cn) - 1) as u16
-                };
+                let mask = mask16(cn);
                 for (q, t) in t.iter().enumerate().take(pn) {
                     let out = dst.as_mut_ptr().add((p0 + q) * width + c0);
                     _mm512_mask_storeu_epi32(out as *mut i32, mask, *t);
@@ -429,11 +415,7 @@ mod x86 {
         let mut c = 0;
         while c < n {
             let left = n - c;
-            let m: __mmask16 = if left >= 16 {
-                0xffff
-            } else {
-                ((1u32 << left) - 1) as u16
-            };
+            let m = mask16(left);
             let a = _mm512_maskz_loadu_ps(m, r0.as_ptr().add(c));
             let b = match r1 {
                 Some(r1) => _mm512_maskz_loadu_ps(m, r1.as_ptr().add(c)),
@@ -497,17 +479,9 @@ mod x86 {
                 acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
             }
         }
-        let m0: __mmask16 = if cols >= 16 {
-            0xffff
-        } else {
-            ((1u32 << cols) - 1) as u16
-        };
+        let m0 = mask16(cols);
         let c1 = cols.saturating_sub(16);
-        let m1: __mmask16 = if c1 >= 16 {
-            0xffff
-        } else {
-            ((1u32 << c1) - 1) as u16
-        };
+        let m1 = mask16(c1);
         for (i, acc) in acc.iter().enumerate() {
             let row = c.add(i * ldc);
             let (mut v0, mut v1) = (acc[0], acc[1]);
