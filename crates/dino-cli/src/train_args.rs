@@ -436,6 +436,13 @@ mod tests {
         assert!(e.contains("--lr") && e.contains("fast"), "{e}");
         let e = parse(&["--optimizer", "adam"]).unwrap_err().to_string();
         assert!(e.contains("--optimizer") && e.contains("adam"), "{e}");
+        let e = parse(&["--matmul-precision", "fp8"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--matmul-precision") && e.contains("fp8") && e.contains("bf16"),
+            "{e}"
+        );
         let e = parse(&["--norm-last-layer", "maybe"])
             .unwrap_err()
             .to_string();

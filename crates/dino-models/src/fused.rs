@@ -44,9 +44,7 @@ impl MatmulPrecision {
     pub fn bf16_supported() -> bool {
         bf16::supported()
     }
-}
 
-impl MatmulPrecision {
     /// The names [`MatmulPrecision::from_str`](std::str::FromStr) accepts.
     pub const NAMES: &'static [&'static str] = &["highest", "bf16"];
 }
