@@ -1,6 +1,6 @@
 //! Forward-only throughput of the ViT configurations of `shared/spec/baseline.md` and fwd+bwd micro
 //! benchmarks of the fused ops (LayerNorm, softmax, GELU, attention, one transformer block) against candle's
-//! composed ops. Run: `cargo bench -p dino-models --bench forward` (append a filter, e.g. `-- vit_forward`).
+//! composed ops, and of a linear layer with f32 and bf16 products. Run: `cargo bench -p dino-models --bench forward` (append a filter, e.g. `-- vit_forward`).
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::VarMap;
@@ -10,6 +10,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use dino_models::init::seeded_var_builder;
 use dino_models::ops;
 use dino_models::vit::{ViTConfig, VisionTransformer};
+use dino_models::{with_matmul_precision, MatmulPrecision};
 
 fn vit(cfg: ViTConfig) -> VisionTransformer {
     let vm = VarMap::new();
@@ -308,11 +309,46 @@ fn block_fwd_bwd(c: &mut Criterion) {
     g.finish();
 }
 
+/// A linear layer `(8*197, 192) -> 768` (vit_tiny's fc1 at batch 8) forward + backward (dx, dW, db), with f32
+/// and bf16 products (`MatmulPrecision`): 3 GEMMs of 2 * 1576 * 192 * 768 FLOPs each.
+fn linear_precision(c: &mut Criterion) {
+    // The allocator settings of `dino_train::runtime::tune_allocator` (the step benchmark and `dino` use them;
+    // dino-train is above this crate): without them every fresh multi-MB buffer is mmapped and page-faulted,
+    // which costs more than the GEMMs here.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's allocation thresholds.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+    let dev = Device::Cpu;
+    let mut g = c.benchmark_group("linear_fwd_bwd");
+    g.sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let (rows, inp, out) = (8 * 197, 192, 768);
+    g.throughput(Throughput::Elements((3 * 2 * rows * inp * out) as u64));
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1f32, (rows, inp), &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.05f32, (out, inp), &dev).unwrap()).unwrap();
+    let bias = Var::from_tensor(&Tensor::zeros(out, DType::F32, &dev).unwrap()).unwrap();
+    let r = Tensor::randn(0f32, 1f32, (rows, out), &dev).unwrap();
+    let f = |x: &Tensor| dino_models::fused::linear(x, w.as_tensor(), Some(bias.as_tensor()));
+    for p in [MatmulPrecision::Highest, MatmulPrecision::Bf16] {
+        g.bench_function(BenchmarkId::new("fc1_1576x192x768", p.to_string()), |b| {
+            b.iter(|| with_matmul_precision(p, || fwd_bwd(&f, &x, &r)))
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     vit_forward,
     vit_train_step,
     ops_fwd_bwd,
-    block_fwd_bwd
+    block_fwd_bwd,
+    linear_precision
 );
 criterion_main!(benches);

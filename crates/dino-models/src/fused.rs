@@ -55,7 +55,10 @@ impl std::str::FromStr for MatmulPrecision {
         match s.to_ascii_lowercase().as_str() {
             "highest" => Ok(Self::Highest),
             "bf16" => Ok(Self::Bf16),
-            _ => Err(format!("expected one of highest, bf16, got `{s}`")),
+            _ => Err(format!(
+                "expected one of {}, got `{s}`",
+                Self::NAMES.join(", ")
+            )),
         }
     }
 }
