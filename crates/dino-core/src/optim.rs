@@ -262,11 +262,7 @@ impl AdamW {
     }
 
     fn find_var(&self, name: &str) -> Option<&Var> {
-        self.groups
-            .iter()
-            .flat_map(|g| g.params.iter())
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v)
+        find_var(&self.groups, name)
     }
 
     /// The state of every parameter that was updated at least once, sorted by name (torch's
@@ -560,6 +556,75 @@ impl Sgd {
     pub fn momentum_buffer(&self, name: &str) -> Option<&Tensor> {
         self.buffers.get(name)
     }
+
+    /// The state as flat named tensors for a checkpoint: `momentum_buffer.{name}` (torch's state key) for
+    /// every parameter updated at least once.
+    pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
+        buffers_to_tensors("momentum_buffer", &self.buffers)
+    }
+
+    /// Restores from [`state_tensors`](Self::state_tensors)' layout. An unknown key or parameter, or a buffer
+    /// whose shape is not its parameter's, is an error naming it; parameters absent from `tensors` restart
+    /// without a buffer (as torch).
+    pub fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        self.buffers = buffers_from_tensors("momentum_buffer", &self.groups, tensors)?;
+        Ok(())
+    }
+}
+
+/// Momentum buffers as checkpoint tensors `{key}.{name}`.
+fn buffers_to_tensors(key: &str, buffers: &HashMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    buffers
+        .iter()
+        .map(|(name, t)| (format!("{key}.{name}"), t.clone()))
+        .collect()
+}
+
+/// Momentum buffers from checkpoint tensors `{key}.{name}`: each must name a parameter of `groups` and have
+/// its shape; it is converted to the parameter's dtype and device.
+fn buffers_from_tensors(
+    key: &str,
+    groups: &[ParamGroup],
+    tensors: &HashMap<String, Tensor>,
+) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::with_capacity(tensors.len());
+    for (k, t) in tensors {
+        let name = k
+            .strip_prefix(key)
+            .and_then(|n| n.strip_prefix('.'))
+            .ok_or_else(|| {
+                Error::arg(
+                    k.clone(),
+                    format!("unknown optimizer state key (expected {key}.<parameter>)"),
+                )
+            })?;
+        let var = find_var(groups, name).ok_or_else(|| Error::MissingParameter {
+            name: name.to_string(),
+            msg: "in the optimizer state but not a parameter of this optimizer".into(),
+        })?;
+        if t.dims() != var.dims() {
+            return Err(Error::ParameterShape {
+                name: name.to_string(),
+                what: key.into(),
+                expected: var.dims().to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+        out.insert(
+            name.to_string(),
+            t.to_dtype(var.dtype())?.to_device(var.device())?,
+        );
+    }
+    Ok(out)
+}
+
+/// The parameter called `name` in `groups`.
+fn find_var<'a>(groups: &'a [ParamGroup], name: &str) -> Option<&'a Var> {
+    groups
+        .iter()
+        .flat_map(|g| g.params.iter())
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v)
 }
 
 impl Optimizer for Sgd {
@@ -626,6 +691,23 @@ impl Lars {
             eta,
             mu: HashMap::new(),
         })
+    }
+
+    /// The momentum `mu` of a parameter, if it was updated.
+    pub fn momentum_buffer(&self, name: &str) -> Option<&Tensor> {
+        self.mu.get(name)
+    }
+
+    /// The state as flat named tensors for a checkpoint: `mu.{name}` (the official `LARS`'s state key) for
+    /// every parameter updated at least once.
+    pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
+        buffers_to_tensors("mu", &self.mu)
+    }
+
+    /// Restores from [`state_tensors`](Self::state_tensors)' layout, checked as [`Sgd::load_state_tensors`].
+    pub fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        self.mu = buffers_from_tensors("mu", &self.groups, tensors)?;
+        Ok(())
     }
 }
 

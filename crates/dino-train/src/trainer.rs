@@ -344,7 +344,8 @@ impl Trainer {
     }
 
     /// Every tensor of the training state for a checkpoint: `student.*`, `teacher.*`, `optimizer.*`
-    /// (AdamW: `exp_avg.<p>`, `exp_avg_sq.<p>`, `step.<p>`), `dino_loss.center`.
+    /// (AdamW: `exp_avg.<p>`, `exp_avg_sq.<p>`, `step.<p>`; SGD: `momentum_buffer.<p>`; LARS: `mu.<p>`),
+    /// `dino_loss.center`.
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for (n, t) in self.student.tensors() {
@@ -360,13 +361,15 @@ impl Trainer {
                 }
             }
             RunOptimizer::Sgd(o) => {
-                for (n, _) in &self.params {
-                    if let Some(b) = o.momentum_buffer(n) {
-                        out.push((format!("optimizer.momentum_buffer.{n}"), b.copy()?));
-                    }
+                for (n, t) in o.state_tensors() {
+                    out.push((format!("optimizer.{n}"), t));
                 }
             }
-            RunOptimizer::Lars(_) => {}
+            RunOptimizer::Lars(o) => {
+                for (n, t) in o.state_tensors() {
+                    out.push((format!("optimizer.{n}"), t));
+                }
+            }
         }
         out.push(("dino_loss.center".into(), self.loss.center().copy()?));
         Ok(out)
@@ -391,14 +394,8 @@ impl Trainer {
         let opt = take_prefixed(tensors, "optimizer");
         match &mut self.optimizer {
             RunOptimizer::AdamW(o) => o.load_state_tensors(&opt)?,
-            RunOptimizer::Sgd(_) | RunOptimizer::Lars(_) => {
-                if !opt.is_empty() {
-                    tracing::warn!(
-                        "{origin}: the SGD/LARS momentum buffers cannot be restored by dino-core yet; they restart \
-                         from zero (resume is exact for AdamW only)"
-                    );
-                }
-            }
+            RunOptimizer::Sgd(o) => o.load_state_tensors(&opt)?,
+            RunOptimizer::Lars(o) => o.load_state_tensors(&opt)?,
         }
         let center = tensors
             .get("dino_loss.center")

@@ -3,7 +3,8 @@
 //!
 //! - A run stopped mid-epoch (as if killed right after an iteration: nothing more written) and resumed ends
 //!   with every tensor (student, teacher, AdamW moments and steps, centre) bit-identical to an uninterrupted
-//!   run's, also with a torn `checkpoint.safetensors.tmp` left behind by a crash during a write.
+//!   run's, also with a torn `checkpoint.safetensors.tmp` left behind by a crash during a write; with SGD and
+//!   LARS too (their momentum buffers).
 //! - A child process killed with SIGKILL in the middle of training, resumed, ends equal too.
 //! - A NaN loss stops with the epoch and iteration named and leaves the last checkpoint in place.
 //! - Resuming with a changed config is refused with the differing keys named.
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use dino_train::checkpoint::{self, weights_path, LATEST};
-use dino_train::{train, DatasetKind, Error, TrainConfig, TrainOptions, Trainer};
+use dino_train::{train, DatasetKind, Error, OptimizerKind, TrainConfig, TrainOptions, Trainer};
 
 fn tiny(out: &Path) -> TrainConfig {
     TrainConfig {
@@ -67,6 +68,11 @@ fn final_state(dir: &Path) -> (HashMap<String, Tensor>, checkpoint::CheckpointMe
 }
 
 fn assert_same_state(a: &Path, b: &Path) {
+    assert_same_state_with(a, b, "optimizer.exp_avg_sq.")
+}
+
+/// Every tensor of the two runs' last checkpoints is bit-identical; some key starts with `optimizer_key`.
+fn assert_same_state_with(a: &Path, b: &Path, optimizer_key: &str) {
     let (ta, ma) = final_state(a);
     let (tb, mb) = final_state(b);
     assert_eq!(ma.global_iteration, mb.global_iteration);
@@ -74,7 +80,10 @@ fn assert_same_state(a: &Path, b: &Path) {
     let mut keys: Vec<&String> = ta.keys().collect();
     keys.sort();
     assert_eq!(keys.len(), tb.len());
-    assert!(keys.iter().any(|k| k.starts_with("optimizer.exp_avg_sq.")));
+    assert!(
+        keys.iter().any(|k| k.starts_with(optimizer_key)),
+        "no {optimizer_key}*"
+    );
     for k in keys {
         let (x, y) = (&ta[k], &tb[k]);
         assert_eq!(x.dims(), y.dims(), "{k}");
@@ -148,6 +157,33 @@ fn interrupted_mid_epoch_then_resumed_equals_uninterrupted() {
     let s = train(&cfg, &quiet()).unwrap();
     assert_eq!((s.resumed_from, s.global_iteration), (Some(10), 10));
     assert_same_state(&reference, &dir);
+}
+
+/// SGD's and LARS's momentum buffers are checkpointed and restored: an interrupted run resumed ends with every
+/// tensor equal to the uninterrupted run's.
+#[test]
+fn sgd_and_lars_resume_exactly() {
+    for (kind, key) in [
+        (OptimizerKind::Sgd, "optimizer.momentum_buffer."),
+        (OptimizerKind::Lars, "optimizer.mu."),
+    ] {
+        let root = tempfile::tempdir().unwrap();
+        let cfg = |dir: &Path| TrainConfig {
+            optimizer: kind,
+            ..tiny(dir)
+        };
+        let reference = root.path().join("reference");
+        train(&cfg(&reference), &quiet()).unwrap();
+        let dir = root.path().join("interrupted");
+        let opts = TrainOptions {
+            stop_after_iterations: Some(7),
+            ..quiet()
+        };
+        assert!(train(&cfg(&dir), &opts).unwrap().interrupted);
+        let s = train(&cfg(&dir), &quiet()).unwrap();
+        assert_eq!((s.resumed_from, s.global_iteration), (Some(6), 10));
+        assert_same_state_with(&reference, &dir, key);
+    }
 }
 
 /// Entry point of the child process of `sigkill_mid_training_then_resume_equals_uninterrupted` (does nothing
