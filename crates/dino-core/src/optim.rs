@@ -44,6 +44,12 @@ pub trait Optimizer {
     fn set_weight_decay(&mut self, group: usize, weight_decay: f64) -> Result<()>;
     /// The groups (parameters, lr, weight decay).
     fn groups(&self) -> &[ParamGroup];
+    /// The per-parameter state as flat named tensors for a checkpoint (`{state}.{parameter}`).
+    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>>;
+    /// Restores the state written by [`state_tensors`](Self::state_tensors). An unknown key or parameter, or
+    /// a tensor whose shape is not its parameter's, is an error naming it; parameters absent from `tensors`
+    /// restart from an empty state (as torch).
+    fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()>;
 }
 
 fn check_groups(groups: &[ParamGroup]) -> Result<()> {
@@ -434,6 +440,12 @@ impl Optimizer for AdamW {
     fn groups(&self) -> &[ParamGroup] {
         &self.groups
     }
+    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        AdamW::state_tensors(self)
+    }
+    fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        AdamW::load_state_tensors(self, tensors)
+    }
 }
 
 /// The fused AdamW update of one f32 CPU tensor, in place (parameter through candle's `InplaceOp2`,
@@ -556,20 +568,6 @@ impl Sgd {
     pub fn momentum_buffer(&self, name: &str) -> Option<&Tensor> {
         self.buffers.get(name)
     }
-
-    /// The state as flat named tensors for a checkpoint: `momentum_buffer.{name}` (torch's state key) for
-    /// every parameter updated at least once.
-    pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
-        buffers_to_tensors("momentum_buffer", &self.buffers)
-    }
-
-    /// Restores from [`state_tensors`](Self::state_tensors)' layout. An unknown key or parameter, or a buffer
-    /// whose shape is not its parameter's, is an error naming it; parameters absent from `tensors` restart
-    /// without a buffer (as torch).
-    pub fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        self.buffers = buffers_from_tensors("momentum_buffer", &self.groups, tensors)?;
-        Ok(())
-    }
 }
 
 /// Momentum buffers as checkpoint tensors `{key}.{name}`.
@@ -663,6 +661,14 @@ impl Optimizer for Sgd {
     fn groups(&self) -> &[ParamGroup] {
         &self.groups
     }
+    /// `momentum_buffer.{name}` (torch's state key) for every parameter updated at least once.
+    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        Ok(buffers_to_tensors("momentum_buffer", &self.buffers))
+    }
+    fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        self.buffers = buffers_from_tensors("momentum_buffer", &self.groups, tensors)?;
+        Ok(())
+    }
 }
 
 /// `utils.LARS` (from barlowtwins): for tensors that are not 1-D, `dp = g + wd * p` then
@@ -696,18 +702,6 @@ impl Lars {
     /// The momentum `mu` of a parameter, if it was updated.
     pub fn momentum_buffer(&self, name: &str) -> Option<&Tensor> {
         self.mu.get(name)
-    }
-
-    /// The state as flat named tensors for a checkpoint: `mu.{name}` (the official `LARS`'s state key) for
-    /// every parameter updated at least once.
-    pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
-        buffers_to_tensors("mu", &self.mu)
-    }
-
-    /// Restores from [`state_tensors`](Self::state_tensors)' layout, checked as [`Sgd::load_state_tensors`].
-    pub fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        self.mu = buffers_from_tensors("mu", &self.groups, tensors)?;
-        Ok(())
     }
 }
 
@@ -759,6 +753,14 @@ impl Optimizer for Lars {
     }
     fn groups(&self) -> &[ParamGroup] {
         &self.groups
+    }
+    /// `mu.{name}` (the official `LARS`'s state key) for every parameter updated at least once.
+    fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        Ok(buffers_to_tensors("mu", &self.mu))
+    }
+    fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        self.mu = buffers_from_tensors("mu", &self.groups, tensors)?;
+        Ok(())
     }
 }
 

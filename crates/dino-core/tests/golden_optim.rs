@@ -411,10 +411,6 @@ fn sgd_and_lars_follow_the_official_formulas() {
 #[test]
 fn sgd_and_lars_state_round_trips() {
     let dev = Device::Cpu;
-    let mk = || {
-        Var::from_tensor(&Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25], (2, 2), &dev).unwrap())
-            .unwrap()
-    };
     let group = |v: &Var| {
         vec![ParamGroup {
             params: vec![("w".into(), v.clone())],
@@ -425,85 +421,58 @@ fn sgd_and_lars_state_round_trips() {
     let grads =
         |v: &Var, g: [f32; 4]| grad_store(&[(v, Tensor::from_slice(&g, (2, 2), &dev).unwrap())]);
     let (g1, g2) = ([0.1f32, 0.2, -0.3, 0.4], [-0.2f32, 0.1, 0.05, 0.3]);
-    for lars in [false, true] {
-        let (a, b) = (mk(), mk());
-        let (mut oa, mut ob): (Box<dyn Optimizer>, Box<dyn Optimizer>);
-        let state = if lars {
-            let mut o = Lars::new(group(&a)).unwrap();
-            o.step(&grads(&a, g1)).unwrap();
-            let st = o.state_tensors();
-            assert_eq!(st.keys().collect::<Vec<_>>(), ["mu.w"]);
-            oa = Box::new(o);
-            st
-        } else {
-            let mut o = Sgd::new(group(&a), 0.9).unwrap();
-            o.step(&grads(&a, g1)).unwrap();
-            let st = o.state_tensors();
-            assert_eq!(st.keys().collect::<Vec<_>>(), ["momentum_buffer.w"]);
-            oa = Box::new(o);
-            st
+    let diff = |x: &Var, y: &Var| {
+        (x.as_tensor() - y.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    for (lars, key) in [(false, "momentum_buffer.w"), (true, "mu.w")] {
+        let new = |v: &Var| -> Box<dyn Optimizer> {
+            if lars {
+                Box::new(Lars::new(group(v)).unwrap())
+            } else {
+                Box::new(Sgd::new(group(v), 0.9).unwrap())
+            }
         };
-        let state: HashMap<String, Tensor> = state.into_iter().collect();
-        b.set(a.as_tensor()).unwrap();
-        let key = state.keys().next().unwrap().clone();
-        let mut bad = state.clone();
-        bad.insert(key.clone(), Tensor::zeros(3, DType::F32, &dev).unwrap());
-        let mut unknown = HashMap::new();
-        unknown.insert(format!("{key}x"), state[&key].clone());
-        let mut wrong_key = HashMap::new();
-        wrong_key.insert("exp_avg.w".to_string(), state[&key].clone());
-        let errors: Vec<String> = if lars {
-            let mut o = Lars::new(group(&b)).unwrap();
-            let e = [&bad, &unknown, &wrong_key]
-                .map(|s| o.load_state_tensors(s).unwrap_err().to_string());
-            o.load_state_tensors(&state).unwrap();
-            ob = Box::new(o);
-            e.to_vec()
-        } else {
-            let mut o = Sgd::new(group(&b), 0.9).unwrap();
-            let e = [&bad, &unknown, &wrong_key]
-                .map(|s| o.load_state_tensors(s).unwrap_err().to_string());
-            o.load_state_tensors(&state).unwrap();
-            ob = Box::new(o);
-            e.to_vec()
+        let a = Var::from_tensor(
+            &Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25], (2, 2), &dev).unwrap(),
+        )
+        .unwrap();
+        let mut oa = new(&a);
+        oa.step(&grads(&a, g1)).unwrap();
+        let state: HashMap<String, Tensor> = oa.state_tensors().unwrap().into_iter().collect();
+        assert_eq!(state.keys().collect::<Vec<_>>(), [key]);
+        // b restores the state, c does not.
+        let b = Var::from_tensor(&a.as_tensor().copy().unwrap()).unwrap();
+        let c = Var::from_tensor(&a.as_tensor().copy().unwrap()).unwrap();
+        let (mut ob, mut oc) = (new(&b), new(&c));
+        let mut bad = |k: &str, t: Tensor| -> String {
+            let m = HashMap::from([(k.to_string(), t)]);
+            ob.load_state_tensors(&m).unwrap_err().to_string()
         };
+        let e = bad(key, Tensor::zeros(3, DType::F32, &dev).unwrap());
         assert!(
-            errors[0].contains("\"w\"")
-                && errors[0].contains("[2, 2]")
-                && errors[0].contains("[3]"),
-            "{}",
-            errors[0]
+            e.contains("\"w\"") && e.contains("[2, 2]") && e.contains("[3]"),
+            "{e}"
         );
-        assert!(errors[1].contains("wx"), "{}", errors[1]);
-        assert!(errors[2].contains("exp_avg.w"), "{}", errors[2]);
-        // A fresh optimiser from the same parameters, without the state: its step differs (the test can tell).
-        let c = Var::from_tensor(&b.as_tensor().copy().unwrap()).unwrap();
-        let mut oc: Box<dyn Optimizer> = if lars {
-            Box::new(Lars::new(group(&c)).unwrap())
-        } else {
-            Box::new(Sgd::new(group(&c), 0.9).unwrap())
-        };
-        oa.step(&grads(&a, g2)).unwrap();
-        ob.step(&grads(&b, g2)).unwrap();
-        oc.step(&grads(&c, g2)).unwrap();
-        let diff = |x: &Var, y: &Var| {
-            (x.as_tensor() - y.as_tensor())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let e = bad(&format!("{key}x"), state[key].clone());
+        assert!(e.contains("wx"), "{e}");
+        let e = bad("exp_avg.w", state[key].clone());
+        assert!(e.contains("exp_avg.w"), "{e}");
+        ob.load_state_tensors(&state).unwrap();
+        for (o, v) in [(&mut oa, &a), (&mut ob, &b), (&mut oc, &c)] {
+            o.step(&grads(v, g2)).unwrap();
+        }
         assert_eq!(
             diff(&a, &b),
             0.0,
-            "lars {lars}: the restored optimiser stepped differently"
+            "{key}: the restored optimiser stepped differently"
         );
-        assert!(
-            diff(&a, &c) > 1e-4,
-            "lars {lars}: the state made no difference"
-        );
+        assert!(diff(&a, &c) > 1e-4, "{key}: the state made no difference");
     }
 }

@@ -47,6 +47,14 @@ impl RunOptimizer {
             Self::Lars(o) => o,
         }
     }
+
+    fn as_dyn_ref(&self) -> &dyn Optimizer {
+        match self {
+            Self::AdamW(o) => o,
+            Self::Sgd(o) => o,
+            Self::Lars(o) => o,
+        }
+    }
 }
 
 /// What one iteration produced.
@@ -354,22 +362,8 @@ impl Trainer {
         for (n, t) in self.teacher.tensors() {
             out.push((format!("teacher.{n}"), t));
         }
-        match &self.optimizer {
-            RunOptimizer::AdamW(o) => {
-                for (n, t) in o.state_tensors()? {
-                    out.push((format!("optimizer.{n}"), t));
-                }
-            }
-            RunOptimizer::Sgd(o) => {
-                for (n, t) in o.state_tensors() {
-                    out.push((format!("optimizer.{n}"), t));
-                }
-            }
-            RunOptimizer::Lars(o) => {
-                for (n, t) in o.state_tensors() {
-                    out.push((format!("optimizer.{n}"), t));
-                }
-            }
+        for (n, t) in self.optimizer.as_dyn_ref().state_tensors()? {
+            out.push((format!("optimizer.{n}"), t));
         }
         out.push(("dino_loss.center".into(), self.loss.center().copy()?));
         Ok(out)
@@ -392,11 +386,7 @@ impl Trainer {
             &format!("{origin} (teacher)"),
         )?;
         let opt = take_prefixed(tensors, "optimizer");
-        match &mut self.optimizer {
-            RunOptimizer::AdamW(o) => o.load_state_tensors(&opt)?,
-            RunOptimizer::Sgd(o) => o.load_state_tensors(&opt)?,
-            RunOptimizer::Lars(o) => o.load_state_tensors(&opt)?,
-        }
+        self.optimizer.as_dyn().load_state_tensors(&opt)?;
         let center = tensors
             .get("dino_loss.center")
             .ok_or_else(|| Error::Checkpoint {
