@@ -14,9 +14,7 @@
 //! - attention is the fused op of [`crate::attention`] on the packed `(B*T, 3D)` qkv activations (one GEMM per
 //!   batch and head, no split or permute copies); LayerNorm and GELU are the fused ops of [`crate::ops`] (analytic backward);
 //! - `forward` runs the last block for the CLS rows only (K and V still from every token) and applies the final
-//!   LayerNorm to them: the other tokens' last-block outputs are never used, which saves ~7% of the FLOPs;
-//! - with drop path, a residual branch runs only on the samples it keeps (the official code computes the dropped
-//!   ones' branches and multiplies them by 0), which saves ~5% of a student's block FLOPs at rate 0.1.
+//!   LayerNorm to them: the other tokens' last-block outputs are never used, which saves ~7% of the FLOPs.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -325,27 +323,10 @@ impl Block {
         t: usize,
         rng: Option<&Mutex<ChaCha8Rng>>,
     ) -> Result<Tensor> {
-        let scales = (
-            self.drop_path_scales(b, rng)?,
-            self.drop_path_scales(b, rng)?,
-        );
-        self.forward_scaled(x, b, t, scales, true)
-    }
-
-    /// [`Block::forward`] with the drop-path scales of the attention and MLP branches given; with
-    /// `skip_dropped` each branch runs on its kept samples only (see [`residual_branch`]).
-    fn forward_scaled(
-        &self,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        (s_attn, s_mlp): (Option<Vec<f32>>, Option<Vec<f32>>),
-        skip_dropped: bool,
-    ) -> Result<Tensor> {
-        let x = residual_branch(x, x, b, s_attn, skip_dropped, |xk, n| {
-            Ok(self.attention(xk, n, t, false)?.0)
-        })?;
-        residual_branch(&x, &x, b, s_mlp, skip_dropped, |xk, _| self.mlp(xk))
+        let (a, _) = self.attention(x, b, t, false)?;
+        let x = crate::fused::residual(x, &a, self.drop_path_scales(b, rng)?)?;
+        let m = self.mlp(&x)?;
+        crate::fused::residual(&x, &m, self.drop_path_scales(b, rng)?)
     }
 
     /// The block when only its CLS rows are used (the last block of `forward`): K and V for every token, Q,
@@ -358,28 +339,13 @@ impl Block {
         t: usize,
         rng: Option<&Mutex<ChaCha8Rng>>,
     ) -> Result<Tensor> {
-        let scales = (
-            self.drop_path_scales(b, rng)?,
-            self.drop_path_scales(b, rng)?,
-        );
-        self.forward_cls_scaled(x, b, t, scales, true)
-    }
-
-    /// [`Block::forward_cls`] with the drop-path scales given (see [`Block::forward_scaled`]).
-    fn forward_cls_scaled(
-        &self,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        (s_attn, s_mlp): (Option<Vec<f32>>, Option<Vec<f32>>),
-        skip_dropped: bool,
-    ) -> Result<Tensor> {
         let d = x.dim(1)?;
         let h = self.num_heads;
         let hd = d / h;
-        let cls_rows = |y: &Tensor, n: usize| -> Result<Tensor> {
-            y.reshape((n, t, d))?.narrow(1, 0, 1)?.reshape((n, d))
+        let cls_rows = |y: &Tensor| -> Result<Tensor> {
+            y.reshape((b, t, d))?.narrow(1, 0, 1)?.reshape((b, d))
         };
+        let xn = self.norm1.forward(x)?;
         let part = |lin: &Linear, i: usize, n: usize| -> Result<(Tensor, Option<Tensor>)> {
             let w = lin.weight.narrow(0, i * d, n * d)?;
             let bias = match &lin.bias {
@@ -388,17 +354,15 @@ impl Block {
             };
             Ok((w, bias))
         };
-        let attn = |xk: &Tensor, n: usize| -> Result<Tensor> {
-            let xn = self.norm1.forward(xk)?;
-            let (wq, bq) = part(&self.qkv, 0, 1)?;
-            let (wkv, bkv) = part(&self.qkv, 1, 2)?;
-            let q = ops::linear(&cls_rows(&xn, n)?, &wq, bq.as_ref())?; // (n, D)
-            let kv = ops::linear(&xn, &wkv, bkv.as_ref())?; // (n*T, 2D)
-            let a = crate::attention::attention_query(&q, &kv, n, 1, t, h, (hd as f64).powf(-0.5))?;
-            self.proj.forward(&a)
-        };
-        let x = residual_branch(&cls_rows(x, b)?, x, b, s_attn, skip_dropped, attn)?;
-        residual_branch(&x, &x, b, s_mlp, skip_dropped, |xk, _| self.mlp(xk))
+        let (wq, bq) = part(&self.qkv, 0, 1)?;
+        let (wkv, bkv) = part(&self.qkv, 1, 2)?;
+        let q = ops::linear(&cls_rows(&xn)?, &wq, bq.as_ref())?; // (B, D)
+        let kv = ops::linear(&xn, &wkv, bkv.as_ref())?; // (B*T, 2D)
+        let a = crate::attention::attention_query(&q, &kv, b, 1, t, h, (hd as f64).powf(-0.5))?;
+        let a = self.proj.forward(&a)?;
+        let x = crate::fused::residual(&cls_rows(x)?, &a, self.drop_path_scales(b, rng)?)?;
+        let m = self.mlp(&x)?;
+        crate::fused::residual(&x, &m, self.drop_path_scales(b, rng)?)
     }
 
     /// Stochastic depth's per-sample scales: keep with probability `1 - rate` and scale by `1 / (1 - rate)`;
@@ -425,46 +389,6 @@ impl Block {
                 .collect(),
         ))
     }
-}
-
-/// `base + s ⊙ f(input)`: a residual branch with per-sample drop-path scales `s` (`None`: all 1). `base` is
-/// `(B*tb, D)` and `input` `(B*ti, D)`; `f` maps the input rows of `n` samples to their `(n*tb, D)` output.
-///
-/// With `skip_dropped`, `f` runs on the kept samples only (gathered, then scattered back): a dropped sample's
-/// branch is multiplied by 0, so the official code's computation of it (forward and backward) is wasted work,
-/// ~5% of a vit_tiny student's FLOPs at drop path 0.1. The result is the same up to float summation order.
-fn residual_branch(
-    base: &Tensor,
-    input: &Tensor,
-    b: usize,
-    scales: Option<Vec<f32>>,
-    skip_dropped: bool,
-    f: impl FnOnce(&Tensor, usize) -> Result<Tensor>,
-) -> Result<Tensor> {
-    let kept: Vec<u32> = match &scales {
-        Some(s) if skip_dropped => (0..b as u32).filter(|&i| s[i as usize] != 0.0).collect(),
-        _ => return crate::fused::residual(base, &f(input, b)?, scales),
-    };
-    if kept.len() == b {
-        return crate::fused::residual(base, &f(input, b)?, scales);
-    }
-    if kept.is_empty() {
-        return Ok(base.clone());
-    }
-    let n = kept.len();
-    let (rows_in, d) = input.dims2()?;
-    let rows_base = base.dim(0)?;
-    let (ti, tb) = (rows_in / b, rows_base / b);
-    let ids = Tensor::from_vec(kept, n, input.device())?;
-    let xk = input
-        .reshape((b, ti * d))?
-        .index_select(&ids, 0)?
-        .reshape((n * ti, d))?;
-    let y = f(&xk, n)?.reshape((n, tb * d))?;
-    let full = Tensor::zeros((b, tb * d), y.dtype(), y.device())?
-        .index_add(&ids, &y, 0)?
-        .reshape((rows_base, d))?;
-    crate::fused::residual(base, &full, scales)
 }
 
 /// The 1-D PyTorch bicubic (A = -0.75, align_corners False, border clamp) resampling matrix `(out, in)` for
@@ -753,83 +677,5 @@ impl Backbone for VisionTransformer {
 
     fn reseed(&self, seed: u64) {
         VisionTransformer::reseed(self, seed)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Var;
-    use candle_nn::VarMap;
-
-    fn uniform(seed: u64, shape: &[usize]) -> Result<Tensor> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-    }
-
-    /// Skipping the dropped samples' branches gives the output and every gradient of computing and zeroing
-    /// them, for both block variants and for no, some and all samples dropped.
-    #[test]
-    fn skipping_dropped_samples_matches_computing_them() -> Result<()> {
-        let cfg = ViTConfig::custom(8, 4, 16, 1, 2);
-        let vm = VarMap::new();
-        let blk = Block::new(
-            &cfg,
-            0.2,
-            crate::init::seeded_var_builder(&vm, 3, DType::F32, &Device::Cpu),
-        )?;
-        // Non-zero biases and LayerNorm affines, so every parameter's gradient is exercised.
-        for (i, var) in vm.all_vars().iter().enumerate() {
-            var.set(&(var.as_tensor() + uniform(50 + i as u64, var.dims())?.affine(0.1, 0.0)?)?)?;
-        }
-        let (b, t, d) = (5, 4, 16);
-        let x = Var::from_tensor(&uniform(7, &[b * t, d])?)?;
-        let r = uniform(8, &[b * t, d])?;
-        let k = 1.0 / 0.8;
-        let cases: [[f32; 5]; 4] = [[k, 0.0, k, k, 0.0], [0.0, k, 0.0, 0.0, k], [0.0; 5], [k; 5]];
-        let mut vars = vm.all_vars();
-        vars.push(x.clone());
-        for (ci, (sa, sm)) in cases.iter().zip(cases.iter().rev()).enumerate() {
-            for cls in [false, true] {
-                let run = |skip: bool| -> Result<(Tensor, Vec<Tensor>)> {
-                    let s = (Some(sa.to_vec()), Some(sm.to_vec()));
-                    let (y, r) = if cls {
-                        let y = blk.forward_cls_scaled(x.as_tensor(), b, t, s, skip)?;
-                        let r = r.reshape((b, t, d))?.narrow(1, 0, 1)?.reshape((b, d))?;
-                        (y, r)
-                    } else {
-                        (blk.forward_scaled(x.as_tensor(), b, t, s, skip)?, r.clone())
-                    };
-                    let grads = (&y * &r)?.sum_all()?.backward()?;
-                    let g = vars
-                        .iter()
-                        .map(|v| {
-                            grads
-                                .get(v)
-                                .cloned()
-                                .map_or_else(|| v.as_tensor().zeros_like(), Ok)
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    Ok((y, g))
-                };
-                let (y0, g0) = run(false)?;
-                let (y1, g1) = run(true)?;
-                let diff = |p: &Tensor, q: &Tensor| -> Result<f32> {
-                    (p - q)?.abs()?.max_all()?.to_scalar::<f32>()
-                };
-                assert!(diff(&y0, &y1)? <= 1e-6, "case {ci} cls {cls}: output");
-                for (i, (p, q)) in g0.iter().zip(&g1).enumerate() {
-                    let scale = p.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
-                    assert!(
-                        diff(p, q)? <= 1e-5 * scale,
-                        "case {ci} cls {cls}: gradient {i} differs by {}",
-                        diff(p, q)?
-                    );
-                }
-            }
-        }
-        Ok(())
     }
 }
