@@ -18,6 +18,10 @@ pub struct BenchArgs {
     pub criterion: bool,
     /// The step benchmark's linear-layer precision (`highest` or `bf16`), when given.
     pub matmul_precision: Option<String>,
+    /// A Python with torch: after each training-step case, the same step in PyTorch
+    /// (`xtask/pytorch/dino_step.py`, under bf16 autocast when the precision is bf16), a baseline timed in the
+    /// same run.
+    pub pytorch: Option<PathBuf>,
 }
 
 fn cargo() -> String {
@@ -108,11 +112,52 @@ fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
         if !out.status.success() {
             failed.push(case.clone());
         }
+        if let (Some(python), Some(cfg)) = (&args.pytorch, case.strip_prefix("step/")) {
+            if !run_pytorch(root, python, cfg, args)? {
+                failed.push(format!("{case} (PyTorch)"));
+            }
+        }
     }
     if !failed.is_empty() {
         bail!("benchmark cases failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// The PyTorch step of `cfg` (e.g. `imagenet/65536`); prints its JSON line and says whether it succeeded.
+fn run_pytorch(root: &Path, python: &Path, cfg: &str, args: &BenchArgs) -> Result<bool> {
+    let script = root.join("xtask/pytorch/dino_step.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(&script).args(["--case", cfg]);
+    if args.quick {
+        cmd.args(["--steps", "3", "--warmup", "1"]);
+    }
+    if args.matmul_precision.as_deref() == Some("bf16") {
+        cmd.arg("--bf16");
+    }
+    let out = cmd.stderr(Stdio::piped()).output().with_context(|| {
+        format!(
+            "--pytorch: cannot run {} {}",
+            python.display(),
+            script.display()
+        )
+    })?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in stdout.lines().filter(|l| l.starts_with('{')) {
+        println!("{line}");
+    }
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or("").trim();
+        if last.contains("No module named 'torch'") {
+            bail!(
+                "--pytorch {}: this Python has no torch (pip install torch==2.15.0, the version of baseline.md)",
+                python.display()
+            );
+        }
+        eprintln!("PyTorch step {cfg} failed: {last}");
+    }
+    Ok(out.status.success())
 }
 
 fn run_criterion(root: &Path, args: &BenchArgs) -> Result<()> {

@@ -4,8 +4,8 @@
 //!   (published sha256/md5), extracted.
 //! - `fetch-weights <name>`: official DINO weights through dino-models' hub code.
 //! - `ci`: exactly what `.ci/run` runs.
-//! - `bench [--quick] [--case NAME]... [--criterion] [--no-step] [--matmul-precision bf16]`: one JSON line per
-//!   benchmark case.
+//! - `bench [--quick] [--case NAME]... [--criterion] [--no-step] [--matmul-precision bf16] [--pytorch PYTHON]`:
+//!   one JSON line per benchmark case (with `--pytorch`, each training step also timed in PyTorch).
 
 mod bench;
 mod ci;
@@ -59,6 +59,10 @@ enum Cmd {
         /// The step benchmark's linear-layer products: highest (f32, default) or bf16.
         #[arg(long, value_parser = ["highest", "bf16"])]
         matmul_precision: Option<String>,
+        /// A Python with torch: after each training-step case, time the same step in PyTorch
+        /// (xtask/pytorch/dino_step.py; bf16 autocast with --matmul-precision bf16), a same-run baseline.
+        #[arg(long, value_name = "PYTHON")]
+        pytorch: Option<PathBuf>,
     },
 }
 
@@ -93,6 +97,7 @@ fn run(cli: Cli) -> Result<()> {
             criterion,
             no_step,
             matmul_precision,
+            pytorch,
         } => bench::run(
             root(),
             &bench::BenchArgs {
@@ -101,6 +106,7 @@ fn run(cli: Cli) -> Result<()> {
                 step: !no_step,
                 criterion,
                 matmul_precision,
+                pytorch,
             },
         ),
     }
