@@ -1,12 +1,13 @@
 """The DINO training step of ../shared/spec/baseline.md in PyTorch, for a baseline timed in the same run as dino-rs.
 
-`cargo xtask bench --pytorch PYTHON` runs it after each step case (PYTHON must have torch: `pip install
+`cargo xtask bench --pytorch PYTHON` runs it after each step and forward case (PYTHON must have torch: `pip install
 torch==2.15.0`, the version of baseline.md). It is the official facebookresearch/dino step re-typed from its
 structure (vision_transformer.py, MultiCropWrapper, DINOHead, DINOLoss, utils.clip_gradients, the EMA loop of
 main_dino.py; teacher and student forward and the loss under autocast as there): vit_tiny with drop path 0.1 and
 DINOHead(192, K), AdamW in two groups, clip 3.0, EMA, epoch >= 1, random input crops. `--bf16` runs the autocast
 region in bfloat16 on the CPU (`torch.autocast("cpu", torch.bfloat16)`), PyTorch's counterpart of dino-rs's
-`--matmul-precision bf16`. Prints one JSON line.
+`--matmul-precision bf16`. `--forward` times the forward passes alone (teacher on the global crops, student on every
+crop) under `torch.no_grad()`, as baseline.md's forward-only figures. Prints one JSON line.
 """
 import argparse, json, math, resource, statistics, sys, time
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -141,6 +142,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--case', required=True, help='imagenet/65536, imagenet/4096, cifar/65536 or cifar/4096')
     ap.add_argument('--bf16', action='store_true')
+    ap.add_argument('--forward', action='store_true', help='forward only, under no_grad: teacher on the 2 global crops, student on every crop')
     ap.add_argument('--steps', type=int, default=10)
     ap.add_argument('--warmup', type=int, default=2)
     a = ap.parse_args()
@@ -161,6 +163,11 @@ def main():
     times = []
     for it in range(a.warmup + a.steps):
         t0 = time.perf_counter()
+        if a.forward:
+            with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=a.bf16):
+                teacher(crops[:2]); student(crops)
+            times.append(time.perf_counter() - t0)
+            continue
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=a.bf16):
             teacher_output = teacher(crops[:2])
             student_output = student(crops)
@@ -178,7 +185,7 @@ def main():
     t = times[a.warmup:]
     med = statistics.median(t)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({'case': 'step/' + a.case, 'impl': 'pytorch', 'precision': 'bf16' if a.bf16 else 'fp32',
+    print(json.dumps({'case': ('forward/' if a.forward else 'step/') + a.case, 'impl': 'pytorch', 'precision': 'bf16' if a.bf16 else 'fp32',
                       'batch': B, 'iterations': a.steps,
                       'seconds_per_step_median': med, 'seconds_per_step_min': min(t), 'images_per_s': B / med,
                       'peak_rss_gib': rss, 'torch': torch.__version__}))

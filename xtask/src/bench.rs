@@ -18,7 +18,7 @@ pub struct BenchArgs {
     pub criterion: bool,
     /// The step benchmark's linear-layer precision (`highest` or `bf16`), when given.
     pub matmul_precision: Option<String>,
-    /// A Python with torch: after each training-step case, the same step in PyTorch
+    /// A Python with torch: after each training-step and forward case, the same in PyTorch
     /// (`xtask/pytorch/dino_step.py`, under bf16 autocast when the precision is bf16), a baseline timed in the
     /// same run.
     pub pytorch: Option<PathBuf>,
@@ -112,8 +112,12 @@ fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
         if !out.status.success() {
             failed.push(case.clone());
         }
-        if let (Some(python), Some(cfg)) = (&args.pytorch, case.strip_prefix("step/")) {
-            if !run_pytorch(root, python, cfg, args)? {
+        let pytorch_case = case
+            .strip_prefix("step/")
+            .map(|c| (c, false))
+            .or_else(|| case.strip_prefix("forward/").map(|c| (c, true)));
+        if let (Some(python), Some((cfg, forward))) = (&args.pytorch, pytorch_case) {
+            if !run_pytorch(root, python, cfg, forward, args)? {
                 failed.push(format!("{case} (PyTorch)"));
             }
         }
@@ -124,11 +128,21 @@ fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The PyTorch step of `cfg` (e.g. `imagenet/65536`); prints its JSON line and says whether it succeeded.
-fn run_pytorch(root: &Path, python: &Path, cfg: &str, args: &BenchArgs) -> Result<bool> {
+/// The PyTorch step (or with `forward`, the forward passes) of `cfg` (e.g. `imagenet/65536`); prints its JSON
+/// line and says whether it succeeded.
+fn run_pytorch(
+    root: &Path,
+    python: &Path,
+    cfg: &str,
+    forward: bool,
+    args: &BenchArgs,
+) -> Result<bool> {
     let script = root.join("xtask/pytorch/dino_step.py");
     let mut cmd = Command::new(python);
     cmd.arg(&script).args(["--case", cfg]);
+    if forward {
+        cmd.arg("--forward");
+    }
     if args.quick {
         cmd.args(["--steps", "3", "--warmup", "1"]);
     }

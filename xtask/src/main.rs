@@ -5,7 +5,7 @@
 //! - `fetch-weights <name>`: official DINO weights through dino-models' hub code.
 //! - `ci`: exactly what `.ci/run` runs.
 //! - `bench [--quick] [--case NAME]... [--criterion] [--no-step] [--matmul-precision bf16] [--pytorch PYTHON]`:
-//!   one JSON line per benchmark case (with `--pytorch`, each training step also timed in PyTorch).
+//!   one JSON line per benchmark case (with `--pytorch`, each training step and forward pass also timed in PyTorch).
 
 mod bench;
 mod ci;
@@ -59,7 +59,7 @@ enum Cmd {
         /// The step benchmark's linear-layer products: highest (f32, default) or bf16.
         #[arg(long, value_parser = ["highest", "bf16"])]
         matmul_precision: Option<String>,
-        /// A Python with torch: after each training-step case, time the same step in PyTorch
+        /// A Python with torch: after each training-step and forward case, time the same in PyTorch
         /// (xtask/pytorch/dino_step.py; bf16 autocast with --matmul-precision bf16), a same-run baseline.
         #[arg(long, value_name = "PYTHON")]
         pytorch: Option<PathBuf>,

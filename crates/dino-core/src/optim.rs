@@ -306,20 +306,11 @@ impl AdamW {
     pub fn import_state(&mut self, state: &[(String, AdamWParamState)]) -> Result<()> {
         let mut new = HashMap::with_capacity(state.len());
         for (name, st) in state {
-            let var = self.find_var(name).ok_or_else(|| Error::MissingParameter {
-                name: name.clone(),
-                msg: "in the optimizer state but not a parameter of this optimizer".into(),
-            })?;
-            for (what, t) in [("exp_avg", &st.exp_avg), ("exp_avg_sq", &st.exp_avg_sq)] {
-                if t.dims() != var.dims() {
-                    return Err(Error::ParameterShape {
-                        name: name.clone(),
-                        what: what.into(),
-                        expected: var.dims().to_vec(),
-                        got: t.dims().to_vec(),
-                    });
-                }
-            }
+            let var = param_for_state(
+                &self.groups,
+                name,
+                &[("exp_avg", &st.exp_avg), ("exp_avg_sq", &st.exp_avg_sq)],
+            )?;
             let moments = if var.device().is_cpu() && var.dtype() == DType::F32 {
                 Moments::Cpu {
                     m: st
@@ -596,24 +587,36 @@ fn buffers_from_tensors(
                     format!("unknown optimizer state key (expected {key}.<parameter>)"),
                 )
             })?;
-        let var = find_var(groups, name).ok_or_else(|| Error::MissingParameter {
-            name: name.to_string(),
-            msg: "in the optimizer state but not a parameter of this optimizer".into(),
-        })?;
-        if t.dims() != var.dims() {
-            return Err(Error::ParameterShape {
-                name: name.to_string(),
-                what: key.into(),
-                expected: var.dims().to_vec(),
-                got: t.dims().to_vec(),
-            });
-        }
+        let var = param_for_state(groups, name, &[(key, t)])?;
         out.insert(
             name.to_string(),
             t.to_dtype(var.dtype())?.to_device(var.device())?,
         );
     }
     Ok(out)
+}
+
+/// The parameter `name` of `groups` that the state tensors `(kind, tensor)` belong to; each must have its shape.
+fn param_for_state<'a>(
+    groups: &'a [ParamGroup],
+    name: &str,
+    state: &[(&str, &Tensor)],
+) -> Result<&'a Var> {
+    let var = find_var(groups, name).ok_or_else(|| Error::MissingParameter {
+        name: name.to_string(),
+        msg: "in the optimizer state but not a parameter of this optimizer".into(),
+    })?;
+    for (what, t) in state {
+        if t.dims() != var.dims() {
+            return Err(Error::ParameterShape {
+                name: name.to_string(),
+                what: what.to_string(),
+                expected: var.dims().to_vec(),
+                got: t.dims().to_vec(),
+            });
+        }
+    }
+    Ok(var)
 }
 
 /// The parameter called `name` in `groups`.
