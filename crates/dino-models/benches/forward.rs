@@ -312,17 +312,9 @@ fn block_fwd_bwd(c: &mut Criterion) {
 /// A linear layer `(8*197, 192) -> 768` (vit_tiny's fc1 at batch 8) forward + backward (dx, dW, db), with f32
 /// and bf16 products (`MatmulPrecision`): 3 GEMMs of 2 * 1576 * 192 * 768 FLOPs each.
 fn linear_precision(c: &mut Criterion) {
-    // The allocator settings of `dino_train::runtime::tune_allocator` (the step benchmark and `dino` use them;
-    // dino-train is above this crate): without them every fresh multi-MB buffer is mmapped and page-faulted,
+    // The step's allocator settings: without them every fresh multi-MB buffer is mmapped and page-faulted,
     // which costs more than the GEMMs here.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes glibc's allocation thresholds.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
-        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
-    }
+    dino_models::runtime::tune_allocator();
     let dev = Device::Cpu;
     let mut g = c.benchmark_group("linear_fwd_bwd");
     g.sample_size(20)

@@ -13,6 +13,7 @@ pub mod multicrop;
 pub mod ops;
 pub mod params;
 pub mod resnet;
+pub mod runtime;
 pub mod vit;
 pub mod weights;
 
