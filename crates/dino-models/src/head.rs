@@ -12,6 +12,7 @@ use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::fused::{with_matmul_precision, MatmulPrecision};
 
 /// Standard deviation of the official `trunc_normal_(std=.02)` init of the MLP weights. Its absolute
 /// truncation bounds (±2) are 100 σ away, so it is exactly a normal distribution in practice.
@@ -210,16 +211,28 @@ impl DinoHead {
 
     /// The effective last-layer weight `W = g · v / ‖v‖_row`, `(K, bottleneck_dim)`, differentiable in `g`
     /// and `v` (as `torch.nn.utils.weight_norm(..., dim=0)`, no epsilon).
+    /// With `norm_last_layer`, `g` is frozen at 1 (the official `weight_g.requires_grad = False`): it enters
+    /// detached, so the backward pass computes no gradient for it.
     pub fn last_layer_weight(&self) -> candle_core::Result<Tensor> {
-        weight_norm(&self.weight_v, &self.weight_g)
+        if self.cfg.norm_last_layer {
+            weight_norm(&self.weight_v, &self.weight_g.detach())
+        } else {
+            weight_norm(&self.weight_v, &self.weight_g)
+        }
     }
 
     /// `(N, in_dim)` -> `(N, K)`: MLP, l2-normalise (eps 1e-12), weight-normalised last layer (no bias).
+    ///
+    /// The last layer is a fused linear held at f32 products whatever the thread's [`MatmulPrecision`]: its
+    /// logits are divided by the teacher temperature (0.04) before the softmax, so bf16 rounding there would
+    /// be magnified 25x. Its weight gradient comes out directly as `(K, bottleneck_dim)`.
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let x = self.forward_mlp(x, train)?;
         let x = l2_normalize(&x)?;
         let w = self.last_layer_weight()?;
-        x.matmul(&w.t()?)
+        with_matmul_precision(MatmulPrecision::Highest, || {
+            crate::ops::linear(&x.contiguous()?, &w, None)
+        })
     }
 }
 
@@ -313,8 +326,13 @@ impl CustomOp2 for WeightNormOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let dv = v.apply_op3_no_bwd(g, &grad, &WeightNormBwdV)?;
-        let dg = v.apply_op2_no_bwd(&grad, &WeightNormBwdG)?;
-        Ok((Some(dv), Some(dg)))
+        // A detached (frozen) `g` gets no gradient: one pass over `K·C` less.
+        let dg = if g.track_op() {
+            Some(v.apply_op2_no_bwd(&grad, &WeightNormBwdG)?)
+        } else {
+            None
+        };
+        Ok((Some(dv), dg))
     }
 }
 

@@ -279,6 +279,16 @@ fn check_all_trainable_get_gradients(cfg: DinoHeadConfig) {
     assert!(trainable.iter().all(|(n, _)| !is_buffer(n)));
     let has_g = trainable.iter().any(|(n, _)| n.ends_with("weight_g"));
     assert_eq!(has_g, !cfg.norm_last_layer);
+    // A frozen weight_g (norm_last_layer) enters the graph detached: the backward pass computes nothing for it.
+    let (_, g_var) = vars
+        .iter()
+        .find(|(n, _)| n.ends_with("weight_g"))
+        .expect("weight_g");
+    assert_eq!(
+        grads.get(g_var.as_tensor()).is_some(),
+        !cfg.norm_last_layer,
+        "weight_g gradient ({cfg:?})"
+    );
     let expected =
         vars.iter().filter(|(n, _)| !is_buffer(n)).count() - usize::from(cfg.norm_last_layer);
     assert_eq!(trainable.len(), expected);
