@@ -54,11 +54,13 @@ macro_rules! multiversion {
     };
 }
 
+pub(crate) use multiversion;
+
 /// Number of independent accumulator lanes in reductions (lets the compiler vectorise without reassociation).
 const LANES: usize = 16;
 
 #[inline(always)]
-fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+pub(crate) fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let full = n / LANES * LANES;
     let mut i = 0;
