@@ -245,9 +245,10 @@ fn linear_fwd(
 
 /// The input and weight gradients of a linear layer, `dx = g W` and `dW = gᵀ x`, in one op: inputs
 /// `(g (R, out), W (out, in), x (R, in))`, output `dx` (or an empty tensor when the input needs no gradient);
-/// `dW` is left in the op for the caller. With a pool of `t > 1` threads, task `i` computes the `i`-th row slice
-/// of `dx` and the `i`-th slice of `dW` (rows or columns, whichever is longer), each with a single-threaded
-/// GEMM: the tasks have equal work whatever the two GEMMs' shapes and need no synchronisation inside a GEMM.
+/// `dW` is left in the op for the caller. With a pool of `t > 1` threads, task `i` takes the `i`-th slice of the
+/// `R` rows: it computes those rows of `dx` and the partial `dW` over them, each with a single-threaded GEMM, and
+/// the partials are added in task order. The tasks have equal work whatever the GEMMs' shapes, need no
+/// synchronisation inside a GEMM, and each packs only its own rows of `g` and `x`.
 struct LinearGradOp {
     /// Whether `dx` is computed (the patch embedding's input, the image, needs none).
     need_dx: bool,
@@ -298,8 +299,12 @@ impl CustomOp3 for LinearGradOp {
             x.as_ptr() as usize,
         );
         let (dxp, dwp) = (dx.as_mut_ptr() as usize, dw.as_mut_ptr() as usize);
+        let mut partials: Vec<Vec<f32>> = (1..parts).map(|_| ops::uninit_f32(out * inp)).collect();
+        let partial_ptrs: Vec<usize> = partials
+            .iter_mut()
+            .map(|p| p.as_mut_ptr() as usize)
+            .collect();
         let need_dx = self.need_dx;
-        let split_rows = out >= inp;
         let job = |i: usize| {
             let par = |m, n, k| {
                 if parts > 1 {
@@ -328,40 +333,44 @@ impl CustomOp3 for LinearGradOp {
                     }
                 }
             }
-            // dW = gᵀ x: every task reads all of one operand, so split along the other one's larger side
-            // (rows of dW: all of x is packed by every task; columns: all of g).
-            let (lo, hi) = part(if split_rows { out } else { inp }, parts, i);
-            if hi > lo {
-                let (m, n) = if split_rows {
-                    (hi - lo, inp)
-                } else {
-                    (out, hi - lo)
-                };
-                let (d_off, g_off, x_off) = if split_rows {
-                    (lo * inp, lo, 0)
-                } else {
-                    (lo, 0, lo)
-                };
-                // SAFETY: gᵀ is read through strides from the (r, out) g; x is (r, inp); dw is (out, inp) and
-                // the block [rows lo..hi or columns lo..hi] is this task's own.
+            // dW = gᵀ x over this task's rows only (its own slices of g and x, which no other task packs), into
+            // its own (out, inp) partial: task 0 into dw, task i > 0 into partial i - 1.
+            let dst = if i == 0 {
+                dwp as *mut f32
+            } else {
+                partial_ptrs[i - 1] as *mut f32
+            };
+            if x1 > x0 {
+                // SAFETY: gᵀ rows x0..x1 are read through strides from the (r, out) g; x rows x0..x1 are
+                // (x1 - x0, inp); dst is this task's own (out, inp) buffer.
                 unsafe {
                     gemm_strided(
-                        m,
-                        n,
-                        r,
-                        ((dwp as *mut f32).add(d_off), 1, inp as isize),
+                        out,
+                        inp,
+                        x1 - x0,
+                        (dst, 1, inp as isize),
                         false,
-                        ((gp as *const f32).add(g_off), out as isize, 1),
-                        ((xp as *const f32).add(x_off), 1, inp as isize),
-                        par(m, n, r),
+                        ((gp as *const f32).add(x0 * out), out as isize, 1),
+                        ((xp as *const f32).add(x0 * inp), 1, inp as isize),
+                        par(out, inp, x1 - x0),
                     )
                 }
+            } else {
+                // SAFETY: dst is this task's own buffer of out * inp values.
+                unsafe { std::ptr::write_bytes(dst, 0, out * inp) }
             }
         };
         if parts > 1 {
             (0..parts).into_par_iter().for_each(job);
         } else {
             job(0);
+        }
+        // The partial weight gradients, added in task order (the same sum whatever rayon's scheduling).
+        for p in &partials {
+            ops::for_elem_chunks(&mut dw, |a, c| {
+                let n = c.len();
+                c.iter_mut().zip(&p[a..a + n]).for_each(|(o, v)| *o += v)
+            });
         }
         self.finish(dx, dw, r, inp)
     }
