@@ -243,6 +243,52 @@ fn linear_fwd(
     y
 }
 
+/// Rows per block of the row-blocked `GELU(x Wᵀ + b)`: a block's GEMM output (256 x 768 f32 = 768 KiB for
+/// the ViT MLP) is still in the core's L2 cache when the bias and GELU pass reads it.
+const GELU_BLOCK_ROWS: usize = 256;
+
+/// `(pre, act)` of `GELU(x Wᵀ + b)`, `pre = x Wᵀ + b` kept for the backward pass: blocks of
+/// [`GELU_BLOCK_ROWS`] rows shared among the pool threads, each a single-threaded GEMM (no bias in the GEMM)
+/// followed at once by the bias + GELU pass over the block while it is in cache.
+fn linear_gelu_fwd(
+    x: &[f32],
+    r: usize,
+    inp: usize,
+    w: &[f32],
+    out: usize,
+    b: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut pre = crate::ops::uninit_f32(r * out);
+    let mut act = crate::ops::uninit_f32(r * out);
+    if out == 0 {
+        return (pre, act);
+    }
+    let n = GELU_BLOCK_ROWS * out;
+    pre.par_chunks_mut(n)
+        .zip(act.par_chunks_mut(n))
+        .enumerate()
+        .for_each(|(i, (pb, ab))| {
+            let r0 = i * GELU_BLOCK_ROWS;
+            let rows = pb.len() / out;
+            // SAFETY: x rows r0.. are (rows, inp), w is (out, inp) row-major (read as Wᵀ through strides), pb is
+            // this block's own (rows, out).
+            unsafe {
+                gemm_strided(
+                    rows,
+                    out,
+                    inp,
+                    (pb.as_mut_ptr(), 1, out as isize),
+                    false,
+                    (x[r0 * inp..].as_ptr(), 1, inp as isize),
+                    (w.as_ptr(), inp as isize, 1),
+                    Parallelism::None,
+                )
+            }
+            ops::bias_gelu_fwd_rows(pb, b, ab, out);
+        });
+    (pre, act)
+}
+
 /// The input and weight gradients of a linear layer, `dx = g W` and `dW = gᵀ x`, in one op: inputs
 /// `(g (R, out), W (out, in), x (R, in))`, output `dx` (or an empty tensor when the input needs no gradient);
 /// `dW` is left in the op for the caller. With a pool of `t > 1` threads, task `i` takes the `i`-th slice of the
@@ -254,7 +300,12 @@ struct LinearGradOp {
     need_dx: bool,
     /// Products in bf16.
     bf16: bool,
+    /// For `GELU(x Wᵀ + b)` (f32): the saved pre-activation. The op's gradient input is then the gradient of
+    /// the GELU output, and GELU' is applied block by block (see [`linear_gelu_grad`]).
+    gelu_pre: Option<Arc<Vec<f32>>>,
     dw: Mutex<Option<Vec<f32>>>,
+    /// The bias gradient, computed with `gelu_pre` only.
+    db: Mutex<Option<Vec<f32>>>,
 }
 
 impl CustomOp3 for LinearGradOp {
@@ -288,6 +339,21 @@ impl CustomOp3 for LinearGradOp {
         let x = f32_data(s3, l3, self.name())?;
         if self.bf16 {
             let (dx, dw) = linear_grad_bf16(&g, &w, &x, r, out, inp, self.need_dx);
+            return self.finish(dx, dw, r, inp);
+        }
+        if let Some(pre) = &self.gelu_pre {
+            if pre.len() != g.len() {
+                candle_core::bail!(
+                    "{}: pre-activation size {} != {}",
+                    self.name(),
+                    pre.len(),
+                    g.len()
+                );
+            }
+            let (dx, dw, db) = linear_gelu_grad(&g, pre, &w, &x, r, out, inp, self.need_dx);
+            if let Ok(mut slot) = self.db.lock() {
+                *slot = Some(db);
+            }
             return self.finish(dx, dw, r, inp);
         }
         let mut dx = ops::uninit_f32(if self.need_dx { r * inp } else { 0 });
@@ -374,6 +440,90 @@ impl CustomOp3 for LinearGradOp {
         }
         self.finish(dx, dw, r, inp)
     }
+}
+
+/// `(dx, dW, db)` of `GELU(x Wᵀ + b)` from the gradient `g` of its output and the saved pre-activation.
+/// Task `i` of the pool takes the `i`-th slice of the rows and goes through it in blocks of
+/// [`GELU_BLOCK_ROWS`]: `dpre = g ⊙ GELU'(pre)` into a block buffer, then, while that is in cache, its column
+/// sums (db), its rows of `dx = dpre W` and its term of `dW += dpreᵀ x`. The task partials of `dW` and `db`
+/// are added in task order. `dpre` is never written out whole.
+#[allow(clippy::too_many_arguments)]
+fn linear_gelu_grad(
+    g: &[f32],
+    pre: &[f32],
+    w: &[f32],
+    x: &[f32],
+    r: usize,
+    out: usize,
+    inp: usize,
+    need_dx: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut dx = ops::uninit_f32(if need_dx { r * inp } else { 0 });
+    let parts = rayon::current_num_threads().max(1);
+    let dxp = dx.as_mut_ptr() as usize;
+    let job = |i: usize| -> (Vec<f32>, Vec<f32>) {
+        let mut dw = vec![0f32; out * inp];
+        let mut db = vec![0f32; out];
+        let mut dpre = ops::uninit_f32(GELU_BLOCK_ROWS.min(r) * out);
+        let (x0, x1) = part(r, parts, i);
+        let mut r0 = x0;
+        while r0 < x1 {
+            let sn = GELU_BLOCK_ROWS.min(x1 - r0);
+            let blk = &mut dpre[..sn * out];
+            let span = r0 * out..(r0 + sn) * out;
+            ops::gelu_bwd_chunk(&pre[span.clone()], &g[span], blk);
+            ops::col_sum_chunk(blk, &mut db);
+            if need_dx {
+                // SAFETY: blk is (sn, out), w is (out, inp), both row-major; rows r0..r0+sn of dx (r, inp) are
+                // this task's own.
+                unsafe {
+                    gemm_strided(
+                        sn,
+                        inp,
+                        out,
+                        ((dxp as *mut f32).add(r0 * inp), 1, inp as isize),
+                        false,
+                        (blk.as_ptr(), 1, out as isize),
+                        (w.as_ptr(), 1, inp as isize),
+                        Parallelism::None,
+                    )
+                }
+            }
+            // SAFETY: blkᵀ is read through strides from the (sn, out) block; x rows r0.. are (sn, inp); dw is
+            // this task's (out, inp) partial.
+            unsafe {
+                gemm_strided(
+                    out,
+                    inp,
+                    sn,
+                    (dw.as_mut_ptr(), 1, inp as isize),
+                    true,
+                    (blk.as_ptr(), out as isize, 1),
+                    (x[r0 * inp..].as_ptr(), 1, inp as isize),
+                    Parallelism::None,
+                )
+            }
+            r0 += sn;
+        }
+        (dw, db)
+    };
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = if parts > 1 {
+        (0..parts).into_par_iter().map(job).collect()
+    } else {
+        vec![job(0)]
+    };
+    let mut it = partials.into_iter();
+    let (mut dw, mut db) = it
+        .next()
+        .unwrap_or_else(|| (vec![0f32; out * inp], vec![0f32; out]));
+    for (pw, pb) in it {
+        ops::for_elem_chunks(&mut dw, |a, c| {
+            let n = c.len();
+            c.iter_mut().zip(&pw[a..a + n]).for_each(|(o, v)| *o += v)
+        });
+        db.iter_mut().zip(&pb).for_each(|(o, v)| *o += v);
+    }
+    (dx, dw, db)
 }
 
 impl LinearGradOp {
@@ -574,6 +724,11 @@ impl LinearOp {
             }
             None => None,
         };
+        if self.gelu && !self.bf16 && r >= 4 * GELU_BLOCK_ROWS {
+            let (pre, act) = linear_gelu_fwd(&xd, r, inp, &wd, out, bd.as_deref());
+            ops::save(&self.pre, pre);
+            return Ok((CpuStorage::F32(act), Shape::from((r, out))));
+        }
         let y = if self.bf16 {
             linear_fwd_bf16(&xd, r, inp, &wd, out, bd.as_deref())
         } else {
@@ -601,31 +756,51 @@ impl LinearOp {
         has_bias: bool,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+        let rows = grad.dim(0)?;
+        // f32 GELU layers with enough rows apply GELU' inside the gradient op, block by block.
+        let blocked = self.gelu && !self.bf16 && rows >= 4 * GELU_BLOCK_ROWS;
+        let mut gelu_pre = None;
         let g = if self.gelu {
             let pre = ops::take_saved(&self.pre, "linear_gelu pre-activation")?;
-            grad.apply_op1_no_bwd(&GeluGradOp { pre })?
+            if blocked {
+                gelu_pre = Some(pre);
+                grad.contiguous()?
+            } else {
+                grad.apply_op1_no_bwd(&GeluGradOp { pre })?
+            }
         } else {
             grad.contiguous()?
         };
         let op = LinearGradOp {
             need_dx: x.track_op(),
             bf16: self.bf16,
+            gelu_pre,
             dw: Mutex::new(None),
+            db: Mutex::new(None),
         };
         let need_dx = op.need_dx;
         let dx = g.apply_op3_no_bwd(&w.contiguous()?, &x.contiguous()?, &op)?;
         let dx = need_dx.then_some(dx);
+        let missing = || candle_core::Error::Msg("linear: weight gradient missing".into());
         let dw = op
             .dw
             .lock()
             .ok()
             .and_then(|mut d| d.take())
-            .ok_or_else(|| candle_core::Error::Msg("linear: weight gradient missing".into()))?;
+            .ok_or_else(missing)?;
         let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
-        let db = if has_bias {
-            Some(ops::col_sum(&g)?)
-        } else {
-            None
+        let db = match (has_bias, blocked) {
+            (false, _) => None,
+            (true, false) => Some(ops::col_sum(&g)?),
+            (true, true) => {
+                let db = op
+                    .db
+                    .lock()
+                    .ok()
+                    .and_then(|mut d| d.take())
+                    .ok_or_else(missing)?;
+                Some(Tensor::from_vec(db, w.dim(0)?, w.device())?)
+            }
         };
         Ok((dx, dw, db))
     }
@@ -881,7 +1056,14 @@ mod tests {
     #[test]
     fn linear_and_linear_gelu_match_composed_ops_with_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        for &(r, inp, out) in &[(7usize, 5usize, 3usize), (300, 64, 96), (1, 1, 1)] {
+        // 1300 rows: linear_gelu in row blocks of GELU_BLOCK_ROWS, the last one partial.
+        let long = 5 * GELU_BLOCK_ROWS + 20;
+        for &(r, inp, out) in &[
+            (7usize, 5usize, 3usize),
+            (300, 64, 96),
+            (1, 1, 1),
+            (long, 16, 24),
+        ] {
             for gelu in [false, true] {
                 for with_bias in [true, false] {
                     let x = Var::from_vec(pattern(r * inp, 1), (r, inp), &dev)?;
@@ -1007,11 +1189,11 @@ mod tests {
 
     #[test]
     fn long_inputs_in_row_blocks_and_inputs_without_gradient() -> Result<()> {
-        // More rows per thread than one GEMM call takes (GEMM_MAX_ROWS), in both directions of the dW split,
-        // with an input that is a variable (dx computed) and one that is not (dx skipped).
+        // More rows per thread than one GEMM call takes (GEMM_MAX_ROWS), as a linear and as a row-blocked
+        // linear_gelu, with an input that is a variable (dx computed) and one that is not (dx skipped).
         let dev = Device::Cpu;
         let r = 2 * GEMM_MAX_ROWS + 101;
-        for &(inp, out) in &[(9usize, 6usize), (6, 9)] {
+        for (&(inp, out), gelu) in [(9usize, 6usize), (6, 9)].iter().zip([false, true]) {
             for x_is_var in [true, false] {
                 let xv = Var::from_vec(pattern(r * inp, 5), (r, inp), &dev)?;
                 let x = if x_is_var {
@@ -1022,10 +1204,13 @@ mod tests {
                 let w = Var::from_vec(pattern(out * inp, 6), (out, inp), &dev)?;
                 let b = Var::from_vec(pattern(out, 7), out, &dev)?;
                 let up = Tensor::from_vec(pattern(r * out, 8), (r, out), &dev)?;
-                let y = linear(&x, w.as_tensor(), Some(b.as_tensor()))?;
-                let yr = x
+                let y = linear_impl(&x, w.as_tensor(), Some(b.as_tensor()), gelu)?;
+                let mut yr = x
                     .matmul(&w.as_tensor().t()?)?
                     .broadcast_add(b.as_tensor())?;
+                if gelu {
+                    yr = yr.gelu_erf()?;
+                }
                 assert!(max_diff(&y, &yr) < 1e-5, "forward {inp}->{out}");
                 let g = (y * &up)?.sum_all()?.backward()?;
                 let gr = (yr * &up)?.sum_all()?.backward()?;

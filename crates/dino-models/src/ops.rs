@@ -609,6 +609,23 @@ fn gelu_fwd_kernel(x: &[f32], y: &mut [f32]) {
 
 multiversion!(pub(crate) fn gelu_fwd_chunk => gelu_fwd_kernel(x: &[f32], y: &mut [f32]));
 
+/// Rows of `pre += b` (when there is a bias) then `act = GELU(pre)`: `pre` and `act` hold whole rows of
+/// `b.len()` (or `d`) values.
+#[inline(always)]
+fn bias_gelu_fwd_kernel(pre: &mut [f32], b: Option<&[f32]>, act: &mut [f32], d: usize) {
+    for (pr, ar) in pre.chunks_exact_mut(d).zip(act.chunks_exact_mut(d)) {
+        if let Some(b) = b {
+            let (pr, b) = (&mut pr[..d], &b[..d]);
+            for i in 0..d {
+                pr[i] += b[i];
+            }
+        }
+        gelu_fwd_kernel(pr, ar);
+    }
+}
+
+multiversion!(pub(crate) fn bias_gelu_fwd_rows => bias_gelu_fwd_kernel(pre: &mut [f32], b: Option<&[f32]>, act: &mut [f32], d: usize));
+
 #[inline(always)]
 fn gelu_bwd_kernel(x: &[f32], g: &[f32], dx: &mut [f32]) {
     // 1/sqrt(2*pi)
@@ -730,7 +747,7 @@ fn col_sum_kernel(g: &[f32], acc: &mut [f32]) {
     }
 }
 
-multiversion!(fn col_sum_chunk => col_sum_kernel(g: &[f32], acc: &mut [f32]));
+multiversion!(pub(crate) fn col_sum_chunk => col_sum_kernel(g: &[f32], acc: &mut [f32]));
 
 /// `y + b` for `y`: `(R, C)`, `b`: `(C)`; backward: `dy = grad`, `db = column sums of grad` (parallel, instead
 /// of candle's generic strided reduction).
