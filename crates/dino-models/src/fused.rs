@@ -291,10 +291,11 @@ fn linear_gelu_fwd(
 
 /// The input and weight gradients of a linear layer, `dx = g W` and `dW = gᵀ x`, in one op: inputs
 /// `(g (R, out), W (out, in), x (R, in))`, output `dx` (or an empty tensor when the input needs no gradient);
-/// `dW` is left in the op for the caller. With a pool of `t > 1` threads, task `i` takes the `i`-th slice of the
-/// `R` rows: it computes those rows of `dx` and the partial `dW` over them, each with a single-threaded GEMM, and
-/// the partials are added in task order. The tasks have equal work whatever the GEMMs' shapes, need no
-/// synchronisation inside a GEMM, and each packs only its own rows of `g` and `x`.
+/// `dW` is left in the op for the caller. With a pool of `t > 1` threads, task `i` computes the `i`-th slice of
+/// the rows of `dx` and, with at least as many rows `R` as outputs, the partial `dW` over the same rows (the
+/// partials are added in task order; each task packs only its own rows of `g` and `x`), otherwise the `i`-th
+/// slice of `dW`'s longer side. Each is a single-threaded GEMM: the tasks have equal work whatever the GEMMs'
+/// shapes and need no synchronisation inside a GEMM.
 struct LinearGradOp {
     /// Whether `dx` is computed (the patch embedding's input, the image, needs none).
     need_dx: bool,
@@ -365,7 +366,15 @@ impl CustomOp3 for LinearGradOp {
             x.as_ptr() as usize,
         );
         let (dxp, dwp) = (dx.as_mut_ptr() as usize, dw.as_mut_ptr() as usize);
-        let mut partials: Vec<Vec<f32>> = (1..parts).map(|_| ops::uninit_f32(out * inp)).collect();
+        // dW split: by rows of the input (each task packs only its own rows of g and x, and the partials are
+        // added) when there are at least as many rows as outputs, as in the ViT's layers; otherwise (the head,
+        // e.g. 80 rows against 65536 outputs) by the longer side of dW itself, with no partials to add.
+        let k_split = parts > 1 && r >= out;
+        let split_rows = out >= inp;
+        let partials_n = if k_split { parts - 1 } else { 0 };
+        let mut partials: Vec<Vec<f32>> = (0..partials_n)
+            .map(|_| ops::uninit_f32(out * inp))
+            .collect();
         let partial_ptrs: Vec<usize> = partials
             .iter_mut()
             .map(|p| p.as_mut_ptr() as usize)
@@ -398,6 +407,38 @@ impl CustomOp3 for LinearGradOp {
                         )
                     }
                 }
+            }
+            if !k_split {
+                // dW = gᵀ x, this task's slice of the rows or columns of dW (every task reads all of the other
+                // operand).
+                let (lo, hi) = part(if split_rows { out } else { inp }, parts, i);
+                if hi > lo {
+                    let (m, n) = if split_rows {
+                        (hi - lo, inp)
+                    } else {
+                        (out, hi - lo)
+                    };
+                    let (d_off, g_off, x_off) = if split_rows {
+                        (lo * inp, lo, 0)
+                    } else {
+                        (lo, 0, lo)
+                    };
+                    // SAFETY: gᵀ is read through strides from the (r, out) g; x is (r, inp); dw is (out, inp)
+                    // and the block [rows lo..hi or columns lo..hi] is this task's own.
+                    unsafe {
+                        gemm_strided(
+                            m,
+                            n,
+                            r,
+                            ((dwp as *mut f32).add(d_off), 1, inp as isize),
+                            false,
+                            ((gp as *const f32).add(g_off), out as isize, 1),
+                            ((xp as *const f32).add(x_off), 1, inp as isize),
+                            par(m, n, r),
+                        )
+                    }
+                }
+                return;
             }
             // dW = gᵀ x over this task's rows only (its own slices of g and x, which no other task packs), into
             // its own (out, inp) partial: task 0 into dw, task i > 0 into partial i - 1.
@@ -1058,11 +1099,14 @@ mod tests {
         let dev = Device::Cpu;
         // 1300 rows: linear_gelu in row blocks of GELU_BLOCK_ROWS, the last one partial.
         let long = 5 * GELU_BLOCK_ROWS + 20;
+        // Fewer rows than outputs (the head's shapes): dW split by its rows (40 > 4) or columns (60 > 40).
         for &(r, inp, out) in &[
             (7usize, 5usize, 3usize),
             (300, 64, 96),
             (1, 1, 1),
             (long, 16, 24),
+            (5, 4, 40),
+            (5, 60, 40),
         ] {
             for gelu in [false, true] {
                 for with_bias in [true, false] {
