@@ -178,6 +178,34 @@ fn dims2(l: &Layout, what: &str) -> Result<(usize, usize)> {
     }
 }
 
+/// Rows of `y [+]= x Wᵀ`: `n` rows of `x` (row stride `inp`) times `W` `(out, inp)` (read as `Wᵀ` through
+/// strides) into `n` rows of `y` (row stride `out`); with `accumulate` the product is added to `y`'s contents.
+///
+/// # Safety
+/// The pointers must be valid for those rows, and the `y` rows must be the caller's own.
+#[allow(clippy::too_many_arguments)]
+unsafe fn y_rows(
+    n: usize,
+    out: usize,
+    inp: usize,
+    y: *mut f32,
+    accumulate: bool,
+    x: *const f32,
+    w: *const f32,
+    par: Parallelism,
+) {
+    gemm_strided(
+        n,
+        out,
+        inp,
+        (y, 1, out as isize),
+        accumulate,
+        (x, 1, inp as isize),
+        (w, inp as isize, 1),
+        par,
+    )
+}
+
 /// `x Wᵀ (+ b)` into a fresh `(R, out)` buffer.
 fn linear_fwd(
     x: &[f32],
@@ -214,17 +242,16 @@ fn linear_fwd(
                 yb.chunks_exact_mut(out)
                     .for_each(|row| row.copy_from_slice(b));
             }
-            // SAFETY: x rows r0+s0.. are (sn, inp), w is (out, inp) row-major (read as Wᵀ through strides), yb is
-            // (sn, out) and this block's own.
+            // SAFETY: x rows r0+s0.. are (sn, inp), w is (out, inp), yb is (sn, out) and this block's own.
             unsafe {
-                gemm_strided(
+                y_rows(
                     sn,
                     out,
                     inp,
-                    (yb.as_mut_ptr(), 1, out as isize),
+                    yb.as_mut_ptr(),
                     b.is_some(),
-                    (x[(r0 + s0) * inp..].as_ptr(), 1, inp as isize),
-                    (w.as_ptr(), inp as isize, 1),
+                    x[(r0 + s0) * inp..].as_ptr(),
+                    w.as_ptr(),
                     par,
                 )
             }
@@ -270,23 +297,87 @@ fn linear_gelu_fwd(
         .for_each(|(i, (pb, ab))| {
             let r0 = i * GELU_BLOCK_ROWS;
             let rows = pb.len() / out;
-            // SAFETY: x rows r0.. are (rows, inp), w is (out, inp) row-major (read as Wᵀ through strides), pb is
-            // this block's own (rows, out).
+            // SAFETY: x rows r0.. are (rows, inp), w is (out, inp), pb is this block's own (rows, out).
             unsafe {
-                gemm_strided(
+                y_rows(
                     rows,
                     out,
                     inp,
-                    (pb.as_mut_ptr(), 1, out as isize),
+                    pb.as_mut_ptr(),
                     false,
-                    (x[r0 * inp..].as_ptr(), 1, inp as isize),
-                    (w.as_ptr(), inp as isize, 1),
+                    x[r0 * inp..].as_ptr(),
+                    w.as_ptr(),
                     Parallelism::None,
                 )
             }
             ops::bias_gelu_fwd_rows(pb, b, ab, out);
         });
     (pre, act)
+}
+
+/// Rows of `dx = g W`: `n` rows of `g` (row stride `out`) times `W` `(out, inp)` into `n` rows of `dx` (row
+/// stride `inp`), all row-major.
+///
+/// # Safety
+/// The pointers must be valid for those rows, and the `dx` rows must be the caller's own.
+#[allow(clippy::too_many_arguments)]
+unsafe fn dx_rows(
+    n: usize,
+    inp: usize,
+    out: usize,
+    dx: *mut f32,
+    g: *const f32,
+    w: *const f32,
+    par: Parallelism,
+) {
+    gemm_strided(
+        n,
+        inp,
+        out,
+        (dx, 1, inp as isize),
+        false,
+        (g, 1, out as isize),
+        (w, 1, inp as isize),
+        par,
+    )
+}
+
+/// `dW (out, inp) [+]= gᵀ x` over `n` rows of `g` (row stride `out`) and `x` (row stride `inp`); with
+/// `accumulate` the product is added to `dw`'s contents.
+///
+/// # Safety
+/// The pointers must be valid for those rows, and `dw` (`out * inp` values) must be the caller's own.
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_rows(
+    out: usize,
+    inp: usize,
+    n: usize,
+    dw: *mut f32,
+    accumulate: bool,
+    g: *const f32,
+    x: *const f32,
+    par: Parallelism,
+) {
+    gemm_strided(
+        out,
+        inp,
+        n,
+        (dw, 1, inp as isize),
+        accumulate,
+        (g, out as isize, 1),
+        (x, 1, inp as isize),
+        par,
+    )
+}
+
+/// Adds the per-task partials to `acc`, in task order (the same sum whatever rayon's scheduling).
+fn add_partials<'a>(acc: &mut [f32], partials: impl IntoIterator<Item = &'a [f32]>) {
+    for p in partials {
+        ops::for_elem_chunks(acc, |a, c| {
+            let n = c.len();
+            c.iter_mut().zip(&p[a..a + n]).for_each(|(o, v)| *o += v)
+        });
+    }
 }
 
 /// The input and weight gradients of a linear layer, `dx = g W` and `dW = gᵀ x`, in one op: inputs
@@ -392,17 +483,16 @@ impl CustomOp3 for LinearGradOp {
             if need_dx && x1 > x0 {
                 for (s0, sn) in row_blocks(x1 - x0) {
                     let r0 = x0 + s0;
-                    // SAFETY: g is (r, out), w is (out, inp), dx is (r, inp), all row-major; rows r0..r0+sn of
-                    // dx are this task's own.
+                    // SAFETY: g is (r, out), w is (out, inp), dx is (r, inp); rows r0..r0+sn of dx are this
+                    // task's own.
                     unsafe {
-                        gemm_strided(
+                        dx_rows(
                             sn,
                             inp,
                             out,
-                            ((dxp as *mut f32).add(r0 * inp), 1, inp as isize),
-                            false,
-                            ((gp as *const f32).add(r0 * out), 1, out as isize),
-                            (wp as *const f32, 1, inp as isize),
+                            (dxp as *mut f32).add(r0 * inp),
+                            (gp as *const f32).add(r0 * out),
+                            wp as *const f32,
                             par(sn, inp, out),
                         )
                     }
@@ -448,17 +538,16 @@ impl CustomOp3 for LinearGradOp {
                 partial_ptrs[i - 1] as *mut f32
             };
             if x1 > x0 {
-                // SAFETY: gᵀ rows x0..x1 are read through strides from the (r, out) g; x rows x0..x1 are
-                // (x1 - x0, inp); dst is this task's own (out, inp) buffer.
+                // SAFETY: rows x0..x1 of g (r, out) and x (r, inp); dst is this task's own (out, inp) buffer.
                 unsafe {
-                    gemm_strided(
+                    dw_rows(
                         out,
                         inp,
                         x1 - x0,
-                        (dst, 1, inp as isize),
+                        dst,
                         false,
-                        ((gp as *const f32).add(x0 * out), out as isize, 1),
-                        ((xp as *const f32).add(x0 * inp), 1, inp as isize),
+                        (gp as *const f32).add(x0 * out),
+                        (xp as *const f32).add(x0 * inp),
                         par(out, inp, x1 - x0),
                     )
                 }
@@ -472,13 +561,7 @@ impl CustomOp3 for LinearGradOp {
         } else {
             job(0);
         }
-        // The partial weight gradients, added in task order (the same sum whatever rayon's scheduling).
-        for p in &partials {
-            ops::for_elem_chunks(&mut dw, |a, c| {
-                let n = c.len();
-                c.iter_mut().zip(&p[a..a + n]).for_each(|(o, v)| *o += v)
-            });
-        }
+        add_partials(&mut dw, partials.iter().map(Vec::as_slice));
         self.finish(dx, dw, r, inp)
     }
 }
@@ -515,32 +598,29 @@ fn linear_gelu_grad(
             ops::gelu_bwd_chunk(&pre[span.clone()], &g[span], blk);
             ops::col_sum_chunk(blk, &mut db);
             if need_dx {
-                // SAFETY: blk is (sn, out), w is (out, inp), both row-major; rows r0..r0+sn of dx (r, inp) are
-                // this task's own.
+                // SAFETY: blk is (sn, out), w is (out, inp); rows r0..r0+sn of dx (r, inp) are this task's own.
                 unsafe {
-                    gemm_strided(
+                    dx_rows(
                         sn,
                         inp,
                         out,
-                        ((dxp as *mut f32).add(r0 * inp), 1, inp as isize),
-                        false,
-                        (blk.as_ptr(), 1, out as isize),
-                        (w.as_ptr(), 1, inp as isize),
+                        (dxp as *mut f32).add(r0 * inp),
+                        blk.as_ptr(),
+                        w.as_ptr(),
                         Parallelism::None,
                     )
                 }
             }
-            // SAFETY: blkᵀ is read through strides from the (sn, out) block; x rows r0.. are (sn, inp); dw is
-            // this task's (out, inp) partial.
+            // SAFETY: blk is (sn, out), x rows r0.. are (sn, inp); dw is this task's (out, inp) partial.
             unsafe {
-                gemm_strided(
+                dw_rows(
                     out,
                     inp,
                     sn,
-                    (dw.as_mut_ptr(), 1, inp as isize),
+                    dw.as_mut_ptr(),
                     true,
-                    (blk.as_ptr(), out as isize, 1),
-                    (x[r0 * inp..].as_ptr(), 1, inp as isize),
+                    blk.as_ptr(),
+                    x[r0 * inp..].as_ptr(),
                     Parallelism::None,
                 )
             }
@@ -557,13 +637,9 @@ fn linear_gelu_grad(
     let (mut dw, mut db) = it
         .next()
         .unwrap_or_else(|| (vec![0f32; out * inp], vec![0f32; out]));
-    for (pw, pb) in it {
-        ops::for_elem_chunks(&mut dw, |a, c| {
-            let n = c.len();
-            c.iter_mut().zip(&pw[a..a + n]).for_each(|(o, v)| *o += v)
-        });
-        db.iter_mut().zip(&pb).for_each(|(o, v)| *o += v);
-    }
+    let rest: Vec<_> = it.collect();
+    add_partials(&mut dw, rest.iter().map(|p| p.0.as_slice()));
+    add_partials(&mut db, rest.iter().map(|p| p.1.as_slice()));
     (dx, dw, db)
 }
 
