@@ -283,7 +283,7 @@ pub fn weight_norm_composed(v: &Tensor, g: &Tensor) -> candle_core::Result<Tenso
 #[inline(always)]
 fn row_dot(a: &[f32], b: &[f32]) -> f32 {
     let b = &b[..a.len()];
-    crate::ops::lane_sum(a.len(), |i| a[i] * b[i])
+    crate::ops::lane_sum([a, b], |[a, b]| a * b)
 }
 
 /// Rows of `W = g · v / ‖v‖`: `v` and `w` hold whole rows of `c` values, `g` one value per row.

@@ -59,18 +59,34 @@ pub(crate) use multiversion;
 /// Number of independent accumulator lanes in reductions (lets the compiler vectorise without reassociation).
 const LANES: usize = 16;
 
+/// `Σ_i f(xs[0][i], xs[1][i], ...)` over slices of equal length, in `LANES` independent accumulators (vectorised
+/// without reassociating a single sum), folded pairwise.
 #[inline(always)]
-pub(crate) fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+pub(crate) fn lane_sum<const K: usize>(xs: [&[f32]; K], f: impl Fn([f32; K]) -> f32) -> f32 {
+    let n = xs.first().map_or(0, |x| x.len());
     let mut acc = [0f32; LANES];
+    // Whole blocks as `&[f32; LANES]` (one bounds check per block, none per element), so the loop vectorises.
     let full = n / LANES * LANES;
     let mut i = 0;
     while i < full {
+        let blocks: [&[f32; LANES]; K] = std::array::from_fn(|k| block(xs[k], i));
         for (l, a) in acc.iter_mut().enumerate() {
-            *a += f(i + l);
+            *a += f(std::array::from_fn(|k| blocks[k][l]));
         }
         i += LANES;
     }
-    // Pairwise fold of the lanes.
+    let mut s = fold_lanes(acc);
+    // `j` indexes every slice (column `j` of `xs`), not `xs` itself.
+    #[allow(clippy::needless_range_loop)]
+    for j in full..n {
+        s += f(std::array::from_fn(|k| xs[k][j]));
+    }
+    s
+}
+
+/// The sum of the lanes, folded pairwise.
+#[inline(always)]
+fn fold_lanes(mut acc: [f32; LANES]) -> f32 {
     let mut w = LANES;
     while w > 1 {
         w /= 2;
@@ -78,21 +94,20 @@ pub(crate) fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
             acc[l] += acc[l + w];
         }
     }
-    let mut s = acc[0];
-    for j in full..n {
-        s += f(j);
-    }
-    s
+    acc[0]
 }
 
+/// `max_i f(x[i])`, in `LANES` lanes as [`lane_sum`].
 #[inline(always)]
-fn lane_max(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+fn lane_max(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let n = x.len();
     let mut acc = [f32::NEG_INFINITY; LANES];
     let full = n / LANES * LANES;
     let mut i = 0;
     while i < full {
+        let b = block(x, i);
         for (l, a) in acc.iter_mut().enumerate() {
-            let v = f(i + l);
+            let v = f(b[l]);
             *a = if v > *a { v } else { *a };
         }
         i += LANES;
@@ -101,11 +116,20 @@ fn lane_max(n: usize, f: impl Fn(usize) -> f32) -> f32 {
     for a in acc {
         m = if a > m { a } else { m };
     }
-    for j in full..n {
-        let v = f(j);
+    for &v in &x[full..] {
+        let v = f(v);
         m = if v > m { v } else { m };
     }
     m
+}
+
+/// `x[i..i + LANES]` as an array reference.
+#[inline(always)]
+fn block(x: &[f32], i: usize) -> &[f32; LANES] {
+    match x[i..i + LANES].try_into() {
+        Ok(b) => b,
+        Err(_) => unreachable!("a slice of LANES elements"),
+    }
 }
 
 /// exp(x) for f32, branch-free (vectorisable): Cephes polynomial after reduction by ln 2; max relative error
@@ -303,9 +327,9 @@ pub(crate) fn is_cpu_f32(ts: &[&Tensor]) -> bool {
 #[inline(always)]
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let d = x.len();
-    let mean = lane_sum(d, |i| x[i]) / d as f32;
-    let var = lane_sum(d, |i| {
-        let c = x[i] - mean;
+    let mean = lane_sum([x], |[v]| v) / d as f32;
+    let var = lane_sum([x], |[v]| {
+        let c = v - mean;
         c * c
     }) / d as f32;
     (mean, 1.0 / (var + eps).sqrt())
@@ -341,8 +365,8 @@ fn ln_bwd_kernel(x: &[f32], g: &[f32], w: &[f32], dx: &mut [f32], dwb: &mut [f32
         let (mean, rstd) = row_stats(xr, eps);
         let gr = &gr[..d];
         let dxr = &mut dxr[..d];
-        let s1 = lane_sum(d, |i| gr[i] * w[i]);
-        let s2 = lane_sum(d, |i| gr[i] * w[i] * (xr[i] - mean));
+        let s1 = lane_sum([gr, w], |[g, w]| g * w);
+        let s2 = lane_sum([gr, w, xr], |[g, w, x]| g * w * (x - mean));
         let m1 = s1 * inv_d;
         let m2 = s2 * inv_d * rstd;
         for i in 0..d {
@@ -486,11 +510,38 @@ fn softmax_fwd_kernel(x: &[f32], y: &mut [f32], d: usize, scale: f32) {
     for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
         let yr = &mut yr[..d];
         let xr = &xr[..d];
-        let ms = lane_max(d, |i| xr[i] * scale);
-        for i in 0..d {
-            yr[i] = fast_exp(xr[i] * scale - ms);
+        let ms = lane_max(xr, |v| v * scale);
+        // exp and its sum in one pass. A partial last block (rows of 197 or 37 attention logits end in 5
+        // elements) is done as the whole block ending at `d`, overlapping the previous one: its overlapping
+        // lanes are rewritten with the same values and left out of the sum.
+        let mut acc = [0f32; LANES];
+        let full = d / LANES * LANES;
+        for (xb, yb) in xr[..full]
+            .chunks_exact(LANES)
+            .zip(yr[..full].chunks_exact_mut(LANES))
+        {
+            for l in 0..LANES {
+                let e = fast_exp(xb[l] * scale - ms);
+                yb[l] = e;
+                acc[l] += e;
+            }
         }
-        let s = lane_sum(d, |i| yr[i]);
+        if full < d && d >= LANES {
+            let skip = LANES - (d - full);
+            let (xb, yb) = (&xr[d - LANES..], &mut yr[d - LANES..]);
+            for l in 0..LANES {
+                let e = fast_exp(xb[l] * scale - ms);
+                yb[l] = e;
+                acc[l] += if l >= skip { e } else { 0.0 };
+            }
+        } else {
+            for i in full..d {
+                let e = fast_exp(xr[i] * scale - ms);
+                yr[i] = e;
+                acc[0] += e;
+            }
+        }
+        let s = fold_lanes(acc);
         let inv = 1.0 / s;
         for v in yr.iter_mut() {
             *v *= inv;
@@ -508,7 +559,7 @@ fn softmax_bwd_kernel(y: &[f32], g: &[f32], dx: &mut [f32], d: usize, scale: f32
         .zip(dx.chunks_exact_mut(d))
     {
         let (yr, gr, dxr) = (&yr[..d], &gr[..d], &mut dxr[..d]);
-        let dot = lane_sum(d, |i| yr[i] * gr[i]);
+        let dot = lane_sum([yr, gr], |[y, g]| y * g);
         for i in 0..d {
             dxr[i] = scale * yr[i] * (gr[i] - dot);
         }
@@ -625,6 +676,31 @@ fn bias_gelu_fwd_kernel(pre: &mut [f32], b: Option<&[f32]>, act: &mut [f32], d: 
 }
 
 multiversion!(pub(crate) fn bias_gelu_fwd_rows => bias_gelu_fwd_kernel(pre: &mut [f32], b: Option<&[f32]>, act: &mut [f32], d: usize));
+
+/// Rows of `a = GELU(a + b)` in place (no bias: `a = GELU(a)`), rows of `d` values.
+#[inline(always)]
+fn bias_gelu_inplace_kernel(a: &mut [f32], b: Option<&[f32]>, d: usize) {
+    const S: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    for r in a.chunks_exact_mut(d) {
+        let r = &mut r[..d];
+        match b {
+            Some(b) => {
+                let b = &b[..d];
+                for i in 0..d {
+                    let v = r[i] + b[i];
+                    r[i] = 0.5 * v * (1.0 + fast_erf(v * S));
+                }
+            }
+            None => {
+                for v in r.iter_mut() {
+                    *v = 0.5 * *v * (1.0 + fast_erf(*v * S));
+                }
+            }
+        }
+    }
+}
+
+multiversion!(pub(crate) fn bias_gelu_inplace_rows => bias_gelu_inplace_kernel(a: &mut [f32], b: Option<&[f32]>, d: usize));
 
 #[inline(always)]
 fn gelu_bwd_kernel(x: &[f32], g: &[f32], dx: &mut [f32]) {
