@@ -10,8 +10,9 @@
 //! Cases (`--list` prints them):
 //! - `step/<cfg>/<K>`: one training step on seeded random crops: seconds/step (median of >= 10 after 2 warm-up
 //!   steps; `--quick`: 3), images/s = batch / median, peak RSS;
-//! - `forward/<cfg>/<K>`: the forward part of the step without a graph: teacher on the 2 global crops + student
-//!   on all crops (evaluation mode, no drop path), images/s;
+//! - `forward/<cfg>/<K>`: the forward part of the step under `dino_models::no_grad` (as the official
+//!   forward-only figure under `torch.no_grad()`): teacher on the 2 global crops + student on all crops
+//!   (evaluation mode, no drop path), images/s;
 //! - `loader/<cfg>/<K>`: the training step fed by dino-data's parallel loader with the real multi-crop
 //!   augmentation of real images (../shared/data/photos downscaled to 256 px for imagenet, the 20 CIFAR-10 test
 //!   images for cifar), to show whether data loading hides behind compute.
@@ -252,13 +253,14 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
             let crops = random_crops(&cfg, &dev)?;
             for it in 0..warmup + iters {
                 let t = Instant::now();
-                let (tout, sout) =
+                let (tout, sout) = dino_models::no_grad(|| {
                     dino_models::with_matmul_precision(cfg.matmul_precision, || {
                         anyhow::Ok((
                             trainer.teacher.model.forward(&crops[..2], false)?,
                             trainer.student.model.forward(&crops, false)?,
                         ))
-                    })?;
+                    })
+                })?;
                 // Make sure the work is done (candle is eager, but read a value anyway).
                 let _ = (
                     tout.sum_all()?.to_scalar::<f32>()?,

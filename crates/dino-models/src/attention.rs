@@ -103,46 +103,69 @@ impl Geo {
         )
     }
 
-    /// Forward: `(out (B*tq, D), probs (B*H, tq, t))`.
-    fn forward(&self, q: &[f32], kv: &[f32]) -> (Vec<f32>, Vec<f32>) {
-        let (tq, t, hd, d) = (self.tq, self.t, self.hd, self.d());
-        let mut probs = crate::ops::uninit_f32(self.b * self.heads * tq * t);
+    /// Forward: `(out (B*tq, D), probs (B*H, tq, t))`; the probabilities only when `keep_probs` (for the
+    /// backward pass), otherwise they live in per-thread scratch.
+    fn forward(&self, q: &[f32], kv: &[f32], keep_probs: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+        let (tq, t, d) = (self.tq, self.t, self.d());
+        let n = tq * t;
         let mut out = crate::ops::uninit_f32(self.b * tq * d);
         let out_ptr = SyncPtr(out.as_mut_ptr());
-        let (qp, kvp) = (q.as_ptr() as usize, kv.as_ptr() as usize);
+        let head = |bh: usize, logits: &mut [f32], p: &mut [f32]| {
+            // SAFETY: the geometry matches the buffers (checked by the callers); the task of pair `bh` alone
+            // writes rows bi*tq.. x columns hi*hd.. of `out`.
+            unsafe { self.head_forward(q, kv, bh, logits, p, out_ptr) }
+        };
+        if !keep_probs {
+            (0..self.b * self.heads)
+                .into_par_iter()
+                .for_each(|bh| with_scratch(n, |logits, p| head(bh, logits, p)));
+            return (out, None);
+        }
+        let mut probs = crate::ops::uninit_f32(self.b * self.heads * n);
+        probs
+            .par_chunks_mut(n)
+            .enumerate()
+            .for_each(|(bh, p)| with_scratch(n, |logits, _| head(bh, logits, p)));
+        (out, Some(probs))
+    }
+
+    /// One `(batch, head)` pair of the forward pass: logits, softmax into `p`, `p V` into `out`.
+    ///
+    /// # Safety
+    /// `q`, `kv` and `out` must match the geometry, and no other task may write this pair's part of `out`.
+    unsafe fn head_forward(
+        &self,
+        q: &[f32],
+        kv: &[f32],
+        bh: usize,
+        logits: &mut [f32],
+        p: &mut [f32],
+        out: SyncPtr,
+    ) {
+        let (tq, t, hd, d) = (self.tq, self.t, self.hd, self.d());
         let (q_rs, kv_rs, ti) = (self.q_rs as isize, self.kv_rs as isize, t as isize);
-        probs.par_chunks_mut(tq * t).enumerate().for_each_init(
-            || vec![0f32; tq * t],
-            |logits, (bh, p)| {
-                let (bi, hi) = (bh / self.heads, bh % self.heads);
-                // SAFETY: the geometry matches the buffers (checked by the callers); this task alone writes
-                // rows bi*tq.. x columns hi*hd.. of `out`, and `p` is its own chunk.
-                unsafe {
-                    let (qh, kh, vh) = self.qkv(qp as *const f32, kvp as *const f32, bi, hi);
-                    mm(
-                        self.bf16,
-                        tq,
-                        t,
-                        hd,
-                        (logits.as_mut_ptr(), 1, ti),
-                        (qh, 1, q_rs),
-                        (kh, kv_rs, 1),
-                    );
-                    ops::softmax_fwd_chunk(logits, p, t, self.scale);
-                    let o = out_ptr.get().add(bi * tq * d + hi * hd);
-                    mm(
-                        self.bf16,
-                        tq,
-                        hd,
-                        t,
-                        (o, 1, d as isize),
-                        (p.as_ptr(), 1, ti),
-                        (vh, 1, kv_rs),
-                    );
-                }
-            },
+        let (bi, hi) = (bh / self.heads, bh % self.heads);
+        let (qh, kh, vh) = self.qkv(q.as_ptr(), kv.as_ptr(), bi, hi);
+        mm(
+            self.bf16,
+            tq,
+            t,
+            hd,
+            (logits.as_mut_ptr(), 1, ti),
+            (qh, 1, q_rs),
+            (kh, kv_rs, 1),
         );
-        (out, probs)
+        ops::softmax_fwd_chunk(logits, p, t, self.scale);
+        let o = out.get().add(bi * tq * d + hi * hd);
+        mm(
+            self.bf16,
+            tq,
+            hd,
+            t,
+            (o, 1, d as isize),
+            (p.as_ptr(), 1, ti),
+            (vh, 1, kv_rs),
+        );
     }
 
     /// Backward: writes dQ into `dq` (laid out like Q) and dK, dV into `dkv` (laid out like K/V); `go` is the
@@ -167,9 +190,8 @@ impl Geo {
         );
         let (q_rs, kv_rs, ti) = (self.q_rs as isize, self.kv_rs as isize, t as isize);
         let n = tq * t;
-        probs.par_chunks(n).enumerate().for_each_init(
-            || (vec![0f32; n], vec![0f32; n]),
-            |(dp, ds), (bh, p)| {
+        probs.par_chunks(n).enumerate().for_each(|(bh, p)| {
+            with_scratch(n, |dp, ds| {
                 let (bi, hi) = (bh / self.heads, bh % self.heads);
                 let h = hi * hd;
                 // SAFETY: reads stay inside the buffers of the geometry; this task alone writes columns
@@ -222,14 +244,35 @@ impl Geo {
                         (qh, 1, q_rs),
                     );
                 }
-            },
-        );
+            })
+        });
     }
+}
+
+thread_local! {
+    /// Per-thread scratch of the attention tasks (logits, or dP and dS): allocated once per pool thread
+    /// instead of a zero-filled pair of `T x T` buffers for every rayon split.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with two scratch buffers of `n` elements each (contents unspecified: every use overwrites them).
+fn with_scratch(n: usize, f: impl FnOnce(&mut [f32], &mut [f32])) {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let (a, b) = &mut *s;
+        if a.len() < n {
+            a.resize(n, 0.0);
+            b.resize(n, 0.0);
+        }
+        f(&mut a[..n], &mut b[..n])
+    })
 }
 
 /// Self-attention on packed `qkv` `(B*T, 3D)` -> `(B*T, D)`.
 struct AttentionOp {
     geo: Geo,
+    /// Whether the backward pass will run (the probabilities are kept for it).
+    keep_probs: bool,
     probs: Saved,
 }
 
@@ -240,8 +283,10 @@ impl CustomOp1 for AttentionOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = f32_data(s, l, self.name())?;
-        let (out, probs) = self.geo.forward(&qkv, &qkv);
-        save(&self.probs, probs);
+        let (out, probs) = self.geo.forward(&qkv, &qkv, self.keep_probs);
+        if let Some(probs) = probs {
+            save(&self.probs, probs);
+        }
         let g = self.geo;
         Ok((CpuStorage::F32(out), Shape::from((g.b * g.t, g.d()))))
     }
@@ -287,6 +332,8 @@ impl CustomOp2 for AttentionBwdOp {
 /// Attention of separate queries `(B*tq, D)` over packed keys/values `(B*T, 2D)` -> `(B*tq, D)`.
 struct QueryAttentionOp {
     geo: Geo,
+    /// As [`AttentionOp::keep_probs`].
+    keep_probs: bool,
     probs: Saved,
 }
 
@@ -304,8 +351,10 @@ impl CustomOp2 for QueryAttentionOp {
     ) -> Result<(CpuStorage, Shape)> {
         let q = f32_data(s1, l1, self.name())?;
         let kv = f32_data(s2, l2, self.name())?;
-        let (out, probs) = self.geo.forward(&q, &kv);
-        save(&self.probs, probs);
+        let (out, probs) = self.geo.forward(&q, &kv, self.keep_probs);
+        if let Some(probs) = probs {
+            save(&self.probs, probs);
+        }
         let g = self.geo;
         Ok((CpuStorage::F32(out), Shape::from((g.b * g.tq, g.d()))))
     }
@@ -405,11 +454,17 @@ pub fn attention(qkv: &Tensor, b: usize, t: usize, heads: usize, scale: f64) -> 
             v_off: 2 * d,
             bf16: crate::bf16::use_bf16(crate::fused::matmul_precision(), b * t),
         };
+        let keep_probs = crate::fused::records_grad(&[qkv]);
         let op = AttentionOp {
             geo,
+            keep_probs,
             probs: Mutex::new(None),
         };
-        return qkv.apply_op1(op);
+        return if keep_probs {
+            qkv.apply_op1(op)
+        } else {
+            qkv.apply_op1_no_bwd(&op)
+        };
     }
     let split = |i: usize| heads_of(qkv, i * d, b, t, heads, hd);
     composed(&split(0)?, &split(1)?, &split(2)?, scale)?
@@ -455,11 +510,17 @@ pub fn attention_query(
             v_off: d,
             bf16: crate::bf16::use_bf16(crate::fused::matmul_precision(), b * t),
         };
+        let keep_probs = crate::fused::records_grad(&[q, kv]);
         let op = QueryAttentionOp {
             geo,
+            keep_probs,
             probs: Mutex::new(None),
         };
-        return q.apply_op2(kv, op);
+        return if keep_probs {
+            q.apply_op2(kv, op)
+        } else {
+            q.apply_op2_no_bwd(kv, &op)
+        };
     }
     composed(
         &heads_of(q, 0, b, tq, heads, hd)?,
@@ -534,6 +595,37 @@ mod tests {
                 diff < 1e-5 * mag.max(1.0),
                 "gradient differs by {diff} (max {mag})"
             );
+        }
+        Ok(())
+    }
+
+    /// Under `no_grad` (probabilities in per-thread scratch, not kept) the outputs are the same bit for bit, for
+    /// rows of logits shorter than, a multiple of, and longer than the softmax's 16 lanes; nothing is recorded.
+    #[test]
+    fn no_grad_gives_the_same_values_without_a_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(b, t, heads, hd) in &[
+            (2usize, 5usize, 3usize, 4usize),
+            (2, 32, 2, 8),
+            (3, 37, 3, 8),
+        ] {
+            let d = heads * hd;
+            let qkv = Var::from_vec(pattern(b * t * 3 * d, 1), (b * t, 3 * d), &dev)?;
+            let y = attention(qkv.as_tensor(), b, t, heads, 0.3)?;
+            let y0 = crate::fused::no_grad(|| attention(qkv.as_tensor(), b, t, heads, 0.3))?;
+            assert!(y.track_op() && !y0.track_op());
+            assert!(
+                y.to_vec2::<f32>()? == y0.to_vec2::<f32>()?,
+                "{b}x{t}x{heads}x{hd}"
+            );
+            // The CLS query over every key.
+            let q = Var::from_vec(pattern(b * d, 3), (b, d), &dev)?;
+            let kv = qkv.as_tensor().narrow(1, d, 2 * d)?.contiguous()?;
+            let z = attention_query(q.as_tensor(), &kv, b, 1, t, heads, 0.3)?;
+            let z0 =
+                crate::fused::no_grad(|| attention_query(q.as_tensor(), &kv, b, 1, t, heads, 0.3))?;
+            assert!(z.track_op() && !z0.track_op());
+            assert!(z.to_vec2::<f32>()? == z0.to_vec2::<f32>()?, "query {b}x{t}");
         }
         Ok(())
     }

@@ -100,6 +100,30 @@ pub fn with_matmul_precision<R>(precision: MatmulPrecision, f: impl FnOnce() -> 
     f()
 }
 
+thread_local! {
+    static NO_GRAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` without recording the backward passes of this crate's fused ops on the calling thread, as
+/// `torch.no_grad()`: linear + GELU layers do not keep their pre-activation and attention does not keep its
+/// probabilities (the teacher's forward pass, evaluation). Same outputs; no gradient flows back through them.
+pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NO_GRAD.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(NO_GRAD.with(|g| g.replace(true)));
+    f()
+}
+
+/// Whether an op on `inputs` records its backward pass: some input tracks a gradient and no [`no_grad`] scope
+/// is active on the calling thread.
+pub(crate) fn records_grad(inputs: &[&Tensor]) -> bool {
+    !NO_GRAD.with(|g| g.get()) && inputs.iter().any(|t| t.track_op())
+}
+
 /// The rayon parallelism of a GEMM big enough to split (`m * n * k` multiply-adds).
 fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
     let threads = rayon::current_num_threads();
@@ -284,35 +308,48 @@ fn linear_gelu_fwd(
     w: &[f32],
     out: usize,
     b: Option<&[f32]>,
-) -> (Vec<f32>, Vec<f32>) {
-    let mut pre = crate::ops::uninit_f32(r * out);
+    keep_pre: bool,
+) -> (Option<Vec<f32>>, Vec<f32>) {
     let mut act = crate::ops::uninit_f32(r * out);
     if out == 0 {
-        return (pre, act);
+        return (keep_pre.then(Vec::new), act);
     }
     let n = GELU_BLOCK_ROWS * out;
+    // Block `i` of rows: the GEMM writes it (into `pb`, or straight into the output when the pre-activation
+    // is not kept), then bias + GELU run on it while it is in L2.
+    let block = |i: usize, pb: &mut [f32], ab: Option<&mut [f32]>| {
+        let r0 = i * GELU_BLOCK_ROWS;
+        let rows = pb.len() / out;
+        // SAFETY: x rows r0.. are (rows, inp), w is (out, inp), pb is this block's own (rows, out).
+        unsafe {
+            y_rows(
+                rows,
+                out,
+                inp,
+                pb.as_mut_ptr(),
+                false,
+                x[r0 * inp..].as_ptr(),
+                w.as_ptr(),
+                Parallelism::None,
+            )
+        }
+        match ab {
+            Some(ab) => ops::bias_gelu_fwd_rows(pb, b, ab, out),
+            None => ops::bias_gelu_inplace_rows(pb, b, out),
+        }
+    };
+    if !keep_pre {
+        act.par_chunks_mut(n)
+            .enumerate()
+            .for_each(|(i, ab)| block(i, ab, None));
+        return (None, act);
+    }
+    let mut pre = crate::ops::uninit_f32(r * out);
     pre.par_chunks_mut(n)
         .zip(act.par_chunks_mut(n))
         .enumerate()
-        .for_each(|(i, (pb, ab))| {
-            let r0 = i * GELU_BLOCK_ROWS;
-            let rows = pb.len() / out;
-            // SAFETY: x rows r0.. are (rows, inp), w is (out, inp), pb is this block's own (rows, out).
-            unsafe {
-                y_rows(
-                    rows,
-                    out,
-                    inp,
-                    pb.as_mut_ptr(),
-                    false,
-                    x[r0 * inp..].as_ptr(),
-                    w.as_ptr(),
-                    Parallelism::None,
-                )
-            }
-            ops::bias_gelu_fwd_rows(pb, b, ab, out);
-        });
-    (pre, act)
+        .for_each(|(i, (pb, ab))| block(i, pb, Some(ab)));
+    (Some(pre), act)
 }
 
 /// Rows of `dx = g W`: `n` rows of `g` (row stride `out`) times `W` `(out, inp)` into `n` rows of `dx` (row
@@ -802,15 +839,18 @@ struct LinearOp {
     gelu: bool,
     /// Products in bf16 (forward and backward), see [`MatmulPrecision::Bf16`].
     bf16: bool,
+    /// Whether the backward pass will run (see [`records_grad`]); without it `pre` is not kept.
+    keep_pre: bool,
     /// The pre-activation when `gelu`, kept for the backward pass.
     pre: ops::Saved,
 }
 
 impl LinearOp {
-    fn new(gelu: bool, bf16: bool) -> Self {
+    fn new(gelu: bool, bf16: bool, keep_pre: bool) -> Self {
         Self {
             gelu,
             bf16,
+            keep_pre,
             pre: Mutex::new(None),
         }
     }
@@ -842,15 +882,21 @@ impl LinearOp {
             None => None,
         };
         if self.gelu && !self.bf16 && r >= 4 * GELU_BLOCK_ROWS {
-            let (pre, act) = linear_gelu_fwd(&xd, r, inp, &wd, out, bd.as_deref());
-            ops::save(&self.pre, pre);
+            let (pre, act) = linear_gelu_fwd(&xd, r, inp, &wd, out, bd.as_deref(), self.keep_pre);
+            if let Some(pre) = pre {
+                ops::save(&self.pre, pre);
+            }
             return Ok((CpuStorage::F32(act), Shape::from((r, out))));
         }
-        let y = if self.bf16 {
+        let mut y = if self.bf16 {
             linear_fwd_bf16(&xd, r, inp, &wd, out, bd.as_deref())
         } else {
             linear_fwd(&xd, r, inp, &wd, out, bd.as_deref())
         };
+        if self.gelu && !self.keep_pre {
+            ops::for_elem_chunks(&mut y, |_, c| ops::bias_gelu_inplace_rows(c, None, c.len()));
+            return Ok((CpuStorage::F32(y), Shape::from((r, out))));
+        }
         let y = if self.gelu {
             let mut act = crate::ops::uninit_f32(y.len());
             ops::for_elem_chunks(&mut act, |a, c| {
@@ -1000,10 +1046,13 @@ fn linear_impl(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -
         return if gelu { y.gelu_erf() } else { Ok(y) };
     }
     let bf16 = bf16::use_bf16(matmul_precision(), x.dim(0)?);
-    let op = LinearOp::new(gelu, bf16);
-    match bias {
-        Some(b) => x.apply_op3(weight, b, LinearBiasOp(op)),
-        None => x.apply_op2(weight, LinearNoBiasOp(op)),
+    let grad = records_grad(&all);
+    let op = LinearOp::new(gelu, bf16, grad);
+    match (bias, grad) {
+        (Some(b), true) => x.apply_op3(weight, b, LinearBiasOp(op)),
+        (Some(b), false) => x.apply_op3_no_bwd(weight, b, &LinearBiasOp(op)),
+        (None, true) => x.apply_op2(weight, LinearNoBiasOp(op)),
+        (None, false) => x.apply_op2_no_bwd(weight, &LinearNoBiasOp(op)),
     }
 }
 
@@ -1352,6 +1401,40 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Under `no_grad` the layers give the same values bit for bit (the blocked GELU path without its kept
+    /// pre-activation, the others with GELU in place), record no graph, and the same call outside it does.
+    #[test]
+    fn no_grad_gives_the_same_values_without_a_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        let long = 5 * GELU_BLOCK_ROWS + 20;
+        for &(r, inp, out) in &[(long, 16usize, 24usize), (40, 8, 12)] {
+            for gelu in [false, true] {
+                for with_bias in [true, false] {
+                    let x = Var::from_vec(pattern(r * inp, 1), (r, inp), &dev)?;
+                    let w = Var::from_vec(pattern(out * inp, 2), (out, inp), &dev)?;
+                    let b = Var::from_vec(pattern(out, 3), out, &dev)?;
+                    let bias = with_bias.then(|| b.as_tensor());
+                    let y = linear_impl(x.as_tensor(), w.as_tensor(), bias, gelu)?;
+                    let y0 = no_grad(|| linear_impl(x.as_tensor(), w.as_tensor(), bias, gelu))?;
+                    assert!(y.track_op() && !y0.track_op(), "{r} rows gelu {gelu}");
+                    let (a, b) = (
+                        y.flatten_all()?.to_vec1::<f32>()?,
+                        y0.flatten_all()?.to_vec1::<f32>()?,
+                    );
+                    assert!(
+                        a == b,
+                        "{r} rows gelu {gelu} bias {with_bias}: values differ"
+                    );
+                }
+            }
+        }
+        // The scope ends with the closure.
+        let x = Var::from_vec(pattern(6, 1), (2, 3), &dev)?;
+        no_grad(|| ());
+        assert!(linear(x.as_tensor(), x.as_tensor(), None)?.track_op());
         Ok(())
     }
 

@@ -18,4 +18,6 @@ pub mod vit;
 pub mod weights;
 
 pub use backbone::Backbone;
-pub use fused::{matmul_precision, set_matmul_precision, with_matmul_precision, MatmulPrecision};
+pub use fused::{
+    matmul_precision, no_grad, set_matmul_precision, with_matmul_precision, MatmulPrecision,
+};

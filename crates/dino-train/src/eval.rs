@@ -82,7 +82,9 @@ pub fn extract_features(
     num_workers: usize,
 ) -> Result<Features> {
     extract_with(ds, transform, batch_size, num_workers, |x| {
-        Ok(backbone.forward_features(x, false)?)
+        Ok(dino_models::no_grad(|| {
+            backbone.forward_features(x, false)
+        })?)
     })
 }
 

@@ -285,12 +285,14 @@ impl Trainer {
             *slot = (now - clock).as_secs_f64();
             clock = now;
         };
-        // Teacher first, on the two global crops; detached (stop-gradient). The linear layers run at the
-        // configured precision, which their backward passes keep.
+        // Teacher first, on the two global crops; detached (stop-gradient), and run under `no_grad` so its
+        // fused ops keep nothing for a backward pass. The linear layers run at the configured precision, which
+        // their backward passes keep.
         let precision = self.cfg.matmul_precision;
-        let t_out =
-            with_matmul_precision(precision, || self.teacher.model.forward(&crops[..2], true))?
-                .detach();
+        let t_out = dino_models::no_grad(|| {
+            with_matmul_precision(precision, || self.teacher.model.forward(&crops[..2], true))
+        })?
+        .detach();
         lap(&mut timings.teacher_forward);
         let s_out = with_matmul_precision(precision, || self.student.model.forward(crops, true))?;
         lap(&mut timings.student_forward);
