@@ -7,7 +7,9 @@
 //! - [`linear_gelu`]: `GELU(x Wᵀ + b)` with the pre-activation kept by the op for the backward pass (one graph
 //!   node and one gradient accumulation fewer than linear then GELU);
 //! - [`residual`]: `x + s_i · y_i` per sample `i` (stochastic depth's kept/dropped scale, 1 without drop path),
-//!   replacing candle's reshape + broadcast-mul + add.
+//!   replacing candle's reshape + broadcast-mul + add;
+//! - [`linear_residual`]: `x + s_i · (h Wᵀ + b)`, a linear layer and its residual sum in one op (the output
+//!   starts as `x + s_i · b` and the GEMM accumulates onto it; dropped samples skip their GEMM rows).
 //!
 //! Every op takes 2-D row-major f32 CPU tensors; other devices and dtypes use candle's composed ops.
 //!
@@ -1192,6 +1194,204 @@ pub fn residual(x: &Tensor, y: &Tensor, scales: Option<Vec<f32>>) -> Result<Tens
     x.apply_op2(y, ResidualOp { scales })
 }
 
+/// `x + s_i · (h Wᵀ + b)` per sample `i` as one op (the projection or fc2 layer and its residual sum): the output
+/// starts as `x + s_i · b` and the GEMM accumulates `s_i · h Wᵀ` onto it, so neither the layer's output nor a
+/// bias-row pass is materialised; samples dropped by stochastic depth (`s_i = 0`) skip their GEMM rows. Inputs
+/// `(x, h, wb)`: `wb` is `W` `(out, in)`, or `[W | b]` `(out, in + 1)` with a bias (one input for both, since
+/// custom ops take at most three).
+struct LinearResidualOp {
+    scales: Arc<Vec<f32>>,
+    has_bias: bool,
+}
+
+impl LinearResidualOp {
+    fn fwd(&self, x: &[f32], h: &[f32], wb: &[f32], rows: usize, d: usize, inp: usize) -> Vec<f32> {
+        let mut out = crate::ops::uninit_f32(rows * d);
+        if d == 0 {
+            return out;
+        }
+        let w_rs = inp + usize::from(self.has_bias);
+        let per = (rows / self.scales.len()).max(1);
+        let scale = |r: usize| self.scales[r / per];
+        let threads = rayon::current_num_threads();
+        let rows_per = if threads > 1 && rows >= 64 * threads {
+            rows.div_ceil(threads)
+        } else {
+            rows.max(1)
+        };
+        let block = |r0: usize, ob: &mut [f32]| {
+            let n = ob.len() / d;
+            for (s0, sn) in row_blocks(n) {
+                // Runs of rows with one scale (a whole sample or more; every row without drop path).
+                let mut a = s0;
+                while a < s0 + sn {
+                    let s = scale(r0 + a);
+                    let mut e = a + 1;
+                    while e < s0 + sn && scale(r0 + e) == s {
+                        e += 1;
+                    }
+                    let o = &mut ob[a * d..e * d];
+                    let xr = &x[(r0 + a) * d..(r0 + e) * d];
+                    if s == 0.0 || !self.has_bias {
+                        o.copy_from_slice(xr);
+                    } else {
+                        for (orow, xrow) in o.chunks_exact_mut(d).zip(xr.chunks_exact(d)) {
+                            for (k, (ov, &xv)) in orow.iter_mut().zip(xrow).enumerate() {
+                                *ov = xv + s * wb[k * w_rs + inp];
+                            }
+                        }
+                    }
+                    if s != 0.0 {
+                        // SAFETY: h rows r0+a.. are (e-a, inp); wb is (d, w_rs) with W in its first inp
+                        // columns; o is this block's own (e-a, d).
+                        unsafe {
+                            gemm(
+                                e - a,
+                                d,
+                                inp,
+                                o.as_mut_ptr(),
+                                1,
+                                d as isize,
+                                true,
+                                h[(r0 + a) * inp..].as_ptr(),
+                                1,
+                                inp as isize,
+                                wb.as_ptr(),
+                                w_rs as isize,
+                                1,
+                                1.0,
+                                s,
+                                false,
+                                false,
+                                false,
+                                Parallelism::None,
+                            )
+                        }
+                    }
+                    a = e;
+                }
+            }
+        };
+        if rows_per == rows {
+            block(0, &mut out);
+        } else {
+            out.par_chunks_mut(rows_per * d)
+                .enumerate()
+                .for_each(|(i, ob)| block(i * rows_per, ob));
+        }
+        out
+    }
+}
+
+impl CustomOp3 for LinearResidualOp {
+    fn name(&self) -> &'static str {
+        "dino-linear-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (rows, d) = dims2(l1, name)?;
+        let (hr, inp) = dims2(l2, name)?;
+        let (out, wc) = dims2(l3, name)?;
+        if hr != rows || out != d || wc != inp + usize::from(self.has_bias) {
+            candle_core::bail!(
+                "{name}: x {:?}, h {:?} and weight {:?} do not match",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let x = f32_data(s1, l1, name)?;
+        let h = f32_data(s2, l2, name)?;
+        let wb = f32_data(s3, l3, name)?;
+        let y = self.fwd(&x, &h, &wb, rows, d, inp);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        h: &Tensor,
+        wb: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dy = if self.scales.iter().all(|&s| s == 1.0) {
+            grad.clone()
+        } else {
+            grad.apply_op1_no_bwd(&ScaleRowsOp {
+                res: ResidualOp {
+                    scales: self.scales.clone(),
+                },
+            })?
+        };
+        let inp = h.dim(1)?;
+        let w = if self.has_bias {
+            wb.narrow(1, 0, inp)?
+        } else {
+            wb.clone()
+        };
+        let (dh, dw, db) = LinearOp::new(false, false, true).bwd(h, &w, self.has_bias, &dy)?;
+        let dwb = match db {
+            Some(db) => Tensor::cat(&[&dw, &db.unsqueeze(1)?], 1)?,
+            None => dw,
+        };
+        Ok((Some(grad), dh, Some(dwb)))
+    }
+}
+
+/// `x + s_i · (h Wᵀ + b)` on the rows of each sample `i` (a linear layer and its residual sum, see
+/// [`residual`]): `x`: `(B*T, out)`, `h`: `(B*T, in)`, `weight`: `(out, in)`, `bias`: `(out)`, `scales`: `B`
+/// values or `None` -> `(B*T, out)`. Equal to `residual(x, &linear(h, weight, bias)?, scales)` up to rounding
+/// (`s_i · b` and `s_i · h Wᵀ` are added separately); bf16 products and other devices use that composition.
+pub fn linear_residual(
+    x: &Tensor,
+    h: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    scales: Option<Vec<f32>>,
+) -> Result<Tensor> {
+    let all: Vec<&Tensor> = [Some(x), Some(h), Some(weight), bias]
+        .into_iter()
+        .flatten()
+        .collect();
+    if !ops::is_cpu_f32(&all)
+        || x.rank() != 2
+        || h.rank() != 2
+        || weight.rank() != 2
+        || bf16::use_bf16(matmul_precision(), h.dim(0)?)
+    {
+        return residual(x, &linear(h, weight, bias)?, scales);
+    }
+    let rows = x.dim(0)?;
+    let b = scales.as_ref().map_or(1, |s| s.len());
+    if b == 0 || rows % b != 0 {
+        candle_core::bail!("linear_residual: {rows} rows do not split into {b} samples");
+    }
+    let wb = match bias {
+        Some(bias) => Tensor::cat(&[weight, &bias.unsqueeze(1)?], 1)?,
+        None => weight.clone(),
+    };
+    let op = LinearResidualOp {
+        scales: Arc::new(scales.unwrap_or_else(|| vec![1.0])),
+        has_bias: bias.is_some(),
+    };
+    if records_grad(&all) {
+        x.apply_op3(h, &wb, op)
+    } else {
+        x.apply_op3_no_bwd(h, &wb, &op)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1435,6 +1635,53 @@ mod tests {
         let x = Var::from_vec(pattern(6, 1), (2, 3), &dev)?;
         no_grad(|| ());
         assert!(linear(x.as_tensor(), x.as_tensor(), None)?.track_op());
+        Ok(())
+    }
+
+    /// The fused projection + residual against `residual(x, linear(h))`: values and the gradients of `x`, `h`,
+    /// `W` and `b`, with drop-path scales (dropped, kept and scaled samples), with and without a bias, over
+    /// shapes that take one block, the pool's row split, and sub-blocks of `GEMM_MAX_ROWS`.
+    #[test]
+    fn linear_residual_matches_linear_then_residual() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(samples, t, inp, out) in &[
+            (2usize, 3usize, 5usize, 4usize),
+            (4, 50, 24, 16),
+            (3, 700, 8, 6),
+        ] {
+            let r = samples * t;
+            let drop: Vec<f32> = (0..samples)
+                .map(|i| if i % 3 == 1 { 0.0 } else { 1.25 })
+                .collect();
+            for scales in [None, Some(drop)] {
+                for with_bias in [true, false] {
+                    let x = Var::from_vec(pattern(r * out, 5), (r, out), &dev)?;
+                    let h = Var::from_vec(pattern(r * inp, 1), (r, inp), &dev)?;
+                    let w = Var::from_vec(pattern(out * inp, 2), (out, inp), &dev)?;
+                    let b = Var::from_vec(pattern(out, 3), out, &dev)?;
+                    let up = Tensor::from_vec(pattern(r * out, 4), (r, out), &dev)?;
+                    let bias = with_bias.then(|| b.as_tensor());
+                    let (xt, ht, wt) = (x.as_tensor(), h.as_tensor(), w.as_tensor());
+                    let y = linear_residual(xt, ht, wt, bias, scales.clone())?;
+                    let yr = residual(xt, &linear(ht, wt, bias)?, scales.clone())?;
+                    let what =
+                        format!("{samples}x{t}x{inp}->{out} bias {with_bias} scales {scales:?}");
+                    assert!(max_diff(&y, &yr) < 1e-5, "forward {what}");
+                    let y0 = no_grad(|| linear_residual(xt, ht, wt, bias, scales.clone()))?;
+                    assert!(!y0.track_op() && max_diff(&y, &y0) == 0.0, "no_grad {what}");
+                    let g = (y * &up)?.sum_all()?.backward()?;
+                    let gr = (yr * &up)?.sum_all()?.backward()?;
+                    let mut vars = vec![("x", &x), ("h", &h), ("w", &w)];
+                    if with_bias {
+                        vars.push(("b", &b));
+                    }
+                    for (name, v) in vars {
+                        let d = max_diff(g.get(v).unwrap(), gr.get(v).unwrap());
+                        assert!(d < 1e-4, "{name} gradient differs by {d}: {what}");
+                    }
+                }
+            }
+        }
         Ok(())
     }
 

@@ -9,8 +9,8 @@
 //! Speed choices (numerically equivalent to the official code within float rounding):
 //! - the patch embedding is a patchify (reshape + permute) followed by one matmul instead of a strided conv;
 //! - every linear runs on a 2-D `(B*T, D)` view; tokens stay 2-D between blocks;
-//! - the MLP's fc1 + GELU is one fused op and each residual sum with its drop-path scale another
-//!   ([`crate::fused`]);
+//! - the MLP's fc1 + GELU is one fused op, and the attention projection and fc2 each fuse with their residual
+//!   sum and drop-path scale (`x + s_i · (h Wᵀ + b)`, [`crate::fused::linear_residual`]);
 //! - attention is the fused op of [`crate::attention`] on the packed `(B*T, 3D)` qkv activations (one GEMM per
 //!   batch and head, no split or permute copies); LayerNorm and GELU are the fused ops of [`crate::ops`] (analytic backward);
 //! - `forward` runs the last block for the CLS rows only (K and V still from every token) and applies the final
@@ -271,12 +271,10 @@ impl Block {
         let d = x.dim(1)?;
         let h = self.num_heads;
         let hd = d / h;
-        let xn = self.norm1.forward(x)?;
         if !want_probs {
-            let qkv = self.qkv.forward(&xn)?; // (B*T, 3D)
-            let out = crate::attention::attention(&qkv, b, t, h, (hd as f64).powf(-0.5))?;
-            return Ok((self.proj.forward(&out)?, None));
+            return Ok((self.proj.forward(&self.attention_heads(x, b, t)?)?, None));
         }
+        let xn = self.norm1.forward(x)?;
         // q, k and v from row slices of the qkv weight (rows [q; k; v]): slicing the (3D, D) weight is
         // cheaper in the backward pass than slicing the (B*T, 3D) activations. Each (B*T, D) -> (B*H, T, hd).
         let head = |i: usize| -> Result<Tensor> {
@@ -309,10 +307,22 @@ impl Block {
         Ok((out, probs))
     }
 
-    fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+    /// The attention heads' merged output before the projection: `x` `(B*T, D)` -> `(B*T, D)`.
+    fn attention_heads(&self, x: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let hd = x.dim(1)? / self.num_heads;
+        let qkv = self.qkv.forward(&self.norm1.forward(x)?)?; // (B*T, 3D)
+        crate::attention::attention(&qkv, b, t, self.num_heads, (hd as f64).powf(-0.5))
+    }
+
+    /// The MLP's hidden activations GELU(fc1(LN2(x))), before fc2: `(R, D)` -> `(R, 4D)`.
+    fn mlp_hidden(&self, x: &Tensor) -> Result<Tensor> {
         let xn = self.norm2.forward(x)?;
-        let h = crate::fused::linear_gelu(&xn, &self.fc1.weight, self.fc1.bias.as_ref())?;
-        self.fc2.forward(&h)
+        crate::fused::linear_gelu(&xn, &self.fc1.weight, self.fc1.bias.as_ref())
+    }
+
+    /// `x + s_i · lin(y)`: a projection and its residual sum as one fused op.
+    fn residual(x: &Tensor, lin: &Linear, y: &Tensor, scales: Option<Vec<f32>>) -> Result<Tensor> {
+        crate::fused::linear_residual(x, y, &lin.weight, lin.bias.as_ref(), scales)
     }
 
     /// `x`: `(B*T, D)` -> `(B*T, D)`. `rng` is `Some` when drop path is active (training, rate > 0).
@@ -323,10 +333,10 @@ impl Block {
         t: usize,
         rng: Option<&Mutex<ChaCha8Rng>>,
     ) -> Result<Tensor> {
-        let (a, _) = self.attention(x, b, t, false)?;
-        let x = crate::fused::residual(x, &a, self.drop_path_scales(b, rng)?)?;
-        let m = self.mlp(&x)?;
-        crate::fused::residual(&x, &m, self.drop_path_scales(b, rng)?)
+        let a = self.attention_heads(x, b, t)?;
+        let x = Self::residual(x, &self.proj, &a, self.drop_path_scales(b, rng)?)?;
+        let m = self.mlp_hidden(&x)?;
+        Self::residual(&x, &self.fc2, &m, self.drop_path_scales(b, rng)?)
     }
 
     /// The block when only its CLS rows are used (the last block of `forward`): K and V for every token, Q,
@@ -359,10 +369,14 @@ impl Block {
         let q = ops::linear(&cls_rows(&xn)?, &wq, bq.as_ref())?; // (B, D)
         let kv = ops::linear(&xn, &wkv, bkv.as_ref())?; // (B*T, 2D)
         let a = crate::attention::attention_query(&q, &kv, b, 1, t, h, (hd as f64).powf(-0.5))?;
-        let a = self.proj.forward(&a)?;
-        let x = crate::fused::residual(&cls_rows(x)?, &a, self.drop_path_scales(b, rng)?)?;
-        let m = self.mlp(&x)?;
-        crate::fused::residual(&x, &m, self.drop_path_scales(b, rng)?)
+        let x = Self::residual(
+            &cls_rows(x)?,
+            &self.proj,
+            &a,
+            self.drop_path_scales(b, rng)?,
+        )?;
+        let m = self.mlp_hidden(&x)?;
+        Self::residual(&x, &self.fc2, &m, self.drop_path_scales(b, rng)?)
     }
 
     /// Stochastic depth's per-sample scales: keep with probability `1 - rate` and scale by `1 / (1 - rate)`;
