@@ -1211,6 +1211,12 @@ impl LinearResidualOp {
             return out;
         }
         let w_rs = inp + usize::from(self.has_bias);
+        // The bias column of `[W | b]`, contiguous.
+        let bias: Vec<f32> = if self.has_bias {
+            (0..d).map(|k| wb[k * w_rs + inp]).collect()
+        } else {
+            Vec::new()
+        };
         let per = (rows / self.scales.len()).max(1);
         let scale = |r: usize| self.scales[r / per];
         let threads = rayon::current_num_threads();
@@ -1235,11 +1241,7 @@ impl LinearResidualOp {
                     if s == 0.0 || !self.has_bias {
                         o.copy_from_slice(xr);
                     } else {
-                        for (orow, xrow) in o.chunks_exact_mut(d).zip(xr.chunks_exact(d)) {
-                            for (k, (ov, &xv)) in orow.iter_mut().zip(xrow).enumerate() {
-                                *ov = xv + s * wb[k * w_rs + inp];
-                            }
-                        }
+                        ops::add_scaled_bias_rows(xr, &bias, s, o);
                     }
                     if s != 0.0 {
                         // SAFETY: h rows r0+a.. are (e-a, inp); wb is (d, w_rs) with W in its first inp

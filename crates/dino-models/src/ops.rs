@@ -812,6 +812,20 @@ fn add_bias_kernel(y: &[f32], b: &[f32], out: &mut [f32]) {
 
 multiversion!(fn add_bias_chunk => add_bias_kernel(y: &[f32], b: &[f32], out: &mut [f32]));
 
+/// Rows of `out = x + s · b` (`b` one row).
+#[inline(always)]
+fn add_scaled_bias_kernel(x: &[f32], b: &[f32], s: f32, out: &mut [f32]) {
+    let c = b.len();
+    for (xr, or) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+        let (xr, or) = (&xr[..c], &mut or[..c]);
+        for i in 0..c {
+            or[i] = xr[i] + s * b[i];
+        }
+    }
+}
+
+multiversion!(pub(crate) fn add_scaled_bias_rows => add_scaled_bias_kernel(x: &[f32], b: &[f32], s: f32, out: &mut [f32]));
+
 #[inline(always)]
 fn col_sum_kernel(g: &[f32], acc: &mut [f32]) {
     let c = acc.len();
