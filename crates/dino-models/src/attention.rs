@@ -256,15 +256,20 @@ thread_local! {
 }
 
 /// Runs `f` with two scratch buffers of `n` elements each (contents unspecified: every use overwrites them).
+///
+/// Re-entrant: a task that waits inside `f` (the bf16 GEMM packs large operands on the pool) may run another
+/// attention task on this thread, which then gets fresh buffers instead of the borrowed ones.
 fn with_scratch(n: usize, f: impl FnOnce(&mut [f32], &mut [f32])) {
-    SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        let (a, b) = &mut *s;
-        if a.len() < n {
-            a.resize(n, 0.0);
-            b.resize(n, 0.0);
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => {
+            let (a, b) = &mut *s;
+            if a.len() < n {
+                a.resize(n, 0.0);
+                b.resize(n, 0.0);
+            }
+            f(&mut a[..n], &mut b[..n])
         }
-        f(&mut a[..n], &mut b[..n])
+        Err(_) => f(&mut vec![0.0; n], &mut vec![0.0; n]),
     })
 }
 
@@ -597,6 +602,22 @@ mod tests {
             );
         }
         Ok(())
+    }
+
+    /// The per-thread scratch when a task runs inside another on the same thread: separate buffers, no
+    /// panic on the borrowed ones.
+    #[test]
+    fn scratch_is_reentrant() {
+        with_scratch(4, |a, b| {
+            a.fill(1.0);
+            b.fill(2.0);
+            with_scratch(8, |c, d| {
+                assert_eq!((c.len(), d.len()), (8, 8));
+                c.fill(3.0);
+                d.fill(4.0);
+            });
+            assert!(a.iter().all(|&v| v == 1.0) && b.iter().all(|&v| v == 2.0));
+        });
     }
 
     /// Under `no_grad` (probabilities in per-thread scratch, not kept) the outputs are the same bit for bit, for
