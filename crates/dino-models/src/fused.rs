@@ -1633,6 +1633,11 @@ mod tests {
                 }
             }
         }
+        // No rows: an empty output, as outside the scope.
+        let x = Var::from_vec(Vec::<f32>::new(), (0, 3), &dev)?;
+        let w = Var::from_vec(pattern(6, 2), (2, 3), &dev)?;
+        let y0 = no_grad(|| linear_gelu(x.as_tensor(), w.as_tensor(), None))?;
+        assert_eq!(y0.dims(), &[0, 2]);
         // The scope ends with the closure.
         let x = Var::from_vec(pattern(6, 1), (2, 3), &dev)?;
         no_grad(|| ());

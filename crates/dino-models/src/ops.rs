@@ -681,6 +681,9 @@ multiversion!(pub(crate) fn bias_gelu_fwd_rows => bias_gelu_fwd_kernel(pre: &mut
 #[inline(always)]
 fn bias_gelu_inplace_kernel(a: &mut [f32], b: Option<&[f32]>, d: usize) {
     const S: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    if d == 0 {
+        return;
+    }
     for r in a.chunks_exact_mut(d) {
         let r = &mut r[..d];
         match b {
