@@ -625,10 +625,15 @@ fn linear_gelu_grad(
     let parts = rayon::current_num_threads().max(1);
     let dxp = dx.as_mut_ptr() as usize;
     let job = |i: usize| -> (Vec<f32>, Vec<f32>) {
-        let mut dw = vec![0f32; out * inp];
+        let (x0, x1) = part(r, parts, i);
+        // The first block writes the partial, the later ones add to it (zeros when the task has no rows).
+        let mut dw = if x1 > x0 {
+            ops::uninit_f32(out * inp)
+        } else {
+            vec![0f32; out * inp]
+        };
         let mut db = vec![0f32; out];
         let mut dpre = ops::uninit_f32(GELU_BLOCK_ROWS.min(r) * out);
-        let (x0, x1) = part(r, parts, i);
         let mut r0 = x0;
         while r0 < x1 {
             let sn = GELU_BLOCK_ROWS.min(x1 - r0);
@@ -657,7 +662,7 @@ fn linear_gelu_grad(
                     inp,
                     sn,
                     dw.as_mut_ptr(),
-                    true,
+                    r0 > x0,
                     blk.as_ptr(),
                     x[r0 * inp..].as_ptr(),
                     Parallelism::None,
@@ -1068,6 +1073,15 @@ pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result
     linear_impl(x, weight, bias, true)
 }
 
+/// The number of samples `B` that `scales` (one per sample, `None` for one) splits `rows` into.
+fn samples(rows: usize, scales: Option<&[f32]>, op: &str) -> Result<usize> {
+    let b = scales.map_or(1, |s| s.len());
+    if b == 0 || !rows.is_multiple_of(b) {
+        candle_core::bail!("{op}: {rows} rows do not split into {b} samples");
+    }
+    Ok(b)
+}
+
 /// `x + s_i · y` on the rows of sample `i`: inputs `(x, y)` of shape `(B*T, D)`, `scales` one per sample.
 struct ResidualOp {
     scales: Arc<Vec<f32>>,
@@ -1174,10 +1188,7 @@ impl CustomOp1 for ScaleRowsOp {
 /// values (stochastic depth's `keep / (1 - rate)` or 0; pass `None` for a plain residual sum).
 pub fn residual(x: &Tensor, y: &Tensor, scales: Option<Vec<f32>>) -> Result<Tensor> {
     let (rows, d) = x.dims2()?;
-    let b = scales.as_ref().map_or(1, |s| s.len());
-    if b == 0 || rows % b != 0 {
-        candle_core::bail!("residual: {rows} rows do not split into {b} samples");
-    }
+    let b = samples(rows, scales.as_deref(), "residual")?;
     if !ops::is_cpu_f32(&[x, y]) {
         return match scales {
             None => x + y,
@@ -1374,11 +1385,7 @@ pub fn linear_residual(
     {
         return residual(x, &linear(h, weight, bias)?, scales);
     }
-    let rows = x.dim(0)?;
-    let b = scales.as_ref().map_or(1, |s| s.len());
-    if b == 0 || rows % b != 0 {
-        candle_core::bail!("linear_residual: {rows} rows do not split into {b} samples");
-    }
+    samples(x.dim(0)?, scales.as_deref(), "linear_residual")?;
     let wb = match bias {
         Some(bias) => Tensor::cat(&[weight, &bias.unsqueeze(1)?], 1)?,
         None => weight.clone(),

@@ -653,9 +653,14 @@ fn gelu_fwd_kernel(x: &[f32], y: &mut [f32]) {
     let n = y.len();
     let x = &x[..n];
     for i in 0..n {
-        let v = x[i];
-        y[i] = 0.5 * v * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2));
+        y[i] = gelu(x[i]);
     }
+}
+
+/// Exact GELU of one value: `v · Φ(v) = 0.5 v (1 + erf(v / √2))`.
+#[inline(always)]
+fn gelu(v: f32) -> f32 {
+    0.5 * v * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 multiversion!(pub(crate) fn gelu_fwd_chunk => gelu_fwd_kernel(x: &[f32], y: &mut [f32]));
@@ -680,7 +685,6 @@ multiversion!(pub(crate) fn bias_gelu_fwd_rows => bias_gelu_fwd_kernel(pre: &mut
 /// Rows of `a = GELU(a + b)` in place (no bias: `a = GELU(a)`), rows of `d` values.
 #[inline(always)]
 fn bias_gelu_inplace_kernel(a: &mut [f32], b: Option<&[f32]>, d: usize) {
-    const S: f32 = std::f32::consts::FRAC_1_SQRT_2;
     if d == 0 {
         return;
     }
@@ -690,15 +694,10 @@ fn bias_gelu_inplace_kernel(a: &mut [f32], b: Option<&[f32]>, d: usize) {
             Some(b) => {
                 let b = &b[..d];
                 for i in 0..d {
-                    let v = r[i] + b[i];
-                    r[i] = 0.5 * v * (1.0 + fast_erf(v * S));
+                    r[i] = gelu(r[i] + b[i]);
                 }
             }
-            None => {
-                for v in r.iter_mut() {
-                    *v = 0.5 * *v * (1.0 + fast_erf(*v * S));
-                }
-            }
+            None => r.iter_mut().for_each(|v| *v = gelu(*v)),
         }
     }
 }

@@ -259,24 +259,14 @@ impl Block {
         })
     }
 
-    /// Multi-head self-attention on LN1(x). `x`: `(B*T, D)`; returns the projected output `(B*T, D)` and,
-    /// when asked, the attention probabilities `(B, H, T, T)`.
-    fn attention(
-        &self,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        want_probs: bool,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    /// The attention probabilities of every head on LN1(x) (composed ops, for the attention maps): `x`
+    /// `(B*T, D)` -> `(B, H, T, T)`.
+    fn attention_probs(&self, x: &Tensor, b: usize, t: usize) -> Result<Tensor> {
         let d = x.dim(1)?;
         let h = self.num_heads;
         let hd = d / h;
-        if !want_probs {
-            return Ok((self.proj.forward(&self.attention_heads(x, b, t)?)?, None));
-        }
         let xn = self.norm1.forward(x)?;
-        // q, k and v from row slices of the qkv weight (rows [q; k; v]): slicing the (3D, D) weight is
-        // cheaper in the backward pass than slicing the (B*T, 3D) activations. Each (B*T, D) -> (B*H, T, hd).
+        // q and k from row slices of the qkv weight (rows [q; k; v]). Each (B*T, D) -> (B*H, T, hd).
         let head = |i: usize| -> Result<Tensor> {
             let w = self.qkv.weight.narrow(0, i * d, d)?;
             let bias = match &self.qkv.bias {
@@ -289,22 +279,9 @@ impl Block {
                 .contiguous()?
                 .reshape((b * h, t, hd))
         };
-        let (q, k, v) = (head(0)?, head(1)?, head(2)?);
+        let (q, k) = (head(0)?, head(1)?);
         let logits = q.matmul(&k.t()?)?; // (B*H, T, T)
-        let probs = ops::softmax_last_dim_scaled(&logits, (hd as f64).powf(-0.5))?;
-        let out = probs.matmul(&v)?; // (B*H, T, hd)
-        let out = out
-            .reshape((b, h, t, hd))?
-            .permute((0, 2, 1, 3))?
-            .contiguous()?
-            .reshape((b * t, d))?;
-        let out = self.proj.forward(&out)?;
-        let probs = if want_probs {
-            Some(probs.reshape((b, h, t, t))?)
-        } else {
-            None
-        };
-        Ok((out, probs))
+        ops::softmax_last_dim_scaled(&logits, (hd as f64).powf(-0.5))?.reshape((b, h, t, t))
     }
 
     /// The attention heads' merged output before the projection: `x` `(B*T, D)` -> `(B*T, D)`.
@@ -641,8 +618,7 @@ impl VisionTransformer {
         let tok = self.prepare(x)?;
         let last = self.blocks.len() - 1;
         let y = self.run_blocks(&tok, last, false)?;
-        let (_, probs) = self.blocks[last].attention(&y, tok.b, tok.t, true)?;
-        probs.ok_or_else(|| candle_core::Error::Msg("attention probabilities missing".into()))
+        self.blocks[last].attention_probs(&y, tok.b, tok.t)
     }
 
     /// The outputs of the last `n` blocks, each normed by the final LayerNorm: `n` tensors `(B, T, D)`
