@@ -1159,14 +1159,17 @@ impl CustomOp2 for ResidualOp {
             res: ResidualOp {
                 scales: self.scales.clone(),
             },
+            compact: false,
         })?;
         Ok((Some(grad.clone()), Some(dy)))
     }
 }
 
-/// `s_i · g` per sample (the `y` gradient of [`ResidualOp`]).
+/// `s_i · g` per sample (the `y` gradient of [`ResidualOp`]); with `compact`, only the rows of the samples with
+/// `s_i ≠ 0` (the `h`-side gradient of [`LinearResidualOp`], whose `h` holds only those rows).
 struct ScaleRowsOp {
     res: ResidualOp,
+    compact: bool,
 }
 
 impl CustomOp1 for ScaleRowsOp {
@@ -1177,11 +1180,58 @@ impl CustomOp1 for ScaleRowsOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, d) = dims2(l, self.name())?;
         let g = f32_data(s, l, self.name())?;
-        Ok((
-            CpuStorage::F32(self.res.apply(None, &g, rows, d)),
-            l.shape().clone(),
-        ))
+        let scales = &self.res.scales;
+        if !self.compact || !scales.contains(&0.0) {
+            return Ok((
+                CpuStorage::F32(self.res.apply(None, &g, rows, d)),
+                l.shape().clone(),
+            ));
+        }
+        let per = rows / scales.len().max(1);
+        let kept = kept_samples(scales);
+        let n = kept.len() * per;
+        let mut out = crate::ops::uninit_f32(n * d);
+        ops::for_row_chunks(&mut out, n, d, |r0, chunk| {
+            for (i, orow) in chunk.chunks_exact_mut(d).enumerate() {
+                let (j, within) = ((r0 + i) / per, (r0 + i) % per);
+                let r = kept[j] * per + within;
+                let sc = scales[kept[j]];
+                for (o, &gv) in orow.iter_mut().zip(&g[r * d..(r + 1) * d]) {
+                    *o = sc * gv;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, d))))
     }
+}
+
+/// The samples that stochastic depth keeps (`s_i ≠ 0`), in order.
+pub fn kept_samples(scales: &[f32]) -> Vec<usize> {
+    (0..scales.len()).filter(|&i| scales[i] != 0.0).collect()
+}
+
+/// `y`, the rows of the kept samples only, spread back over every sample's rows, zeros for the dropped ones:
+/// `((B - dropped)·per, D)` -> `(B·per, D)` (the composed fallback of [`linear_residual`]).
+fn expand_kept(y: &Tensor, scales: &[f32], per: usize) -> Result<Tensor> {
+    let d = y.dim(1)?;
+    let mut pieces = Vec::new();
+    let (mut i, mut off) = (0, 0);
+    while i < scales.len() {
+        let keep = scales[i] != 0.0;
+        let mut e = i + 1;
+        while e < scales.len() && (scales[e] != 0.0) == keep {
+            e += 1;
+        }
+        let n = (e - i) * per;
+        pieces.push(if keep {
+            off += n;
+            y.narrow(0, off - n, n)?
+        } else {
+            Tensor::zeros((n, d), y.dtype(), y.device())?
+        });
+        i = e;
+    }
+    Tensor::cat(&pieces, 0)
 }
 
 /// `x + s_i · y` on the `rows / scales.len()` rows of each sample `i`: `x`, `y`: `(B*T, D)`, `scales`: `B`
@@ -1207,9 +1257,10 @@ pub fn residual(x: &Tensor, y: &Tensor, scales: Option<Vec<f32>>) -> Result<Tens
 
 /// `x + s_i · (h Wᵀ + b)` per sample `i` as one op (the projection or fc2 layer and its residual sum): the output
 /// starts as `x + s_i · b` and the GEMM accumulates `s_i · h Wᵀ` onto it, so neither the layer's output nor a
-/// bias-row pass is materialised; samples dropped by stochastic depth (`s_i = 0`) skip their GEMM rows. Inputs
-/// `(x, h, wb)`: `wb` is `W` `(out, in)`, or `[W | b]` `(out, in + 1)` with a bias (one input for both, since
-/// custom ops take at most three).
+/// bias-row pass is materialised. `h` holds the rows of the samples with `s_i ≠ 0` only: the branch of a sample
+/// dropped by stochastic depth is never computed, and its output rows are `x`'s. Inputs `(x, h, wb)`: `wb` is
+/// `W` `(out, in)`, or `[W | b]` `(out, in + 1)` with a bias (one input for both, since custom ops take at most
+/// three).
 struct LinearResidualOp {
     scales: Arc<Vec<f32>>,
     has_bias: bool,
@@ -1230,6 +1281,17 @@ impl LinearResidualOp {
         };
         let per = (rows / self.scales.len()).max(1);
         let scale = |r: usize| self.scales[r / per];
+        // Row `r` of `x` reads row `r - per · (samples dropped before r's)` of the compact `h`.
+        let dropped_before: Vec<usize> = self
+            .scales
+            .iter()
+            .scan(0, |n, &s| {
+                let before = *n;
+                *n += usize::from(s == 0.0);
+                Some(before)
+            })
+            .collect();
+        let h_row = |r: usize| r - dropped_before[r / per] * per;
         let threads = rayon::current_num_threads();
         let rows_per = if threads > 1 && rows >= 64 * threads {
             rows.div_ceil(threads)
@@ -1255,8 +1317,8 @@ impl LinearResidualOp {
                         ops::add_scaled_bias_rows(xr, &bias, s, o);
                     }
                     if s != 0.0 {
-                        // SAFETY: h rows r0+a.. are (e-a, inp); wb is (d, w_rs) with W in its first inp
-                        // columns; o is this block's own (e-a, d).
+                        // SAFETY: h rows h_row(r0+a).. are (e-a, inp) (a run of kept rows is contiguous in h);
+                        // wb is (d, w_rs) with W in its first inp columns; o is this block's own (e-a, d).
                         unsafe {
                             gemm(
                                 e - a,
@@ -1266,7 +1328,7 @@ impl LinearResidualOp {
                                 1,
                                 d as isize,
                                 true,
-                                h[(r0 + a) * inp..].as_ptr(),
+                                h[h_row(r0 + a) * inp..].as_ptr(),
                                 1,
                                 inp as isize,
                                 wb.as_ptr(),
@@ -1314,7 +1376,11 @@ impl CustomOp3 for LinearResidualOp {
         let (rows, d) = dims2(l1, name)?;
         let (hr, inp) = dims2(l2, name)?;
         let (out, wc) = dims2(l3, name)?;
-        if hr != rows || out != d || wc != inp + usize::from(self.has_bias) {
+        let kept = self.scales.iter().filter(|&&s| s != 0.0).count();
+        if hr != kept * (rows / self.scales.len())
+            || out != d
+            || wc != inp + usize::from(self.has_bias)
+        {
             candle_core::bail!(
                 "{name}: x {:?}, h {:?} and weight {:?} do not match",
                 l1.dims(),
@@ -1345,6 +1411,7 @@ impl CustomOp3 for LinearResidualOp {
                 res: ResidualOp {
                     scales: self.scales.clone(),
                 },
+                compact: true,
             })?
         };
         let inp = h.dim(1)?;
@@ -1363,9 +1430,12 @@ impl CustomOp3 for LinearResidualOp {
 }
 
 /// `x + s_i · (h Wᵀ + b)` on the rows of each sample `i` (a linear layer and its residual sum, see
-/// [`residual`]): `x`: `(B*T, out)`, `h`: `(B*T, in)`, `weight`: `(out, in)`, `bias`: `(out)`, `scales`: `B`
-/// values or `None` -> `(B*T, out)`. Equal to `residual(x, &linear(h, weight, bias)?, scales)` up to rounding
-/// (`s_i · b` and `s_i · h Wᵀ` are added separately); bf16 products and other devices use that composition.
+/// [`residual`]): `x`: `(B*T, out)`, `h`: `(K*T, in)`, the rows of the `K` samples with `s_i ≠ 0` (see
+/// [`kept_samples`]; all `B` when `scales` is `None` or drops none), `weight`: `(out, in)`, `bias`: `(out)`,
+/// `scales`: `B` values or `None` -> `(B*T, out)`. A dropped sample's rows are `x`'s: its branch need not be
+/// computed at all. Equal to `residual(x, &linear(h, weight, bias)?, scales)` (with `h` spread back over all
+/// samples) up to rounding (`s_i · b` and `s_i · h Wᵀ` are added separately); bf16 products and other devices
+/// use that composition.
 pub fn linear_residual(
     x: &Tensor,
     h: &Tensor,
@@ -1377,15 +1447,29 @@ pub fn linear_residual(
         .into_iter()
         .flatten()
         .collect();
+    let rows = x.dim(0)?;
+    let b = samples(rows, scales.as_deref(), "linear_residual")?;
+    let kept = scales.as_deref().map(kept_samples);
+    let h_rows = kept.as_ref().map_or(b, Vec::len) * (rows / b);
+    if h.dim(0)? != h_rows {
+        candle_core::bail!(
+            "linear_residual: h has {} rows, but the kept samples take {h_rows} of x's {rows}",
+            h.dim(0)?
+        );
+    }
     if !ops::is_cpu_f32(&all)
         || x.rank() != 2
         || h.rank() != 2
         || weight.rank() != 2
         || bf16::use_bf16(matmul_precision(), h.dim(0)?)
     {
-        return residual(x, &linear(h, weight, bias)?, scales);
+        let y = linear(h, weight, bias)?;
+        let y = match scales.as_deref() {
+            Some(s) if h_rows < rows => expand_kept(&y, s, rows / b)?,
+            _ => y,
+        };
+        return residual(x, &y, scales);
     }
-    samples(x.dim(0)?, scales.as_deref(), "linear_residual")?;
     let wb = match bias {
         Some(bias) => Tensor::cat(&[weight, &bias.unsqueeze(1)?], 1)?,
         None => weight.clone(),
@@ -1653,8 +1737,10 @@ mod tests {
     }
 
     /// The fused projection + residual against `residual(x, linear(h))`: values and the gradients of `x`, `h`,
-    /// `W` and `b`, with drop-path scales (dropped, kept and scaled samples), with and without a bias, over
-    /// shapes that take one block, the pool's row split, and sub-blocks of `GEMM_MAX_ROWS`.
+    /// `W` and `b`, with drop-path scales (dropped, kept and scaled samples; every sample dropped), with and
+    /// without a bias, over shapes that take one block, the pool's row split, and sub-blocks of
+    /// `GEMM_MAX_ROWS`. The fused op reads `h` for the kept samples only; the reference computes the layer on
+    /// every sample's rows and multiplies the dropped ones by 0, as the official `drop_path`.
     #[test]
     fn linear_residual_matches_linear_then_residual() -> Result<()> {
         let dev = Device::Cpu;
@@ -1667,17 +1753,33 @@ mod tests {
             let drop: Vec<f32> = (0..samples)
                 .map(|i| if i % 3 == 1 { 0.0 } else { 1.25 })
                 .collect();
-            for scales in [None, Some(drop)] {
+            for scales in [None, Some(drop), Some(vec![0.0; samples])] {
+                let kept = scales
+                    .as_deref()
+                    .map_or((0..samples).collect(), kept_samples);
+                let ids = Tensor::from_vec(
+                    kept.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                    kept.len(),
+                    &dev,
+                )?;
+                // The rows of the kept samples of `m` `(samples * t, c)`.
+                let kept_rows = |m: &Tensor| -> Result<Tensor> {
+                    let c = m.dim(1)?;
+                    m.reshape((samples, t * c))?
+                        .index_select(&ids, 0)?
+                        .reshape((kept.len() * t, c))
+                };
                 for with_bias in [true, false] {
                     let x = Var::from_vec(pattern(r * out, 5), (r, out), &dev)?;
-                    let h = Var::from_vec(pattern(r * inp, 1), (r, inp), &dev)?;
+                    let h_all = Var::from_vec(pattern(r * inp, 1), (r, inp), &dev)?;
+                    let h = Var::from_tensor(&kept_rows(h_all.as_tensor())?)?;
                     let w = Var::from_vec(pattern(out * inp, 2), (out, inp), &dev)?;
                     let b = Var::from_vec(pattern(out, 3), out, &dev)?;
                     let up = Tensor::from_vec(pattern(r * out, 4), (r, out), &dev)?;
                     let bias = with_bias.then(|| b.as_tensor());
                     let (xt, ht, wt) = (x.as_tensor(), h.as_tensor(), w.as_tensor());
                     let y = linear_residual(xt, ht, wt, bias, scales.clone())?;
-                    let yr = residual(xt, &linear(ht, wt, bias)?, scales.clone())?;
+                    let yr = residual(xt, &linear(h_all.as_tensor(), wt, bias)?, scales.clone())?;
                     let what =
                         format!("{samples}x{t}x{inp}->{out} bias {with_bias} scales {scales:?}");
                     assert!(max_diff(&y, &yr) < 1e-5, "forward {what}");
@@ -1685,16 +1787,29 @@ mod tests {
                     assert!(!y0.track_op() && max_diff(&y, &y0) == 0.0, "no_grad {what}");
                     let g = (y * &up)?.sum_all()?.backward()?;
                     let gr = (yr * &up)?.sum_all()?.backward()?;
-                    let mut vars = vec![("x", &x), ("h", &h), ("w", &w)];
+                    let mut pairs = vec![("x", &x, &x), ("w", &w, &w)];
                     if with_bias {
-                        vars.push(("b", &b));
+                        pairs.push(("b", &b, &b));
                     }
-                    for (name, v) in vars {
-                        let d = max_diff(g.get(v).unwrap(), gr.get(v).unwrap());
+                    for (name, v, vr) in pairs {
+                        let d = max_diff(g.get(v).unwrap(), gr.get(vr).unwrap());
                         assert!(d < 1e-4, "{name} gradient differs by {d}: {what}");
+                    }
+                    if !kept.is_empty() {
+                        let dh = kept_rows(gr.get(&h_all).unwrap())?;
+                        let d = max_diff(g.get(&h).unwrap(), &dh);
+                        assert!(d < 1e-4, "h gradient differs by {d}: {what}");
                     }
                 }
             }
+            // An `h` with every sample's rows while some are dropped is an error, not a misread.
+            let x = Tensor::from_vec(pattern(r * out, 5), (r, out), &dev)?;
+            let h = Tensor::from_vec(pattern(r * inp, 1), (r, inp), &dev)?;
+            let w = Tensor::from_vec(pattern(out * inp, 2), (out, inp), &dev)?;
+            let mut s = vec![1.0; samples];
+            s[1] = 0.0;
+            let err = linear_residual(&x, &h, &w, None, Some(s)).unwrap_err();
+            assert!(err.to_string().contains("kept samples"), "{err}");
         }
         Ok(())
     }

@@ -14,7 +14,10 @@
 //! - attention is the fused op of [`crate::attention`] on the packed `(B*T, 3D)` qkv activations (one GEMM per
 //!   batch and head, no split or permute copies); LayerNorm and GELU are the fused ops of [`crate::ops`] (analytic backward);
 //! - `forward` runs the last block for the CLS rows only (K and V still from every token) and applies the final
-//!   LayerNorm to them: the other tokens' last-block outputs are never used, which saves ~7% of the FLOPs.
+//!   LayerNorm to them: the other tokens' last-block outputs are never used, which saves ~7% of the FLOPs;
+//! - a branch (attention or MLP) runs on the samples that stochastic depth keeps only, where the official
+//!   `drop_path` computes it on every sample and multiplies the dropped ones by 0: ~5% of the student blocks'
+//!   training FLOPs at drop path 0.1 (rates `linspace(0, 0.1, depth)`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -297,9 +300,39 @@ impl Block {
         crate::fused::linear_gelu(&xn, &self.fc1.weight, self.fc1.bias.as_ref())
     }
 
-    /// `x + s_i · lin(y)`: a projection and its residual sum as one fused op.
-    fn residual(x: &Tensor, lin: &Linear, y: &Tensor, scales: Option<Vec<f32>>) -> Result<Tensor> {
-        crate::fused::linear_residual(x, y, &lin.weight, lin.bias.as_ref(), scales)
+    /// `x + s_i · lin(branch(input_i))` over `b` samples (`x`: `(B*R, D)`; `input`: `(B*R', D)`, the branch's
+    /// input, `x` itself but for the CLS-only last block), the branch computed on the samples that stochastic
+    /// depth keeps only: `branch` gets their rows of `input` `(K*R', D)` and `K`, and returns its hidden
+    /// activations `(K*R, in)` for `lin`, a projection fused with the residual sum. Every sample dropped: `x`
+    /// itself. The official code computes the branch on every sample and multiplies the dropped ones by 0; the
+    /// output and every gradient are the same.
+    fn branch(
+        x: &Tensor,
+        input: &Tensor,
+        b: usize,
+        scales: Option<Vec<f32>>,
+        lin: &Linear,
+        branch: impl FnOnce(&Tensor, usize) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let kept = scales.as_deref().map(crate::fused::kept_samples);
+        let h = match &kept {
+            Some(k) if k.is_empty() => return Ok(x.clone()),
+            Some(k) if k.len() < b => {
+                let (rows, d) = input.dims2()?;
+                let ids = Tensor::from_vec(
+                    k.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                    k.len(),
+                    input.device(),
+                )?;
+                let kept_rows = input
+                    .reshape((b, (rows / b) * d))?
+                    .index_select(&ids, 0)?
+                    .reshape((k.len() * (rows / b), d))?;
+                branch(&kept_rows, k.len())?
+            }
+            _ => branch(input, b)?,
+        };
+        crate::fused::linear_residual(x, &h, &lin.weight, lin.bias.as_ref(), scales)
     }
 
     /// `x`: `(B*T, D)` -> `(B*T, D)`. `rng` is `Some` when drop path is active (training, rate > 0).
@@ -310,10 +343,26 @@ impl Block {
         t: usize,
         rng: Option<&Mutex<ChaCha8Rng>>,
     ) -> Result<Tensor> {
-        let a = self.attention_heads(x, b, t)?;
-        let x = Self::residual(x, &self.proj, &a, self.drop_path_scales(b, rng)?)?;
-        let m = self.mlp_hidden(&x)?;
-        Self::residual(&x, &self.fc2, &m, self.drop_path_scales(b, rng)?)
+        let (s_attn, s_mlp) = (
+            self.drop_path_scales(b, rng)?,
+            self.drop_path_scales(b, rng)?,
+        );
+        self.forward_scaled(x, b, t, s_attn, s_mlp)
+    }
+
+    /// [`Block::forward`] with given drop-path scales for the attention and MLP branches.
+    fn forward_scaled(
+        &self,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        s_attn: Option<Vec<f32>>,
+        s_mlp: Option<Vec<f32>>,
+    ) -> Result<Tensor> {
+        let x = Self::branch(x, x, b, s_attn, &self.proj, |xk, k| {
+            self.attention_heads(xk, k, t)
+        })?;
+        Self::branch(&x, &x, b, s_mlp, &self.fc2, |xk, _| self.mlp_hidden(xk))
     }
 
     /// The block when only its CLS rows are used (the last block of `forward`): K and V for every token, Q,
@@ -326,13 +375,28 @@ impl Block {
         t: usize,
         rng: Option<&Mutex<ChaCha8Rng>>,
     ) -> Result<Tensor> {
+        let (s_attn, s_mlp) = (
+            self.drop_path_scales(b, rng)?,
+            self.drop_path_scales(b, rng)?,
+        );
+        self.forward_cls_scaled(x, b, t, s_attn, s_mlp)
+    }
+
+    /// [`Block::forward_cls`] with given drop-path scales for the attention and MLP branches.
+    fn forward_cls_scaled(
+        &self,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        s_attn: Option<Vec<f32>>,
+        s_mlp: Option<Vec<f32>>,
+    ) -> Result<Tensor> {
         let d = x.dim(1)?;
         let h = self.num_heads;
         let hd = d / h;
-        let cls_rows = |y: &Tensor| -> Result<Tensor> {
-            y.reshape((b, t, d))?.narrow(1, 0, 1)?.reshape((b, d))
+        let cls_rows = |y: &Tensor, n: usize| -> Result<Tensor> {
+            y.reshape((n, t, d))?.narrow(1, 0, 1)?.reshape((n, d))
         };
-        let xn = self.norm1.forward(x)?;
         let part = |lin: &Linear, i: usize, n: usize| -> Result<(Tensor, Option<Tensor>)> {
             let w = lin.weight.narrow(0, i * d, n * d)?;
             let bias = match &lin.bias {
@@ -341,19 +405,16 @@ impl Block {
             };
             Ok((w, bias))
         };
-        let (wq, bq) = part(&self.qkv, 0, 1)?;
-        let (wkv, bkv) = part(&self.qkv, 1, 2)?;
-        let q = ops::linear(&cls_rows(&xn)?, &wq, bq.as_ref())?; // (B, D)
-        let kv = ops::linear(&xn, &wkv, bkv.as_ref())?; // (B*T, 2D)
-        let a = crate::attention::attention_query(&q, &kv, b, 1, t, h, (hd as f64).powf(-0.5))?;
-        let x = Self::residual(
-            &cls_rows(x)?,
-            &self.proj,
-            &a,
-            self.drop_path_scales(b, rng)?,
-        )?;
-        let m = self.mlp_hidden(&x)?;
-        Self::residual(&x, &self.fc2, &m, self.drop_path_scales(b, rng)?)
+        // The attention branch reads every token of a sample and feeds the projection its CLS row only.
+        let x = Self::branch(&cls_rows(x, b)?, x, b, s_attn, &self.proj, |xk, k| {
+            let xn = self.norm1.forward(xk)?;
+            let (wq, bq) = part(&self.qkv, 0, 1)?;
+            let (wkv, bkv) = part(&self.qkv, 1, 2)?;
+            let q = ops::linear(&cls_rows(&xn, k)?, &wq, bq.as_ref())?; // (K, D)
+            let kv = ops::linear(&xn, &wkv, bkv.as_ref())?; // (K*T, 2D)
+            crate::attention::attention_query(&q, &kv, k, 1, t, h, (hd as f64).powf(-0.5))
+        })?;
+        Self::branch(&x, &x, b, s_mlp, &self.fc2, |xk, _| self.mlp_hidden(xk))
     }
 
     /// Stochastic depth's per-sample scales: keep with probability `1 - rate` and scale by `1 / (1 - rate)`;
@@ -667,5 +728,87 @@ impl Backbone for VisionTransformer {
 
     fn reseed(&self, seed: u64) {
         VisionTransformer::reseed(self, seed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+    use candle_nn::VarMap;
+
+    fn pattern(n: usize, seed: u64) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as u64 * 2654435761 + seed * 40503) % 10007) as f32 / 10007.0 - 0.5)
+            .collect()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// A block whose branches skip the dropped samples against the official computation: every branch on every
+    /// sample, scaled by `s_i` (0 for a dropped sample) and added. Outputs and the gradients of the input and of
+    /// every parameter, for the full block and its CLS-only form, with some samples dropped, every sample
+    /// dropped, scales without drops, and no drop path.
+    #[test]
+    fn dropped_samples_skip_their_branches_with_official_results() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, d) = (6usize, 5usize, 8usize);
+        let cfg = ViTConfig::custom(16, 4, d, 1, 2);
+        let vm = VarMap::new();
+        let blk = Block::new(&cfg, 0.5, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+        let mut vars = vm.all_vars();
+        for (i, v) in vars.iter().enumerate() {
+            v.set(&Tensor::from_vec(
+                pattern(v.elem_count(), i as u64 + 1),
+                v.dims(),
+                &dev,
+            )?)?;
+        }
+        let x = Var::from_vec(pattern(b * t * d, 99), (b * t, d), &dev)?;
+        vars.push(x.clone());
+        let reference = |s_attn: &Option<Vec<f32>>, s_mlp: &Option<Vec<f32>>| -> Result<Tensor> {
+            let x = x.as_tensor();
+            let a = blk.attention_heads(x, b, t)?;
+            let proj = ops::linear(&a, &blk.proj.weight, blk.proj.bias.as_ref())?;
+            let x = crate::fused::residual(x, &proj, s_attn.clone())?;
+            let m = blk.mlp_hidden(&x)?;
+            let fc2 = ops::linear(&m, &blk.fc2.weight, blk.fc2.bias.as_ref())?;
+            crate::fused::residual(&x, &fc2, s_mlp.clone())
+        };
+        let some = Some(vec![1.5, 0.0, 2.0, 0.0, 0.0, 1.25]);
+        let cases = [
+            (some.clone(), Some(vec![0.0, 1.5, 0.5, 2.0, 1.25, 0.0])),
+            (Some(vec![0.0; b]), some.clone()),
+            (some.clone(), Some(vec![0.0; b])),
+            (Some(vec![1.5; b]), None),
+            (None, None),
+        ];
+        let up = Tensor::from_vec(pattern(b * t * d, 7), (b * t, d), &dev)?;
+        for (s_attn, s_mlp) in cases {
+            let what = format!("attention {s_attn:?}, mlp {s_mlp:?}");
+            let yr = reference(&s_attn, &s_mlp)?;
+            let y = blk.forward_scaled(x.as_tensor(), b, t, s_attn.clone(), s_mlp.clone())?;
+            assert!(max_diff(&y, &yr)? < 1e-5, "block output: {what}");
+            let yc = blk.forward_cls_scaled(x.as_tensor(), b, t, s_attn.clone(), s_mlp.clone())?;
+            let ycr = yr.reshape((b, t, d))?.narrow(1, 0, 1)?.reshape((b, d))?;
+            assert!(max_diff(&yc, &ycr)? < 1e-5, "CLS output: {what}");
+            for (out, refr, rows) in [(&y, &yr, b * t), (&yc, &ycr, b)] {
+                let u = up.narrow(0, 0, rows)?;
+                let g = (out * &u)?.sum_all()?.backward()?;
+                let gr = (refr * &u)?.sum_all()?.backward()?;
+                for (i, v) in vars.iter().enumerate() {
+                    let zero = Tensor::zeros(v.dims(), DType::F32, &dev)?;
+                    let (a, r) = (g.get(v).unwrap_or(&zero), gr.get(v).unwrap_or(&zero));
+                    let diff = max_diff(a, r)?;
+                    assert!(
+                        diff < 1e-5,
+                        "gradient {i} ({rows} rows) differs by {diff}: {what}"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 }
