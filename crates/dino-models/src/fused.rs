@@ -1210,6 +1210,104 @@ pub fn kept_samples(scales: &[f32]) -> Vec<usize> {
     (0..scales.len()).filter(|&i| scales[i] != 0.0).collect()
 }
 
+/// Gathers the rows of some samples of a `(B*R, D)` tensor into `(K*R, D)` or, as its backward, scatters them
+/// back into `(B*R, D)` with zeros for the other samples. `slot[i]` is sample `i`'s position among the
+/// gathered ones, `None` when it is not gathered.
+struct SampleRowsOp {
+    slot: Arc<Vec<Option<usize>>>,
+    scatter: bool,
+}
+
+impl CustomOp1 for SampleRowsOp {
+    fn name(&self) -> &'static str {
+        if self.scatter {
+            "dino-sample-rows-bwd"
+        } else {
+            "dino-sample-rows"
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, d) = dims2(l, self.name())?;
+        let x = f32_data(s, l, self.name())?;
+        let kept: Vec<usize> = (0..self.slot.len())
+            .filter(|&i| self.slot[i].is_some())
+            .collect();
+        // Rows per sample, and the rows written. Sample `i`'s rows sit at `i * per` in the full tensor and at
+        // `slot[i] * per` in the gathered one.
+        let (per, out_rows) = if self.scatter {
+            let per = rows / kept.len().max(1);
+            (per, per * self.slot.len())
+        } else {
+            let per = rows / self.slot.len().max(1);
+            (per, per * kept.len())
+        };
+        let mut out = crate::ops::uninit_f32(out_rows * d);
+        ops::for_row_chunks(&mut out, out_rows, d, |r0, chunk| {
+            for (i, row) in chunk.chunks_exact_mut(d).enumerate() {
+                let (r, within) = (r0 + i, (r0 + i) % per);
+                let src = if self.scatter {
+                    self.slot[r / per].map(|j| j * per + within)
+                } else {
+                    Some(kept[r / per] * per + within)
+                };
+                match src {
+                    Some(src) => row.copy_from_slice(&x[src * d..(src + 1) * d]),
+                    None => row.fill(0.0),
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((out_rows, d))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let scatter = SampleRowsOp {
+            slot: self.slot.clone(),
+            scatter: true,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&scatter)?))
+    }
+}
+
+/// The rows of the samples `kept` (ascending) of `x` `(B*R, D)`, `B = samples`: `(K*R, D)`, the input of a
+/// branch that stochastic depth keeps for those samples only. The gradient flows back into their rows.
+pub fn sample_rows(x: &Tensor, samples: usize, kept: &[usize]) -> Result<Tensor> {
+    let (rows, d) = x.dims2()?;
+    let ascending = kept.windows(2).all(|w| w[0] < w[1]);
+    if samples == 0
+        || !rows.is_multiple_of(samples)
+        || !ascending
+        || kept.iter().any(|&i| i >= samples)
+    {
+        candle_core::bail!("sample_rows: {rows} rows, {samples} samples, kept {kept:?}");
+    }
+    let per = rows / samples;
+    if !ops::is_cpu_f32(&[x]) || kept.is_empty() {
+        let ids = Tensor::from_vec(
+            kept.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            kept.len(),
+            x.device(),
+        )?;
+        return x
+            .reshape((samples, per * d))?
+            .index_select(&ids, 0)?
+            .reshape((kept.len() * per, d));
+    }
+    let mut slot = vec![None; samples];
+    for (j, &i) in kept.iter().enumerate() {
+        slot[i] = Some(j);
+    }
+    let op = SampleRowsOp {
+        slot: Arc::new(slot),
+        scatter: false,
+    };
+    if records_grad(&[x]) {
+        x.apply_op1(op)
+    } else {
+        x.apply_op1_no_bwd(&op)
+    }
+}
+
 /// `y`, the rows of the kept samples only, spread back over every sample's rows, zeros for the dropped ones:
 /// `((B - dropped)·per, D)` -> `(B·per, D)` (the composed fallback of [`linear_residual`]).
 fn expand_kept(y: &Tensor, scales: &[f32], per: usize) -> Result<Tensor> {
@@ -1811,6 +1909,41 @@ mod tests {
             let err = linear_residual(&x, &h, &w, None, Some(s)).unwrap_err();
             assert!(err.to_string().contains("kept samples"), "{err}");
         }
+        Ok(())
+    }
+
+    /// The gathered rows and their gradient against candle's `index_select` (whose backward is `index_add`),
+    /// over a size that stays on one thread and one that the pool splits; `no_grad` gives the same rows.
+    #[test]
+    fn sample_rows_gathers_and_scatters_back() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(samples, per, d) in &[(5usize, 3usize, 4usize), (16, 197, 24)] {
+            let kept: Vec<usize> = (0..samples).filter(|i| i % 4 != 1).collect();
+            let x = Var::from_vec(pattern(samples * per * d, 1), (samples * per, d), &dev)?;
+            let ids = Tensor::from_vec(
+                kept.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                kept.len(),
+                &dev,
+            )?;
+            let reference = x
+                .as_tensor()
+                .reshape((samples, per * d))?
+                .index_select(&ids, 0)?
+                .reshape((kept.len() * per, d))?;
+            let y = sample_rows(x.as_tensor(), samples, &kept)?;
+            assert_eq!(y.dims(), reference.dims());
+            assert_eq!(max_diff(&y, &reference), 0.0);
+            let y0 = no_grad(|| sample_rows(x.as_tensor(), samples, &kept))?;
+            assert!(!y0.track_op() && max_diff(&y0, &reference) == 0.0);
+            let up = Tensor::from_vec(pattern(y.elem_count(), 2), y.dims(), &dev)?;
+            let g = (y * &up)?.sum_all()?.backward()?;
+            let gr = (reference * &up)?.sum_all()?.backward()?;
+            assert_eq!(max_diff(g.get(&x).unwrap(), gr.get(&x).unwrap()), 0.0);
+        }
+        let x = Tensor::zeros((6, 2), DType::F32, &dev)?;
+        assert!(sample_rows(&x, 3, &[2, 0]).is_err());
+        assert!(sample_rows(&x, 3, &[3]).is_err());
+        assert!(sample_rows(&x, 4, &[0]).is_err());
         Ok(())
     }
 

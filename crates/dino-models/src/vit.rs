@@ -317,19 +317,7 @@ impl Block {
         let kept = scales.as_deref().map(crate::fused::kept_samples);
         let h = match &kept {
             Some(k) if k.is_empty() => return Ok(x.clone()),
-            Some(k) if k.len() < b => {
-                let (rows, d) = input.dims2()?;
-                let ids = Tensor::from_vec(
-                    k.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                    k.len(),
-                    input.device(),
-                )?;
-                let kept_rows = input
-                    .reshape((b, (rows / b) * d))?
-                    .index_select(&ids, 0)?
-                    .reshape((k.len() * (rows / b), d))?;
-                branch(&kept_rows, k.len())?
-            }
+            Some(k) if k.len() < b => branch(&crate::fused::sample_rows(input, b, k)?, k.len())?,
             _ => branch(input, b)?,
         };
         crate::fused::linear_residual(x, &h, &lin.weight, lin.bias.as_ref(), scales)
