@@ -1898,6 +1898,20 @@ mod tests {
                         let d = max_diff(g.get(&h).unwrap(), &dh);
                         assert!(d < 1e-4, "h gradient differs by {d}: {what}");
                     }
+                    // bf16 products take the composed path (the layer on the kept rows, spread back over
+                    // every sample by `expand_kept`) where the CPU has them, the fused one elsewhere.
+                    let (yb, ybr) =
+                        with_matmul_precision(MatmulPrecision::Bf16, || -> Result<_> {
+                            Ok((
+                                linear_residual(xt, ht, wt, bias, scales.clone())?,
+                                residual(
+                                    xt,
+                                    &linear(h_all.as_tensor(), wt, bias)?,
+                                    scales.clone(),
+                                )?,
+                            ))
+                        })?;
+                    assert!(max_diff(&yb, &ybr) < 1e-5, "bf16 forward {what}");
                 }
             }
             // An `h` with every sample's rows while some are dropped is an error, not a misread.
