@@ -1355,13 +1355,14 @@ pub fn residual(x: &Tensor, y: &Tensor, scales: Option<Vec<f32>>) -> Result<Tens
 
 /// `x + s_i · (h Wᵀ + b)` per sample `i` as one op (the projection or fc2 layer and its residual sum): the output
 /// starts as `x + s_i · b` and the GEMM accumulates `s_i · h Wᵀ` onto it, so neither the layer's output nor a
-/// bias-row pass is materialised. `h` holds the rows of the samples with `s_i ≠ 0` only: the branch of a sample
-/// dropped by stochastic depth is never computed, and its output rows are `x`'s. Inputs `(x, h, wb)`: `wb` is
-/// `W` `(out, in)`, or `[W | b]` `(out, in + 1)` with a bias (one input for both, since custom ops take at most
-/// three).
+/// bias-row pass is materialised. With `compact`, `h` holds the rows of the samples with `s_i ≠ 0` only: the
+/// branch of a sample dropped by stochastic depth is never computed, and its output rows are `x`'s. Inputs
+/// `(x, h, wb)`: `wb` is `W` `(out, in)`, or `[W | b]` `(out, in + 1)` with a bias (one input for both, since
+/// custom ops take at most three).
 struct LinearResidualOp {
     scales: Arc<Vec<f32>>,
     has_bias: bool,
+    compact: bool,
 }
 
 impl LinearResidualOp {
@@ -1379,13 +1380,13 @@ impl LinearResidualOp {
         };
         let per = (rows / self.scales.len()).max(1);
         let scale = |r: usize| self.scales[r / per];
-        // Row `r` of `x` reads row `r - per · (samples dropped before r's)` of the compact `h`.
+        // Row `r` of `x` reads row `r - per · (samples dropped before r's)` of a compact `h`.
         let dropped_before: Vec<usize> = self
             .scales
             .iter()
             .scan(0, |n, &s| {
                 let before = *n;
-                *n += usize::from(s == 0.0);
+                *n += usize::from(self.compact && s == 0.0);
                 Some(before)
             })
             .collect();
@@ -1474,8 +1475,12 @@ impl CustomOp3 for LinearResidualOp {
         let (rows, d) = dims2(l1, name)?;
         let (hr, inp) = dims2(l2, name)?;
         let (out, wc) = dims2(l3, name)?;
-        let kept = self.scales.iter().filter(|&&s| s != 0.0).count();
-        if hr != kept * (rows / self.scales.len())
+        let h_samples = if self.compact {
+            self.scales.iter().filter(|&&s| s != 0.0).count()
+        } else {
+            self.scales.len()
+        };
+        if hr != h_samples * (rows / self.scales.len())
             || out != d
             || wc != inp + usize::from(self.has_bias)
         {
@@ -1509,7 +1514,7 @@ impl CustomOp3 for LinearResidualOp {
                 res: ResidualOp {
                     scales: self.scales.clone(),
                 },
-                compact: true,
+                compact: self.compact,
             })?
         };
         let inp = h.dim(1)?;
@@ -1528,12 +1533,12 @@ impl CustomOp3 for LinearResidualOp {
 }
 
 /// `x + s_i · (h Wᵀ + b)` on the rows of each sample `i` (a linear layer and its residual sum, see
-/// [`residual`]): `x`: `(B*T, out)`, `h`: `(K*T, in)`, the rows of the `K` samples with `s_i ≠ 0` (see
-/// [`kept_samples`]; all `B` when `scales` is `None` or drops none), `weight`: `(out, in)`, `bias`: `(out)`,
-/// `scales`: `B` values or `None` -> `(B*T, out)`. A dropped sample's rows are `x`'s: its branch need not be
-/// computed at all. Equal to `residual(x, &linear(h, weight, bias)?, scales)` (with `h` spread back over all
-/// samples) up to rounding (`s_i · b` and `s_i · h Wᵀ` are added separately); bf16 products and other devices
-/// use that composition.
+/// [`residual`]): `x`: `(B*T, out)`, `h`: `(B*T, in)`, or `(K*T, in)`, the rows of the `K` samples with
+/// `s_i ≠ 0` only (see [`kept_samples`]: a dropped sample's branch need not be computed at all), `weight`:
+/// `(out, in)`, `bias`: `(out)`, `scales`: `B` values or `None` -> `(B*T, out)`. Equal to
+/// `residual(x, &linear(h, weight, bias)?, scales)` (with a compact `h` spread back over all samples) up to
+/// rounding (`s_i · b` and `s_i · h Wᵀ` are added separately); bf16 products and other devices use that
+/// composition (see [`skips_dropped_samples`]).
 pub fn linear_residual(
     x: &Tensor,
     h: &Tensor,
@@ -1547,19 +1552,18 @@ pub fn linear_residual(
         .collect();
     let rows = x.dim(0)?;
     let b = samples(rows, scales.as_deref(), "linear_residual")?;
-    let kept = scales.as_deref().map(kept_samples);
-    let h_rows = kept.as_ref().map_or(b, Vec::len) * (rows / b);
-    if h.dim(0)? != h_rows {
+    let kept_rows = scales.as_deref().map_or(b, |s| kept_samples(s).len()) * (rows / b);
+    let h_rows = h.dim(0)?;
+    if h_rows != rows && h_rows != kept_rows {
         candle_core::bail!(
-            "linear_residual: h has {} rows, but the kept samples take {h_rows} of x's {rows}",
-            h.dim(0)?
+            "linear_residual: h has {h_rows} rows; x's samples take {rows}, the kept ones {kept_rows}"
         );
     }
     if !ops::is_cpu_f32(&all)
         || x.rank() != 2
         || h.rank() != 2
         || weight.rank() != 2
-        || bf16::use_bf16(matmul_precision(), h.dim(0)?)
+        || bf16::use_bf16(matmul_precision(), h_rows)
     {
         let y = linear(h, weight, bias)?;
         let y = match scales.as_deref() {
@@ -1575,12 +1579,21 @@ pub fn linear_residual(
     let op = LinearResidualOp {
         scales: Arc::new(scales.unwrap_or_else(|| vec![1.0])),
         has_bias: bias.is_some(),
+        compact: h_rows < rows,
     };
     if records_grad(&all) {
         x.apply_op3(h, &wb, op)
     } else {
         x.apply_op3_no_bwd(h, &wb, &op)
     }
+}
+
+/// Whether a stochastic-depth branch ending in [`linear_residual`] on `x` should run on the kept samples only:
+/// where the fused op applies (f32 on the CPU, f32 products). Elsewhere `linear_residual` is composed and has to
+/// spread a compact `h` back over every sample, which cost more than it saved (bf16 step, cifar/4096:
+/// 2.46-2.71 s -> 3.01-3.24 s).
+pub fn skips_dropped_samples(x: &Tensor) -> bool {
+    ops::is_cpu_f32(&[x]) && !bf16::use_bf16(matmul_precision(), 1)
 }
 
 #[cfg(test)]
@@ -1867,10 +1880,14 @@ mod tests {
                         .index_select(&ids, 0)?
                         .reshape((kept.len() * t, c))
                 };
-                for with_bias in [true, false] {
+                for (with_bias, compact) in [(true, true), (false, true), (true, false)] {
                     let x = Var::from_vec(pattern(r * out, 5), (r, out), &dev)?;
                     let h_all = Var::from_vec(pattern(r * inp, 1), (r, inp), &dev)?;
-                    let h = Var::from_tensor(&kept_rows(h_all.as_tensor())?)?;
+                    let h = if compact {
+                        Var::from_tensor(&kept_rows(h_all.as_tensor())?)?
+                    } else {
+                        Var::from_tensor(h_all.as_tensor())?
+                    };
                     let w = Var::from_vec(pattern(out * inp, 2), (out, inp), &dev)?;
                     let b = Var::from_vec(pattern(out, 3), out, &dev)?;
                     let up = Tensor::from_vec(pattern(r * out, 4), (r, out), &dev)?;
@@ -1878,8 +1895,9 @@ mod tests {
                     let (xt, ht, wt) = (x.as_tensor(), h.as_tensor(), w.as_tensor());
                     let y = linear_residual(xt, ht, wt, bias, scales.clone())?;
                     let yr = residual(xt, &linear(h_all.as_tensor(), wt, bias)?, scales.clone())?;
-                    let what =
-                        format!("{samples}x{t}x{inp}->{out} bias {with_bias} scales {scales:?}");
+                    let what = format!(
+                        "{samples}x{t}x{inp}->{out} bias {with_bias} compact {compact} scales {scales:?}"
+                    );
                     assert!(max_diff(&y, &yr) < 1e-5, "forward {what}");
                     let y0 = no_grad(|| linear_residual(xt, ht, wt, bias, scales.clone()))?;
                     assert!(!y0.track_op() && max_diff(&y, &y0) == 0.0, "no_grad {what}");
@@ -1893,9 +1911,12 @@ mod tests {
                         let d = max_diff(g.get(v).unwrap(), gr.get(vr).unwrap());
                         assert!(d < 1e-4, "{name} gradient differs by {d}: {what}");
                     }
-                    if !kept.is_empty() {
-                        let dh = kept_rows(gr.get(&h_all).unwrap())?;
-                        let d = max_diff(g.get(&h).unwrap(), &dh);
+                    let dh_all = gr.get(&h_all).unwrap();
+                    if !compact {
+                        let d = max_diff(g.get(&h).unwrap(), dh_all);
+                        assert!(d < 1e-4, "h gradient differs by {d}: {what}");
+                    } else if !kept.is_empty() {
+                        let d = max_diff(g.get(&h).unwrap(), &kept_rows(dh_all)?);
                         assert!(d < 1e-4, "h gradient differs by {d}: {what}");
                     }
                     // bf16 products take the composed path (the layer on the kept rows, spread back over
@@ -1914,14 +1935,14 @@ mod tests {
                     assert!(max_diff(&yb, &ybr) < 1e-5, "bf16 forward {what}");
                 }
             }
-            // An `h` with every sample's rows while some are dropped is an error, not a misread.
+            // An `h` with neither every sample's rows nor the kept ones' is an error, not a misread.
             let x = Tensor::from_vec(pattern(r * out, 5), (r, out), &dev)?;
-            let h = Tensor::from_vec(pattern(r * inp, 1), (r, inp), &dev)?;
+            let h = Tensor::from_vec(pattern((r - 1) * inp, 1), (r - 1, inp), &dev)?;
             let w = Tensor::from_vec(pattern(out * inp, 2), (out, inp), &dev)?;
             let mut s = vec![1.0; samples];
             s[1] = 0.0;
             let err = linear_residual(&x, &h, &w, None, Some(s)).unwrap_err();
-            assert!(err.to_string().contains("kept samples"), "{err}");
+            assert!(err.to_string().contains("the kept ones"), "{err}");
         }
         Ok(())
     }

@@ -305,7 +305,8 @@ impl Block {
     /// depth keeps only: `branch` gets their rows of `input` `(K*R', D)` and `K`, and returns its hidden
     /// activations `(K*R, in)` for `lin`, a projection fused with the residual sum. Every sample dropped: `x`
     /// itself. The official code computes the branch on every sample and multiplies the dropped ones by 0; the
-    /// output and every gradient are the same.
+    /// output and every gradient are the same. Where the fused projection does not apply (bf16 products, other
+    /// devices), the branch runs on every sample, as there.
     fn branch(
         x: &Tensor,
         input: &Tensor,
@@ -315,9 +316,12 @@ impl Block {
         branch: impl FnOnce(&Tensor, usize) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let kept = scales.as_deref().map(crate::fused::kept_samples);
+        let skip = crate::fused::skips_dropped_samples(input);
         let h = match &kept {
             Some(k) if k.is_empty() => return Ok(x.clone()),
-            Some(k) if k.len() < b => branch(&crate::fused::sample_rows(input, b, k)?, k.len())?,
+            Some(k) if k.len() < b && skip => {
+                branch(&crate::fused::sample_rows(input, b, k)?, k.len())?
+            }
             _ => branch(input, b)?,
         };
         crate::fused::linear_residual(x, &h, &lin.weight, lin.bias.as_ref(), scales)
@@ -722,6 +726,7 @@ impl Backbone for VisionTransformer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::MatmulPrecision;
     use candle_core::Var;
     use candle_nn::VarMap;
 
@@ -774,28 +779,37 @@ mod tests {
             (None, None),
         ];
         let up = Tensor::from_vec(pattern(b * t * d, 7), (b * t, d), &dev)?;
-        for (s_attn, s_mlp) in cases {
-            let what = format!("attention {s_attn:?}, mlp {s_mlp:?}");
-            let yr = reference(&s_attn, &s_mlp)?;
-            let y = blk.forward_scaled(x.as_tensor(), b, t, s_attn.clone(), s_mlp.clone())?;
-            assert!(max_diff(&y, &yr)? < 1e-5, "block output: {what}");
-            let yc = blk.forward_cls_scaled(x.as_tensor(), b, t, s_attn.clone(), s_mlp.clone())?;
-            let ycr = yr.reshape((b, t, d))?.narrow(1, 0, 1)?.reshape((b, d))?;
-            assert!(max_diff(&yc, &ycr)? < 1e-5, "CLS output: {what}");
-            for (out, refr, rows) in [(&y, &yr, b * t), (&yc, &ycr, b)] {
-                let u = up.narrow(0, 0, rows)?;
-                let g = (out * &u)?.sum_all()?.backward()?;
-                let gr = (refr * &u)?.sum_all()?.backward()?;
-                for (i, v) in vars.iter().enumerate() {
-                    let zero = Tensor::zeros(v.dims(), DType::F32, &dev)?;
-                    let (a, r) = (g.get(v).unwrap_or(&zero), gr.get(v).unwrap_or(&zero));
-                    let diff = max_diff(a, r)?;
-                    assert!(
-                        diff < 1e-5,
-                        "gradient {i} ({rows} rows) differs by {diff}: {what}"
-                    );
+        // With bf16 products the branches run on every sample (`skips_dropped_samples`), like the reference.
+        let precisions = [MatmulPrecision::Highest, MatmulPrecision::Bf16];
+        for ((s_attn, s_mlp), precision) in cases
+            .into_iter()
+            .flat_map(|c| precisions.map(|p| (c.clone(), p)))
+        {
+            crate::fused::with_matmul_precision(precision, || -> Result<()> {
+                let what = format!("attention {s_attn:?}, mlp {s_mlp:?}, {precision:?}");
+                let yr = reference(&s_attn, &s_mlp)?;
+                let y = blk.forward_scaled(x.as_tensor(), b, t, s_attn.clone(), s_mlp.clone())?;
+                assert!(max_diff(&y, &yr)? < 1e-5, "block output: {what}");
+                let yc =
+                    blk.forward_cls_scaled(x.as_tensor(), b, t, s_attn.clone(), s_mlp.clone())?;
+                let ycr = yr.reshape((b, t, d))?.narrow(1, 0, 1)?.reshape((b, d))?;
+                assert!(max_diff(&yc, &ycr)? < 1e-5, "CLS output: {what}");
+                for (out, refr, rows) in [(&y, &yr, b * t), (&yc, &ycr, b)] {
+                    let u = up.narrow(0, 0, rows)?;
+                    let g = (out * &u)?.sum_all()?.backward()?;
+                    let gr = (refr * &u)?.sum_all()?.backward()?;
+                    for (i, v) in vars.iter().enumerate() {
+                        let zero = Tensor::zeros(v.dims(), DType::F32, &dev)?;
+                        let (a, r) = (g.get(v).unwrap_or(&zero), gr.get(v).unwrap_or(&zero));
+                        let diff = max_diff(a, r)?;
+                        assert!(
+                            diff < 1e-5,
+                            "gradient {i} ({rows} rows) differs by {diff}: {what}"
+                        );
+                    }
                 }
-            }
+                Ok(())
+            })?;
         }
         Ok(())
     }
