@@ -227,6 +227,9 @@ impl LayerNorm {
     }
 }
 
+/// The drop-path scales of a block's attention and MLP branches (`None`: no drop path).
+type BranchScales = (Option<Vec<f32>>, Option<Vec<f32>>);
+
 /// One pre-norm transformer block.
 #[derive(Debug, Clone)]
 struct Block {
@@ -327,29 +330,22 @@ impl Block {
         crate::fused::linear_residual(x, &h, &lin.weight, lin.bias.as_ref(), scales)
     }
 
-    /// `x`: `(B*T, D)` -> `(B*T, D)`. `rng` is `Some` when drop path is active (training, rate > 0).
+    /// The drop-path scales of the attention and MLP branches, drawn in that order (see
+    /// [`Block::drop_path_scales`]). `rng` is `Some` when drop path is active (training, rate > 0).
+    fn branch_scales(&self, b: usize, rng: Option<&Mutex<ChaCha8Rng>>) -> Result<BranchScales> {
+        Ok((
+            self.drop_path_scales(b, rng)?,
+            self.drop_path_scales(b, rng)?,
+        ))
+    }
+
+    /// `x`: `(B*T, D)` -> `(B*T, D)`, with the branches' drop-path scales (see [`Block::branch_scales`]).
     fn forward(
         &self,
         x: &Tensor,
         b: usize,
         t: usize,
-        rng: Option<&Mutex<ChaCha8Rng>>,
-    ) -> Result<Tensor> {
-        let (s_attn, s_mlp) = (
-            self.drop_path_scales(b, rng)?,
-            self.drop_path_scales(b, rng)?,
-        );
-        self.forward_scaled(x, b, t, s_attn, s_mlp)
-    }
-
-    /// [`Block::forward`] with given drop-path scales for the attention and MLP branches.
-    fn forward_scaled(
-        &self,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        s_attn: Option<Vec<f32>>,
-        s_mlp: Option<Vec<f32>>,
+        (s_attn, s_mlp): BranchScales,
     ) -> Result<Tensor> {
         let x = Self::branch(x, x, b, s_attn, &self.proj, |xk, k| {
             self.attention_heads(xk, k, t)
@@ -359,29 +355,13 @@ impl Block {
 
     /// The block when only its CLS rows are used (the last block of `forward`): K and V for every token, Q,
     /// the projection and the MLP for the CLS rows only. `x`: `(B*T, D)` -> `(B, D)`, equal to the CLS rows of
-    /// [`Block::forward`] (same drop-path draws) at about a sixth of its cost.
+    /// [`Block::forward`] (same drop-path scales) at about a sixth of its cost.
     fn forward_cls(
         &self,
         x: &Tensor,
         b: usize,
         t: usize,
-        rng: Option<&Mutex<ChaCha8Rng>>,
-    ) -> Result<Tensor> {
-        let (s_attn, s_mlp) = (
-            self.drop_path_scales(b, rng)?,
-            self.drop_path_scales(b, rng)?,
-        );
-        self.forward_cls_scaled(x, b, t, s_attn, s_mlp)
-    }
-
-    /// [`Block::forward_cls`] with given drop-path scales for the attention and MLP branches.
-    fn forward_cls_scaled(
-        &self,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        s_attn: Option<Vec<f32>>,
-        s_mlp: Option<Vec<f32>>,
+        (s_attn, s_mlp): BranchScales,
     ) -> Result<Tensor> {
         let d = x.dim(1)?;
         let h = self.num_heads;
@@ -645,7 +625,7 @@ impl VisionTransformer {
         let rng = if train { Some(&self.rng) } else { None };
         let mut x = tok.x.clone();
         for blk in &self.blocks[..upto] {
-            x = blk.forward(&x, tok.b, tok.t, rng)?;
+            x = blk.forward(&x, tok.b, tok.t, blk.branch_scales(tok.b, rng)?)?;
         }
         Ok(x)
     }
@@ -657,7 +637,8 @@ impl VisionTransformer {
         let last = self.blocks.len() - 1;
         let y = self.run_blocks(&tok, last, train)?;
         let rng = if train { Some(&self.rng) } else { None };
-        let cls = self.blocks[last].forward_cls(&y, tok.b, tok.t, rng)?;
+        let blk = &self.blocks[last];
+        let cls = blk.forward_cls(&y, tok.b, tok.t, blk.branch_scales(tok.b, rng)?)?;
         self.norm.forward(&cls)
     }
 
@@ -683,7 +664,7 @@ impl VisionTransformer {
         let mut out = Vec::with_capacity(n.min(depth));
         let mut y = tok.x.clone();
         for (i, blk) in self.blocks.iter().enumerate() {
-            y = blk.forward(&y, tok.b, tok.t, None)?;
+            y = blk.forward(&y, tok.b, tok.t, (None, None))?;
             if depth - i <= n {
                 out.push(self.norm.forward(&y)?.reshape((tok.b, tok.t, d))?);
             }
@@ -788,10 +769,10 @@ mod tests {
             crate::fused::with_matmul_precision(precision, || -> Result<()> {
                 let what = format!("attention {s_attn:?}, mlp {s_mlp:?}, {precision:?}");
                 let yr = reference(&s_attn, &s_mlp)?;
-                let y = blk.forward_scaled(x.as_tensor(), b, t, s_attn.clone(), s_mlp.clone())?;
+                let scales = (s_attn.clone(), s_mlp.clone());
+                let y = blk.forward(x.as_tensor(), b, t, scales.clone())?;
                 assert!(max_diff(&y, &yr)? < 1e-5, "block output: {what}");
-                let yc =
-                    blk.forward_cls_scaled(x.as_tensor(), b, t, s_attn.clone(), s_mlp.clone())?;
+                let yc = blk.forward_cls(x.as_tensor(), b, t, scales)?;
                 let ycr = yr.reshape((b, t, d))?.narrow(1, 0, 1)?.reshape((b, d))?;
                 assert!(max_diff(&yc, &ycr)? < 1e-5, "CLS output: {what}");
                 for (out, refr, rows) in [(&y, &yr, b * t), (&yc, &ycr, b)] {
