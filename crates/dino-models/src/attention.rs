@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 use crate::fused::gemm_strided;
 use crate::ops::{self, f32_data, save, take_saved, Saved};
+use crate::small_gemm;
 
 /// A raw pointer that may cross rayon tasks: every task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
@@ -36,14 +37,15 @@ impl SyncPtr {
     }
 }
 
-/// `dst (m, n) = lhs (m, k) · rhs (k, n)` on the calling thread (see [`gemm_strided`]), with bf16
-/// products when `bf16` (see [`crate::bf16::gemm_strided`]).
+/// `dst (m, n) = lhs (m, k) · rhs (k, n)` on the calling thread, each operand `(pointer, column stride, row
+/// stride)`: bf16 products when `geo.bf16` (see [`crate::bf16::gemm_strided`]), else [`small_gemm::gemm`] when
+/// `geo.small` and `dst` and `rhs` have unit column stride, else gemm ([`gemm_strided`]).
 ///
 /// # Safety
 /// As [`gemm_strided`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn mm(
-    bf16: bool,
+    geo: &Geo,
     m: usize,
     n: usize,
     k: usize,
@@ -51,10 +53,43 @@ unsafe fn mm(
     lhs: (*const f32, isize, isize),
     rhs: (*const f32, isize, isize),
 ) {
-    if bf16 {
+    if geo.bf16 {
         crate::bf16::gemm_strided(m, n, k, dst, lhs, rhs)
+    } else if geo.small && dst.1 == 1 && rhs.1 == 1 {
+        small_gemm::gemm(
+            m,
+            n,
+            k,
+            (dst.0, dst.2 as usize),
+            (lhs.0, lhs.2 as usize, lhs.1 as usize),
+            (rhs.0, rhs.2 as usize),
+        )
     } else {
         gemm_strided(m, n, k, dst, false, lhs, rhs, Parallelism::None)
+    }
+}
+
+/// `dst (m, n) = lhs (m, k) · rowsᵀ`, where `rows` is `(n, k)` with unit column stride and row stride `rows.1`:
+/// for the small kernel through a transposed copy in `scratch` (`n * k` elements), else read in place.
+///
+/// # Safety
+/// As [`mm`]; `scratch` holds at least `n * k` elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm_bt(
+    geo: &Geo,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: (*mut f32, isize, isize),
+    lhs: (*const f32, isize, isize),
+    rows: (*const f32, isize),
+    scratch: &mut [f32],
+) {
+    if geo.small && !geo.bf16 {
+        small_gemm::transpose_into(rows.0, n, k, rows.1 as usize, scratch);
+        mm(geo, m, n, k, dst, lhs, (scratch.as_ptr(), 1, n as isize))
+    } else {
+        mm(geo, m, n, k, dst, lhs, (rows.0, rows.1, 1))
     }
 }
 
@@ -77,6 +112,8 @@ struct Geo {
     v_off: usize,
     /// bf16 products (see [`crate::fused::MatmulPrecision::Bf16`]).
     bf16: bool,
+    /// f32 products through [`small_gemm`] (AVX-512), not gemm.
+    small: bool,
 }
 
 impl Geo {
@@ -103,6 +140,22 @@ impl Geo {
         )
     }
 
+    /// Asks the cache for the Q, K and V rows of pair `bh` (if there is one), so that they arrive from L3 or
+    /// memory while the current pair computes: each head reads 256 bytes of every row, a stride that the
+    /// hardware prefetchers do not follow over 17-65 rows.
+    fn prefetch_pair(&self, q: &[f32], kv: &[f32], bh: usize) {
+        if bh >= self.b * self.heads {
+            return;
+        }
+        let (bi, hi) = (bh / self.heads, bh % self.heads);
+        let h = hi * self.hd;
+        let qs = bi * self.tq * self.q_rs + self.q_off + h;
+        prefetch_rows(q, qs, self.tq, self.q_rs, self.hd);
+        let ks = bi * self.t * self.kv_rs + h;
+        prefetch_rows(kv, ks + self.k_off, self.t, self.kv_rs, self.hd);
+        prefetch_rows(kv, ks + self.v_off, self.t, self.kv_rs, self.hd);
+    }
+
     /// Forward: `(out (B*tq, D), probs (B*H, tq, t))`; the probabilities only when `keep_probs` (for the
     /// backward pass), otherwise they live in per-thread scratch.
     fn forward(&self, q: &[f32], kv: &[f32], keep_probs: bool) -> (Vec<f32>, Option<Vec<f32>>) {
@@ -110,29 +163,32 @@ impl Geo {
         let n = tq * t;
         let mut out = crate::ops::uninit_f32(self.b * tq * d);
         let out_ptr = SyncPtr(out.as_mut_ptr());
-        let head = |bh: usize, logits: &mut [f32], p: &mut [f32]| {
+        let nt = t * self.hd;
+        let head = |bh: usize, logits: &mut [f32], p: &mut [f32], kt: &mut [f32]| {
             // SAFETY: the geometry matches the buffers (checked by the callers); the task of pair `bh` alone
             // writes rows bi*tq.. x columns hi*hd.. of `out`.
-            unsafe { self.head_forward(q, kv, bh, logits, p, out_ptr) }
+            unsafe { self.head_forward(q, kv, bh, logits, p, kt, out_ptr) }
         };
         if !keep_probs {
             (0..self.b * self.heads)
                 .into_par_iter()
-                .for_each(|bh| with_scratch(n, |logits, p| head(bh, logits, p)));
+                .for_each(|bh| with_scratch(n, nt, |logits, p, kt| head(bh, logits, p, kt)));
             return (out, None);
         }
         let mut probs = crate::ops::uninit_f32(self.b * self.heads * n);
         probs
             .par_chunks_mut(n)
             .enumerate()
-            .for_each(|(bh, p)| with_scratch(n, |logits, _| head(bh, logits, p)));
+            .for_each(|(bh, p)| with_scratch(n, nt, |logits, _, kt| head(bh, logits, p, kt)));
         (out, Some(probs))
     }
 
-    /// One `(batch, head)` pair of the forward pass: logits, softmax into `p`, `p V` into `out`.
+    /// One `(batch, head)` pair of the forward pass: logits, softmax into `p`, `p V` into `out`; `kt` is
+    /// scratch for `Kᵀ` (`t * hd` elements).
     ///
     /// # Safety
     /// `q`, `kv` and `out` must match the geometry, and no other task may write this pair's part of `out`.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn head_forward(
         &self,
         q: &[f32],
@@ -140,25 +196,28 @@ impl Geo {
         bh: usize,
         logits: &mut [f32],
         p: &mut [f32],
+        kt: &mut [f32],
         out: SyncPtr,
     ) {
         let (tq, t, hd, d) = (self.tq, self.t, self.hd, self.d());
         let (q_rs, kv_rs, ti) = (self.q_rs as isize, self.kv_rs as isize, t as isize);
         let (bi, hi) = (bh / self.heads, bh % self.heads);
+        self.prefetch_pair(q, kv, bh + 1);
         let (qh, kh, vh) = self.qkv(q.as_ptr(), kv.as_ptr(), bi, hi);
-        mm(
-            self.bf16,
+        mm_bt(
+            self,
             tq,
             t,
             hd,
             (logits.as_mut_ptr(), 1, ti),
             (qh, 1, q_rs),
-            (kh, kv_rs, 1),
+            (kh, kv_rs),
+            kt,
         );
         ops::softmax_fwd_chunk(logits, p, t, self.scale);
         let o = out.get().add(bi * tq * d + hi * hd);
         mm(
-            self.bf16,
+            self,
             tq,
             hd,
             t,
@@ -191,9 +250,14 @@ impl Geo {
         let (q_rs, kv_rs, ti) = (self.q_rs as isize, self.kv_rs as isize, t as isize);
         let n = tq * t;
         probs.par_chunks(n).enumerate().for_each(|(bh, p)| {
-            with_scratch(n, |dp, ds| {
+            with_scratch(n, t * hd, |dp, ds, vt| {
                 let (bi, hi) = (bh / self.heads, bh % self.heads);
                 let h = hi * hd;
+                self.prefetch_pair(q, kv, bh + 1);
+                if bh + 1 < self.b * self.heads {
+                    let (bn, hn) = ((bh + 1) / self.heads, (bh + 1) % self.heads);
+                    prefetch_rows(go, bn * tq * d + hn * hd, tq, d, hd);
+                }
                 // SAFETY: reads stay inside the buffers of the geometry; this task alone writes columns
                 // hi*hd.. of its sample's rows of dQ, dK and dV; `dp`, `ds` are its scratch buffers.
                 unsafe {
@@ -205,7 +269,7 @@ impl Geo {
                     let p = p.as_ptr();
                     // dV = Pᵀ dO
                     mm(
-                        self.bf16,
+                        self,
                         t,
                         hd,
                         tq,
@@ -214,19 +278,20 @@ impl Geo {
                         (goh, 1, d as isize),
                     );
                     // dP = dO Vᵀ
-                    mm(
-                        self.bf16,
+                    mm_bt(
+                        self,
                         tq,
                         t,
                         hd,
                         (dp.as_mut_ptr(), 1, ti),
                         (goh, 1, d as isize),
-                        (vh, kv_rs, 1),
+                        (vh, kv_rs),
+                        vt,
                     );
                     ops::softmax_bwd_chunk(std::slice::from_raw_parts(p, n), dp, ds, t, self.scale);
                     // dQ = dS K, dK = dSᵀ Q
                     mm(
-                        self.bf16,
+                        self,
                         tq,
                         hd,
                         t,
@@ -235,7 +300,7 @@ impl Geo {
                         (kh, 1, kv_rs),
                     );
                     mm(
-                        self.bf16,
+                        self,
                         t,
                         hd,
                         tq,
@@ -249,27 +314,59 @@ impl Geo {
     }
 }
 
-thread_local! {
-    /// Per-thread scratch of the attention tasks (logits, or dP and dS): allocated once per pool thread
-    /// instead of a zero-filled pair of `T x T` buffers for every rayon split.
-    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+/// Prefetches (into every cache level) `rows` rows of `len` elements of `buf` from `start`, row stride `rs`;
+/// rows past the buffer's end are skipped.
+fn prefetch_rows(buf: &[f32], start: usize, rows: usize, rs: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for r in 0..rows {
+        let s = start + r * rs;
+        let Some(row) = buf.get(s..s + len) else {
+            return;
+        };
+        let p = row.as_ptr() as *const i8;
+        let bytes = 4 * len;
+        let mut off = 0;
+        while off < bytes + 63 {
+            // SAFETY: prefetching is only a hint: it never faults, and every address is inside `row` (the last one
+            // is its final byte).
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    p.add(off.min(bytes - 1)),
+                )
+            };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (buf, start, rows, rs, len);
 }
 
-/// Runs `f` with two scratch buffers of `n` elements each (contents unspecified: every use overwrites them).
+thread_local! {
+    /// Per-thread scratch of the attention tasks (logits, or dP and dS, and a transposed head): allocated once
+    /// per pool thread instead of zero-filled `T x T` buffers for every rayon split.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with two scratch buffers of `n` elements and one of `m` (contents unspecified: every use
+/// overwrites them).
 ///
 /// Re-entrant: a task that waits inside `f` (the bf16 GEMM packs large operands on the pool) may run another
 /// attention task on this thread, which then gets fresh buffers instead of the borrowed ones.
-fn with_scratch(n: usize, f: impl FnOnce(&mut [f32], &mut [f32])) {
+fn with_scratch(n: usize, m: usize, f: impl FnOnce(&mut [f32], &mut [f32], &mut [f32])) {
     SCRATCH.with(|s| match s.try_borrow_mut() {
         Ok(mut s) => {
-            let (a, b) = &mut *s;
+            let (a, b, c) = &mut *s;
             if a.len() < n {
                 a.resize(n, 0.0);
                 b.resize(n, 0.0);
             }
-            f(&mut a[..n], &mut b[..n])
+            if c.len() < m {
+                c.resize(m, 0.0);
+            }
+            f(&mut a[..n], &mut b[..n], &mut c[..m])
         }
-        Err(_) => f(&mut vec![0.0; n], &mut vec![0.0; n]),
+        Err(_) => f(&mut vec![0.0; n], &mut vec![0.0; n], &mut vec![0.0; m]),
     })
 }
 
@@ -458,6 +555,7 @@ pub fn attention(qkv: &Tensor, b: usize, t: usize, heads: usize, scale: f64) -> 
             k_off: d,
             v_off: 2 * d,
             bf16: crate::bf16::use_bf16(crate::fused::matmul_precision(), b * t),
+            small: small_gemm::available(),
         };
         let keep_probs = crate::fused::records_grad(&[qkv]);
         let op = AttentionOp {
@@ -514,6 +612,7 @@ pub fn attention_query(
             k_off: 0,
             v_off: d,
             bf16: crate::bf16::use_bf16(crate::fused::matmul_precision(), b * t),
+            small: small_gemm::available(),
         };
         let keep_probs = crate::fused::records_grad(&[q, kv]);
         let op = QueryAttentionOp {
@@ -608,15 +707,18 @@ mod tests {
     /// panic on the borrowed ones.
     #[test]
     fn scratch_is_reentrant() {
-        with_scratch(4, |a, b| {
+        with_scratch(4, 3, |a, b, e| {
             a.fill(1.0);
             b.fill(2.0);
-            with_scratch(8, |c, d| {
-                assert_eq!((c.len(), d.len()), (8, 8));
+            e.fill(5.0);
+            with_scratch(8, 6, |c, d, f| {
+                assert_eq!((c.len(), d.len(), f.len()), (8, 8, 6));
                 c.fill(3.0);
                 d.fill(4.0);
+                f.fill(6.0);
             });
             assert!(a.iter().all(|&v| v == 1.0) && b.iter().all(|&v| v == 2.0));
+            assert!(e.iter().all(|&v| v == 5.0));
         });
     }
 

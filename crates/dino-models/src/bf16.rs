@@ -261,7 +261,7 @@ pub(crate) unsafe fn gemm_strided(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     /// The first `min(n, 16)` lanes.
@@ -369,7 +369,7 @@ mod x86 {
     /// The transpose of a 16 x 16 matrix of 32-bit lanes (`out[j]` lane `i` = `v[i]` lane `j`).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn transpose16(v: [__m512i; 16]) -> [__m512i; 16] {
+    pub(crate) unsafe fn transpose16(v: [__m512i; 16]) -> [__m512i; 16] {
         // Stage 1: 32-bit interleave of row pairs; stage 2: 64-bit interleave; stages 3-4: 128-bit lanes.
         let mut a = [_mm512_setzero_si512(); 16];
         for i in 0..8 {

@@ -14,6 +14,7 @@ pub mod ops;
 pub mod params;
 pub mod resnet;
 pub mod runtime;
+mod small_gemm;
 pub mod vit;
 pub mod weights;
 
