@@ -86,8 +86,37 @@ unsafe fn mm_bt(
     scratch: &mut [f32],
 ) {
     if geo.small && !geo.bf16 {
-        small_gemm::transpose_into(rows.0, n, k, rows.1 as usize, scratch);
-        mm(geo, m, n, k, dst, lhs, (scratch.as_ptr(), 1, n as isize))
+        // One or two columns past a multiple of 16 (the CLS key: 17 or 65 tokens) as dot products, when the
+        // left operand's rows are contiguous.
+        let extra = n % 16;
+        let main = if n > 16 && extra <= 2 && lhs.1 == 1 && dst.1 == 1 {
+            n - extra
+        } else {
+            n
+        };
+        small_gemm::transpose_into(rows.0, main, k, rows.1 as usize, scratch);
+        mm(
+            geo,
+            m,
+            main,
+            k,
+            dst,
+            lhs,
+            (scratch.as_ptr(), 1, main as isize),
+        );
+        if main < n {
+            let row = |j: usize| rows.0.wrapping_offset(j as isize * rows.1);
+            let tail = [row(main), row(main + 1)];
+            let tail = &tail[..n - main];
+            small_gemm::dot_columns(
+                m,
+                k,
+                main,
+                (dst.0, dst.2 as usize),
+                (lhs.0, lhs.2 as usize),
+                tail,
+            );
+        }
     } else {
         mm(geo, m, n, k, dst, lhs, (rows.0, rows.1, 1))
     }

@@ -6,8 +6,10 @@
 //! 17 tokens). This kernel packs nothing: a tile of up to 6 rows x 64 columns lives in 24 AVX-512 registers,
 //! the left operand is broadcast element by element through any strides (so `Pᵀ` is read in place), and the right
 //! operand's rows are read where they are (a row-major head of Q, K, V or dO). Only `Kᵀ` / `Vᵀ` need a copy,
-//! [`transpose_into`], which the caller makes once per pair. Every output element is one FMA chain over `k` in
-//! order, so results do not depend on the blocking. AVX-512 only: [`available`] says whether to use it.
+//! [`transpose_into`], which the caller makes once per pair. Every output element of [`gemm`] is one FMA chain over
+//! `k` in order, so results do not depend on the blocking. [`dot_columns`] computes a product's last one or two
+//! columns as dot products instead (the 65th key of cifar's global crops would otherwise take a whole 16-lane
+//! vector per row and `k`). AVX-512 only: [`available`] says whether to use it.
 
 /// Rows of a tile.
 const MR: usize = 6;
@@ -136,6 +138,56 @@ unsafe fn tile<const R: usize, const V: usize>(
     }
 }
 
+/// Columns `j0..j0 + rows.len()` of `c (m, n) = a (m, k) · bᵀ` as dot products: column `j0 + t` is
+/// `a · rows[t]`, where `rows[t]` is a row of `k` contiguous elements; `a` has row stride `a.1` and unit column
+/// stride, `c` row stride `c.1`. Each dot product sums 16 lanes, then the lanes.
+///
+/// # Safety
+/// As [`gemm`]: AVX-512 F, and every addressed element inside its buffer.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn dot_columns(
+    m: usize,
+    k: usize,
+    j0: usize,
+    c: (*mut f32, usize),
+    a: (*const f32, usize),
+    rows: &[*const f32],
+) {
+    use std::arch::x86_64::*;
+    for i in 0..m {
+        let ai = a.0.add(i * a.1);
+        for (t, &b) in rows.iter().enumerate() {
+            let mut acc = _mm512_setzero_ps();
+            let mut l = 0;
+            while l < k {
+                let mask = tail_mask(k - l);
+                let x = _mm512_maskz_loadu_ps(mask, ai.add(l));
+                let y = _mm512_maskz_loadu_ps(mask, b.add(l));
+                acc = _mm512_fmadd_ps(x, y, acc);
+                l += 16;
+            }
+            *c.0.add(i * c.1 + j0 + t) = _mm512_reduce_add_ps(acc);
+        }
+    }
+}
+
+/// Never called: [`available`] is false off x86_64.
+///
+/// # Safety
+/// Not callable.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) unsafe fn dot_columns(
+    _m: usize,
+    _k: usize,
+    _j0: usize,
+    _c: (*mut f32, usize),
+    _a: (*const f32, usize),
+    _rows: &[*const f32],
+) {
+    unreachable!("small_gemm::available() is false off x86_64")
+}
+
 /// Writes the transpose of the `(rows, cols)` matrix at `src` (row stride `rs`, unit column stride) into
 /// `dst` as `(cols, rows)` row-major: 16 x 16 blocks through registers, the edges element by element.
 ///
@@ -253,6 +305,40 @@ mod tests {
                         c[i * c_rs + n].is_nan(),
                         "({m}, {n}, {k}): wrote past column {n}"
                     );
+                }
+            }
+        }
+    }
+
+    /// Dot-product columns with `k` below, at and past one vector, into a strided output.
+    #[test]
+    fn dot_columns_match_direct_products() {
+        if !available() {
+            return;
+        }
+        for &(m, k) in &[(1, 1), (7, 16), (65, 64), (5, 37)] {
+            let a_rs = k + 3;
+            let a = pattern(m * a_rs, 4);
+            let b = pattern(2 * (k + 1), 5);
+            let rows = [b.as_ptr(), b[k + 1..].as_ptr()];
+            let c_rs = 6;
+            let mut c = vec![f32::NAN; m * c_rs];
+            // SAFETY: AVX-512 is available; `m` rows of `k` with stride `a_rs`, two rows of `k`, and columns 3-4
+            // of `m` rows of 6 lie inside their buffers.
+            unsafe { dot_columns(m, k, 3, (c.as_mut_ptr(), c_rs), (a.as_ptr(), a_rs), &rows) };
+            for i in 0..m {
+                for t in 0..2 {
+                    let want: f64 = (0..k)
+                        .map(|l| a[i * a_rs + l] as f64 * b[t * (k + 1) + l] as f64)
+                        .sum();
+                    let got = c[i * c_rs + 3 + t];
+                    assert!(
+                        (got as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
+                        "({m}, {k}) c[{i}][{t}]"
+                    );
+                }
+                for j in [0, 1, 2, 5] {
+                    assert!(c[i * c_rs + j].is_nan(), "({m}, {k}): wrote column {j}");
                 }
             }
         }
