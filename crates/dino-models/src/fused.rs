@@ -1187,20 +1187,8 @@ impl CustomOp1 for ScaleRowsOp {
                 l.shape().clone(),
             ));
         }
-        let per = rows / scales.len().max(1);
-        let kept = kept_samples(scales);
-        let n = kept.len() * per;
-        let mut out = crate::ops::uninit_f32(n * d);
-        ops::for_row_chunks(&mut out, n, d, |r0, chunk| {
-            for (i, orow) in chunk.chunks_exact_mut(d).enumerate() {
-                let (j, within) = ((r0 + i) / per, (r0 + i) % per);
-                let r = kept[j] * per + within;
-                let sc = scales[kept[j]];
-                for (o, &gv) in orow.iter_mut().zip(&g[r * d..(r + 1) * d]) {
-                    *o = sc * gv;
-                }
-            }
-        });
+        let slot = kept_slots(&kept_samples(scales), scales.len());
+        let (out, n) = move_sample_rows(&g, rows, d, &slot, false, Some(scales));
         Ok((CpuStorage::F32(out), Shape::from((n, d))))
     }
 }
@@ -1208,6 +1196,62 @@ impl CustomOp1 for ScaleRowsOp {
 /// The samples that stochastic depth keeps (`s_i ≠ 0`), in order.
 pub fn kept_samples(scales: &[f32]) -> Vec<usize> {
     (0..scales.len()).filter(|&i| scales[i] != 0.0).collect()
+}
+
+/// `slot[i]`: sample `i`'s position among the `kept` ones (ascending), `None` for the others.
+fn kept_slots(kept: &[usize], samples: usize) -> Vec<Option<usize>> {
+    let mut slot = vec![None; samples];
+    for (j, &i) in kept.iter().enumerate() {
+        slot[i] = Some(j);
+    }
+    slot
+}
+
+/// The rows of the samples with a `slot` of `x` `(rows, d)` (`slot.len()` samples of equal row counts), each
+/// times `scale[i]` when given: gathered into `(K*R, d)`, or with `scatter` (`x` holds the gathered rows) spread
+/// back into `(B*R, d)` with zeros for the other samples. Returns the rows and their count.
+fn move_sample_rows(
+    x: &[f32],
+    rows: usize,
+    d: usize,
+    slot: &[Option<usize>],
+    scatter: bool,
+    scale: Option<&[f32]>,
+) -> (Vec<f32>, usize) {
+    let kept: Vec<usize> = (0..slot.len()).filter(|&i| slot[i].is_some()).collect();
+    // Rows per sample, and the rows written. Sample `i`'s rows sit at `i * per` in the full tensor and at
+    // `slot[i] * per` in the gathered one.
+    let (per, out_rows) = if scatter {
+        let per = rows / kept.len().max(1);
+        (per, per * slot.len())
+    } else {
+        let per = rows / slot.len().max(1);
+        (per, per * kept.len())
+    };
+    let mut out = crate::ops::uninit_f32(out_rows * d);
+    ops::for_row_chunks(&mut out, out_rows, d, |r0, chunk| {
+        for (i, row) in chunk.chunks_exact_mut(d).enumerate() {
+            let (r, within) = (r0 + i, (r0 + i) % per);
+            let (sample, src) = if scatter {
+                (r / per, slot[r / per].map(|j| j * per + within))
+            } else {
+                (kept[r / per], Some(kept[r / per] * per + within))
+            };
+            let Some(src) = src else {
+                row.fill(0.0);
+                continue;
+            };
+            let src = &x[src * d..(src + 1) * d];
+            match scale {
+                Some(scale) => {
+                    let sc = scale[sample];
+                    row.iter_mut().zip(src).for_each(|(o, &v)| *o = sc * v);
+                }
+                None => row.copy_from_slice(src),
+            }
+        }
+    });
+    (out, out_rows)
 }
 
 /// Gathers the rows of some samples of a `(B*R, D)` tensor into `(K*R, D)` or, as its backward, scatters them
@@ -1230,33 +1274,7 @@ impl CustomOp1 for SampleRowsOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, d) = dims2(l, self.name())?;
         let x = f32_data(s, l, self.name())?;
-        let kept: Vec<usize> = (0..self.slot.len())
-            .filter(|&i| self.slot[i].is_some())
-            .collect();
-        // Rows per sample, and the rows written. Sample `i`'s rows sit at `i * per` in the full tensor and at
-        // `slot[i] * per` in the gathered one.
-        let (per, out_rows) = if self.scatter {
-            let per = rows / kept.len().max(1);
-            (per, per * self.slot.len())
-        } else {
-            let per = rows / self.slot.len().max(1);
-            (per, per * kept.len())
-        };
-        let mut out = crate::ops::uninit_f32(out_rows * d);
-        ops::for_row_chunks(&mut out, out_rows, d, |r0, chunk| {
-            for (i, row) in chunk.chunks_exact_mut(d).enumerate() {
-                let (r, within) = (r0 + i, (r0 + i) % per);
-                let src = if self.scatter {
-                    self.slot[r / per].map(|j| j * per + within)
-                } else {
-                    Some(kept[r / per] * per + within)
-                };
-                match src {
-                    Some(src) => row.copy_from_slice(&x[src * d..(src + 1) * d]),
-                    None => row.fill(0.0),
-                }
-            }
-        });
+        let (out, out_rows) = move_sample_rows(&x, rows, d, &self.slot, self.scatter, None);
         Ok((CpuStorage::F32(out), Shape::from((out_rows, d))))
     }
 
@@ -1293,12 +1311,8 @@ pub fn sample_rows(x: &Tensor, samples: usize, kept: &[usize]) -> Result<Tensor>
             .index_select(&ids, 0)?
             .reshape((kept.len() * per, d));
     }
-    let mut slot = vec![None; samples];
-    for (j, &i) in kept.iter().enumerate() {
-        slot[i] = Some(j);
-    }
     let op = SampleRowsOp {
-        slot: Arc::new(slot),
+        slot: Arc::new(kept_slots(kept, samples)),
         scatter: false,
     };
     if records_grad(&[x]) {
@@ -1476,7 +1490,7 @@ impl CustomOp3 for LinearResidualOp {
         let (hr, inp) = dims2(l2, name)?;
         let (out, wc) = dims2(l3, name)?;
         let h_samples = if self.compact {
-            self.scales.iter().filter(|&&s| s != 0.0).count()
+            kept_samples(&self.scales).len()
         } else {
             self.scales.len()
         };
