@@ -1377,6 +1377,8 @@ struct LinearResidualOp {
     scales: Arc<Vec<f32>>,
     has_bias: bool,
     compact: bool,
+    /// bf16 products (forward and backward), as [`LinearOp`]'s.
+    bf16: bool,
 }
 
 impl LinearResidualOp {
@@ -1405,6 +1407,8 @@ impl LinearResidualOp {
             })
             .collect();
         let h_row = |r: usize| r - dropped_before[r / per] * per;
+        // W (the first inp columns of `[W | b]`) packed once for the bf16 products.
+        let wp = self.bf16.then(|| bf16::pack_nk(wb, d, inp, w_rs, bf16::NR));
         let threads = rayon::current_num_threads();
         let rows_per = if threads > 1 && rows >= 64 * threads {
             rows.div_ceil(threads)
@@ -1429,7 +1433,19 @@ impl LinearResidualOp {
                     } else {
                         ops::add_scaled_bias_rows(xr, &bias, s, o);
                     }
-                    if s != 0.0 {
+                    if let (true, Some(wp)) = (s != 0.0, &wp) {
+                        let (ha, kp) = bf16::pack_rows(&h[h_row(r0 + a) * inp..], e - a, inp, inp);
+                        let ha = Lhs::Rows(&ha, kp);
+                        if s == 1.0 {
+                            // SAFETY: bf16 is supported (checked when the op was built); o is (e-a, d).
+                            unsafe { bf16::gemm(e - a, d, &ha, wp, o.as_mut_ptr(), d, true) }
+                        } else {
+                            let mut p = crate::ops::uninit_f32(o.len());
+                            // SAFETY: as above; p is (e-a, d), written in full (no accumulation).
+                            unsafe { bf16::gemm(e - a, d, &ha, wp, p.as_mut_ptr(), d, false) }
+                            o.iter_mut().zip(&p).for_each(|(o, p)| *o += s * p);
+                        }
+                    } else if s != 0.0 {
                         // SAFETY: h rows h_row(r0+a).. are (e-a, inp) (a run of kept rows is contiguous in h);
                         // wb is (d, w_rs) with W in its first inp columns; o is this block's own (e-a, d).
                         unsafe {
@@ -1537,7 +1553,7 @@ impl CustomOp3 for LinearResidualOp {
         } else {
             wb.clone()
         };
-        let (dh, dw, db) = LinearOp::new(false, false, true).bwd(h, &w, self.has_bias, &dy)?;
+        let (dh, dw, db) = LinearOp::new(false, self.bf16, true).bwd(h, &w, self.has_bias, &dy)?;
         let dwb = match db {
             Some(db) => Tensor::cat(&[&dw, &db.unsqueeze(1)?], 1)?,
             None => dw,
@@ -1551,8 +1567,9 @@ impl CustomOp3 for LinearResidualOp {
 /// `s_i ≠ 0` only (see [`kept_samples`]: a dropped sample's branch need not be computed at all), `weight`:
 /// `(out, in)`, `bias`: `(out)`, `scales`: `B` values or `None` -> `(B*T, out)`. Equal to
 /// `residual(x, &linear(h, weight, bias)?, scales)` (with a compact `h` spread back over all samples) up to
-/// rounding (`s_i · b` and `s_i · h Wᵀ` are added separately); bf16 products and other devices use that
-/// composition (see [`skips_dropped_samples`]).
+/// rounding (`s_i · b` and `s_i · h Wᵀ` are added separately); with bf16 products (see
+/// [`with_matmul_precision`]) `h` and `W` are rounded to bf16 as in [`linear`]. Other devices and dtypes use
+/// that composition (see [`skips_dropped_samples`]).
 pub fn linear_residual(
     x: &Tensor,
     h: &Tensor,
@@ -1573,12 +1590,7 @@ pub fn linear_residual(
             "linear_residual: h has {h_rows} rows; x's samples take {rows}, the kept ones {kept_rows}"
         );
     }
-    if !ops::is_cpu_f32(&all)
-        || x.rank() != 2
-        || h.rank() != 2
-        || weight.rank() != 2
-        || bf16::use_bf16(matmul_precision(), h_rows)
-    {
+    if !ops::is_cpu_f32(&all) || x.rank() != 2 || h.rank() != 2 || weight.rank() != 2 {
         let y = linear(h, weight, bias)?;
         let y = match scales.as_deref() {
             Some(s) if h_rows < rows => expand_kept(&y, s, rows / b)?,
@@ -1594,6 +1606,7 @@ pub fn linear_residual(
         scales: Arc::new(scales.unwrap_or_else(|| vec![1.0])),
         has_bias: bias.is_some(),
         compact: h_rows < rows,
+        bf16: bf16::use_bf16(matmul_precision(), h_rows),
     };
     if records_grad(&all) {
         x.apply_op3(h, &wb, op)
@@ -1603,11 +1616,11 @@ pub fn linear_residual(
 }
 
 /// Whether a stochastic-depth branch ending in [`linear_residual`] on `x` should run on the kept samples only:
-/// where the fused op applies (f32 on the CPU, f32 products). Elsewhere `linear_residual` is composed and has to
-/// spread a compact `h` back over every sample, which cost more than it saved (bf16 step, cifar/4096:
-/// 2.46-2.71 s -> 3.01-3.24 s).
+/// where the fused op applies (f32 tensors on the CPU, f32 or bf16 products). Elsewhere `linear_residual` is
+/// composed and has to spread a compact `h` back over every sample, which cost more than it saved (when the
+/// bf16 products were composed, the bf16 step of cifar/4096 went from 2.46-2.71 s to 3.01-3.24 s).
 pub fn skips_dropped_samples(x: &Tensor) -> bool {
-    ops::is_cpu_f32(&[x]) && !bf16::use_bf16(matmul_precision(), 1)
+    ops::is_cpu_f32(&[x])
 }
 
 #[cfg(test)]
@@ -1933,8 +1946,8 @@ mod tests {
                         let d = max_diff(g.get(&h).unwrap(), &kept_rows(dh_all)?);
                         assert!(d < 1e-4, "h gradient differs by {d}: {what}");
                     }
-                    // bf16 products take the composed path (the layer on the kept rows, spread back over
-                    // every sample by `expand_kept`) where the CPU has them, the fused one elsewhere.
+                    // bf16 products: the fused op (its own bf16 forward, `LinearOp`'s bf16 backward) against
+                    // the bf16 linear layer on every sample's rows; the sums run in another order.
                     let (yb, ybr) =
                         with_matmul_precision(MatmulPrecision::Bf16, || -> Result<_> {
                             Ok((
@@ -1947,6 +1960,33 @@ mod tests {
                             ))
                         })?;
                     assert!(max_diff(&yb, &ybr) < 1e-5, "bf16 forward {what}");
+                    let g = (&yb * &up)?.sum_all()?.backward()?;
+                    let gr = (&ybr * &up)?.sum_all()?.backward()?;
+                    for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+                        if name == "b" && !with_bias {
+                            continue;
+                        }
+                        let d = max_diff(g.get(v).unwrap(), gr.get(v).unwrap());
+                        assert!(d < 1e-4, "bf16 {name} gradient differs by {d}: {what}");
+                    }
+                    let dh_all = gr.get(&h_all).unwrap();
+                    let dh_want = if compact && !kept.is_empty() {
+                        kept_rows(dh_all)?
+                    } else {
+                        dh_all.clone()
+                    };
+                    if !compact || !kept.is_empty() {
+                        let d = max_diff(g.get(&h).unwrap(), &dh_want);
+                        assert!(d < 1e-4, "bf16 h gradient differs by {d}: {what}");
+                    }
+                    // Where the CPU has bf16 products they ran: the f32 result differs.
+                    if bf16::supported()
+                        && scales
+                            .as_deref()
+                            .is_none_or(|s| s.iter().any(|&v| v != 0.0))
+                    {
+                        assert!(max_diff(&y0, &yb) > 0.0, "bf16 gave the f32 result: {what}");
+                    }
                 }
             }
             // An `h` with neither every sample's rows nor the kept ones' is an error, not a misread.

@@ -762,7 +762,7 @@ mod tests {
             (None, None),
         ];
         let up = Tensor::from_vec(pattern(b * t * d, 7), (b * t, d), &dev)?;
-        // With bf16 products the branches run on every sample (`skips_dropped_samples`), like the reference.
+        // Under both precisions the fused ops skip the dropped samples' branches (`skips_dropped_samples`).
         let precisions = [MatmulPrecision::Highest, MatmulPrecision::Bf16];
         for ((s_attn, s_mlp), precision) in cases
             .into_iter()
