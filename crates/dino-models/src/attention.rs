@@ -85,7 +85,7 @@ unsafe fn mm_bt(
     rows: (*const f32, isize),
     scratch: &mut [f32],
 ) {
-    if geo.small && !geo.bf16 {
+    if geo.transposes() {
         // One or two columns past a multiple of 16 (the CLS key: 17 or 65 tokens) as dot products, when the
         // left operand's rows are contiguous.
         let extra = n % 16;
@@ -146,6 +146,21 @@ struct Geo {
 }
 
 impl Geo {
+    /// Whether [`mm_bt`] multiplies through a transposed copy in scratch (f32 products in [`small_gemm`]).
+    fn transposes(&self) -> bool {
+        self.small && !self.bf16
+    }
+
+    /// Elements of the transposed-operand scratch one `(batch, head)` pair needs: `t * hd`, none without
+    /// [`Geo::transposes`].
+    fn transposed_len(&self) -> usize {
+        if self.transposes() {
+            self.t * self.hd
+        } else {
+            0
+        }
+    }
+
     fn d(&self) -> usize {
         self.heads * self.hd
     }
@@ -192,7 +207,7 @@ impl Geo {
         let n = tq * t;
         let mut out = crate::ops::uninit_f32(self.b * tq * d);
         let out_ptr = SyncPtr(out.as_mut_ptr());
-        let nt = t * self.hd;
+        let nt = self.transposed_len();
         let head = |bh: usize, logits: &mut [f32], p: &mut [f32], kt: &mut [f32]| {
             // SAFETY: the geometry matches the buffers (checked by the callers); the task of pair `bh` alone
             // writes rows bi*tq.. x columns hi*hd.. of `out`.
@@ -279,7 +294,7 @@ impl Geo {
         let (q_rs, kv_rs, ti) = (self.q_rs as isize, self.kv_rs as isize, t as isize);
         let n = tq * t;
         probs.par_chunks(n).enumerate().for_each(|(bh, p)| {
-            with_scratch(n, t * hd, |dp, ds, vt| {
+            with_scratch(n, self.transposed_len(), |dp, ds, vt| {
                 let (bi, hi) = (bh / self.heads, bh % self.heads);
                 let h = hi * hd;
                 self.prefetch_pair(q, kv, bh + 1);
