@@ -308,7 +308,7 @@ impl Block {
     /// depth keeps only: `branch` gets their rows of `input` `(K*R', D)` and `K`, and returns its hidden
     /// activations `(K*R, in)` for `lin`, a projection fused with the residual sum. The official code computes
     /// the branch on every sample and multiplies the dropped ones by 0; the output and every gradient are the
-    /// same. Where the fused projection does not apply (bf16 products, other devices), the branch runs on every
+    /// same. Where the fused projection does not apply (other devices and dtypes), the branch runs on every
     /// sample, as there.
     fn branch(
         x: &Tensor,
