@@ -1433,43 +1433,55 @@ impl LinearResidualOp {
                     } else {
                         ops::add_scaled_bias_rows(xr, &bias, s, o);
                     }
-                    if let (true, Some(wp)) = (s != 0.0, &wp) {
-                        let (ha, kp) = bf16::pack_rows(&h[h_row(r0 + a) * inp..], e - a, inp, inp);
-                        let ha = Lhs::Rows(&ha, kp);
-                        if s == 1.0 {
-                            // SAFETY: bf16 is supported (checked when the op was built); o is (e-a, d).
-                            unsafe { bf16::gemm(e - a, d, &ha, wp, o.as_mut_ptr(), d, true) }
-                        } else {
-                            let mut p = crate::ops::uninit_f32(o.len());
-                            // SAFETY: as above; p is (e-a, d), written in full (no accumulation).
-                            unsafe { bf16::gemm(e - a, d, &ha, wp, p.as_mut_ptr(), d, false) }
-                            o.iter_mut().zip(&p).for_each(|(o, p)| *o += s * p);
-                        }
-                    } else if s != 0.0 {
-                        // SAFETY: h rows h_row(r0+a).. are (e-a, inp) (a run of kept rows is contiguous in h);
-                        // wb is (d, w_rs) with W in its first inp columns; o is this block's own (e-a, d).
-                        unsafe {
-                            gemm(
-                                e - a,
-                                d,
-                                inp,
-                                o.as_mut_ptr(),
-                                1,
-                                d as isize,
-                                true,
-                                h[h_row(r0 + a) * inp..].as_ptr(),
-                                1,
-                                inp as isize,
-                                wb.as_ptr(),
-                                w_rs as isize,
-                                1,
-                                1.0,
-                                s,
-                                false,
-                                false,
-                                false,
-                                Parallelism::None,
-                            )
+                    if s != 0.0 {
+                        match &wp {
+                            Some(wp) => {
+                                let (ha, kp) =
+                                    bf16::pack_rows(&h[h_row(r0 + a) * inp..], e - a, inp, inp);
+                                let ha = Lhs::Rows(&ha, kp);
+                                if s == 1.0 {
+                                    // SAFETY: bf16 is supported (checked when the op was built); o is
+                                    // (e-a, d).
+                                    unsafe {
+                                        bf16::gemm(e - a, d, &ha, wp, o.as_mut_ptr(), d, true)
+                                    }
+                                } else {
+                                    let mut p = crate::ops::uninit_f32(o.len());
+                                    // SAFETY: as above; p is (e-a, d), written in full (no accumulation).
+                                    unsafe {
+                                        bf16::gemm(e - a, d, &ha, wp, p.as_mut_ptr(), d, false)
+                                    }
+                                    o.iter_mut().zip(&p).for_each(|(o, p)| *o += s * p);
+                                }
+                            }
+                            None => {
+                                // SAFETY: h rows h_row(r0+a).. are (e-a, inp) (a run of kept rows is
+                                // contiguous in h); wb is (d, w_rs) with W in its first inp columns; o is this
+                                // block's own (e-a, d).
+                                unsafe {
+                                    gemm(
+                                        e - a,
+                                        d,
+                                        inp,
+                                        o.as_mut_ptr(),
+                                        1,
+                                        d as isize,
+                                        true,
+                                        h[h_row(r0 + a) * inp..].as_ptr(),
+                                        1,
+                                        inp as isize,
+                                        wb.as_ptr(),
+                                        w_rs as isize,
+                                        1,
+                                        1.0,
+                                        s,
+                                        false,
+                                        false,
+                                        false,
+                                        Parallelism::None,
+                                    )
+                                }
+                            }
                         }
                     }
                     a = e;
