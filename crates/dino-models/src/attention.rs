@@ -184,10 +184,11 @@ impl Geo {
         )
     }
 
-    /// Asks the cache for the Q, K and V rows of pair `bh` (if there is one), so that they arrive from L3 or
-    /// memory while the current pair computes: each head reads 256 bytes of every row, a stride that the
-    /// hardware prefetchers do not follow over 17-65 rows.
-    fn prefetch_pair(&self, q: &[f32], kv: &[f32], bh: usize) {
+    /// Asks the cache for the Q, K and V rows of pair `bh` (if there is one), and its rows of the output
+    /// gradient `go` `(B*tq, D)` when given, so that they arrive from L3 or memory while the current pair
+    /// computes: each head reads 256 bytes of every row, a stride that the hardware prefetchers do not follow
+    /// over 17-65 rows.
+    fn prefetch_pair(&self, q: &[f32], kv: &[f32], go: Option<&[f32]>, bh: usize) {
         if bh >= self.b * self.heads {
             return;
         }
@@ -198,6 +199,10 @@ impl Geo {
         let ks = bi * self.t * self.kv_rs + h;
         prefetch_rows(kv, ks + self.k_off, self.t, self.kv_rs, self.hd);
         prefetch_rows(kv, ks + self.v_off, self.t, self.kv_rs, self.hd);
+        if let Some(go) = go {
+            let d = self.d();
+            prefetch_rows(go, bi * self.tq * d + h, self.tq, d, self.hd);
+        }
     }
 
     /// Forward: `(out (B*tq, D), probs (B*H, tq, t))`; the probabilities only when `keep_probs` (for the
@@ -246,7 +251,7 @@ impl Geo {
         let (tq, t, hd, d) = (self.tq, self.t, self.hd, self.d());
         let (q_rs, kv_rs, ti) = (self.q_rs as isize, self.kv_rs as isize, t as isize);
         let (bi, hi) = (bh / self.heads, bh % self.heads);
-        self.prefetch_pair(q, kv, bh + 1);
+        self.prefetch_pair(q, kv, None, bh + 1);
         let (qh, kh, vh) = self.qkv(q.as_ptr(), kv.as_ptr(), bi, hi);
         mm_bt(
             self,
@@ -297,11 +302,7 @@ impl Geo {
             with_scratch(n, self.transposed_len(), |dp, ds, vt| {
                 let (bi, hi) = (bh / self.heads, bh % self.heads);
                 let h = hi * hd;
-                self.prefetch_pair(q, kv, bh + 1);
-                if bh + 1 < self.b * self.heads {
-                    let (bn, hn) = ((bh + 1) / self.heads, (bh + 1) % self.heads);
-                    prefetch_rows(go, bn * tq * d + hn * hd, tq, d, hd);
-                }
+                self.prefetch_pair(q, kv, Some(go), bh + 1);
                 // SAFETY: reads stay inside the buffers of the geometry; this task alone writes columns
                 // hi*hd.. of its sample's rows of dQ, dK and dV; `dp`, `ds` are its scratch buffers.
                 unsafe {

@@ -160,6 +160,26 @@ pub(crate) fn pack_kn(src: &[f32], k: usize, n: usize, ld: usize, width: usize) 
     Packed { data, width, kp }
 }
 
+/// [`gemm`] with a row-major left operand: `c (m, n) [+]= a (m, k) · b (k, n)`, the `m` rows of `k` values at
+/// `a` (row stride `k`) packed here (see [`pack_rows`]).
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &Packed,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let (rows, kp) = pack_rows(a, m, k, k);
+    gemm(m, n, &Lhs::Rows(&rows, kp), b, c, ldc, accumulate)
+}
+
 /// `c (m, n) [+]= a (m, k) · b (k, n)` with `c` row-major (row stride `ldc`), `a` and `b` packed with the
 /// same `k`. With `accumulate` the product is added to `c`, otherwise `c` is overwritten.
 ///

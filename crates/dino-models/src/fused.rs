@@ -734,13 +734,13 @@ fn linear_fwd_bf16(
                 yb.chunks_exact_mut(out)
                     .for_each(|row| row.copy_from_slice(b));
             }
-            let (xa, kp) = bf16::pack_rows(&x[r0 * inp..], rows, inp, inp);
             // SAFETY: bf16 is supported (checked when the op was built); yb is this block's own (rows, out).
             unsafe {
-                bf16::gemm(
+                bf16::gemm_rows(
                     rows,
                     out,
-                    &Lhs::Rows(&xa, kp),
+                    inp,
+                    &x[r0 * inp..],
                     &wp,
                     yb.as_mut_ptr(),
                     out,
@@ -773,13 +773,13 @@ fn linear_grad_bf16(
     let job = |i: usize| {
         let (x0, x1) = part(r, parts, i);
         if let Some(wk) = wk.as_ref().filter(|_| x1 > x0) {
-            let (ga, kp) = bf16::pack_rows(&g[x0 * out..], x1 - x0, out, out);
             // SAFETY: rows x0..x1 of dx (r, inp) are this task's own.
             unsafe {
-                bf16::gemm(
+                bf16::gemm_rows(
                     x1 - x0,
                     inp,
-                    &Lhs::Rows(&ga, kp),
+                    out,
+                    &g[x0 * out..],
                     wk,
                     (dxp as *mut f32).add(x0 * inp),
                     inp,
@@ -1436,20 +1436,36 @@ impl LinearResidualOp {
                     if s != 0.0 {
                         match &wp {
                             Some(wp) => {
-                                let (ha, kp) =
-                                    bf16::pack_rows(&h[h_row(r0 + a) * inp..], e - a, inp, inp);
-                                let ha = Lhs::Rows(&ha, kp);
+                                let ha = &h[h_row(r0 + a) * inp..];
                                 if s == 1.0 {
                                     // SAFETY: bf16 is supported (checked when the op was built); o is
                                     // (e-a, d).
                                     unsafe {
-                                        bf16::gemm(e - a, d, &ha, wp, o.as_mut_ptr(), d, true)
+                                        bf16::gemm_rows(
+                                            e - a,
+                                            d,
+                                            inp,
+                                            ha,
+                                            wp,
+                                            o.as_mut_ptr(),
+                                            d,
+                                            true,
+                                        )
                                     }
                                 } else {
                                     let mut p = crate::ops::uninit_f32(o.len());
                                     // SAFETY: as above; p is (e-a, d), written in full (no accumulation).
                                     unsafe {
-                                        bf16::gemm(e - a, d, &ha, wp, p.as_mut_ptr(), d, false)
+                                        bf16::gemm_rows(
+                                            e - a,
+                                            d,
+                                            inp,
+                                            ha,
+                                            wp,
+                                            p.as_mut_ptr(),
+                                            d,
+                                            false,
+                                        )
                                     }
                                     o.iter_mut().zip(&p).for_each(|(o, p)| *o += s * p);
                                 }
