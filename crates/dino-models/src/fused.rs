@@ -1436,37 +1436,24 @@ impl LinearResidualOp {
                     if s != 0.0 {
                         match &wp {
                             Some(wp) => {
-                                let ha = &h[h_row(r0 + a) * inp..];
-                                if s == 1.0 {
-                                    // SAFETY: bf16 is supported (checked when the op was built); o is
-                                    // (e-a, d).
-                                    unsafe {
-                                        bf16::gemm_rows(
-                                            e - a,
-                                            d,
-                                            inp,
-                                            ha,
-                                            wp,
-                                            o.as_mut_ptr(),
-                                            d,
-                                            true,
-                                        )
-                                    }
-                                } else {
-                                    let mut p = crate::ops::uninit_f32(o.len());
-                                    // SAFETY: as above; p is (e-a, d), written in full (no accumulation).
-                                    unsafe {
-                                        bf16::gemm_rows(
-                                            e - a,
-                                            d,
-                                            inp,
-                                            ha,
-                                            wp,
-                                            p.as_mut_ptr(),
-                                            d,
-                                            false,
-                                        )
-                                    }
+                                // The product goes straight into `o` when unscaled, else through `p`.
+                                let mut p = (s != 1.0).then(|| crate::ops::uninit_f32(o.len()));
+                                let dst = p.as_mut().map_or(o.as_mut_ptr(), |p| p.as_mut_ptr());
+                                // SAFETY: bf16 is supported (checked when the op was built); dst is `o` or
+                                // `p`, (e-a, d) each; h rows h_row(r0+a).. are (e-a, inp).
+                                unsafe {
+                                    bf16::gemm_rows(
+                                        e - a,
+                                        d,
+                                        inp,
+                                        &h[h_row(r0 + a) * inp..],
+                                        wp,
+                                        dst,
+                                        d,
+                                        p.is_none(),
+                                    )
+                                }
+                                if let Some(p) = p {
                                     o.iter_mut().zip(&p).for_each(|(o, p)| *o += s * p);
                                 }
                             }
