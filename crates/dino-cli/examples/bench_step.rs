@@ -367,8 +367,8 @@ fn cpu_model() -> Option<String> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     let field = |key: &str| {
         info.lines()
-            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))
-            .and_then(|l| l.split_once(':'))
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim() == key)
             .map(|(_, v)| v.trim().to_string())
     };
     let name = field("model name")?;
