@@ -286,6 +286,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
                     seed: 0,
                     shuffle: true,
                     drop_last: true,
+                    ..Default::default()
                 },
             )?;
             let mut epoch = loader.epoch(1);

@@ -30,9 +30,18 @@ fn parse_bool(s: &str) -> Result<bool, String> {
 // ------------------------------------------------------------------------------------------------ train
 
 /// `dino train`: resolve the configuration, train (resuming from the output dir), print the summary.
-pub fn train(args: &TrainArgs, resume: bool, no_resume: bool) -> Result<()> {
+pub fn train(
+    args: &TrainArgs,
+    resume: bool,
+    no_resume: bool,
+    stop_after: Option<usize>,
+) -> Result<()> {
     let cfg = args.resolve()?;
+    let main_rank = dino_core::collective::rank() == 0;
     if args.print_config {
+        if !main_rank {
+            return Ok(());
+        }
         print!("{}", cfg.to_toml_string());
         return Ok(());
     }
@@ -45,9 +54,13 @@ pub fn train(args: &TrainArgs, resume: bool, no_resume: bool) -> Result<()> {
     }
     let opts = dino_train::TrainOptions {
         resume: !no_resume,
+        stop_after_iterations: stop_after,
         ..dino_train::TrainOptions::default()
     };
     let s = dino_train::train(&cfg, &opts)?;
+    if !main_rank {
+        return Ok(());
+    }
     if let Some(g) = s.resumed_from {
         println!("resumed from global iteration {g}");
     }

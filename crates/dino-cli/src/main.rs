@@ -20,6 +20,9 @@ use std::path::PathBuf;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Compute threads of this process (default: the cores divided by the ranks on this node).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -57,6 +60,9 @@ struct TrainCmd {
     /// Start afresh even if --output-dir holds a checkpoint (it is overwritten).
     #[arg(long)]
     no_resume: bool,
+    /// Stop (as if killed) once this many global iterations are complete; for tests of resume.
+    #[arg(long, hide = true)]
+    stop_after: Option<usize>,
 }
 
 fn main() {
@@ -115,10 +121,31 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // The process group (MPI under mpirun/srun with the `mpi` feature) and this rank's threads, before any
+    // compute starts a thread pool.
+    let dist = match dino_train::dist::init(cli.threads) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            std::process::exit(1);
+        }
+    };
     if let Err(e) = run(cli) {
+        if dist.world_size > 1 {
+            // One failed rank ends the whole job (MPI_Abort), naming itself.
+            eprintln!(
+                "error (rank {} of {}): {}",
+                dist.rank,
+                dist.world_size,
+                one_line(&format!("{e:#}"))
+            );
+            dino_train::dist::abort(1);
+        }
         eprintln!("error: {}", one_line(&format!("{e:#}")));
+        dino_train::dist::finalize();
         std::process::exit(1);
     }
+    dino_train::dist::finalize();
 }
 
 /// Collapses a message onto one line.
@@ -128,7 +155,7 @@ fn one_line(s: &str) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(t) => commands::train(&t.args, t.resume, t.no_resume),
+        Command::Train(t) => commands::train(&t.args, t.resume, t.no_resume, t.stop_after),
         Command::EvalKnn(a) => commands::eval_knn(&a),
         Command::EvalLinear(a) => commands::eval_linear(&a),
         Command::Extract(a) => commands::extract(&a),

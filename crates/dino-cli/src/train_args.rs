@@ -106,9 +106,13 @@ pub struct TrainArgs {
     /// Per-parameter gradient-norm clipping; 0 disables. [3.0]
     #[arg(long)]
     pub clip_grad: Option<f64>,
-    /// Images per step (official: --batch_size_per_gpu). [64]
-    #[arg(long, visible_alias = "batch-size-per-gpu")]
+    /// Images per step over all ranks (the global batch; lr is scaled by it). [64]
+    #[arg(long, conflicts_with = "batch_size_per_gpu")]
     pub batch_size: Option<usize>,
+    /// Images per step on each rank (the official --batch_size_per_gpu): the global batch is this times the
+    /// number of ranks.
+    #[arg(long)]
+    pub batch_size_per_gpu: Option<usize>,
     /// Number of epochs. [100]
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -269,6 +273,9 @@ impl TrainArgs {
             TrainConfig::default_preset()
         };
         self.apply(&mut cfg);
+        if let Some(b) = self.batch_size_per_gpu {
+            cfg.batch_size = b * dino_core::collective::world_size();
+        }
         cfg.validate()?;
         Ok(cfg)
     }

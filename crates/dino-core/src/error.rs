@@ -49,6 +49,15 @@ pub enum Error {
         got: Vec<usize>,
     },
 
+    /// A collective operation (all-reduce, broadcast, barrier) failed or was misused.
+    #[error("collective {op}: {msg}")]
+    Collective {
+        /// The operation.
+        op: String,
+        /// What went wrong.
+        msg: String,
+    },
+
     /// An epoch or iteration index lies beyond the end of a schedule.
     #[error("{name}: index {index} is past the end of the schedule (length {len})")]
     PastSchedule {
@@ -65,6 +74,14 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// A failed collective `op`.
+    pub fn collective(op: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Collective {
+            op: op.into(),
+            msg: msg.into(),
+        }
+    }
+
     pub(crate) fn shape(
         name: impl Into<String>,
         expected: impl Into<String>,

@@ -10,6 +10,7 @@
 //! | [`ema`] | the teacher EMA in `train_one_epoch` |
 //! | [`optim`] | `utils.get_params_groups` ([`params`]), `torch.optim.AdamW`/`SGD`, `utils.LARS`, `utils.clip_gradients`, `utils.cancel_gradients_last_layer` |
 //! | [`knn`] | `eval_knn.knn_classifier` |
+//! | [`collective`] | `torch.distributed` (all-reduce, broadcast) behind one trait; `Local` for one process |
 //! | [`monitor`] | (new) entropy / KL / std collapse indicators |
 //!
 //! # Adding DINO to your own candle model
@@ -91,6 +92,7 @@
 //! # }
 //! ```
 
+pub mod collective;
 pub mod ema;
 pub mod error;
 mod kernels;
@@ -101,6 +103,7 @@ pub mod optim;
 pub mod params;
 pub mod schedule;
 
+pub use collective::{Collective, Local};
 pub use ema::EmaTeacher;
 pub use error::{Error, Result};
 pub use knn::{knn_classifier, l2_normalize, KnnResult};

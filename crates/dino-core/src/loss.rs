@@ -285,13 +285,24 @@ impl DinoLoss {
         Ok(Some(m))
     }
 
-    /// `center = m * center + (1 - m) * mean(teacher_output rows)`, as `update_center` (world size 1).
+    /// `center = m * center + (1 - m) * mean(teacher_output rows)`, the rows of every rank: as the official
+    /// `update_center`, `batch_center = sum(rows)`, all-reduced over the ranks of
+    /// [`crate::collective::current`], divided by `rows * world_size` (world size 1: no communication).
     fn update_center(&mut self, teacher: &Tensor) -> Result<()> {
         let rows = teacher.dim(0)?;
         let m = self.cfg.center_momentum;
+        let world = crate::collective::world_size();
+        let sum = teacher.sum_keepdim(0)?;
+        let sum = if world > 1 {
+            let mut v = sum.flatten_all()?.to_vec1::<f32>()?;
+            crate::collective::current().all_reduce_sum_f32(&mut v)?;
+            Tensor::from_vec(v, sum.shape(), sum.device())?
+        } else {
+            sum
+        };
         // torch divides by the row count (true division), then scales by python floats.
-        let denom = Tensor::new(rows as f32, teacher.device())?;
-        let batch_center = teacher.sum_keepdim(0)?.broadcast_div(&denom)?;
+        let denom = Tensor::new((rows * world) as f32, teacher.device())?;
+        let batch_center = sum.broadcast_div(&denom)?;
         self.center = (self.center.affine(m, 0.0)? + batch_center.affine(1.0 - m, 0.0)?)?.detach();
         Ok(())
     }

@@ -112,6 +112,7 @@ fn bench_loader(c: &mut Criterion) {
                 seed: 0,
                 shuffle: true,
                 drop_last: true,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -140,6 +141,7 @@ fn bench_loader(c: &mut Criterion) {
                 seed: 0,
                 shuffle: true,
                 drop_last: true,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -185,6 +187,7 @@ fn report_cpu_time(_c: &mut Criterion) {
                 seed: 0,
                 shuffle: true,
                 drop_last: true,
+                ..Default::default()
             },
         )
         .unwrap();

@@ -47,6 +47,11 @@ pub struct LoaderConfig {
     pub shuffle: bool,
     /// Drop the last incomplete batch. Default true (as the official code).
     pub drop_last: bool,
+    /// This process's rank in a data-parallel run. Default 0.
+    pub rank: usize,
+    /// Ranks of the data-parallel run (`DistributedSampler`'s `num_replicas`); `batch_size` is per rank.
+    /// Default 1.
+    pub world_size: usize,
 }
 
 impl Default for LoaderConfig {
@@ -58,8 +63,28 @@ impl Default for LoaderConfig {
             seed: 0,
             shuffle: true,
             drop_last: true,
+            rank: 0,
+            world_size: 1,
         }
     }
+}
+
+/// The dataset indices of rank `rank`'s batch `it`: `DistributedSampler` semantics over the global batch of
+/// `b * world` positions `[it * b * world, (it + 1) * b * world)` of the epoch's `order`, rank `r` taking
+/// positions `r, r + world, ...` of it. The union over the ranks is the one-rank batch `it` of size
+/// `b * world`; local row `j` holds global-batch position `r + world * j` ([`global_positions`]).
+pub fn rank_slots(order: &[usize], it: usize, b: usize, rank: usize, world: usize) -> Vec<usize> {
+    let start = it * b * world;
+    (0..b)
+        .map(|j| start + rank + world * j)
+        .take_while(|&p| p < order.len())
+        .map(|p| order[p])
+        .collect()
+}
+
+/// The global-batch positions of the `b` local rows of rank `rank` (`rank + world * j`).
+pub fn global_positions(rank: usize, world: usize, b: usize) -> Vec<u64> {
+    (0..b).map(|j| (rank + world * j) as u64).collect()
 }
 
 /// One training batch: `2 + L` crop tensors, crop-major.
@@ -291,7 +316,13 @@ impl MultiCropLoader {
                 "the transform produces no views".into(),
             ));
         }
-        if cfg.drop_last && dataset.len() < cfg.batch_size {
+        if cfg.world_size == 0 || cfg.rank >= cfg.world_size {
+            return Err(Error::InvalidArgument(format!(
+                "rank {} is not in a world of {}",
+                cfg.rank, cfg.world_size
+            )));
+        }
+        if cfg.drop_last && dataset.len() < cfg.batch_size * cfg.world_size {
             return Err(Error::InvalidArgument(format!(
                 "dataset '{}' has {} samples, fewer than one batch of {} with drop_last",
                 dataset.name(),
@@ -332,10 +363,11 @@ impl MultiCropLoader {
         &self.shared.dataset
     }
 
-    /// Batches per epoch: `floor(N / B)` with `drop_last`, `ceil(N / B)` without.
+    /// Batches per epoch: `floor(N / B)` with `drop_last`, `ceil(N / B)` without, `B` the global batch
+    /// (`batch_size * world_size`).
     pub fn niter_per_epoch(&self) -> usize {
         let n = self.shared.dataset.len();
-        let b = self.cfg.batch_size;
+        let b = self.cfg.batch_size * self.cfg.world_size;
         if self.cfg.drop_last {
             n / b
         } else {
@@ -369,10 +401,15 @@ impl MultiCropLoader {
             )));
         }
         let order = self.order(epoch);
-        let b = self.cfg.batch_size;
-        let slots = &order[iteration * b..((iteration + 1) * b).min(order.len())];
-        self.shared
-            .batch(slots, self.cfg.seed, epoch, iteration, &AtomicUsize::new(0))
+        let (b, r, w) = (self.cfg.batch_size, self.cfg.rank, self.cfg.world_size);
+        let slots = rank_slots(&order, iteration, b, r, w);
+        self.shared.batch(
+            &slots,
+            self.cfg.seed,
+            epoch,
+            iteration,
+            &AtomicUsize::new(0),
+        )
     }
 
     /// Iterate over all batches of `epoch`.
@@ -386,7 +423,7 @@ impl MultiCropLoader {
         let niter = self.niter_per_epoch();
         let start = start.min(niter);
         let order = self.order(epoch);
-        let b = self.cfg.batch_size;
+        let (b, rank, world) = (self.cfg.batch_size, self.cfg.rank, self.cfg.world_size);
         let (tx, rx) = sync_channel::<Result<MultiCropBatch>>(self.cfg.prefetch);
         let skipped = Arc::new(AtomicUsize::new(0));
         let produced = Arc::new(AtomicUsize::new(0));
@@ -397,8 +434,8 @@ impl MultiCropLoader {
             .name(format!("dino-data-epoch-{epoch}"))
             .spawn(move || {
                 for it in start..niter {
-                    let slots = &order[it * b..((it + 1) * b).min(order.len())];
-                    let res = std::panic::catch_unwind(AssertUnwindSafe(|| shared.batch(slots, seed, epoch, it, &sk)))
+                    let slots = rank_slots(&order, it, b, rank, world);
+                    let res = std::panic::catch_unwind(AssertUnwindSafe(|| shared.batch(&slots, seed, epoch, it, &sk)))
                         .unwrap_or_else(|p| {
                             let msg = p
                                 .downcast_ref::<String>()
@@ -567,6 +604,7 @@ impl EvalBatcher {
             seed: 0,
             shuffle: false,
             drop_last: false,
+            ..LoaderConfig::default()
         };
         Ok(Self {
             loader: MultiCropLoader::new(dataset, transform, cfg)?,

@@ -105,6 +105,7 @@ fn cfg(batch_size: usize, num_workers: usize) -> LoaderConfig {
         seed: 7,
         shuffle: true,
         drop_last: true,
+        ..Default::default()
     }
 }
 
@@ -492,5 +493,36 @@ fn real_dino_augmentation_through_the_loader() {
             .map(|v| v.data)
             .collect();
         assert_eq!(rows[&i], want, "sample {i}");
+    }
+}
+
+/// `DistributedSampler` semantics: rank r's batch `it` is positions r, r + N, ... of the global batch `it`,
+/// so the ranks' batches are disjoint and their union is the one-rank batch of size `b * N`.
+#[test]
+fn rank_slots_partition_the_global_batch() {
+    use dino_data::loader::{epoch_permutation, global_positions, rank_slots};
+    let order = epoch_permutation(100, 3, 1);
+    for world in [1usize, 2, 4] {
+        let b = 12 / world;
+        for it in 0..8 {
+            let mut union: Vec<usize> = Vec::new();
+            for rank in 0..world {
+                let s = rank_slots(&order, it, b, rank, world);
+                assert_eq!(s.len(), b);
+                for (j, (&idx, &pos)) in s.iter().zip(&global_positions(rank, world, b)).enumerate()
+                {
+                    assert_eq!(
+                        idx,
+                        order[it * 12 + pos as usize],
+                        "world {world} rank {rank} row {j}"
+                    );
+                }
+                union.extend(s);
+            }
+            let mut one = rank_slots(&order, it, 12, 0, 1);
+            union.sort_unstable();
+            one.sort_unstable();
+            assert_eq!(union, one, "world {world} iteration {it}");
+        }
     }
 }

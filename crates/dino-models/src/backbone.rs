@@ -13,4 +13,10 @@ pub trait Backbone: Send + Sync {
 
     /// Reseed the network's own RNG (drop-path masks), so a given iteration draws the same masks on resume.
     fn reseed(&self, _seed: u64) {}
+
+    /// Reseed as [`Backbone::reseed`], with the rows of one crop being the global-batch positions `samples`,
+    /// so that per-sample draws do not depend on the data-parallel split (ViT drop path).
+    fn set_drop_path_samples(&self, seed: u64, _samples: &[u64]) {
+        self.reseed(seed)
+    }
 }

@@ -108,6 +108,41 @@ pub struct DinoHead {
     weight_v: Tensor,
 }
 
+/// `SyncBatchNorm` in train mode for `(N, C)` rows: mean and biased variance over the rows of every rank
+/// (sums all-reduced with the differentiable [`dino_core::collective::all_reduce_sum`], so the backward pass
+/// sums the statistics' gradients over the ranks as torch's `SyncBatchNorm` does); running statistics updated
+/// with the global mean and the unbiased global variance. Same arithmetic as candle-nn's `forward_train`
+/// otherwise.
+fn sync_batch_norm_1d(bn: &BatchNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+    use dino_core::collective::{all_reduce_count, all_reduce_sum};
+    if x.rank() != 2 {
+        candle_core::bail!("SyncBatchNorm1d expects (N, C), got {:?}", x.dims())
+    }
+    let to_candle = |e: dino_core::Error| candle_core::Error::Msg(e.to_string());
+    let n = all_reduce_count(x.dim(0)?).map_err(to_candle)? as f64;
+    if n < 2.0 {
+        candle_core::bail!("SyncBatchNorm1d: expected more than 1 value per channel when training")
+    }
+    let m = bn.momentum();
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let mean = (all_reduce_sum(&x.sum_keepdim(0)?)? / n)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = (all_reduce_sum(&xc.sqr()?.sum_keepdim(0)?)? / n)?;
+    let rm = candle_core::Var::from_tensor(bn.running_mean())?;
+    let rv = candle_core::Var::from_tensor(bn.running_var())?;
+    rm.set(&((rm.as_tensor() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?)?;
+    rv.set(
+        &((rv.as_tensor() * (1.0 - m))? + (var.detach().flatten_all()? * (m * n / (n - 1.0)))?)?,
+    )?;
+    let y = xc.broadcast_div(&(var + bn.eps())?.sqrt()?)?;
+    match bn.weight_and_bias() {
+        None => Ok(y),
+        Some((w, b)) => y
+            .broadcast_mul(&w.reshape((1, ()))?)?
+            .broadcast_add(&b.reshape((1, ()))?),
+    }
+}
+
 /// Exact (erf) GELU, as `nn.GELU()`: the fused op with an analytic backward (f32 on CPU), candle's
 /// `gelu_erf` otherwise.
 fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -202,7 +237,13 @@ impl DinoHead {
         for layer in &self.mlp {
             x = match layer {
                 MlpLayer::Linear(w, b) => crate::ops::linear(&x, w, Some(b))?,
-                MlpLayer::BatchNorm(bn) => bn.forward_t(&x, train)?,
+                MlpLayer::BatchNorm(bn) => {
+                    if train && dino_core::collective::world_size() > 1 {
+                        sync_batch_norm_1d(bn, &x)?
+                    } else {
+                        bn.forward_t(&x, train)?
+                    }
+                }
                 MlpLayer::Gelu => gelu(&x)?,
             };
         }

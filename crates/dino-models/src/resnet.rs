@@ -537,11 +537,21 @@ impl BatchNorm2d {
                 && matches!(x.dtype(), DType::F32 | DType::F64)
                 && self.weight.dtype() == x.dtype()
                 && self.bias.dtype() == x.dtype();
+            // SyncBatchNorm across the ranks of a data-parallel run (the official code converts every
+            // BatchNorm when `has_batchnorms`): statistics over the global batch.
+            let world = dino_core::collective::world_size();
+            let n_all = if world > 1 {
+                dino_core::collective::all_reduce_count(n).map_err(to_candle)?
+            } else {
+                n
+            };
             if fused {
                 let x = x.contiguous()?;
                 let stats = match x.dtype() {
-                    DType::F32 => channel_stats(&x.flatten_all()?.to_vec1::<f32>()?, b, c, h * w),
-                    _ => channel_stats(&x.flatten_all()?.to_vec1::<f64>()?, b, c, h * w),
+                    DType::F32 => {
+                        channel_stats(&x.flatten_all()?.to_vec1::<f32>()?, b, c, h * w, n_all)?
+                    }
+                    _ => channel_stats(&x.flatten_all()?.to_vec1::<f64>()?, b, c, h * w, n_all)?,
                 };
                 let mean: Vec<f64> = stats.iter().map(|s| s.0).collect();
                 let var: Vec<f64> = stats.iter().map(|s| s.1).collect();
@@ -549,15 +559,20 @@ impl BatchNorm2d {
                 let op = BatchNormTrainOp {
                     mean: mean.clone(),
                     inv_std,
+                    n_all,
                 };
                 let y =
                     x.apply_op3_arc(&self.weight, &self.bias, std::sync::Arc::new(Box::new(op)))?;
                 let dev = x.device();
-                self.update_running_stats(&Tensor::new(mean, dev)?, &Tensor::new(var, dev)?, n)?;
+                self.update_running_stats(
+                    &Tensor::new(mean, dev)?,
+                    &Tensor::new(var, dev)?,
+                    n_all,
+                )?;
                 return Ok(y);
             }
             let (y, mean, var) = self.train_composed(x)?;
-            self.update_running_stats(&mean.detach(), &var.detach(), n)?;
+            self.update_running_stats(&mean.detach(), &var.detach(), n_all)?;
             Ok(y)
         } else {
             let dt = x.dtype();
@@ -579,6 +594,21 @@ impl BatchNorm2d {
 
     fn train_composed(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let shape = (1, self.num_features, 1, 1);
+        if dino_core::collective::world_size() > 1 {
+            // SyncBatchNorm: sums over the ranks, differentiable.
+            use dino_core::collective::{all_reduce_count, all_reduce_sum};
+            let (b, _, h, w) = x.dims4()?;
+            let n = all_reduce_count(b * h * w).map_err(to_candle)? as f64;
+            let mean = (all_reduce_sum(&x.sum_keepdim((0, 2, 3))?)? / n)?;
+            let xc = x.broadcast_sub(&mean)?;
+            let var = (all_reduce_sum(&xc.sqr()?.sum_keepdim((0, 2, 3))?)? / n)?;
+            let inv_std = (&var + self.eps)?.sqrt()?.recip()?;
+            let scale = inv_std.broadcast_mul(&self.weight.reshape(shape)?)?;
+            let y = xc
+                .broadcast_mul(&scale)?
+                .broadcast_add(&self.bias.reshape(shape)?)?;
+            return Ok((y, mean, var));
+        }
         let mean = x.mean_keepdim((0, 2, 3))?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
@@ -607,23 +637,47 @@ impl BatchNorm2d {
 }
 
 /// Per-channel `(mean, biased variance)` of a contiguous `(B, C, HW)` buffer, two-pass in f64, channels
-/// spread over all cores.
-fn channel_stats<T: WithDType>(x: &[T], b: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
-    let mut out = vec![(0.0, 0.0); c];
-    par_chunks(&mut out, 1, |ci, slot| {
-        let n = (b * hw) as f64;
-        let planes = || (0..b).map(|bi| &x[(bi * c + ci) * hw..(bi * c + ci + 1) * hw]);
-        let mean = planes()
+/// spread over all cores. `n_all` is the number of values per channel over every rank: when it exceeds this
+/// buffer's `B * HW`, each pass's per-channel sums are all-reduced (SyncBatchNorm).
+fn channel_stats<T: WithDType>(
+    x: &[T],
+    b: usize,
+    c: usize,
+    hw: usize,
+    n_all: usize,
+) -> Result<Vec<(f64, f64)>> {
+    let sync = n_all != b * hw;
+    let n = n_all as f64;
+    let planes = |ci: usize| (0..b).map(move |bi| &x[(bi * c + ci) * hw..(bi * c + ci + 1) * hw]);
+    let mut sums = vec![0.0f64; c];
+    par_chunks(&mut sums, 1, |ci, slot| {
+        slot[0] = planes(ci)
             .map(|p| p.iter().map(|v| v.to_f64()).sum::<f64>())
-            .sum::<f64>()
-            / n;
-        let var = planes()
-            .map(|p| p.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>())
-            .sum::<f64>()
-            / n;
-        slot[0] = (mean, var);
+            .sum::<f64>();
     });
-    out
+    if sync {
+        dino_core::collective::current()
+            .all_reduce_sum_f64(&mut sums)
+            .map_err(to_candle)?;
+    }
+    let mean: Vec<f64> = sums.iter().map(|s| s / n).collect();
+    let mut sq = vec![0.0f64; c];
+    par_chunks(&mut sq, 1, |ci, slot| {
+        let m = mean[ci];
+        slot[0] = planes(ci)
+            .map(|p| p.iter().map(|v| (v.to_f64() - m).powi(2)).sum::<f64>())
+            .sum::<f64>();
+    });
+    if sync {
+        dino_core::collective::current()
+            .all_reduce_sum_f64(&mut sq)
+            .map_err(to_candle)?;
+    }
+    Ok(mean.into_iter().zip(sq).map(|(m, q)| (m, q / n)).collect())
+}
+
+fn to_candle(e: dino_core::Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
 }
 
 /// Train-mode BatchNorm `y = (x - mean) * inv_std * weight + bias` on CPU with an analytic backward; the
@@ -631,6 +685,8 @@ fn channel_stats<T: WithDType>(x: &[T], b: usize, c: usize, hw: usize) -> Vec<(f
 struct BatchNormTrainOp {
     mean: Vec<f64>,
     inv_std: Vec<f64>,
+    /// Values per channel over every rank (the local `B * HW` outside data parallelism).
+    n_all: usize,
 }
 
 impl BatchNormTrainOp {
@@ -660,7 +716,7 @@ impl BatchNormTrainOp {
         b: usize,
         c: usize,
         hw: usize,
-    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+    ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
         // Per channel: sum(g) and sum(g * xhat).
         let mut sums = vec![(0.0f64, 0.0f64); c];
         par_chunks(&mut sums, 1, |ci, slot| {
@@ -676,7 +732,20 @@ impl BatchNormTrainOp {
             }
             slot[0] = (sg, sgx);
         });
-        let n = (b * hw) as f64;
+        // The weight and bias gradients are this rank's (the trainer averages them); dx needs the sums
+        // over the global batch (SyncBatchNorm's all-reduce of sum_dy and sum_dy_xmu).
+        let dw = sums.iter().map(|s| T::from_f64(s.1)).collect();
+        let db = sums.iter().map(|s| T::from_f64(s.0)).collect();
+        if self.n_all != b * hw {
+            let mut flat: Vec<f64> = sums.iter().flat_map(|s| [s.0, s.1]).collect();
+            dino_core::collective::current()
+                .all_reduce_sum_f64(&mut flat)
+                .map_err(to_candle)?;
+            for (ci, s) in sums.iter_mut().enumerate() {
+                *s = (flat[2 * ci], flat[2 * ci + 1]);
+            }
+        }
+        let n = self.n_all as f64;
         let mut dx = vec![T::zero(); x.len()];
         par_chunks(&mut dx, c * hw, |bi, img| {
             for (ci, plane) in img.chunks_mut(hw).enumerate() {
@@ -690,9 +759,7 @@ impl BatchNormTrainOp {
                 }
             }
         });
-        let dw = sums.iter().map(|s| T::from_f64(s.1)).collect();
-        let db = sums.iter().map(|s| T::from_f64(s.0)).collect();
-        (dx, dw, db)
+        Ok((dx, dw, db))
     }
 }
 
@@ -750,7 +817,7 @@ impl CustomOp3 for BatchNormTrainOp {
                     b,
                     c,
                     h * w,
-                );
+                )?;
                 (
                     Tensor::from_vec(dx, x.shape(), dev)?,
                     Tensor::new(dw, dev)?,
@@ -765,7 +832,7 @@ impl CustomOp3 for BatchNormTrainOp {
                     b,
                     c,
                     h * w,
-                );
+                )?;
                 (
                     Tensor::from_vec(dx, x.shape(), dev)?,
                     Tensor::new(dw, dev)?,

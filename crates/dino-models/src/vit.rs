@@ -24,8 +24,6 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 use crate::backbone::Backbone;
 use crate::init::{default_uniform, TRUNC_NORMAL_02};
@@ -332,13 +330,13 @@ impl Block {
         crate::fused::linear_residual(x, &h, &lin.weight, lin.bias.as_ref(), scales)
     }
 
-    /// The drop-path scales of the attention and MLP branches, drawn in that order (see
-    /// [`Block::drop_path_scales`]). `rng` is `Some` when drop path is active (training, rate > 0).
-    fn branch_scales(&self, b: usize, rng: Option<&Mutex<ChaCha8Rng>>) -> Result<BranchScales> {
-        Ok((
-            self.drop_path_scales(b, rng)?,
-            self.drop_path_scales(b, rng)?,
-        ))
+    /// The drop-path scales of the attention (branch 0) and MLP (branch 1) branches of block `index` (see
+    /// [`Block::drop_path_scales`]). `keys` is `Some` when drop path is active (training).
+    fn branch_scales(&self, index: usize, keys: Option<&DropPathKeys>) -> BranchScales {
+        (
+            self.drop_path_scales(index, 0, keys),
+            self.drop_path_scales(index, 1, keys),
+        )
     }
 
     /// `x`: `(B*T, D)` -> `(B*T, D)`, with the branches' drop-path scales (see [`Block::branch_scales`]).
@@ -392,28 +390,98 @@ impl Block {
     }
 
     /// Stochastic depth's per-sample scales: keep with probability `1 - rate` and scale by `1 / (1 - rate)`;
-    /// the mask is `floor(keep + U[0,1))` as in the official `drop_path`. `None` when inactive.
+    /// the mask is `floor(keep + U[0,1))` as in the official `drop_path`, with `U` a hash of (iteration seed,
+    /// block, branch, crop, sample) ([`DropPathKeys`]), so a row's draw does not depend on which rows share
+    /// its batch (or its rank). `None` when inactive.
     fn drop_path_scales(
         &self,
-        b: usize,
-        rng: Option<&Mutex<ChaCha8Rng>>,
-    ) -> Result<Option<Vec<f32>>> {
-        let rng = match rng {
-            Some(r) if self.drop_path > 0.0 => r,
-            _ => return Ok(None),
+        index: usize,
+        branch: u64,
+        keys: Option<&DropPathKeys>,
+    ) -> Option<Vec<f32>> {
+        let keys = match keys {
+            Some(k) if self.drop_path > 0.0 => k,
+            _ => return None,
         };
         let keep = 1.0 - self.drop_path;
-        let mut rng = rng
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("ViT drop-path RNG mutex poisoned".into()))?;
-        Ok(Some(
-            (0..b)
-                .map(|_| {
-                    let u: f64 = rng.random();
+        Some(
+            keys.rows
+                .iter()
+                .map(|&(crop, sample)| {
+                    let u = unit_f64(key_hash(&[keys.seed, index as u64, branch, crop, sample]));
                     ((keep + u).floor() / keep) as f32
                 })
                 .collect(),
-        ))
+        )
+    }
+}
+
+/// SplitMix64 finaliser.
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A 64-bit hash of a key tuple (chained SplitMix64).
+fn key_hash(vals: &[u64]) -> u64 {
+    let mut h = mix64(0x4452_4f50_5041_5448); // "DROPPATH"
+    for (k, &v) in vals.iter().enumerate() {
+        h = mix64(h ^ mix64(v.wrapping_add(k as u64)));
+    }
+    h
+}
+
+/// The top 53 bits of `h` as a uniform draw in `[0, 1)`.
+fn unit_f64(h: u64) -> f64 {
+    (h >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// Where the drop-path draws of an iteration come from: the iteration's seed and the sample id of each row
+/// of one crop (its position in the global batch). Forward calls consume crops in order: a call on `m`
+/// crops' rows (`m * samples` rows, crop-major) takes the next `m` crop indices.
+#[derive(Debug, Clone, Default)]
+struct DropPathState {
+    seed: u64,
+    /// The sample id of each row of one crop; `None`: the rows of each call are samples `0..B`, one crop.
+    samples: Option<Vec<u64>>,
+    next_crop: u64,
+}
+
+/// The (crop, sample) of every row of one forward call, and the iteration's seed.
+struct DropPathKeys {
+    seed: u64,
+    rows: Vec<(u64, u64)>,
+}
+
+impl DropPathState {
+    /// The keys of the next call on `b` rows, advancing the crop counter.
+    fn take(&mut self, b: usize) -> Result<DropPathKeys> {
+        let rows = match &self.samples {
+            Some(ids) if !ids.is_empty() => {
+                if b % ids.len() != 0 {
+                    candle_core::bail!(
+                        "drop path: {b} rows are not a whole number of crops of {} samples",
+                        ids.len()
+                    )
+                }
+                let base = self.next_crop;
+                self.next_crop += (b / ids.len()) as u64;
+                (0..b)
+                    .map(|r| (base + (r / ids.len()) as u64, ids[r % ids.len()]))
+                    .collect()
+            }
+            _ => {
+                let crop = self.next_crop;
+                self.next_crop += 1;
+                (0..b as u64).map(|r| (crop, r)).collect()
+            }
+        };
+        Ok(DropPathKeys {
+            seed: self.seed,
+            rows,
+        })
     }
 }
 
@@ -448,7 +516,7 @@ pub struct VisionTransformer {
     pos_embed: Tensor,
     blocks: Vec<Block>,
     norm: LayerNorm,
-    rng: Mutex<ChaCha8Rng>,
+    drop_keys: Mutex<DropPathState>,
     /// (rows, cols) of the patch grid -> (Wr (rows, g), Wc (cols, g)).
     interp_cache: Mutex<HashMap<(usize, usize), (Tensor, Tensor)>>,
 }
@@ -504,7 +572,7 @@ impl VisionTransformer {
             pos_embed,
             blocks,
             norm,
-            rng: Mutex::new(ChaCha8Rng::seed_from_u64(0)),
+            drop_keys: Mutex::new(DropPathState::default()),
             interp_cache: Mutex::new(HashMap::new()),
         })
     }
@@ -623,24 +691,36 @@ impl VisionTransformer {
         t.x.reshape((t.b, t.t, self.cfg.embed_dim))
     }
 
-    fn run_blocks(&self, tok: &Tokens, upto: usize, train: bool) -> Result<Tensor> {
-        let rng = if train { Some(&self.rng) } else { None };
+    /// The drop-path keys of a training forward on `b` rows (None outside training or without drop path).
+    fn drop_path_keys(&self, b: usize, train: bool) -> Result<Option<DropPathKeys>> {
+        if !train || self.blocks.iter().all(|blk| blk.drop_path <= 0.0) {
+            return Ok(None);
+        }
+        let mut st = self
+            .drop_keys
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("ViT drop-path state mutex poisoned".into()))?;
+        Ok(Some(st.take(b)?))
+    }
+
+    fn run_blocks(&self, tok: &Tokens, upto: usize, keys: Option<&DropPathKeys>) -> Result<Tensor> {
         let mut x = tok.x.clone();
-        for blk in &self.blocks[..upto] {
-            x = blk.forward(&x, tok.b, tok.t, blk.branch_scales(tok.b, rng)?)?;
+        for (i, blk) in self.blocks[..upto].iter().enumerate() {
+            x = blk.forward(&x, tok.b, tok.t, blk.branch_scales(i, keys))?;
         }
         Ok(x)
     }
 
-    /// `(B, C, H, W)` -> `(B, D)`: the CLS token after the final norm. `train` enables drop path (masks drawn
-    /// from the model's seeded RNG, see [`Backbone::reseed`]).
+    /// `(B, C, H, W)` -> `(B, D)`: the CLS token after the final norm. `train` enables drop path (masks keyed
+    /// by the iteration seed and each row's crop and sample, see [`Backbone::reseed`] and
+    /// [`Backbone::set_drop_path_samples`]).
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let tok = self.prepare(x)?;
+        let keys = self.drop_path_keys(tok.b, train)?;
         let last = self.blocks.len() - 1;
-        let y = self.run_blocks(&tok, last, train)?;
-        let rng = if train { Some(&self.rng) } else { None };
+        let y = self.run_blocks(&tok, last, keys.as_ref())?;
         let blk = &self.blocks[last];
-        let cls = blk.forward_cls(&y, tok.b, tok.t, blk.branch_scales(tok.b, rng)?)?;
+        let cls = blk.forward_cls(&y, tok.b, tok.t, blk.branch_scales(last, keys.as_ref()))?;
         self.norm.forward(&cls)
     }
 
@@ -653,7 +733,7 @@ impl VisionTransformer {
     pub fn get_last_selfattention(&self, x: &Tensor) -> Result<Tensor> {
         let tok = self.prepare(x)?;
         let last = self.blocks.len() - 1;
-        let y = self.run_blocks(&tok, last, false)?;
+        let y = self.run_blocks(&tok, last, None)?;
         self.blocks[last].attention_probs(&y, tok.b, tok.t)
     }
 
@@ -674,10 +754,28 @@ impl VisionTransformer {
         Ok(out)
     }
 
-    /// Reset the drop-path RNG to `ChaCha8Rng::seed_from_u64(seed)`.
+    /// Start an iteration's drop-path draws from `seed`, the rows of each forward call being samples
+    /// `0..B` of one crop.
     pub fn reseed(&self, seed: u64) {
-        if let Ok(mut r) = self.rng.lock() {
-            *r = ChaCha8Rng::seed_from_u64(seed);
+        if let Ok(mut r) = self.drop_keys.lock() {
+            *r = DropPathState {
+                seed,
+                samples: None,
+                next_crop: 0,
+            };
+        }
+    }
+
+    /// Start an iteration's drop-path draws from `seed`, the rows of one crop being the samples `samples`
+    /// (their positions in the global batch): a forward call on `m` crops' rows (crop-major) takes the next
+    /// `m` crops. The masks then do not depend on how the batch is split over ranks.
+    pub fn set_drop_path_samples(&self, seed: u64, samples: &[u64]) {
+        if let Ok(mut r) = self.drop_keys.lock() {
+            *r = DropPathState {
+                seed,
+                samples: Some(samples.to_vec()),
+                next_crop: 0,
+            };
         }
     }
 
@@ -703,6 +801,10 @@ impl Backbone for VisionTransformer {
 
     fn reseed(&self, seed: u64) {
         VisionTransformer::reseed(self, seed)
+    }
+
+    fn set_drop_path_samples(&self, seed: u64, samples: &[u64]) {
+        VisionTransformer::set_drop_path_samples(self, seed, samples)
     }
 }
 

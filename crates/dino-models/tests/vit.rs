@@ -350,6 +350,43 @@ fn drop_path_is_training_only_seeded_and_linear_in_depth() -> Result<()> {
     Ok(())
 }
 
+/// Drop-path masks are keyed by each row's (crop, global-batch position): two "ranks" holding the even and
+/// the odd samples of a batch (2 crops each, crop-major) draw the same masks as one process holding all of
+/// them, so their rows of the output are the same.
+#[test]
+fn drop_path_masks_do_not_depend_on_the_data_parallel_split() -> Result<()> {
+    let cfg = ViTConfig::custom(16, 4, 16, 3, 2).with_drop_path(0.5);
+    let (vit, _) = tiny_trainable(cfg, 3)?;
+    let (b, crops) = (8usize, 2usize);
+    let x = randn(11, &[crops * b, 3, 16, 16])?; // crop-major: rows [c*b, (c+1)*b) are crop c
+    let all: Vec<u64> = (0..b as u64).collect();
+    vit.set_drop_path_samples(99, &all);
+    let full = vit.forward_t(&x, true)?.to_vec2::<f32>()?;
+    let mut dropped_somewhere = false;
+    for rank in 0..2usize {
+        let mine: Vec<usize> = (rank..b).step_by(2).collect();
+        let rows: Vec<u32> = (0..crops)
+            .flat_map(|c| mine.iter().map(move |&j| (c * b + j) as u32))
+            .collect();
+        let xr = x.index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?;
+        let ids: Vec<u64> = mine.iter().map(|&j| j as u64).collect();
+        vit.set_drop_path_samples(99, &ids);
+        let part = vit.forward_t(&xr, true)?.to_vec2::<f32>()?;
+        for (r, &row) in rows.iter().enumerate() {
+            assert_eq!(part[r], full[row as usize], "rank {rank}, row {row}");
+        }
+    }
+    // Masks were drawn at all: another seed gives other outputs; eval mode gives others again.
+    vit.set_drop_path_samples(100, &all);
+    let other = vit.forward_t(&x, true)?.to_vec2::<f32>()?;
+    let eval = vit.forward_t(&x, false)?.to_vec2::<f32>()?;
+    for r in 0..crops * b {
+        dropped_somewhere |= other[r] != full[r] || eval[r] != full[r];
+    }
+    assert!(dropped_somewhere, "drop path 0.5 dropped nothing");
+    Ok(())
+}
+
 #[test]
 fn rejects_bad_inputs_and_configs() -> Result<()> {
     let cfg = ViTConfig::custom(16, 4, 16, 1, 3);

@@ -8,11 +8,13 @@
 //! - [`checkpoint`]: atomic safetensors checkpoints with embedded JSON metadata.
 //! - [`eval`]: feature extraction, weighted k-NN and the linear probe.
 //! - [`log`], [`plot`]: JSON-lines log, progress display, PNG curves.
+//! - [`dist`]: the process group of a data-parallel run (MPI with the `mpi` feature), rank threads.
 //! - [`runtime::tune_allocator`]: allocator settings for the training process.
 
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod log;

@@ -43,6 +43,12 @@ pub struct StepRecord {
     pub images_per_s: f64,
     /// Seconds since the start of this process.
     pub elapsed_s: f64,
+    /// Seconds this step spent averaging gradients over the ranks (0 on one rank).
+    #[serde(default)]
+    pub all_reduce_s: f64,
+    /// Gradient bytes all-reduced in this step (0 on one rank).
+    #[serde(default)]
+    pub all_reduce_bytes: usize,
 }
 
 /// One epoch summary (`"kind": "epoch"`), the official `log.txt` keys plus ours.
@@ -226,6 +232,8 @@ mod tests {
             teacher_std: 0.1,
             images_per_s: 10.0,
             elapsed_s: 1.0,
+            all_reduce_s: 0.0,
+            all_reduce_bytes: 0,
         }
     }
 

@@ -108,22 +108,57 @@ impl KnnSetup {
     }
 
     fn run(&self, cfg: &TrainConfig, backbone: &dyn Backbone) -> Result<KnnResult> {
-        let w = cfg.num_workers.max(1);
-        let train: Features = extract_features(
-            backbone,
-            self.bank.clone(),
-            self.transform.clone(),
-            cfg.eval_batch_size,
-            w,
-        )?;
-        let test = extract_features(
-            backbone,
-            self.val.clone(),
-            self.transform.clone(),
-            cfg.eval_batch_size,
-            w,
-        )?;
+        let train = self.features(cfg, backbone, &self.bank)?;
+        let test = self.features(cfg, backbone, &self.val)?;
         knn_eval(&train, &test, cfg.knn_k, cfg.knn_temperature)
+    }
+
+    /// The features of `ds`; under data parallelism each rank extracts every `world`-th image and the
+    /// features are gathered over the ranks (as the official `eval_knn` does), in dataset order on every rank.
+    fn features(
+        &self,
+        cfg: &TrainConfig,
+        backbone: &dyn Backbone,
+        ds: &Arc<dyn Dataset>,
+    ) -> Result<Features> {
+        let w = cfg.num_workers.max(1);
+        let coll = dino_core::collective::current();
+        let (rank, world) = (coll.rank(), coll.world_size());
+        if world == 1 {
+            return extract_features(
+                backbone,
+                ds.clone(),
+                self.transform.clone(),
+                cfg.eval_batch_size,
+                w,
+            );
+        }
+        let n = ds.len();
+        let mine: Vec<usize> = (rank..n).step_by(world).collect();
+        let d = backbone.embed_dim();
+        let mut all = vec![0f32; n * d];
+        if !mine.is_empty() {
+            let sub: Arc<dyn Dataset> =
+                Arc::new(dino_data::dataset::Subset::new(ds.clone(), mine.clone())?);
+            let f = extract_features(
+                backbone,
+                sub,
+                self.transform.clone(),
+                cfg.eval_batch_size,
+                w,
+            )?;
+            let rows = f.features.to_vec2::<f32>()?;
+            for (row, &i) in rows.iter().zip(&mine) {
+                all[i * d..(i + 1) * d].copy_from_slice(row);
+            }
+        }
+        // Each row is non-zero on one rank only: the sum is an exact gather.
+        coll.all_reduce_sum_f32(&mut all)?;
+        let labels: Option<Vec<usize>> = (0..n).map(|i| ds.label(i)).collect();
+        Ok(Features {
+            features: candle_core::Tensor::from_vec(all, (n, d), &Device::Cpu)?,
+            labels,
+        })
     }
 }
 
@@ -172,7 +207,26 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         );
     }
     let out = cfg.output_dir.clone();
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let coll = dino_core::collective::current();
+    let (rank, world) = (coll.rank(), coll.world_size());
+    let main = rank == 0;
+    if world > 1 {
+        check_same_config(coll.as_ref(), cfg)?;
+    }
+    if !cfg.batch_size.is_multiple_of(world) {
+        return Err(Error::config(
+            "batch_size",
+            cfg.batch_size,
+            format!(
+                "the global batch must split evenly over {world} ranks (use --batch-size-per-gpu, or a multiple \
+                 of {world})"
+            ),
+        ));
+    }
+    let local_batch = cfg.batch_size / world;
+    if main {
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    }
     let device = Device::Cpu;
 
     let train_ds = data::open_train(cfg)?;
@@ -225,12 +279,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             resumed_from = Some(start_g);
         }
     }
-    checkpoint::atomic_write(&out.join("config.toml"), cfg.to_toml_string().as_bytes())?;
-
-    let mut log = JsonLog::open(&out)?;
-    let mut progress = Progress::new(total, start_g, opts.progress);
+    let mut log = if main {
+        checkpoint::atomic_write(&out.join("config.toml"), cfg.to_toml_string().as_bytes())?;
+        Some(JsonLog::open(&out)?)
+    } else {
+        None
+    };
+    let mut progress = Progress::new(total, start_g, opts.progress && main);
     progress.println(&format!(
-        "dino-train: {description}; {} {}; {niter} it/epoch x {} epochs; output {}{}",
+        "dino-train: {description}; {} {}; {niter} it/epoch x {} epochs{}; output {}{}",
         cfg.arch,
         if cfg.arch_kind()?.is_vit() {
             format!("patch {}", cfg.patch_size)
@@ -238,6 +295,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             String::new()
         },
         cfg.epochs,
+        if world > 1 {
+            format!(
+                "; {world} ranks ({}) x {local_batch} images = batch {}",
+                coll.name(),
+                cfg.batch_size
+            )
+        } else {
+            String::new()
+        },
         out.display(),
         match resumed_from {
             Some(g) => format!("; resuming at global iteration {g}"),
@@ -276,12 +342,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         train_ds.clone(),
         data::augmentation(cfg)?,
         LoaderConfig {
-            batch_size: cfg.batch_size,
+            batch_size: local_batch,
+            rank,
+            world_size: world,
             num_workers: cfg.num_workers.max(1),
             prefetch: cfg.prefetch_batches,
             seed: cfg.seed,
             shuffle: true,
             drop_last: true,
+            ..Default::default()
         },
     )?;
 
@@ -325,7 +394,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             window_images += cfg.batch_size;
             let log_now = cfg.log_every > 0 && (g.is_multiple_of(cfg.log_every) || it + 1 == niter);
             if log_now {
-                let m = trainer.last_metrics()?;
+                let m = global_metrics(coll.as_ref(), trainer.last_metrics()?)?;
                 let el = window_start.elapsed().as_secs_f64();
                 let rec = StepRecord {
                     kind: "step".into(),
@@ -346,12 +415,16 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                         0.0
                     },
                     elapsed_s: t0.elapsed().as_secs_f64(),
+                    all_reduce_s: stats.timings.all_reduce,
+                    all_reduce_bytes: stats.all_reduce_bytes,
                 };
                 if rec.teacher_entropy.is_finite() {
                     ent_sum += rec.teacher_entropy;
                     n_ent += 1;
                 }
-                log.write(&rec)?;
+                if let Some(l) = log.as_mut() {
+                    l.write(&rec)?;
+                }
                 progress.update(
                     g,
                     &format!(
@@ -363,7 +436,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 window_images = 0;
             }
             let end_of_epoch = it + 1 == niter;
-            if !end_of_epoch && cfg.ckpt_every_iters > 0 && g.is_multiple_of(cfg.ckpt_every_iters) {
+            if main
+                && !end_of_epoch
+                && cfg.ckpt_every_iters > 0
+                && g.is_multiple_of(cfg.ckpt_every_iters)
+            {
                 save_checkpoint(
                     &trainer,
                     cfg,
@@ -387,7 +464,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         if cfg.saveckp_freq > 0 && epoch.is_multiple_of(cfg.saveckp_freq) {
             stems.push(format!("checkpoint{epoch:04}"));
         }
-        save_checkpoint(&trainer, cfg, &stems, g, summary.last_loss, &fingerprint)?;
+        if main {
+            save_checkpoint(&trainer, cfg, &stems, g, summary.last_loss, &fingerprint)?;
+        }
         let last_epoch = epoch + 1 == cfg.epochs;
         let eval_now = knn.is_some()
             && ((cfg.eval_every > 0 && (epoch + 1).is_multiple_of(cfg.eval_every))
@@ -420,7 +499,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             skipped_images: skipped,
             epoch_s: t_epoch.elapsed().as_secs_f64(),
         };
-        log.write(&rec)?;
+        if let Some(l) = log.as_mut() {
+            l.write(&rec)?;
+        }
         progress.println(&format!(
             "epoch {epoch}: loss {mean_loss:.4}{} ({:.1} s){}",
             match knn_res {
@@ -469,15 +550,71 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             cfg.knn_k, cfg.knn_temperature, a.top1, b.top1, a.top5, b.top5
         );
         progress.println(&line);
-        if !opts.progress {
+        if !opts.progress && main {
             tracing::info!("{line}");
         }
     }
-    if opts.plots {
+    if opts.plots && main {
         summary.plots = write_plots(&out)?;
     }
     summary.seconds = t0.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Every rank must run the same configuration: rank 0's TOML is broadcast and compared; a difference on any
+/// rank is an error on every rank (naming the first differing key).
+fn check_same_config(coll: &dyn dino_core::Collective, cfg: &TrainConfig) -> Result<()> {
+    let mine = cfg.to_toml_string();
+    let mut root = mine.clone().into_bytes();
+    coll.broadcast_bytes(&mut root, 0)?;
+    let root_cfg = String::from_utf8(root)
+        .ok()
+        .and_then(|t| toml::from_str::<TrainConfig>(&t).ok());
+    let diff = match &root_cfg {
+        Some(r) if r.to_toml_string() == mine => Vec::new(),
+        Some(r) => {
+            let d = r.diff_for_resume(cfg);
+            if d.is_empty() {
+                vec!["(keys ignored on resume)".to_string()]
+            } else {
+                d
+            }
+        }
+        None => vec!["<rank 0's configuration does not parse>".to_string()],
+    };
+    let mut bad = [f64::from(u8::from(!diff.is_empty()))];
+    coll.all_reduce_sum_f64(&mut bad)?;
+    if !diff.is_empty() {
+        return Err(Error::Msg(format!(
+            "rank {} runs another configuration than rank 0: {}",
+            coll.rank(),
+            diff.join(", ")
+        )));
+    }
+    if bad[0] > 0.0 {
+        return Err(Error::Msg(format!(
+            "{} rank(s) run another configuration than rank 0 (their error names the keys)",
+            bad[0]
+        )));
+    }
+    Ok(())
+}
+
+/// The collapse monitors averaged over the ranks (each rank's are means over its equal-sized batch).
+fn global_metrics(
+    coll: &dyn dino_core::Collective,
+    m: Option<dino_core::CollapseMetrics>,
+) -> Result<Option<dino_core::CollapseMetrics>> {
+    let world = coll.world_size();
+    let Some(mut m) = m else { return Ok(None) };
+    if world > 1 {
+        let mut v = [m.teacher_entropy, m.kl_teacher_student, m.teacher_std];
+        coll.all_reduce_sum_f64(&mut v)?;
+        m.teacher_entropy = v[0] / world as f64;
+        m.kl_teacher_student = v[1] / world as f64;
+        m.teacher_std = v[2] / world as f64;
+    }
+    Ok(Some(m))
 }
 
 /// Plot every curve of `<dir>/log.jsonl` into `<dir>/plots/*.png`.

@@ -4,11 +4,13 @@
 //!
 //! One [`Trainer::step`]:
 //! 1. `g = epoch * niter_per_ep + it`; lr (all groups) = `lr_schedule[g]`, wd (group 0) = `wd_schedule[g]`;
-//! 2. the student's drop-path RNG is reseeded from `(seed, g)` (exact resume);
+//! 2. the student's drop-path draws are keyed by `(seed, g)` and each row's crop and global-batch position
+//!    (exact resume; the same masks on any number of ranks);
 //! 3. teacher forward on the 2 global crops FIRST (output detached: no gradient reaches the teacher),
 //!    then student forward on all crops, then the DINO loss (the centre is updated inside);
 //! 4. a non-finite loss stops with [`Error::NonFiniteLoss`] naming the epoch and iteration;
-//! 5. backward, per-parameter clipping (`clip_grad`), last-layer gradients dropped while
+//! 5. backward; under data parallelism the gradients are averaged over the ranks (a few large bucketed
+//!    all-reduces, as DDP) and the loss value too; then per-parameter clipping (`clip_grad`), last-layer gradients dropped while
 //!    `epoch < freeze_last_layer`, optimiser step (two groups, wd on group 0 only);
 //! 6. teacher EMA with `momentum_schedule[g]`.
 
@@ -81,6 +83,8 @@ pub struct StepStats {
     pub clip_norms: Vec<(String, f64)>,
     /// Number of parameters whose gradient reached the optimiser (after the last-layer freeze).
     pub params_with_grad: usize,
+    /// Bytes of gradient this rank all-reduced in the step (0 on one rank).
+    pub all_reduce_bytes: usize,
     /// Wall-clock seconds of each phase of this step.
     pub timings: StepTimings,
 }
@@ -96,6 +100,8 @@ pub struct StepTimings {
     pub loss: f64,
     /// Backward pass through loss, head and backbone.
     pub backward: f64,
+    /// Averaging the gradients (and the loss value) over the ranks; 0 on one rank.
+    pub all_reduce: f64,
     /// Gradient clipping and last-layer cancelling.
     pub clip: f64,
     /// Optimiser step.
@@ -111,6 +117,7 @@ impl StepTimings {
             + self.student_forward
             + self.loss
             + self.backward
+            + self.all_reduce
             + self.clip
             + self.optimizer
             + self.ema
@@ -124,6 +131,82 @@ pub fn drop_path_seed(seed: u64, global_iteration: usize) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+/// Gradient bucket size of [`average_gradients`] (f32 values): 25 MiB, DDP's default `bucket_cap_mb`.
+pub const BUCKET_FLOATS: usize = 25 * 1024 * 1024 / 4;
+
+/// Average the gradients of `params` over the ranks of `coll` in place (DDP's all-reduce, then division by
+/// the world size): the gradients are packed in parameter order into buckets of [`BUCKET_FLOATS`] values,
+/// each bucket one all-reduce. The ranks must agree on which parameters have a gradient (checked first, one
+/// small all-reduce). Returns the gradient bytes all-reduced.
+pub fn average_gradients(
+    coll: &dyn dino_core::Collective,
+    grads: &mut candle_core::backprop::GradStore,
+    params: &[NamedVar],
+) -> Result<usize> {
+    let world = coll.world_size();
+    let mut present: Vec<f32> = params
+        .iter()
+        .map(|(_, v)| f32::from(u8::from(grads.get(v.as_tensor()).is_some())))
+        .collect();
+    coll.all_reduce_sum_f32(&mut present)?;
+    if let Some((i, c)) = present
+        .iter()
+        .enumerate()
+        .find(|(_, &c)| c != 0.0 && c as usize != world)
+    {
+        return Err(Error::Msg(format!(
+            "ranks disagree on whether `{}` has a gradient ({c} of {world} ranks have one)",
+            params[i].0
+        )));
+    }
+    let with_grad: Vec<&NamedVar> = params
+        .iter()
+        .zip(&present)
+        .filter(|(_, &c)| c > 0.0)
+        .map(|(p, _)| p)
+        .collect();
+    let mut bytes = 0usize;
+    let mut start = 0usize;
+    while start < with_grad.len() {
+        // One bucket: parameters start..end, at least one, at most BUCKET_FLOATS values unless one alone
+        // is larger.
+        let mut end = start;
+        let mut len = 0usize;
+        while end < with_grad.len() {
+            let n = with_grad[end].1.as_tensor().elem_count();
+            if end > start && len + n > BUCKET_FLOATS {
+                break;
+            }
+            len += n;
+            end += 1;
+        }
+        let mut buf = Vec::with_capacity(len);
+        for (name, v) in &with_grad[start..end] {
+            let g = grads
+                .get(v.as_tensor())
+                .ok_or_else(|| Error::Msg(format!("`{name}` lost its gradient while averaging")))?;
+            buf.extend(
+                g.flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        dino_core::collective::all_reduce_mean_f32(coll, &mut buf)?;
+        bytes += buf.len() * 4;
+        let mut off = 0usize;
+        for (_, v) in &with_grad[start..end] {
+            let t = v.as_tensor();
+            let n = t.elem_count();
+            let g = Tensor::from_slice(&buf[off..off + n], t.shape(), t.device())?
+                .to_dtype(t.dtype())?;
+            grads.insert(t, g);
+            off += n;
+        }
+        start = end;
+    }
+    Ok(bytes)
 }
 
 /// Student, teacher, optimiser, loss and schedules.
@@ -274,10 +357,13 @@ impl Trainer {
         opt.set_weight_decay(0, wd)?;
         let teacher_temp = self.loss.teacher_temp(epoch)?;
 
-        self.student
-            .model
-            .backbone
-            .reseed(drop_path_seed(self.cfg.seed, g));
+        let coll = dino_core::collective::current();
+        let (rank, world) = (coll.rank(), coll.world_size());
+        let local_b = crops[0].dim(0)?;
+        self.student.model.backbone.set_drop_path_samples(
+            drop_path_seed(self.cfg.seed, g),
+            &dino_data::loader::global_positions(rank, world, local_b),
+        );
         let mut timings = StepTimings::default();
         let mut clock = std::time::Instant::now();
         let mut lap = |slot: &mut f64| {
@@ -297,7 +383,14 @@ impl Trainer {
         let s_out = with_matmul_precision(precision, || self.student.model.forward(crops, true))?;
         lap(&mut timings.student_forward);
         let loss = self.loss.forward(&s_out, &t_out, epoch)?;
-        let loss_v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let mut loss_v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        if world > 1 {
+            // The global batch's loss: the mean of the ranks' (equal-sized) batch means. A non-finite
+            // loss on any rank makes it non-finite on every rank, so all of them stop at the same step.
+            let mut v = [loss_v];
+            coll.all_reduce_sum_f64(&mut v)?;
+            loss_v = v[0] / world as f64;
+        }
         lap(&mut timings.loss);
         if !loss_v.is_finite() {
             return Err(Error::NonFiniteLoss {
@@ -309,6 +402,12 @@ impl Trainer {
         }
         let mut grads = loss.backward()?;
         lap(&mut timings.backward);
+        let all_reduce_bytes = if world > 1 {
+            average_gradients(coll.as_ref(), &mut grads, &self.params)?
+        } else {
+            0
+        };
+        lap(&mut timings.all_reduce);
         let clip_norms = if self.cfg.clip_grad > 0.0 {
             let with_grad: Vec<String> = self
                 .params
@@ -344,6 +443,7 @@ impl Trainer {
             teacher_temp,
             clip_norms,
             params_with_grad,
+            all_reduce_bytes,
             timings,
         })
     }
