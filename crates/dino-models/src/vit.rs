@@ -460,7 +460,7 @@ impl DropPathState {
     fn take(&mut self, b: usize) -> Result<DropPathKeys> {
         let rows = match &self.samples {
             Some(ids) if !ids.is_empty() => {
-                if b % ids.len() != 0 {
+                if !b.is_multiple_of(ids.len()) {
                     candle_core::bail!(
                         "drop path: {b} rows are not a whole number of crops of {} samples",
                         ids.len()

@@ -350,7 +350,6 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             seed: cfg.seed,
             shuffle: true,
             drop_last: true,
-            ..Default::default()
         },
     )?;
 
@@ -463,6 +462,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let mut stems = vec![LATEST.to_string()];
         if cfg.saveckp_freq > 0 && epoch.is_multiple_of(cfg.saveckp_freq) {
             stems.push(format!("checkpoint{epoch:04}"));
+        }
+        if world > 1 {
+            check_replicas(coll.as_ref(), &trainer, g)?;
         }
         if main {
             save_checkpoint(&trainer, cfg, &stems, g, summary.last_loss, &fingerprint)?;
@@ -595,6 +597,40 @@ fn check_same_config(coll: &dyn dino_core::Collective, cfg: &TrainConfig) -> Res
         return Err(Error::Msg(format!(
             "{} rank(s) run another configuration than rank 0 (their error names the keys)",
             bad[0]
+        )));
+    }
+    Ok(())
+}
+
+/// Under data parallelism every rank holds the same state (the same averaged gradients, optimiser steps and
+/// EMA): checked at each epoch end with a hash of every state tensor (student, teacher, optimiser, centre)
+/// compared with rank 0's; a difference is an error on every rank.
+fn check_replicas(coll: &dyn dino_core::Collective, trainer: &Trainer, g: usize) -> Result<()> {
+    let mut h = checkpoint::Fnv64::default();
+    for (name, t) in trainer.state_tensors()? {
+        h.update(name.as_bytes());
+        for v in t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?
+        {
+            h.update(&v.to_le_bytes());
+        }
+    }
+    let mine = h.hex().into_bytes();
+    let mut root = mine.clone();
+    coll.broadcast_bytes(&mut root, 0)?;
+    let mut bad = [f64::from(u8::from(root != mine))];
+    coll.all_reduce_sum_f64(&mut bad)?;
+    if bad[0] > 0.0 {
+        return Err(Error::Msg(format!(
+            "after global iteration {g} the state of {} rank(s) differs from rank 0's{}",
+            bad[0],
+            if root != mine {
+                " (this one among them)"
+            } else {
+                ""
+            }
         )));
     }
     Ok(())
