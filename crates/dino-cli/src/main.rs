@@ -130,6 +130,14 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if dist.bound_below_share && dist.rank == 0 {
+        eprintln!(
+            "note: the launcher bound each rank to {} core(s), fewer than its share of this node, so each rank \
+             runs {} thread(s); for more, launch with `mpirun --bind-to none` (or `--map-by socket:PE=<threads>`, \
+             `srun --cpus-per-task=<threads>`) or pass --threads",
+            dist.allowed_cores, dist.threads
+        );
+    }
     if let Err(e) = run(cli) {
         if dist.world_size > 1 {
             // One failed rank ends the whole job (MPI_Abort), naming itself.

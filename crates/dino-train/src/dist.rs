@@ -26,11 +26,16 @@ pub struct DistInfo {
     pub local_size: usize,
     /// Compute threads of this rank (`RAYON_NUM_THREADS`).
     pub threads: usize,
+    /// Cores this process may run on (its CPU affinity, as the launcher bound it).
+    pub allowed_cores: usize,
+    /// The launcher bound this rank to fewer cores than its share of the node (`online cores / ranks on the
+    /// node`), so it runs fewer threads than it could (Open MPI binds to one core when np <= 2).
+    pub bound_below_share: bool,
 }
 
 /// Join the job's process group (MPI when built with `mpi` and launched with several ranks) and install it;
-/// then give this rank `threads` compute threads, or `cores / ranks on this node` (at least 1) when `None`
-/// and `RAYON_NUM_THREADS` is unset. Call once, first thing in `main` (before any rayon or candle work).
+/// then give this rank `threads` compute threads, or, when `None` and `RAYON_NUM_THREADS` is unset, its share
+/// of the node (`online cores / ranks on this node`, at least 1) within the cores it is bound to. Call once, first thing in `main` (before any rayon or candle work).
 pub fn init(threads: Option<usize>) -> Result<DistInfo> {
     let coll = backend()?;
     let (backend, rank, world_size, local_size) = (
@@ -42,9 +47,13 @@ pub fn init(threads: Option<usize>) -> Result<DistInfo> {
     if world_size > 1 {
         dino_core::collective::install(coll)?;
     }
-    let cores = std::thread::available_parallelism()
+    // The cores this process may run on (the launcher's binding: Open MPI binds each rank to one core when
+    // np <= 2 and to a socket above), and the node's online cores, shared by the ranks on the node.
+    let allowed = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let online = online_cpus().unwrap_or(allowed).max(allowed);
+    let share = (online / local_size.max(1)).max(1);
     let env = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
@@ -52,8 +61,9 @@ pub fn init(threads: Option<usize>) -> Result<DistInfo> {
     let threads = match (threads, env) {
         (Some(t), _) => t.max(1),
         (None, Some(e)) => e,
-        (None, None) => (cores / local_size.max(1)).max(1),
+        (None, None) => allowed.min(share),
     };
+    let bound_below_share = threads < share && allowed < share;
     // candle and rayon both read RAYON_NUM_THREADS; set before either starts its pool.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     Ok(DistInfo {
@@ -62,7 +72,34 @@ pub fn init(threads: Option<usize>) -> Result<DistInfo> {
         world_size,
         local_size,
         threads,
+        allowed_cores: allowed,
+        bound_below_share,
     })
+}
+
+/// The node's online CPUs (`/sys/devices/system/cpu/online`, e.g. `0-63` or `0-3,8-11`), if readable.
+fn online_cpus() -> Option<usize> {
+    cpu_list_len(&std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?)
+}
+
+/// The number of CPUs in a Linux CPU list (`0-63`, `0-3,8-11`, `5`); None if malformed or empty.
+fn cpu_list_len(s: &str) -> Option<usize> {
+    let mut n = 0usize;
+    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+        n += match part.split_once('-') {
+            Some((a, b)) => {
+                b.parse::<usize>()
+                    .ok()?
+                    .checked_sub(a.parse::<usize>().ok()?)?
+                    + 1
+            }
+            None => {
+                part.parse::<usize>().ok()?;
+                1
+            }
+        };
+    }
+    (n > 0).then_some(n)
 }
 
 /// End the process group (MPI_Finalize) once every rank is done. A no-op without MPI.
@@ -238,5 +275,21 @@ mod mpi_backend {
             }
             std::process::exit(code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_list_len;
+
+    #[test]
+    fn cpu_lists_count_their_cpus() {
+        assert_eq!(cpu_list_len("0-63\n"), Some(64));
+        assert_eq!(cpu_list_len("0-3,8-11"), Some(8));
+        assert_eq!(cpu_list_len("5"), Some(1));
+        assert_eq!(cpu_list_len("0,2,4-5"), Some(4));
+        assert_eq!(cpu_list_len(""), None);
+        assert_eq!(cpu_list_len("3-1"), None);
+        assert_eq!(cpu_list_len("a-b"), None);
     }
 }

@@ -43,9 +43,13 @@ pub struct StepRecord {
     pub images_per_s: f64,
     /// Seconds since the start of this process.
     pub elapsed_s: f64,
-    /// Seconds this step spent averaging gradients over the ranks (0 on one rank).
+    /// Seconds this step spent averaging gradients over the ranks, without the wait for the slowest rank
+    /// (0 on one rank).
     #[serde(default)]
     pub all_reduce_s: f64,
+    /// Seconds this step waited after backward for the slowest rank (0 on one rank).
+    #[serde(default)]
+    pub rank_wait_s: f64,
     /// Gradient bytes all-reduced in this step (0 on one rank).
     #[serde(default)]
     pub all_reduce_bytes: usize,
@@ -233,6 +237,7 @@ mod tests {
             images_per_s: 10.0,
             elapsed_s: 1.0,
             all_reduce_s: 0.0,
+            rank_wait_s: 0.0,
             all_reduce_bytes: 0,
         }
     }

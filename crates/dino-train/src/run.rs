@@ -415,6 +415,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                     },
                     elapsed_s: t0.elapsed().as_secs_f64(),
                     all_reduce_s: stats.timings.all_reduce,
+                    rank_wait_s: stats.timings.rank_wait,
                     all_reduce_bytes: stats.all_reduce_bytes,
                 };
                 if rec.teacher_entropy.is_finite() {

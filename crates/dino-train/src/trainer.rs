@@ -100,7 +100,11 @@ pub struct StepTimings {
     pub loss: f64,
     /// Backward pass through loss, head and backbone.
     pub backward: f64,
-    /// Averaging the gradients (and the loss value) over the ranks; 0 on one rank.
+    /// Waiting, after backward, for the slowest rank (the first collective of the gradient average); 0 on
+    /// one rank.
+    pub rank_wait: f64,
+    /// Averaging the gradients over the ranks (packing, the bucketed all-reduces, unpacking), without
+    /// `rank_wait`; 0 on one rank.
     pub all_reduce: f64,
     /// Gradient clipping and last-layer cancelling.
     pub clip: f64,
@@ -117,6 +121,7 @@ impl StepTimings {
             + self.student_forward
             + self.loss
             + self.backward
+            + self.rank_wait
             + self.all_reduce
             + self.clip
             + self.optimizer
@@ -139,18 +144,21 @@ pub const BUCKET_FLOATS: usize = 25 * 1024 * 1024 / 4;
 /// Average the gradients of `params` over the ranks of `coll` in place (DDP's all-reduce, then division by
 /// the world size): the gradients are packed in parameter order into buckets of [`BUCKET_FLOATS`] values,
 /// each bucket one all-reduce. The ranks must agree on which parameters have a gradient (checked first, one
-/// small all-reduce). Returns the gradient bytes all-reduced.
+/// small all-reduce, where the ranks also meet after their backward passes). Returns the gradient bytes
+/// all-reduced and the seconds of that first, small all-reduce (the wait for the slowest rank).
 pub fn average_gradients(
     coll: &dyn dino_core::Collective,
     grads: &mut candle_core::backprop::GradStore,
     params: &[NamedVar],
-) -> Result<usize> {
+) -> Result<(usize, f64)> {
     let world = coll.world_size();
     let mut present: Vec<f32> = params
         .iter()
         .map(|(_, v)| f32::from(u8::from(grads.get(v.as_tensor()).is_some())))
         .collect();
+    let t_wait = std::time::Instant::now();
     coll.all_reduce_sum_f32(&mut present)?;
+    let wait = t_wait.elapsed().as_secs_f64();
     if let Some((i, c)) = present
         .iter()
         .enumerate()
@@ -206,7 +214,7 @@ pub fn average_gradients(
         }
         start = end;
     }
-    Ok(bytes)
+    Ok((bytes, wait))
 }
 
 /// Student, teacher, optimiser, loss and schedules.
@@ -403,11 +411,14 @@ impl Trainer {
         let mut grads = loss.backward()?;
         lap(&mut timings.backward);
         let all_reduce_bytes = if world > 1 {
-            average_gradients(coll.as_ref(), &mut grads, &self.params)?
+            let (bytes, wait) = average_gradients(coll.as_ref(), &mut grads, &self.params)?;
+            timings.rank_wait = wait;
+            bytes
         } else {
             0
         };
         lap(&mut timings.all_reduce);
+        timings.all_reduce -= timings.rank_wait;
         let clip_norms = if self.cfg.clip_grad > 0.0 {
             let with_grad: Vec<String> = self
                 .params
