@@ -372,16 +372,24 @@ fn drop_path_masks_do_not_depend_on_the_data_parallel_split() -> Result<()> {
         let ids: Vec<u64> = mine.iter().map(|&j| j as u64).collect();
         vit.set_drop_path_samples(99, &ids);
         let part = vit.forward_t(&xr, true)?.to_vec2::<f32>()?;
+        // Same masks: equal up to the rounding of a smaller matrix product (a mask that differs changes a
+        // row by O(1): a whole residual branch comes or goes).
         for (r, &row) in rows.iter().enumerate() {
-            assert_eq!(part[r], full[row as usize], "rank {rank}, row {row}");
+            for (p, q) in part[r].iter().zip(&full[row as usize]) {
+                assert!(
+                    (p - q).abs() <= 1e-5 * (1.0 + q.abs()),
+                    "rank {rank}, row {row}: {p} vs {q}"
+                );
+            }
         }
     }
     // Masks were drawn at all: another seed gives other outputs; eval mode gives others again.
     vit.set_drop_path_samples(100, &all);
     let other = vit.forward_t(&x, true)?.to_vec2::<f32>()?;
     let eval = vit.forward_t(&x, false)?.to_vec2::<f32>()?;
+    let far = |a: &[f32], b: &[f32]| a.iter().zip(b).any(|(p, q)| (p - q).abs() > 1e-3);
     for r in 0..crops * b {
-        dropped_somewhere |= other[r] != full[r] || eval[r] != full[r];
+        dropped_somewhere |= far(&other[r], &full[r]) || far(&eval[r], &full[r]);
     }
     assert!(dropped_somewhere, "drop path 0.5 dropped nothing");
     Ok(())
