@@ -738,7 +738,7 @@ fn resnet_sync_batchnorm_two_ranks_are_one_rank() {
     assert!(rv.iter().any(|v| (v - 1.0).abs() > 1e-3));
 }
 
-/// Bad input under mpirun: a batch that does not split over the ranks, and ranks with different
+/// Bad input under mpirun: a batch that does not split over the ranks, a NaN loss, and ranks with different
 /// configurations, are one-line errors naming the rank, and the job ends.
 #[test]
 fn bad_input_under_mpirun_is_one_line() {
@@ -762,6 +762,33 @@ fn bad_input_under_mpirun_is_one_line() {
     );
     assert!(err.contains("split evenly over 2 ranks"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+
+    // A loss that turns NaN (lr 1e30): every rank stops at the same step (the loss is all-reduced), each
+    // says so on one line, and the job ends.
+    let t0 = Instant::now();
+    let out = train(
+        &bin,
+        2,
+        &cfg,
+        &tmp.path().join("nan"),
+        &["--lr", "1e30", "--warmup-epochs", "0"],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    for r in 0..2 {
+        assert!(
+            err.contains(&format!(
+                "error (rank {r} of 2): loss is NaN at epoch 0, iteration 1 (global iteration 1)"
+            )),
+            "{err}"
+        );
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "the NaN job took {:?}",
+        t0.elapsed()
+    );
 
     // Rank 1 runs another seed (MPMD launch: two programs in one job).
     let other = write_cfg(tmp.path(), "other.toml", &format!("{VIT}\nseed = 7\n"));
