@@ -231,7 +231,7 @@ fn assert_same_state(a: &Path, b: &Path, tol: f64) -> f64 {
 /// learning rate `lr0` (an element whose true gradient is ~0, such as a bias ahead of a BatchNorm, takes an
 /// AdamW update of up to +-lr0 with the sign of its rounding noise).
 fn assert_same_step(a: &Path, b: &Path) {
-    let lr0 = losses_lr(a);
+    let lr0 = last_lr(a);
     let rows = state_diff(a, b);
     // The largest first / second moment anywhere in the network.
     let largest = |prefix: &str| {
@@ -349,7 +349,7 @@ fn is_buffer(k: &str) -> bool {
 }
 
 /// The learning rate of the last step record of `<dir>/log.jsonl`.
-fn losses_lr(dir: &Path) -> f64 {
+fn last_lr(dir: &Path) -> f64 {
     std::fs::read_to_string(dir.join("log.jsonl"))
         .expect("log")
         .lines()
@@ -368,6 +368,17 @@ struct Noise {
 }
 
 impl Noise {
+    /// Trains `cfg` on one rank into `reference` (2 threads) and into `one_thread` (1 thread); returns the
+    /// reference run's output and the noise between the two.
+    fn run(bin: &Path, cfg: &Path, reference: &Path, one_thread: &Path) -> (Output, Noise) {
+        let o = ok(train(bin, 0, cfg, reference, &["--threads", "2"]), "1 rank");
+        ok(
+            train(bin, 0, cfg, one_thread, &["--threads", "1"]),
+            "1 rank, 1 thread",
+        );
+        (o, Noise::measure(reference, one_thread))
+    }
+
     fn measure(reference: &Path, one_thread: &Path) -> Noise {
         let state = state_diff(reference, one_thread)[0].1;
         let loss = losses(reference)
@@ -496,12 +507,7 @@ fn vit_two_ranks_are_one_rank_across_resume_and_kill() {
 
     // The whole run. One rank, global batch 64 (the mpi binary without mpirun is world 1), on 2 threads and
     // on 1 thread (the noise of one process).
-    let o1 = ok(train(&bin, 0, &cfg, &one, &["--threads", "2"]), "1 rank");
-    ok(
-        train(&bin, 0, &cfg, &one_thread, &["--threads", "1"]),
-        "1 rank, 1 thread",
-    );
-    let noise = Noise::measure(&one, &one_thread);
+    let (o1, noise) = Noise::run(&bin, &cfg, &one, &one_thread);
     // Two ranks, 32 each (the official per-GPU meaning).
     let o2 = ok(
         train(&bin, 2, &cfg, &two, &["--batch-size-per-gpu", "32"]),
@@ -621,7 +627,11 @@ fn vit_two_ranks_are_one_rank_across_resume_and_kill() {
             .unwrap(),
         "dino info on the killed run",
     );
-    assert!(text(&info.stdout).contains("global iteration") || !info.stdout.is_empty());
+    let info = text(&info.stdout);
+    assert!(
+        info.contains("dino-train checkpoint:") && info.contains("global iteration"),
+        "{info}"
+    );
     let o = ok(train(&bin, 2, &cfg, &killed, &[]), "resume after kill");
     assert!(text(&o.stdout).contains("resumed from global iteration"));
     assert_same_state(&one, &killed, noise.state_tol());
@@ -723,12 +733,7 @@ fn resnet_sync_batchnorm_two_ranks_are_one_rank() {
     one_step_equivalence(&bin, &cfg1, tmp.path(), "resnet", 0, &[]);
     one_step_equivalence(&bin, &cfg1, tmp.path(), "resnet", 2, &[]);
     // The whole run, within the noise of one process.
-    ok(train(&bin, 0, &cfg, &one, &["--threads", "2"]), "1 rank");
-    ok(
-        train(&bin, 0, &cfg, &one_thread, &["--threads", "1"]),
-        "1 rank, 1 thread",
-    );
-    let noise = Noise::measure(&one, &one_thread);
+    let (_, noise) = Noise::run(&bin, &cfg, &one, &one_thread);
     ok(train(&bin, 2, &cfg, &two, &[]), "2 ranks");
     assert_same_state(&one, &two, noise.state_tol());
     assert_same_losses(&one, &two, noise.loss_tol());
