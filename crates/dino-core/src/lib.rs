@@ -97,6 +97,7 @@ pub mod ema;
 pub mod error;
 mod kernels;
 pub mod knn;
+pub mod koleo;
 pub mod loss;
 pub mod monitor;
 pub mod optim;
@@ -107,7 +108,8 @@ pub use collective::{Collective, Local};
 pub use ema::EmaTeacher;
 pub use error::{Error, Result};
 pub use knn::{knn_classifier, l2_normalize, KnnResult};
-pub use loss::{DinoLoss, DinoLossConfig};
+pub use koleo::{koleo_loss, koleo_per_crop};
+pub use loss::{sinkhorn_knopp_teacher, DinoLoss, DinoLossConfig, TeacherCentering};
 pub use monitor::CollapseMetrics;
 pub use optim::{
     cancel_gradients_last_layer, clip_gradients, AdamW, Lars, Optimizer, ParamGroup, Sgd,

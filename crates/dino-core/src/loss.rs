@@ -2,6 +2,10 @@
 //! two global crops and the student distribution of every other crop, with the centre EMA updated
 //! after the loss. On CPU the loss and its gradient are one fused op with an analytic backward
 //! ([`DinoLossOp`]); on other devices the same formula is composed from candle ops.
+//!
+//! DINOv2's alternative to the centre, Sinkhorn-Knopp teacher normalisation
+//! ([`TeacherCentering::SinkhornKnopp`], [`sinkhorn_knopp_teacher`]), is a config choice; the centre is then
+//! never updated, as in the official dinov2 code.
 
 use std::sync::Mutex;
 
@@ -34,6 +38,22 @@ pub struct DinoLossConfig {
     pub student_temp: f64,
     /// Momentum of the centre EMA (default 0.9).
     pub center_momentum: f64,
+    /// How teacher logits become targets: the EMA centre (DINO v1, default) or Sinkhorn-Knopp (DINOv2).
+    pub centering: TeacherCentering,
+}
+
+/// How the teacher logits become target distributions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TeacherCentering {
+    /// DINO v1: `softmax((t - center) / teacher_temp)` with the centre an EMA of the batch mean (default).
+    #[default]
+    Centering,
+    /// DINOv2's `sinkhorn_knopp_teacher` with this many iterations (official: 3) over both global crops of
+    /// the global batch; the centre is left alone.
+    SinkhornKnopp {
+        /// Normalisation rounds (each: prototypes, then samples). At least 1.
+        n_iterations: usize,
+    },
 }
 
 impl Default for DinoLossConfig {
@@ -47,6 +67,7 @@ impl Default for DinoLossConfig {
             nepochs: 100,
             student_temp: 0.1,
             center_momentum: 0.9,
+            centering: TeacherCentering::Centering,
         }
     }
 }
@@ -80,6 +101,8 @@ struct LastCall {
     teacher_output: Tensor,
     center_before: Tensor,
     teacher_temp: f64,
+    /// The Sinkhorn-Knopp targets (2B, K), when that mode made them.
+    probs: Option<Tensor>,
 }
 
 /// The DINO loss with its centre buffer (`center`, shape (1, K), zeros at start).
@@ -117,6 +140,12 @@ impl DinoLoss {
                     format!("must be a positive number, got {t}"),
                 ));
             }
+        }
+        if cfg.centering == (TeacherCentering::SinkhornKnopp { n_iterations: 0 }) {
+            return Err(Error::arg(
+                "sinkhorn_knopp n_iterations",
+                "must be at least 1",
+            ));
         }
         if !(0.0..=1.0).contains(&cfg.center_momentum) {
             return Err(Error::arg(
@@ -191,34 +220,52 @@ impl DinoLoss {
         let (n, b, k) = self.check_shapes(student_output, teacher_output)?;
         let temp = self.teacher_temp(epoch)?;
         let teacher = teacher_output.detach().to_dtype(DType::F32)?;
-        let loss = if student_output.device().is_cpu() {
-            let op = DinoLossOp::new(
-                n,
-                b,
-                k,
-                self.cfg.student_temp,
-                temp,
-                self.center.flatten_all()?.to_vec1::<f32>()?,
-            );
-            let student = student_output.to_dtype(DType::F32)?.contiguous()?;
-            student.apply_op2(&teacher.contiguous()?, op)?
-        } else {
-            dino_loss_composed(
+        let probs = match self.cfg.centering {
+            TeacherCentering::Centering => None,
+            TeacherCentering::SinkhornKnopp { n_iterations } => {
+                Some(sinkhorn_knopp_teacher(&teacher, temp, n_iterations)?)
+            }
+        };
+        let loss = match (&probs, student_output.device().is_cpu()) {
+            (None, true) => {
+                let op = DinoLossOp::new(
+                    n,
+                    b,
+                    k,
+                    self.cfg.student_temp,
+                    temp,
+                    self.center.flatten_all()?.to_vec1::<f32>()?,
+                );
+                let student = student_output.to_dtype(DType::F32)?.contiguous()?;
+                student.apply_op2(&teacher.contiguous()?, op)?
+            }
+            (Some(q), true) => {
+                let op = DinoLossOp::with_teacher_probs(n, b, k, self.cfg.student_temp);
+                let student = student_output.to_dtype(DType::F32)?.contiguous()?;
+                student.apply_op2(&q.contiguous()?, op)?
+            }
+            (None, false) => dino_loss_composed(
                 student_output,
                 &teacher,
                 &self.center,
                 n,
                 self.cfg.student_temp,
                 temp,
-            )?
+            )?,
+            (Some(q), false) => {
+                dino_loss_composed_probs(student_output, q, n, self.cfg.student_temp)?
+            }
         };
         self.last = Some(LastCall {
             loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
             teacher_output: teacher.clone(),
             center_before: self.center.clone(),
             teacher_temp: temp,
+            probs: probs.clone(),
         });
-        self.update_center(&teacher)?;
+        if probs.is_none() {
+            self.update_center(&teacher)?;
+        }
         Ok(loss)
     }
 
@@ -275,11 +322,14 @@ impl DinoLoss {
         let Some(last) = &self.last else {
             return Ok(None);
         };
-        let mut m = CollapseMetrics::from_teacher(
-            &last.teacher_output,
-            &last.center_before,
-            last.teacher_temp,
-        )?;
+        let mut m = match &last.probs {
+            Some(q) => CollapseMetrics::from_probs(&last.teacher_output, q)?,
+            None => CollapseMetrics::from_teacher(
+                &last.teacher_output,
+                &last.center_before,
+                last.teacher_temp,
+            )?,
+        };
         m.kl_teacher_student = last.loss - m.teacher_entropy;
         m.loss = last.loss;
         Ok(Some(m))
@@ -377,8 +427,31 @@ pub fn dino_loss_composed(
     let q = candle_nn::ops::softmax(
         &(teacher.broadcast_sub(&center)? / teacher_temp)?,
         D::Minus1,
-    )?
-    .detach();
+    )?;
+    cross_entropy_pairs(&ls, &q.detach(), ncrops)
+}
+
+/// The loss of [`dino_loss_composed`] for given teacher targets `teacher_probs` (2B, K) (e.g. from
+/// [`sinkhorn_knopp_teacher`]), composed from candle ops.
+pub fn dino_loss_composed_probs(
+    student_output: &Tensor,
+    teacher_probs: &Tensor,
+    ncrops: usize,
+    student_temp: f64,
+) -> Result<Tensor> {
+    let dt = if student_output.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let student = (student_output.to_dtype(dt)? / student_temp)?;
+    let ls = candle_nn::ops::log_softmax(&student, D::Minus1)?;
+    cross_entropy_pairs(&ls, &teacher_probs.detach().to_dtype(dt)?, ncrops)
+}
+
+/// Mean over the pairs (teacher crop iq, student crop v != iq) of the batch-mean cross-entropy, from the
+/// student log-probabilities `ls` (nB, K) and the teacher targets `q` (2B, K).
+fn cross_entropy_pairs(ls: &Tensor, q: &Tensor, ncrops: usize) -> Result<Tensor> {
     let ls = ls.chunk(ncrops, 0)?;
     let q = q.chunk(2, 0)?;
     let b = ls[0].dim(0)? as f64;
@@ -399,6 +472,112 @@ pub fn dino_loss_composed(
     }
     let total = total.ok_or_else(|| Error::arg("ncrops", "no pair of different views"))?;
     Ok((total / terms as f64)?)
+}
+
+/// DINOv2's `sinkhorn_knopp_teacher`: targets (rows, K) from the teacher logits (rows, K) of both global
+/// crops. `Q = exp(t / teacher_temp)ᵀ`, `Q /= ΣQ`, then `n_iterations` times: each prototype row divided by
+/// its sum and by K, each sample column divided by its sum and by B; finally `Q *= B`, returned transposed
+/// (every row sums to 1). B = rows × world size; the total and the prototype sums are all-reduced over the
+/// ranks of [`crate::collective::current`], as the official code does. Computed in f64 (the official code:
+/// fp32) after subtracting one constant from every logit of every rank (which cancels exactly), so that
+/// `t / teacher_temp` up to ~700 apart cannot overflow; a prototype that no sample reaches (its row sums
+/// to 0 after underflow) stays 0 instead of the official NaN. Returns f32 on the input's device, detached.
+pub fn sinkhorn_knopp_teacher(
+    teacher_output: &Tensor,
+    teacher_temp: f64,
+    n_iterations: usize,
+) -> Result<Tensor> {
+    let (rows, k) = match teacher_output.dims() {
+        &[r, k] if r > 0 && k > 0 => (r, k),
+        d => {
+            return Err(Error::shape(
+                "teacher_output",
+                "(rows, K) with rows, K > 0",
+                d,
+            ))
+        }
+    };
+    if !(teacher_temp > 0.0 && teacher_temp.is_finite()) {
+        return Err(Error::arg(
+            "teacher_temp",
+            format!("must be a positive number, got {teacher_temp}"),
+        ));
+    }
+    let t: Vec<f64> = teacher_output
+        .detach()
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    if let Some(i) = t.iter().position(|v| !v.is_finite()) {
+        return Err(Error::arg(
+            "teacher_output",
+            format!(
+                "Sinkhorn-Knopp got a non-finite teacher logit ({}) at row {}, column {}",
+                t[i],
+                i / k,
+                i % k
+            ),
+        ));
+    }
+    let coll = crate::collective::current();
+    let world = coll.world_size();
+    // One shift for every rank: the mean of the ranks' maxima (world 1: the maximum).
+    let mut shift = [t.iter().cloned().fold(f64::NEG_INFINITY, f64::max) / teacher_temp];
+    if world > 1 {
+        coll.all_reduce_sum_f64(&mut shift)?;
+        shift[0] /= world as f64;
+    }
+    // q[r * k + j] holds Q[j, r] (the official Q is K x rows; we keep the sample-major layout).
+    let mut q: Vec<f64> = t
+        .iter()
+        .map(|&v| (v / teacher_temp - shift[0]).exp())
+        .collect();
+    if let Some(i) = q.iter().position(|v| !v.is_finite()) {
+        return Err(Error::arg(
+            "teacher_output",
+            format!(
+                "Sinkhorn-Knopp: exp(logit / teacher_temp) overflows at row {}, column {} (the logits of the \
+                 ranks lie more than ~700 x teacher_temp apart)",
+                i / k,
+                i % k
+            ),
+        ));
+    }
+    let b = (rows * world) as f64;
+    let reduce = |v: &mut [f64]| -> Result<()> {
+        if world > 1 {
+            coll.all_reduce_sum_f64(v)?;
+        }
+        Ok(())
+    };
+    let mut total = [q.iter().sum::<f64>()];
+    reduce(&mut total)?;
+    if total[0] > 0.0 {
+        q.iter_mut().for_each(|v| *v /= total[0]);
+    }
+    let mut proto = vec![0f64; k];
+    for _ in 0..n_iterations {
+        proto.iter_mut().for_each(|v| *v = 0.0);
+        for row in q.chunks_exact(k) {
+            for (p, &v) in proto.iter_mut().zip(row) {
+                *p += v;
+            }
+        }
+        reduce(&mut proto)?;
+        for row in q.chunks_exact_mut(k) {
+            for (v, &p) in row.iter_mut().zip(&proto) {
+                *v = if p > 0.0 { *v / p / k as f64 } else { 0.0 };
+            }
+        }
+        for row in q.chunks_exact_mut(k) {
+            let s: f64 = row.iter().sum();
+            if s > 0.0 {
+                row.iter_mut().for_each(|v| *v = *v / s / b);
+            }
+        }
+    }
+    let out: Vec<f32> = q.iter().map(|&v| (v * b) as f32).collect();
+    Ok(Tensor::from_vec(out, (rows, k), teacher_output.device())?)
 }
 
 /// Per-student-row quantities the backward pass reuses: row max of `s / student_temp` and
@@ -426,6 +605,8 @@ pub struct DinoLossOp {
     student_temp: f32,
     teacher_temp: f32,
     center: Vec<f32>,
+    /// The second input is already the teacher targets (2B, K) (Sinkhorn-Knopp): no softmax, no centre.
+    teacher_probs: bool,
     cache: Mutex<Option<FwdCache>>,
 }
 
@@ -447,7 +628,22 @@ impl DinoLossOp {
             student_temp: student_temp as f32,
             teacher_temp: teacher_temp as f32,
             center,
+            teacher_probs: false,
             cache: Mutex::new(None),
+        }
+    }
+
+    /// An op whose second input is the teacher targets (2B, K) themselves (rows summing to 1, e.g. from
+    /// [`sinkhorn_knopp_teacher`]) instead of logits to centre and sharpen.
+    pub fn with_teacher_probs(
+        ncrops: usize,
+        batch: usize,
+        out_dim: usize,
+        student_temp: f64,
+    ) -> Self {
+        Self {
+            teacher_probs: true,
+            ..Self::new(ncrops, batch, out_dim, student_temp, 1.0, Vec::new())
         }
     }
 
@@ -492,39 +688,44 @@ impl CustomOp2 for DinoLossOp {
         let (n, b, k) = (self.ncrops, self.batch, self.out_dim);
         let student = cpu_f32(s1, l1, "student_output")?;
         let teacher = cpu_f32(s2, l2, "teacher_output")?;
-        if student.len() != n * b * k || teacher.len() != 2 * b * k || self.center.len() != k {
+        let center_ok = self.teacher_probs || self.center.len() == k;
+        if student.len() != n * b * k || teacher.len() != 2 * b * k || !center_ok {
             candle_core::bail!("dino loss: sizes do not match ncrops {n}, batch {b}, out_dim {k}");
         }
         // Teacher: q = softmax((t - center) / T), as torch: subtract, divide, max, exp, normalise.
         let mut q = vec![0f32; 2 * b * k];
         let center = &self.center;
         let tt = self.teacher_temp;
-        par_rows_mut(&mut q, k, |r, qrow| {
-            with_simd(|| {
-                let t = &teacher[r * k..(r + 1) * k];
-                for ((o, &x), &c) in qrow.iter_mut().zip(t).zip(center) {
-                    *o = (x - c) / tt;
-                }
-                let m = max_f32(qrow);
-                let mut acc = [0f32; 16];
-                let mut chunks = qrow.chunks_exact_mut(16);
-                for c in &mut chunks {
-                    for i in 0..16 {
-                        c[i] = exp_f32(c[i] - m);
-                        acc[i] += c[i];
+        if self.teacher_probs {
+            q.copy_from_slice(teacher);
+        } else {
+            par_rows_mut(&mut q, k, |r, qrow| {
+                with_simd(|| {
+                    let t = &teacher[r * k..(r + 1) * k];
+                    for ((o, &x), &c) in qrow.iter_mut().zip(t).zip(center) {
+                        *o = (x - c) / tt;
                     }
-                }
-                let mut sum: f64 = acc.iter().map(|&v| v as f64).sum();
-                for v in chunks.into_remainder() {
-                    *v = exp_f32(*v - m);
-                    sum += *v as f64;
-                }
-                let inv = (1.0 / sum) as f32;
-                for v in qrow.iter_mut() {
-                    *v *= inv;
-                }
-            })
-        });
+                    let m = max_f32(qrow);
+                    let mut acc = [0f32; 16];
+                    let mut chunks = qrow.chunks_exact_mut(16);
+                    for c in &mut chunks {
+                        for i in 0..16 {
+                            c[i] = exp_f32(c[i] - m);
+                            acc[i] += c[i];
+                        }
+                    }
+                    let mut sum: f64 = acc.iter().map(|&v| v as f64).sum();
+                    for v in chunks.into_remainder() {
+                        *v = exp_f32(*v - m);
+                        sum += *v as f64;
+                    }
+                    let inv = (1.0 / sum) as f32;
+                    for v in qrow.iter_mut() {
+                        *v *= inv;
+                    }
+                })
+            });
+        }
         // Student: row stats of s / student_temp, then the cross-entropy against each target.
         let st = self.student_temp;
         let mut stats = vec![RowStats::default(); n * b];

@@ -53,6 +53,19 @@ impl CollapseMetrics {
         })
     }
 
+    /// Teacher-side metrics from the raw teacher output (2B, K) and the targets actually used (2B, K), e.g.
+    /// Sinkhorn-Knopp's; `loss` and `kl_teacher_student` are NaN.
+    pub fn from_probs(teacher_output: &Tensor, probs: &Tensor) -> Result<Self> {
+        Ok(Self {
+            loss: f64::NAN,
+            teacher_entropy: mean_entropy(probs)?,
+            teacher_mean_entropy: entropy_of_mean(probs)?,
+            kl_teacher_student: f64::NAN,
+            teacher_std: output_std(teacher_output)?,
+            max_entropy: (probs.dim(1)? as f64).ln(),
+        })
+    }
+
     /// Every metric from the student output (n*B, K), crop-major, and the teacher output (2B, K).
     pub fn compute(
         student_output: &Tensor,

@@ -14,6 +14,16 @@ pub fn golden(file: &str) -> HashMap<String, Tensor> {
         .unwrap_or_else(|e| panic!("loading {path}: {e}"))
 }
 
+/// A file of `../shared/golden-dinov2` (values from the official dinov2 code).
+pub fn golden_v2(file: &str) -> HashMap<String, Tensor> {
+    let path = format!(
+        "{}/../../../shared/golden-dinov2/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("loading {path}: {e}"))
+}
+
 pub fn get(g: &HashMap<String, Tensor>, key: &str) -> Tensor {
     g.get(key)
         .unwrap_or_else(|| panic!("golden tensor {key} missing"))
