@@ -74,8 +74,15 @@ pub fn train(
         match &s.knn_init {
             Some(i) => println!(
                 "k-NN (k={k}, T={}) of the teacher: trained top-1 {:.2}% top-5 {:.2}% | random init top-1 {:.2}% \
-                 top-5 {:.2}%",
-                cfg.knn_temperature, f.top1, f.top5, i.top1, i.top5
+                 top-5 {:.2}%{}",
+                cfg.knn_temperature,
+                f.top1,
+                f.top5,
+                i.top1,
+                i.top5,
+                s.knn_pixels
+                    .map(|p| format!(" | raw pixels top-1 {:.2}% top-5 {:.2}%", p.top1, p.top5))
+                    .unwrap_or_default()
             ),
             None => println!(
                 "k-NN (k={k}, T={}) of the teacher: top-1 {:.2}% top-5 {:.2}%",

@@ -2,7 +2,7 @@
 //! a base configuration (a `--config` TOML file, a `--preset`, or the defaults) so that flags override the file.
 
 use clap::{ArgAction, Args};
-use dino_train::{Arch, DatasetKind, MatmulPrecision, OptimizerKind, TrainConfig};
+use dino_train::{Arch, Centering, DatasetKind, MatmulPrecision, OptimizerKind, TrainConfig};
 use std::path::PathBuf;
 
 fn parse_arch(s: &str) -> Result<String, String> {
@@ -17,6 +17,10 @@ fn parse_optimizer(s: &str) -> Result<OptimizerKind, String> {
 
 fn parse_precision(s: &str) -> Result<MatmulPrecision, String> {
     s.parse::<MatmulPrecision>()
+}
+
+fn parse_centering(s: &str) -> Result<Centering, String> {
+    s.parse::<Centering>().map_err(|e| e.to_string())
 }
 
 fn parse_dataset(s: &str) -> Result<DatasetKind, String> {
@@ -69,6 +73,9 @@ pub struct TrainArgs {
     /// ResNet: CIFAR stem (3x3 conv, no max-pool) for 32 px images. [false]
     #[arg(long, value_parser = parse_bool, action = ArgAction::Set)]
     pub resnet_cifar_stem: Option<bool>,
+    /// ResNet: channels of the stem and first stage (then 2x, 4x, 8x). [64]
+    #[arg(long)]
+    pub resnet_width: Option<usize>,
     /// Dimensionality K of the DINO head output. [65536]
     #[arg(long)]
     pub out_dim: Option<usize>,
@@ -95,6 +102,12 @@ pub struct TrainArgs {
     /// Epochs of linear teacher-temperature warm-up. [0]
     #[arg(long)]
     pub warmup_teacher_temp_epochs: Option<usize>,
+    /// Teacher targets: centering (DINO v1 EMA centre) or sinkhorn_knopp (DINOv2, 3 iterations). [centering]
+    #[arg(long, value_parser = parse_centering)]
+    pub centering: Option<Centering>,
+    /// Weight of DINOv2's KoLeo regulariser on the student's CLS features (dinov2: 0.1); 0 disables. [0]
+    #[arg(long)]
+    pub koleo_loss_weight: Option<f64>,
 
     // ----- optimisation -----
     /// Initial weight decay. [0.04]
@@ -205,6 +218,7 @@ impl TrainArgs {
             vit_depth,
             vit_num_heads,
             resnet_cifar_stem,
+            resnet_width,
             out_dim,
             norm_last_layer,
             use_bn_in_head,
@@ -213,6 +227,8 @@ impl TrainArgs {
             warmup_teacher_temp,
             teacher_temp,
             warmup_teacher_temp_epochs,
+            centering,
+            koleo_loss_weight,
             weight_decay,
             weight_decay_end,
             clip_grad,

@@ -78,6 +78,9 @@ pub struct ResNetConfig {
     pub bn_momentum: f64,
     /// torchvision `zero_init_residual`: initialise the last BN weight of each block to 0. Default: false.
     pub zero_init_residual: bool,
+    /// Channels of the stem and `layer1`; `layer2..4` have 2, 4, 8 times as many (torchvision: 64). A
+    /// narrower network for small images and CPU budgets. Default: 64.
+    pub width: usize,
 }
 
 impl Default for ResNetConfig {
@@ -95,6 +98,7 @@ impl ResNetConfig {
             bn_eps: 1e-5,
             bn_momentum: 0.1,
             zero_init_residual: false,
+            width: 64,
         }
     }
 
@@ -151,9 +155,15 @@ impl ResNetConfig {
         Some(if cifar { cfg.cifar() } else { cfg })
     }
 
-    /// The pooled feature dimension: `512 * expansion`.
+    /// The pooled feature dimension: `8 * width * expansion` (512 for ResNet-18, 2048 for ResNet-50).
     pub fn embed_dim(&self) -> usize {
-        512 * self.block.expansion()
+        8 * self.width * self.block.expansion()
+    }
+
+    /// The same configuration with `width` channels in the stem and `layer1` (see [`ResNetConfig::width`]).
+    pub fn with_width(mut self, width: usize) -> Self {
+        self.width = width;
+        self
     }
 }
 
@@ -168,6 +178,9 @@ pub fn is_batch_norm_buffer(name: &str) -> bool {
 fn check_config(cfg: &ResNetConfig) -> Result<()> {
     if cfg.layers.contains(&0) {
         candle_core::bail!("ResNetConfig.layers must all be >= 1, got {:?}", cfg.layers)
+    }
+    if cfg.width == 0 {
+        candle_core::bail!("ResNetConfig.width must be >= 1")
     }
     if cfg.bn_eps.is_nan() || cfg.bn_eps <= 0.0 {
         candle_core::bail!("ResNetConfig.bn_eps must be > 0, got {}", cfg.bn_eps)
@@ -1345,14 +1358,16 @@ impl ResNet {
     /// Builds the network under `vb` with torchvision's parameter names and initialisation hints.
     pub fn new(cfg: ResNetConfig, vb: VarBuilder) -> Result<Self> {
         check_config(&cfg)?;
+        let w = cfg.width;
         let conv1 = match cfg.stem {
-            Stem::ImageNet => Conv2d::new(3, 64, 7, 2, 3, vb.pp("conv1"))?,
-            Stem::Cifar => Conv2d::new(3, 64, 3, 1, 1, vb.pp("conv1"))?,
+            Stem::ImageNet => Conv2d::new(3, w, 7, 2, 3, vb.pp("conv1"))?,
+            Stem::Cifar => Conv2d::new(3, w, 3, 1, 1, vb.pp("conv1"))?,
         };
-        let bn1 = BatchNorm2d::new(64, cfg.bn_eps, cfg.bn_momentum, vb.pp("bn1"))?;
-        let mut c_in = 64;
+        let bn1 = BatchNorm2d::new(w, cfg.bn_eps, cfg.bn_momentum, vb.pp("bn1"))?;
+        let mut c_in = w;
         let mut layers = Vec::with_capacity(4);
-        for (li, (&n_blocks, planes)) in cfg.layers.iter().zip([64, 128, 256, 512]).enumerate() {
+        for (li, (&n_blocks, planes)) in cfg.layers.iter().zip([w, 2 * w, 4 * w, 8 * w]).enumerate()
+        {
             let stride = if li == 0 { 1 } else { 2 };
             let vb_l = vb.pp(format!("layer{}", li + 1));
             let mut blocks = Vec::with_capacity(n_blocks);

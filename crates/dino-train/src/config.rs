@@ -38,6 +38,47 @@ impl std::str::FromStr for OptimizerKind {
     }
 }
 
+/// How teacher logits become targets (`--centering`, the dinov2 `centering` key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Centering {
+    /// DINO v1: subtract an EMA of the batch mean, then softmax at the teacher temperature (default).
+    #[default]
+    Centering,
+    /// DINOv2: Sinkhorn-Knopp normalisation (3 iterations) over the global batch; no centre.
+    SinkhornKnopp,
+}
+
+impl Centering {
+    /// Sinkhorn-Knopp iterations of the official dinov2 code.
+    pub const SINKHORN_ITERATIONS: usize = 3;
+
+    /// The loss-level choice.
+    pub fn to_loss(self) -> dino_core::TeacherCentering {
+        match self {
+            Self::Centering => dino_core::TeacherCentering::Centering,
+            Self::SinkhornKnopp => dino_core::TeacherCentering::SinkhornKnopp {
+                n_iterations: Self::SINKHORN_ITERATIONS,
+            },
+        }
+    }
+}
+
+impl std::str::FromStr for Centering {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().replace('-', "_").as_str() {
+            "centering" => Ok(Self::Centering),
+            "sinkhorn_knopp" => Ok(Self::SinkhornKnopp),
+            _ => Err(Error::config(
+                "centering",
+                s,
+                "expected centering or sinkhorn_knopp",
+            )),
+        }
+    }
+}
+
 /// Where the training images come from (`--dataset`, together with `--data_path`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -168,6 +209,9 @@ pub struct TrainConfig {
     pub vit_num_heads: usize,
     /// ResNet: use the CIFAR stem (3x3 conv stride 1, no max-pool) for 32 px images. Default false.
     pub resnet_cifar_stem: bool,
+    /// ResNet: channels of the stem and the first stage (later stages 2x, 4x, 8x; the feature is 8x). Default
+    /// 64 (torchvision).
+    pub resnet_width: usize,
     /// Dimension K of the DINO head output. Default 65536.
     pub out_dim: usize,
     /// Fix the weight-norm gain of the head's last layer to 1 (not trained). Default true.
@@ -196,6 +240,11 @@ pub struct TrainConfig {
     pub student_temp: f64,
     /// Centre EMA momentum. Default 0.9.
     pub center_momentum: f64,
+    /// Teacher targets: `centering` (DINO v1 EMA centre) or `sinkhorn_knopp` (DINOv2). Default centering.
+    pub centering: Centering,
+    /// Weight of DINOv2's KoLeo regulariser on the student backbone's CLS features of each global crop
+    /// (official dinov2: 0.1); 0 disables. Default 0.
+    pub koleo_loss_weight: f64,
 
     // ----- optimisation -----
     /// Initial weight decay, cosine-scheduled to `weight_decay_end`. Default 0.04.
@@ -297,6 +346,7 @@ impl Default for TrainConfig {
             vit_depth: 12,
             vit_num_heads: 3,
             resnet_cifar_stem: false,
+            resnet_width: 64,
             out_dim: 65536,
             norm_last_layer: true,
             use_bn_in_head: false,
@@ -310,6 +360,8 @@ impl Default for TrainConfig {
             warmup_teacher_temp_epochs: 0,
             student_temp: 0.1,
             center_momentum: 0.9,
+            centering: Centering::Centering,
+            koleo_loss_weight: 0.0,
             weight_decay: 0.04,
             weight_decay_end: 0.4,
             clip_grad: 3.0,
@@ -560,6 +612,7 @@ impl TrainConfig {
         pos("head_hidden_dim", self.head_hidden_dim)?;
         pos("head_bottleneck_dim", self.head_bottleneck_dim)?;
         pos("head_nlayers", self.head_nlayers)?;
+        pos("resnet_width", self.resnet_width)?;
         pos("eval_batch_size", self.eval_batch_size)?;
         if self.local_crops_number > 0 {
             pos("local_crops_size", self.local_crops_size)?;
@@ -603,6 +656,7 @@ impl TrainConfig {
         finite_nonneg("weight_decay_end", self.weight_decay_end)?;
         finite_nonneg("clip_grad", self.clip_grad)?;
         finite_nonneg("knn_temperature", self.knn_temperature)?;
+        finite_nonneg("koleo_loss_weight", self.koleo_loss_weight)?;
         for (k, v) in [
             ("teacher_temp", self.teacher_temp),
             ("warmup_teacher_temp", self.warmup_teacher_temp),

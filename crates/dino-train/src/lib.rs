@@ -24,7 +24,7 @@ pub mod run;
 pub mod runtime;
 pub mod trainer;
 
-pub use config::{Arch, DatasetKind, OptimizerKind, TrainConfig};
+pub use config::{Arch, Centering, DatasetKind, OptimizerKind, TrainConfig};
 pub use dino_models::MatmulPrecision;
 pub use error::{Error, Result};
 pub use run::{train, train_default, TrainOptions, TrainSummary};

@@ -48,6 +48,7 @@ pub fn resnet_config(cfg: &TrainConfig) -> Result<Option<ResNetConfig>> {
         Arch::Resnet50 => ResNetConfig::resnet50(),
         _ => return Ok(None),
     };
+    let r = r.with_width(cfg.resnet_width);
     Ok(Some(if cfg.resnet_cifar_stem { r.cifar() } else { r }))
 }
 

@@ -77,6 +77,8 @@ pub struct TrainSummary {
     pub knn_final: Option<KnnResult>,
     /// k-NN of the same network at random initialisation (when `eval_final`).
     pub knn_init: Option<KnnResult>,
+    /// k-NN of the evaluation transform's raw pixels (when `eval_final`; see [`PIXEL_SIDE`]).
+    pub knn_pixels: Option<KnnResult>,
     /// Seconds spent in this call.
     pub seconds: f64,
     /// The rolling checkpoint.
@@ -84,6 +86,10 @@ pub struct TrainSummary {
     /// PNG plots written.
     pub plots: Vec<PathBuf>,
 }
+
+/// Largest side of the raw-pixel baseline's images: larger evaluation crops are area-pooled to at most this
+/// (28 px Fashion-MNIST and 32 px CIFAR are used as they are).
+pub const PIXEL_SIDE: usize = 32;
 
 /// Everything the k-NN evaluation needs, opened once.
 struct KnnSetup {
@@ -105,6 +111,41 @@ impl KnnSetup {
             val,
             transform: data::eval_transform(cfg)?,
         }))
+    }
+
+    /// The raw-pixel baseline: the evaluation transform's images with the normalisation undone (values in
+    /// [0, 1]), area-pooled to at most [`PIXEL_SIDE`] pixels a side, flattened; then the same k-NN as the
+    /// features (l2-normalised, cosine). Every rank computes it whole (no model, no gather).
+    fn pixels(&self, cfg: &TrainConfig) -> Result<KnnResult> {
+        let w = cfg.num_workers.max(1);
+        let (mean, std) = (cfg.norm_mean, cfg.norm_std);
+        let f = |x: &candle_core::Tensor| -> Result<candle_core::Tensor> {
+            let dev = x.device();
+            let s = candle_core::Tensor::from_vec(std.to_vec(), (1, 3, 1, 1), dev)?;
+            let m = candle_core::Tensor::from_vec(mean.to_vec(), (1, 3, 1, 1), dev)?;
+            let mut px = x.broadcast_mul(&s)?.broadcast_add(&m)?;
+            let side = px.dim(2)?.max(px.dim(3)?);
+            if side > PIXEL_SIDE {
+                let k = side.div_ceil(PIXEL_SIDE);
+                px = px.avg_pool2d(k)?;
+            }
+            Ok(px.flatten_from(1)?)
+        };
+        let bank = crate::eval::extract_with(
+            self.bank.clone(),
+            self.transform.clone(),
+            cfg.eval_batch_size,
+            w,
+            f,
+        )?;
+        let val = crate::eval::extract_with(
+            self.val.clone(),
+            self.transform.clone(),
+            cfg.eval_batch_size,
+            w,
+            f,
+        )?;
+        knn_eval(&bank, &val, cfg.knn_k, cfg.knn_temperature)
     }
 
     fn run(&self, cfg: &TrainConfig, backbone: &dyn Backbone) -> Result<KnnResult> {
@@ -323,6 +364,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     // The same network at random initialisation (the seeded init is deterministic), measured first so the
     // baseline is on screen before training starts.
     let mut knn_init = None;
+    let mut knn_pixels = None;
     if let (true, Some(k)) = (cfg.eval_final && start_g < total, &knn) {
         let r = k.run(
             cfg,
@@ -336,6 +378,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             r.top1, r.top5
         ));
         knn_init = Some(r);
+        let p = k.pixels(cfg)?;
+        progress.println(&format!(
+            "k-NN of the raw pixels: top-1 {:.2}% top-5 {:.2}%",
+            p.top1, p.top5
+        ));
+        knn_pixels = Some(p);
     }
 
     let loader = MultiCropLoader::new(
@@ -364,6 +412,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         last_epoch_loss: f64::NAN,
         knn_final: None,
         knn_init: None,
+        knn_pixels: None,
         seconds: 0.0,
         checkpoint: checkpoint::weights_path(&out, LATEST),
         plots: Vec::new(),
@@ -543,18 +592,43 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                     )?,
                 );
             }
+            if knn_pixels.is_none() {
+                knn_pixels = Some(k.pixels(cfg)?);
+            }
             summary.knn_init = knn_init;
+            summary.knn_pixels = knn_pixels;
         }
     }
     if let (Some(a), Some(b)) = (summary.knn_final, summary.knn_init) {
+        let pixels = summary
+            .knn_pixels
+            .map(|p| format!(" vs raw pixels {:.2}%", p.top1))
+            .unwrap_or_default();
+        let pixels5 = summary
+            .knn_pixels
+            .map(|p| format!(" vs {:.2}%", p.top5))
+            .unwrap_or_default();
         let line = format!(
             "k-NN (k = {}, T = {}) top-1 on the validation split: trained teacher {:.2}% vs same network at random \
-             initialisation {:.2}% (top-5 {:.2}% vs {:.2}%)",
+             initialisation {:.2}%{pixels} (top-5 {:.2}% vs {:.2}%{pixels5})",
             cfg.knn_k, cfg.knn_temperature, a.top1, b.top1, a.top5, b.top5
         );
         progress.println(&line);
         if !opts.progress && main {
             tracing::info!("{line}");
+        }
+        if let Some(l) = log.as_mut() {
+            let pick = |r: Option<KnnResult>, f: fn(&KnnResult) -> f64| r.as_ref().map(f);
+            l.write(&serde_json::json!({
+                "kind": "knn_final",
+                "epoch": cfg.epochs.saturating_sub(1),
+                "trained_top1": a.top1,
+                "trained_top5": a.top5,
+                "init_top1": b.top1,
+                "init_top5": b.top5,
+                "pixels_top1": pick(summary.knn_pixels, |k| k.top1),
+                "pixels_top5": pick(summary.knn_pixels, |k| k.top5),
+            }))?;
         }
     }
     if opts.plots && main {

@@ -291,6 +291,7 @@ impl Trainer {
                 nepochs: cfg.epochs,
                 student_temp: cfg.student_temp,
                 center_momentum: cfg.center_momentum,
+                centering: cfg.centering.to_loss(),
             },
             device,
         )?;
@@ -388,9 +389,27 @@ impl Trainer {
         })?
         .detach();
         lap(&mut timings.teacher_forward);
-        let s_out = with_matmul_precision(precision, || self.student.model.forward(crops, true))?;
+        let koleo_w = self.cfg.koleo_loss_weight;
+        let (s_feat, s_out) = if koleo_w > 0.0 {
+            let (f, o) = with_matmul_precision(precision, || {
+                self.student.model.forward_with_features(crops, true)
+            })?;
+            (Some(f), o)
+        } else {
+            let o = with_matmul_precision(precision, || self.student.model.forward(crops, true))?;
+            (None, o)
+        };
         lap(&mut timings.student_forward);
         let loss = self.loss.forward(&s_out, &t_out, epoch)?;
+        // DINOv2's KoLeo on the backbone CLS features of the 2 global crops, one term per crop, on this
+        // rank's rows (the official code does not gather them across ranks).
+        let loss = match &s_feat {
+            Some(f) => {
+                let global = f.narrow(0, 0, 2 * local_b)?;
+                (loss + dino_core::koleo_per_crop(&global, 2, koleo_w)?)?
+            }
+            None => loss,
+        };
         let mut loss_v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         if world > 1 {
             // The global batch's loss: the mean of the ranks' (equal-sized) batch means. A non-finite
