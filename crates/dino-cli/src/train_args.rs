@@ -73,6 +73,9 @@ pub struct TrainArgs {
     /// ResNet: CIFAR stem (3x3 conv, no max-pool) for 32 px images. [false]
     #[arg(long, value_parser = parse_bool, action = ArgAction::Set)]
     pub resnet_cifar_stem: Option<bool>,
+    /// ViT: the image feature is the mean of the patch tokens instead of the CLS token. [false]
+    #[arg(long, value_parser = parse_bool, action = ArgAction::Set)]
+    pub vit_pool_avg: Option<bool>,
     /// ResNet: channels of the stem and first stage (then 2x, 4x, 8x). [64]
     #[arg(long)]
     pub resnet_width: Option<usize>,
@@ -218,6 +221,7 @@ impl TrainArgs {
             vit_depth,
             vit_num_heads,
             resnet_cifar_stem,
+            vit_pool_avg,
             resnet_width,
             out_dim,
             norm_last_layer,

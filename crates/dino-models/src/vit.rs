@@ -53,6 +53,20 @@ pub struct ViTConfig {
     pub drop_path_rate: f64,
     /// LayerNorm epsilon. Default 1e-6.
     pub layer_norm_eps: f64,
+    /// The image feature of [`VisionTransformer::forward_t`]: the CLS token (official) or the mean of the
+    /// patch tokens, each after the final norm. Default [`Pool::Cls`].
+    pub pool: Pool,
+}
+
+/// Which tokens make the image feature of a [`VisionTransformer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pool {
+    /// The CLS token after the final norm (official DINO).
+    #[default]
+    Cls,
+    /// The mean of the patch tokens after the final norm (timm's `global_pool='avg'`, DINOv2's
+    /// `x_norm_patchtokens.mean(1)`); the CLS token still takes part in attention.
+    Avg,
 }
 
 impl Default for ViTConfig {
@@ -74,6 +88,7 @@ impl ViTConfig {
             qkv_bias: true,
             drop_path_rate: 0.0,
             layer_norm_eps: 1e-6,
+            pool: Pool::Cls,
         }
     }
 
@@ -717,6 +732,14 @@ impl VisionTransformer {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let tok = self.prepare(x)?;
         let keys = self.drop_path_keys(tok.b, train)?;
+        if self.cfg.pool == Pool::Avg {
+            let y = self.run_blocks(&tok, self.blocks.len(), keys.as_ref())?;
+            let y = self
+                .norm
+                .forward(&y)?
+                .reshape((tok.b, tok.t, self.cfg.embed_dim))?;
+            return y.narrow(1, 1, tok.t - 1)?.mean(1);
+        }
         let last = self.blocks.len() - 1;
         let y = self.run_blocks(&tok, last, keys.as_ref())?;
         let blk = &self.blocks[last];

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
 use dino_models::init::seeded_var_builder;
-use dino_models::vit::{ViTConfig, VisionTransformer};
+use dino_models::vit::{Pool, ViTConfig, VisionTransformer};
 use dino_models::Backbone;
 
 const WEIGHTS: &str = concat!(
@@ -257,7 +257,17 @@ fn tiny_trainable(cfg: ViTConfig, seed: u64) -> Result<(VisionTransformer, Vec<(
 
 #[test]
 fn one_backward_pass_reaches_every_parameter() -> Result<()> {
-    let cfg = ViTConfig::custom(16, 4, 16, 2, 2).with_drop_path(0.1);
+    for pool in [Pool::Cls, Pool::Avg] {
+        backward_reaches_every_parameter(pool)?;
+    }
+    Ok(())
+}
+
+fn backward_reaches_every_parameter(pool: Pool) -> Result<()> {
+    let cfg = ViTConfig {
+        pool,
+        ..ViTConfig::custom(16, 4, 16, 2, 2).with_drop_path(0.1)
+    };
     let (vit, vars) = tiny_trainable(cfg, 11)?;
     vit.reseed(5);
     // A training-size batch and a smaller, non-square crop batch (interpolated positions), as multi-crop does.
@@ -270,19 +280,29 @@ fn one_backward_pass_reaches_every_parameter() -> Result<()> {
     for (name, var) in &vars {
         let g = grads
             .get(var)
-            .unwrap_or_else(|| panic!("{name}: no gradient"));
+            .unwrap_or_else(|| panic!("{name} ({pool:?}): no gradient"));
         let m = g.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(m > 0.0, "{name}: zero gradient");
-        assert!(m.is_finite(), "{name}: non-finite gradient");
+        assert!(m > 0.0, "{name} ({pool:?}): zero gradient");
+        assert!(m.is_finite(), "{name} ({pool:?}): non-finite gradient");
     }
     Ok(())
 }
 
 #[test]
 fn gradients_match_finite_differences() -> Result<()> {
+    for pool in [Pool::Cls, Pool::Avg] {
+        gradients_match_finite_differences_with(pool)?;
+    }
+    Ok(())
+}
+
+fn gradients_match_finite_differences_with(pool: Pool) -> Result<()> {
     // img 8, patch 4, dim 8, depth 2, 2 heads; drop path 0.3 with masks fixed by reseeding; a non-square
     // 12x8 input so the pos_embed gradient goes through the bicubic interpolation.
-    let cfg = ViTConfig::custom(8, 4, 8, 2, 2).with_drop_path(0.3);
+    let cfg = ViTConfig {
+        pool,
+        ..ViTConfig::custom(8, 4, 8, 2, 2).with_drop_path(0.3)
+    };
     let (vit, vars) = tiny_trainable(cfg, 21)?;
     let dev = Device::Cpu;
     let x = (randn(105, &[3, 3, 12, 8])? * 2.0)?;
@@ -317,7 +337,7 @@ fn gradients_match_finite_differences() -> Result<()> {
             let an = g[i] as f64;
             assert!(
                 (an - fd).abs() <= 3e-3 + 5e-2 * fd.abs(),
-                "{name}[{i}]: analytic {an} vs finite difference {fd}"
+                "{name}[{i}] ({pool:?}): analytic {an} vs finite difference {fd}"
             );
             checked += 1;
         }
@@ -411,5 +431,29 @@ fn rejects_bad_inputs_and_configs() -> Result<()> {
     let vb = VarBuilder::from_tensors(m, DType::F32, &Device::Cpu);
     let err = VisionTransformer::new(ViTConfig::vit_tiny(16), vb).unwrap_err();
     assert!(err.to_string().contains("patch_embed.proj.weight"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn avg_pool_is_the_mean_of_the_normed_patch_tokens() -> Result<()> {
+    let cfg = ViTConfig::custom(16, 4, 16, 2, 2);
+    let (cls_vit, _) = tiny_trainable(cfg.clone(), 31)?;
+    let (avg_vit, _) = tiny_trainable(
+        ViTConfig {
+            pool: Pool::Avg,
+            ..cfg
+        },
+        31,
+    )?;
+    let x = randn(107, &[3, 3, 16, 12])?;
+    let tokens = cls_vit.get_intermediate_layers(&x, 1)?.remove(0);
+    let want = tokens.narrow(1, 1, tokens.dim(1)? - 1)?.mean(1)?;
+    assert_close(&avg_vit.forward_t(&x, false)?, &want, "avg pool")?;
+    // ... and not the CLS token.
+    let d = (avg_vit.forward_t(&x, false)? - cls_vit.forward_t(&x, false)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    assert!(d > 1e-3, "avg pool equals the CLS token");
     Ok(())
 }

@@ -209,6 +209,9 @@ pub struct TrainConfig {
     pub vit_num_heads: usize,
     /// ResNet: use the CIFAR stem (3x3 conv stride 1, no max-pool) for 32 px images. Default false.
     pub resnet_cifar_stem: bool,
+    /// ViT image feature (what the head and the k-NN see): the mean of the patch tokens instead of the CLS
+    /// token, each after the final norm (timm's `global_pool='avg'`). Default false (CLS, official).
+    pub vit_pool_avg: bool,
     /// ResNet: channels of the stem and the first stage (later stages 2x, 4x, 8x; the feature is 8x). Default
     /// 64 (torchvision).
     pub resnet_width: usize,
@@ -346,6 +349,7 @@ impl Default for TrainConfig {
             vit_depth: 12,
             vit_num_heads: 3,
             resnet_cifar_stem: false,
+            vit_pool_avg: false,
             resnet_width: 64,
             out_dim: 65536,
             norm_last_layer: true,

@@ -35,6 +35,11 @@ pub fn vit_config(cfg: &TrainConfig, drop_path_rate: f64) -> Result<Option<ViTCo
     Ok(Some(
         ViTConfig {
             img_size: cfg.img_size,
+            pool: if cfg.vit_pool_avg {
+                dino_models::vit::Pool::Avg
+            } else {
+                dino_models::vit::Pool::Cls
+            },
             ..base
         }
         .with_drop_path(drop_path_rate),

@@ -22,6 +22,9 @@ pub struct Curve {
     pub name: String,
     /// The points, in x order.
     pub points: Vec<(f64, f64)>,
+    /// Horizontal reference lines `(y, rgb)` drawn across the plot (e.g. the random-init and raw-pixel k-NN
+    /// levels); the y range includes them.
+    pub hlines: Vec<(f64, [u8; 3])>,
 }
 
 /// 3x5 bitmaps (rows top to bottom, 3 bits each, MSB left) for `0-9 . - e +`.
@@ -100,8 +103,10 @@ pub fn render(curve: &Curve) -> Result<Vec<u8>> {
         root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
         if !pts.is_empty() {
             let (mut x0, mut x1) = (pts[0].0, pts[pts.len() - 1].0);
-            let mut y0 = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
-            let mut y1 = pts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+            let refs = curve.hlines.iter().map(|h| h.0).filter(|y| y.is_finite());
+            let ys = || pts.iter().map(|p| p.1).chain(refs.clone());
+            let mut y0 = ys().fold(f64::INFINITY, f64::min);
+            let mut y1 = ys().fold(f64::NEG_INFINITY, f64::max);
             if x1 <= x0 {
                 x1 = x0 + 1.0;
                 x0 -= 0.0;
@@ -137,6 +142,16 @@ pub fn render(curve: &Curve) -> Result<Vec<u8>> {
                     BLACK,
                 ))
                 .map_err(|e| err(e.to_string()))?;
+            for &(y, [r, g, b]) in curve.hlines.iter().filter(|h| h.0.is_finite()) {
+                // Dashed: 40 segments across the plot.
+                let seg = (x1 - x0) / 80.0;
+                chart
+                    .draw_series((0..40).map(|i| {
+                        let a = x0 + seg * (2 * i) as f64;
+                        PathElement::new([(a, y), (a + seg, y)], RGBColor(r, g, b).stroke_width(2))
+                    }))
+                    .map_err(|e| err(e.to_string()))?;
+            }
             chart
                 .draw_series(LineSeries::new(
                     pts.iter().copied(),
@@ -197,12 +212,15 @@ mod tests {
                 .map(|i| (i as f64, 8.0 - (i as f64).sqrt()))
                 .chain([(50.0, f64::NAN)])
                 .collect(),
+            hlines: vec![(9.5, [214, 39, 40])],
         };
         let p = save_png(dir.path(), &c).unwrap();
         let img = image::open(&p).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), (WIDTH, HEIGHT));
         // The curve colour appears, and so do black label pixels in the top-left corner.
         assert!(img.pixels().any(|p| p.0 == [31, 119, 180]));
+        // The reference line, above every point, is drawn (the y range was widened to show it).
+        assert!(img.pixels().any(|p| p.0 == [214, 39, 40]));
         assert!((0..20).any(|y| (0..60).any(|x| img.get_pixel(x, y).0 == [0, 0, 0])));
         // A constant or empty curve still renders.
         save_png(
@@ -210,6 +228,7 @@ mod tests {
             &Curve {
                 name: "flat".into(),
                 points: vec![(0.0, 1.0), (1.0, 1.0)],
+                ..Curve::default()
             },
         )
         .unwrap();
@@ -218,6 +237,7 @@ mod tests {
             &Curve {
                 name: "empty".into(),
                 points: vec![],
+                ..Curve::default()
             },
         )
         .unwrap();

@@ -740,6 +740,7 @@ pub fn write_plots(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
             .iter()
             .map(|s| (s.global_iteration as f64, f(s)))
             .collect(),
+        ..Curve::default()
     };
     let mut curves = vec![
         series("loss", &|s| s.loss),
@@ -756,6 +757,7 @@ pub fn write_plots(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
                 .iter()
                 .map(|e| (e.epoch as f64, e.train_loss))
                 .collect(),
+            ..Curve::default()
         },
     ];
     let knn: Vec<(f64, f64)> = epochs
@@ -763,12 +765,33 @@ pub fn write_plots(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
         .filter_map(|e| e.knn_top1.map(|k| (e.epoch as f64, k)))
         .collect();
     if !knn.is_empty() {
+        // Reference levels from the run's final k-NN record: random init (grey), raw pixels (red).
+        let mut hlines = Vec::new();
+        if let Some(b) = read_knn_baselines(&path) {
+            hlines.extend(b.0.map(|v| (v, [127, 127, 127])));
+            hlines.extend(b.1.map(|v| (v, [214, 39, 40])));
+        }
         curves.push(Curve {
             name: "knn_top1".into(),
             points: knn,
+            hlines,
         });
     }
     curves.iter().map(|c| save_png(&pdir, c)).collect()
+}
+
+/// The random-init and raw-pixel k-NN top-1 of the last `knn_final` record of the log, if any.
+fn read_knn_baselines(log: &std::path::Path) -> Option<(Option<f64>, Option<f64>)> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines().rev().find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        (v.get("kind")?.as_str()? == "knn_final").then(|| {
+            (
+                v.get("init_top1").and_then(|x| x.as_f64()),
+                v.get("pixels_top1").and_then(|x| x.as_f64()),
+            )
+        })
+    })
 }
 
 /// The no-argument run: [`TrainConfig::default_preset`] (a small ViT on the embedded Fashion-MNIST subset),
