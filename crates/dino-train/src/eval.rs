@@ -88,6 +88,35 @@ pub fn extract_features(
     })
 }
 
+/// Largest side of the raw-pixel baseline's images: larger evaluation crops are area-pooled to at most this
+/// (28 px Fashion-MNIST and 32 px CIFAR are used as they are).
+pub const PIXEL_SIDE: usize = 32;
+
+/// The raw-pixel "features" of every image of `ds`: the evaluation transform's output with its
+/// normalisation (`mean`, `std` per channel) undone, so values in [0, 1], area-pooled by the smallest
+/// integer factor that brings the larger side to at most [`PIXEL_SIDE`], flattened channel-major,
+/// `(N, 3·h·w)`. The baseline a trained backbone should beat under the same k-NN.
+pub fn extract_pixels(
+    ds: Arc<dyn Dataset>,
+    transform: Arc<dyn Transform>,
+    mean: [f32; 3],
+    std: [f32; 3],
+    batch_size: usize,
+    num_workers: usize,
+) -> Result<Features> {
+    extract_with(ds, transform, batch_size, num_workers, |x| {
+        let dev = x.device();
+        let s = Tensor::from_vec(std.to_vec(), (1, 3, 1, 1), dev)?;
+        let m = Tensor::from_vec(mean.to_vec(), (1, 3, 1, 1), dev)?;
+        let mut px = x.broadcast_mul(&s)?.broadcast_add(&m)?;
+        let side = px.dim(2)?.max(px.dim(3)?);
+        if side > PIXEL_SIDE {
+            px = px.avg_pool2d(side.div_ceil(PIXEL_SIDE))?;
+        }
+        Ok(px.flatten_from(1)?)
+    })
+}
+
 /// The number of classes of labelled features: `max label + 1` over both sets.
 pub fn num_classes_of(a: &Features, b: &Features) -> Result<usize> {
     let max = |f: &Features, what: &str| {

@@ -77,7 +77,7 @@ pub struct TrainSummary {
     pub knn_final: Option<KnnResult>,
     /// k-NN of the same network at random initialisation (when `eval_final`).
     pub knn_init: Option<KnnResult>,
-    /// k-NN of the evaluation transform's raw pixels (when `eval_final`; see [`PIXEL_SIDE`]).
+    /// k-NN of the evaluation transform's raw pixels (when `eval_final`; see [`crate::eval::extract_pixels`]).
     pub knn_pixels: Option<KnnResult>,
     /// Seconds spent in this call.
     pub seconds: f64,
@@ -86,10 +86,6 @@ pub struct TrainSummary {
     /// PNG plots written.
     pub plots: Vec<PathBuf>,
 }
-
-/// Largest side of the raw-pixel baseline's images: larger evaluation crops are area-pooled to at most this
-/// (28 px Fashion-MNIST and 32 px CIFAR are used as they are).
-pub const PIXEL_SIDE: usize = 32;
 
 /// Everything the k-NN evaluation needs, opened once.
 struct KnnSetup {
@@ -113,39 +109,26 @@ impl KnnSetup {
         }))
     }
 
-    /// The raw-pixel baseline: the evaluation transform's images with the normalisation undone (values in
-    /// [0, 1]), area-pooled to at most [`PIXEL_SIDE`] pixels a side, flattened; then the same k-NN as the
-    /// features (l2-normalised, cosine). Every rank computes it whole (no model, no gather).
+    /// The raw-pixel baseline ([`crate::eval::extract_pixels`] of the bank and the queries, then the same
+    /// k-NN as the features). Every rank computes it whole (no model, no gather).
     fn pixels(&self, cfg: &TrainConfig) -> Result<KnnResult> {
         let w = cfg.num_workers.max(1);
-        let (mean, std) = (cfg.norm_mean, cfg.norm_std);
-        let f = |x: &candle_core::Tensor| -> Result<candle_core::Tensor> {
-            let dev = x.device();
-            let s = candle_core::Tensor::from_vec(std.to_vec(), (1, 3, 1, 1), dev)?;
-            let m = candle_core::Tensor::from_vec(mean.to_vec(), (1, 3, 1, 1), dev)?;
-            let mut px = x.broadcast_mul(&s)?.broadcast_add(&m)?;
-            let side = px.dim(2)?.max(px.dim(3)?);
-            if side > PIXEL_SIDE {
-                let k = side.div_ceil(PIXEL_SIDE);
-                px = px.avg_pool2d(k)?;
-            }
-            Ok(px.flatten_from(1)?)
+        let px = |ds: &Arc<dyn Dataset>| {
+            crate::eval::extract_pixels(
+                ds.clone(),
+                self.transform.clone(),
+                cfg.norm_mean,
+                cfg.norm_std,
+                cfg.eval_batch_size,
+                w,
+            )
         };
-        let bank = crate::eval::extract_with(
-            self.bank.clone(),
-            self.transform.clone(),
-            cfg.eval_batch_size,
-            w,
-            f,
-        )?;
-        let val = crate::eval::extract_with(
-            self.val.clone(),
-            self.transform.clone(),
-            cfg.eval_batch_size,
-            w,
-            f,
-        )?;
-        knn_eval(&bank, &val, cfg.knn_k, cfg.knn_temperature)
+        knn_eval(
+            &px(&self.bank)?,
+            &px(&self.val)?,
+            cfg.knn_k,
+            cfg.knn_temperature,
+        )
     }
 
     fn run(&self, cfg: &TrainConfig, backbone: &dyn Backbone) -> Result<KnnResult> {
