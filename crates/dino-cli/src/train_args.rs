@@ -44,7 +44,8 @@ pub struct TrainArgs {
     /// TOML configuration file (keys as in TrainConfig / main_dino.py); the flags below override it.
     #[arg(long, value_name = "FILE.toml")]
     pub config: Option<PathBuf>,
-    /// Start from a named preset: official, default (the no-argument run), fmnist-small, cifar.
+    /// Start from a named preset: official, default (the no-argument run), small (the same recipe fitted to
+    /// any set of small images: sizes and normalisation measured on the data), fmnist-small, cifar.
     #[arg(long)]
     pub preset: Option<String>,
     /// Print the resolved configuration as TOML and exit without training.
@@ -293,6 +294,25 @@ impl TrainArgs {
             TrainConfig::default_preset()
         };
         self.apply(&mut cfg);
+        if self.config.is_none() && self.preset.as_deref() == Some("small") {
+            // Sizes and normalisation follow the data; flags given explicitly still win.
+            let st = dino_train::data::fit_to_data(&mut cfg)?;
+            if dino_core::collective::current().rank() == 0 {
+                eprintln!(
+                    "small preset fitted to {} images of {}: median side {} px -> crops {} / {} px, patch {}, \
+                     mean {:.4?}, std {:.4?}",
+                    st.images,
+                    cfg.data_path.display(),
+                    st.side,
+                    cfg.global_crops_size,
+                    cfg.local_crops_size,
+                    cfg.patch_size,
+                    cfg.norm_mean,
+                    cfg.norm_std
+                );
+            }
+            self.apply(&mut cfg);
+        }
         if let Some(b) = self.batch_size_per_gpu {
             cfg.batch_size = b * dino_core::collective::world_size();
         }

@@ -430,7 +430,7 @@ pub const RESUME_IGNORED_KEYS: &[&str] = &[
 ];
 
 /// The names [`TrainConfig::preset`] accepts.
-pub const PRESETS: &[&str] = &["official", "default", "fmnist-small", "cifar"];
+pub const PRESETS: &[&str] = &["official", "default", "small", "fmnist-small", "cifar"];
 
 impl TrainConfig {
     /// The official `main_dino.py` defaults (same as `Default`).
@@ -446,6 +446,7 @@ impl TrainConfig {
         match name {
             "official" | "imagenet" => Ok(Self::official()),
             "default" => Ok(Self::default_preset()),
+            "small" => Ok(Self::small_data()),
             "fmnist-small" => Ok(Self::fmnist_small()),
             "cifar" => Ok(Self::cifar()),
             _ => Err(Error::config(
@@ -506,6 +507,18 @@ impl TrainConfig {
             eval_crop: 28,
             eval_batch_size: 256,
             ..Self::default()
+        }
+    }
+
+    /// The small-data recipe of the no-argument run for any folder or standard set of small images (the
+    /// `small` preset): the default preset's model, optimisation and crops, with `dataset = folder`; the
+    /// image sizes and the normalisation are fitted to the data by [`crate::data::fit_to_data`] when the
+    /// CLI resolves it.
+    pub fn small_data() -> Self {
+        Self {
+            dataset: DatasetKind::Folder,
+            data_path: PathBuf::from("/path/to/images/"),
+            ..Self::default_preset()
         }
     }
 

@@ -194,3 +194,89 @@ pub fn describe(cfg: &TrainConfig, ds: &dyn Dataset) -> String {
         k => format!("{} at {} ({})", k.name(), place.display(), ds.describe()),
     }
 }
+
+/// What [`fit_to_data`] measured on the training images.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataStats {
+    /// Images read (evenly spaced over the dataset, unreadable ones skipped).
+    pub images: usize,
+    /// Median of the shorter sides, pixels.
+    pub side: usize,
+    /// Per-channel mean of the RGB values in [0, 1].
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation of the RGB values in [0, 1].
+    pub std: [f32; 3],
+}
+
+/// Largest image side the `small` preset trains at: bigger images are resized to it.
+pub const SMALL_MAX_SIDE: usize = 64;
+
+/// Measure the training data of `cfg` (up to `max_images` images, evenly spaced): median shorter side and
+/// per-channel mean / std.
+pub fn data_stats(cfg: &TrainConfig, max_images: usize) -> Result<DataStats> {
+    let ds = open_train(cfg)?;
+    let n = ds.len();
+    if n == 0 {
+        return Err(Error::config(
+            "data_path",
+            cfg.data_path.display(),
+            "holds no images",
+        ));
+    }
+    let take = n.min(max_images.max(1));
+    let mut sides = Vec::with_capacity(take);
+    let (mut sum, mut sq, mut count) = ([0f64; 3], [0f64; 3], 0f64);
+    for k in 0..take {
+        let i = k * n / take;
+        let Ok(img) = ds.get(i) else { continue };
+        sides.push(img.width().min(img.height()) as usize);
+        for p in img.pixels() {
+            for c in 0..3 {
+                let v = p.0[c] as f64 / 255.0;
+                sum[c] += v;
+                sq[c] += v * v;
+            }
+        }
+        count += (img.width() * img.height()) as f64;
+    }
+    if sides.is_empty() {
+        return Err(Error::config(
+            "data_path",
+            cfg.data_path.display(),
+            format!("none of the {take} images read to measure it could be decoded"),
+        ));
+    }
+    sides.sort_unstable();
+    let mean = sum.map(|s| (s / count) as f32);
+    let mut std = [0f32; 3];
+    for c in 0..3 {
+        let m = sum[c] / count;
+        // A constant channel would divide by 0: keep a floor.
+        std[c] = ((sq[c] / count - m * m).max(0.0).sqrt() as f32).max(1e-3);
+    }
+    Ok(DataStats {
+        images: sides.len(),
+        side: sides[sides.len() / 2],
+        mean,
+        std,
+    })
+}
+
+/// Fit the size and normalisation keys of `cfg` (the `small` preset) to its training data: train and
+/// evaluate at the images' median shorter side `s` (at most [`SMALL_MAX_SIDE`], rounded down to a
+/// multiple of 4): global crops `s`, local crops `s / 2`, ViT patch `s / 4` (a 4 x 4 grid, the cost of the
+/// 28 px recipe at any size), evaluation resize and crop `s`; mean / std measured per channel. Returns the
+/// statistics, for the log.
+pub fn fit_to_data(cfg: &mut TrainConfig) -> Result<DataStats> {
+    let st = data_stats(cfg, 2000)?;
+    let s = (st.side.min(SMALL_MAX_SIDE) / 4 * 4).max(8);
+    cfg.img_size = s;
+    cfg.patch_size = s / 4;
+    cfg.global_crops_size = s;
+    cfg.local_crops_size = s / 2;
+    cfg.eval_resize = s;
+    cfg.eval_crop = s;
+    cfg.norm_mean = st.mean;
+    cfg.norm_std = st.std;
+    Ok(st)
+}
