@@ -163,6 +163,9 @@ pub struct TrainArgs {
     /// Scale range of the local crops (two numbers). [0.05 0.4]
     #[arg(long, num_args = 2, value_names = ["MIN", "MAX"])]
     pub local_crops_scale: Option<Vec<f64>>,
+    /// Range of the Gaussian blur's sigma in pixels (two numbers; meant for 224 px crops). [0.1 2.0]
+    #[arg(long, num_args = 2, value_names = ["MIN", "MAX"])]
+    pub blur_sigma: Option<Vec<f64>>,
     /// Side of the global crops in pixels. [224]
     #[arg(long)]
     pub global_crops_size: Option<usize>,
@@ -265,6 +268,9 @@ impl TrainArgs {
         if let Some(v) = &self.local_crops_scale {
             cfg.local_crops_scale = [v[0], v[1]];
         }
+        if let Some(v) = &self.blur_sigma {
+            cfg.blur_sigma = [v[0], v[1]];
+        }
         if let Some(v) = &self.norm_mean {
             cfg.norm_mean = [v[0], v[1], v[2]];
         }
@@ -315,6 +321,11 @@ impl TrainArgs {
         }
         if let Some(b) = self.batch_size_per_gpu {
             cfg.batch_size = b * dino_core::collective::world_size();
+        }
+        for w in cfg.clamp_to_epochs() {
+            if dino_core::collective::current().rank() == 0 {
+                eprintln!("{w}");
+            }
         }
         cfg.validate()?;
         Ok(cfg)

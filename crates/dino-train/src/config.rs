@@ -287,6 +287,9 @@ pub struct TrainConfig {
     pub global_crops_size: usize,
     /// Side of the local crops in pixels. Default 96.
     pub local_crops_size: usize,
+    /// Range of the Gaussian blur's sigma (Pillow radius) in pixels. The official (0.1, 2.0) is meant for
+    /// 224 px crops; on small images the same blur in pixels removes proportionally more. Default [0.1, 2.0].
+    pub blur_sigma: [f64; 2],
     /// Per-channel normalisation mean. Default ImageNet [0.485, 0.456, 0.406].
     pub norm_mean: [f32; 3],
     /// Per-channel normalisation std. Default ImageNet [0.229, 0.224, 0.225].
@@ -382,6 +385,7 @@ impl Default for TrainConfig {
             local_crops_scale: [0.05, 0.4],
             global_crops_size: 224,
             local_crops_size: 96,
+            blur_sigma: [0.1, 2.0],
             norm_mean: [0.485, 0.456, 0.406],
             norm_std: [0.229, 0.224, 0.225],
             data_path: PathBuf::from("/path/to/imagenet/train/"),
@@ -710,6 +714,14 @@ impl TrainConfig {
                 ));
             }
         }
+        let b = self.blur_sigma;
+        if !(b[0] > 0.0 && b[0] <= b[1] && b[1].is_finite()) {
+            return Err(Error::config(
+                "blur_sigma",
+                format!("{b:?}"),
+                "expected 0 < min <= max",
+            ));
+        }
         if self.norm_std.iter().any(|s| s.is_nan() || *s <= 0.0) {
             return Err(Error::config(
                 "norm_std",
@@ -735,6 +747,29 @@ impl TrainConfig {
             return Err(Error::config("knn_k", 0, "must be positive"));
         }
         Ok(())
+    }
+
+    /// Shorten the schedule lengths that exceed the run (`warmup_epochs`, `warmup_teacher_temp_epochs` >
+    /// `epochs`, which [`TrainConfig::validate`] refuses) to `epochs`, returning one warning line per key
+    /// changed, naming the key and the value used. A short first try (`--epochs 1`) then runs as asked.
+    pub fn clamp_to_epochs(&mut self) -> Vec<String> {
+        let epochs = self.epochs;
+        let mut warnings = Vec::new();
+        for (key, v) in [
+            ("warmup_epochs", &mut self.warmup_epochs),
+            (
+                "warmup_teacher_temp_epochs",
+                &mut self.warmup_teacher_temp_epochs,
+            ),
+        ] {
+            if *v > epochs {
+                warnings.push(format!(
+                    "warning: {key} = {v} exceeds epochs = {epochs}: using {key} = {epochs}"
+                ));
+                *v = epochs;
+            }
+        }
+        warnings
     }
 
     /// The keys whose values differ between `self` (the checkpoint's) and `other` (the requested one),
@@ -817,6 +852,24 @@ mod tests {
         assert_eq!(back, c);
         let err = TrainConfig::from_toml_str("learning_rate = 1.0").unwrap_err();
         assert!(err.contains("learning_rate"), "{err}");
+    }
+
+    #[test]
+    fn schedules_longer_than_the_run_are_clamped_with_a_warning() {
+        let mut c = TrainConfig {
+            epochs: 1,
+            warmup_epochs: 10,
+            warmup_teacher_temp_epochs: 30,
+            ..TrainConfig::official()
+        };
+        assert!(c.validate().is_err());
+        let w = c.clamp_to_epochs();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("warmup_epochs = 10") && w[0].contains("using warmup_epochs = 1"));
+        assert!(w[1].contains("warmup_teacher_temp_epochs = 30"));
+        assert_eq!((c.warmup_epochs, c.warmup_teacher_temp_epochs), (1, 1));
+        c.validate().unwrap();
+        assert!(c.clamp_to_epochs().is_empty());
     }
 
     #[test]

@@ -144,6 +144,7 @@ pub fn augmentation(cfg: &TrainConfig) -> Result<Arc<dyn Transform>> {
         local_crops_number: cfg.local_crops_number,
         global_crop_size: cfg.global_crops_size,
         local_crop_size: cfg.local_crops_size,
+        blur_sigma: (cfg.blur_sigma[0], cfg.blur_sigma[1]),
         mean: cfg.norm_mean,
         std: cfg.norm_std,
         ..DinoAugConfig::default()
