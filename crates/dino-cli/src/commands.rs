@@ -615,14 +615,15 @@ pub fn attention(a: &AttentionArgs) -> Result<()> {
         let (w, h) = (w0 - w0 % p, h0 - h0 % p);
         let img = image::imageops::crop_imm(&resized, 0, 0, w as u32, h as u32).to_image();
         let x = Tensor::from_vec(normalize.apply(img.as_raw()), (1, 3, h, w), vit.device())?;
-        let attn = vit.get_last_selfattention(&x)?; // (1, heads, N+1, N+1)
+        let attn = vit.get_last_selfattention(&x)?; // (1, heads, 1+R+N, 1+R+N)
         let heads = attn.dim(1)?;
         let (gh, gw) = (h / p, w / p);
-        // CLS query row to every patch token: (heads, gh * gw).
+        // CLS query row to every patch token (after the R register tokens): (heads, gh * gw).
+        let first = 1 + vit.config().num_register_tokens;
         let cls = attn
             .get(0)?
             .narrow(D::Minus2, 0, 1)?
-            .narrow(D::Minus1, 1, gh * gw)?;
+            .narrow(D::Minus1, first, gh * gw)?;
         let data: Vec<f32> = cls.flatten_all()?.to_vec1()?;
         let maps = HeadMaps {
             heads,

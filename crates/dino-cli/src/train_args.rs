@@ -77,6 +77,12 @@ pub struct TrainArgs {
     /// ViT: the image feature is the mean of the patch tokens instead of the CLS token. [false]
     #[arg(long, value_parser = parse_bool, action = ArgAction::Set)]
     pub vit_pool_avg: Option<bool>,
+    /// ViT: DINOv2 register tokens after the CLS token (dinov2 *_reg models: 4). [0]
+    #[arg(long)]
+    pub vit_num_register_tokens: Option<usize>,
+    /// ViT: DINOv2 LayerScale initial value (dinov2 training: 1e-5); 0 disables. [0]
+    #[arg(long)]
+    pub vit_layer_scale_init: Option<f64>,
     /// ResNet: channels of the stem and first stage (then 2x, 4x, 8x). [64]
     #[arg(long)]
     pub resnet_width: Option<usize>,
@@ -226,6 +232,8 @@ impl TrainArgs {
             vit_num_heads,
             resnet_cifar_stem,
             vit_pool_avg,
+            vit_num_register_tokens,
+            vit_layer_scale_init,
             resnet_width,
             out_dim,
             norm_last_layer,
@@ -466,6 +474,48 @@ mod tests {
         assert_eq!(c.dataset, DatasetKind::Cifar10);
         assert_eq!(c.output_dir, PathBuf::from("out"));
         assert_eq!((c.saveckp_freq, c.seed, c.num_workers), (5, 7, 2));
+    }
+
+    #[test]
+    fn the_dinov2_and_small_data_flags_reach_their_fields() {
+        let c = parse(&[
+            "--data-path",
+            "imgs",
+            "--centering",
+            "sinkhorn-knopp",
+            "--koleo-loss-weight",
+            "0.1",
+            "--vit-pool-avg",
+            "true",
+            "--vit-num-register-tokens",
+            "4",
+            "--vit-layer-scale-init",
+            "1e-5",
+            "--resnet-width",
+            "32",
+            "--blur-sigma",
+            "0.05",
+            "0.5",
+        ])
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert_eq!(c.centering, Centering::SinkhornKnopp);
+        assert_eq!(c.koleo_loss_weight, 0.1);
+        assert!(c.vit_pool_avg);
+        assert_eq!(
+            (c.vit_num_register_tokens, c.vit_layer_scale_init),
+            (4, 1e-5)
+        );
+        assert_eq!(c.resnet_width, 32);
+        assert_eq!(c.blur_sigma, [0.05, 0.5]);
+        // The official warm-up of 10 epochs on a 1-epoch run is shortened with a warning, not refused.
+        let c = parse(&["--data-path", "imgs", "--epochs", "1"])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!((c.epochs, c.warmup_epochs), (1, 1));
+        assert!(parse(&["--centering", "median"]).is_err());
     }
 
     #[test]

@@ -56,6 +56,12 @@ pub struct ViTConfig {
     /// The image feature of [`VisionTransformer::forward_t`]: the CLS token (official) or the mean of the
     /// patch tokens, each after the final norm. Default [`Pool::Cls`].
     pub pool: Pool,
+    /// DINOv2's register tokens (`register_tokens`, (1, R, D)): extra learnt tokens inserted after the CLS
+    /// token, with no positional embedding, dropped from every output. Default 0 (DINO v1).
+    pub num_register_tokens: usize,
+    /// DINOv2's LayerScale: each branch's output multiplied by a learnt per-channel `ls1.gamma` /
+    /// `ls2.gamma` initialised to this value (dinov2 training: 1e-5; hub models: 1.0). Default `None` (v1).
+    pub layer_scale_init: Option<f64>,
 }
 
 /// Which tokens make the image feature of a [`VisionTransformer`].
@@ -89,6 +95,8 @@ impl ViTConfig {
             drop_path_rate: 0.0,
             layer_norm_eps: 1e-6,
             pool: Pool::Cls,
+            num_register_tokens: 0,
+            layer_scale_init: None,
         }
     }
 
@@ -154,11 +162,17 @@ impl ViTConfig {
         let h = self.mlp_hidden();
         let qkv = 3 * d * d + if self.qkv_bias { 3 * d } else { 0 };
         let block = 2 * d + qkv + (d * d + d) + 2 * d + (h * d + h) + (d * h + d);
+        let ls = if self.layer_scale_init.is_some() {
+            2 * d
+        } else {
+            0
+        };
         d * self.in_chans * p * p
             + d
             + d
             + (self.num_patches() + 1) * d
-            + self.depth * block
+            + self.num_register_tokens * d
+            + self.depth * (block + ls)
             + 2 * d
     }
 
@@ -189,6 +203,11 @@ impl ViTConfig {
                 "drop_path_rate {} must be in [0, 1)",
                 self.drop_path_rate
             ));
+        }
+        if let Some(v) = self.layer_scale_init {
+            if !v.is_finite() {
+                return bad(format!("layer_scale_init {v} must be finite"));
+            }
         }
         Ok(())
     }
@@ -252,6 +271,8 @@ struct Block {
     norm2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
+    /// LayerScale gammas of the attention and MLP branches, `(D)` each, when enabled.
+    ls: Option<(Tensor, Tensor)>,
     num_heads: usize,
     drop_path: f64,
 }
@@ -266,6 +287,13 @@ impl Block {
         let norm2 = LayerNorm::new(d, eps, vb.pp("norm2"))?;
         let fc1 = Linear::new(d, cfg.mlp_hidden(), true, vb.pp("mlp").pp("fc1"))?;
         let fc2 = Linear::new(cfg.mlp_hidden(), d, true, vb.pp("mlp").pp("fc2"))?;
+        let ls = match cfg.layer_scale_init {
+            Some(v) => Some((
+                vb.pp("ls1").get_with_hints(d, "gamma", Init::Const(v))?,
+                vb.pp("ls2").get_with_hints(d, "gamma", Init::Const(v))?,
+            )),
+            None => None,
+        };
         Ok(Self {
             norm1,
             qkv,
@@ -273,6 +301,7 @@ impl Block {
             norm2,
             fc1,
             fc2,
+            ls,
             num_heads: cfg.num_heads,
             drop_path,
         })
@@ -345,6 +374,23 @@ impl Block {
         crate::fused::linear_residual(x, &h, &lin.weight, lin.bias.as_ref(), scales)
     }
 
+    /// The attention (`i` = 0) or MLP (`i` = 1) output projection with LayerScale folded in:
+    /// `γ ⊙ (W h + b) = (diag(γ) W) h + γ ⊙ b`, differentiable in γ, W and b.
+    fn out_proj(&self, i: usize) -> Result<Linear> {
+        let lin = if i == 0 { &self.proj } else { &self.fc2 };
+        let Some(ls) = &self.ls else {
+            return Ok(lin.clone());
+        };
+        let g = if i == 0 { &ls.0 } else { &ls.1 };
+        Ok(Linear {
+            weight: lin.weight.broadcast_mul(&g.unsqueeze(1)?)?,
+            bias: match &lin.bias {
+                Some(b) => Some((b * g)?),
+                None => None,
+            },
+        })
+    }
+
     /// The drop-path scales of the attention (branch 0) and MLP (branch 1) branches of block `index` (see
     /// [`Block::drop_path_scales`]). `keys` is `Some` when drop path is active (training).
     fn branch_scales(&self, index: usize, keys: Option<&DropPathKeys>) -> BranchScales {
@@ -362,10 +408,12 @@ impl Block {
         t: usize,
         (s_attn, s_mlp): BranchScales,
     ) -> Result<Tensor> {
-        let x = Self::branch(x, x, b, s_attn, &self.proj, |xk, k| {
+        let x = Self::branch(x, x, b, s_attn, &self.out_proj(0)?, |xk, k| {
             self.attention_heads(xk, k, t)
         })?;
-        Self::branch(&x, &x, b, s_mlp, &self.fc2, |xk, _| self.mlp_hidden(xk))
+        Self::branch(&x, &x, b, s_mlp, &self.out_proj(1)?, |xk, _| {
+            self.mlp_hidden(xk)
+        })
     }
 
     /// The block when only its CLS rows are used (the last block of `forward`): K and V for every token, Q,
@@ -393,15 +441,24 @@ impl Block {
             Ok((w, bias))
         };
         // The attention branch reads every token of a sample and feeds the projection its CLS row only.
-        let x = Self::branch(&cls_rows(x, b)?, x, b, s_attn, &self.proj, |xk, k| {
-            let xn = self.norm1.forward(xk)?;
-            let (wq, bq) = part(&self.qkv, 0, 1)?;
-            let (wkv, bkv) = part(&self.qkv, 1, 2)?;
-            let q = ops::linear(&cls_rows(&xn, k)?, &wq, bq.as_ref())?; // (K, D)
-            let kv = ops::linear(&xn, &wkv, bkv.as_ref())?; // (K*T, 2D)
-            crate::attention::attention_query(&q, &kv, k, 1, t, h, (hd as f64).powf(-0.5))
-        })?;
-        Self::branch(&x, &x, b, s_mlp, &self.fc2, |xk, _| self.mlp_hidden(xk))
+        let x = Self::branch(
+            &cls_rows(x, b)?,
+            x,
+            b,
+            s_attn,
+            &self.out_proj(0)?,
+            |xk, k| {
+                let xn = self.norm1.forward(xk)?;
+                let (wq, bq) = part(&self.qkv, 0, 1)?;
+                let (wkv, bkv) = part(&self.qkv, 1, 2)?;
+                let q = ops::linear(&cls_rows(&xn, k)?, &wq, bq.as_ref())?; // (K, D)
+                let kv = ops::linear(&xn, &wkv, bkv.as_ref())?; // (K*T, 2D)
+                crate::attention::attention_query(&q, &kv, k, 1, t, h, (hd as f64).powf(-0.5))
+            },
+        )?;
+        Self::branch(&x, &x, b, s_mlp, &self.out_proj(1)?, |xk, _| {
+            self.mlp_hidden(xk)
+        })
     }
 
     /// Stochastic depth's per-sample scales: keep with probability `1 - rate` and scale by `1 / (1 - rate)`;
@@ -529,6 +586,8 @@ pub struct VisionTransformer {
     patch_bias: Tensor,
     cls_token: Tensor,
     pos_embed: Tensor,
+    /// DINOv2 register tokens `(1, R, D)`, when configured.
+    register_tokens: Option<Tensor>,
     blocks: Vec<Block>,
     norm: LayerNorm,
     drop_keys: Mutex<DropPathState>,
@@ -568,6 +627,18 @@ impl VisionTransformer {
         let cls_token = vb.get_with_hints((1, 1, d), "cls_token", TRUNC_NORMAL_02)?;
         let pos_embed =
             vb.get_with_hints((1, cfg.num_patches() + 1, d), "pos_embed", TRUNC_NORMAL_02)?;
+        // dinov2: nn.init.normal_(register_tokens, std=1e-6).
+        let register_tokens = match cfg.num_register_tokens {
+            0 => None,
+            r => Some(vb.get_with_hints(
+                (1, r, d),
+                "register_tokens",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 1e-6,
+                },
+            )?),
+        };
         let blocks = (0..cfg.depth)
             .map(|i| {
                 let rate = if cfg.depth > 1 {
@@ -585,6 +656,7 @@ impl VisionTransformer {
             patch_bias,
             cls_token,
             pos_embed,
+            register_tokens,
             blocks,
             norm,
             drop_keys: Mutex::new(DropPathState::default()),
@@ -691,16 +763,29 @@ impl VisionTransformer {
         let cls = self.cls_token.broadcast_as((b, 1, d))?;
         let tokens = Tensor::cat(&[&cls, &patches], 1)?;
         let pos = self.interpolate_pos_encoding(h, w)?;
-        let tokens = tokens.broadcast_add(&pos)?;
+        let mut tokens = tokens.broadcast_add(&pos)?;
+        // dinov2: the registers go after the CLS token, after the positional embedding (they get none).
+        if let Some(reg) = &self.register_tokens {
+            let r = reg.dim(1)?;
+            tokens = Tensor::cat(
+                &[
+                    tokens.narrow(1, 0, 1)?,
+                    reg.broadcast_as((b, r, d))?.contiguous()?,
+                    tokens.narrow(1, 1, n)?,
+                ],
+                1,
+            )?;
+        }
+        let t = tokens.dim(1)?;
         Ok(Tokens {
-            x: tokens.reshape((b * (n + 1), d))?,
+            x: tokens.reshape((b * t, d))?,
             b,
-            t: n + 1,
+            t,
         })
     }
 
     /// The official `prepare_tokens`: patch embedding, CLS token, (interpolated) positional embedding.
-    /// `(B, C, H, W)` -> `(B, 1 + (H/p)(W/p), D)`.
+    /// `(B, C, H, W)` -> `(B, 1 + R + (H/p)(W/p), D)` (R register tokens after the CLS token, dinov2).
     pub fn prepare_tokens(&self, x: &Tensor) -> Result<Tensor> {
         let t = self.prepare(x)?;
         t.x.reshape((t.b, t.t, self.cfg.embed_dim))
@@ -738,7 +823,8 @@ impl VisionTransformer {
                 .norm
                 .forward(&y)?
                 .reshape((tok.b, tok.t, self.cfg.embed_dim))?;
-            return y.narrow(1, 1, tok.t - 1)?.mean(1);
+            let first = 1 + self.cfg.num_register_tokens;
+            return y.narrow(1, first, tok.t - first)?.mean(1);
         }
         let last = self.blocks.len() - 1;
         let y = self.run_blocks(&tok, last, keys.as_ref())?;

@@ -334,6 +334,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             None => String::new(),
         }
     ));
+    if world > 1 && cfg.koleo_loss_weight > 0.0 {
+        progress.println(&format!(
+            "note: KoLeo's nearest neighbours are searched within each rank's {local_batch} images (as dinov2 \
+             does), so this run is not the same as one process with batch {}",
+            cfg.batch_size
+        ));
+    }
     let knn = if cfg.eval_every > 0 || cfg.eval_final {
         KnnSetup::open(cfg)?
     } else {

@@ -68,14 +68,14 @@ fn fits_sizes_and_normalisation_to_the_data() {
     let mut n = 0f64;
     for i in 0..ds.len() {
         for p in ds.get(i).unwrap().pixels() {
-            for c in 0..3 {
-                sum[c] += p.0[c] as f64 / 255.0;
+            for (acc, &v) in sum.iter_mut().zip(&p.0) {
+                *acc += v as f64 / 255.0;
             }
             n += 1.0;
         }
     }
-    for c in 0..3 {
-        assert!((cfg.norm_mean[c] as f64 - sum[c] / n).abs() < 1e-5);
+    for (m, s) in cfg.norm_mean.iter().zip(&sum) {
+        assert!((*m as f64 - s / n).abs() < 1e-5);
     }
     assert!(
         cfg.norm_mean[0] != cfg.norm_mean[2],

@@ -1,0 +1,147 @@
+//! DINOv2's register tokens and LayerScale in our ViT against `../shared/golden-dinov2/vit_reg4_*` (the
+//! official `DinoVisionTransformer`, embed 192, depth 2, 3 heads, patch 14, 4 registers, init_values 1.0,
+//! interpolate_offset 0.1): our parameter names are the official state dict's (minus `mask_token`, used only
+//! by iBOT, and the head), and the prepared tokens, the positional embedding used, the CLS / register / patch
+//! outputs on the native 56 px input and on interpolated 84x70 and 28x42 inputs match; plus one backward pass
+//! reaching every parameter, registers and gammas included. Not covered: the masked input (no mask token)
+//! and dinov2's antialiased offset-0 interpolation (`aa_offset0_*`).
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarMap;
+use dino_models::init::seeded_var_builder;
+use dino_models::vit::{ViTConfig, VisionTransformer};
+
+const DIR: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../../shared/golden-dinov2/"
+);
+
+fn config() -> ViTConfig {
+    ViTConfig {
+        num_register_tokens: 4,
+        layer_scale_init: Some(1.0),
+        ..ViTConfig::custom(56, 14, 192, 2, 3)
+    }
+}
+
+fn load() -> Result<(VisionTransformer, VarMap)> {
+    let dev = Device::Cpu;
+    let file = candle_core::safetensors::load(format!("{DIR}vit_reg4_weights.safetensors"), &dev)?;
+    let vm = VarMap::new();
+    let vit = VisionTransformer::new(config(), seeded_var_builder(&vm, 0, DType::F32, &dev))?;
+    {
+        let data = vm.data().lock().unwrap();
+        let mut ours: Vec<&String> = data.keys().collect();
+        let mut theirs: Vec<&String> = file
+            .keys()
+            .filter(|k| !k.starts_with("head.") && k.as_str() != "mask_token")
+            .collect();
+        ours.sort();
+        theirs.sort();
+        assert_eq!(
+            ours, theirs,
+            "parameter names differ from the official state dict"
+        );
+        for (k, v) in data.iter() {
+            assert_eq!(v.dims(), file[k].dims(), "shape of {k}");
+            v.set(&file[k])?;
+        }
+    }
+    Ok((vit, vm))
+}
+
+fn close(what: &str, got: &Tensor, want: &Tensor, atol: f32) -> Result<()> {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let g: Vec<f32> = got.flatten_all()?.to_vec1()?;
+    let w: Vec<f32> = want.flatten_all()?.to_vec1()?;
+    let worst = g
+        .iter()
+        .zip(&w)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= atol, "{what}: max |diff| {worst} > {atol}");
+    Ok(())
+}
+
+#[test]
+fn registers_and_layer_scale_match_dinov2() -> Result<()> {
+    let (vit, _vm) = load()?;
+    assert_eq!(config().num_params(), {
+        let f = candle_core::safetensors::load(
+            format!("{DIR}vit_reg4_weights.safetensors"),
+            &Device::Cpu,
+        )?;
+        f.iter()
+            .filter(|(k, _)| !k.starts_with("head.") && k.as_str() != "mask_token")
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>()
+    });
+    let io = candle_core::safetensors::load(format!("{DIR}vit_reg4_io.safetensors"), &Device::Cpu)?;
+    for (p, input) in [
+        ("offset0.1_x56_", "input_x56"),
+        ("offset0.1_x84x70_", "input_x84x70"),
+        ("offset0.1_x28x42_", "input_x28x42"),
+    ] {
+        let x = &io[input];
+        let g = |k: &str| io[&format!("{p}{k}")].clone();
+        let (_, _, h, w) = x.dims4()?;
+        close(
+            &format!("{p}pos_embed_used"),
+            &vit.interpolate_pos_encoding(h, w)?,
+            &g("pos_embed_used"),
+            1e-6,
+        )?;
+        close(
+            &format!("{p}prepare_tokens"),
+            &vit.prepare_tokens(x)?,
+            &g("prepare_tokens"),
+            1e-5,
+        )?;
+        let tokens = vit.get_intermediate_layers(x, 1)?.remove(0); // (B, 5 + N, D), normed
+        let t = tokens.dim(1)?;
+        close(
+            &format!("{p}cls"),
+            &vit.forward(x)?,
+            &g("x_norm_clstoken"),
+            1e-4,
+        )?;
+        close(
+            &format!("{p}regs"),
+            &tokens.narrow(1, 1, 4)?,
+            &g("x_norm_regtokens"),
+            1e-4,
+        )?;
+        close(
+            &format!("{p}patches"),
+            &tokens.narrow(1, 5, t - 5)?,
+            &g("x_norm_patchtokens"),
+            1e-4,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn one_backward_pass_reaches_registers_and_gammas() -> Result<()> {
+    let vm = VarMap::new();
+    let cfg = ViTConfig {
+        num_register_tokens: 2,
+        layer_scale_init: Some(1e-5),
+        ..ViTConfig::custom(16, 4, 16, 2, 2).with_drop_path(0.1)
+    };
+    let vit = VisionTransformer::new(cfg, seeded_var_builder(&vm, 3, DType::F32, &Device::Cpu))?;
+    vit.reseed(1);
+    let x = Tensor::randn(0f32, 1.0, (4, 3, 16, 12), &Device::Cpu)?;
+    let r = Tensor::randn(0f32, 1.0, (4, 16), &Device::Cpu)?;
+    let grads = (vit.forward_t(&x, true)? * r)?.sum_all()?.backward()?;
+    let data = vm.data().lock().unwrap();
+    assert!(data.contains_key("register_tokens") && data.contains_key("blocks.1.ls2.gamma"));
+    for (name, var) in data.iter() {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let m = g.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(m > 0.0 && m.is_finite(), "{name}: gradient max {m}");
+    }
+    Ok(())
+}
