@@ -481,7 +481,8 @@ fn cross_entropy_pairs(ls: &Tensor, q: &Tensor, ncrops: usize) -> Result<Tensor>
 /// ranks of [`crate::collective::current`], as the official code does. Computed in f64 (the official code:
 /// fp32) after subtracting one constant from every logit of every rank (which cancels exactly), so that
 /// `t / teacher_temp` up to ~700 apart cannot overflow; a prototype that no sample reaches (its row sums
-/// to 0 after underflow) stays 0 instead of the official NaN. Returns f32 on the input's device, detached.
+/// to 0 after underflow) stays 0 instead of the official NaN. A non-finite logit on any rank gives NaN
+/// targets on every rank. Returns f32 on the input's device, detached.
 pub fn sinkhorn_knopp_teacher(
     teacher_output: &Tensor,
     teacher_temp: f64,
@@ -508,25 +509,22 @@ pub fn sinkhorn_knopp_teacher(
         .to_dtype(DType::F64)?
         .flatten_all()?
         .to_vec1::<f64>()?;
-    if let Some(i) = t.iter().position(|v| !v.is_finite()) {
-        return Err(Error::arg(
-            "teacher_output",
-            format!(
-                "Sinkhorn-Knopp got a non-finite teacher logit ({}) at row {}, column {}",
-                t[i],
-                i / k,
-                i % k
-            ),
-        ));
-    }
     let coll = crate::collective::current();
     let world = coll.world_size();
-    // One shift for every rank: the mean of the ranks' maxima (world 1: the maximum).
-    let mut shift = [t.iter().cloned().fold(f64::NEG_INFINITY, f64::max) / teacher_temp];
+    // One shift for every rank (the mean of the ranks' maxima; world 1: the maximum), and whether any rank
+    // holds a non-finite logit: then every rank returns NaN targets (after the same collectives), so the
+    // loss is NaN and the training loop stops naming the step, as for any other NaN.
+    let finite = t.iter().all(|v| v.is_finite());
+    let max = t.iter().cloned().fold(f64::NEG_INFINITY, f64::max) / teacher_temp;
+    let mut head = [if finite { max } else { 0.0 }, f64::from(u8::from(!finite))];
     if world > 1 {
-        coll.all_reduce_sum_f64(&mut shift)?;
-        shift[0] /= world as f64;
+        coll.all_reduce_sum_f64(&mut head)?;
+        head[0] /= world as f64;
     }
+    if head[1] > 0.0 {
+        return Ok(Tensor::full(f32::NAN, (rows, k), teacher_output.device())?);
+    }
+    let shift = [head[0]];
     // q[r * k + j] holds Q[j, r] (the official Q is K x rows; we keep the sample-major layout).
     let mut q: Vec<f64> = t
         .iter()

@@ -136,14 +136,14 @@ fn sinkhorn_knopp_degenerate_inputs_stay_finite() {
     for v in q.iter().flatten() {
         assert!((v - 1.0 / 3.0).abs() < 1e-5, "{q:?}");
     }
-    let nan = Tensor::new(&[[f32::NAN, 0.0]], &dev).unwrap();
-    let e = sinkhorn_knopp_teacher(&nan, 0.04, 3)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("non-finite teacher logit") && e.contains("row 0"),
-        "{e}"
-    );
+    // A non-finite logit (a diverged teacher) gives NaN targets, so the loss is NaN and the training loop
+    // stops naming the step.
+    let nan = Tensor::new(&[[f32::NAN, 0.0], [0.1, 0.2]], &dev).unwrap();
+    let q = sinkhorn_knopp_teacher(&nan, 0.04, 3)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert!(q.iter().flatten().all(|v| v.is_nan()), "{q:?}");
     let e = DinoLoss::new(
         DinoLossConfig {
             centering: TeacherCentering::SinkhornKnopp { n_iterations: 0 },
