@@ -619,7 +619,7 @@ pub fn attention(a: &AttentionArgs) -> Result<()> {
         let heads = attn.dim(1)?;
         let (gh, gw) = (h / p, w / p);
         // CLS query row to every patch token (after the R register tokens): (heads, gh * gw).
-        let first = 1 + vit.config().num_register_tokens;
+        let first = vit.config().num_prefix_tokens();
         let cls = attn
             .get(0)?
             .narrow(D::Minus2, 0, 1)?

@@ -308,10 +308,11 @@ impl TrainArgs {
             TrainConfig::default_preset()
         };
         self.apply(&mut cfg);
+        let main = dino_core::collective::current().rank() == 0;
         if self.config.is_none() && self.preset.as_deref() == Some("small") {
             // Sizes and normalisation follow the data; flags given explicitly still win.
             let st = dino_train::data::fit_to_data(&mut cfg)?;
-            if dino_core::collective::current().rank() == 0 {
+            if main {
                 eprintln!(
                     "small preset fitted to {} images of {}: median side {} px -> crops {} / {} px, patch {}, \
                      mean {:.4?}, std {:.4?}",
@@ -331,7 +332,7 @@ impl TrainArgs {
             cfg.batch_size = b * dino_core::collective::world_size();
         }
         for w in cfg.clamp_to_epochs() {
-            if dino_core::collective::current().rank() == 0 {
+            if main {
                 eprintln!("{w}");
             }
         }

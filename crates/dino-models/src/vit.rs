@@ -150,6 +150,11 @@ impl ViTConfig {
         self.grid() * self.grid()
     }
 
+    /// Tokens before the patch tokens: the CLS token and the register tokens (timm's `num_prefix_tokens`).
+    pub fn num_prefix_tokens(&self) -> usize {
+        1 + self.num_register_tokens
+    }
+
     /// MLP hidden size `int(D * mlp_ratio)`.
     pub fn mlp_hidden(&self) -> usize {
         (self.embed_dim as f64 * self.mlp_ratio) as usize
@@ -823,7 +828,7 @@ impl VisionTransformer {
                 .norm
                 .forward(&y)?
                 .reshape((tok.b, tok.t, self.cfg.embed_dim))?;
-            let first = 1 + self.cfg.num_register_tokens;
+            let first = self.cfg.num_prefix_tokens();
             return y.narrow(1, first, tok.t - first)?.mean(1);
         }
         let last = self.blocks.len() - 1;

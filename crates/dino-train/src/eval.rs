@@ -190,7 +190,7 @@ pub fn linear_features(
         .ok_or_else(|| Error::Msg("no intermediate layer".into()))?;
     let t = last.dim(1)?;
     // Patch tokens follow the CLS token and any (dinov2) register tokens.
-    let first = 1 + vit.config().num_register_tokens;
+    let first = vit.config().num_prefix_tokens();
     let avg = last.narrow(1, first, t - first)?.mean(1)?;
     let b = out.dim(0)?;
     Ok(Tensor::stack(&[out, avg], D::Minus1)?.reshape((b, ()))?)

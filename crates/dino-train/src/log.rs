@@ -80,6 +80,38 @@ pub struct EpochRecord {
     pub epoch_s: f64,
 }
 
+/// The final k-NN of a run beside its two baselines (one `"knn_final"` line at the end of a labelled run).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KnnFinalRecord {
+    /// Always `"knn_final"`.
+    pub kind: String,
+    /// The last epoch (0-based).
+    pub epoch: usize,
+    /// Top-1 / top-5 (%) of the trained teacher backbone.
+    pub trained_top1: f64,
+    /// See `trained_top1`.
+    pub trained_top5: f64,
+    /// Top-1 / top-5 (%) of the same network at random initialisation.
+    pub init_top1: f64,
+    /// See `init_top1`.
+    pub init_top5: f64,
+    /// Top-1 / top-5 (%) of the raw pixels, when computed.
+    pub pixels_top1: Option<f64>,
+    /// See `pixels_top1`.
+    pub pixels_top5: Option<f64>,
+}
+
+/// A JSON-lines log read back by [`read_log`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogRecords {
+    /// Step records in global-iteration order.
+    pub steps: Vec<StepRecord>,
+    /// Epoch records in epoch order.
+    pub epochs: Vec<EpochRecord>,
+    /// The last `knn_final` record, if any.
+    pub knn_final: Option<KnnFinalRecord>,
+}
+
 /// Appends JSON lines to `<output_dir>/log.jsonl`, flushing each line.
 #[derive(Debug)]
 pub struct JsonLog {
@@ -118,12 +150,13 @@ impl JsonLog {
     }
 }
 
-/// Read a JSON-lines log back: step and epoch records, keeping for each global iteration (and each epoch)
-/// the LAST line written, so lines repeated by a resumed run replace those of the interrupted one.
-pub fn read_log(path: &Path) -> Result<(Vec<StepRecord>, Vec<EpochRecord>)> {
+/// Read a JSON-lines log back: step, epoch and final k-NN records, keeping for each global iteration (and
+/// each epoch) the LAST line written, so lines repeated by a resumed run replace those of the interrupted one.
+pub fn read_log(path: &Path) -> Result<LogRecords> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut steps = std::collections::BTreeMap::new();
     let mut epochs = std::collections::BTreeMap::new();
+    let mut knn_final = None;
     for line in std::io::BufReader::new(f).lines() {
         let line = line.map_err(|e| Error::io(path, e))?;
         // A line torn by a crash is skipped.
@@ -136,13 +169,20 @@ pub fn read_log(path: &Path) -> Result<(Vec<StepRecord>, Vec<EpochRecord>)> {
         if let Ok(e) = serde_json::from_str::<EpochRecord>(&line) {
             if e.kind == "epoch" {
                 epochs.insert(e.epoch, e);
+                continue;
+            }
+        }
+        if let Ok(k) = serde_json::from_str::<KnnFinalRecord>(&line) {
+            if k.kind == "knn_final" {
+                knn_final = Some(k);
             }
         }
     }
-    Ok((
-        steps.into_values().collect(),
-        epochs.into_values().collect(),
-    ))
+    Ok(LogRecords {
+        steps: steps.into_values().collect(),
+        epochs: epochs.into_values().collect(),
+        knn_final,
+    })
 }
 
 /// Console progress: an indicatif bar on a terminal, plain `eprintln!` lines otherwise (or nothing).
@@ -268,11 +308,12 @@ mod tests {
             .unwrap()
             .write_all(b"{\"kind\":\"st")
             .unwrap();
-        let (steps, epochs) = read_log(log.path()).unwrap();
+        let r = read_log(log.path()).unwrap();
         assert_eq!(
-            steps.iter().map(|s| s.loss).collect::<Vec<_>>(),
+            r.steps.iter().map(|s| s.loss).collect::<Vec<_>>(),
             vec![5.0, 3.0]
         );
-        assert_eq!(epochs, vec![ep]);
+        assert_eq!(r.epochs, vec![ep]);
+        assert_eq!(r.knn_final, None);
     }
 }

@@ -23,7 +23,9 @@ use crate::config::TrainConfig;
 use crate::data;
 use crate::error::{Error, Result};
 use crate::eval::{extract_features, knn_eval, Features};
-use crate::log::{read_log, EpochRecord, JsonLog, Progress, StepRecord};
+use crate::log::{
+    read_log, EpochRecord, JsonLog, KnnFinalRecord, LogRecords, Progress, StepRecord,
+};
 use crate::model::DinoNetwork;
 use crate::plot::{save_png, Curve};
 use crate::trainer::Trainer;
@@ -608,17 +610,16 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             tracing::info!("{line}");
         }
         if let Some(l) = log.as_mut() {
-            let pick = |r: Option<KnnResult>, f: fn(&KnnResult) -> f64| r.as_ref().map(f);
-            l.write(&serde_json::json!({
-                "kind": "knn_final",
-                "epoch": cfg.epochs.saturating_sub(1),
-                "trained_top1": a.top1,
-                "trained_top5": a.top5,
-                "init_top1": b.top1,
-                "init_top5": b.top5,
-                "pixels_top1": pick(summary.knn_pixels, |k| k.top1),
-                "pixels_top5": pick(summary.knn_pixels, |k| k.top5),
-            }))?;
+            l.write(&KnnFinalRecord {
+                kind: "knn_final".into(),
+                epoch: cfg.epochs.saturating_sub(1),
+                trained_top1: a.top1,
+                trained_top5: a.top5,
+                init_top1: b.top1,
+                init_top5: b.top5,
+                pixels_top1: summary.knn_pixels.map(|k| k.top1),
+                pixels_top5: summary.knn_pixels.map(|k| k.top5),
+            })?;
         }
     }
     if opts.plots && main {
@@ -721,7 +722,11 @@ fn global_metrics(
 /// Plot every curve of `<dir>/log.jsonl` into `<dir>/plots/*.png`.
 pub fn write_plots(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
     let path = dir.join(crate::log::LOG_FILE);
-    let (steps, epochs) = read_log(&path)?;
+    let LogRecords {
+        steps,
+        epochs,
+        knn_final,
+    } = read_log(&path)?;
     let pdir = dir.join("plots");
     std::fs::create_dir_all(&pdir).map_err(|e| Error::io(&pdir, e))?;
     let series = |name: &str, f: &dyn Fn(&StepRecord) -> f64| Curve {
@@ -757,9 +762,9 @@ pub fn write_plots(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
     if !knn.is_empty() {
         // Reference levels from the run's final k-NN record: random init (grey), raw pixels (red).
         let mut hlines = Vec::new();
-        if let Some(b) = read_knn_baselines(&path) {
-            hlines.extend(b.0.map(|v| (v, [127, 127, 127])));
-            hlines.extend(b.1.map(|v| (v, [214, 39, 40])));
+        if let Some(k) = &knn_final {
+            hlines.push((k.init_top1, [127, 127, 127]));
+            hlines.extend(k.pixels_top1.map(|v| (v, [214, 39, 40])));
         }
         curves.push(Curve {
             name: "knn_top1".into(),
@@ -768,20 +773,6 @@ pub fn write_plots(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
         });
     }
     curves.iter().map(|c| save_png(&pdir, c)).collect()
-}
-
-/// The random-init and raw-pixel k-NN top-1 of the last `knn_final` record of the log, if any.
-fn read_knn_baselines(log: &std::path::Path) -> Option<(Option<f64>, Option<f64>)> {
-    let text = std::fs::read_to_string(log).ok()?;
-    text.lines().rev().find_map(|l| {
-        let v: serde_json::Value = serde_json::from_str(l).ok()?;
-        (v.get("kind")?.as_str()? == "knn_final").then(|| {
-            (
-                v.get("init_top1").and_then(|x| x.as_f64()),
-                v.get("pixels_top1").and_then(|x| x.as_f64()),
-            )
-        })
-    })
 }
 
 /// The no-argument run: [`TrainConfig::default_preset`] (a small ViT on the embedded Fashion-MNIST subset),
