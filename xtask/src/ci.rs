@@ -17,6 +17,21 @@ pub const STEPS: &[&[&str]] = &[
         "warnings",
     ],
     &["test", "--workspace"],
+    // Without the `hub` feature (which xtask turns on in workspace builds): the README's first command's build.
+    &[
+        "clippy",
+        "-p",
+        "dino-models",
+        "-p",
+        "dino-train",
+        "-p",
+        "dino-cli",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ],
+    &["test", "-p", "dino-models", "--test", "hub"],
 ];
 
 /// Runs every step of [`STEPS`] in `root` with the cargo that runs us; the first failing step is the error.

@@ -1,5 +1,7 @@
-//! `hf:owner/name[/file]` weight references, resolved to a local file through hf-hub 1.0 (the Hugging Face
-//! cache layout `models--owner--name/{refs,snapshots,blobs}`), honouring a cache directory and an offline flag.
+//! `hf:owner/name[/file]` weight references, resolved to a local file in the Hugging Face cache layout
+//! (`models--owner--name/{refs,snapshots,blobs}`), honouring a cache directory and an offline flag. With the
+//! `hub` feature, hf-hub 1.0 downloads what the cache lacks; without it (the default build, which then
+//! compiles no HTTP/TLS stack) only the cache is read, and a missing file says how to get it.
 //!
 //! Without a file part the first of [`DEFAULT_FILES`] that exists is used (`model.safetensors`, then
 //! `pytorch_model.bin`). Offline, only the cache is consulted; online, a download is attempted and, when the
@@ -8,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
+#[cfg(feature = "hub")]
 use hf_hub::{HFClient, HFClientSync, HFError};
 
 use crate::error::{Error, Result};
@@ -37,7 +40,8 @@ impl HubRef {
             return Ok(None);
         };
         let bad = |reason: &str| Error::HubReference {
-            reference: s.to_string(),
+            // Control characters (a newline pasted with the reference) are shown escaped.
+            reference: s.escape_debug().to_string(),
             reason: reason.to_string(),
         };
         let mut parts = rest.splitn(3, '/');
@@ -131,6 +135,7 @@ pub fn resolve_weights_arg(arg: &str, opts: &HubOptions) -> Result<PathBuf> {
 }
 
 /// Resolve `r` to a local file (downloading it into the cache unless offline).
+#[cfg(feature = "hub")]
 pub fn resolve(r: &HubRef, opts: &HubOptions) -> Result<PathBuf> {
     let mut builder = HFClient::builder().retry_max_attempts(1);
     if let Some(dir) = &opts.cache_dir {
@@ -189,6 +194,56 @@ pub fn resolve(r: &HubRef, opts: &HubOptions) -> Result<PathBuf> {
         });
     }
     Err(last_err.unwrap_or_else(|| hub_err(candidates[0], "no candidate file".into())))
+}
+
+/// The hub cache directory hf-hub and huggingface_hub use by default: `HF_HUB_CACHE`, else `$HF_HOME/hub`,
+/// else `~/.cache/huggingface/hub`.
+pub fn default_cache_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("HF_HUB_CACHE")
+        .or_else(|| env("HF_HOME").map(|h| h.join("hub")))
+        .or_else(|| env("HOME").map(|h| h.join(".cache/huggingface/hub")))
+        .unwrap_or_else(|| PathBuf::from(".cache/huggingface/hub"))
+}
+
+/// Resolve `r` from the local cache only (this build has no downloader: the `hub` feature is off). The
+/// revision (default `main`) is looked up in `refs/`, or used as the snapshot name when it is a commit.
+#[cfg(not(feature = "hub"))]
+pub fn resolve(r: &HubRef, opts: &HubOptions) -> Result<PathBuf> {
+    let cache_dir = opts.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let folder = repo_cache_folder(&cache_dir, r);
+    let revision = opts.revision.as_deref().unwrap_or("main");
+    let commit = std::fs::read_to_string(folder.join("refs").join(revision))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| revision.to_string());
+    let candidates: Vec<&str> = match &r.file {
+        Some(f) => vec![f.as_str()],
+        None => DEFAULT_FILES.to_vec(),
+    };
+    if !commit.contains('/') && !commit.contains("..") {
+        for file in &candidates {
+            let p = folder.join("snapshots").join(&commit).join(file);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    Err(Error::HubUnavailable {
+        repo: r.repo_id(),
+        file: candidates.join("` or `"),
+        cache_dir,
+        reason: if opts.offline {
+            "offline mode: only the local cache was searched".to_string()
+        } else {
+            "this dino was built without downloads (rebuild with `--features hub` to fetch from the hub), so \
+             only the local cache was searched"
+                .to_string()
+        },
+    })
 }
 
 /// The path hf-hub uses for the cache folder of a model repository: `<cache>/models--owner--name`.
