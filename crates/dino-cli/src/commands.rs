@@ -34,6 +34,7 @@ pub fn train(
     args: &TrainArgs,
     resume: bool,
     no_resume: bool,
+    extend: bool,
     stop_after: Option<usize>,
 ) -> Result<()> {
     let cfg = args.resolve()?;
@@ -47,7 +48,8 @@ pub fn train(
     }
     if resume && dino_train::checkpoint::find_latest(&cfg.output_dir).is_none() {
         bail!(
-            "--resume: there is no {}.safetensors in {} to resume from",
+            "{}: there is no {}.safetensors in {} to continue",
+            if extend { "--extend" } else { "--resume" },
             dino_train::checkpoint::LATEST,
             cfg.output_dir.display()
         );
@@ -55,6 +57,7 @@ pub fn train(
     let opts = dino_train::TrainOptions {
         resume: !no_resume,
         stop_after_iterations: stop_after,
+        extend,
         ..dino_train::TrainOptions::default()
     };
     let s = dino_train::train(&cfg, &opts)?;

@@ -60,6 +60,11 @@ struct TrainCmd {
     /// Start afresh even if --output-dir holds a checkpoint (it is overwritten).
     #[arg(long)]
     no_resume: bool,
+    /// Lengthen the run in --output-dir to --epochs (more than it was started with): the lr, weight-decay and
+    /// teacher-momentum schedules are rebuilt for the new length, as the official code does on resume with a
+    /// larger --epochs. Any other changed setting is still refused.
+    #[arg(long, conflicts_with = "no_resume")]
+    extend: bool,
     /// Stop (as if killed) once this many global iterations are complete; for tests of resume.
     #[arg(long, hide = true)]
     stop_after: Option<usize>,
@@ -126,7 +131,7 @@ fn main() {
     let dist = match dino_train::dist::init(cli.threads) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            eprintln!("error: {}", dino_train::error::one_line_report(&e));
             std::process::exit(1);
         }
     };
@@ -145,11 +150,11 @@ fn main() {
                 "error (rank {} of {}): {}",
                 dist.rank,
                 dist.world_size,
-                one_line(&format!("{e:#}"))
+                dino_train::error::one_line_report(e.as_ref())
             );
             dino_train::dist::abort(1);
         }
-        eprintln!("error: {}", one_line(&format!("{e:#}")));
+        eprintln!("error: {}", dino_train::error::one_line_report(e.as_ref()));
         dino_train::dist::finalize();
         std::process::exit(1);
     }
@@ -163,7 +168,13 @@ fn one_line(s: &str) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(t) => commands::train(&t.args, t.resume, t.no_resume, t.stop_after),
+        Command::Train(t) => commands::train(
+            &t.args,
+            t.resume || t.extend,
+            t.no_resume,
+            t.extend,
+            t.stop_after,
+        ),
         Command::EvalKnn(a) => commands::eval_knn(&a),
         Command::EvalLinear(a) => commands::eval_linear(&a),
         Command::Extract(a) => commands::extract(&a),

@@ -416,3 +416,51 @@ fn corrupt_and_missing_checkpoints_are_one_line() {
         &["checkpoint"],
     );
 }
+
+/// `--extend` lengthens a finished run (a copy of the shared one): one more epoch, a line saying so, the
+/// extension in the metadata; without the flag the new length is refused in one line naming `epochs`.
+#[test]
+fn extend_lengthens_a_finished_run() {
+    let (tmp, data, out) = trained();
+    let run = tmp.path().join("extended");
+    std::fs::create_dir_all(&run).unwrap();
+    for f in ["checkpoint.safetensors", "checkpoint.json"] {
+        std::fs::copy(out.join(f), run.join(f)).unwrap();
+    }
+    let cfg = tmp.path().join("tiny.toml");
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--dataset",
+            "fashion-mnist",
+            "--data-path",
+            data.to_str().unwrap(),
+            "--output-dir",
+            run.to_str().unwrap(),
+            "--seed",
+            "3",
+            "--epochs",
+            "3",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let refused = dino().args(args(&[])).output().unwrap();
+    assert_one_line_error(&refused, &["epochs: 2 -> 3", "checkpoint.safetensors"]);
+    let o = dino().args(args(&["--extend"])).output().unwrap();
+    let (so, se) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{so}{se}");
+    assert!(so.contains("resumed from global iteration 8"), "{so}");
+    assert!(se.contains("extending the run from 2 to 3 epochs"), "{se}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["global_iteration"], 12, "{meta}");
+    assert_eq!(meta["extensions"][0]["from_epochs"], 2, "{meta}");
+    assert_eq!(meta["extensions"][0]["to_epochs"], 3, "{meta}");
+}

@@ -3,9 +3,9 @@
 /// Errors returned by dino-core.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An error from candle itself (device, dtype, shape inside an op).
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    /// An error from candle itself (device, dtype, shape inside an op), without candle's backtrace.
+    #[error("{}", candle_text(.0))]
+    Candle(candle_core::Error),
 
     /// A tensor argument has the wrong shape.
     #[error("{name}: expected shape {expected}, got {got:?}")]
@@ -99,5 +99,27 @@ impl Error {
             name: name.into(),
             msg: msg.into(),
         }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
+}
+
+/// A candle error's text on one line, without the backtrace candle appends when `RUST_BACKTRACE` (or
+/// `RUST_LIB_BACKTRACE`) is set: `WithBacktrace` is peeled and `Context` / `WithPath` are joined with ": ".
+pub fn candle_text(e: &candle_core::Error) -> String {
+    use candle_core::Error as C;
+    match e {
+        C::WithBacktrace { inner, .. } => candle_text(inner),
+        C::Context { inner, context } => format!("{context}: {}", candle_text(inner)),
+        C::WithPath { inner, path } => format!("{}: {}", path.display(), candle_text(inner)),
+        other => other
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
     }
 }

@@ -44,7 +44,12 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
         .map_err(|e| Error::io(path, e))?;
     let img = reader.decode().map_err(|e| Error::Image {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        // Some decoders end their messages with a newline.
+        reason: e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
     })?;
     Ok(match img {
         image::DynamicImage::ImageRgb8(rgb) => rgb,
@@ -86,12 +91,35 @@ fn list_dir(dir: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>, usize)> {
     Ok((dirs, files, n))
 }
 
+/// The identity of a folder (device, inode), following symlinks.
+#[cfg(unix)]
+fn folder_id(d: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(d).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn folder_id(_: &Path) -> Option<(u64, u64)> {
+    None
+}
+
 /// Every image below `dir`, ordered like torchvision: by directory path, then by file name.
 fn walk_images(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut by_dir: Vec<(String, Vec<PathBuf>)> = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     let mut seen = 0usize;
+    // Folders reached twice through symlinks (a loop, or two links to one folder) are walked once.
+    let mut visited = std::collections::HashSet::new();
     while let Some(d) = stack.pop() {
+        if let Some(id) = folder_id(&d) {
+            if !visited.insert(id) {
+                tracing::warn!(
+                    "skipping {}: that folder was already walked (a symlink loop or a second link to it)",
+                    d.display()
+                );
+                continue;
+            }
+        }
         seen += 1;
         if seen > 1_000_000 {
             return Err(Error::InvalidArgument(format!(

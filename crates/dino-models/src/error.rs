@@ -138,8 +138,8 @@ pub enum Error {
     Config(String),
 
     /// A tensor operation failed.
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    #[error("{}", dino_core::error::candle_text(.0))]
+    Candle(candle_core::Error),
 }
 
 fn more_note(others: usize, what: &str) -> String {
@@ -152,3 +152,9 @@ fn more_note(others: usize, what: &str) -> String {
 
 /// `Result` with [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
+}

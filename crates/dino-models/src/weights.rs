@@ -157,7 +157,7 @@ pub fn read_state_dict(
     let format = detect_format(path)?;
     let unreadable = |e: candle_core::Error| Error::Unreadable {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        reason: dino_core::error::candle_text(&e),
     };
     match format {
         FileFormat::Safetensors => {

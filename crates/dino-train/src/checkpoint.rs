@@ -93,6 +93,22 @@ pub struct CheckpointMeta {
     pub dataset: DatasetFingerprint,
     /// Software versions.
     pub versions: Versions,
+    /// Every time the run was extended to more epochs (`--extend`), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extensions: Vec<Extension>,
+}
+
+/// One extension of a finished or running run to more epochs: from then on the lr, weight-decay and
+/// teacher-momentum cosine schedules follow the new length (the official code's behaviour on resume with a
+/// larger `--epochs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Extension {
+    /// Global iteration at which the longer schedules took over.
+    pub at_global_iteration: usize,
+    /// Epochs before.
+    pub from_epochs: usize,
+    /// Epochs after.
+    pub to_epochs: usize,
 }
 
 impl CheckpointMeta {
@@ -206,8 +222,12 @@ pub fn load(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, Ch
             meta.versions.format
         )));
     }
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| bad(format!("cannot read tensors ({e})")))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+        bad(format!(
+            "cannot read tensors ({})",
+            dino_core::error::candle_text(&e)
+        ))
+    })?;
     Ok((tensors, meta))
 }
 
@@ -280,6 +300,7 @@ mod tests {
                 hash: "00".into(),
             },
             versions: Versions::default(),
+            extensions: Vec::new(),
         }
     }
 

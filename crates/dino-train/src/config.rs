@@ -595,7 +595,23 @@ impl TrainConfig {
 
     /// Parse a TOML document; keys not given keep their default (official) values.
     pub fn from_toml_str(s: &str) -> std::result::Result<Self, String> {
-        toml::from_str(s).map_err(|e| e.to_string())
+        // toml's Display draws the offending line and a caret over several lines: keep the position and the
+        // message, on one line.
+        toml::from_str(s).map_err(|e: toml::de::Error| {
+            let at = e
+                .span()
+                .and_then(|r| s.get(..r.start))
+                .map(|before| {
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!("line {line}, column {col}: ")
+                })
+                .unwrap_or_default();
+            format!(
+                "{at}{}",
+                e.message().split_whitespace().collect::<Vec<_>>().join(" ")
+            )
+        })
     }
 
     /// Load a TOML file (see [`TrainConfig::from_toml_str`]).
@@ -782,6 +798,41 @@ impl TrainConfig {
             }
         }
         warnings
+    }
+
+    /// Whether `other` (requested) only lengthens the run of `self` (the checkpoint's): `Ok(true)` if `epochs`
+    /// grows and nothing else that changes the result differs, apart from a warm-up that was clamped to the
+    /// old length (see [`TrainConfig::clamp_to_epochs`]) and grows with it; `Ok(false)` if both are the same
+    /// run; an [`Error::ConfigMismatch`]-style list of the refused keys otherwise.
+    pub fn extension_of(&self, other: &TrainConfig) -> std::result::Result<bool, Vec<String>> {
+        if other.epochs < self.epochs {
+            return Err(vec![format!(
+                "epochs: {} -> {} (a run can be extended, not shortened)",
+                self.epochs, other.epochs
+            )]);
+        }
+        let mut refused = Vec::new();
+        for d in self.diff_for_resume(other) {
+            let key = d.split(':').next().unwrap_or("");
+            let clamped_warmup = |old: usize, new: usize| old == self.epochs && new > old;
+            let allowed = match key {
+                "epochs" => true,
+                "warmup_epochs" => clamped_warmup(self.warmup_epochs, other.warmup_epochs),
+                "warmup_teacher_temp_epochs" => clamped_warmup(
+                    self.warmup_teacher_temp_epochs,
+                    other.warmup_teacher_temp_epochs,
+                ),
+                _ => false,
+            };
+            if !allowed {
+                refused.push(d);
+            }
+        }
+        if refused.is_empty() {
+            Ok(other.epochs > self.epochs)
+        } else {
+            Err(refused)
+        }
     }
 
     /// The keys whose values differ between `self` (the checkpoint's) and `other` (the requested one),

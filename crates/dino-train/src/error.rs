@@ -6,8 +6,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A numerical or shape error from candle.
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    #[error("{}", dino_core::error::candle_text(.0))]
+    Candle(candle_core::Error),
     /// An error from dino-core (loss, optimiser, k-NN, ...).
     #[error(transparent)]
     Core(#[from] dino_core::Error),
@@ -96,9 +96,43 @@ pub enum Error {
         /// The underlying error.
         source: serde_json::Error,
     },
+    /// Another run holds the output directory's lock.
+    #[error(
+        "{dir} is in use by another training run ({holder}); wait for it to end, stop it, or use another \
+         --output-dir"
+    )]
+    Locked {
+        /// The output directory.
+        dir: PathBuf,
+        /// Who holds it ("pid P on host H").
+        holder: String,
+    },
     /// Anything else, with its explanation.
     #[error("{0}")]
     Msg(String),
+}
+
+/// An error and its chain of causes on one line, each part once: a cause whose text the line already holds
+/// (as in `path: No such file or directory (os error 2)` whose io::Error source says the same) is not
+/// repeated, and runs of whitespace become one space.
+pub fn one_line_report(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        let part = e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !part.is_empty() && !out.contains(&part) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&part);
+        }
+        cur = e.source();
+    }
+    out
 }
 
 /// The library's result type.
@@ -120,5 +154,31 @@ impl Error {
             value: value.to_string(),
             reason: reason.into(),
         }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_says_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(28);
+        let e = Error::io("cc/checkpoint.safetensors", io);
+        let line = one_line_report(&e);
+        assert_eq!(line.matches("(os error 28)").count(), 1, "{line}");
+        assert!(line.starts_with("cc/checkpoint.safetensors: "), "{line}");
+        // A cause that adds something is kept.
+        #[derive(Debug, thiserror::Error)]
+        #[error("opening the run")]
+        struct Outer(#[source] Error);
+        let line = one_line_report(&Outer(Error::Msg("disk  full\nnow".into())));
+        assert_eq!(line, "opening the run: disk full now");
     }
 }

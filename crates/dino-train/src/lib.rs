@@ -7,6 +7,7 @@
 //!   [`run::train_default`] is the no-argument run on the embedded Fashion-MNIST subset.
 //! - [`checkpoint`]: atomic safetensors checkpoints with embedded JSON metadata.
 //! - [`eval`]: feature extraction, weighted k-NN and the linear probe.
+//! - [`lock`]: one run per output directory (a `flock`ed `dino.lock` naming its holder).
 //! - [`log`], [`plot`]: JSON-lines log, progress display, PNG curves.
 //! - [`dist`]: the process group of a data-parallel run (MPI with the `mpi` feature), rank threads.
 //! - [`runtime::tune_allocator`]: allocator settings for the training process.
@@ -17,6 +18,7 @@ pub mod data;
 pub mod dist;
 pub mod error;
 pub mod eval;
+pub mod lock;
 pub mod log;
 pub mod model;
 pub mod plot;

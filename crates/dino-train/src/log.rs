@@ -101,6 +101,19 @@ pub struct KnnFinalRecord {
     pub pixels_top5: Option<f64>,
 }
 
+/// A run lengthened by `--extend` (one `"extend"` line where the longer schedules take over).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExtendRecord {
+    /// Always `"extend"`.
+    pub kind: String,
+    /// Global iteration at which the run continued with the new length.
+    pub at_global_iteration: usize,
+    /// Epochs before.
+    pub from_epochs: usize,
+    /// Epochs after.
+    pub to_epochs: usize,
+}
+
 /// A JSON-lines log read back by [`read_log`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LogRecords {
@@ -239,7 +252,15 @@ impl Progress {
         }
     }
 
-    /// Print a line above the bar (or plainly).
+    /// Print a warning on stderr (above the bar when one is shown), even when progress is not shown.
+    pub fn warn(&self, line: &str) {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    /// Print a line above the bar (or plainly), when progress is shown.
     pub fn println(&self, line: &str) {
         if let Some(b) = &self.bar {
             b.println(line);

@@ -18,13 +18,14 @@ use dino_data::loader::{LoaderConfig, MultiCropLoader};
 use dino_data::Transform;
 use dino_models::Backbone;
 
-use crate::checkpoint::{self, CheckpointMeta, RngState, Versions, LATEST};
+use crate::checkpoint::{self, CheckpointMeta, Extension, RngState, Versions, LATEST};
 use crate::config::TrainConfig;
 use crate::data;
 use crate::error::{Error, Result};
 use crate::eval::{extract_features, knn_eval, Features};
+use crate::lock::{LockHolder, RunLock, LOCK_FILE};
 use crate::log::{
-    read_log, EpochRecord, JsonLog, KnnFinalRecord, LogRecords, Progress, StepRecord,
+    read_log, EpochRecord, ExtendRecord, JsonLog, KnnFinalRecord, LogRecords, Progress, StepRecord,
 };
 use crate::model::DinoNetwork;
 use crate::plot::{save_png, Curve};
@@ -43,6 +44,9 @@ pub struct TrainOptions {
     /// Return (as if killed, without writing anything more) once this many global iterations are complete.
     /// For tests of interruption and resume. Default none.
     pub stop_after_iterations: Option<usize>,
+    /// Allow the checkpoint's run to be lengthened to `epochs` (see [`TrainConfig::extension_of`]). Default
+    /// false: any changed key is refused.
+    pub extend: bool,
 }
 
 impl Default for TrainOptions {
@@ -52,6 +56,7 @@ impl Default for TrainOptions {
             progress: true,
             plots: true,
             stop_after_iterations: None,
+            extend: false,
         }
     }
 }
@@ -87,6 +92,10 @@ pub struct TrainSummary {
     pub checkpoint: PathBuf,
     /// PNG plots written.
     pub plots: Vec<PathBuf>,
+    /// The holder of a stale output-directory lock this run took over (see [`crate::lock`]).
+    pub took_over_lock: Option<LockHolder>,
+    /// The run was lengthened by this call (`TrainOptions::extend`): from how many epochs.
+    pub extended_from_epochs: Option<usize>,
 }
 
 /// Everything the k-NN evaluation needs, opened once.
@@ -195,6 +204,7 @@ fn save_checkpoint(
     global_iteration: usize,
     last_loss: f64,
     fingerprint: &checkpoint::DatasetFingerprint,
+    extensions: &[Extension],
 ) -> Result<()> {
     let niter = trainer.niter_per_ep;
     let meta = CheckpointMeta {
@@ -214,6 +224,7 @@ fn save_checkpoint(
         },
         dataset: fingerprint.clone(),
         versions: Versions::default(),
+        extensions: extensions.to_vec(),
     };
     let tensors = trainer.state_tensors()?;
     for stem in stems {
@@ -250,9 +261,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         ));
     }
     let local_batch = cfg.batch_size / world;
-    if main {
+    // One run per output directory: rank 0 writes it, so rank 0 holds its lock (a refusal there ends the job).
+    let run_lock = if main {
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    }
+        Some(RunLock::acquire(&out)?)
+    } else {
+        None
+    };
     let device = Device::Cpu;
 
     let train_ds = data::open_train(cfg)?;
@@ -272,12 +287,37 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     // Resume.
     let mut start_g = 0usize;
     let mut resumed_from = None;
+    let mut extensions = Vec::new();
+    let mut extended = None;
     if opts.resume {
-        if let Some(path) = checkpoint::find_latest(&out) {
+        let latest = checkpoint::find_latest(&out);
+        if latest.is_none() && opts.extend {
+            return Err(Error::Msg(format!(
+                "{}: no checkpoint to extend (--extend continues a run in this directory)",
+                out.display()
+            )));
+        }
+        if let Some(path) = latest {
             let (tensors, meta) = checkpoint::load(&path, &device)?;
-            let diff = meta.config.diff_for_resume(cfg);
-            if !diff.is_empty() {
-                return Err(Error::ConfigMismatch { path, keys: diff });
+            extensions = meta.extensions.clone();
+            if opts.extend {
+                match meta.config.extension_of(cfg) {
+                    Ok(true) => {
+                        extended = Some((meta.config.epochs, meta.global_iteration));
+                        extensions.push(Extension {
+                            at_global_iteration: meta.global_iteration,
+                            from_epochs: meta.config.epochs,
+                            to_epochs: cfg.epochs,
+                        });
+                    }
+                    Ok(false) => {}
+                    Err(keys) => return Err(Error::ConfigMismatch { path, keys }),
+                }
+            } else {
+                let diff = meta.config.diff_for_resume(cfg);
+                if !diff.is_empty() {
+                    return Err(Error::ConfigMismatch { path, keys: diff });
+                }
             }
             if meta.dataset.len != fingerprint.len || meta.dataset.hash != fingerprint.hash {
                 return Err(Error::Checkpoint {
@@ -312,6 +352,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         None
     };
     let mut progress = Progress::new(total, start_g, opts.progress && main);
+    if let Some(h) = run_lock.as_ref().and_then(|l| l.took_over.as_ref()) {
+        progress.warn(&format!(
+            "warning: taking over the stale lock of {} (pid {} on host {}, which no longer holds it)",
+            out.join(LOCK_FILE).display(),
+            h.pid,
+            h.host
+        ));
+    }
     progress.println(&format!(
         "dino-train: {description}; {} {}; {niter} it/epoch x {} epochs{}; output {}{}",
         cfg.arch,
@@ -336,6 +384,27 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             None => String::new(),
         }
     ));
+    if let Some((from, g)) = extended {
+        let at = |v: &[f64]| v.get(g).copied().unwrap_or(f64::NAN);
+        let line = format!(
+            "extending the run from {from} to {} epochs at global iteration {g}: the lr, weight-decay and \
+             teacher-momentum schedules are rebuilt for {} epochs (now lr {:.3e}, wd {:.4}, momentum {:.6})",
+            cfg.epochs,
+            cfg.epochs,
+            at(&trainer.lr_schedule),
+            at(&trainer.wd_schedule),
+            at(&trainer.momentum_schedule)
+        );
+        progress.warn(&line);
+        if let Some(l) = log.as_mut() {
+            l.write(&ExtendRecord {
+                kind: "extend".into(),
+                at_global_iteration: g,
+                from_epochs: from,
+                to_epochs: cfg.epochs,
+            })?;
+        }
+    }
     if world > 1 && cfg.koleo_loss_weight > 0.0 {
         progress.println(&format!(
             "note: KoLeo's nearest neighbours are searched within each rank's {local_batch} images (as dinov2 \
@@ -408,6 +477,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         seconds: 0.0,
         checkpoint: checkpoint::weights_path(&out, LATEST),
         plots: Vec::new(),
+        took_over_lock: run_lock.as_ref().and_then(|l| l.took_over.clone()),
+        extended_from_epochs: extended.map(|(from, _)| from),
     };
     let mut window_start = Instant::now();
     let mut window_images = 0usize;
@@ -489,6 +560,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                     g,
                     stats.loss,
                     &fingerprint,
+                    &extensions,
                 )?;
             }
             if !end_of_epoch && opts.stop_after_iterations == Some(g) {
@@ -509,7 +581,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             check_replicas(coll.as_ref(), &trainer, g)?;
         }
         if main {
-            save_checkpoint(&trainer, cfg, &stems, g, summary.last_loss, &fingerprint)?;
+            save_checkpoint(
+                &trainer,
+                cfg,
+                &stems,
+                g,
+                summary.last_loss,
+                &fingerprint,
+                &extensions,
+            )?;
         }
         let last_epoch = epoch + 1 == cfg.epochs;
         let eval_now = knn.is_some()

@@ -7,7 +7,12 @@
 //!   LARS too (their momentum buffers).
 //! - A child process killed with SIGKILL in the middle of training, resumed, ends equal too.
 //! - A NaN loss stops with the epoch and iteration named and leaves the last checkpoint in place.
-//! - Resuming with a changed config is refused with the differing keys named.
+//! - Resuming with a changed config is refused with the differing keys named; `extend` lengthens a finished
+//!   run (schedules rebuilt for the new length, recorded in the metadata and the log) and refuses the rest.
+//! - A second run on a directory in use refuses at once naming the holder; after kill -9 of the holder the
+//!   next run takes the stale lock over.
+//! - A write failing for lack of space (RLIMIT_FSIZE in a child) is one line, leaves the last checkpoint
+//!   intact, and the resumed run ends bit-identical.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -362,4 +367,268 @@ fn non_finite_loss_stops_naming_epoch_and_iteration() {
         "the last checkpoint is the one before the bad iteration"
     );
     assert!(meta.last_loss.is_finite());
+}
+
+/// Entry point of the child process of `second_run_on_a_directory_in_use_refuses_then_takes_over` (does
+/// nothing unless `DINO_TRAIN_LOCK_CHILD_OUT` is set): a long run that the parent kills.
+#[test]
+fn lock_child_process_entry() {
+    let Ok(out) = std::env::var("DINO_TRAIN_LOCK_CHILD_OUT") else {
+        return;
+    };
+    let mut cfg = tiny(Path::new(&out));
+    cfg.epochs = 1000;
+    train(&cfg, &quiet()).unwrap();
+}
+
+#[test]
+fn second_run_on_a_directory_in_use_refuses_then_takes_over() {
+    use dino_train::lock::{host_name, LOCK_FILE};
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("busy");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "lock_child_process_entry",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("DINO_TRAIN_LOCK_CHILD_OUT", &dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Wait until the child holds the lock and has written a checkpoint.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(60)
+        && checkpoint::load_meta(&weights_path(&dir, LATEST)).is_err()
+    {
+        assert!(child.try_wait().unwrap().is_none(), "the child ended early");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A second run (same config, or a fresh start) refuses at once, naming the holder.
+    let mut cfg = tiny(&dir);
+    cfg.epochs = 1000;
+    for resume in [true, false] {
+        let t = Instant::now();
+        let err = train(&cfg, &TrainOptions { resume, ..quiet() }).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Locked { .. }), "{msg}");
+        assert!(
+            msg.contains(&format!("pid {pid} on host {}", host_name())),
+            "{msg}"
+        );
+        assert!(msg.contains("busy") && !msg.contains('\n'), "{msg}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t.elapsed()
+        );
+    }
+    // Readers keep working while the run holds the directory.
+    let (tensors, meta) = checkpoint::load(&weights_path(&dir, LATEST), &Device::Cpu).unwrap();
+    assert!(!tensors.is_empty() && meta.global_iteration >= 1);
+    // kill -9: the lock file stays behind, naming a process that is gone; the next run takes it over.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(dir.join(LOCK_FILE).exists());
+    let s = train(
+        &cfg,
+        &TrainOptions {
+            stop_after_iterations: Some(meta.global_iteration + 1),
+            ..quiet()
+        },
+    );
+    let s = match s {
+        Ok(s) => s,
+        // The child may have checkpointed once more before dying: resume from wherever it stopped.
+        Err(e) => panic!("takeover failed: {e}"),
+    };
+    let holder = s.took_over_lock.expect("a stale lock was taken over");
+    assert_eq!((holder.pid, holder.host), (pid, host_name()));
+    assert!(s.resumed_from.is_some());
+    assert!(
+        !dir.join(LOCK_FILE).exists(),
+        "the lock is removed at the end"
+    );
+}
+
+/// The lr the official `cosine_scheduler` gives at iteration `g` (after warm-up), written out directly.
+fn cosine_lr_at(cfg: &TrainConfig, niter: usize, g: usize) -> f64 {
+    let base = cfg.lr * cfg.batch_size as f64 / 256.0;
+    let warm = cfg.warmup_epochs * niter;
+    assert!(g >= warm);
+    let m = (cfg.epochs * niter - warm) as f64;
+    cfg.min_lr
+        + 0.5 * (base - cfg.min_lr) * (1.0 + (std::f64::consts::PI * (g - warm) as f64 / m).cos())
+}
+
+#[test]
+fn finished_run_extended_to_more_epochs_rebuilds_the_schedules() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("run");
+    let cfg = tiny(&dir);
+    let s = train(&cfg, &quiet()).unwrap();
+    assert_eq!(s.global_iteration, 10);
+    let longer = TrainConfig {
+        epochs: 3,
+        ..cfg.clone()
+    };
+    // Without --extend the new length is refused, naming the key.
+    let err = train(&longer, &quiet()).unwrap_err().to_string();
+    assert!(err.contains("epochs: 2 -> 3"), "{err}");
+    let extend = TrainOptions {
+        extend: true,
+        ..quiet()
+    };
+    // With it, any other changed key is still refused (naming only that key), and so is a shorter run.
+    let err = train(
+        &TrainConfig {
+            lr: 0.02,
+            ..longer.clone()
+        },
+        &extend,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("lr: 0.01 -> 0.02") && !err.contains("epochs"),
+        "{err}"
+    );
+    let err = train(
+        &TrainConfig {
+            epochs: 1,
+            ..cfg.clone()
+        },
+        &extend,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("epochs: 2 -> 1") && err.contains("not shortened"),
+        "{err}"
+    );
+    // Extend, interrupted after one more iteration, then resumed plainly (the checkpoint now says 3 epochs).
+    let s = train(
+        &longer,
+        &TrainOptions {
+            stop_after_iterations: Some(12),
+            ..extend.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (s.resumed_from, s.extended_from_epochs),
+        (Some(10), Some(2))
+    );
+    let s = train(&longer, &quiet()).unwrap();
+    assert_eq!((s.resumed_from, s.global_iteration), (Some(12), 15));
+    assert_eq!(s.extended_from_epochs, None);
+    let (_, meta) = final_state(&dir);
+    assert_eq!(meta.config.epochs, 3);
+    assert_eq!(
+        meta.extensions,
+        vec![checkpoint::Extension {
+            at_global_iteration: 10,
+            from_epochs: 2,
+            to_epochs: 3
+        }]
+    );
+    // The log says so, and the third epoch ran on the 3-epoch cosine schedule (the first two on the
+    // 2-epoch one, which ended at min_lr).
+    let text = std::fs::read_to_string(dir.join("log.jsonl")).unwrap();
+    assert_eq!(text.matches("\"kind\":\"extend\"").count(), 1, "{text}");
+    let log = dino_train::log::read_log(&dir.join("log.jsonl")).unwrap();
+    assert_eq!(log.steps.len(), 15);
+    for st in &log.steps {
+        let (plan, g) = if st.global_iteration < 10 {
+            (&cfg, st.global_iteration)
+        } else {
+            (&longer, st.global_iteration)
+        };
+        if g >= 5 {
+            let want = cosine_lr_at(plan, 5, g);
+            assert!(
+                (st.lr - want).abs() <= 1e-12 * want.max(1e-12) + 1e-15,
+                "lr at {g}: {} vs {want}",
+                st.lr
+            );
+        }
+    }
+    assert!(log.steps[10].lr > 3.0 * log.steps[9].lr);
+}
+
+/// Entry point of the child process of `a_full_disk_while_checkpointing_keeps_the_last_checkpoint` (does nothing
+/// unless `DINO_TRAIN_FSIZE_CHILD_OUT` is set): resumes the run under a file-size limit (RLIMIT_FSIZE, which
+/// fails writes with EFBIG as a full disk fails them with ENOSPC) and prints how it ended.
+#[test]
+fn fsize_child_process_entry() {
+    let Ok(out) = std::env::var("DINO_TRAIN_FSIZE_CHILD_OUT") else {
+        return;
+    };
+    let limit: u64 = std::env::var("DINO_TRAIN_FSIZE_LIMIT")
+        .unwrap()
+        .parse()
+        .unwrap();
+    // SAFETY: plain libc calls on this process (the default SIGXFSZ action would kill it instead of failing
+    // the write).
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        let r = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: limit,
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &r), 0);
+    }
+    match train(&tiny(Path::new(&out)), &quiet()) {
+        Ok(_) => println!("RESULT ok"),
+        Err(e) => println!("RESULT {}", dino_train::error::one_line_report(&e)),
+    }
+}
+
+#[test]
+fn a_full_disk_while_checkpointing_keeps_the_last_checkpoint() {
+    let root = tempfile::tempdir().unwrap();
+    let reference = reference_run(root.path());
+    let dir = root.path().join("full");
+    let cfg = tiny(&dir);
+    train(
+        &cfg,
+        &TrainOptions {
+            stop_after_iterations: Some(4),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    let ck = weights_path(&dir, LATEST);
+    let size = std::fs::metadata(&ck).unwrap().len();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "fsize_child_process_entry",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("DINO_TRAIN_FSIZE_CHILD_OUT", &dir)
+        .env("DINO_TRAIN_FSIZE_LIMIT", (size - 1).to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("RESULT ").map(|x| x.1))
+        .unwrap_or_else(|| panic!("no result from the child: {stdout}"));
+    // One line naming the file, saying the cause once.
+    assert!(line.contains("checkpoint.safetensors"), "{line}");
+    assert_eq!(line.matches("(os error 27)").count(), 1, "{line}");
+    // The previous checkpoint is intact.
+    let (_, meta) = final_state(&dir);
+    assert_eq!(meta.global_iteration, 4);
+    // With space again, the resumed run ends bit-identical to the uninterrupted one.
+    let s = train(&cfg, &quiet()).unwrap();
+    assert_eq!(s.resumed_from, Some(4));
+    assert_same_state(&reference, &dir);
 }

@@ -4,7 +4,7 @@
 use crate::{Context, DType, Error as E, Layout, Result, Tensor};
 use byteorder::{LittleEndian, ReadBytesExt};
 use std::collections::HashMap;
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 
 const VERBOSE: bool = false;
 
@@ -224,8 +224,8 @@ impl Object {
                 class_name,
             } if module_name == "torch._tensor" && class_name == "_rebuild_from_type_v2" => {
                 let mut args = args.tuple()?;
-                let callable = args.remove(0);
-                let args = args.remove(1);
+                let callable = take(&mut args, 0)?;
+                let args = take(&mut args, 1)?;
                 (callable, args)
             }
             Object::Class {
@@ -233,7 +233,7 @@ impl Object {
                 class_name,
             } if module_name == "torch._utils" && class_name == "_rebuild_parameter" => {
                 let mut args = args.tuple()?;
-                args.remove(0).reduce()?
+                take(&mut args, 0)?.reduce()?
             }
             _ => (callable, args),
         };
@@ -292,10 +292,89 @@ impl<T: TryFrom<Object, Error = Object>> TryFrom<Object> for Vec<T> {
     }
 }
 
+/// dino-rs: the deepest nesting a pickle may build (real checkpoints nest a few levels; a deeper structure
+/// would overflow the thread's stack when dropped or printed, the drop being recursive).
+const MAX_DEPTH: usize = 256;
+/// dino-rs: the most objects memo references (BINGET, which clones) may copy in one pickle, so a pickle that
+/// doubles a list through its memo a few dozen times cannot exhaust memory.
+const MAX_MEMO_COPIES: usize = 1 << 24;
+
+/// True if `obj` nests at most `limit` levels (the recursion itself stops at `limit`).
+fn depth_within(obj: &Object, limit: usize) -> bool {
+    if limit == 0 {
+        return false;
+    }
+    match obj {
+        Object::Tuple(v) | Object::List(v) => v.iter().all(|o| depth_within(o, limit - 1)),
+        Object::Dict(kv) => kv
+            .iter()
+            .all(|(k, v)| depth_within(k, limit - 1) && depth_within(v, limit - 1)),
+        Object::Reduce { callable, args } | Object::Build { callable, args } => {
+            depth_within(callable, limit - 1) && depth_within(args, limit - 1)
+        }
+        Object::PersistentLoad(b) => depth_within(b, limit - 1),
+        _ => true,
+    }
+}
+
+/// The number of objects in `obj`, counting at most `budget` (returns `budget + 1` past it).
+fn count_objects(obj: &Object, budget: usize) -> usize {
+    let mut n = 1;
+    let sub = |o: &Object, n: &mut usize| {
+        if *n <= budget {
+            *n += count_objects(o, budget - *n);
+        }
+    };
+    match obj {
+        Object::Tuple(v) | Object::List(v) => v.iter().for_each(|o| sub(o, &mut n)),
+        Object::Dict(kv) => kv.iter().for_each(|(k, v)| {
+            sub(k, &mut n);
+            sub(v, &mut n)
+        }),
+        Object::Reduce { callable, args } | Object::Build { callable, args } => {
+            sub(callable, &mut n);
+            sub(args, &mut n)
+        }
+        Object::PersistentLoad(b) => sub(b, &mut n),
+        _ => {}
+    }
+    n
+}
+
+/// dino-rs: `v.remove(i)`, an error instead of a panic when a corrupt pickle's tuple is too short.
+fn take(v: &mut Vec<Object>, i: usize) -> Result<Object> {
+    if i >= v.len() {
+        crate::bail!("a tuple of {} items where item {i} was expected", v.len())
+    }
+    Ok(v.remove(i))
+}
+
+/// dino-rs: a non-negative integer argument.
+fn non_negative(o: Object, what: &str) -> Result<usize> {
+    match o.int_or_long() {
+        Ok(v) if v >= 0 => Ok(v as usize),
+        Ok(v) => crate::bail!("{what} is {v}"),
+        Err(o) => crate::bail!("{what} is not an integer: {}", brief(&o)),
+    }
+}
+
+/// dino-rs: at most 200 characters of an object's debug form, for error messages.
+fn brief(obj: &Object) -> String {
+    let s = format!("{obj:?}");
+    match s.char_indices().nth(200) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s,
+    }
+}
+
 #[derive(Debug)]
 pub struct Stack {
     stack: Vec<Object>,
     memo: HashMap<u32, Object>,
+    /// dino-rs: an object deeper than [`MAX_DEPTH`] was pushed (checked after each opcode).
+    too_deep: bool,
+    /// dino-rs: objects copied by memo references so far.
+    memo_copies: usize,
 }
 
 impl Stack {
@@ -303,6 +382,8 @@ impl Stack {
         Self {
             stack: Vec::with_capacity(512),
             memo: HashMap::new(),
+            too_deep: false,
+            memo_copies: 0,
         }
     }
 
@@ -312,7 +393,11 @@ impl Stack {
 
     pub fn read_loop<R: BufRead>(&mut self, r: &mut R) -> Result<()> {
         loop {
-            if self.read(r)? {
+            let stop = self.read(r)?;
+            if self.too_deep {
+                crate::bail!("the pickle nests deeper than {MAX_DEPTH} levels")
+            }
+            if stop {
                 break;
             }
         }
@@ -324,7 +409,18 @@ impl Stack {
     }
 
     fn push(&mut self, obj: Object) {
+        if !depth_within(&obj, MAX_DEPTH) {
+            self.too_deep = true;
+        }
         self.stack.push(obj)
+    }
+
+    /// dino-rs: an object about to be stored inside another must leave room for that level.
+    fn check_nested(obj: &Object) -> Result<()> {
+        if !depth_within(obj, MAX_DEPTH - 1) {
+            crate::bail!("the pickle nests deeper than {MAX_DEPTH} levels")
+        }
+        Ok(())
     }
 
     fn pop(&mut self) -> Result<Object> {
@@ -387,11 +483,19 @@ impl Stack {
         }
     }
 
-    fn memo_get(&self, id: u32) -> Result<Object> {
+    fn memo_get(&mut self, id: u32) -> Result<Object> {
         match self.memo.get(&id) {
             None => crate::bail!("missing object in memo {id}"),
             Some(obj) => {
                 // Maybe we should use refcounting rather than doing potential large clones here.
+                let budget = MAX_MEMO_COPIES - self.memo_copies;
+                let n = count_objects(obj, budget);
+                if n > budget {
+                    crate::bail!(
+                        "the pickle copies more than {MAX_MEMO_COPIES} objects through memo references"
+                    )
+                }
+                self.memo_copies += n;
                 Ok(obj.clone())
             }
         }
@@ -481,8 +585,16 @@ impl Stack {
             }
             OpCode::BinUnicode => {
                 let len = r.read_u32::<LittleEndian>()?;
-                let mut data = vec![0u8; len as usize];
-                r.read_exact(&mut data)?;
+                // dino-rs: read what is there, at most `len` bytes, instead of allocating `len` first (a
+                // corrupt length would allocate up to 4 GiB before the read fails).
+                let mut data = Vec::new();
+                r.by_ref().take(len as u64).read_to_end(&mut data)?;
+                if data.len() != len as usize {
+                    crate::bail!(
+                        "truncated pickle: a string of {len} bytes declared, {} present",
+                        data.len()
+                    )
+                }
                 let data = String::from_utf8(data).map_err(E::wrap)?;
                 self.push(Object::Unicode(data))
             }
@@ -514,34 +626,39 @@ impl Stack {
             OpCode::NewFalse => self.push(Object::Bool(false)),
             OpCode::Append => {
                 let value = self.pop()?;
+                Self::check_nested(&value)?;
                 let pylist = self.last()?;
                 if let Object::List(d) = pylist {
                     d.push(value)
                 } else {
-                    crate::bail!("expected a list, got {pylist:?}")
+                    crate::bail!("expected a list, got {}", brief(pylist))
                 }
             }
             OpCode::Appends => {
                 let objs = self.pop_to_marker()?;
+                objs.iter().try_for_each(Self::check_nested)?;
                 let pylist = self.last()?;
                 if let Object::List(d) = pylist {
                     d.extend(objs)
                 } else {
-                    crate::bail!("expected a list, got {pylist:?}")
+                    crate::bail!("expected a list, got {}", brief(pylist))
                 }
             }
             OpCode::SetItem => {
                 let value = self.pop()?;
                 let key = self.pop()?;
+                Self::check_nested(&value)?;
+                Self::check_nested(&key)?;
                 let pydict = self.last()?;
                 if let Object::Dict(d) = pydict {
                     d.push((key, value))
                 } else {
-                    crate::bail!("expected a dict, got {pydict:?}")
+                    crate::bail!("expected a dict, got {}", brief(pydict))
                 }
             }
             OpCode::SetItems => {
                 let mut objs = self.pop_to_marker()?;
+                objs.iter().try_for_each(Self::check_nested)?;
                 let pydict = self.last()?;
                 if let Object::Dict(d) = pydict {
                     if objs.len() % 2 != 0 {
@@ -552,7 +669,7 @@ impl Stack {
                         d.push((key, value))
                     }
                 } else {
-                    crate::bail!("expected a dict, got {pydict:?}")
+                    crate::bail!("expected a dict, got {}", brief(pydict))
                 }
             }
             OpCode::None => self.push(Object::None),
@@ -603,6 +720,10 @@ impl Stack {
             }
             OpCode::Long1 => {
                 let n_bytes = r.read_u8()?;
+                // dino-rs: an i64 holds at most 8 bytes (more overflowed the shift).
+                if n_bytes > 8 {
+                    crate::bail!("LONG1 of {n_bytes} bytes does not fit in 64 bits")
+                }
                 let mut v = 0;
                 // Decode the next n bytes in little endian
                 for i in 0..n_bytes {
@@ -617,7 +738,7 @@ impl Stack {
 
 impl From<Object> for E {
     fn from(value: Object) -> Self {
-        E::Msg(format!("conversion error on {value:?}"))
+        E::Msg(format!("conversion error on {}", brief(&value)))
     }
 }
 
@@ -625,14 +746,14 @@ impl From<Object> for E {
 // Arguments: storage, storage_offset, size, stride, requires_grad, backward_hooks
 fn rebuild_args(args: Object) -> Result<(Layout, DType, String, usize)> {
     let mut args = args.tuple()?;
-    let stride = Vec::<usize>::try_from(args.remove(3))?;
-    let size = Vec::<usize>::try_from(args.remove(2))?;
-    let offset = args.remove(1).int_or_long()? as usize;
-    let storage = args.remove(0).persistent_load()?;
+    let stride = Vec::<usize>::try_from(take(&mut args, 3)?)?;
+    let size = Vec::<usize>::try_from(take(&mut args, 2)?)?;
+    let offset = non_negative(take(&mut args, 1)?, "a tensor's storage offset")?;
+    let storage = take(&mut args, 0)?.persistent_load()?;
     let mut storage = storage.tuple()?;
-    let storage_size = storage.remove(4).int_or_long()? as usize;
-    let path = storage.remove(2).unicode()?;
-    let (_module_name, class_name) = storage.remove(1).class()?;
+    let storage_size = non_negative(take(&mut storage, 4)?, "a storage's size")?;
+    let path = take(&mut storage, 2)?.unicode()?;
+    let (_module_name, class_name) = take(&mut storage, 1)?.class()?;
     let dtype = match class_name.as_str() {
         "FloatStorage" => DType::F32,
         "DoubleStorage" => DType::F64,
@@ -647,7 +768,9 @@ fn rebuild_args(args: Object) -> Result<(Layout, DType, String, usize)> {
     let layout = Layout::new(
         crate::Shape::from(size),
         stride,
-        offset * dtype.size_in_bytes(),
+        offset
+            .checked_mul(dtype.size_in_bytes())
+            .ok_or_else(|| E::Msg(format!("storage offset {offset} overflows")))?,
     );
     Ok((layout, dtype, path, storage_size))
 }
@@ -763,7 +886,6 @@ impl PthTensors {
     }
 
     pub fn get(&self, name: &str) -> Result<Option<Tensor>> {
-        use std::io::Read;
         let tensor_info = match self.tensor_infos.get(name) {
             None => return Ok(None),
             Some(tensor_info) => tensor_info,
@@ -790,10 +912,29 @@ impl PthTensors {
                 &mut std::io::sink(),
             )?;
         }
-        let tensor = Tensor::from_reader(
-            tensor_info.layout.shape().clone(),
+        // dino-rs: the declared shape is checked against the bytes the member holds before the tensor's size
+        // is allocated (a corrupt shape would otherwise allocate its declared size first).
+        let need = tensor_info
+            .layout
+            .shape()
+            .elem_count()
+            .checked_mul(tensor_info.dtype.size_in_bytes())
+            .ok_or_else(|| E::Msg(format!("tensor {name}: its shape overflows")))?;
+        let mut data = Vec::new();
+        reader.by_ref().take(need as u64).read_to_end(&mut data)?;
+        if data.len() != need {
+            crate::bail!(
+                "tensor {name}: shape {:?} needs {need} bytes, the archive member {} holds {}",
+                tensor_info.layout.shape(),
+                tensor_info.path,
+                data.len()
+            )
+        }
+        let tensor = Tensor::from_raw_buffer(
+            &data,
             tensor_info.dtype,
-            &mut reader,
+            tensor_info.layout.shape().dims(),
+            &crate::Device::Cpu,
         )?;
 
         if rank > 1 && is_fortran_contiguous {
