@@ -29,14 +29,29 @@ fn parse_bool(s: &str) -> Result<bool, String> {
 
 // ------------------------------------------------------------------------------------------------ train
 
+/// How `dino train` treats the output directory (the flags beside the training options).
+pub struct TrainFlags {
+    /// `--resume` (or `--extend`): a checkpoint must be there.
+    pub resume: bool,
+    /// `--no-resume`: start afresh.
+    pub no_resume: bool,
+    /// `--extend`: lengthen the run to `--epochs`.
+    pub extend: bool,
+    /// Not `--no-tensorboard`.
+    pub tensorboard: bool,
+    /// `--stop-after` (hidden, for tests).
+    pub stop_after: Option<usize>,
+}
+
 /// `dino train`: resolve the configuration, train (resuming from the output dir), print the summary.
-pub fn train(
-    args: &TrainArgs,
-    resume: bool,
-    no_resume: bool,
-    extend: bool,
-    stop_after: Option<usize>,
-) -> Result<()> {
+pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<()> {
+    let TrainFlags {
+        resume,
+        no_resume,
+        extend,
+        tensorboard,
+        stop_after,
+    } = flags;
     let cfg = args.resolve()?;
     let main_rank = dino_core::collective::rank() == 0;
     if args.print_config {
@@ -58,6 +73,7 @@ pub fn train(
         resume: !no_resume,
         stop_after_iterations: stop_after,
         extend,
+        tensorboard,
         ..dino_train::TrainOptions::default()
     };
     let s = dino_train::train(&cfg, &opts)?;

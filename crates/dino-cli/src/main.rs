@@ -65,6 +65,10 @@ struct TrainCmd {
     /// larger --epochs. Any other changed setting is still refused.
     #[arg(long, conflicts_with = "no_resume")]
     extend: bool,
+    /// Do not write TensorBoard event files (by default the log's numbers also go to
+    /// <output-dir>/tensorboard: `tensorboard --logdir <output-dir>`).
+    #[arg(long)]
+    no_tensorboard: bool,
     /// Stop (as if killed) once this many global iterations are complete; for tests of resume.
     #[arg(long, hide = true)]
     stop_after: Option<usize>,
@@ -170,10 +174,13 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(t) => commands::train(
             &t.args,
-            t.resume || t.extend,
-            t.no_resume,
-            t.extend,
-            t.stop_after,
+            commands::TrainFlags {
+                resume: t.resume || t.extend,
+                no_resume: t.no_resume,
+                extend: t.extend,
+                tensorboard: !t.no_tensorboard,
+                stop_after: t.stop_after,
+            },
         ),
         Command::EvalKnn(a) => commands::eval_knn(&a),
         Command::EvalLinear(a) => commands::eval_linear(&a),

@@ -96,6 +96,23 @@ pub struct CheckpointMeta {
     /// Every time the run was extended to more epochs (`--extend`), oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extensions: Vec<Extension>,
+    /// The running sums of the epoch in progress (a checkpoint inside an epoch), so that a resumed run's
+    /// epoch record averages over the whole epoch as the uninterrupted run's does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_sums: Option<EpochSums>,
+}
+
+/// Sums over the iterations of an epoch so far (loss every iteration, teacher entropy every logged one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochSums {
+    /// Sum of the losses.
+    pub loss_sum: f64,
+    /// Iterations in `loss_sum`.
+    pub loss_count: usize,
+    /// Sum of the logged teacher entropies.
+    pub entropy_sum: f64,
+    /// Entries in `entropy_sum`.
+    pub entropy_count: usize,
 }
 
 /// One extension of a finished or running run to more epochs: from then on the lr, weight-decay and
@@ -301,6 +318,7 @@ mod tests {
             },
             versions: Versions::default(),
             extensions: Vec::new(),
+            epoch_sums: None,
         }
     }
 

@@ -9,6 +9,7 @@
 //! - [`eval`]: feature extraction, weighted k-NN and the linear probe.
 //! - [`lock`]: one run per output directory (a `flock`ed `dino.lock` naming its holder).
 //! - [`log`], [`plot`]: JSON-lines log, progress display, PNG curves.
+//! - [`tensorboard`]: the log's numbers as TensorBoard scalar event files.
 //! - [`dist`]: the process group of a data-parallel run (MPI with the `mpi` feature), rank threads.
 //! - [`runtime::tune_allocator`]: allocator settings for the training process.
 
@@ -24,6 +25,7 @@ pub mod model;
 pub mod plot;
 pub mod run;
 pub mod runtime;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use config::{Arch, Centering, DatasetKind, OptimizerKind, TrainConfig};

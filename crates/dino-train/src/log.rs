@@ -130,6 +130,7 @@ pub struct LogRecords {
 pub struct JsonLog {
     path: PathBuf,
     file: std::fs::File,
+    tensorboard: Option<crate::tensorboard::EventWriter>,
 }
 
 impl JsonLog {
@@ -141,20 +142,39 @@ impl JsonLog {
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        Ok(Self { path, file })
+        Ok(Self {
+            path,
+            file,
+            tensorboard: None,
+        })
+    }
+
+    /// Also write every record's numbers as TensorBoard scalars (see [`crate::tensorboard`]).
+    pub fn attach_tensorboard(&mut self, w: crate::tensorboard::EventWriter) {
+        self.tensorboard = Some(w);
+    }
+
+    /// The TensorBoard event file, when attached.
+    pub fn tensorboard_path(&self) -> Option<&Path> {
+        self.tensorboard.as_ref().map(|w| w.path())
     }
 
     /// Append one record as a line.
     pub fn write<T: Serialize>(&mut self, record: &T) -> Result<()> {
-        let mut line = serde_json::to_string(record).map_err(|source| Error::Json {
+        let value = serde_json::to_value(record).map_err(|source| Error::Json {
             path: self.path.clone(),
             source,
         })?;
+        let mut line = value.to_string();
         line.push('\n');
         self.file
             .write_all(line.as_bytes())
             .map_err(|e| Error::io(&self.path, e))?;
-        self.file.flush().map_err(|e| Error::io(&self.path, e))
+        self.file.flush().map_err(|e| Error::io(&self.path, e))?;
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.write(&value)?;
+        }
+        Ok(())
     }
 
     /// The log file.

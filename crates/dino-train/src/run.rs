@@ -18,7 +18,7 @@ use dino_data::loader::{LoaderConfig, MultiCropLoader};
 use dino_data::Transform;
 use dino_models::Backbone;
 
-use crate::checkpoint::{self, CheckpointMeta, Extension, RngState, Versions, LATEST};
+use crate::checkpoint::{self, CheckpointMeta, EpochSums, Extension, RngState, Versions, LATEST};
 use crate::config::TrainConfig;
 use crate::data;
 use crate::error::{Error, Result};
@@ -29,6 +29,7 @@ use crate::log::{
 };
 use crate::model::DinoNetwork;
 use crate::plot::{save_png, Curve};
+use crate::tensorboard::EventWriter;
 use crate::trainer::Trainer;
 use dino_models::MatmulPrecision;
 
@@ -47,6 +48,8 @@ pub struct TrainOptions {
     /// Allow the checkpoint's run to be lengthened to `epochs` (see [`TrainConfig::extension_of`]). Default
     /// false: any changed key is refused.
     pub extend: bool,
+    /// Write the log's numbers as TensorBoard scalars under `<output_dir>/tensorboard`. Default true.
+    pub tensorboard: bool,
 }
 
 impl Default for TrainOptions {
@@ -57,6 +60,7 @@ impl Default for TrainOptions {
             plots: true,
             stop_after_iterations: None,
             extend: false,
+            tensorboard: true,
         }
     }
 }
@@ -197,14 +201,20 @@ impl KnnSetup {
     }
 }
 
+/// What every checkpoint of a run records besides its state: the data's identity and the run's extensions.
+struct RunIdentity {
+    fingerprint: checkpoint::DatasetFingerprint,
+    extensions: Vec<Extension>,
+}
+
 fn save_checkpoint(
     trainer: &Trainer,
     cfg: &TrainConfig,
     stems: &[String],
     global_iteration: usize,
     last_loss: f64,
-    fingerprint: &checkpoint::DatasetFingerprint,
-    extensions: &[Extension],
+    ident: &RunIdentity,
+    epoch_sums: Option<EpochSums>,
 ) -> Result<()> {
     let niter = trainer.niter_per_ep;
     let meta = CheckpointMeta {
@@ -222,15 +232,47 @@ fn save_checkpoint(
                      path: ChaCha8(drop_path_seed(seed, global_iteration))"
                 .into(),
         },
-        dataset: fingerprint.clone(),
+        dataset: ident.fingerprint.clone(),
         versions: Versions::default(),
-        extensions: extensions.to_vec(),
+        extensions: ident.extensions.clone(),
+        epoch_sums,
     };
     let tensors = trainer.state_tensors()?;
     for stem in stems {
         checkpoint::save(&cfg.output_dir, stem, &tensors, &meta)?;
     }
     Ok(())
+}
+
+/// The records of the log at `path` that the run resuming at global iteration `start_g` keeps (the last line
+/// per step and per epoch, before the resume point; the final k-NN only when the run is complete), as JSON.
+fn log_history(
+    path: &std::path::Path,
+    start_g: usize,
+    niter: usize,
+    total: usize,
+) -> Result<Vec<serde_json::Value>> {
+    if start_g == 0 || !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let r = read_log(path)?;
+    let json = |v: serde_json::Result<serde_json::Value>| {
+        v.map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let mut out = Vec::new();
+    for s in r.steps.iter().filter(|s| s.global_iteration < start_g) {
+        out.push(json(serde_json::to_value(s))?);
+    }
+    for e in r.epochs.iter().filter(|e| (e.epoch + 1) * niter <= start_g) {
+        out.push(json(serde_json::to_value(e))?);
+    }
+    if let Some(k) = r.knn_final.as_ref().filter(|_| start_g >= total) {
+        out.push(json(serde_json::to_value(k))?);
+    }
+    Ok(out)
 }
 
 /// Train as `cfg` says, resuming from the output directory when a checkpoint is there (`opts.resume`).
@@ -289,6 +331,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut resumed_from = None;
     let mut extensions = Vec::new();
     let mut extended = None;
+    let mut resumed_sums: Option<EpochSums> = None;
     if opts.resume {
         let latest = checkpoint::find_latest(&out);
         if latest.is_none() && opts.extend {
@@ -300,6 +343,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         if let Some(path) = latest {
             let (tensors, meta) = checkpoint::load(&path, &device)?;
             extensions = meta.extensions.clone();
+            resumed_sums = meta.epoch_sums;
             if opts.extend {
                 match meta.config.extension_of(cfg) {
                     Ok(true) => {
@@ -345,9 +389,20 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             resumed_from = Some(start_g);
         }
     }
+    let ident = RunIdentity {
+        fingerprint,
+        extensions,
+    };
     let mut log = if main {
         checkpoint::atomic_write(&out.join("config.toml"), cfg.to_toml_string().as_bytes())?;
-        Some(JsonLog::open(&out)?)
+        let mut log = JsonLog::open(&out)?;
+        if opts.tensorboard {
+            log.attach_tensorboard(EventWriter::rebuild(
+                &out,
+                &log_history(log.path(), start_g, niter, total)?,
+            )?);
+        }
+        Some(log)
     } else {
         None
     };
@@ -487,7 +542,18 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let t_epoch = Instant::now();
         let first_it = if epoch == start_epoch { start_it } else { 0 };
         let mut batches = loader.epoch_from(epoch as u64, first_it);
-        let (mut loss_sum, mut ent_sum, mut n_loss, mut n_ent) = (0.0, 0.0, 0usize, 0usize);
+        // A run resumed inside an epoch continues that epoch's sums (from the checkpoint).
+        let sums = if epoch == start_epoch && start_it > 0 {
+            resumed_sums.unwrap_or_default()
+        } else {
+            EpochSums::default()
+        };
+        let (mut loss_sum, mut ent_sum, mut n_loss, mut n_ent) = (
+            sums.loss_sum,
+            sums.entropy_sum,
+            sums.loss_count,
+            sums.entropy_count,
+        );
         let mut last_lr_wd = (f64::NAN, f64::NAN);
         for it in first_it..niter {
             let batch = batches.next().ok_or_else(|| {
@@ -559,8 +625,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                     &[LATEST.to_string()],
                     g,
                     stats.loss,
-                    &fingerprint,
-                    &extensions,
+                    &ident,
+                    Some(EpochSums {
+                        loss_sum,
+                        loss_count: n_loss,
+                        entropy_sum: ent_sum,
+                        entropy_count: n_ent,
+                    }),
                 )?;
             }
             if !end_of_epoch && opts.stop_after_iterations == Some(g) {
@@ -581,15 +652,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             check_replicas(coll.as_ref(), &trainer, g)?;
         }
         if main {
-            save_checkpoint(
-                &trainer,
-                cfg,
-                &stems,
-                g,
-                summary.last_loss,
-                &fingerprint,
-                &extensions,
-            )?;
+            save_checkpoint(&trainer, cfg, &stems, g, summary.last_loss, &ident, None)?;
         }
         let last_epoch = epoch + 1 == cfg.epochs;
         let eval_now = knn.is_some()

@@ -949,6 +949,7 @@ fn tiny_checkpoint(dir: &Path) -> PathBuf {
         },
         versions: Versions::default(),
         extensions: Vec::new(),
+        epoch_sums: None,
     };
     let dev = Device::Cpu;
     let tensors = vec![

@@ -613,7 +613,7 @@ fn a_full_disk_while_checkpointing_keeps_the_last_checkpoint() {
             "1",
         ])
         .env("DINO_TRAIN_FSIZE_CHILD_OUT", &dir)
-        .env("DINO_TRAIN_FSIZE_LIMIT", (size - 1).to_string())
+        .env("DINO_TRAIN_FSIZE_LIMIT", (size / 2).to_string())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -631,4 +631,84 @@ fn a_full_disk_while_checkpointing_keeps_the_last_checkpoint() {
     let s = train(&cfg, &quiet()).unwrap();
     assert_eq!(s.resumed_from, Some(4));
     assert_same_state(&reference, &dir);
+}
+
+/// The TensorBoard scalars of a run's event file (exactly one), without the wall-clock ones.
+fn tensorboard_curves(dir: &Path) -> Vec<(String, i64, f32)> {
+    let files = dino_train::tensorboard::event_files(dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let mut v: Vec<(String, i64, f32)> = dino_train::tensorboard::read_scalars(&files[0])
+        .unwrap()
+        .into_iter()
+        .filter(|s| !s.tag.ends_with("_s"))
+        .map(|s| (s.tag, s.step, s.value))
+        .collect();
+    v.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    v
+}
+
+#[test]
+fn tensorboard_curves_of_a_resumed_run_equal_the_uninterrupted_ones() {
+    let root = tempfile::tempdir().unwrap();
+    let reference = reference_run(root.path());
+    let want = tensorboard_curves(&reference);
+    let tags: std::collections::BTreeSet<&str> = want.iter().map(|x| x.0.as_str()).collect();
+    for t in [
+        "step/loss",
+        "step/lr",
+        "step/momentum",
+        "step/teacher_entropy",
+        "epoch/train_loss",
+    ] {
+        assert!(tags.contains(t), "{t} missing from {tags:?}");
+    }
+    assert_eq!(want.iter().filter(|x| x.0 == "step/loss").count(), 10);
+    // Interrupted after iteration 7 (the last checkpoint at 6), resumed: iteration 6 is logged twice in the
+    // log, once in the event file, and every value equals the uninterrupted run's.
+    let dir = root.path().join("resumed");
+    let cfg = tiny(&dir);
+    train(
+        &cfg,
+        &TrainOptions {
+            stop_after_iterations: Some(7),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    let s = train(&cfg, &quiet()).unwrap();
+    assert_eq!(s.resumed_from, Some(6));
+    let got = tensorboard_curves(&dir);
+    assert_eq!(got, want);
+    // TensorBoard itself reads the file, where it is installed (.ci/run installs it into a venv and points
+    // DINO_TENSORBOARD_PYTHON at its python).
+    let Ok(python) = std::env::var("DINO_TENSORBOARD_PYTHON") else {
+        eprintln!("DINO_TENSORBOARD_PYTHON not set: TensorBoard's own reader not run");
+        return;
+    };
+    let script = "import sys\n\
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+        a = EventAccumulator(sys.argv[1]); a.Reload()\n\
+        for e in a.Scalars('step/loss'): print(e.step, repr(e.value))\n";
+    let out = std::process::Command::new(python)
+        .args(["-c", script, dir.join("tensorboard").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read: Vec<(i64, f32)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let (a, b) = l.split_once(' ').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect();
+    let ours: Vec<(i64, f32)> = want
+        .iter()
+        .filter(|x| x.0 == "step/loss")
+        .map(|x| (x.1, x.2))
+        .collect();
+    assert_eq!(read, ours);
 }
