@@ -10,7 +10,8 @@
 //! which aborts the process after printing the reader and case.
 //!
 //! Fixed seed; `DINO_FUZZ_CASES=<n>` sets the cases per reader (default 4000), `DINO_FUZZ_SEED` the seed.
-//! Each reader prints `fuzz <reader>: <cases> cases, <ok> ok, <err> errors, largest allocation <bytes>`.
+//! Each reader prints `fuzz <reader>: <cases> cases, <ok> ok, <err> errors, ...` (shown with `--nocapture`) and
+//! appends the line to `target/tmp/fuzz_readers.txt`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
@@ -326,13 +327,28 @@ fn fuzz<E: std::error::Error + 'static>(
         }
     }
     READER.store(usize::MAX, Ordering::Relaxed);
-    println!(
-        "fuzz {name}: {} cases, {} ok, {} errors, largest allocation {} bytes",
+    let line = format!(
+        "fuzz {name}: {} cases, {} ok, {} errors, {} failures, largest allocation {} bytes",
         t.cases,
         t.ok,
         t.err,
+        t.failures.len(),
         LARGEST.load(Ordering::Relaxed)
     );
+    println!("{line}");
+    // The test harness hides a passing test's output: the counts also go to a report file.
+    let report = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz_readers.txt");
+    static FRESH: std::sync::Once = std::sync::Once::new();
+    FRESH.call_once(|| {
+        let _ = std::fs::remove_file(&report);
+    });
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&report)
+    {
+        let _ = writeln!(f, "{line}");
+    }
     t
 }
 

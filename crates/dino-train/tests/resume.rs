@@ -191,6 +191,14 @@ fn sgd_and_lars_resume_exactly() {
     }
 }
 
+/// This test binary, run as a child process on the one test `name` (an entry point that does nothing unless
+/// its environment variable is set).
+fn child_test(name: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+    c.args(["--exact", name, "--nocapture", "--test-threads", "1"]);
+    c
+}
+
 /// Entry point of the child process of `sigkill_mid_training_then_resume_equals_uninterrupted` (does nothing
 /// unless `DINO_TRAIN_CHILD_OUT` is set).
 #[test]
@@ -212,14 +220,7 @@ fn sigkill_mid_training_then_resume_equals_uninterrupted() {
     train(&cfg, &quiet()).unwrap();
 
     let dir = root.path().join("killed");
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_process_entry",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
+    let mut child = child_test("child_process_entry")
         .env("DINO_TRAIN_CHILD_OUT", &dir)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -386,14 +387,7 @@ fn second_run_on_a_directory_in_use_refuses_then_takes_over() {
     use dino_train::lock::{host_name, LOCK_FILE};
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("busy");
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "lock_child_process_entry",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
+    let mut child = child_test("lock_child_process_entry")
         .env("DINO_TRAIN_LOCK_CHILD_OUT", &dir)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -604,14 +598,7 @@ fn a_full_disk_while_checkpointing_keeps_the_last_checkpoint() {
     .unwrap();
     let ck = weights_path(&dir, LATEST);
     let size = std::fs::metadata(&ck).unwrap().len();
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "fsize_child_process_entry",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
+    let out = child_test("fsize_child_process_entry")
         .env("DINO_TRAIN_FSIZE_CHILD_OUT", &dir)
         .env("DINO_TRAIN_FSIZE_LIMIT", (size / 2).to_string())
         .output()
