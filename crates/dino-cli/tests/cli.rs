@@ -104,6 +104,25 @@ eval_resize = 28
 eval_crop = 28
 "#;
 
+/// `train` with the tiny configuration on the subset, into `out`.
+fn tiny_train_args(cfg: &Path, data: &Path, out: &Path) -> Vec<String> {
+    [
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--dataset",
+        "fashion-mnist",
+        "--data-path",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--seed",
+        "3",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// One trained run shared by the tests that need a checkpoint: (tempdir, data dir, output dir).
 fn trained() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
     static RUN: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
@@ -114,19 +133,10 @@ fn trained() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
         let cfg = tmp.path().join("tiny.toml");
         std::fs::write(&cfg, TINY_TOML).unwrap();
         let out = tmp.path().join("run");
-        let o = run(&[
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--dataset",
-            "fashion-mnist",
-            "--data-path",
-            data.to_str().unwrap(),
-            "--output-dir",
-            out.to_str().unwrap(),
-            "--seed",
-            "3",
-        ]);
+        let o = dino()
+            .args(tiny_train_args(&cfg, &data, &out))
+            .output()
+            .unwrap();
         assert!(
             o.status.success(),
             "train failed: {}{}",
@@ -429,25 +439,8 @@ fn extend_lengthens_a_finished_run() {
     }
     let cfg = tmp.path().join("tiny.toml");
     let args = |extra: &[&str]| {
-        let mut a = vec![
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--dataset",
-            "fashion-mnist",
-            "--data-path",
-            data.to_str().unwrap(),
-            "--output-dir",
-            run.to_str().unwrap(),
-            "--seed",
-            "3",
-            "--epochs",
-            "3",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
-        a.extend(extra.iter().map(|s| s.to_string()));
+        let mut a = tiny_train_args(&cfg, data, &run);
+        a.extend(["--epochs", "3"].iter().chain(extra).map(|s| s.to_string()));
         a
     };
     let refused = dino().args(args(&[])).output().unwrap();

@@ -69,6 +69,14 @@ impl HubRef {
         }))
     }
 
+    /// The files to look for: the named one, else [`DEFAULT_FILES`] in order.
+    pub fn candidates(&self) -> Vec<&str> {
+        match &self.file {
+            Some(f) => vec![f.as_str()],
+            None => DEFAULT_FILES.to_vec(),
+        }
+    }
+
     /// `owner/name`.
     pub fn repo_id(&self) -> String {
         format!("{}/{}", self.owner, self.name)
@@ -155,10 +163,7 @@ pub fn resolve(r: &HubRef, opts: &HubOptions) -> Result<PathBuf> {
     let cache_dir = client.cache_dir().to_path_buf();
     let client = HFClientSync::from_inner(client).map_err(|e| hub_err(first, e.to_string()))?;
     let repo = client.model(r.owner.clone(), r.name.clone());
-    let candidates: Vec<&str> = match &r.file {
-        Some(f) => vec![f.as_str()],
-        None => DEFAULT_FILES.to_vec(),
-    };
+    let candidates = r.candidates();
     let mut unavailable: Option<String> = None;
     let mut last_err: Option<Error> = None;
     for file in &candidates {
@@ -220,10 +225,7 @@ pub fn resolve(r: &HubRef, opts: &HubOptions) -> Result<PathBuf> {
     let commit = std::fs::read_to_string(folder.join("refs").join(revision))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| revision.to_string());
-    let candidates: Vec<&str> = match &r.file {
-        Some(f) => vec![f.as_str()],
-        None => DEFAULT_FILES.to_vec(),
-    };
+    let candidates = r.candidates();
     if !commit.contains('/') && !commit.contains("..") {
         for file in &candidates {
             let p = folder.join("snapshots").join(&commit).join(file);

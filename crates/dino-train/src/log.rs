@@ -106,12 +106,9 @@ pub struct KnnFinalRecord {
 pub struct ExtendRecord {
     /// Always `"extend"`.
     pub kind: String,
-    /// Global iteration at which the run continued with the new length.
-    pub at_global_iteration: usize,
-    /// Epochs before.
-    pub from_epochs: usize,
-    /// Epochs after.
-    pub to_epochs: usize,
+    /// Where and how the run was lengthened.
+    #[serde(flatten)]
+    pub extension: crate::checkpoint::Extension,
 }
 
 /// A JSON-lines log read back by [`read_log`].
@@ -152,11 +149,6 @@ impl JsonLog {
     /// Also write every record's numbers as TensorBoard scalars (see [`crate::tensorboard`]).
     pub fn attach_tensorboard(&mut self, w: crate::tensorboard::EventWriter) {
         self.tensorboard = Some(w);
-    }
-
-    /// The TensorBoard event file, when attached.
-    pub fn tensorboard_path(&self) -> Option<&Path> {
-        self.tensorboard.as_ref().map(|w| w.path())
     }
 
     /// Append one record as a line.

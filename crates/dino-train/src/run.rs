@@ -347,12 +347,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             if opts.extend {
                 match meta.config.extension_of(cfg) {
                     Ok(true) => {
-                        extended = Some((meta.config.epochs, meta.global_iteration));
-                        extensions.push(Extension {
+                        let e = Extension {
                             at_global_iteration: meta.global_iteration,
                             from_epochs: meta.config.epochs,
                             to_epochs: cfg.epochs,
-                        });
+                        };
+                        extensions.push(e.clone());
+                        extended = Some(e);
                     }
                     Ok(false) => {}
                     Err(keys) => return Err(Error::ConfigMismatch { path, keys }),
@@ -439,13 +440,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             None => String::new(),
         }
     ));
-    if let Some((from, g)) = extended {
+    if let Some(ext) = &extended {
+        let g = ext.at_global_iteration;
         let at = |v: &[f64]| v.get(g).copied().unwrap_or(f64::NAN);
         let line = format!(
-            "extending the run from {from} to {} epochs at global iteration {g}: the lr, weight-decay and \
+            "extending the run from {} to {} epochs at global iteration {g}: the lr, weight-decay and \
              teacher-momentum schedules are rebuilt for {} epochs (now lr {:.3e}, wd {:.4}, momentum {:.6})",
-            cfg.epochs,
-            cfg.epochs,
+            ext.from_epochs,
+            ext.to_epochs,
+            ext.to_epochs,
             at(&trainer.lr_schedule),
             at(&trainer.wd_schedule),
             at(&trainer.momentum_schedule)
@@ -454,9 +457,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         if let Some(l) = log.as_mut() {
             l.write(&ExtendRecord {
                 kind: "extend".into(),
-                at_global_iteration: g,
-                from_epochs: from,
-                to_epochs: cfg.epochs,
+                extension: ext.clone(),
             })?;
         }
     }
@@ -533,7 +534,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         checkpoint: checkpoint::weights_path(&out, LATEST),
         plots: Vec::new(),
         took_over_lock: run_lock.as_ref().and_then(|l| l.took_over.clone()),
-        extended_from_epochs: extended.map(|(from, _)| from),
+        extended_from_epochs: extended.map(|e| e.from_epochs),
     };
     let mut window_start = Instant::now();
     let mut window_images = 0usize;

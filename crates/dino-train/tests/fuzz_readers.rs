@@ -527,7 +527,6 @@ fn fuzz_image_decoders() {
     let _g = lock();
     let tmp = tempfile::tempdir().unwrap();
     let mut out = Vec::new();
-    let names = ["png", "jpg", "bmp", "gif", "tiff", "webp"];
     for (i, (ext, seed)) in image_seeds().into_iter().enumerate() {
         let mut r = rng(ext);
         let head: Boundaries = (0..=64.min(seed.len())).collect();
@@ -539,7 +538,7 @@ fn fuzz_image_decoders() {
         };
         out.push(fuzz(
             10 + i,
-            names[i],
+            ext,
             n,
             |c| mutate(&seed, &head, c, &mut r),
             &tmp.path().join(format!("x.{ext}")),
@@ -767,16 +766,12 @@ fn fuzz_weights_readers() {
         &tmp.path().join("checkpoint.pth"),
         |p| dino_models::weights::read_state_dict(p, "teacher").map(|_| ()),
     ));
-    let mut k = 0;
     let structural = pickle_structures();
     out.push(fuzz(
         25,
         "pth with deep / recursive pickles",
         structural.len(),
-        |c| {
-            k = c;
-            (zip_pickle(&structural[c].1), structural[c].0.clone())
-        },
+        |c| (zip_pickle(&structural[c].1), structural[c].0.clone()),
         &tmp.path().join("structural.pth"),
         |p| dino_models::weights::read_state_dict(p, "teacher").map(|_| ()),
     ));
