@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, Tensor};
 use crate::kernels::{par_ranges, with_simd, SendPtr};
 use crate::params::NamedVar;
 use crate::{Error, Result};
+use dino_kernels::dispatch::cpu_fast_path;
 
 /// Pairs of (teacher, student) parameters, matched by name, for the in-place EMA update.
 #[derive(Debug)]
@@ -103,7 +104,7 @@ impl EmaTeacher {
         }
         let op = EmaOp { momentum };
         for (name, t, s) in &self.pairs {
-            if t.device().is_cpu() {
+            if cpu_fast_path(&[t.as_tensor(), s]) {
                 t.as_tensor()
                     .inplace_op2(s, &op)
                     .map_err(|e| Error::arg(name.clone(), format!("EMA update failed: {e}")))?;

@@ -18,6 +18,7 @@ use crate::kernels::{
 use crate::monitor::CollapseMetrics;
 use crate::schedule::teacher_temp_schedule;
 use crate::{Error, Result};
+use dino_kernels::dispatch::cpu_fast_path;
 
 /// Configuration of [`DinoLoss`]; field names and defaults follow `main_dino.DINOLoss` and its CLI.
 #[derive(Debug, Clone, PartialEq)]
@@ -226,7 +227,7 @@ impl DinoLoss {
                 Some(sinkhorn_knopp_teacher(&teacher, temp, n_iterations)?)
             }
         };
-        let loss = match (&probs, student_output.device().is_cpu()) {
+        let loss = match (&probs, cpu_fast_path(&[student_output])) {
             (None, true) => {
                 let op = DinoLossOp::new(
                     n,
@@ -414,12 +415,10 @@ pub fn dino_loss_composed(
     student_temp: f64,
     teacher_temp: f64,
 ) -> Result<Tensor> {
-    // f64 inputs stay f64 (finite-difference checks); everything else computes in f32.
-    let dt = if student_output.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    // In f64, as the fused kernel's sums: candle's f32 reductions add K = 65536 terms one after another, which
+    // put the gradient 3e-3 relative away from the official values (torch's f32 sums are pairwise). The loss
+    // comes back in the student's dtype; the gradient flows through the casts.
+    let dt = DType::F64;
     let student = (student_output.to_dtype(dt)? / student_temp)?;
     let ls = candle_nn::ops::log_softmax(&student, D::Minus1)?;
     let teacher = teacher_output.detach().to_dtype(dt)?;
@@ -428,7 +427,7 @@ pub fn dino_loss_composed(
         &(teacher.broadcast_sub(&center)? / teacher_temp)?,
         D::Minus1,
     )?;
-    cross_entropy_pairs(&ls, &q.detach(), ncrops)
+    Ok(cross_entropy_pairs(&ls, &q.detach(), ncrops)?.to_dtype(student_output.dtype())?)
 }
 
 /// The loss of [`dino_loss_composed`] for given teacher targets `teacher_probs` (2B, K) (e.g. from
@@ -439,14 +438,14 @@ pub fn dino_loss_composed_probs(
     ncrops: usize,
     student_temp: f64,
 ) -> Result<Tensor> {
-    let dt = if student_output.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    // f64 internally, as [`dino_loss_composed`].
+    let dt = DType::F64;
     let student = (student_output.to_dtype(dt)? / student_temp)?;
     let ls = candle_nn::ops::log_softmax(&student, D::Minus1)?;
-    cross_entropy_pairs(&ls, &teacher_probs.detach().to_dtype(dt)?, ncrops)
+    Ok(
+        cross_entropy_pairs(&ls, &teacher_probs.detach().to_dtype(dt)?, ncrops)?
+            .to_dtype(student_output.dtype())?,
+    )
 }
 
 /// Mean over the pairs (teacher crop iq, student crop v != iq) of the batch-mean cross-entropy, from the

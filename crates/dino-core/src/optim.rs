@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Storage, Tensor, Var};
 use crate::kernels::{dot, par_ranges, with_simd, SendPtr};
 use crate::params::NamedVar;
 use crate::{Error, Result};
+use dino_kernels::dispatch::cpu_fast_path;
 
 /// A parameter group: parameters sharing a learning rate and a weight decay (torch `param_groups`).
 #[derive(Debug, Clone)]
@@ -191,7 +192,7 @@ impl AdamW {
                 let Some(grad) = grad_of(grads, name, var)? else {
                     continue;
                 };
-                let fast = var.device().is_cpu()
+                let fast = cpu_fast_path(&[var.as_tensor(), grad])
                     && var.dtype() == DType::F32
                     && grad.dtype() == DType::F32;
                 let state = match self.state.entry(name.clone()) {
@@ -311,7 +312,7 @@ impl AdamW {
                 name,
                 &[("exp_avg", &st.exp_avg), ("exp_avg_sq", &st.exp_avg_sq)],
             )?;
-            let moments = if var.device().is_cpu() && var.dtype() == DType::F32 {
+            let moments = if cpu_fast_path(&[var.as_tensor()]) && var.dtype() == DType::F32 {
                 Moments::Cpu {
                     m: st
                         .exp_avg
@@ -769,7 +770,7 @@ impl Optimizer for Lars {
 
 /// The l2 norm of a gradient as torch computes it in f32 (here: f32 lanes, f64 final sum).
 fn grad_norm(g: &Tensor) -> Result<f32> {
-    if g.device().is_cpu() && g.dtype() == DType::F32 {
+    if cpu_fast_path(&[g]) && g.dtype() == DType::F32 {
         let (s, l) = g.storage_and_layout();
         if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*s, l.contiguous_offsets()) {
             let x = &v[a..b];

@@ -6,13 +6,18 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use common::{assert_close, get, golden_v2, scalar, vec_f64};
 use dino_core::koleo::nearest_neighbours;
 use dino_core::loss::dino_loss_composed_probs;
 use dino_core::{
     koleo_loss, koleo_per_crop, sinkhorn_knopp_teacher, DinoLoss, DinoLossConfig, TeacherCentering,
 };
+
+/// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
+fn tdev() -> candle_core::Device {
+    dino_kernels::dispatch::test_device()
+}
 
 /// The loss and its gradient w.r.t. `x` through autograd.
 fn value_and_grad(x: &Tensor, mut f: impl FnMut(&Tensor) -> Tensor) -> (f64, Tensor) {
@@ -106,7 +111,7 @@ fn sinkhorn_knopp_matches_the_official_code() {
 
 #[test]
 fn sinkhorn_knopp_degenerate_inputs_stay_finite() {
-    let dev = Device::Cpu;
+    let dev = tdev();
     // One sample; duplicate rows; a column of zeros; logits far apart (exp would overflow f32 unshifted).
     let one = Tensor::new(&[[0.3f32, -0.2, 0.9, 0.0]], &dev).unwrap();
     let dup = Tensor::new(
@@ -193,7 +198,7 @@ fn dino_loss_in_both_centering_modes_matches_dinov2() {
                 centering,
                 ..DinoLossConfig::default()
             },
-            &Device::Cpu,
+            &tdev(),
         )
         .unwrap();
         loss.set_center(&at("center")).unwrap();
@@ -255,5 +260,25 @@ fn dino_loss_in_both_centering_modes_matches_dinov2() {
             (l - want64).abs() <= 1e-5 * want64,
             "{mode}: loss {l} vs f64 {want64}"
         );
+    }
+}
+
+/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
+/// the CPU: see `dino_kernels::dispatch`.
+mod portable {
+    #[test]
+    fn koleo_matches_the_official_code() {
+        dino_kernels::with_kernel_path(
+            dino_kernels::KernelPath::Portable,
+            super::koleo_matches_the_official_code,
+        )
+    }
+
+    #[test]
+    fn dino_loss_in_both_centering_modes_matches_dinov2() {
+        dino_kernels::with_kernel_path(
+            dino_kernels::KernelPath::Portable,
+            super::dino_loss_in_both_centering_modes_matches_dinov2,
+        )
     }
 }

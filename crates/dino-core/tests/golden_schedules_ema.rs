@@ -3,9 +3,14 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use common::{assert_close, get, golden, vec_f64};
 use dino_core::{cosine_scheduler, EmaTeacher, Error, NamedVar};
+
+/// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
+fn tdev() -> candle_core::Device {
+    dino_kernels::dispatch::test_device()
+}
 
 #[test]
 fn cosine_schedules_match_numpy() {
@@ -94,7 +99,7 @@ fn ema_trace_matches_official_70_steps() {
 
 #[test]
 fn ema_large_tensor_uses_the_parallel_path_correctly() {
-    let dev = Device::Cpu;
+    let dev = tdev();
     let s = Tensor::randn(0f32, 1.0, (700, 1000), &dev).unwrap();
     let t = Tensor::randn(0f32, 1.0, (700, 1000), &dev).unwrap();
     let student = vec![("x".to_string(), var(&s))];
@@ -111,7 +116,7 @@ fn ema_large_tensor_uses_the_parallel_path_correctly() {
 
 #[test]
 fn ema_pairing_errors_name_the_parameter() {
-    let dev = Device::Cpu;
+    let dev = tdev();
     let v = |shape: &[usize]| Var::zeros(shape, DType::F32, &dev).unwrap();
     let student: Vec<NamedVar> = vec![("a".into(), v(&[2])), ("b".into(), v(&[3]))];
     let e = EmaTeacher::new(&student, &[("a".into(), v(&[2]))]).unwrap_err();
@@ -146,4 +151,16 @@ fn ema_pairing_errors_name_the_parameter() {
     assert!(e.to_string().contains("shares storage"), "{e}");
     let ema = EmaTeacher::new(&student, &[("a".into(), v(&[2])), ("b".into(), v(&[3]))]).unwrap();
     assert!(ema.update(1.5).is_err());
+}
+
+/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
+/// the CPU: see `dino_kernels::dispatch`.
+mod portable {
+    #[test]
+    fn ema_trace_matches_official_70_steps() {
+        dino_kernels::with_kernel_path(
+            dino_kernels::KernelPath::Portable,
+            super::ema_trace_matches_official_70_steps,
+        )
+    }
 }

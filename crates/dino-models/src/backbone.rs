@@ -1,6 +1,6 @@
 //! The `Backbone` trait: what the multi-crop wrapper, the trainer and the evaluations need of a network.
 
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 /// A feature extractor: images in, one feature vector per image out.
 pub trait Backbone: Send + Sync {
@@ -10,6 +10,11 @@ pub trait Backbone: Send + Sync {
 
     /// The feature dimension `D`.
     fn embed_dim(&self) -> usize;
+
+    /// The device the parameters live on (inputs must be moved there).
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
 
     /// Reseed the network's own RNG (drop-path masks), so a given iteration draws the same masks on resume.
     fn reseed(&self, _seed: u64) {}

@@ -913,6 +913,10 @@ impl Backbone for VisionTransformer {
         self.cfg.embed_dim
     }
 
+    fn device(&self) -> Device {
+        VisionTransformer::device(self).clone()
+    }
+
     fn reseed(&self, seed: u64) {
         VisionTransformer::reseed(self, seed)
     }

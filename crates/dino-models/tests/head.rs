@@ -1,7 +1,7 @@
 //! DINO head: golden forward against the official DINOHead, gradients to every trainable parameter,
 //! finite differences of the weight-normalised last layer, parameter names and counts.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use dino_models::head::{l2_normalize, DinoHead, DinoHeadConfig};
 use dino_models::params::{
@@ -9,10 +9,15 @@ use dino_models::params::{
 };
 use dino_models::weights::{load_head, LoadOptions};
 
+/// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
+fn tdev() -> candle_core::Device {
+    dino_models::dispatch::test_device()
+}
+
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden/");
 
 fn golden(name: &str) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(format!("{GOLDEN}{name}"), &Device::Cpu).expect("golden file")
+    candle_core::safetensors::load(format!("{GOLDEN}{name}"), &tdev()).expect("golden file")
 }
 
 /// max |a - b| - (atol + rtol |b|) must be <= 0 everywhere.
@@ -54,7 +59,7 @@ fn small_cfg(use_bn: bool, norm_last_layer: bool, nlayers: usize) -> DinoHeadCon
 
 fn build(cfg: DinoHeadConfig, dtype: DType) -> (VarMap, DinoHead) {
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&varmap, dtype, &tdev());
     let head = DinoHead::new(cfg, vb.pp("head")).expect("head");
     (varmap, head)
 }
@@ -65,7 +70,7 @@ fn golden_head_matches_official() {
     let io = golden("dino_head_io.safetensors");
     let cfg = DinoHeadConfig::new(192, 1024);
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &tdev());
     let head = DinoHead::new(cfg, vb).unwrap();
     let report = load_head(
         &varmap,
@@ -220,7 +225,7 @@ fn batchnorm_and_single_layer_names() {
             "head.mlp.weight"
         ]
     );
-    let x = Tensor::randn(0f32, 1., (3, 12), &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1., (3, 12), &tdev()).unwrap();
     assert_eq!(head.forward(&x, true).unwrap().dims(), &[3, 20]);
     // nlayers = 4 without BN: mlp.0, .2, .4, .6.
     let (varmap, _) = build(small_cfg(false, true, 4), DType::F32);
@@ -235,7 +240,7 @@ fn batchnorm_and_single_layer_names() {
 #[test]
 fn invalid_config_is_an_error() {
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &tdev());
     let mut cfg = small_cfg(false, true, 3);
     cfg.out_dim = 0;
     let err = DinoHead::new(cfg, vb).unwrap_err().to_string();
@@ -249,9 +254,9 @@ fn weighted_loss(out: &Tensor, seed_weights: &Tensor) -> Tensor {
 
 fn check_all_trainable_get_gradients(cfg: DinoHeadConfig) {
     let (varmap, head) = build(cfg, DType::F32);
-    let x = Tensor::randn(0f32, 1., (6, cfg.in_dim), &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1., (6, cfg.in_dim), &tdev()).unwrap();
     let out = head.forward(&x, true).unwrap();
-    let r = Tensor::randn(0f32, 1., out.dims(), &Device::Cpu).unwrap();
+    let r = Tensor::randn(0f32, 1., out.dims(), &tdev()).unwrap();
     let grads = weighted_loss(&out, &r).backward().unwrap();
     let vars = sorted_vars(&varmap);
     let spec = ModelSpec {
@@ -307,7 +312,7 @@ fn every_trainable_parameter_gets_a_gradient() {
 fn batchnorm_train_uses_batch_statistics_and_updates_running_stats() {
     let cfg = small_cfg(true, true, 2);
     let (varmap, head) = build(cfg, DType::F32);
-    let x = (Tensor::randn(0f32, 1., (16, 12), &Device::Cpu).unwrap() * 3.0).unwrap();
+    let x = (Tensor::randn(0f32, 1., (16, 12), &tdev()).unwrap() * 3.0).unwrap();
     let get = |n: &str| {
         sorted_vars(&varmap)
             .into_iter()
@@ -379,19 +384,19 @@ fn finite_differences_weight_norm_layer() {
     let vars = sorted_vars(&varmap);
     let get = |n: &str| vars.iter().find(|(m, _)| m == n).unwrap().1.clone();
     let g = get("head.last_layer.weight_g");
-    g.set(&(Tensor::rand(0.5f64, 1.5, (20, 1), &Device::Cpu).unwrap()))
+    g.set(&(Tensor::rand(0.5f64, 1.5, (20, 1), &tdev()).unwrap()))
         .unwrap();
     let v = get("head.last_layer.weight_v");
     let w0 = get("head.mlp.0.weight");
     let x = Var::new(
-        Tensor::randn(0f64, 1., (5, 12), &Device::Cpu)
+        Tensor::randn(0f64, 1., (5, 12), &tdev())
             .unwrap()
             .to_vec2::<f64>()
             .unwrap(),
-        &Device::Cpu,
+        &tdev(),
     )
     .unwrap();
-    let r = Tensor::randn(0f64, 1., (5, 20), &Device::Cpu).unwrap();
+    let r = Tensor::randn(0f64, 1., (5, 20), &tdev()).unwrap();
     let loss = |h: &DinoHead| -> f64 {
         let out = h.forward(x.as_tensor(), true).unwrap();
         weighted_loss(&out, &r).to_scalar::<f64>().unwrap()
@@ -424,15 +429,15 @@ fn finite_differences_weight_norm_layer() {
         for k in [0, n / 3, n / 2, n - 1] {
             let mut plus = base.clone();
             plus[k] += eps;
-            var.set(&Tensor::from_vec(plus, var.dims(), &Device::Cpu).unwrap())
+            var.set(&Tensor::from_vec(plus, var.dims(), &tdev()).unwrap())
                 .unwrap();
             let lp = loss(&head);
             let mut minus = base.clone();
             minus[k] -= eps;
-            var.set(&Tensor::from_vec(minus, var.dims(), &Device::Cpu).unwrap())
+            var.set(&Tensor::from_vec(minus, var.dims(), &tdev()).unwrap())
                 .unwrap();
             let lm = loss(&head);
-            var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
+            var.set(&Tensor::from_vec(base.clone(), var.dims(), &tdev()).unwrap())
                 .unwrap();
             let numeric = (lp - lm) / (2.0 * eps);
             let err = (numeric - analytic[k]).abs();
@@ -478,7 +483,7 @@ fn weight_norm_formula_and_l2_eps() {
         assert!((n - 1.0).abs() < 1e-12, "{n}");
     }
     // A zero row stays zero (norm clamped at 1e-12), a tiny row is normalised.
-    let x = Tensor::new(&[[0f64, 0., 0.], [3e-9, 0., 4e-9]], &Device::Cpu).unwrap();
+    let x = Tensor::new(&[[0f64, 0., 0.], [3e-9, 0., 4e-9]], &tdev()).unwrap();
     let y = l2_normalize(&x).unwrap().to_vec2::<f64>().unwrap();
     assert_eq!(y[0], [0., 0., 0.]);
     assert!((y[1][0] - 0.6).abs() < 1e-12 && (y[1][2] - 0.8).abs() < 1e-12);
@@ -488,7 +493,7 @@ fn weight_norm_formula_and_l2_eps() {
 #[test]
 fn fused_weight_norm_matches_composed_ops() {
     use dino_models::head::{weight_norm, weight_norm_composed};
-    let dev = Device::Cpu;
+    let dev = tdev();
     for (k, c) in [(37, 16), (300, 256)] {
         let v = Var::from_tensor(&Tensor::randn(0f32, 1., (k, c), &dev).unwrap()).unwrap();
         let g = Var::from_tensor(&Tensor::rand(0.5f32, 2.0, (k, 1), &dev).unwrap()).unwrap();
@@ -536,4 +541,40 @@ fn fused_weight_norm_matches_composed_ops() {
         &Tensor::zeros((3, 1), DType::F32, &dev).unwrap()
     )
     .is_err());
+}
+
+/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
+/// the CPU: see `dino_kernels::dispatch`.
+mod portable {
+    #[test]
+    fn golden_head_matches_official() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::golden_head_matches_official,
+        )
+    }
+
+    #[test]
+    fn every_trainable_parameter_gets_a_gradient() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::every_trainable_parameter_gets_a_gradient,
+        )
+    }
+
+    #[test]
+    fn finite_differences_weight_norm_layer() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::finite_differences_weight_norm_layer,
+        )
+    }
+
+    #[test]
+    fn batchnorm_train_uses_batch_statistics_and_updates_running_stats() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::batchnorm_train_uses_batch_statistics_and_updates_running_stats,
+        )
+    }
 }

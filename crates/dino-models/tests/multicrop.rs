@@ -3,12 +3,17 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use dino_models::head::{DinoHead, DinoHeadConfig};
 use dino_models::multicrop::{resolution_groups, MultiCropWrapper};
 use dino_models::params::{sorted_vars, trainable_vars, ModelSpec};
 use dino_models::Backbone;
+
+/// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
+fn tdev() -> candle_core::Device {
+    dino_models::dispatch::test_device()
+}
 
 /// A tiny backbone: per-channel spatial mean (B, 3) then a Linear to `dim`; records every call's input shape.
 struct ToyBackbone {
@@ -30,7 +35,7 @@ impl Backbone for ToyBackbone {
 }
 
 fn toy(varmap: &VarMap, dim: usize) -> (ToyBackbone, Arc<Mutex<Vec<Vec<usize>>>>) {
-    let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(varmap, DType::F32, &tdev());
     let w = vb
         .pp("backbone")
         .get_with_hints(
@@ -53,7 +58,7 @@ fn toy(varmap: &VarMap, dim: usize) -> (ToyBackbone, Arc<Mutex<Vec<Vec<usize>>>>
 }
 
 fn head(varmap: &VarMap, in_dim: usize) -> DinoHead {
-    let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(varmap, DType::F32, &tdev());
     let cfg = DinoHeadConfig {
         hidden_dim: 32,
         bottleneck_dim: 8,
@@ -63,7 +68,7 @@ fn head(varmap: &VarMap, in_dim: usize) -> DinoHead {
 }
 
 fn crop(b: usize, s: usize) -> Tensor {
-    Tensor::randn(0f32, 1., (b, 3, s, s), &Device::Cpu).unwrap()
+    Tensor::randn(0f32, 1., (b, 3, s, s), &tdev()).unwrap()
 }
 
 #[test]
@@ -80,10 +85,10 @@ fn groups_consecutive_resolutions() {
     assert_eq!(g, vec![0..2, 2..5, 5..6]);
     let rect = [
         crop(1, 8),
-        Tensor::zeros((1, 3, 6, 8), DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros((1, 3, 6, 8), DType::F32, &tdev()).unwrap(),
     ];
     assert_eq!(resolution_groups(&rect).unwrap(), vec![0..1, 1..2]);
-    let bad = [Tensor::zeros((3, 8, 8), DType::F32, &Device::Cpu).unwrap()];
+    let bad = [Tensor::zeros((3, 8, 8), DType::F32, &tdev()).unwrap()];
     assert!(resolution_groups(&bad).is_err());
 }
 
@@ -146,7 +151,7 @@ fn gradients_reach_backbone_and_head() {
     let wrapper = MultiCropWrapper::new(Box::new(bb), head(&varmap, 10)).unwrap();
     let crops = vec![crop(2, 16), crop(2, 16), crop(2, 8)];
     let out = wrapper.forward(&crops, true).unwrap();
-    let r = Tensor::randn(0f32, 1., out.dims(), &Device::Cpu).unwrap();
+    let r = Tensor::randn(0f32, 1., out.dims(), &tdev()).unwrap();
     let grads = (out * r).unwrap().sum_all().unwrap().backward().unwrap();
     let vars = sorted_vars(&varmap);
     let trainable = trainable_vars(&vars, &ModelSpec::default());
@@ -184,12 +189,11 @@ const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golde
 fn golden_multicrop_vit_tiny16_with_head() {
     use dino_models::vit::{ViTConfig, VisionTransformer};
     use dino_models::weights::{load_backbone, load_head, LoadOptions};
-    let load =
-        |f: &str| candle_core::safetensors::load(format!("{GOLDEN}{f}"), &Device::Cpu).unwrap();
+    let load = |f: &str| candle_core::safetensors::load(format!("{GOLDEN}{f}"), &tdev()).unwrap();
     let vit_io = load("vit_tiny16_io.safetensors");
     let head_io = load("dino_head_io.safetensors");
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &tdev());
     let vit = VisionTransformer::new(ViTConfig::vit_tiny(16), vb.pp("backbone")).unwrap();
     let head = DinoHead::new(DinoHeadConfig::new(192, 1024), vb.pp("head")).unwrap();
     load_backbone(
@@ -235,4 +239,24 @@ fn golden_multicrop_vit_tiny16_with_head() {
         "features off by {}",
         excess(&feats, &cls)
     );
+}
+
+/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
+/// the CPU: see `dino_kernels::dispatch`.
+mod portable {
+    #[test]
+    fn golden_multicrop_vit_tiny16_with_head() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::golden_multicrop_vit_tiny16_with_head,
+        )
+    }
+
+    #[test]
+    fn gradients_reach_backbone_and_head() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::gradients_reach_backbone_and_head,
+        )
+    }
 }

@@ -3,15 +3,20 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use dino_models::resnet::{ResNet, ResNetConfig};
 use dino_models::Backbone;
 
+/// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
+fn tdev() -> candle_core::Device {
+    dino_models::dispatch::test_device()
+}
+
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden-aug/");
 
 fn golden(file: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(format!("{GOLDEN}{file}"), &Device::Cpu)
+    candle_core::safetensors::load(format!("{GOLDEN}{file}"), &tdev())
         .unwrap_or_else(|e| panic!("cannot read {GOLDEN}{file}: {e}"))
 }
 
@@ -20,7 +25,7 @@ fn golden(file: &str) -> HashMap<String, Tensor> {
 fn resnet18_from_golden() -> (ResNet, VarMap) {
     let weights = golden("resnet18_weights.safetensors");
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &tdev());
     let model = ResNet::new(ResNetConfig::resnet18(), vb).unwrap();
     let vars = varmap.data().lock().unwrap();
     let ours: BTreeMap<_, _> = vars
@@ -173,8 +178,7 @@ fn resnet18_eval_train_and_running_stats_match_torchvision() {
 fn resnet18_loads_directly_from_safetensors() {
     // The inference path: a VarBuilder over the file (no VarMap), int64 num_batches_tracked included.
     let path = format!("{GOLDEN}resnet18_weights.safetensors");
-    let vb =
-        unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) }.unwrap();
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &tdev()) }.unwrap();
     let model = ResNet::new(ResNetConfig::resnet18(), vb).unwrap();
     let io = golden("resnet_io.safetensors");
     check_stages(&model, &io, "eval");
@@ -185,7 +189,7 @@ fn resnet18_loads_through_the_strict_backbone_loader() {
     // dino_models::weights::load_backbone on the torchvision file (int64 num_batches_tracked cast onto our
     // i64 variables), then the same eval outputs.
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &tdev());
     let model = ResNet::new(ResNetConfig::resnet18(), vb).unwrap();
     let path = format!("{GOLDEN}resnet18_weights.safetensors");
     let report = dino_models::weights::load_backbone(&varmap, &path, &Default::default()).unwrap();
@@ -193,7 +197,7 @@ fn resnet18_loads_through_the_strict_backbone_loader() {
     check_stages(&model, &golden("resnet_io.safetensors"), "eval");
     // A CIFAR-stem network cannot take these weights: the error names conv1 and both shapes.
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &tdev());
     ResNet::new(ResNetConfig::resnet18_cifar(), vb).unwrap();
     let e = dino_models::weights::load_backbone(&varmap, &path, &Default::default())
         .unwrap_err()
@@ -202,4 +206,16 @@ fn resnet18_loads_through_the_strict_backbone_loader() {
         e.contains("conv1.weight") && e.contains("[64, 3, 3, 3]") && e.contains("[64, 3, 7, 7]"),
         "{e}"
     );
+}
+
+/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
+/// the CPU: see `dino_kernels::dispatch`.
+mod portable {
+    #[test]
+    fn resnet18_eval_train_and_running_stats_match_torchvision() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::resnet18_eval_train_and_running_stats_match_torchvision,
+        )
+    }
 }

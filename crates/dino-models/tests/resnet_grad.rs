@@ -1,13 +1,18 @@
 //! ResNet gradients: one backward pass reaches every trainable parameter (never the BN buffers), and
 //! finite-difference checks of the max-pool, of a conv + BatchNorm block and of a tiny ResNet.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use dino_models::resnet::{
     conv2d, is_batch_norm_buffer, max_pool2d, max_pool2d_composed, BatchNorm2d, ResNet,
     ResNetConfig,
 };
 use dino_models::Backbone;
+
+/// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
+fn tdev() -> candle_core::Device {
+    dino_models::dispatch::test_device()
+}
 
 thread_local! {
     /// Per-test (per-thread) draw counter: every test sees the same inputs on every run.
@@ -28,7 +33,7 @@ fn rand(shape: &[usize], dtype: DType) -> Tensor {
     let v: Vec<f64> = (0..n)
         .map(|_| rand_distr::StandardNormal.sample(&mut rng))
         .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
+    Tensor::from_vec(v, shape, &tdev())
         .unwrap()
         .to_dtype(dtype)
         .unwrap()
@@ -36,7 +41,7 @@ fn rand(shape: &[usize], dtype: DType) -> Tensor {
 
 /// A variable builder with seeded initial values (see [`rand`]).
 fn seeded(varmap: &VarMap, dtype: DType) -> VarBuilder<'static> {
-    dino_models::init::seeded_var_builder(varmap, 0, dtype, &Device::Cpu)
+    dino_models::init::seeded_var_builder(varmap, 0, dtype, &tdev())
 }
 
 /// One train-mode forward + backward of `sum(features * r)`; every trainable parameter must get a
@@ -245,8 +250,7 @@ fn max_pool_forward_and_finite_differences() {
 fn max_pool_ties_go_to_the_first_maximum_like_pytorch() {
     // A constant 4x4 plane, 3x3/s2/p1 -> 2x2; PyTorch gives each window's gradient to its first element
     // in row-major order: windows start at (0,0), (0,1), (1,0), (1,1).
-    let x =
-        Var::from_tensor(&Tensor::ones((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let x = Var::from_tensor(&Tensor::ones((1, 1, 4, 4), DType::F32, &tdev()).unwrap()).unwrap();
     let g = max_pool2d(x.as_tensor(), 3, 2, 1)
         .unwrap()
         .sum_all()
@@ -267,7 +271,7 @@ fn max_pool_ties_go_to_the_first_maximum_like_pytorch() {
     assert_eq!(g, want);
     // Stock candle gets this wrong (see candle-notes); make sure we are not calling it.
     let e = max_pool2d(
-        &Tensor::ones((1, 1, 1, 1), DType::F32, &Device::Cpu).unwrap(),
+        &Tensor::ones((1, 1, 1, 1), DType::F32, &tdev()).unwrap(),
         3,
         2,
         0,
@@ -384,12 +388,12 @@ fn tiny_resnet_finite_differences() {
         let at = |d: f64| {
             let mut v = orig.clone();
             v[idx] += d;
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+            var.set(&Tensor::from_vec(v, var.shape(), &tdev()).unwrap())
                 .unwrap();
             f(x.as_tensor()).to_scalar::<f64>().unwrap()
         };
         let num = (at(eps) - at(-eps)) / (2.0 * eps);
-        var.set(&Tensor::from_vec(orig, var.shape(), &Device::Cpu).unwrap())
+        var.set(&Tensor::from_vec(orig, var.shape(), &tdev()).unwrap())
             .unwrap();
         assert!(
             (g - num).abs() <= 1e-4 * (1.0 + num.abs()),
@@ -413,7 +417,7 @@ fn tiny_resnet_finite_differences() {
         let at = |d: f64| {
             let mut v = xv.clone();
             v[idx] += d;
-            f(&Tensor::from_vec(v, x.shape(), &Device::Cpu).unwrap())
+            f(&Tensor::from_vec(v, x.shape(), &tdev()).unwrap())
                 .to_scalar::<f64>()
                 .unwrap()
         };
@@ -570,4 +574,64 @@ fn fused_batch_norm_equals_the_composed_one() {
     }
     // Only the forward() call counted as a batch.
     assert_eq!(bn.num_batches_tracked().unwrap(), 1);
+}
+
+/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
+/// the CPU: see `dino_kernels::dispatch`.
+mod portable {
+    #[test]
+    fn resnet18_every_parameter_gets_a_gradient() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::resnet18_every_parameter_gets_a_gradient,
+        )
+    }
+
+    #[test]
+    fn resnet18_cifar_every_parameter_gets_a_gradient() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::resnet18_cifar_every_parameter_gets_a_gradient,
+        )
+    }
+
+    #[test]
+    fn resnet50_every_parameter_gets_a_gradient() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::resnet50_every_parameter_gets_a_gradient,
+        )
+    }
+
+    #[test]
+    fn resnet50_cifar_every_parameter_gets_a_gradient() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::resnet50_cifar_every_parameter_gets_a_gradient,
+        )
+    }
+
+    #[test]
+    fn max_pool_forward_and_finite_differences() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::max_pool_forward_and_finite_differences,
+        )
+    }
+
+    #[test]
+    fn max_pool_ties_go_to_the_first_maximum_like_pytorch() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::max_pool_ties_go_to_the_first_maximum_like_pytorch,
+        )
+    }
+
+    #[test]
+    fn tiny_resnet_finite_differences() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::tiny_resnet_finite_differences,
+        )
+    }
 }

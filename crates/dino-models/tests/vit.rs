@@ -11,6 +11,11 @@ use dino_models::init::seeded_var_builder;
 use dino_models::vit::{Pool, ViTConfig, VisionTransformer};
 use dino_models::Backbone;
 
+/// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
+fn tdev() -> candle_core::Device {
+    dino_models::dispatch::test_device()
+}
+
 const WEIGHTS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../../shared/golden/vit_tiny16_weights.safetensors"
@@ -32,7 +37,7 @@ fn randn(seed: u64, shape: &[usize]) -> Result<Tensor> {
     let v: Vec<f32> = (0..n)
         .map(|_| rand_distr::StandardNormal.sample(&mut rng))
         .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
+    Tensor::from_vec(v, shape, &tdev())
 }
 
 fn assert_close(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
@@ -55,7 +60,7 @@ fn assert_close(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
 /// The official vit_tiny/16 loaded into a VarMap, checking that our parameter names and shapes are exactly
 /// the official state dict's.
 fn official_tiny() -> Result<(VisionTransformer, VarMap)> {
-    let dev = Device::Cpu;
+    let dev = tdev();
     let file = candle_core::safetensors::load(WEIGHTS, &dev)?;
     let vm = VarMap::new();
     let vit = VisionTransformer::new(
@@ -83,7 +88,7 @@ fn official_tiny() -> Result<(VisionTransformer, VarMap)> {
 #[test]
 fn vit_tiny16_matches_official_outputs() -> Result<()> {
     let (vit, _vm) = official_tiny()?;
-    let io = candle_core::safetensors::load(IO, &Device::Cpu)?;
+    let io = candle_core::safetensors::load(IO, &tdev())?;
     // Positional-embedding interpolation: key "pos_interp_{rows}x{cols}".
     for (r, c) in [(224, 224), (96, 96), (32, 32), (64, 128), (224, 160)] {
         let ours = vit.interpolate_pos_encoding(r, c)?;
@@ -164,7 +169,7 @@ fn count(cfg: ViTConfig) -> Result<(usize, Vec<String>)> {
             self.0.contains_tensor(n)
         }
     }
-    let vb = VarBuilder::from_backend(Box::new(Shared(backend.clone())), DType::F32, Device::Cpu);
+    let vb = VarBuilder::from_backend(Box::new(Shared(backend.clone())), DType::F32, tdev());
     let _vit = VisionTransformer::new(cfg, vb)?;
     let seen = backend.0.lock().unwrap();
     let n = seen.iter().map(|(_, s)| s.elem_count()).sum();
@@ -196,7 +201,7 @@ fn parameter_counts_match_the_spec_table() -> Result<()> {
 
 #[test]
 fn seeded_init_is_reproducible_and_official_shaped() -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = tdev();
     let cfg = ViTConfig::custom(16, 4, 32, 2, 2);
     let build = |seed| -> Result<(VisionTransformer, VarMap)> {
         let vm = VarMap::new();
@@ -243,7 +248,7 @@ fn seeded_init_is_reproducible_and_official_shaped() -> Result<()> {
 
 fn tiny_trainable(cfg: ViTConfig, seed: u64) -> Result<(VisionTransformer, Vec<(String, Var)>)> {
     let vm = VarMap::new();
-    let vit = VisionTransformer::new(cfg, seeded_var_builder(&vm, seed, DType::F32, &Device::Cpu))?;
+    let vit = VisionTransformer::new(cfg, seeded_var_builder(&vm, seed, DType::F32, &tdev()))?;
     let mut vars: Vec<(String, Var)> = vm
         .data()
         .lock()
@@ -304,7 +309,7 @@ fn gradients_match_finite_differences_with(pool: Pool) -> Result<()> {
         ..ViTConfig::custom(8, 4, 8, 2, 2).with_drop_path(0.3)
     };
     let (vit, vars) = tiny_trainable(cfg, 21)?;
-    let dev = Device::Cpu;
+    let dev = tdev();
     let x = (randn(105, &[3, 3, 12, 8])? * 2.0)?;
     let r = randn(106, &[3, 8])?;
     let loss = || -> Result<f64> {
@@ -388,7 +393,7 @@ fn drop_path_masks_do_not_depend_on_the_data_parallel_split() -> Result<()> {
         let rows: Vec<u32> = (0..crops)
             .flat_map(|c| mine.iter().map(move |&j| (c * b + j) as u32))
             .collect();
-        let xr = x.index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?;
+        let xr = x.index_select(&Tensor::new(rows.as_slice(), &tdev())?, 0)?;
         let ids: Vec<u64> = mine.iter().map(|&j| j as u64).collect();
         vit.set_drop_path_samples(99, &ids);
         let part = vit.forward_t(&xr, true)?.to_vec2::<f32>()?;
@@ -419,16 +424,14 @@ fn drop_path_masks_do_not_depend_on_the_data_parallel_split() -> Result<()> {
 fn rejects_bad_inputs_and_configs() -> Result<()> {
     let cfg = ViTConfig::custom(16, 4, 16, 1, 3);
     let vm = VarMap::new();
-    assert!(
-        VisionTransformer::new(cfg, seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu)).is_err()
-    );
+    assert!(VisionTransformer::new(cfg, seeded_var_builder(&vm, 0, DType::F32, &tdev())).is_err());
     let (vit, _) = tiny_trainable(ViTConfig::custom(16, 4, 16, 1, 2), 0)?;
     let err = vit
-        .forward(&Tensor::zeros((2, 1, 16, 16), DType::F32, &Device::Cpu)?)
+        .forward(&Tensor::zeros((2, 1, 16, 16), DType::F32, &tdev())?)
         .unwrap_err();
     assert!(err.to_string().contains("[2, 1, 16, 16]"), "{err}");
     let m: HashMap<String, Tensor> = HashMap::new();
-    let vb = VarBuilder::from_tensors(m, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(m, DType::F32, &tdev());
     let err = VisionTransformer::new(ViTConfig::vit_tiny(16), vb).unwrap_err();
     assert!(err.to_string().contains("patch_embed.proj.weight"), "{err}");
     Ok(())
@@ -456,4 +459,40 @@ fn avg_pool_is_the_mean_of_the_normed_patch_tokens() -> Result<()> {
         .to_scalar::<f32>()?;
     assert!(d > 1e-3, "avg pool equals the CLS token");
     Ok(())
+}
+
+/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
+/// the CPU: see `dino_kernels::dispatch`.
+mod portable {
+    #[test]
+    fn vit_tiny16_matches_official_outputs() -> super::Result<()> {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::vit_tiny16_matches_official_outputs,
+        )
+    }
+
+    #[test]
+    fn one_backward_pass_reaches_every_parameter() -> super::Result<()> {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::one_backward_pass_reaches_every_parameter,
+        )
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() -> super::Result<()> {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::gradients_match_finite_differences,
+        )
+    }
+
+    #[test]
+    fn drop_path_is_training_only_seeded_and_linear_in_depth() -> super::Result<()> {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::drop_path_is_training_only_seeded_and_linear_in_depth,
+        )
+    }
 }

@@ -6,10 +6,15 @@
 //! reaching every parameter, registers and gammas included. Not covered: the masked input (no mask token)
 //! and dinov2's antialiased offset-0 interpolation (`aa_offset0_*`).
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarMap;
 use dino_models::init::seeded_var_builder;
 use dino_models::vit::{ViTConfig, VisionTransformer};
+
+/// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
+fn tdev() -> candle_core::Device {
+    dino_models::dispatch::test_device()
+}
 
 const DIR: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -25,7 +30,7 @@ fn config() -> ViTConfig {
 }
 
 fn load() -> Result<(VisionTransformer, VarMap)> {
-    let dev = Device::Cpu;
+    let dev = tdev();
     let file = candle_core::safetensors::load(format!("{DIR}vit_reg4_weights.safetensors"), &dev)?;
     let vm = VarMap::new();
     let vit = VisionTransformer::new(config(), seeded_var_builder(&vm, 0, DType::F32, &dev))?;
@@ -67,16 +72,14 @@ fn close(what: &str, got: &Tensor, want: &Tensor, atol: f32) -> Result<()> {
 fn registers_and_layer_scale_match_dinov2() -> Result<()> {
     let (vit, _vm) = load()?;
     assert_eq!(config().num_params(), {
-        let f = candle_core::safetensors::load(
-            format!("{DIR}vit_reg4_weights.safetensors"),
-            &Device::Cpu,
-        )?;
+        let f =
+            candle_core::safetensors::load(format!("{DIR}vit_reg4_weights.safetensors"), &tdev())?;
         f.iter()
             .filter(|(k, _)| !k.starts_with("head.") && k.as_str() != "mask_token")
             .map(|(_, v)| v.elem_count())
             .sum::<usize>()
     });
-    let io = candle_core::safetensors::load(format!("{DIR}vit_reg4_io.safetensors"), &Device::Cpu)?;
+    let io = candle_core::safetensors::load(format!("{DIR}vit_reg4_io.safetensors"), &tdev())?;
     for (p, input) in [
         ("offset0.1_x56_", "input_x56"),
         ("offset0.1_x84x70_", "input_x84x70"),
@@ -129,10 +132,10 @@ fn one_backward_pass_reaches_registers_and_gammas() -> Result<()> {
         layer_scale_init: Some(1e-5),
         ..ViTConfig::custom(16, 4, 16, 2, 2).with_drop_path(0.1)
     };
-    let vit = VisionTransformer::new(cfg, seeded_var_builder(&vm, 3, DType::F32, &Device::Cpu))?;
+    let vit = VisionTransformer::new(cfg, seeded_var_builder(&vm, 3, DType::F32, &tdev()))?;
     vit.reseed(1);
-    let x = Tensor::randn(0f32, 1.0, (4, 3, 16, 12), &Device::Cpu)?;
-    let r = Tensor::randn(0f32, 1.0, (4, 16), &Device::Cpu)?;
+    let x = Tensor::randn(0f32, 1.0, (4, 3, 16, 12), &tdev())?;
+    let r = Tensor::randn(0f32, 1.0, (4, 16), &tdev())?;
     let grads = (vit.forward_t(&x, true)? * r)?.sum_all()?.backward()?;
     let data = vm.data().lock().unwrap();
     assert!(data.contains_key("register_tokens") && data.contains_key("blocks.1.ls2.gamma"));
@@ -144,4 +147,24 @@ fn one_backward_pass_reaches_registers_and_gammas() -> Result<()> {
         assert!(m > 0.0 && m.is_finite(), "{name}: gradient max {m}");
     }
     Ok(())
+}
+
+/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
+/// the CPU: see `dino_kernels::dispatch`.
+mod portable {
+    #[test]
+    fn registers_and_layer_scale_match_dinov2() -> super::Result<()> {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::registers_and_layer_scale_match_dinov2,
+        )
+    }
+
+    #[test]
+    fn one_backward_pass_reaches_registers_and_gammas() -> super::Result<()> {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::one_backward_pass_reaches_registers_and_gammas,
+        )
+    }
 }

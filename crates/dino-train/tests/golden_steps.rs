@@ -8,11 +8,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
 use dino_train::model::DinoNetwork;
 use dino_train::{MatmulPrecision, TrainConfig, Trainer};
 use serde_json::Value;
+
+/// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
+fn tdev() -> candle_core::Device {
+    dino_models::dispatch::test_device()
+}
 
 fn golden(name: &str) -> PathBuf {
     PathBuf::from(concat!(
@@ -23,7 +28,7 @@ fn golden(name: &str) -> PathBuf {
 }
 
 fn load(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(golden(name), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(golden(name), &tdev()).unwrap()
 }
 
 /// Gradients pass through 12 blocks of fp32 arithmetic summed in another order than torch's: the per-parameter
@@ -97,13 +102,13 @@ fn golden_trainer(matmul_precision: MatmulPrecision) -> (Trainer, Vec<Tensor>) {
         }
     }
     let n_vars = varmap.all_vars().len();
-    let student = DinoNetwork::build_on(&cfg, varmap, 0, 0.0, &Device::Cpu).unwrap();
+    let student = DinoNetwork::build_on(&cfg, varmap, 0, 0.0, &tdev()).unwrap();
     assert_eq!(
         student.vars().len(),
         n_vars,
         "building the network must not create variables"
     );
-    let trainer = Trainer::from_student(&cfg, student, 2, &Device::Cpu).unwrap();
+    let trainer = Trainer::from_student(&cfg, student, 2, &tdev()).unwrap();
 
     let io = load("vit_tiny16_io.safetensors");
     let (x224, x96) = (&io["x224"], &io["x96"]);
@@ -388,4 +393,24 @@ fn bf16_matmuls_stay_within_mixed_precision_distance_of_the_official_iterations(
         MatmulPrecision::Highest,
         "the step restores the thread's precision"
     );
+}
+
+/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
+/// the CPU: see `dino_kernels::dispatch`.
+mod portable {
+    #[test]
+    fn reproduces_the_four_official_training_iterations() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::reproduces_the_four_official_training_iterations,
+        )
+    }
+
+    #[test]
+    fn bf16_matmuls_stay_within_mixed_precision_distance_of_the_official_iterations() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::bf16_matmuls_stay_within_mixed_precision_distance_of_the_official_iterations,
+        )
+    }
 }

@@ -3,14 +3,14 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 pub fn golden(file: &str) -> HashMap<String, Tensor> {
     let path = format!(
         "{}/../../../shared/golden/{file}",
         env!("CARGO_MANIFEST_DIR")
     );
-    candle_core::safetensors::load(&path, &Device::Cpu)
+    candle_core::safetensors::load(&path, &dino_kernels::dispatch::test_device())
         .unwrap_or_else(|e| panic!("loading {path}: {e}"))
 }
 
@@ -20,7 +20,7 @@ pub fn golden_v2(file: &str) -> HashMap<String, Tensor> {
         "{}/../../../shared/golden-dinov2/{file}",
         env!("CARGO_MANIFEST_DIR")
     );
-    candle_core::safetensors::load(&path, &Device::Cpu)
+    candle_core::safetensors::load(&path, &dino_kernels::dispatch::test_device())
         .unwrap_or_else(|e| panic!("loading {path}: {e}"))
 }
 

@@ -562,8 +562,12 @@ impl CustomOp3 for QueryAttentionBwdOp {
 }
 
 fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let probs = candle_nn::ops::softmax(&(q.matmul(&k.t()?)? * scale)?, candle_core::D::Minus1)?;
-    probs.matmul(v)
+    use crate::fused::portable_matmul;
+    let probs = candle_nn::ops::softmax(
+        &(portable_matmul(q, &k.t()?)? * scale)?,
+        candle_core::D::Minus1,
+    )?;
+    portable_matmul(&probs, v)
 }
 
 /// `(B*T, D)`-shaped columns `[off, off + D)` of a 2-D tensor as `(B, H, T, hd)`.

@@ -1039,13 +1039,27 @@ impl CustomOp2 for LinearNoBiasOp {
     }
 }
 
+/// `a @ b` on the portable path: f32 products, or under [`MatmulPrecision::Bf16`] both operands cast to bf16
+/// with the product cast back to f32 (as `torch.autocast` runs a linear layer: bf16 operands, f32 accumulation
+/// in the GEMM, a bf16 result). Gradients flow through the casts.
+pub fn portable_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if matmul_precision() == MatmulPrecision::Bf16 && a.dtype() == candle_core::DType::F32 {
+        let bf = candle_core::DType::BF16;
+        a.to_dtype(bf)?
+            .matmul(&b.to_dtype(bf)?)?
+            .to_dtype(candle_core::DType::F32)
+    } else {
+        a.matmul(b)
+    }
+}
+
 fn linear_impl(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
     let all: Vec<&Tensor> = [Some(x), Some(weight), bias]
         .into_iter()
         .flatten()
         .collect();
     if !ops::is_cpu_f32(&all) || x.rank() != 2 || weight.rank() != 2 {
-        let y = x.matmul(&weight.t()?)?;
+        let y = portable_matmul(x, &weight.t()?)?;
         let y = match bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -14,9 +14,7 @@
 use std::borrow::Cow;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 // ---------------------------------------------------------------------------------------------------------
@@ -314,10 +312,9 @@ pub(crate) fn for_row_chunks(
         .for_each(|(ci, chunk)| f(ci * rpt, chunk));
 }
 
-/// Whether every tensor is f32 on the CPU (the fast paths of the custom ops).
+/// Whether the f32 CPU fast path serves `ts` (see [`crate::dispatch`]).
 pub(crate) fn is_cpu_f32(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    crate::dispatch::cpu_f32_fast_path(ts)
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,163 @@
+//! The one switch between the two implementations every op in this crate has: the CPU fast path (custom
+//! ops with hand-written kernels and analytic backward passes, f32/f64 tensors on `Device::Cpu`) and the
+//! portable path (composed candle ops whose gradients candle derives, on any device: the path that runs on
+//! CUDA). Each op asks [`cpu_fast_path`] once, at its entry; models, the loss and the optimiser never test
+//! a device themselves.
+//!
+//! The portable path can be forced on the CPU (`DINO_KERNELS=portable`, [`set_kernel_path`], or
+//! [`with_kernel_path`] for one thread), which is how the golden and gradient tests check, without a GPU,
+//! the exact composition that runs on CUDA minus candle's own device kernels.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::Tensor;
+
+/// Which implementation the ops take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelPath {
+    /// The CPU fast path where the tensors are on the CPU (with a dtype the op's kernel serves), the portable
+    /// path elsewhere. The default.
+    #[default]
+    Auto,
+    /// The portable path everywhere, the CPU included.
+    Portable,
+}
+
+impl std::str::FromStr for KernelPath {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "fast" => Ok(Self::Auto),
+            "portable" => Ok(Self::Portable),
+            other => Err(format!(
+                "unknown kernel path `{other}` (expected `auto` or `portable`)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for KernelPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Portable => "portable",
+        })
+    }
+}
+
+/// The environment variable read on first use: `auto` or `portable`.
+pub const ENV_VAR: &str = "DINO_KERNELS";
+
+// 0: not yet decided (read the environment), 1: Auto, 2: Portable.
+static PROCESS: AtomicU8 = AtomicU8::new(0);
+
+thread_local! {
+    static THREAD: Cell<Option<KernelPath>> = const { Cell::new(None) };
+}
+
+fn encode(p: KernelPath) -> u8 {
+    match p {
+        KernelPath::Auto => 1,
+        KernelPath::Portable => 2,
+    }
+}
+
+/// The kernel path named by `DINO_KERNELS`: `Ok(None)` when unset, an error naming the variable when its
+/// value is neither `auto` nor `portable` (the `dino` binary reports it; the library then keeps `Auto`).
+pub fn kernel_path_from_env() -> Result<Option<KernelPath>, String> {
+    match std::env::var(ENV_VAR) {
+        Ok(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("{ENV_VAR}={v:?}: {e}")),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Sets the process-wide kernel path (overrides `DINO_KERNELS`).
+pub fn set_kernel_path(path: KernelPath) {
+    PROCESS.store(encode(path), Ordering::Relaxed);
+}
+
+/// The kernel path in force on the calling thread: a [`with_kernel_path`] scope, else the process-wide one
+/// ([`set_kernel_path`], else `DINO_KERNELS`, else `Auto`).
+pub fn kernel_path() -> KernelPath {
+    if let Some(p) = THREAD.with(|t| t.get()) {
+        return p;
+    }
+    match PROCESS.load(Ordering::Relaxed) {
+        1 => KernelPath::Auto,
+        2 => KernelPath::Portable,
+        _ => {
+            let p = kernel_path_from_env().ok().flatten().unwrap_or_default();
+            PROCESS.store(encode(p), Ordering::Relaxed);
+            p
+        }
+    }
+}
+
+/// Runs `f` with `path` in force on the calling thread (the ops decide at their entry, on the thread that
+/// builds the graph; backward passes follow the ops the forward pass chose).
+pub fn with_kernel_path<R>(path: KernelPath, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<KernelPath>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREAD.with(|t| t.set(self.0));
+        }
+    }
+    let _restore = Restore(THREAD.with(|t| t.replace(Some(path))));
+    f()
+}
+
+/// Whether an op on `tensors` takes the CPU fast path: every tensor on the CPU and the path not forced to
+/// portable. The op checks dtypes and layouts its kernel needs on top of this.
+pub fn cpu_fast_path(tensors: &[&Tensor]) -> bool {
+    kernel_path() == KernelPath::Auto && tensors.iter().all(|t| t.device().is_cpu())
+}
+
+/// [`cpu_fast_path`] for kernels that serve f32 only.
+pub fn cpu_f32_fast_path(tensors: &[&Tensor]) -> bool {
+    cpu_fast_path(tensors) && tensors.iter().all(|t| t.dtype() == candle_core::DType::F32)
+}
+
+/// The environment variable naming the device the golden and gradient tests run on: `cpu` (default) or `cuda`
+/// (GPU 0, in a build with the `cuda` feature; `cargo xtask gpu-check` runs them so).
+pub const TEST_DEVICE_VAR: &str = "DINO_TEST_DEVICE";
+
+/// The device of the test suites: `DINO_TEST_DEVICE=cuda` gives GPU 0 (one device shared by every test of the
+/// process, as candle refuses to mix tensors of two `Device::new_cuda` calls), anything else the CPU. A CUDA
+/// device that cannot be opened panics with the reason: tests asked for it explicitly.
+pub fn test_device() -> candle_core::Device {
+    static DEVICE: std::sync::OnceLock<candle_core::Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| match std::env::var(TEST_DEVICE_VAR).as_deref() {
+            Ok("cuda") => candle_core::Device::new_cuda(0)
+                .unwrap_or_else(|e| panic!("{TEST_DEVICE_VAR}=cuda: no CUDA device: {e}")),
+            _ => candle_core::Device::Cpu,
+        })
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_scope() {
+        assert_eq!("Portable".parse::<KernelPath>(), Ok(KernelPath::Portable));
+        assert_eq!(" auto ".parse::<KernelPath>(), Ok(KernelPath::Auto));
+        assert!("gpu".parse::<KernelPath>().unwrap_err().contains("`gpu`"));
+        let t = Tensor::zeros(3, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let outer = cpu_f32_fast_path(&[&t]);
+        with_kernel_path(KernelPath::Portable, || {
+            assert!(!cpu_fast_path(&[&t]));
+            with_kernel_path(KernelPath::Auto, || assert!(cpu_f32_fast_path(&[&t])));
+            assert!(!cpu_fast_path(&[&t]));
+        });
+        assert_eq!(cpu_f32_fast_path(&[&t]), outer);
+        let i = Tensor::zeros(3, candle_core::DType::U32, &candle_core::Device::Cpu).unwrap();
+        with_kernel_path(KernelPath::Auto, || assert!(!cpu_f32_fast_path(&[&i])));
+    }
+}
