@@ -7,7 +7,9 @@ main_dino.py; teacher and student forward and the loss under autocast as there):
 DINOHead(192, K), AdamW in two groups, clip 3.0, EMA, epoch >= 1, random input crops. `--bf16` runs the autocast
 region in bfloat16 on the CPU (`torch.autocast("cpu", torch.bfloat16)`), PyTorch's counterpart of dino-rs's
 `--matmul-precision bf16`. `--forward` times the forward passes alone (teacher on the global crops, student on every
-crop) under `torch.no_grad()`, as baseline.md's forward-only figures. Prints one JSON line.
+crop) under `torch.no_grad()`, as baseline.md's forward-only figures. `--device cuda` runs it on the GPU (bf16 autocast
+there is `torch.autocast("cuda", torch.bfloat16)`, the official `--use_fp16` path in bf16), timed after a
+`torch.cuda.synchronize()`. Prints one JSON line.
 """
 import argparse, json, math, resource, statistics, sys, time
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -98,7 +100,7 @@ class MultiCropWrapper(nn.Module):
         super().__init__(); s.backbone = backbone; s.head = head
     def forward(s, x):
         idx_crops = torch.cumsum(torch.unique_consecutive(torch.tensor([inp.shape[-1] for inp in x]), return_counts=True)[1], 0)
-        start, output = 0, torch.empty(0)
+        start, output = 0, torch.empty(0, device=x[0].device)
         for end in idx_crops:
             _out = s.backbone(torch.cat(x[start:end]))
             output = torch.cat((output, _out)); start = end
@@ -145,30 +147,36 @@ def main():
     ap.add_argument('--forward', action='store_true', help='forward only, under no_grad: teacher on the 2 global crops, student on every crop')
     ap.add_argument('--steps', type=int, default=10)
     ap.add_argument('--warmup', type=int, default=2)
+    ap.add_argument('--device', default='cpu', help='cpu (2 threads) or cuda')
     a = ap.parse_args()
-    torch.set_num_threads(2); torch.manual_seed(0)
+    dev = torch.device(a.device)
+    if dev.type == 'cpu':
+        torch.set_num_threads(2)
+    torch.manual_seed(0)
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
     cfg, K = a.case.split('/'); K = int(K)
     if cfg == 'imagenet': img, patch, g, l, B = 224, 16, 224, 96, 8
     else: img, patch, g, l, B = 32, 4, 32, 16, 64
-    student = MultiCropWrapper(ViT(img, patch, dpr=0.1), DINOHead(192, K))
-    teacher = MultiCropWrapper(ViT(img, patch), DINOHead(192, K))
+    student = MultiCropWrapper(ViT(img, patch, dpr=0.1), DINOHead(192, K)).to(dev)
+    teacher = MultiCropWrapper(ViT(img, patch), DINOHead(192, K)).to(dev)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters(): p.requires_grad = False
-    loss_fn = DINOLoss(K, 8)
+    loss_fn = DINOLoss(K, 8).to(dev)
     opt = torch.optim.AdamW(get_params_groups(student))
     for i, pg in enumerate(opt.param_groups):
         pg['lr'] = 1e-4
         if i == 0: pg['weight_decay'] = 0.04
-    crops = [torch.randn(B, 3, g, g) for _ in range(2)] + [torch.randn(B, 3, l, l) for _ in range(6)]
+    crops = [torch.randn(B, 3, g, g, device=dev) for _ in range(2)] + [torch.randn(B, 3, l, l, device=dev) for _ in range(6)]
     times = []
     for it in range(a.warmup + a.steps):
         t0 = time.perf_counter()
         if a.forward:
-            with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=a.bf16):
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
                 teacher(crops[:2]); student(crops)
+            sync()
             times.append(time.perf_counter() - t0)
             continue
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=a.bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
             teacher_output = teacher(crops[:2])
             student_output = student(crops)
             loss = loss_fn(student_output, teacher_output, 0.04)
@@ -180,6 +188,7 @@ def main():
             m = 0.996
             for ps, pt in zip(student.parameters(), teacher.parameters()):
                 pt.data.mul_(m).add_((1 - m) * ps.detach().data)
+        sync()
         times.append(time.perf_counter() - t0)
         assert math.isfinite(loss.item())
     t = times[a.warmup:]
@@ -188,7 +197,7 @@ def main():
     print(json.dumps({'case': ('forward/' if a.forward else 'step/') + a.case, 'impl': 'pytorch', 'precision': 'bf16' if a.bf16 else 'fp32',
                       'batch': B, 'iterations': a.steps,
                       'seconds_per_step_median': med, 'seconds_per_step_min': min(t), 'images_per_s': B / med,
-                      'peak_rss_gib': rss, 'torch': torch.__version__}))
+                      'peak_rss_gib': rss, 'torch': torch.__version__, 'device': str(dev)}))
 
 if __name__ == '__main__':
     main()

@@ -1,4 +1,4 @@
-//! cargo xtask: fetch-data | fetch-weights | ci | bench
+//! cargo xtask: fetch-data | fetch-weights | ci | bench | gpu-check
 //!
 //! - `fetch-data <cifar10|cifar100|fashion-mnist|imagenette> [--dir DIR]`: official archives, resumed, verified
 //!   (published sha256/md5), extracted.
@@ -6,10 +6,12 @@
 //! - `ci`: exactly what `.ci/run` runs.
 //! - `bench [--quick] [--case NAME]... [--criterion] [--no-step] [--matmul-precision bf16] [--pytorch PYTHON]`:
 //!   one JSON line per benchmark case (with `--pytorch`, each training step and forward pass also timed in PyTorch).
+//! - `gpu-check`: builds the CUDA binaries and the script that checks them on a GPU machine (`target/gpu-check`).
 
 mod bench;
 mod ci;
 mod fetch;
+mod gpu;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -42,6 +44,9 @@ enum Cmd {
     },
     /// Run the checks of .ci/run: fmt --check, clippy -D warnings, the workspace tests.
     Ci,
+    /// Build the CUDA binaries and the script that runs the golden tests, a short training run and the step
+    /// benchmark on a GPU machine without cargo (target/gpu-check).
+    GpuCheck,
     /// Run the benchmarks, one JSON line per case.
     Bench {
         /// Fewer iterations: a smoke run.
@@ -91,6 +96,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::FetchWeights { name, out } => weights::fetch(&name, out.as_deref()),
         Cmd::Ci => ci::run(root()),
+        Cmd::GpuCheck => gpu::run(root()),
         Cmd::Bench {
             quick,
             cases,

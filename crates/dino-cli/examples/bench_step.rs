@@ -38,68 +38,11 @@ const OUT_DIMS: [usize; 2] = [65536, 4096];
 const KINDS: [&str; 3] = ["step", "forward", "loader"];
 
 fn config(name: &str, out_dim: usize) -> Result<TrainConfig> {
-    let base = TrainConfig {
-        arch: "vit_tiny".into(),
-        out_dim,
-        drop_path_rate: 0.1,
-        norm_last_layer: true,
-        local_crops_number: 6,
-        clip_grad: 3.0,
-        epochs: 2,
-        warmup_epochs: 1,
-        freeze_last_layer: 1,
-        seed: 0,
-        ..TrainConfig::official()
-    };
-    let cfg = match name {
-        "imagenet" => TrainConfig {
-            patch_size: 16,
-            img_size: 224,
-            batch_size: 8,
-            global_crops_size: 224,
-            local_crops_size: 96,
-            ..base
-        },
-        "cifar" => TrainConfig {
-            patch_size: 4,
-            img_size: 32,
-            batch_size: 64,
-            global_crops_size: 32,
-            local_crops_size: 16,
-            norm_mean: [0.4914, 0.4822, 0.4465],
-            norm_std: [0.2470, 0.2435, 0.2616],
-            ..base
-        },
-        other => bail!("unknown configuration {other}"),
-    };
-    cfg.validate()?;
-    Ok(cfg)
+    Ok(dino_train::bench::case_config(name, out_dim)?)
 }
 
-/// Seeded random crops: 2 global then L local, each `(B, 3, s, s)`.
 fn random_crops(cfg: &TrainConfig, dev: &Device) -> Result<Vec<Tensor>> {
-    let b = cfg.batch_size;
-    let mut crops = Vec::new();
-    for c in 0..cfg.ncrops() {
-        let s = if c < 2 {
-            cfg.global_crops_size
-        } else {
-            cfg.local_crops_size
-        };
-        // A cheap deterministic pattern in [-2, 2]: candle's CPU RNG cannot be seeded.
-        let n = b * 3 * s * s;
-        let data: Vec<f32> = (0..n)
-            .map(|i| {
-                let x = (i as u64)
-                    .wrapping_mul(2654435761)
-                    .wrapping_add(c as u64 * 97)
-                    % 4001;
-                x as f32 / 1000.0 - 2.0
-            })
-            .collect();
-        crops.push(Tensor::from_vec(data, (b, 3, s, s), dev)?);
-    }
-    Ok(crops)
+    Ok(dino_train::bench::pattern_crops(cfg, dev)?)
 }
 
 /// Multiply-adds of one forward pass of vit_tiny + DINOHead on `rows` crops of `size` px, as executed here
@@ -208,6 +151,7 @@ struct Overrides {
     batch: Option<usize>,
     local_crops: Option<usize>,
     matmul_precision: dino_train::MatmulPrecision,
+    device: dino_train::DeviceSpec,
 }
 
 fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value> {
@@ -227,7 +171,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
         cfg.local_crops_number = l;
     }
     cfg.validate()?;
-    let dev = Device::Cpu;
+    let dev = ov.device.resolve("--device")?;
     let b = cfg.batch_size;
     let (warmup, iters) = if quick { (1, 3) } else { (2, 10) };
     let niter_per_ep = 1000;
@@ -241,6 +185,8 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
             for it in 0..warmup + iters {
                 let t = Instant::now();
                 let s = trainer.step(&crops, 1, it)?;
+                // The EMA and optimiser kernels are queued on a GPU: wait for them.
+                dev.synchronize()?;
                 let dt = t.elapsed().as_secs_f64();
                 eprintln!("{case}: step {it} loss {:.4} {:.3} s", s.loss, dt);
                 if it >= warmup {
@@ -336,6 +282,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
         "case": case,
         "config": name,
         "matmul_precision": cfg.matmul_precision.to_string(),
+        "device": dino_train::device::describe(&dev),
         "out_dim": out_dim,
         "batch": b,
         "crops": format!("2x{} + {}x{}", cfg.global_crops_size, cfg.local_crops_number, cfg.local_crops_size),
@@ -435,10 +382,25 @@ fn main() {
         },
         None => dino_train::MatmulPrecision::Highest,
     };
+    let device = match args.iter().position(|a| a == "--device") {
+        Some(i) => match args.get(i + 1).map(|v| v.parse::<dino_train::DeviceSpec>()) {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                eprintln!("error: --device: {e}");
+                std::process::exit(2);
+            }
+            None => {
+                eprintln!("error: --device needs a value (cpu, cuda, cuda:N or auto)");
+                std::process::exit(2);
+            }
+        },
+        None => dino_train::DeviceSpec::Cpu,
+    };
     let ov = Overrides {
         batch: value("--batch"),
         local_crops: value("--local-crops"),
         matmul_precision,
+        device,
     };
     for case in cases {
         match run_case(&case, quick, ov) {

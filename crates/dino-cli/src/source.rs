@@ -44,6 +44,14 @@ pub struct ModelArgs {
     /// Use only the local hub cache for hf: references (also HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
+    /// Where the network runs: cpu, cuda, cuda:N or auto (CUDA when this build has it and a GPU answers). [cpu]
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: dino_train::DeviceSpec,
+}
+
+/// Parses `--device`.
+pub fn parse_device(s: &str) -> std::result::Result<dino_train::DeviceSpec, String> {
+    s.parse()
 }
 
 /// The backbone of a loaded network: the concrete ViT (attention maps, intermediate layers) or any backbone.
@@ -122,7 +130,7 @@ fn build(
 
 /// Loads the network `args` names. `with_head` also builds and loads the DINO head (dino checkpoints only).
 pub fn load(args: &ModelArgs, with_head: bool) -> Result<Loaded> {
-    let device = dino_train::eval::device();
+    let device = args.device.resolve("--device")?;
     let file = resolve_file(&args.checkpoint, args.offline)?;
     if is_dino_checkpoint(&file) {
         if args.checkpoint_key != "teacher" && args.checkpoint_key != "student" {

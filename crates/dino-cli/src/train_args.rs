@@ -19,6 +19,10 @@ fn parse_precision(s: &str) -> Result<MatmulPrecision, String> {
     s.parse::<MatmulPrecision>()
 }
 
+fn parse_kernels(s: &str) -> Result<dino_train::KernelPath, String> {
+    s.parse()
+}
+
 fn parse_centering(s: &str) -> Result<Centering, String> {
     s.parse::<Centering>().map_err(|e| e.to_string())
 }
@@ -158,6 +162,14 @@ pub struct TrainArgs {
     /// operands, f32 sums; faster on CPUs with AVX-512 BF16, f32 on others). [highest]
     #[arg(long, value_parser = parse_precision)]
     pub matmul_precision: Option<MatmulPrecision>,
+    /// Where the run computes: cpu, cuda (GPU 0), cuda:N, or auto (CUDA when this build has it and a GPU
+    /// answers, else the CPU). A checkpoint resumes on any device. [cpu]
+    #[arg(long, value_parser = crate::source::parse_device)]
+    pub device: Option<dino_train::DeviceSpec>,
+    /// Op implementations: auto (the CPU kernels on the CPU, the portable candle composition elsewhere) or
+    /// portable (the composition everywhere, as on CUDA; slower on the CPU). Also DINO_KERNELS. [auto]
+    #[arg(long, value_parser = parse_kernels)]
+    pub kernels: Option<dino_train::KernelPath>,
 
     // ----- multi-crop -----
     /// Scale range of the global crops (two numbers). [0.4 1.0]
@@ -256,6 +268,8 @@ impl TrainArgs {
             min_lr,
             optimizer,
             matmul_precision,
+            device,
+            kernels,
             local_crops_number,
             global_crops_size,
             local_crops_size,

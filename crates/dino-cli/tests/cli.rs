@@ -168,6 +168,55 @@ fn train_two_epochs_writes_checkpoints_and_logs() {
 }
 
 #[test]
+fn the_portable_kernels_on_device_auto_train_the_same_run() {
+    // `--device auto` is the CPU without CUDA; `--kernels portable` composes every op from candle ops (the
+    // CUDA path). The same seeded run must end at the same loss as the CPU kernels' run, up to f32 rounding.
+    let (tmp, data, out) = trained();
+    let cfg = tmp.path().join("tiny.toml");
+    let other = tmp.path().join("run-portable");
+    let mut args = tiny_train_args(&cfg, data, &other);
+    args.extend(["--device", "auto", "--kernels", "portable"].map(String::from));
+    let o = dino().args(&args).output().unwrap();
+    let all = format!("{}{}", text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{all}");
+    assert!(all.contains("; portable kernels"), "{all}");
+    let loss = |dir: &Path| {
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json")).unwrap())
+                .unwrap();
+        meta["last_loss"].as_f64().unwrap()
+    };
+    let (a, b) = (loss(out), loss(&other));
+    // (The two can round to the same f32: the losses of their steps differ by about 1e-7 relative.)
+    assert!(
+        (a - b).abs() <= 1e-3 * a.abs(),
+        "CPU kernels {a}, portable {b}"
+    );
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn device_cuda_without_the_feature_is_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("never");
+    let o = run(&[
+        "train",
+        "--device",
+        "cuda",
+        "--output-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&o, &["--device cuda: ", "built without CUDA support"]);
+    assert!(
+        !out.exists(),
+        "a refused run must not create its output dir"
+    );
+    let o = run(&["train", "--device", "tpu"]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("expected cpu, cuda, cuda:N or auto"));
+}
+
+#[test]
 fn info_describes_the_checkpoint() {
     let (_, _, out) = trained();
     let o = run(&["info", out.to_str().unwrap()]);

@@ -201,7 +201,8 @@ pub fn save(
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     let contiguous: Vec<(&str, Tensor)> = sorted
         .into_iter()
-        .map(|(n, t)| Ok((n, t.contiguous()?)))
+        // Host copies: the file does not depend on the device that trained (a CUDA run resumes on the CPU).
+        .map(|(n, t)| Ok((n, t.to_device(&candle_core::Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
     let bytes = safetensors::tensor::serialize(contiguous.iter().map(|(n, t)| (*n, t)), Some(info))
         .map_err(|e| Error::Checkpoint {

@@ -279,6 +279,13 @@ pub struct TrainConfig {
     /// on others), the CPU counterpart of the official `--use_fp16`. Weights, activations, the head's last
     /// layer, the loss, the optimiser and evaluation stay f32. Default highest.
     pub matmul_precision: MatmulPrecision,
+    /// Where the run computes: `cpu`, `cuda` (GPU 0), `cuda:N`, or `auto` (GPU 0 when this build has CUDA and a
+    /// GPU answers, else the CPU). Not part of a run's identity: a checkpoint resumes on any device. Default cpu.
+    pub device: crate::device::DeviceSpec,
+    /// Which implementation of each op runs: `auto` (the CPU fast path's kernels on the CPU, the portable
+    /// candle composition elsewhere) or `portable` (the composition everywhere: what runs on CUDA, for
+    /// checking it on a CPU; slower). `DINO_KERNELS` sets it too. Default auto.
+    pub kernels: dino_models::KernelPath,
 
     // ----- multi-crop augmentation -----
     /// Scale range of the global crops' RandomResizedCrop. Default [0.4, 1.0].
@@ -386,6 +393,8 @@ impl Default for TrainConfig {
             min_lr: 1e-6,
             optimizer: OptimizerKind::Adamw,
             matmul_precision: MatmulPrecision::Highest,
+            device: crate::device::DeviceSpec::Cpu,
+            kernels: dino_models::KernelPath::Auto,
             global_crops_scale: [0.4, 1.0],
             local_crops_number: 8,
             local_crops_scale: [0.05, 0.4],
@@ -420,6 +429,8 @@ impl Default for TrainConfig {
 
 /// Keys that may change between a checkpoint and its resumption without changing the result.
 pub const RESUME_IGNORED_KEYS: &[&str] = &[
+    "device",
+    "kernels",
     "data_path",
     "val_data_path",
     "output_dir",

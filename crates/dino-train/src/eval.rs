@@ -43,7 +43,8 @@ impl Features {
     }
 }
 
-/// Run `f` on every batch of `ds` through `transform` (dataset order), collecting `(B, D)` outputs.
+/// Run `f` on every batch of `ds` through `transform` (dataset order), collecting `(B, D)` outputs (on the
+/// CPU, whatever device `f` computes on).
 pub fn extract_with(
     ds: Arc<dyn Dataset>,
     transform: Arc<dyn Transform>,
@@ -56,7 +57,7 @@ pub fn extract_with(
     let mut labels: Option<Vec<usize>> = Some(Vec::with_capacity(ds.len()));
     for b in batcher.iter() {
         let b = b?;
-        feats.push(f(&b.images)?.detach());
+        feats.push(f(&b.images)?.detach().to_device(&Device::Cpu)?);
         match (&mut labels, b.labels) {
             (Some(all), Some(l)) => all.extend(l),
             _ => labels = None,
@@ -81,9 +82,11 @@ pub fn extract_features(
     batch_size: usize,
     num_workers: usize,
 ) -> Result<Features> {
+    let dev = backbone.device();
     extract_with(ds, transform, batch_size, num_workers, |x| {
+        let x = x.to_device(&dev)?;
         Ok(dino_models::no_grad(|| {
-            backbone.forward_features(x, false)
+            backbone.forward_features(&x, false)
         })?)
     })
 }
@@ -370,14 +373,10 @@ pub fn extract_linear_features(
     n_last_blocks: usize,
     avgpool: bool,
 ) -> Result<Features> {
+    let dev = vit.device().clone();
     extract_with(ds, transform, batch_size, num_workers, |x| {
-        linear_features(vit, x, n_last_blocks, avgpool)
+        linear_features(vit, &x.to_device(&dev)?, n_last_blocks, avgpool)
     })
-}
-
-/// The device evaluation runs on (CPU).
-pub fn device() -> Device {
-    Device::Cpu
 }
 
 #[cfg(test)]

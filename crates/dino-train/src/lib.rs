@@ -5,17 +5,21 @@
 //! - [`trainer::Trainer`]: one training iteration in the official order ([`trainer::Trainer::step`]).
 //! - [`run::train`]: a whole run with checkpoints, exact resume, logs, plots and k-NN evaluation;
 //!   [`run::train_default`] is the no-argument run on the embedded Fashion-MNIST subset.
+//! - [`bench`]: the step benchmark's configurations and input crops.
 //! - [`checkpoint`]: atomic safetensors checkpoints with embedded JSON metadata.
 //! - [`eval`]: feature extraction, weighted k-NN and the linear probe.
 //! - [`lock`]: one run per output directory (a `flock`ed `dino.lock` naming its holder).
 //! - [`log`], [`plot`]: JSON-lines log, progress display, PNG curves.
 //! - [`tensorboard`]: the log's numbers as TensorBoard scalar event files.
+//! - [`device`]: `--device cpu|cuda|cuda:N|auto`.
 //! - [`dist`]: the process group of a data-parallel run (MPI with the `mpi` feature), rank threads.
 //! - [`runtime::tune_allocator`]: allocator settings for the training process.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod dist;
 pub mod error;
 pub mod eval;
@@ -29,7 +33,8 @@ pub mod tensorboard;
 pub mod trainer;
 
 pub use config::{Arch, Centering, DatasetKind, OptimizerKind, TrainConfig};
-pub use dino_models::MatmulPrecision;
+pub use device::DeviceSpec;
+pub use dino_models::{KernelPath, MatmulPrecision};
 pub use error::{Error, Result};
 pub use run::{train, train_default, TrainOptions, TrainSummary};
 pub use trainer::{StepStats, StepTimings, Trainer};

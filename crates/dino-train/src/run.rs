@@ -303,6 +303,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         ));
     }
     let local_batch = cfg.batch_size / world;
+    // The device first: a run that cannot have it leaves nothing behind.
+    let device = cfg.device.resolve("--device")?;
     // One run per output directory: rank 0 writes it, so rank 0 holds its lock (a refusal there ends the job).
     let run_lock = if main {
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
@@ -310,7 +312,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     } else {
         None
     };
-    let device = Device::Cpu;
+    if cfg.kernels == dino_models::KernelPath::Portable {
+        dino_models::set_kernel_path(dino_models::KernelPath::Portable);
+    }
 
     let train_ds = data::open_train(cfg)?;
     let description = data::describe(cfg, train_ds.as_ref());
@@ -417,7 +421,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         ));
     }
     progress.println(&format!(
-        "dino-train: {description}; {} {}; {niter} it/epoch x {} epochs{}; output {}{}",
+        "dino-train: {description}; {} {}; {niter} it/epoch x {} epochs{}{}; output {}{}",
         cfg.arch,
         if cfg.arch_kind()?.is_vit() {
             format!("patch {}", cfg.patch_size)
@@ -433,6 +437,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             )
         } else {
             String::new()
+        },
+        match (device.is_cpu(), dino_models::kernel_path()) {
+            (true, dino_models::KernelPath::Auto) => String::new(),
+            (true, dino_models::KernelPath::Portable) => "; portable kernels".to_string(),
+            (false, _) => format!("; on {}", crate::device::describe(&device)),
         },
         out.display(),
         match resumed_from {
@@ -503,7 +512,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         knn_pixels = Some(p);
     }
 
-    let loader = MultiCropLoader::new(
+    let loader = MultiCropLoader::with_device(
         train_ds.clone(),
         data::augmentation(cfg)?,
         LoaderConfig {
@@ -516,6 +525,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             shuffle: true,
             drop_last: true,
         },
+        // Batches are built on the run's device by the loader's producer thread, ahead of the step.
+        device.clone(),
     )?;
 
     let mut summary = TrainSummary {
