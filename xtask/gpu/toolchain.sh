@@ -13,7 +13,7 @@ _dino_cuda_pkgs="nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm=
 if [ ! -x "$DINO_CUDA_VENV/bin/python" ]; then
     python3 -m venv "$DINO_CUDA_VENV" || return 1 2>/dev/null || exit 1
 fi
-_dino_cuda_root="$("$DINO_CUDA_VENV/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))' 2>/dev/null)"
+_dino_cuda_root="$("$DINO_CUDA_VENV/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))' 2>/dev/null || true)"
 if [ -z "$_dino_cuda_root" ] || [ ! -x "$_dino_cuda_root/bin/nvcc" ] || [ ! -e "$_dino_cuda_root/include/nv/target" ]; then
     echo "== pip install $_dino_cuda_pkgs (into $DINO_CUDA_VENV)"
     # shellcheck disable=SC2086
