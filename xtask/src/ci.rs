@@ -1,5 +1,6 @@
-//! `cargo xtask ci`: exactly the checks of `.ci/run` (format, clippy with warnings denied, the workspace tests),
-//! stopping at the first failure with a non-zero exit.
+//! `cargo xtask ci`: the cargo checks of `.ci/run` (format, clippy with warnings denied, the workspace tests),
+//! stopping at the first failure with a non-zero exit. `.ci/run` also installs Open MPI and tensorboard and
+//! builds the `cuda` feature with `xtask/gpu/toolchain.sh`; run it for those.
 
 use anyhow::{bail, Context, Result};
 use std::path::Path;
