@@ -1,7 +1,7 @@
 //! `cargo xtask gpu-check`: builds HERE (a machine without a GPU is fine) what a GPU machine without cargo needs
 //! to check the CUDA path, into `target/gpu-check/`:
-//! - `bin/dino.xz`: the CLI with the `cuda` feature (stripped and xz-compressed: candle's CUDA kernels make each
-//!   binary about 65 MB, about 10 MB compressed);
+//! - `bin/dino.xz`: the CLI with the `cuda` feature (stripped and xz-compressed: with candle's CUDA kernels each
+//!   binary about 65 MB stripped, 7-11 MB compressed);
 //! - `bin/device.xz`: the test binary `crates/dino-train/tests/device.rs` (every golden and gradient-presence check,
 //!   run on `DINO_TEST_DEVICE=cuda`, plus the step benchmark as an ignored test);
 //! - `run.sh` (from `xtask/gpu/run.sh`) and `dino_step.py` (the PyTorch step, `--device cuda`);

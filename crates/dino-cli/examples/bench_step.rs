@@ -25,7 +25,6 @@
 //! GFLOP/s); progress on stderr.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
 use dino_data::dataset::{Dataset, InMemoryDataset, Subset};
 use dino_data::loader::{LoaderConfig, MultiCropLoader};
 use dino_train::{TrainConfig, Trainer};
@@ -36,14 +35,6 @@ use std::time::Instant;
 const CONFIGS: [&str; 2] = ["imagenet", "cifar"];
 const OUT_DIMS: [usize; 2] = [65536, 4096];
 const KINDS: [&str; 3] = ["step", "forward", "loader"];
-
-fn config(name: &str, out_dim: usize) -> Result<TrainConfig> {
-    Ok(dino_train::bench::case_config(name, out_dim)?)
-}
-
-fn random_crops(cfg: &TrainConfig, dev: &Device) -> Result<Vec<Tensor>> {
-    Ok(dino_train::bench::pattern_crops(cfg, dev)?)
-}
 
 /// Multiply-adds of one forward pass of vit_tiny + DINOHead on `rows` crops of `size` px, as executed here
 /// (the last block for the CLS rows only) and as the official code executes it (every row of the last block).
@@ -162,7 +153,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
     let out_dim: usize = k
         .parse()
         .with_context(|| format!("bad out_dim in `{case}`"))?;
-    let mut cfg = config(name, out_dim)?;
+    let mut cfg = dino_train::bench::case_config(name, out_dim)?;
     if let Some(b) = ov.batch {
         cfg.batch_size = b;
     }
@@ -181,7 +172,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
     let t_all = Instant::now();
     match *kind {
         "step" => {
-            let crops = random_crops(&cfg, &dev)?;
+            let crops = dino_train::bench::pattern_crops(&cfg, &dev)?;
             for it in 0..warmup + iters {
                 let t = Instant::now();
                 let s = trainer.step(&crops, 1, it)?;
@@ -196,7 +187,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
             }
         }
         "forward" => {
-            let crops = random_crops(&cfg, &dev)?;
+            let crops = dino_train::bench::pattern_crops(&cfg, &dev)?;
             for it in 0..warmup + iters {
                 let t = Instant::now();
                 let (tout, sout) = dino_models::no_grad(|| {

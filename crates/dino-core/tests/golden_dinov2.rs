@@ -14,11 +14,6 @@ use dino_core::{
     koleo_loss, koleo_per_crop, sinkhorn_knopp_teacher, DinoLoss, DinoLossConfig, TeacherCentering,
 };
 
-/// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
-fn tdev() -> candle_core::Device {
-    dino_kernels::dispatch::test_device()
-}
-
 /// The loss and its gradient w.r.t. `x` through autograd.
 fn value_and_grad(x: &Tensor, mut f: impl FnMut(&Tensor) -> Tensor) -> (f64, Tensor) {
     let v = Var::from_tensor(x).unwrap();
@@ -111,7 +106,7 @@ fn sinkhorn_knopp_matches_the_official_code() {
 
 #[test]
 fn sinkhorn_knopp_degenerate_inputs_stay_finite() {
-    let dev = tdev();
+    let dev = common::tdev();
     // One sample; duplicate rows; a column of zeros; logits far apart (exp would overflow f32 unshifted).
     let one = Tensor::new(&[[0.3f32, -0.2, 0.9, 0.0]], &dev).unwrap();
     let dup = Tensor::new(
@@ -198,7 +193,7 @@ fn dino_loss_in_both_centering_modes_matches_dinov2() {
                 centering,
                 ..DinoLossConfig::default()
             },
-            &tdev(),
+            &common::tdev(),
         )
         .unwrap();
         loss.set_center(&at("center")).unwrap();

@@ -9,11 +9,6 @@ use common::{assert_close, get, golden, scalar, vec_f64};
 use dino_core::loss::dino_loss_composed;
 use dino_core::{DinoLoss, DinoLossConfig, Error};
 
-/// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
-fn tdev() -> candle_core::Device {
-    dino_kernels::dispatch::test_device()
-}
-
 fn golden_cfg() -> DinoLossConfig {
     // DINOLoss(64, ncrops 6, 0.04 -> 0.07 over 30 epochs, 100 epochs)
     DinoLossConfig::new(64, 6, 0.04, 0.07, 30, 100)
@@ -40,7 +35,7 @@ fn loss_and_grad(
 fn teacher_temp_schedule_is_bit_exact() {
     let g = golden("dino_loss.safetensors");
     let want = vec_f64(&get(&g, "teacher_temp_schedule"));
-    let loss = DinoLoss::new(golden_cfg(), &tdev()).unwrap();
+    let loss = DinoLoss::new(golden_cfg(), &common::tdev()).unwrap();
     assert_eq!(loss.teacher_temp_schedule(), want.as_slice());
     assert_eq!(loss.teacher_temp(10).unwrap(), 0.0503448275862069);
     assert!(matches!(
@@ -64,7 +59,7 @@ fn single_calls_match_official_loss_grad_and_center() {
         let p = format!("single_e{epoch}_");
         let student = get(&g, &format!("{p}student_output"));
         let teacher = get(&g, &format!("{p}teacher_output"));
-        let mut loss = DinoLoss::new(golden_cfg(), &tdev()).unwrap();
+        let mut loss = DinoLoss::new(golden_cfg(), &common::tdev()).unwrap();
         let (l, grad) = loss_and_grad(&mut loss, &student, &teacher, epoch);
         assert_eq!(l.dims(), &[] as &[usize]);
         let lv = scalar(&l);
@@ -105,7 +100,7 @@ fn five_call_sequence_matches_center_ema() {
     let losses = vec_f64(&get(&g, "seq_loss"));
     let centers = get(&g, "seq_center_after");
     let grads = get(&g, "seq_grad_student");
-    let mut loss = DinoLoss::new(golden_cfg(), &tdev()).unwrap();
+    let mut loss = DinoLoss::new(golden_cfg(), &common::tdev()).unwrap();
     for (i, epoch) in [0usize, 0, 10, 40, 40].into_iter().enumerate() {
         let (l, grad) = loss_and_grad(
             &mut loss,
@@ -139,11 +134,14 @@ fn five_call_sequence_matches_center_ema() {
 #[test]
 fn out_dim_65536_matches_official() {
     let g = golden("dino_loss_65536.safetensors");
-    let mut loss =
-        DinoLoss::new(DinoLossConfig::new(65536, 6, 0.04, 0.07, 30, 100), &tdev()).unwrap();
+    let mut loss = DinoLoss::new(
+        DinoLossConfig::new(65536, 6, 0.04, 0.07, 30, 100),
+        &common::tdev(),
+    )
+    .unwrap();
     // call 0 only sets the centre; its student output was not stored, any valid one gives the same centre
     let t0 = get(&g, "call0_teacher_output");
-    let s0 = Tensor::zeros((6, 65536), DType::F32, &tdev()).unwrap();
+    let s0 = Tensor::zeros((6, 65536), DType::F32, &common::tdev()).unwrap();
     loss.forward(&s0, &t0, 0).unwrap();
     assert_close(
         "center_after_call0",
@@ -182,7 +180,7 @@ fn out_dim_65536_matches_official() {
 
 #[test]
 fn fused_op_matches_composed_candle_ops_and_finite_differences() {
-    let dev = tdev();
+    let dev = common::tdev();
     let (n, b, k) = (4usize, 3usize, 37usize);
     let student = (Tensor::randn(0f32, 1.0, (n * b, k), &dev).unwrap() * 0.3).unwrap();
     let teacher = (Tensor::randn(0f32, 1.0, (2 * b, k), &dev).unwrap() * 0.3).unwrap();
@@ -227,7 +225,7 @@ fn fused_op_matches_composed_candle_ops_and_finite_differences() {
 
 #[test]
 fn gradient_reaches_the_student_only() {
-    let dev = tdev();
+    let dev = common::tdev();
     let (n, b, k) = (3usize, 2usize, 16usize);
     let s = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n * b, k), &dev).unwrap()).unwrap();
     let t = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2 * b, k), &dev).unwrap()).unwrap();
@@ -267,7 +265,7 @@ fn gradient_reaches_the_student_only() {
 
 #[test]
 fn bad_inputs_give_clear_errors() {
-    let dev = tdev();
+    let dev = common::tdev();
     let z = |r: usize, c: usize| Tensor::zeros((r, c), DType::F32, &dev).unwrap();
     let mut loss = DinoLoss::new(DinoLossConfig::new(8, 4, 0.04, 0.07, 3, 5), &dev).unwrap();
     let msg = |e: Error| e.to_string();

@@ -16,11 +16,6 @@ use dino_core::{
     cancel_gradients_last_layer, clip_gradients, AdamW, Lars, NamedVar, ParamGroup, Sgd,
 };
 
-/// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
-fn tdev() -> candle_core::Device {
-    dino_kernels::dispatch::test_device()
-}
-
 /// A GradStore holding the given gradients (built through a real backward pass, then overwritten).
 fn grad_store(pairs: &[(&Var, Tensor)]) -> GradStore {
     let mut sum: Option<Tensor> = None;
@@ -48,7 +43,7 @@ fn clip_gradients_matches_official() {
             let before = get(&g, &format!("grad_before.{n}"));
             (
                 n.to_string(),
-                Var::zeros(before.shape(), DType::F32, &tdev()).unwrap(),
+                Var::zeros(before.shape(), DType::F32, &common::tdev()).unwrap(),
             )
         })
         .collect();
@@ -74,7 +69,7 @@ fn clip_gradients_matches_official() {
     // a parameter without a gradient is skipped: no norm reported for it
     let extra = (
         "extra".to_string(),
-        Var::zeros(3, DType::F32, &tdev()).unwrap(),
+        Var::zeros(3, DType::F32, &common::tdev()).unwrap(),
     );
     let mut with_extra = params.clone();
     with_extra.insert(1, extra);
@@ -87,7 +82,7 @@ fn clip_gradients_matches_official() {
 
 #[test]
 fn last_layer_gradients_are_removed_only_while_frozen() {
-    let dev = tdev();
+    let dev = common::tdev();
     let params: Vec<NamedVar> = [
         "backbone.x",
         "head.last_layer.weight_v",
@@ -136,7 +131,7 @@ impl RefAdam {
 
 #[test]
 fn adamw_reproduces_torch_with_per_parameter_steps() {
-    let dev = tdev();
+    let dev = common::tdev();
     // a large tensor (parallel kernel), a small decayed one, a bias, and a "last_layer" skipped at step 0
     let shapes: [(&str, usize); 4] = [
         ("w_big", 200_003),
@@ -274,7 +269,7 @@ fn adamw_reproduces_torch_with_per_parameter_steps() {
 
 #[test]
 fn adamw_state_import_is_checked_by_name_and_shape() {
-    let dev = tdev();
+    let dev = common::tdev();
     let v = Var::zeros((2, 3), DType::F32, &dev).unwrap();
     let mut opt = AdamW::new(vec![ParamGroup::new(vec![("w".into(), v)])]).unwrap();
     let st = |shape: (usize, usize)| AdamWParamState {
@@ -318,7 +313,7 @@ fn adamw_state_import_is_checked_by_name_and_shape() {
 
 #[test]
 fn sgd_and_lars_follow_the_official_formulas() {
-    let dev = tdev();
+    let dev = common::tdev();
     let p0 = vec![0.5f64, -1.0, 2.0, 0.25];
     let mk = || {
         Var::from_tensor(&Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25], (2, 2), &dev).unwrap())
@@ -415,7 +410,7 @@ fn sgd_and_lars_follow_the_official_formulas() {
 /// takes the next step exactly as the original; bad state is refused naming the key or parameter and shapes.
 #[test]
 fn sgd_and_lars_state_round_trips() {
-    let dev = tdev();
+    let dev = common::tdev();
     let group = |v: &Var| {
         vec![ParamGroup {
             params: vec![("w".into(), v.clone())],

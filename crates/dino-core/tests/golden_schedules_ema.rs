@@ -7,11 +7,6 @@ use candle_core::{DType, Tensor, Var};
 use common::{assert_close, get, golden, vec_f64};
 use dino_core::{cosine_scheduler, EmaTeacher, Error, NamedVar};
 
-/// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
-fn tdev() -> candle_core::Device {
-    dino_kernels::dispatch::test_device()
-}
-
 #[test]
 fn cosine_schedules_match_numpy() {
     let g = golden("schedules_ema.safetensors");
@@ -99,7 +94,7 @@ fn ema_trace_matches_official_70_steps() {
 
 #[test]
 fn ema_large_tensor_uses_the_parallel_path_correctly() {
-    let dev = tdev();
+    let dev = common::tdev();
     let s = Tensor::randn(0f32, 1.0, (700, 1000), &dev).unwrap();
     let t = Tensor::randn(0f32, 1.0, (700, 1000), &dev).unwrap();
     let student = vec![("x".to_string(), var(&s))];
@@ -116,7 +111,7 @@ fn ema_large_tensor_uses_the_parallel_path_correctly() {
 
 #[test]
 fn ema_pairing_errors_name_the_parameter() {
-    let dev = tdev();
+    let dev = common::tdev();
     let v = |shape: &[usize]| Var::zeros(shape, DType::F32, &dev).unwrap();
     let student: Vec<NamedVar> = vec![("a".into(), v(&[2])), ("b".into(), v(&[3]))];
     let e = EmaTeacher::new(&student, &[("a".into(), v(&[2]))]).unwrap_err();

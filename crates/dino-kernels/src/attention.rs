@@ -590,7 +590,7 @@ pub fn attention(qkv: &Tensor, b: usize, t: usize, heads: usize, scale: f64) -> 
     }
     let d = d3 / 3;
     let hd = d / heads;
-    if ops::is_cpu_f32(&[qkv]) {
+    if crate::dispatch::cpu_f32_fast_path(&[qkv]) {
         let geo = Geo {
             b,
             tq: t,
@@ -647,7 +647,7 @@ pub fn attention_query(
         );
     }
     let hd = d / heads;
-    if ops::is_cpu_f32(&[q, kv]) {
+    if crate::dispatch::cpu_f32_fast_path(&[q, kv]) {
         let geo = Geo {
             b,
             tq,

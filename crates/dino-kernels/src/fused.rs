@@ -1058,7 +1058,7 @@ fn linear_impl(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -
         .into_iter()
         .flatten()
         .collect();
-    if !ops::is_cpu_f32(&all) || x.rank() != 2 || weight.rank() != 2 {
+    if !crate::dispatch::cpu_f32_fast_path(&all) || x.rank() != 2 || weight.rank() != 2 {
         let y = portable_matmul(x, &weight.t()?)?;
         let y = match bias {
             Some(b) => y.broadcast_add(b)?,
@@ -1314,7 +1314,7 @@ pub fn sample_rows(x: &Tensor, samples: usize, kept: &[usize]) -> Result<Tensor>
         candle_core::bail!("sample_rows: {rows} rows, {samples} samples, kept {kept:?}");
     }
     let per = rows / samples;
-    if !ops::is_cpu_f32(&[x]) || kept.is_empty() {
+    if !crate::dispatch::cpu_f32_fast_path(&[x]) || kept.is_empty() {
         let ids = Tensor::from_vec(
             kept.iter().map(|&i| i as u32).collect::<Vec<_>>(),
             kept.len(),
@@ -1365,7 +1365,7 @@ fn expand_kept(y: &Tensor, scales: &[f32], per: usize) -> Result<Tensor> {
 pub fn residual(x: &Tensor, y: &Tensor, scales: Option<Vec<f32>>) -> Result<Tensor> {
     let (rows, d) = x.dims2()?;
     let b = samples(rows, scales.as_deref(), "residual")?;
-    if !ops::is_cpu_f32(&[x, y]) {
+    if !crate::dispatch::cpu_f32_fast_path(&[x, y]) {
         return match scales {
             None => x + y,
             Some(s) => {
@@ -1619,7 +1619,11 @@ pub fn linear_residual(
             "linear_residual: h has {h_rows} rows; x's samples take {rows}, the kept ones {kept_rows}"
         );
     }
-    if !ops::is_cpu_f32(&all) || x.rank() != 2 || h.rank() != 2 || weight.rank() != 2 {
+    if !crate::dispatch::cpu_f32_fast_path(&all)
+        || x.rank() != 2
+        || h.rank() != 2
+        || weight.rank() != 2
+    {
         let y = linear(h, weight, bias)?;
         let y = match scales.as_deref() {
             Some(s) if h_rows < rows => expand_kept(&y, s, rows / b)?,
@@ -1649,7 +1653,7 @@ pub fn linear_residual(
 /// composed and has to spread a compact `h` back over every sample, which cost more than it saved (when the
 /// bf16 products were composed, the bf16 step of cifar/4096 went from 2.46-2.71 s to 3.01-3.24 s).
 pub fn skips_dropped_samples(x: &Tensor) -> bool {
-    ops::is_cpu_f32(&[x])
+    crate::dispatch::cpu_f32_fast_path(&[x])
 }
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use crate::dispatch::cpu_f32_fast_path;
+
 // ---------------------------------------------------------------------------------------------------------
 // Runtime SIMD dispatch: compile the same inlined body for AVX-512, AVX2+FMA and the baseline target.
 // ---------------------------------------------------------------------------------------------------------
@@ -312,11 +314,6 @@ pub(crate) fn for_row_chunks(
         .for_each(|(ci, chunk)| f(ci * rpt, chunk));
 }
 
-/// Whether the f32 CPU fast path serves `ts` (see [`crate::dispatch`]).
-pub(crate) fn is_cpu_f32(ts: &[&Tensor]) -> bool {
-    crate::dispatch::cpu_f32_fast_path(ts)
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // LayerNorm
 // ---------------------------------------------------------------------------------------------------------
@@ -491,7 +488,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
             x.dims()
         );
     }
-    if is_cpu_f32(&[x, weight, bias]) {
+    if cpu_f32_fast_path(&[x, weight, bias]) {
         x.apply_op3(weight, bias, LayerNormOp { eps: eps as f32 })
     } else {
         candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32)
@@ -627,7 +624,7 @@ impl CustomOp2 for SoftmaxBwdOp {
 /// Softmax over the last dimension of `scale * x` (as `softmax(x * scale, -1)`): `(..., N)` -> `(..., N)`.
 /// Used by attention with `scale = head_dim^-0.5` to save a pass over the logits.
 pub fn softmax_last_dim_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
-    if is_cpu_f32(&[x]) {
+    if cpu_f32_fast_path(&[x]) {
         x.apply_op1(SoftmaxOp {
             scale: scale as f32,
         })
@@ -787,7 +784,7 @@ impl CustomOp2 for GeluErfBwdOp {
 
 /// Exact GELU `x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))`, elementwise, any shape, with gradient.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if is_cpu_f32(&[x]) {
+    if cpu_f32_fast_path(&[x]) {
         x.apply_op1(GeluErfOp)
     } else {
         x.gelu_erf()
@@ -918,7 +915,7 @@ pub fn add_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
             y.dims()
         );
     }
-    if is_cpu_f32(&[y, bias]) {
+    if cpu_f32_fast_path(&[y, bias]) {
         y.apply_op2(bias, AddBiasOp)
     } else {
         y.broadcast_add(bias)

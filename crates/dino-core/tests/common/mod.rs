@@ -5,13 +5,17 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
 
+/// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
+pub fn tdev() -> candle_core::Device {
+    dino_kernels::dispatch::test_device()
+}
+
 pub fn golden(file: &str) -> HashMap<String, Tensor> {
     let path = format!(
         "{}/../../../shared/golden/{file}",
         env!("CARGO_MANIFEST_DIR")
     );
-    candle_core::safetensors::load(&path, &dino_kernels::dispatch::test_device())
-        .unwrap_or_else(|e| panic!("loading {path}: {e}"))
+    candle_core::safetensors::load(&path, &tdev()).unwrap_or_else(|e| panic!("loading {path}: {e}"))
 }
 
 /// A file of `../shared/golden-dinov2` (values from the official dinov2 code).
@@ -20,8 +24,7 @@ pub fn golden_v2(file: &str) -> HashMap<String, Tensor> {
         "{}/../../../shared/golden-dinov2/{file}",
         env!("CARGO_MANIFEST_DIR")
     );
-    candle_core::safetensors::load(&path, &dino_kernels::dispatch::test_device())
-        .unwrap_or_else(|e| panic!("loading {path}: {e}"))
+    candle_core::safetensors::load(&path, &tdev()).unwrap_or_else(|e| panic!("loading {path}: {e}"))
 }
 
 pub fn get(g: &HashMap<String, Tensor>, key: &str) -> Tensor {
