@@ -705,6 +705,25 @@ pub struct ExportArgs {
     pub part: ExportPart,
 }
 
+/// `dino plot`: the PNG plots of a training output dir, drawn from its log.
+pub fn plot(dir: &Path) -> Result<()> {
+    let log = dir.join(dino_train::log::LOG_FILE);
+    if !log.is_file() {
+        bail!(
+            "{}: no {} there; give the --output-dir of a training run",
+            dir.display(),
+            dino_train::log::LOG_FILE
+        );
+    }
+    let paths = dino_train::plot::write_plots(dir)?;
+    println!(
+        "{} plots in {} (open summary.png first)",
+        paths.len(),
+        dir.join("plots").display()
+    );
+    Ok(())
+}
+
 /// `dino export`: official-named safetensors, loadable strictly by PyTorch.
 pub fn export(a: &ExportArgs) -> Result<()> {
     let with_head = a.part != ExportPart::Backbone;

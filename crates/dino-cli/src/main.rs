@@ -39,6 +39,12 @@ enum Command {
     Attention(Box<commands::AttentionArgs>),
     /// Export weights to safetensors with the official parameter names.
     Export(Box<commands::ExportArgs>),
+    /// Draw the PNG plots of a training output dir from its log.jsonl (one chart per logged quantity and
+    /// summary.png, in <dir>/plots); for a run still going or one that was stopped.
+    Plot {
+        /// The training output dir (holding log.jsonl).
+        dir: PathBuf,
+    },
     /// Describe a checkpoint or weights file: tensors, shapes, configuration, epoch.
     Info {
         /// A checkpoint (.safetensors / .json), a training output dir, or a weights file (.safetensors / .pth).
@@ -187,6 +193,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Extract(a) => commands::extract(&a),
         Command::Attention(a) => commands::attention(&a),
         Command::Export(a) => commands::export(&a),
+        Command::Plot { dir } => commands::plot(&dir),
         Command::Info { path, all } => info::run(&path, all),
     }
 }

@@ -506,3 +506,113 @@ fn extend_lengthens_a_finished_run() {
     assert_eq!(meta["extensions"][0]["from_epochs"], 2, "{meta}");
     assert_eq!(meta["extensions"][0]["to_epochs"], 3, "{meta}");
 }
+
+/// Every PNG of a run: the expected set, sizes, ink, a title band, and the reference lines' colours.
+#[test]
+fn plots_of_a_run_are_titled_charts_and_plot_redraws_them() {
+    use dino_train::plot::{colour, HEIGHT, SUMMARY_HEIGHT, SUMMARY_WIDTH, WIDTH};
+    // The tiny run with k-NN after every epoch and at the end (random-init and raw-pixel levels).
+    let (tmp, data, _) = trained();
+    let cfg = tmp.path().join("tiny-knn.toml");
+    std::fs::write(
+        &cfg,
+        format!("{TINY_TOML}eval_every = 1\neval_final = true\n"),
+    )
+    .unwrap();
+    let out = tmp.path().join("run-knn");
+    let o = dino()
+        .args(tiny_train_args(&cfg, data, &out))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "train failed: {}", text(&o.stderr));
+    let pdir = out.join("plots");
+    let mut names: Vec<String> = std::fs::read_dir(&pdir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let expected = [
+        "epoch_loss",
+        "images_per_s",
+        "kl_teacher_student",
+        "knn_top1",
+        "loss",
+        "lr",
+        "momentum",
+        "summary",
+        "teacher_entropy",
+        "teacher_std",
+        "teacher_temp",
+        "wd",
+    ];
+    assert_eq!(
+        names,
+        expected.map(|n| format!("{n}.png")).to_vec(),
+        "{}",
+        pdir.display()
+    );
+    let count = |img: &image::RgbImage, c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
+    for n in expected {
+        let img = image::open(pdir.join(format!("{n}.png")))
+            .unwrap()
+            .to_rgb8();
+        let (w, h) = img.dimensions();
+        if n == "summary" {
+            assert_eq!((w, h), (SUMMARY_WIDTH, SUMMARY_HEIGHT));
+        } else {
+            assert_eq!((w, h), (WIDTH, HEIGHT), "{n}");
+        }
+        let ink = img.pixels().filter(|p| p.0 != [255, 255, 255]).count();
+        assert!(
+            ink * 50 > (w * h) as usize,
+            "{n}: only {ink} non-white pixels"
+        );
+        let title = (0..h / 20)
+            .flat_map(|y| (w / 4..3 * w / 4).map(move |x| (x, y)))
+            .filter(|&(x, y)| img.get_pixel(x, y).0.iter().all(|v| *v < 100))
+            .count();
+        assert!(title > 50, "{n}: no title text ({title} dark pixels)");
+        assert!(
+            count(&img, colour::RUN)
+                + count(&img, colour::EPOCH_MEAN)
+                + count(&img, colour::SECOND)
+                > 100,
+            "{n}: no curve"
+        );
+    }
+    let knn = image::open(pdir.join("knn_top1.png")).unwrap().to_rgb8();
+    assert!(count(&knn, colour::PIXELS) > 200, "raw-pixel level");
+    assert!(count(&knn, colour::INIT) > 200, "random-init level");
+    let entropy = image::open(pdir.join("teacher_entropy.png"))
+        .unwrap()
+        .to_rgb8();
+    assert!(count(&entropy, colour::LIMIT) > 200, "ln K level");
+    assert!(count(&entropy, colour::EPOCH) > 50, "epoch start");
+
+    // `dino plot` redraws the same files from the log and config alone, in a dir of the same name.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join(out.file_name().unwrap());
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["log.jsonl", "config.toml"] {
+        std::fs::copy(out.join(f), copy.join(f)).unwrap();
+    }
+    let o = run(&["plot", copy.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("12 plots in"),
+        "{}",
+        text(&o.stdout)
+    );
+    for n in expected {
+        let f = format!("plots/{n}.png");
+        assert!(
+            std::fs::read(out.join(&f)).unwrap() == std::fs::read(copy.join(&f)).unwrap(),
+            "{f} differs when redrawn"
+        );
+    }
+    let o = run(&["plot", tmp.path().to_str().unwrap()]);
+    assert_one_line_error(
+        &o,
+        &["no log.jsonl there", &tmp.path().display().to_string()],
+    );
+}

@@ -25,10 +25,10 @@ use crate::error::{Error, Result};
 use crate::eval::{extract_features, knn_eval, Features};
 use crate::lock::{LockHolder, RunLock, LOCK_FILE};
 use crate::log::{
-    read_log, EpochRecord, ExtendRecord, JsonLog, KnnFinalRecord, LogRecords, Progress, StepRecord,
+    read_log, EpochRecord, ExtendRecord, JsonLog, KnnFinalRecord, Progress, StepRecord,
 };
 use crate::model::DinoNetwork;
-use crate::plot::{save_png, Curve};
+pub use crate::plot::write_plots;
 use crate::tensorboard::EventWriter;
 use crate::trainer::Trainer;
 use dino_models::MatmulPrecision;
@@ -872,62 +872,6 @@ fn global_metrics(
         m.teacher_std = v[2] / world as f64;
     }
     Ok(Some(m))
-}
-
-/// Plot every curve of `<dir>/log.jsonl` into `<dir>/plots/*.png`.
-pub fn write_plots(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
-    let path = dir.join(crate::log::LOG_FILE);
-    let LogRecords {
-        steps,
-        epochs,
-        knn_final,
-    } = read_log(&path)?;
-    let pdir = dir.join("plots");
-    std::fs::create_dir_all(&pdir).map_err(|e| Error::io(&pdir, e))?;
-    let series = |name: &str, f: &dyn Fn(&StepRecord) -> f64| Curve {
-        name: name.into(),
-        points: steps
-            .iter()
-            .map(|s| (s.global_iteration as f64, f(s)))
-            .collect(),
-        ..Curve::default()
-    };
-    let mut curves = vec![
-        series("loss", &|s| s.loss),
-        series("lr", &|s| s.lr),
-        series("wd", &|s| s.wd),
-        series("momentum", &|s| s.momentum),
-        series("teacher_temp", &|s| s.teacher_temp),
-        series("teacher_entropy", &|s| s.teacher_entropy),
-        series("kl_teacher_student", &|s| s.kl_teacher_student),
-        series("teacher_std", &|s| s.teacher_std),
-        Curve {
-            name: "epoch_loss".into(),
-            points: epochs
-                .iter()
-                .map(|e| (e.epoch as f64, e.train_loss))
-                .collect(),
-            ..Curve::default()
-        },
-    ];
-    let knn: Vec<(f64, f64)> = epochs
-        .iter()
-        .filter_map(|e| e.knn_top1.map(|k| (e.epoch as f64, k)))
-        .collect();
-    if !knn.is_empty() {
-        // Reference levels from the run's final k-NN record: random init (grey), raw pixels (red).
-        let mut hlines = Vec::new();
-        if let Some(k) = &knn_final {
-            hlines.push((k.init_top1, [127, 127, 127]));
-            hlines.extend(k.pixels_top1.map(|v| (v, [214, 39, 40])));
-        }
-        curves.push(Curve {
-            name: "knn_top1".into(),
-            points: knn,
-            hlines,
-        });
-    }
-    curves.iter().map(|c| save_png(&pdir, c)).collect()
 }
 
 /// The no-argument run: [`TrainConfig::default_preset`] (a small ViT on the embedded Fashion-MNIST subset),
