@@ -474,13 +474,14 @@ pub fn draw_chart<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, chart: &Cha
     }
     for (pts, s) in &series {
         let style = rgb(s.rgb).stroke_width(sz.line);
-        let anno = if pts.len() > 1 {
-            cc.draw_series(LineSeries::new(pts.iter().copied(), style))
-                .map_err(|e| err(&e))?
-        } else {
-            cc.draw_series(std::iter::empty::<PathElement<(f64, f64)>>())
-                .map_err(|e| err(&e))?
-        };
+        // One path per segment: plotters joins a wide polyline with unlimited miters, which shoot far past a
+        // sharp spike (a throughput dip drew a line through the x axis).
+        let anno = cc
+            .draw_series(
+                pts.windows(2)
+                    .map(|w| PathElement::new(vec![w[0], w[1]], style)),
+            )
+            .map_err(|e| err(&e))?;
         anno.label(&s.label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
         if pts.len() <= 60 {
@@ -1005,6 +1006,49 @@ mod tests {
         assert!(
             dark(WIDTH / 3, 2 * WIDTH / 3, HEIGHT - 30, HEIGHT) > 50,
             "x-axis name"
+        );
+    }
+
+    #[test]
+    fn a_sharp_dip_stays_inside_the_plot() {
+        // A wide polyline's miter at a sharp V once drew far below the x axis.
+        let dir = tempfile::tempdir().unwrap();
+        // The throughput of a real run (the no-argument run sharing 2 cores with a compile): at iteration
+        // 1094 a dip right after a spike, which plotters' polyline drew as a line through the x axis.
+        let points: Vec<(f64, f64)> = include_str!("plot_fixtures/throughput.txt")
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(x, y)| (x.parse().unwrap(), y.parse().unwrap()))
+            .collect();
+        assert_eq!(points.len(), 448);
+        let c = Chart {
+            name: "images_per_s".into(),
+            title: "Training throughput".into(),
+            x_label: "iteration".into(),
+            y_label: "images per second".into(),
+            series: vec![Series {
+                label: "images/s".into(),
+                points,
+                rgb: colour::RUN,
+            }],
+            vlines: (
+                (1..14).map(|e| e as f64 * 156.0).collect(),
+                "epoch start".into(),
+            ),
+            integer_x: true,
+            ..Chart::default()
+        };
+        let img = pixels(&save_png(dir.path(), &c).unwrap());
+        let lowest = img
+            .enumerate_pixels()
+            // The curve's colour, also blended with the white background (anti-aliased edges).
+            .filter(|(_, _, p)| p.0[2] as i32 - p.0[0] as i32 > 60)
+            .map(|(_, y, _)| y)
+            .max()
+            .unwrap();
+        assert!(
+            lowest < HEIGHT - 45,
+            "the curve reaches row {lowest} of {HEIGHT}"
         );
     }
 
