@@ -19,8 +19,7 @@ pub struct BenchArgs {
     /// The step benchmark's linear-layer precision (`highest` or `bf16`), when given.
     pub matmul_precision: Option<String>,
     /// A Python with torch: after each training-step and forward case, the same in PyTorch
-    /// (`xtask/pytorch/dino_step.py`, under bf16 autocast when the precision is bf16), a baseline timed in the
-    /// same run.
+    /// (`xtask/pytorch/dino_step.py`) in fp32 and under bf16 autocast, baselines timed in the same run.
     pub pytorch: Option<PathBuf>,
 }
 
@@ -117,8 +116,12 @@ fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
             .map(|c| (c, false))
             .or_else(|| case.strip_prefix("forward/").map(|c| (c, true)));
         if let (Some(python), Some((cfg, forward))) = (&args.pytorch, pytorch_case) {
-            if !run_pytorch(root, python, cfg, forward, args)? {
-                failed.push(format!("{case} (PyTorch)"));
+            // Both of PyTorch's CPU modes in the same run: fp32, then bf16 autocast.
+            for bf16 in [false, true] {
+                if !run_pytorch(root, python, cfg, forward, bf16, args.quick)? {
+                    let mode = if bf16 { "bf16 autocast" } else { "fp32" };
+                    failed.push(format!("{case} (PyTorch {mode})"));
+                }
             }
         }
     }
@@ -128,14 +131,15 @@ fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The PyTorch step (or with `forward`, the forward passes) of `cfg` (e.g. `imagenet/65536`); prints its JSON
-/// line and says whether it succeeded.
+/// The PyTorch step (or with `forward`, the forward passes) of `cfg` (e.g. `imagenet/65536`), in fp32 or under
+/// bf16 autocast; prints its JSON line and says whether it succeeded.
 fn run_pytorch(
     root: &Path,
     python: &Path,
     cfg: &str,
     forward: bool,
-    args: &BenchArgs,
+    bf16: bool,
+    quick: bool,
 ) -> Result<bool> {
     let script = root.join("xtask/pytorch/dino_step.py");
     let mut cmd = Command::new(python);
@@ -143,10 +147,10 @@ fn run_pytorch(
     if forward {
         cmd.arg("--forward");
     }
-    if args.quick {
+    if quick {
         cmd.args(["--steps", "3", "--warmup", "1"]);
     }
-    if args.matmul_precision.as_deref() == Some("bf16") {
+    if bf16 {
         cmd.arg("--bf16");
     }
     let out = cmd.stderr(Stdio::piped()).output().with_context(|| {

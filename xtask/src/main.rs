@@ -5,7 +5,8 @@
 //! - `fetch-weights <name>`: official DINO weights through dino-models' hub code.
 //! - `ci`: exactly what `.ci/run` runs.
 //! - `bench [--quick] [--case NAME]... [--criterion] [--no-step] [--matmul-precision bf16] [--pytorch PYTHON]`:
-//!   one JSON line per benchmark case (with `--pytorch`, each training step and forward pass also timed in PyTorch).
+//!   one JSON line per benchmark case (with `--pytorch`, each training step and forward pass also timed in PyTorch,
+//!   fp32 and bf16 autocast; the `ceiling` case gives this CPU's f32 and bf16 register-only FMA rates).
 //! - `gpu-check`: builds the CUDA binaries and the script that checks them on a GPU machine (`target/gpu-check`).
 
 mod bench;
@@ -65,7 +66,7 @@ enum Cmd {
         #[arg(long, value_parser = ["highest", "bf16"])]
         matmul_precision: Option<String>,
         /// A Python with torch: after each training-step and forward case, time the same in PyTorch
-        /// (xtask/pytorch/dino_step.py; bf16 autocast with --matmul-precision bf16), a same-run baseline.
+        /// (xtask/pytorch/dino_step.py) in fp32 and under bf16 autocast, same-run baselines.
         #[arg(long, value_name = "PYTHON")]
         pytorch: Option<PathBuf>,
     },

@@ -17,6 +17,12 @@
 //!   augmentation of real images (../shared/data/photos downscaled to 256 px for imagenet, the 20 CIFAR-10 test
 //!   images for cifar), to show whether data loading hides behind compute.
 //!
+//! - `ceiling`: this CPU's f32 and bf16 arithmetic ceilings, register-only FMA / `vdpbf16ps` loops on 1 thread
+//!   and on all threads (`dino_kernels::cpu::Ceiling`), the yardstick for the GFLOP/s of the other cases.
+//!
+//! Every case's JSON names the CPU (model, family/model) and its kernel flags (avx512f, avx512_bf16, amx_bf16,
+//! ...); step and forward cases also the GEMM path their products took (`gemm_path`).
+//!
 //! Options: `--quick` (1 warm-up + 3 measured iterations), `--case C` (one case), `--list`, and for scaling
 //! measurements `--batch N` / `--local-crops L` (override the configuration's batch size / local crop count),
 //! `--matmul-precision bf16` (the linear layers' products in bf16, see `TrainConfig::matmul_precision`).
@@ -145,7 +151,53 @@ struct Overrides {
     device: dino_train::DeviceSpec,
 }
 
+/// `ceiling`: the register-only loops of `dino_kernels::cpu::Ceiling` on 1 thread and on every thread of this
+/// process (median of 5 runs of ~0.3 s each), GFLOP/s; null where the CPU lacks the instructions.
+fn ceilings(quick: bool) -> serde_json::Value {
+    use dino_kernels::cpu::Ceiling;
+    let threads = cpus();
+    let mut out = serde_json::Map::new();
+    for c in Ceiling::ALL {
+        let iterations = if quick { 20_000_000 } else { 100_000_000 };
+        let mut one: Vec<f64> = (0..5).filter_map(|_| c.measure(1, iterations)).collect();
+        let mut all: Vec<f64> = (0..5)
+            .filter_map(|_| c.measure(threads, iterations))
+            .collect();
+        let (one, all) = if one.is_empty() {
+            (None, None)
+        } else {
+            (Some(median(&mut one)), Some(median(&mut all)))
+        };
+        eprintln!(
+            "ceiling {}: {} GFLOP/s on 1 thread, {} on {threads}",
+            c.name(),
+            one.map_or("not run (no instructions)".into(), |g| format!("{g:.1}")),
+            all.map_or("-".into(), |g| format!("{g:.1}")),
+        );
+        out.insert(
+            c.name().to_string(),
+            serde_json::json!({ "gflop_per_s_1_thread": one, "gflop_per_s_all_threads": all }),
+        );
+    }
+    let cpu = dino_kernels::cpu::CpuInfo::detect();
+    serde_json::json!({
+        "case": "ceiling",
+        "cpu": cpu.describe(),
+        "cpu_flags": cpu.flags,
+        "threads": threads,
+        "ceilings": out,
+        "amx_bf16": if cpu.has("amx_bf16") {
+            "present; no AMX loop is measured (no AMX kernel yet)"
+        } else {
+            "absent"
+        },
+    })
+}
+
 fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value> {
+    if case == "ceiling" {
+        return Ok(ceilings(quick));
+    }
     let parts: Vec<&str> = case.split('/').collect();
     let [kind, name, k] = parts.as_slice() else {
         bail!("bad case `{case}`: expected kind/config/out_dim");
@@ -286,6 +338,8 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
         "total_seconds": t_all.elapsed().as_secs_f64(),
         "cpus": cpus(),
         "cpu": cpu_model(),
+        "cpu_flags": dino_kernels::cpu::CpuInfo::detect().flags,
+        "gemm_path": dino_kernels::cpu::gemm_path(cfg.matmul_precision),
         "phase_seconds_median": phases_json,
         "gflop": flops / 1e9,
         "gflop_official_equivalent": flops_official / 1e9,
@@ -318,7 +372,7 @@ fn cpu_model() -> Option<String> {
 }
 
 fn all_cases() -> Vec<String> {
-    let mut v = Vec::new();
+    let mut v = vec!["ceiling".to_string()];
     for kind in KINDS {
         for c in CONFIGS {
             for k in OUT_DIMS {

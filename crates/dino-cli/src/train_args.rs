@@ -159,7 +159,8 @@ pub struct TrainArgs {
     #[arg(long, value_parser = parse_optimizer)]
     pub optimizer: Option<OptimizerKind>,
     /// Products of the training step's linear layers and attention heads: highest (f32) or bf16 (bf16
-    /// operands, f32 sums; faster on CPUs with AVX-512 BF16, f32 on others). [highest]
+    /// operands, f32 sums where the CPU's AVX-512 BF16 beats its f32 FMA, e.g. AMD Zen 4/5; f32 elsewhere,
+    /// with a warning; DINO_BF16_GEMM=dpbf16|f32 forces either). [highest]
     #[arg(long, value_parser = parse_precision)]
     pub matmul_precision: Option<MatmulPrecision>,
     /// Where the run computes: cpu, cuda (GPU 0), cuda:N, or auto (CUDA when this build has it and a GPU

@@ -809,7 +809,6 @@ mod tests {
     #[test]
     fn bf16_products_match_rounded_operand_reference() -> Result<()> {
         use crate::bf16::{round_bf16, supported};
-        use crate::fused::{with_matmul_precision, MatmulPrecision};
         let dev = Device::Cpu;
         let round = |t: &Tensor| -> Result<Tensor> {
             let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
@@ -825,9 +824,7 @@ mod tests {
             let qkv = Var::from_vec(pattern(b * t * 3 * d, 3), (b * t, 3 * d), &dev)?;
             let qkv_t = (qkv.as_tensor() * 0.25)?;
             let w = Tensor::from_vec(pattern(b * t * d, 4), (b * t, d), &dev)?;
-            let y = with_matmul_precision(MatmulPrecision::Bf16, || {
-                attention(&qkv_t, b, t, heads, scale)
-            })?;
+            let y = crate::bf16::bf16_products(|| attention(&qkv_t, b, t, heads, scale))?;
             let y32 = attention(&qkv_t, b, t, heads, scale)?;
             if supported() {
                 // Reference: rounded Q, K -> f32 softmax -> rounded P times rounded V.

@@ -54,9 +54,110 @@ pub fn round_bf16(x: f32) -> f32 {
     f32::from_bits((to_bf16_bits(x) as u32) << 16)
 }
 
+/// When [`MatmulPrecision::Bf16`] products take this module's `vdpbf16ps` kernel rather than the f32 GEMM.
+///
+/// bf16 is a permission to trade precision for speed, as PyTorch's "medium" matmul precision, which uses bf16
+/// only where a fast kernel exists. `vdpbf16ps` does twice the f32 FMA's work per cycle on AMD Zen 4 and Zen 5,
+/// but half of it on the Intel Xeons that serve this project (family 6 model 207: 85 against 171 GFLOP/s per
+/// core, `bench_step --case ceiling`), where the bf16 step ran 1.3-1.8x slower than the f32 one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Gemm {
+    /// Where the CPU runs `vdpbf16ps` at least [`MIN_SPEEDUP`] times its f32 FMA rate, measured once per
+    /// process by the register-only loops of [`crate::cpu::Ceiling`] (~10 ms). The default.
+    Auto,
+    /// Wherever the CPU has AVX-512 BF16 (tests and benchmarks of the kernel; `DINO_BF16_GEMM=dpbf16`).
+    Always,
+    /// Never: bf16 requests run in f32 (`DINO_BF16_GEMM=f32`).
+    Never,
+}
+
+/// How much faster than the f32 FMA `vdpbf16ps` must run for [`Bf16Gemm::Auto`] to take it (packing the
+/// operands to bf16 costs a pass over them).
+pub const MIN_SPEEDUP: f64 = 1.25;
+
+impl std::str::FromStr for Bf16Gemm {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "dpbf16" | "always" => Ok(Self::Always),
+            "f32" | "never" => Ok(Self::Never),
+            other => Err(format!("`{other}`: expected auto, dpbf16 or f32")),
+        }
+    }
+}
+
+thread_local! {
+    static THREAD_MODE: std::cell::Cell<Option<Bf16Gemm>> = const { std::cell::Cell::new(None) };
+}
+
+/// The mode in force on this thread: [`with_bf16_gemm`]'s, else `DINO_BF16_GEMM` (read once; an unknown
+/// value counts as `auto`), else [`Bf16Gemm::Auto`].
+pub fn bf16_gemm() -> Bf16Gemm {
+    static ENV: std::sync::OnceLock<Bf16Gemm> = std::sync::OnceLock::new();
+    THREAD_MODE.with(|m| m.get()).unwrap_or_else(|| {
+        *ENV.get_or_init(|| {
+            std::env::var("DINO_BF16_GEMM")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(Bf16Gemm::Auto)
+        })
+    })
+}
+
+/// Run `f` with `mode` on the calling thread (where the ops choose their path), then restore the previous.
+pub fn with_bf16_gemm<R>(mode: Bf16Gemm, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Bf16Gemm>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREAD_MODE.with(|m| m.set(self.0));
+        }
+    }
+    let _restore = Restore(THREAD_MODE.with(|m| m.replace(Some(mode))));
+    f()
+}
+
+/// `vdpbf16ps`'s rate over the f32 AVX-512 FMA's on one core of this CPU (best of 3 short runs of each
+/// loop), measured once per process; None without AVX-512 BF16.
+pub fn dp_speedup() -> Option<f64> {
+    static RATIO: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
+    *RATIO.get_or_init(|| {
+        use crate::cpu::Ceiling;
+        if !supported() {
+            return None;
+        }
+        let best = |c: Ceiling| {
+            (0..3)
+                .filter_map(|_| c.measure(1, 200_000))
+                .fold(0.0f64, f64::max)
+        };
+        let f32_rate = best(Ceiling::F32Avx512);
+        (f32_rate > 0.0).then(|| best(Ceiling::Bf16Avx512) / f32_rate)
+    })
+}
+
+/// Whether [`MatmulPrecision::Bf16`] products run in bf16 on this thread (see [`Bf16Gemm`]).
+pub fn active() -> bool {
+    supported()
+        && match bf16_gemm() {
+            Bf16Gemm::Always => true,
+            Bf16Gemm::Never => false,
+            Bf16Gemm::Auto => dp_speedup().is_some_and(|r| r >= MIN_SPEEDUP),
+        }
+}
+
+/// `f` under [`MatmulPrecision::Bf16`] with the `vdpbf16ps` kernel wherever the CPU has it (the kernel's
+/// tests, which must exercise it even where [`Bf16Gemm::Auto`] would not take it).
+#[cfg(test)]
+pub(crate) fn bf16_products<R>(f: impl FnOnce() -> R) -> R {
+    with_bf16_gemm(Bf16Gemm::Always, || {
+        crate::fused::with_matmul_precision(MatmulPrecision::Bf16, f)
+    })
+}
+
 /// Whether a linear layer with `rows` input rows runs in bf16 under `precision` on this CPU.
 pub(crate) fn use_bf16(precision: MatmulPrecision, rows: usize) -> bool {
-    precision == MatmulPrecision::Bf16 && rows > 0 && supported()
+    precision == MatmulPrecision::Bf16 && rows > 0 && active()
 }
 
 /// A vector of `n` u32 that the caller writes in full before reading (packing buffers: a zero fill cost
@@ -564,6 +665,33 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gemm_mode_decides_whether_bf16_requests_take_the_kernel() {
+        assert_eq!("dpbf16".parse(), Ok(Bf16Gemm::Always));
+        assert_eq!(" F32 ".parse(), Ok(Bf16Gemm::Never));
+        assert_eq!("auto".parse(), Ok(Bf16Gemm::Auto));
+        assert!("fast"
+            .parse::<Bf16Gemm>()
+            .unwrap_err()
+            .contains("auto, dpbf16 or f32"));
+        let bf16 = MatmulPrecision::Bf16;
+        with_bf16_gemm(Bf16Gemm::Never, || assert!(!use_bf16(bf16, 8)));
+        with_bf16_gemm(Bf16Gemm::Always, || {
+            assert_eq!(use_bf16(bf16, 8), supported());
+            assert!(!use_bf16(MatmulPrecision::Highest, 8));
+            // Nested scopes restore the outer mode.
+            with_bf16_gemm(Bf16Gemm::Never, || assert_eq!(bf16_gemm(), Bf16Gemm::Never));
+            assert_eq!(bf16_gemm(), Bf16Gemm::Always);
+        });
+        // Auto follows the measured rate ratio of the two register-only loops.
+        let ratio = dp_speedup();
+        assert_eq!(ratio.is_some(), supported());
+        with_bf16_gemm(Bf16Gemm::Auto, || {
+            assert_eq!(use_bf16(bf16, 8), ratio.is_some_and(|r| r >= MIN_SPEEDUP));
+        });
+        eprintln!("vdpbf16ps / f32 FMA rate on this CPU: {ratio:?}");
+    }
 
     fn pattern(n: usize, seed: u64) -> Vec<f32> {
         (0..n)

@@ -42,9 +42,10 @@ pub enum MatmulPrecision {
 }
 
 impl MatmulPrecision {
-    /// Whether this CPU runs [`MatmulPrecision::Bf16`] in bf16 (AVX-512 BF16); without it, bf16 falls back to f32.
+    /// Whether [`MatmulPrecision::Bf16`] runs in bf16 here: the CPU has AVX-512 BF16 and runs it faster than f32
+    /// (see [`bf16::Bf16Gemm`]); otherwise bf16 requests run in f32.
     pub fn bf16_supported() -> bool {
-        bf16::supported()
+        bf16::active()
     }
 
     /// The names [`MatmulPrecision::from_str`](std::str::FromStr) accepts.
@@ -1754,7 +1755,7 @@ mod tests {
                 let w = Var::from_vec(pattern(out * inp, 2), (out, inp), &dev)?;
                 let b = Var::from_vec(pattern(out, 3), out, &dev)?;
                 let up = Tensor::from_vec(pattern(r * out, 4), (r, out), &dev)?;
-                let y = with_matmul_precision(MatmulPrecision::Bf16, || {
+                let y = crate::bf16::bf16_products(|| {
                     linear_impl(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), gelu)
                 })?;
                 let g = (&y * &up)?.sum_all()?.backward()?;
@@ -1981,17 +1982,12 @@ mod tests {
                     }
                     // bf16 products: the fused op (its own bf16 forward, `LinearOp`'s bf16 backward) against
                     // the bf16 linear layer on every sample's rows; the sums run in another order.
-                    let (yb, ybr) =
-                        with_matmul_precision(MatmulPrecision::Bf16, || -> Result<_> {
-                            Ok((
-                                linear_residual(xt, ht, wt, bias, scales.clone())?,
-                                residual(
-                                    xt,
-                                    &linear(h_all.as_tensor(), wt, bias)?,
-                                    scales.clone(),
-                                )?,
-                            ))
-                        })?;
+                    let (yb, ybr) = crate::bf16::bf16_products(|| -> Result<_> {
+                        Ok((
+                            linear_residual(xt, ht, wt, bias, scales.clone())?,
+                            residual(xt, &linear(h_all.as_tensor(), wt, bias)?, scales.clone())?,
+                        ))
+                    })?;
                     assert!(max_diff(&yb, &ybr) < 1e-5, "bf16 forward {what}");
                     let g = (&yb * &up)?.sum_all()?.backward()?;
                     let gr = (&ybr * &up)?.sum_all()?.backward()?;

@@ -15,6 +15,7 @@ pub mod attention;
 pub mod batch_norm;
 pub mod bf16;
 pub mod conv;
+pub mod cpu;
 pub mod dispatch;
 pub mod fused;
 pub mod ops;

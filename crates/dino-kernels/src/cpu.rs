@@ -1,0 +1,333 @@
+//! What this CPU offers the kernels: its model and the flags that pick a kernel, the GEMM path each matmul
+//! precision takes on it, and its arithmetic ceilings measured with register-only loops (the yardstick for
+//! "what fraction of this CPU does the step use").
+
+use crate::fused::MatmulPrecision;
+
+/// The flags that decide a kernel path here, in the order they are reported.
+pub const FLAGS: [&str; 7] = [
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+];
+
+/// The CPU as `/proc/cpuinfo` names it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CpuInfo {
+    /// `model name`, e.g. "Intel(R) Xeon(R) Processor".
+    pub model_name: String,
+    /// x86 `cpu family` (25 Zen 4, 26 Zen 5, 6 Intel).
+    pub family: Option<u32>,
+    /// x86 `model`.
+    pub model: Option<u32>,
+    /// Which of [`FLAGS`] the kernel reports for this CPU.
+    pub flags: Vec<&'static str>,
+}
+
+impl CpuInfo {
+    /// Read `/proc/cpuinfo` (Linux); empty fields elsewhere.
+    pub fn detect() -> Self {
+        Self::parse(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default())
+    }
+
+    /// Parse the first processor of a `/proc/cpuinfo` text.
+    pub fn parse(text: &str) -> Self {
+        let field = |key: &str| {
+            text.lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim() == key)
+                .map(|(_, v)| v.trim().to_string())
+        };
+        let flags: Vec<String> = field("flags")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        Self {
+            model_name: field("model name").unwrap_or_default(),
+            family: field("cpu family").and_then(|v| v.parse().ok()),
+            model: field("model").and_then(|v| v.parse().ok()),
+            flags: FLAGS
+                .iter()
+                .copied()
+                .filter(|f| flags.iter().any(|g| g == f))
+                .collect(),
+        }
+    }
+
+    /// Whether the CPU reports `flag` (one of [`FLAGS`]).
+    pub fn has(&self, flag: &str) -> bool {
+        self.flags.contains(&flag)
+    }
+
+    /// One line: `Intel(R) Xeon(R) Processor (family 6 model 207; avx2 fma avx512f ...)`.
+    pub fn describe(&self) -> String {
+        let fm = match (self.family, self.model) {
+            (Some(f), Some(m)) => format!("family {f} model {m}; "),
+            _ => String::new(),
+        };
+        let flags = if self.flags.is_empty() {
+            "none of the kernel flags".to_string()
+        } else {
+            self.flags.join(" ")
+        };
+        format!("{} ({fm}{flags})", self.model_name)
+    }
+}
+
+/// The GEMM the linear layers' products take on this CPU at `precision` (on the calling thread, see
+/// [`crate::bf16::Bf16Gemm`]).
+pub fn gemm_path(precision: MatmulPrecision) -> String {
+    if precision == MatmulPrecision::Bf16 && crate::bf16::active() {
+        return "bf16: dino-kernels vdpbf16ps (AVX-512 BF16), f32 accumulation".into();
+    }
+    let why = if precision != MatmulPrecision::Bf16 {
+        String::new()
+    } else if let Some(r) = crate::bf16::dp_speedup() {
+        format!(" (bf16 requested; vdpbf16ps runs at {r:.2}x the f32 FMA rate here)")
+    } else {
+        " (bf16 requested; no AVX-512 BF16)".into()
+    };
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return format!("f32: gemm 0.19 AVX-512 kernels{why}");
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            return format!("f32: gemm 0.19 AVX2+FMA kernels{why}");
+        }
+    }
+    format!("f32: gemm 0.19 portable kernels{why}")
+}
+
+/// A register-only arithmetic loop whose rate bounds what a kernel can reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ceiling {
+    /// f32 FMA on 512-bit vectors (`vfmadd` zmm), 32 FLOP per instruction.
+    F32Avx512,
+    /// f32 FMA on 256-bit vectors (`vfmadd` ymm), 16 FLOP per instruction.
+    F32Avx2,
+    /// bf16 pair dot products into f32 (`vdpbf16ps` zmm), 64 FLOP per instruction.
+    Bf16Avx512,
+}
+
+impl Ceiling {
+    /// Every ceiling, in report order.
+    pub const ALL: [Ceiling; 3] = [Ceiling::F32Avx512, Ceiling::F32Avx2, Ceiling::Bf16Avx512];
+
+    /// Short name, e.g. `f32_avx512`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Ceiling::F32Avx512 => "f32_avx512",
+            Ceiling::F32Avx2 => "f32_avx2",
+            Ceiling::Bf16Avx512 => "bf16_avx512",
+        }
+    }
+
+    /// Whether this CPU runs the loop's instructions.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Ceiling::F32Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+                Ceiling::F32Avx2 => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                }
+                Ceiling::Bf16Avx512 => crate::bf16::supported(),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// FLOP of one loop iteration (12 independent accumulators, one instruction each).
+    pub fn flop_per_iteration(self) -> f64 {
+        12.0 * match self {
+            Ceiling::F32Avx512 => 32.0,
+            Ceiling::F32Avx2 => 16.0,
+            Ceiling::Bf16Avx512 => 64.0,
+        }
+    }
+
+    /// Run `iterations` of the loop on the calling thread; returns the sum of the accumulators' lanes (so the
+    /// loop cannot be optimised away, and a test can check it ran). None where unsupported.
+    pub fn run(self, iterations: u64) -> Option<f64> {
+        if !self.supported() {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the instructions were detected above.
+        unsafe {
+            Some(match self {
+                Ceiling::F32Avx512 => loops::f32_zmm(iterations),
+                Ceiling::F32Avx2 => loops::f32_ymm(iterations),
+                Ceiling::Bf16Avx512 => loops::bf16_zmm(iterations),
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = iterations;
+            None
+        }
+    }
+
+    /// GFLOP/s of the loop on `threads` threads at once (each runs `iterations`), timed from the first start
+    /// to the last end. None where unsupported.
+    pub fn measure(self, threads: usize, iterations: u64) -> Option<f64> {
+        if !self.supported() {
+            return None;
+        }
+        let threads = threads.max(1);
+        let barrier = std::sync::Barrier::new(threads + 1);
+        let t0 = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        self.run(iterations)
+                    })
+                })
+                .collect();
+            barrier.wait();
+            let t0 = std::time::Instant::now();
+            for h in handles {
+                std::hint::black_box(h.join().ok().flatten());
+            }
+            t0
+        });
+        let secs = t0.elapsed().as_secs_f64();
+        Some(threads as f64 * iterations as f64 * self.flop_per_iteration() / secs / 1e9)
+    }
+}
+
+/// Accumulator `i` after `n` steps of `acc = acc * a + b` from 0, summed over the lanes and the 12 accumulators
+/// of [`Ceiling::run`] (f64; the f32 loop's rounding keeps it within ~1e-4 relative for n up to ~1e5).
+pub fn expected_sum(ceiling: Ceiling, n: u64) -> f64 {
+    match ceiling {
+        Ceiling::F32Avx512 | Ceiling::F32Avx2 => {
+            let lanes = if ceiling == Ceiling::F32Avx512 {
+                16.0
+            } else {
+                8.0
+            };
+            let (a, b) = (loops::A as f64, loops::B as f64);
+            12.0 * lanes * b * (a.powf(n as f64) - 1.0) / (a - 1.0)
+        }
+        // Each step adds the pair products 2 * (x * y) with x = y = 1 (exact in bf16) to every lane.
+        Ceiling::Bf16Avx512 => 12.0 * 16.0 * 2.0 * n as f64,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod loops {
+    use std::arch::x86_64::*;
+
+    /// Multiplier and addend of the f32 loops: the accumulators grow slowly and stay normal.
+    pub const A: f32 = 0.999_999;
+    pub const B: f32 = 1.0e-3;
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn f32_zmm(n: u64) -> f64 {
+        let a = _mm512_set1_ps(A);
+        let b = _mm512_set1_ps(B);
+        let mut acc = [_mm512_setzero_ps(); 12];
+        for _ in 0..n {
+            for r in acc.iter_mut() {
+                *r = _mm512_fmadd_ps(*r, a, b);
+            }
+        }
+        acc.iter().map(|r| _mm512_reduce_add_ps(*r) as f64).sum()
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn f32_ymm(n: u64) -> f64 {
+        let a = _mm256_set1_ps(A);
+        let b = _mm256_set1_ps(B);
+        let mut acc = [_mm256_setzero_ps(); 12];
+        for _ in 0..n {
+            for r in acc.iter_mut() {
+                *r = _mm256_fmadd_ps(*r, a, b);
+            }
+        }
+        let mut out = [0f32; 8];
+        let mut s = 0f64;
+        for r in acc {
+            _mm256_storeu_ps(out.as_mut_ptr(), r);
+            s += out.iter().map(|v| *v as f64).sum::<f64>();
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub unsafe fn bf16_zmm(n: u64) -> f64 {
+        let one = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1.0), _mm512_set1_ps(1.0));
+        let mut acc = [_mm512_setzero_ps(); 12];
+        for _ in 0..n {
+            for r in acc.iter_mut() {
+                *r = _mm512_dpbf16_ps(*r, one, one);
+            }
+        }
+        acc.iter().map(|r| _mm512_reduce_add_ps(*r) as f64).sum()
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod loops {
+    pub const A: f32 = 0.999_999;
+    pub const B: f32 = 1.0e-3;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpuinfo_flags_and_description() {
+        let text = "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n\
+                    model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx2 fma avx512f avx512bw \
+                    avx512_bf16 amx_bf16 amx_tile avx512_fp16\n\nprocessor\t: 1\nmodel\t\t: 1\n";
+        let c = CpuInfo::parse(text);
+        assert_eq!((c.family, c.model), (Some(6), Some(143)));
+        assert!(c.has("amx_bf16") && c.has("amx_tile") && c.has("avx512_bf16"));
+        assert_eq!(
+            c.describe(),
+            "Intel(R) Xeon(R) Platinum 8480+ (family 6 model 143; avx2 fma avx512f avx512bw avx512_bf16 \
+             amx_tile amx_bf16)"
+        );
+        let none = CpuInfo::parse("model name : Some CPU\nflags : fpu sse2\n");
+        assert_eq!(none.describe(), "Some CPU (none of the kernel flags)");
+    }
+
+    #[test]
+    fn the_ceiling_loops_run_every_iteration() {
+        let mut ran = 0;
+        for c in Ceiling::ALL {
+            let n = 20_000;
+            match c.run(n) {
+                Some(sum) => {
+                    let want = expected_sum(c, n);
+                    assert!(
+                        ((sum - want) / want).abs() < 1e-3,
+                        "{}: {sum} vs {want}",
+                        c.name()
+                    );
+                    let g = c.measure(1, 100_000).unwrap();
+                    assert!(g.is_finite() && g > 0.1, "{}: {g} GFLOP/s", c.name());
+                    ran += 1;
+                }
+                None => eprintln!("{}: NOT RUN, this CPU lacks its instructions", c.name()),
+            }
+        }
+        eprintln!(
+            "{ran} of {} ceiling loops ran on this CPU",
+            Ceiling::ALL.len()
+        );
+    }
+}
