@@ -156,19 +156,29 @@ fn main() {
     if let Err(e) = run(cli) {
         if dist.world_size > 1 {
             // One failed rank ends the whole job (MPI_Abort), naming itself.
-            eprintln!(
+            error_line(&format!(
                 "error (rank {} of {}): {}",
                 dist.rank,
                 dist.world_size,
                 dino_train::error::one_line_report(e.as_ref())
-            );
+            ));
             dino_train::dist::abort(1);
         }
-        eprintln!("error: {}", dino_train::error::one_line_report(e.as_ref()));
+        error_line(&format!(
+            "error: {}",
+            dino_train::error::one_line_report(e.as_ref())
+        ));
         dino_train::dist::finalize();
         std::process::exit(1);
     }
     dino_train::dist::finalize();
+}
+
+/// Writes `line` and a newline to stderr in one `write` call. `eprintln!` writes its pieces one by one, and under
+/// mpirun another process's output (its MPI_Abort notice) landed inside a rank's error line.
+fn error_line(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 /// Collapses a message onto one line.
