@@ -899,11 +899,18 @@ pub fn write_plots(dir: &Path) -> Result<Vec<PathBuf>> {
         ));
     }
     if let Some(last) = log.steps.last() {
-        sub.push(format!(
-            "{} iterations in {:.0} s",
-            last.global_iteration + 1,
-            last.elapsed_s
-        ));
+        // The epochs' own durations: a step's `elapsed_s` restarts with each resumed process.
+        let secs: f64 = log.epochs.iter().map(|e| e.epoch_s).sum();
+        let n = log.epochs.len();
+        sub.push(if n > 0 {
+            format!(
+                "{} iterations, {secs:.0} s over {n} epoch{}",
+                last.global_iteration + 1,
+                if n == 1 { "" } else { "s" }
+            )
+        } else {
+            format!("{} iterations logged", last.global_iteration + 1)
+        });
     }
     if let Some(k) = &log.knn_final {
         let px = k
