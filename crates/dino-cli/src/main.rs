@@ -104,10 +104,10 @@ fn main() {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        eprintln!(
+        error_line(&format!(
             "error: internal error (please report): {}{at}",
             one_line(&msg)
-        );
+        ));
     }));
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -132,7 +132,7 @@ fn main() {
                 .collect();
             let msg = head.join(" ");
             let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
-            eprintln!("error: {} (see `dino --help`)", one_line(msg));
+            error_line(&format!("error: {} (see `dino --help`)", one_line(msg)));
             std::process::exit(2);
         }
     };
@@ -141,7 +141,10 @@ fn main() {
     let dist = match dino_train::dist::init(cli.threads) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("error: {}", dino_train::error::one_line_report(&e));
+            error_line(&format!(
+                "error: {}",
+                dino_train::error::one_line_report(&e)
+            ));
             std::process::exit(1);
         }
     };

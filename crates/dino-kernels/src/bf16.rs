@@ -63,7 +63,8 @@ pub fn round_bf16(x: f32) -> f32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bf16Gemm {
     /// Where the CPU runs `vdpbf16ps` at least [`MIN_SPEEDUP`] times its f32 FMA rate, measured once per
-    /// process by the register-only loops of [`crate::cpu::Ceiling`] (~10 ms). The default.
+    /// process by the register-only loops of [`crate::cpu::Ceiling`] (7 ms on this project's Intel Xeon). The
+    /// default.
     Auto,
     /// Wherever the CPU has AVX-512 BF16 (tests and benchmarks of the kernel; `DINO_BF16_GEMM=dpbf16`).
     Always,

@@ -207,24 +207,6 @@ impl Ceiling {
     }
 }
 
-/// Accumulator `i` after `n` steps of `acc = acc * a + b` from 0, summed over the lanes and the 12 accumulators
-/// of [`Ceiling::run`] (f64; the f32 loop's rounding keeps it within ~1e-4 relative for n up to ~1e5).
-pub fn expected_sum(ceiling: Ceiling, n: u64) -> f64 {
-    match ceiling {
-        Ceiling::F32Avx512 | Ceiling::F32Avx2 => {
-            let lanes = if ceiling == Ceiling::F32Avx512 {
-                16.0
-            } else {
-                8.0
-            };
-            let (a, b) = (loops::A as f64, loops::B as f64);
-            12.0 * lanes * b * (a.powf(n as f64) - 1.0) / (a - 1.0)
-        }
-        // Each step adds the pair products 2 * (x * y) with x = y = 1 (exact in bf16) to every lane.
-        Ceiling::Bf16Avx512 => 12.0 * 16.0 * 2.0 * n as f64,
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod loops {
     use std::arch::x86_64::*;
@@ -287,6 +269,24 @@ mod loops {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What [`Ceiling::run`] returns after `n` iterations: `n` steps of `acc = acc * a + b` from 0 (or of the
+    /// bf16 dot product), summed over the lanes and the 12 accumulators, in f64.
+    fn expected_sum(ceiling: Ceiling, n: u64) -> f64 {
+        match ceiling {
+            Ceiling::F32Avx512 | Ceiling::F32Avx2 => {
+                let lanes = if ceiling == Ceiling::F32Avx512 {
+                    16.0
+                } else {
+                    8.0
+                };
+                let (a, b) = (loops::A as f64, loops::B as f64);
+                12.0 * lanes * b * (a.powf(n as f64) - 1.0) / (a - 1.0)
+            }
+            // Each step adds the pair products 2 * (x * y) with x = y = 1 (exact in bf16) to every lane.
+            Ceiling::Bf16Avx512 => 12.0 * 16.0 * 2.0 * n as f64,
+        }
+    }
 
     #[test]
     fn cpuinfo_flags_and_description() {
