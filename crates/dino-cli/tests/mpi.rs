@@ -771,6 +771,26 @@ fn bad_input_under_mpirun_is_one_line() {
     assert!(err.contains("split evenly over 2 ranks"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 
+    // `--device cuda` on two ranks of one node: each rank asks for a GPU of its own (0 and 1) and says in one
+    // line why it cannot have it (this binary was built without CUDA).
+    let out = train(
+        &bin,
+        2,
+        &cfg,
+        &tmp.path().join("gpu"),
+        &["--device", "cuda"],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        (0..2).any(|r| err.contains(&format!(
+            "error (rank {r} of 2): --device cuda (GPU {r} for rank {r} of the 2 on this node): this dino was \
+             built without CUDA support"
+        ))),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
     // A loss that turns NaN (lr 1e30): every rank stops at the same step (the loss is all-reduced), each
     // says so on one line, and the job ends.
     let t0 = Instant::now();

@@ -72,6 +72,28 @@ impl DeviceSpec {
             Self::Auto => Ok(cuda(0).unwrap_or(Device::Cpu)),
         }
     }
+
+    /// The device of one rank of a job with `local_size` ranks on its node, `local_rank` among them: GPU
+    /// `N + local_rank` for `cuda:N` (one GPU per rank, as torchrun's `LOCAL_RANK`: `cuda` on a node of 4
+    /// ranks uses GPUs 0-3), GPU `local_rank` or the CPU for `auto`, the CPU for `cpu`.
+    pub fn resolve_for_rank(
+        self,
+        what: &str,
+        local_rank: usize,
+        local_size: usize,
+    ) -> Result<Device> {
+        match self {
+            _ if local_size <= 1 => self.resolve(what),
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(n) => cuda(n + local_rank).map_err(|reason| {
+                Error::Msg(format!(
+                    "{what} {self} (GPU {} for rank {local_rank} of the {local_size} on this node): {reason}",
+                    n + local_rank
+                ))
+            }),
+            Self::Auto => Ok(cuda(local_rank).unwrap_or(Device::Cpu)),
+        }
+    }
 }
 
 /// A short name of a resolved device for messages and logs (`cpu`, `cuda:0`).

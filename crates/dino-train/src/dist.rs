@@ -6,6 +6,11 @@
 //! The MPI backend ([`Mpi`], rsmpi) serialises every call behind one mutex (MPI initialised with
 //! `MPI_THREAD_SERIALIZED`) and splits large buffers into chunks of at most 2^30 elements (MPI counts are
 //! 32-bit).
+//!
+//! With the `nccl` feature, a run on CUDA GPUs over several ranks then calls [`use_device`]: the ranks build
+//! one NCCL communicator on their GPUs (the NCCL id goes from rank 0 to the others over MPI) and it replaces
+//! the MPI collective for tensors on the GPU (the gradient average, SyncBatchNorm's sums), which then never
+//! leave GPU memory; host buffers (loss statistics, checks, broadcasts) still go over MPI.
 
 use std::sync::Arc;
 
@@ -126,6 +131,19 @@ fn backend() -> Result<Arc<dyn Collective>> {
 
 #[cfg(feature = "mpi")]
 pub use mpi_backend::Mpi;
+
+/// Give the installed collective the run's device: with the `nccl` feature, on a CUDA device and more than
+/// one rank, the ranks build an NCCL communicator over their GPUs and it becomes the collective (for the
+/// tensors on the GPU; host buffers still go over MPI). Every rank must call it, with its own device. A
+/// no-op otherwise. Returns the engine now installed (`local`, `mpi`, `nccl`).
+pub fn use_device(device: &candle_core::Device) -> Result<&'static str> {
+    #[cfg(feature = "nccl")]
+    if device.is_cuda() && dino_core::collective::world_size() > 1 {
+        nccl_backend::Nccl::attach(device)?;
+    }
+    let _ = device;
+    Ok(dino_core::collective::current().name())
+}
 
 #[cfg(feature = "mpi")]
 mod mpi_backend {
@@ -274,6 +292,171 @@ mod mpi_backend {
                 mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, code);
             }
             std::process::exit(code)
+        }
+    }
+}
+
+#[cfg(feature = "nccl")]
+mod nccl_backend {
+    use std::sync::{Arc, Mutex};
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    use candle_core::cuda::cudarc::{self, driver::CudaSlice};
+    use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+    use dino_core::{Collective, Error as CoreError};
+
+    use crate::error::{Error, Result};
+
+    struct SharedComm(Comm);
+    // SAFETY: an NCCL communicator may be used from any thread as long as no two calls on it overlap; every
+    // use goes through the mutex that owns it.
+    unsafe impl Send for SharedComm {}
+
+    /// NCCL over the ranks' GPUs for device tensors, the MPI world (`host`) for everything else.
+    pub struct Nccl {
+        host: Arc<dyn Collective>,
+        comm: Mutex<SharedComm>,
+    }
+
+    impl Nccl {
+        /// Build the communicator on `device` (every rank at once) and install it over the MPI collective.
+        pub fn attach(device: &Device) -> Result<()> {
+            let host = dino_core::collective::current();
+            let Device::Cuda(cuda) = device else {
+                return Ok(());
+            };
+            let (rank, world) = (host.rank(), host.world_size());
+            // Every rank learns whether every rank can go on before any of them waits on NCCL.
+            // SAFETY: only tries to dlopen libnccl's candidate names.
+            let present = unsafe { cudarc::nccl::sys::is_culib_present() };
+            let id = match (present, rank) {
+                (true, 0) => Id::new().map_err(|e| format!("ncclGetUniqueId: {e:?}")),
+                (true, _) => Ok(Id::uninit([0; 128])),
+                (false, _) => Err(
+                    "libnccl not found: put NCCL 2 (libnccl.so.2, e.g. from the \
+                                   nvidia-nccl-cu13 wheel) on LD_LIBRARY_PATH, see docs/CUDA.md"
+                        .to_string(),
+                ),
+            };
+            let mut failed = [f64::from(u8::from(id.is_err()))];
+            host.all_reduce_sum_f64(&mut failed)?;
+            let id = match id {
+                Err(why) => return Err(Error::Msg(format!("NCCL on rank {rank}: {why}"))),
+                Ok(_) if failed[0] > 0.0 => {
+                    return Err(Error::Msg(format!(
+                        "NCCL: {} of {world} ranks could not start it (their errors say why)",
+                        failed[0]
+                    )))
+                }
+                Ok(id) => id,
+            };
+            let mut bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
+            host.broadcast_bytes(&mut bytes, 0)?;
+            let internal: [std::ffi::c_char; 128] =
+                std::array::from_fn(|i| bytes[i] as std::ffi::c_char);
+            let comm = Comm::from_rank(cuda.cuda_stream(), rank, world, Id::uninit(internal))
+                .map_err(|e| Error::Msg(format!("NCCL on rank {rank}: ncclCommInitRank: {e:?}")))?;
+            dino_core::collective::upgrade(Arc::new(Nccl {
+                host,
+                comm: Mutex::new(SharedComm(comm)),
+            }))?;
+            Ok(())
+        }
+    }
+
+    /// Sum over the ranks of a contiguous f32/f64 GPU tensor, by NCCL into a new buffer on the same stream.
+    struct NcclSum<'a>(&'a Comm);
+
+    fn reduce<
+        T: cudarc::nccl::safe::NcclType + candle_core::cuda::CudaDType + cudarc::driver::DeviceRepr,
+    >(
+        comm: &Comm,
+        s: &CudaStorage,
+        start: usize,
+        end: usize,
+    ) -> candle_core::Result<CudaStorage> {
+        let src: &CudaSlice<T> = s.as_cuda_slice::<T>()?;
+        let src = src.slice(start..end);
+        let dev = s.device().clone();
+        // SAFETY: every element is written by the all-reduce before the buffer is read.
+        let mut dst = unsafe { dev.alloc::<T>(end - start)? };
+        comm.all_reduce(&src, &mut dst, &ReduceOp::Sum)
+            .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+        Ok(CudaStorage::wrap_cuda_slice(dst, dev))
+    }
+
+    impl CustomOp1 for NcclSum<'_> {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce-sum"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _s: &CpuStorage,
+            _l: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("NCCL reduces GPU tensors only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let Some((start, end)) = l.contiguous_offsets() else {
+                candle_core::bail!("NCCL all-reduce: the tensor must be contiguous")
+            };
+            let out = match s.dtype() {
+                DType::F32 => reduce::<f32>(self.0, s, start, end)?,
+                DType::F64 => reduce::<f64>(self.0, s, start, end)?,
+                other => {
+                    candle_core::bail!("NCCL all-reduce: f32 or f64 tensors only, got {other:?}")
+                }
+            };
+            Ok((out, l.shape().clone()))
+        }
+    }
+
+    impl Collective for Nccl {
+        fn name(&self) -> &'static str {
+            "nccl"
+        }
+        fn rank(&self) -> usize {
+            self.host.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.host.world_size()
+        }
+        fn local_rank(&self) -> usize {
+            self.host.local_rank()
+        }
+        fn local_size(&self) -> usize {
+            self.host.local_size()
+        }
+        fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> dino_core::Result<()> {
+            self.host.all_reduce_sum_f32(buf)
+        }
+        fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> dino_core::Result<()> {
+            self.host.all_reduce_sum_f64(buf)
+        }
+        fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> dino_core::Result<()> {
+            self.host.broadcast_bytes(buf, root)
+        }
+        fn barrier(&self) -> dino_core::Result<()> {
+            self.host.barrier()
+        }
+        fn abort(&self, code: i32) -> ! {
+            self.host.abort(code)
+        }
+        fn all_reduce_sum_tensor(&self, x: &Tensor) -> dino_core::Result<Tensor> {
+            if !x.device().is_cuda() {
+                return dino_core::collective::host_all_reduce_sum(self.host.as_ref(), x);
+            }
+            let comm = self.comm.lock().map_err(|_| {
+                CoreError::collective("all_reduce", "NCCL communicator lock poisoned")
+            })?;
+            Ok(x.contiguous()?.apply_op1_no_bwd(&NcclSum(&comm.0))?)
         }
     }
 }

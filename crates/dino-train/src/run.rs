@@ -314,8 +314,23 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         ));
     }
     let local_batch = cfg.batch_size / world;
-    // The device first: a run that cannot have it leaves nothing behind.
-    let device = cfg.device.resolve("--device")?;
+    // The device first: a run that cannot have it leaves nothing behind. Several ranks on a node each take
+    // their own GPU, and the ranks agree on where they compute before NCCL (if built) joins their GPUs.
+    let device = cfg
+        .device
+        .resolve_for_rank("--device", coll.local_rank(), coll.local_size())?;
+    if world > 1 {
+        let mut on_gpu = [f64::from(u8::from(!device.is_cpu()))];
+        coll.all_reduce_sum_f64(&mut on_gpu)?;
+        if on_gpu[0] != 0.0 && on_gpu[0] != world as f64 {
+            return Err(Error::Msg(format!(
+                "--device {}: {} of {world} ranks found a GPU, the others compute on the CPU; give every \
+                 rank a GPU or use --device cpu",
+                cfg.device, on_gpu[0]
+            )));
+        }
+    }
+    let engine = crate::dist::use_device(&device)?;
     // One run per output directory: rank 0 writes it, so rank 0 holds its lock (a refusal there ends the job).
     let run_lock = if main {
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
@@ -442,8 +457,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         cfg.epochs,
         if world > 1 {
             format!(
-                "; {world} ranks ({}) x {local_batch} images = batch {}",
-                coll.name(),
+                "; {world} ranks ({engine}) x {local_batch} images = batch {}",
                 cfg.batch_size
             )
         } else {

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use dino_core::optim::{Lars, Sgd};
 use dino_core::{
     cancel_gradients_last_layer, clip_gradients, cosine_scheduler, AdamW, CollapseMetrics,
@@ -190,31 +190,68 @@ pub fn average_gradients(
             len += n;
             end += 1;
         }
-        let mut buf = Vec::with_capacity(len);
-        for (name, v) in &with_grad[start..end] {
-            let g = grads
-                .get(v.as_tensor())
-                .ok_or_else(|| Error::Msg(format!("`{name}` lost its gradient while averaging")))?;
-            buf.extend(
-                g.flatten_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1::<f32>()?,
-            );
-        }
-        dino_core::collective::all_reduce_mean_f32(coll, &mut buf)?;
-        bytes += buf.len() * 4;
-        let mut off = 0usize;
-        for (_, v) in &with_grad[start..end] {
-            let t = v.as_tensor();
-            let n = t.elem_count();
-            let g = Tensor::from_slice(&buf[off..off + n], t.shape(), t.device())?
-                .to_dtype(t.dtype())?;
-            grads.insert(t, g);
-            off += n;
-        }
+        let bucket = &with_grad[start..end];
+        let on_device = !bucket[0].1.as_tensor().device().is_cpu();
+        bytes += average_bucket(coll, grads, bucket, len, on_device)?;
         start = end;
     }
     Ok((bytes, wait))
+}
+
+/// Average the gradients of one bucket (`len` values in all) over the ranks; returns the bytes reduced. On the
+/// host (`on_device` false) the values are packed straight into the all-reduce's buffer; on a device (a GPU)
+/// the bucket is packed, reduced ([`dino_core::Collective::all_reduce_sum_tensor`]: NCCL in GPU memory, other
+/// engines through the host) and unpacked there. Both give the same values: a sum over the ranks, then a
+/// division by the world size.
+fn average_bucket(
+    coll: &dyn dino_core::Collective,
+    grads: &mut candle_core::backprop::GradStore,
+    bucket: &[&NamedVar],
+    len: usize,
+    on_device: bool,
+) -> Result<usize> {
+    let grad_of = |grads: &candle_core::backprop::GradStore, name: &str, v: &Var| {
+        grads
+            .get(v.as_tensor())
+            .cloned()
+            .ok_or_else(|| Error::Msg(format!("`{name}` lost its gradient while averaging")))
+    };
+    let mean = if on_device {
+        let flat = bucket
+            .iter()
+            .map(|(name, v)| {
+                Ok(grad_of(grads, name, v)?
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let summed = coll.all_reduce_sum_tensor(&Tensor::cat(&flat, 0)?)?;
+        // A division, as on the host (not a multiplication by 1/world): the same bits as the host path.
+        let world = Tensor::new(coll.world_size() as f32, summed.device())?;
+        summed.broadcast_div(&world)?
+    } else {
+        let mut buf = Vec::with_capacity(len);
+        for (name, v) in bucket {
+            let g = grad_of(grads, name, v)?;
+            buf.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        }
+        dino_core::collective::all_reduce_mean_f32(coll, &mut buf)?;
+        Tensor::from_vec(buf, len, &Device::Cpu)?
+    };
+    let mut off = 0usize;
+    for (_, v) in bucket {
+        let t = v.as_tensor();
+        let n = t.elem_count();
+        // Each gradient its own storage (a narrowed view would keep the whole bucket's).
+        let g = mean
+            .narrow(0, off, n)?
+            .copy()?
+            .reshape(t.shape())?
+            .to_dtype(t.dtype())?;
+        grads.insert(t, g);
+        off += n;
+    }
+    Ok(len * 4)
 }
 
 /// Student, teacher, optimiser, loss and schedules.
@@ -526,6 +563,95 @@ impl Trainer {
                 reason: "no `dino_loss.center` tensor".into(),
             })?;
         self.loss.set_center(center)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rank 0 of a world of 2 whose other rank's buffer is `i as f32 * 0.25 - 1` at index `i`.
+    struct TwoRanks;
+
+    impl dino_core::Collective for TwoRanks {
+        fn name(&self) -> &'static str {
+            "test"
+        }
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn local_rank(&self) -> usize {
+            0
+        }
+        fn local_size(&self) -> usize {
+            2
+        }
+        fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> dino_core::Result<()> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b += i as f32 * 0.25 - 1.0;
+            }
+            Ok(())
+        }
+        fn all_reduce_sum_f64(&self, _buf: &mut [f64]) -> dino_core::Result<()> {
+            unreachable!("gradients are averaged in f32")
+        }
+        fn broadcast_bytes(&self, _buf: &mut Vec<u8>, _root: usize) -> dino_core::Result<()> {
+            Ok(())
+        }
+        fn barrier(&self) -> dino_core::Result<()> {
+            Ok(())
+        }
+        fn abort(&self, code: i32) -> ! {
+            std::process::exit(code)
+        }
+    }
+
+    /// The device path of the gradient average (packed bucket, `all_reduce_sum_tensor`, division on the
+    /// device: what runs on a GPU) gives the host path's bits, and both give `(mine + other) / 2`.
+    #[test]
+    fn a_bucket_averages_to_the_same_bits_on_the_host_and_on_a_device() -> Result<()> {
+        let dev = Device::Cpu;
+        let params: Vec<NamedVar> = [(2usize, 3usize), (1, 5), (4, 1)]
+            .iter()
+            .enumerate()
+            .map(|(i, &shape)| Ok((format!("p{i}"), Var::zeros(shape, DType::F32, &dev)?)))
+            .collect::<Result<_>>()?;
+        let bucket: Vec<&NamedVar> = params.iter().collect();
+        let len: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+        let mine: Vec<f32> = (0..len).map(|i| (i as f32 * 0.7).sin() / 3.0).collect();
+        let averaged = |on_device: bool| -> Result<Vec<f32>> {
+            // (GradStore has no public constructor: a backward pass makes one, then every entry is set.)
+            let mut grads = params[0].1.as_tensor().sum_all()?.backward()?;
+            let mut off = 0;
+            for (_, v) in &params {
+                let n = v.elem_count();
+                grads.insert(
+                    v.as_tensor(),
+                    Tensor::from_slice(&mine[off..off + n], v.shape(), &dev)?,
+                );
+                off += n;
+            }
+            let bytes = average_bucket(&TwoRanks, &mut grads, &bucket, len, on_device)?;
+            assert_eq!(bytes, len * 4);
+            let mut out = Vec::new();
+            for (_, v) in &params {
+                let g = grads.get(v.as_tensor()).expect("a gradient");
+                assert_eq!(g.shape(), v.shape());
+                out.extend(g.flatten_all()?.to_vec1::<f32>()?);
+            }
+            Ok(out)
+        };
+        let host = averaged(false)?;
+        let device = averaged(true)?;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&host), bits(&device));
+        for (i, (h, m)) in host.iter().zip(&mine).enumerate() {
+            assert_eq!(*h, (m + (i as f32 * 0.25 - 1.0)) / 2.0, "value {i}");
+        }
         Ok(())
     }
 }
