@@ -353,6 +353,12 @@ mod nccl_backend {
             };
             let mut bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
             host.broadcast_bytes(&mut bytes, 0)?;
+            if bytes.len() != 128 {
+                return Err(Error::Msg(format!(
+                    "NCCL on rank {rank}: the NCCL id from rank 0 has {} bytes, not 128",
+                    bytes.len()
+                )));
+            }
             let internal: [std::ffi::c_char; 128] =
                 std::array::from_fn(|i| bytes[i] as std::ffi::c_char);
             let comm = Comm::from_rank(cuda.cuda_stream(), rank, world, Id::uninit(internal))
