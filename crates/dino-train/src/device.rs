@@ -177,6 +177,35 @@ mod tests {
 
     #[cfg(not(feature = "cuda"))]
     #[test]
+    fn each_rank_of_a_node_asks_for_its_own_gpu() {
+        assert!(DeviceSpec::Cpu
+            .resolve_for_rank("--device", 3, 4)
+            .unwrap()
+            .is_cpu());
+        assert!(DeviceSpec::Auto
+            .resolve_for_rank("--device", 1, 2)
+            .unwrap()
+            .is_cpu());
+        let e = DeviceSpec::Cuda(1)
+            .resolve_for_rank("--device", 2, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "--device cuda:1 (GPU 3 for rank 2 of the 4 on this node): this dino was built"
+            ),
+            "{e}"
+        );
+        // One rank on the node: the plain message of `resolve`.
+        let e = DeviceSpec::Cuda(1)
+            .resolve_for_rank("--device", 0, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--device cuda:1: this dino was built"), "{e}");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
     fn cuda_without_the_feature_is_one_line() {
         let e = DeviceSpec::Cuda(0)
             .resolve("--device")
