@@ -338,7 +338,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
         "peak_rss_gib": peak_rss_bytes().map(|b| b as f64 / (1u64 << 30) as f64),
         "total_seconds": t_all.elapsed().as_secs_f64(),
         "cpus": cpus(),
-        "cpu": cpu_model(&cpu),
+        "cpu": cpu.name(),
         "cpu_flags": cpu.flags,
         "gemm_path": dino_kernels::cpu::gemm_path(cfg.matmul_precision),
         "phase_seconds_median": phases_json,
@@ -352,19 +352,6 @@ fn cpus() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-}
-
-/// The CPU's model name with its x86 family and model numbers from `/proc/cpuinfo` (Linux), e.g.
-/// "AMD EPYC (family 26 model 2)": the figures depend on it (Zen 4, family 25, runs 512-bit FMAs at half the
-/// rate of Zen 5, family 26). None where it cannot be read.
-fn cpu_model(cpu: &dino_kernels::cpu::CpuInfo) -> Option<String> {
-    if cpu.model_name.is_empty() {
-        return None;
-    }
-    Some(match (cpu.family, cpu.model) {
-        (Some(f), Some(m)) => format!("{} (family {f} model {m})", cpu.model_name),
-        _ => cpu.model_name.clone(),
-    })
 }
 
 fn all_cases() -> Vec<String> {

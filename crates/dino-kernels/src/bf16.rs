@@ -108,14 +108,7 @@ pub fn bf16_gemm() -> Bf16Gemm {
 
 /// Run `f` with `mode` on the calling thread (where the ops choose their path), then restore the previous.
 pub fn with_bf16_gemm<R>(mode: Bf16Gemm, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<Bf16Gemm>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            THREAD_MODE.with(|m| m.set(self.0));
-        }
-    }
-    let _restore = Restore(THREAD_MODE.with(|m| m.replace(Some(mode))));
-    f()
+    crate::dispatch::with_thread_value(&THREAD_MODE, Some(mode), f)
 }
 
 /// `vdpbf16ps`'s rate over the f32 AVX-512 FMA's on one core of this CPU (best of 3 short runs of each

@@ -64,6 +64,18 @@ impl CpuInfo {
         self.flags.contains(&flag)
     }
 
+    /// The model name with its x86 family and model, e.g. `AMD EPYC (family 26 model 2)`; None when
+    /// `/proc/cpuinfo` gave no model name.
+    pub fn name(&self) -> Option<String> {
+        if self.model_name.is_empty() {
+            return None;
+        }
+        Some(match (self.family, self.model) {
+            (Some(f), Some(m)) => format!("{} (family {f} model {m})", self.model_name),
+            _ => self.model_name.clone(),
+        })
+    }
+
     /// One line: `Intel(R) Xeon(R) Processor (family 6 model 207; avx2 fma avx512f ...)`.
     pub fn describe(&self) -> String {
         let fm = match (self.family, self.model) {
@@ -303,6 +315,12 @@ mod tests {
         );
         let none = CpuInfo::parse("model name : Some CPU\nflags : fpu sse2\n");
         assert_eq!(none.describe(), "Some CPU (none of the kernel flags)");
+        assert_eq!(
+            c.name().as_deref(),
+            Some("Intel(R) Xeon(R) Platinum 8480+ (family 6 model 143)")
+        );
+        assert_eq!(none.name().as_deref(), Some("Some CPU"));
+        assert_eq!(CpuInfo::parse("").name(), None);
     }
 
     #[test]

@@ -101,13 +101,23 @@ pub fn kernel_path() -> KernelPath {
 /// Runs `f` with `path` in force on the calling thread (the ops decide at their entry, on the thread that
 /// builds the graph; backward passes follow the ops the forward pass chose).
 pub fn with_kernel_path<R>(path: KernelPath, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<KernelPath>);
-    impl Drop for Restore {
+    with_thread_value(&THREAD, Some(path), f)
+}
+
+/// Runs `f` with the thread-local `key` set to `value` on the calling thread, then puts the previous value
+/// back (also when `f` panics): the scope of this crate's per-thread switches.
+pub(crate) fn with_thread_value<T: Copy + 'static, R>(
+    key: &'static std::thread::LocalKey<Cell<T>>,
+    value: T,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore<T: Copy + 'static>(&'static std::thread::LocalKey<Cell<T>>, T);
+    impl<T: Copy + 'static> Drop for Restore<T> {
         fn drop(&mut self) {
-            THREAD.with(|t| t.set(self.0));
+            self.0.with(|c| c.set(self.1));
         }
     }
-    let _restore = Restore(THREAD.with(|t| t.replace(Some(path))));
+    let _restore = Restore(key, key.with(|c| c.replace(value)));
     f()
 }
 

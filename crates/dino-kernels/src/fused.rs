@@ -92,15 +92,7 @@ pub fn matmul_precision() -> MatmulPrecision {
 
 /// Runs `f` with the calling thread's linear layers at `precision`, then restores the previous setting.
 pub fn with_matmul_precision<R>(precision: MatmulPrecision, f: impl FnOnce() -> R) -> R {
-    struct Restore(MatmulPrecision);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            set_matmul_precision(self.0);
-        }
-    }
-    let _restore = Restore(matmul_precision());
-    set_matmul_precision(precision);
-    f()
+    crate::dispatch::with_thread_value(&PRECISION, precision, f)
 }
 
 thread_local! {
@@ -111,14 +103,7 @@ thread_local! {
 /// `torch.no_grad()`: linear + GELU layers do not keep their pre-activation and attention does not keep its
 /// probabilities (the teacher's forward pass, evaluation). Same outputs; no gradient flows back through them.
 pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            NO_GRAD.with(|g| g.set(self.0));
-        }
-    }
-    let _restore = Restore(NO_GRAD.with(|g| g.replace(true)));
-    f()
+    crate::dispatch::with_thread_value(&NO_GRAD, true, f)
 }
 
 /// Whether an op on `inputs` records its backward pass: some input tracks a gradient and no [`no_grad`] scope
