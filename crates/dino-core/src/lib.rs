@@ -95,6 +95,7 @@
 pub mod collective;
 pub mod ema;
 pub mod error;
+pub mod ibot;
 mod kernels;
 pub mod knn;
 pub mod koleo;
@@ -107,6 +108,7 @@ pub mod schedule;
 pub use collective::{Collective, Local};
 pub use ema::EmaTeacher;
 pub use error::{Error, Result};
+pub use ibot::{ibot_loss_dense, IbotPatchLoss, IbotPatchLossConfig};
 pub use knn::{knn_classifier, l2_normalize, KnnResult};
 pub use koleo::{koleo_loss, koleo_per_crop};
 pub use loss::{sinkhorn_knopp_teacher, DinoLoss, DinoLossConfig, TeacherCentering};

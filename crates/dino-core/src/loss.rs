@@ -487,8 +487,34 @@ pub fn sinkhorn_knopp_teacher(
     teacher_temp: f64,
     n_iterations: usize,
 ) -> Result<Tensor> {
+    let rows = teacher_output.dims().first().copied().unwrap_or(0);
+    if rows == 0 {
+        return Err(Error::shape(
+            "teacher_output",
+            "(rows, K) with rows, K > 0",
+            teacher_output.dims(),
+        ));
+    }
+    let world = crate::collective::current().world_size();
+    sinkhorn_knopp(
+        teacher_output,
+        teacher_temp,
+        n_iterations,
+        (rows * world) as f64,
+    )
+}
+
+/// Sinkhorn-Knopp as [`sinkhorn_knopp_teacher`] with the sample count `B` given (iBOT: the masked patch
+/// tokens of every rank, `n_masked_patches`). A rank may hold no rows (`(0, K)`): it still takes part in
+/// every collective and gets `(0, K)` back.
+pub(crate) fn sinkhorn_knopp(
+    teacher_output: &Tensor,
+    teacher_temp: f64,
+    n_iterations: usize,
+    b: f64,
+) -> Result<Tensor> {
     let (rows, k) = match teacher_output.dims() {
-        &[r, k] if r > 0 && k > 0 => (r, k),
+        &[r, k] if k > 0 => (r, k),
         d => {
             return Err(Error::shape(
                 "teacher_output",
@@ -510,24 +536,32 @@ pub fn sinkhorn_knopp_teacher(
         .to_vec1::<f64>()?;
     let coll = crate::collective::current();
     let world = coll.world_size();
-    // One shift for every rank (the mean of the ranks' maxima; world 1: the maximum), and whether any rank
-    // holds a non-finite logit: then every rank returns NaN targets (after the same collectives), so the
-    // loss is NaN and the training loop stops naming the step, as for any other NaN.
+    // One shift for every rank (the mean of the maxima of the ranks that hold rows; world 1: the maximum),
+    // and whether any rank holds a non-finite logit: then every rank returns NaN targets (after the same
+    // collectives), so the loss is NaN and the training loop stops naming the step, as for any other NaN.
     let finite = t.iter().all(|v| v.is_finite());
     let max = t.iter().cloned().fold(f64::NEG_INFINITY, f64::max) / teacher_temp;
-    let mut head = [if finite { max } else { 0.0 }, f64::from(u8::from(!finite))];
+    let holds = finite && rows > 0;
+    let mut head = [
+        if holds { max } else { 0.0 },
+        f64::from(u8::from(!finite)),
+        f64::from(u8::from(rows > 0)),
+    ];
     if world > 1 {
         coll.all_reduce_sum_f64(&mut head)?;
-        head[0] /= world as f64;
     }
     if head[1] > 0.0 {
         return Ok(Tensor::full(f32::NAN, (rows, k), teacher_output.device())?);
     }
-    let shift = [head[0]];
+    let shift = if head[2] > 0.0 {
+        head[0] / head[2]
+    } else {
+        0.0
+    };
     // q[r * k + j] holds Q[j, r] (the official Q is K x rows; we keep the sample-major layout).
     let mut q: Vec<f64> = t
         .iter()
-        .map(|&v| (v / teacher_temp - shift[0]).exp())
+        .map(|&v| (v / teacher_temp - shift).exp())
         .collect();
     if let Some(i) = q.iter().position(|v| !v.is_finite()) {
         return Err(Error::arg(
@@ -540,7 +574,6 @@ pub fn sinkhorn_knopp_teacher(
             ),
         ));
     }
-    let b = (rows * world) as f64;
     let reduce = |v: &mut [f64]| -> Result<()> {
         if world > 1 {
             coll.all_reduce_sum_f64(v)?;

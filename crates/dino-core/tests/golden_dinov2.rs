@@ -11,7 +11,8 @@ use common::{assert_close, get, golden_v2, scalar, vec_f64};
 use dino_core::koleo::nearest_neighbours;
 use dino_core::loss::dino_loss_composed_probs;
 use dino_core::{
-    koleo_loss, koleo_per_crop, sinkhorn_knopp_teacher, DinoLoss, DinoLossConfig, TeacherCentering,
+    ibot_loss_dense, koleo_loss, koleo_per_crop, sinkhorn_knopp_teacher, DinoLoss, DinoLossConfig,
+    IbotPatchLoss, IbotPatchLossConfig, TeacherCentering,
 };
 
 /// The loss and its gradient w.r.t. `x` through autograd.
@@ -276,4 +277,186 @@ mod portable {
             super::dino_loss_in_both_centering_modes_matches_dinov2,
         )
     }
+}
+
+/// iBOTPatchLoss(128) on 74 masked patches of 8 crops: teacher targets by centering (with the centre after
+/// the update) and by Sinkhorn-Knopp (B = the masked patch count), forward_masked's value and gradient in
+/// both modes against the official f32 and float64 values, and the dense forward.
+#[test]
+fn ibot_patch_loss_matches_dinov2() {
+    let g = golden_v2("ibot_loss.safetensors");
+    let dev = common::tdev();
+    let teacher = get(&g, "teacher_logits_masked");
+    let student = get(&g, "student_logits_masked");
+    let weights = get(&g, "masks_weight");
+    let n_crops = get(&g, "masks_u8").dim(0).unwrap();
+    for (mode, centering) in [
+        ("centering", TeacherCentering::Centering),
+        (
+            "sinkhorn_knopp",
+            TeacherCentering::SinkhornKnopp { n_iterations: 3 },
+        ),
+    ] {
+        let mut loss = IbotPatchLoss::new(
+            IbotPatchLossConfig {
+                centering,
+                ..IbotPatchLossConfig::new(128)
+            },
+            &dev,
+        )
+        .unwrap();
+        loss.set_center(&get(&g, "center_used")).unwrap();
+        let probs = loss.teacher_targets(&teacher, 0.07).unwrap();
+        if mode == "centering" {
+            assert_close(
+                "probs_centering",
+                &probs,
+                &get(&g, "probs_centering"),
+                1e-6,
+                1e-5,
+            );
+            assert_close(
+                "center_after_update",
+                loss.center(),
+                &get(&g, "center_after_update"),
+                1e-7,
+                1e-5,
+            );
+        } else {
+            assert_close(
+                "probs_sinkhorn",
+                &probs,
+                &get(&g, "probs_sinkhorn"),
+                1e-6,
+                1e-4,
+            );
+            assert_close(
+                "probs_sinkhorn_f64",
+                &probs,
+                &get(&g, "probs_sinkhorn_f64"),
+                1e-7,
+                1e-6,
+            );
+            // Sinkhorn-Knopp leaves the centre alone.
+            assert_close("center", loss.center(), &get(&g, "center_used"), 0.0, 0.0);
+        }
+        let p = format!("fwd_{mode}_");
+        let (l, grad) = value_and_grad(&student, |s| {
+            loss.forward_masked(s, &probs, &weights, n_crops).unwrap()
+        });
+        let want = scalar(&get(&g, &format!("{p}loss")));
+        assert!(
+            (l - want).abs() <= 1e-5 * want.abs(),
+            "{mode}: {l} vs {want}"
+        );
+        assert_close(
+            &format!("{p}grad"),
+            &grad,
+            &get(&g, &format!("{p}grad_student")),
+            1e-6,
+            0.0,
+        );
+        // float64 through the same code on the same inputs (the official float64 forward took the f32
+        // targets of both modes): rtol 1e-10.
+        let s64 = student.to_dtype(DType::F64).unwrap();
+        let q64 = get(
+            &g,
+            if mode == "centering" {
+                "probs_centering"
+            } else {
+                "probs_sinkhorn"
+            },
+        )
+        .to_dtype(DType::F64)
+        .unwrap();
+        let w64 = weights.to_dtype(DType::F64).unwrap();
+        let (l64, g64) = value_and_grad(&s64, |s| {
+            loss.forward_masked(s, &q64, &w64, n_crops).unwrap()
+        });
+        let want64 = scalar(&get(&g, &format!("{p}loss_f64")));
+        assert!(
+            (l64 - want64).abs() <= 1e-10 * want64.abs(),
+            "{mode} f64: {l64} vs {want64}"
+        );
+        let gw = get(&g, &format!("{p}grad_student_f64"));
+        assert_close(
+            &format!("{p}grad_f64"),
+            &g64,
+            &gw,
+            1e-10 * max_abs(&gw),
+            1e-8,
+        );
+    }
+    // The dense forward (masks as a (C, N) tensor).
+    let (l, grad) = value_and_grad(&get(&g, "dense_student"), |s| {
+        ibot_loss_dense(
+            s,
+            &get(&g, "dense_teacher_probs"),
+            &get(&g, "dense_masks_u8"),
+            0.1,
+        )
+        .unwrap()
+    });
+    let want = scalar(&get(&g, "dense_loss"));
+    assert!(
+        (l - want).abs() <= 1e-5 * want.abs(),
+        "dense: {l} vs {want}"
+    );
+    assert_close(
+        "dense_grad",
+        &grad,
+        &get(&g, "dense_grad_student"),
+        1e-6,
+        0.0,
+    );
+}
+
+/// No masked patch anywhere: zero loss, targets of shape (0, K), the centre unchanged; a batch of one
+/// masked patch and duplicate rows stay finite in both modes.
+#[test]
+fn ibot_patch_loss_degenerate_inputs() {
+    let dev = common::tdev();
+    for centering in [
+        TeacherCentering::Centering,
+        TeacherCentering::SinkhornKnopp { n_iterations: 3 },
+    ] {
+        let mut loss = IbotPatchLoss::new(
+            IbotPatchLossConfig {
+                centering,
+                ..IbotPatchLossConfig::new(3)
+            },
+            &dev,
+        )
+        .unwrap();
+        let empty = Tensor::zeros((0, 3), DType::F32, &dev).unwrap();
+        let q = loss.teacher_targets(&empty, 0.04).unwrap();
+        assert_eq!(q.dims(), [0, 3]);
+        let w = Tensor::zeros(0, DType::F32, &dev).unwrap();
+        let l = loss.forward_masked(&empty, &q, &w, 4).unwrap();
+        assert_eq!(scalar(&l), 0.0);
+        assert_eq!(vec_f64(loss.center()), vec![0.0; 3]);
+        for t in [
+            Tensor::new(&[[0.3f32, -0.2, 0.9]], &dev).unwrap(),
+            Tensor::new(&[[0.5f32, 0.1, -0.4], [0.5, 0.1, -0.4]], &dev).unwrap(),
+            Tensor::new(&[[0.0f32, 0.7, -0.1], [0.0, -0.3, 0.2]], &dev).unwrap(),
+        ] {
+            let q = loss.teacher_targets(&t, 0.04).unwrap();
+            let n = t.dim(0).unwrap();
+            let w = Tensor::ones(n, DType::F32, &dev).unwrap();
+            let l = scalar(&loss.forward_masked(&t, &q, &w, 2).unwrap());
+            assert!(l.is_finite(), "{centering:?}: {l}");
+            assert!(vec_f64(&q).iter().all(|v| v.is_finite()), "{centering:?}");
+        }
+    }
+    let e = IbotPatchLoss::new(IbotPatchLossConfig::new(3), &dev)
+        .unwrap()
+        .forward_masked(
+            &Tensor::zeros((2, 3), DType::F32, &dev).unwrap(),
+            &Tensor::zeros((2, 3), DType::F32, &dev).unwrap(),
+            &Tensor::zeros(3, DType::F32, &dev).unwrap(),
+            1,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("weights"), "{e}");
 }
