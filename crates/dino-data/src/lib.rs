@@ -7,6 +7,7 @@ pub mod error;
 pub mod folder;
 pub mod idx;
 pub mod loader;
+pub mod masking;
 pub mod pil;
 pub mod view;
 
