@@ -236,7 +236,7 @@ mod tests {
                     cells.iter().map(|c| c.1).max().unwrap(),
                 );
                 assert_eq!((r1 - r0 + 1) * (c1 - c0 + 1), d, "{cells:?}");
-                assert!(d >= 1 && d <= 16);
+                assert!((1..=16).contains(&d));
             }
         }
     }
