@@ -8,6 +8,17 @@ pub trait Backbone: Send + Sync {
     /// `train` enables drop path (ViT) and batch statistics with running-stat updates (BatchNorm).
     fn forward_features(&self, x: &Tensor, train: bool) -> Result<Tensor>;
 
+    /// `(B, 3, H, W)` and optional patch masks `(B, N)` (nonzero = masked) -> `(feature (B, D), patch tokens
+    /// (B, N, D))`, for iBOT. Only backbones with patch tokens (the ViT) have it; the others answer an error.
+    fn forward_tokens(
+        &self,
+        _x: &Tensor,
+        _masks: Option<&Tensor>,
+        _train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        candle_core::bail!("this backbone has no patch tokens (iBOT needs a ViT)")
+    }
+
     /// The feature dimension `D`.
     fn embed_dim(&self) -> usize;
 

@@ -85,6 +85,46 @@ impl MultiCropWrapper {
         Ok((feats, out))
     }
 
+    /// The iBOT forward (dinov2's `forward_backward` up to the heads, with a head shared by CLS and patch
+    /// tokens): the 2 global crops `crops[..2]` through the backbone with `masks` `(2B, N)` (crop-major, u8 or
+    /// u32, nonzero = masked; `None` for the teacher), the other crops as in [`forward`](Self::forward), then
+    /// the head once on `[features of every crop; the global crops' patch tokens at mask_indices]` (flat
+    /// indices `c·N + i` into the `(2B, N)` patch grid, `(m)` u32). Returns `(features (n·B, D), head output
+    /// (n·B, K), patch head output (m, K))`.
+    pub fn forward_ibot(
+        &self,
+        crops: &[Tensor],
+        masks: Option<&Tensor>,
+        mask_indices: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        if crops.len() < 2 {
+            candle_core::bail!(
+                "multi-crop: iBOT needs the 2 global crops, got {}",
+                crops.len()
+            );
+        }
+        let global = Tensor::cat(&crops[..2], 0)?;
+        let (g_feats, patches) = self.backbone.forward_tokens(&global, masks, train)?;
+        let (bn, n, d) = patches.dims3()?;
+        let masked = patches
+            .reshape((bn * n, d))?
+            .index_select(mask_indices, 0)?;
+        let feats = if crops.len() > 2 {
+            Tensor::cat(&[g_feats, self.forward_features(&crops[2..], train)?], 0)?
+        } else {
+            g_feats
+        };
+        let rows = feats.dim(0)?;
+        let m = masked.dim(0)?;
+        let out = self
+            .head
+            .forward(&Tensor::cat(&[&feats, &masked], 0)?, train)?;
+        let cls_out = out.narrow(0, 0, rows)?;
+        let patch_out = out.narrow(0, rows, m)?;
+        Ok((feats, cls_out, patch_out))
+    }
+
     /// `crops`: n tensors `(B, 3, h_i, w_i)` -> `(n·B, K)`, crop-major rows (rows `[0, B)` are crop 0).
     pub fn forward(&self, crops: &[Tensor], train: bool) -> Result<Tensor> {
         Ok(self.forward_with_features(crops, train)?.1)

@@ -62,6 +62,9 @@ pub struct ViTConfig {
     /// DINOv2's LayerScale: each branch's output multiplied by a learnt per-channel `ls1.gamma` /
     /// `ls2.gamma` initialised to this value (dinov2 training: 1e-5; hub models: 1.0). Default `None` (v1).
     pub layer_scale_init: Option<f64>,
+    /// DINOv2's `mask_token` ((1, D), zeros at start): the learnt embedding that replaces masked patches
+    /// for iBOT ([`VisionTransformer::forward_tokens`] with masks). Default false (no such parameter).
+    pub mask_token: bool,
 }
 
 /// Which tokens make the image feature of a [`VisionTransformer`].
@@ -97,6 +100,7 @@ impl ViTConfig {
             pool: Pool::Cls,
             num_register_tokens: 0,
             layer_scale_init: None,
+            mask_token: false,
         }
     }
 
@@ -177,6 +181,7 @@ impl ViTConfig {
             + d
             + (self.num_patches() + 1) * d
             + self.num_register_tokens * d
+            + if self.mask_token { d } else { 0 }
             + self.depth * (block + ls)
             + 2 * d
     }
@@ -593,6 +598,8 @@ pub struct VisionTransformer {
     pos_embed: Tensor,
     /// DINOv2 register tokens `(1, R, D)`, when configured.
     register_tokens: Option<Tensor>,
+    /// DINOv2's mask token `(1, D)`, when configured.
+    mask_token: Option<Tensor>,
     blocks: Vec<Block>,
     norm: LayerNorm,
     drop_keys: Mutex<DropPathState>,
@@ -644,6 +651,12 @@ impl VisionTransformer {
                 },
             )?),
         };
+        // dinov2: self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)).
+        let mask_token = if cfg.mask_token {
+            Some(vb.get_with_hints((1, d), "mask_token", Init::Const(0.0))?)
+        } else {
+            None
+        };
         let blocks = (0..cfg.depth)
             .map(|i| {
                 let rate = if cfg.depth > 1 {
@@ -662,6 +675,7 @@ impl VisionTransformer {
             cls_token,
             pos_embed,
             register_tokens,
+            mask_token,
             blocks,
             norm,
             drop_keys: Mutex::new(DropPathState::default()),
@@ -760,11 +774,34 @@ impl VisionTransformer {
     }
 
     fn prepare(&self, x: &Tensor) -> Result<Tokens> {
+        self.prepare_masked(x, None)
+    }
+
+    /// [`prepare`](Self::prepare) with the patches where `masks` `(B, N)` (u8 or u32, nonzero = masked) is set
+    /// replaced by the mask token (dinov2: after the patch embedding, before the positional embedding).
+    fn prepare_masked(&self, x: &Tensor, masks: Option<&Tensor>) -> Result<Tokens> {
         let (b, _, h, w) = self.check_input(x)?;
         let p = self.cfg.patch_size;
         let n = (h / p) * (w / p);
         let d = self.cfg.embed_dim;
-        let patches = self.patch_embed(x)?.reshape((b, n, d))?;
+        let mut patches = self.patch_embed(x)?.reshape((b, n, d))?;
+        if let Some(m) = masks {
+            let Some(token) = &self.mask_token else {
+                candle_core::bail!(
+                    "VisionTransformer: patch masks given, but the network has no mask token \
+                     (ViTConfig::mask_token)"
+                );
+            };
+            if m.dims() != [b, n] {
+                candle_core::bail!(
+                    "VisionTransformer: patch masks must be (B, N) = ({b}, {n}), got {:?}",
+                    m.dims()
+                );
+            }
+            let m = m.unsqueeze(2)?.broadcast_as((b, n, d))?;
+            let t = token.reshape((1, 1, d))?.broadcast_as((b, n, d))?;
+            patches = m.where_cond(&t, &patches)?;
+        }
         let cls = self.cls_token.broadcast_as((b, 1, d))?;
         let tokens = Tensor::cat(&[&cls, &patches], 1)?;
         let pos = self.interpolate_pos_encoding(h, w)?;
@@ -838,6 +875,27 @@ impl VisionTransformer {
         self.norm.forward(&cls)
     }
 
+    /// DINOv2's `forward_features` for iBOT: `(B, C, H, W)` and optional patch masks `(B, N)` (u8 or u32,
+    /// nonzero = replaced by the mask token) -> `(x_norm_clstoken (B, D), x_norm_patchtokens (B, N, D))`,
+    /// both after the final norm (register tokens dropped). Every block runs on every token. `train` as in
+    /// [`forward_t`](Self::forward_t).
+    pub fn forward_tokens(
+        &self,
+        x: &Tensor,
+        masks: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let tok = self.prepare_masked(x, masks)?;
+        let keys = self.drop_path_keys(tok.b, train)?;
+        let y = self.run_blocks(&tok, self.blocks.len(), keys.as_ref())?;
+        let d = self.cfg.embed_dim;
+        let y = self.norm.forward(&y)?.reshape((tok.b, tok.t, d))?;
+        let first = self.cfg.num_prefix_tokens();
+        let cls = y.narrow(1, 0, 1)?.reshape((tok.b, d))?;
+        let patches = y.narrow(1, first, tok.t - first)?;
+        Ok((cls, patches))
+    }
+
     /// Evaluation forward (no drop path): `(B, C, H, W)` -> `(B, D)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_t(x, false)
@@ -907,6 +965,15 @@ impl VisionTransformer {
 impl Backbone for VisionTransformer {
     fn forward_features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_t(x, train)
+    }
+
+    fn forward_tokens(
+        &self,
+        x: &Tensor,
+        masks: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        VisionTransformer::forward_tokens(self, x, masks, train)
     }
 
     fn embed_dim(&self) -> usize {

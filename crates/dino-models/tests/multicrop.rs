@@ -171,6 +171,83 @@ fn gradients_reach_backbone_and_head() {
     }
 }
 
+/// iBOT's forward with a ViT: without masks, the CLS head outputs equal `forward`'s (the head has no
+/// BatchNorm here, so the extra patch rows do not change them) and the patch head outputs are the head of the
+/// selected patch tokens; with masks, one backward pass reaches every parameter, the mask token included; a
+/// backbone without patch tokens answers an error.
+#[test]
+fn ibot_forward_selects_patch_tokens_and_reaches_every_parameter() {
+    use dino_models::vit::{ViTConfig, VisionTransformer};
+    let varmap = VarMap::new();
+    let vb = dino_models::init::seeded_var_builder(&varmap, 5, DType::F32, &tdev());
+    let cfg = ViTConfig {
+        mask_token: true,
+        ..ViTConfig::custom(16, 4, 16, 2, 2)
+    };
+    let vit = VisionTransformer::new(cfg, vb.pp("backbone")).unwrap();
+    let wrapper = MultiCropWrapper::new(Box::new(vit), head(&varmap, 16)).unwrap();
+    let crops = vec![crop(2, 16), crop(2, 16), crop(2, 8), crop(2, 8)];
+    // Flat indices into the (2B = 4 crops, N = 16) patch grid.
+    let idx = Tensor::new(&[1u32, 5, 17, 40, 63], &tdev()).unwrap();
+    let (feats, out, pout) = wrapper.forward_ibot(&crops, None, &idx, false).unwrap();
+    assert_eq!(feats.dims(), [8, 16]);
+    assert_eq!(pout.dims(), [5, 16]);
+    let plain = wrapper.forward(&crops, false).unwrap();
+    let diff = (out - plain).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    let global = Tensor::cat(&crops[..2], 0).unwrap();
+    let (_, patches) = wrapper
+        .backbone
+        .forward_tokens(&global, None, false)
+        .unwrap();
+    let picked = patches
+        .reshape((64, 16))
+        .unwrap()
+        .index_select(&idx, 0)
+        .unwrap();
+    let want = wrapper.head.forward(&picked, false).unwrap();
+    let diff = (pout - want).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+
+    let m: Vec<u8> = (0..64)
+        .map(|i| u8::from([1, 5, 17, 40, 63].contains(&i)))
+        .collect();
+    let masks = Tensor::from_vec(m, (4, 16), &tdev()).unwrap();
+    let (_, out, pout) = wrapper
+        .forward_ibot(&crops, Some(&masks), &idx, true)
+        .unwrap();
+    let r = Tensor::randn(0f32, 1., out.dims(), &tdev()).unwrap();
+    let rp = Tensor::randn(0f32, 1., pout.dims(), &tdev()).unwrap();
+    let loss =
+        ((out * r).unwrap().sum_all().unwrap() + (pout * rp).unwrap().sum_all().unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = sorted_vars(&varmap);
+    let trainable = trainable_vars(&vars, &ModelSpec::default());
+    assert!(trainable.iter().any(|(n, _)| n == "backbone.mask_token"));
+    for (name, var) in trainable {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no grad"));
+        let n = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n > 0.0, "{name}: zero gradient");
+    }
+
+    let varmap = VarMap::new();
+    let (bb, _) = toy(&varmap, 10);
+    let toy_wrapper = MultiCropWrapper::new(Box::new(bb), head(&varmap, 10)).unwrap();
+    let e = toy_wrapper
+        .forward_ibot(&[crop(2, 16), crop(2, 16)], None, &idx, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("patch tokens"), "{e}");
+}
+
 #[test]
 fn embed_dim_mismatch_is_an_error() {
     let varmap = VarMap::new();
@@ -249,6 +326,14 @@ mod portable {
         dino_models::with_kernel_path(
             dino_models::KernelPath::Portable,
             super::golden_multicrop_vit_tiny16_with_head,
+        )
+    }
+
+    #[test]
+    fn ibot_forward_selects_patch_tokens_and_reaches_every_parameter() {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::ibot_forward_selects_patch_tokens_and_reaches_every_parameter,
         )
     }
 

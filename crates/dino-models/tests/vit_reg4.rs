@@ -1,10 +1,11 @@
 //! DINOv2's register tokens and LayerScale in our ViT against `../shared/golden-dinov2/vit_reg4_*` (the
 //! official `DinoVisionTransformer`, embed 192, depth 2, 3 heads, patch 14, 4 registers, init_values 1.0,
-//! interpolate_offset 0.1): our parameter names are the official state dict's (minus `mask_token`, used only
-//! by iBOT, and the head), and the prepared tokens, the positional embedding used, the CLS / register / patch
-//! outputs on the native 56 px input and on interpolated 84x70 and 28x42 inputs match; plus one backward pass
-//! reaching every parameter, registers and gammas included. Not covered: the masked input (no mask token)
-//! and dinov2's antialiased offset-0 interpolation (`aa_offset0_*`).
+//! interpolate_offset 0.1): our parameter names are the official state dict's (minus the head, and minus
+//! `mask_token` unless iBOT's mask token is configured), and the prepared tokens, the positional embedding
+//! used, the CLS / register / patch outputs on the native 56 px input, on interpolated 84x70 and 28x42 inputs
+//! and on the 56 px input with patches masked (iBOT) match; plus one backward pass reaching every parameter,
+//! registers, gammas and the mask token included. Not covered: dinov2's antialiased offset-0 interpolation
+//! (`aa_offset0_*`).
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarMap;
@@ -30,16 +31,21 @@ fn config() -> ViTConfig {
 }
 
 fn load() -> Result<(VisionTransformer, VarMap)> {
+    load_with(config())
+}
+
+fn load_with(cfg: ViTConfig) -> Result<(VisionTransformer, VarMap)> {
     let dev = tdev();
     let file = candle_core::safetensors::load(format!("{DIR}vit_reg4_weights.safetensors"), &dev)?;
     let vm = VarMap::new();
-    let vit = VisionTransformer::new(config(), seeded_var_builder(&vm, 0, DType::F32, &dev))?;
+    let mask_token = cfg.mask_token;
+    let vit = VisionTransformer::new(cfg, seeded_var_builder(&vm, 0, DType::F32, &dev))?;
     {
         let data = vm.data().lock().unwrap();
         let mut ours: Vec<&String> = data.keys().collect();
         let mut theirs: Vec<&String> = file
             .keys()
-            .filter(|k| !k.starts_with("head.") && k.as_str() != "mask_token")
+            .filter(|k| !k.starts_with("head.") && (mask_token || k.as_str() != "mask_token"))
             .collect();
         ours.sort();
         theirs.sort();
@@ -124,6 +130,42 @@ fn registers_and_layer_scale_match_dinov2() -> Result<()> {
     Ok(())
 }
 
+/// dinov2's `forward_features(x, masks)`: masked patches replaced by the mask token before the positional
+/// embedding; the CLS and patch outputs of the masked 56 px input.
+#[test]
+fn masked_patches_match_dinov2() -> Result<()> {
+    let cfg = ViTConfig {
+        mask_token: true,
+        ..config()
+    };
+    assert_eq!(cfg.num_params(), config().num_params() + 192);
+    let (vit, _vm) = load_with(cfg)?;
+    let io = candle_core::safetensors::load(format!("{DIR}vit_reg4_io.safetensors"), &tdev())?;
+    let g = |k: &str| io[&format!("offset0.1_x56_masked_{k}")].clone();
+    let masks = &io["masks_x56_u8"];
+    let (cls, patches) = vit.forward_tokens(&io["input_x56"], Some(masks), false)?;
+    close("masked cls", &cls, &g("x_norm_clstoken"), 1e-4)?;
+    close("masked patches", &patches, &g("x_norm_patchtokens"), 1e-4)?;
+    // Without masks the same call gives the unmasked outputs, and masks that differ change the result.
+    let (cls0, _) = vit.forward_tokens(&io["input_x56"], None, false)?;
+    close(
+        "unmasked cls",
+        &cls0,
+        &io["offset0.1_x56_x_norm_clstoken"],
+        1e-4,
+    )?;
+    let n_masked: u32 = masks.to_dtype(DType::U32)?.sum_all()?.to_scalar()?;
+    assert!(n_masked > 0);
+    // A network without a mask token refuses masks with a message naming it.
+    let (plain, _) = load()?;
+    let e = plain
+        .forward_tokens(&io["input_x56"], Some(masks), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mask token"), "{e}");
+    Ok(())
+}
+
 #[test]
 fn one_backward_pass_reaches_registers_and_gammas() -> Result<()> {
     let vm = VarMap::new();
@@ -149,6 +191,40 @@ fn one_backward_pass_reaches_registers_and_gammas() -> Result<()> {
     Ok(())
 }
 
+/// iBOT's forward: masked patches, CLS and patch outputs both used; every parameter, the mask token
+/// included, gets a gradient.
+#[test]
+fn one_masked_backward_pass_reaches_the_mask_token() -> Result<()> {
+    let vm = VarMap::new();
+    let cfg = ViTConfig {
+        num_register_tokens: 2,
+        layer_scale_init: Some(1e-5),
+        mask_token: true,
+        ..ViTConfig::custom(16, 4, 16, 2, 2).with_drop_path(0.1)
+    };
+    let vit = VisionTransformer::new(cfg, seeded_var_builder(&vm, 3, DType::F32, &tdev()))?;
+    vit.reseed(1);
+    let x = Tensor::randn(0f32, 1.0, (4, 3, 16, 16), &tdev())?;
+    let m: Vec<u8> = (0..4 * 16).map(|i| u8::from(i % 5 == 1)).collect();
+    let masks = Tensor::from_vec(m, (4, 16), &tdev())?;
+    let (cls, patches) = vit.forward_tokens(&x, Some(&masks), true)?;
+    assert_eq!(patches.dims(), [4, 16, 16]);
+    let r = Tensor::randn(0f32, 1.0, (4, 16), &tdev())?;
+    let rp = Tensor::randn(0f32, 1.0, (4, 16, 16), &tdev())?;
+    let loss = ((cls * r)?.sum_all()? + (patches * rp)?.sum_all()?)?;
+    let grads = loss.backward()?;
+    let data = vm.data().lock().unwrap();
+    assert!(data.contains_key("mask_token"));
+    for (name, var) in data.iter() {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let m = g.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(m > 0.0 && m.is_finite(), "{name}: gradient max {m}");
+    }
+    Ok(())
+}
+
 /// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
 /// the CPU: see `dino_kernels::dispatch`.
 mod portable {
@@ -157,6 +233,22 @@ mod portable {
         dino_models::with_kernel_path(
             dino_models::KernelPath::Portable,
             super::registers_and_layer_scale_match_dinov2,
+        )
+    }
+
+    #[test]
+    fn masked_patches_match_dinov2() -> super::Result<()> {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::masked_patches_match_dinov2,
+        )
+    }
+
+    #[test]
+    fn one_masked_backward_pass_reaches_the_mask_token() -> super::Result<()> {
+        dino_models::with_kernel_path(
+            dino_models::KernelPath::Portable,
+            super::one_masked_backward_pass_reaches_the_mask_token,
         )
     }
 
