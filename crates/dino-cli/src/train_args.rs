@@ -122,6 +122,15 @@ pub struct TrainArgs {
     /// Weight of DINOv2's KoLeo regulariser on the student's CLS features (dinov2: 0.1); 0 disables. [0]
     #[arg(long)]
     pub koleo_loss_weight: Option<f64>,
+    /// Weight of DINOv2's iBOT masked-patch loss (dinov2: 1.0; ViT only); 0 disables. [0]
+    #[arg(long)]
+    pub ibot_loss_weight: Option<f64>,
+    /// iBOT: range of the fraction of patches masked in a masked crop (two numbers). [0.1 0.5]
+    #[arg(long, num_args = 2, value_names = ["MIN", "MAX"])]
+    pub ibot_mask_ratio_min_max: Option<Vec<f64>>,
+    /// iBOT: fraction of the global crops that get a mask. [0.5]
+    #[arg(long)]
+    pub ibot_mask_sample_probability: Option<f64>,
 
     // ----- optimisation -----
     /// Initial weight decay. [0.04]
@@ -258,6 +267,8 @@ impl TrainArgs {
             warmup_teacher_temp_epochs,
             centering,
             koleo_loss_weight,
+            ibot_loss_weight,
+            ibot_mask_sample_probability,
             weight_decay,
             weight_decay_end,
             clip_grad,
@@ -290,6 +301,9 @@ impl TrainArgs {
         }
         if let Some(v) = &self.local_crops_scale {
             cfg.local_crops_scale = [v[0], v[1]];
+        }
+        if let Some(v) = &self.ibot_mask_ratio_min_max {
+            cfg.ibot_mask_ratio_min_max = [v[0], v[1]];
         }
         if let Some(v) = &self.blur_sigma {
             cfg.blur_sigma = [v[0], v[1]];
@@ -512,11 +526,26 @@ mod tests {
             "--blur-sigma",
             "0.05",
             "0.5",
+            "--ibot-loss-weight",
+            "0.5",
+            "--ibot-mask-ratio-min-max",
+            "0.2",
+            "0.4",
+            "--ibot-mask-sample-probability",
+            "0.25",
         ])
         .unwrap()
         .resolve()
         .unwrap();
         assert_eq!(c.centering, Centering::SinkhornKnopp);
+        assert_eq!(
+            (
+                c.ibot_loss_weight,
+                c.ibot_mask_ratio_min_max,
+                c.ibot_mask_sample_probability
+            ),
+            (0.5, [0.2, 0.4], 0.25)
+        );
         assert_eq!(c.koleo_loss_weight, 0.1);
         assert!(c.vit_pool_avg);
         assert_eq!(

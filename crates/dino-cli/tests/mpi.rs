@@ -479,7 +479,8 @@ fn write_cfg(dir: &Path, name: &str, body: &str) -> PathBuf {
     p
 }
 
-/// ViT (drop path 0.2, BatchNorm head): 2 ranks x 32 == 1 rank x 64 after one step (tightly) and after 12
+/// ViT (drop path 0.2, BatchNorm head): 2 ranks x 32 == 1 rank x 64 after one step (tightly; also with iBOT
+/// in both centering modes) and after 12
 /// steps (within the fp32 noise), the k-NN with features gathered over the ranks included; 2 ranks for 5 steps
 /// then 1 rank to the end == 1 rank throughout; kill -9 of one rank ends the job within 30 s, the checkpoint
 /// loads, and the resumed run ends as the uninterrupted one.
@@ -507,6 +508,20 @@ fn vit_two_ranks_are_one_rank_across_resume_and_kill() {
     let per_gpu = ["--batch-size-per-gpu", "32"];
     one_step_equivalence(&bin, &cfg1, tmp.path(), "vit", 0, &per_gpu);
     one_step_equivalence(&bin, &cfg1, tmp.path(), "vit", 7, &per_gpu);
+    // iBOT in both centering modes: the masks are drawn for the global batch and split by sample, the
+    // Sinkhorn-Knopp count and the patch centre's mean run over every rank's masked patches.
+    for (name, centering) in [("ibot_sk", "sinkhorn_knopp"), ("ibot_c", "centering")] {
+        let body = format!(
+            "ibot_loss_weight = 1.0\n{}",
+            VIT.replace("ckpt_every_iters = 2", "ckpt_every_iters = 1")
+                .replace(
+                    "centering = \"sinkhorn_knopp\"",
+                    &format!("centering = \"{centering}\"")
+                )
+        );
+        let c = write_cfg(tmp.path(), &format!("{name}.toml"), &body);
+        one_step_equivalence(&bin, &c, tmp.path(), name, 7, &per_gpu);
+    }
 
     // The whole run. One rank, global batch 64 (the mpi binary without mpirun is world 1), on 2 threads and
     // on 1 thread (the noise of one process).

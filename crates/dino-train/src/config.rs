@@ -252,6 +252,15 @@ pub struct TrainConfig {
     /// Weight of DINOv2's KoLeo regulariser on the student backbone's CLS features of each global crop
     /// (official dinov2: 0.1); 0 disables. Default 0.
     pub koleo_loss_weight: f64,
+    /// Weight of DINOv2's iBOT masked-patch loss (dinov2: 1.0; ViT only): the student's global crops get
+    /// patches replaced by a mask token and predict the teacher's distributions of those patches through the
+    /// shared head, with targets made as `centering` says; 0 disables. Default 0.
+    pub ibot_loss_weight: f64,
+    /// iBOT: range of the fraction of patches masked in a masked crop (dinov2 `mask_ratio_min_max`).
+    /// Default [0.1, 0.5].
+    pub ibot_mask_ratio_min_max: [f64; 2],
+    /// iBOT: fraction of the global crops that get a mask (dinov2 `mask_sample_probability`). Default 0.5.
+    pub ibot_mask_sample_probability: f64,
 
     // ----- optimisation -----
     /// Initial weight decay, cosine-scheduled to `weight_decay_end`. Default 0.04.
@@ -382,6 +391,9 @@ impl Default for TrainConfig {
             center_momentum: 0.9,
             centering: Centering::Centering,
             koleo_loss_weight: 0.0,
+            ibot_loss_weight: 0.0,
+            ibot_mask_ratio_min_max: [0.1, 0.5],
+            ibot_mask_sample_probability: 0.5,
             weight_decay: 0.04,
             weight_decay_end: 0.4,
             clip_grad: 3.0,
@@ -716,6 +728,29 @@ impl TrainConfig {
         finite_nonneg("clip_grad", self.clip_grad)?;
         finite_nonneg("knn_temperature", self.knn_temperature)?;
         finite_nonneg("koleo_loss_weight", self.koleo_loss_weight)?;
+        finite_nonneg("ibot_loss_weight", self.ibot_loss_weight)?;
+        if self.ibot_loss_weight > 0.0 && !arch.is_vit() {
+            return Err(Error::config(
+                "ibot_loss_weight",
+                self.ibot_loss_weight,
+                format!("iBOT masks patch tokens: it needs a ViT, not {}", self.arch),
+            ));
+        }
+        let r = self.ibot_mask_ratio_min_max;
+        if !(r[0] >= 0.0 && r[0] <= r[1] && r[1] <= 1.0) {
+            return Err(Error::config(
+                "ibot_mask_ratio_min_max",
+                format!("{r:?}"),
+                "expected 0 <= min <= max <= 1",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.ibot_mask_sample_probability) {
+            return Err(Error::config(
+                "ibot_mask_sample_probability",
+                self.ibot_mask_sample_probability,
+                "must lie in [0, 1]",
+            ));
+        }
         finite_nonneg("vit_layer_scale_init", self.vit_layer_scale_init)?;
         for (k, v) in [
             ("teacher_temp", self.teacher_temp),
@@ -975,6 +1010,40 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("local_crops_scale"));
+        for (c, key) in [
+            (
+                TrainConfig {
+                    arch: "resnet18".into(),
+                    ibot_loss_weight: 1.0,
+                    ..Default::default()
+                },
+                "needs a ViT",
+            ),
+            (
+                TrainConfig {
+                    ibot_loss_weight: f64::NAN,
+                    ..Default::default()
+                },
+                "ibot_loss_weight",
+            ),
+            (
+                TrainConfig {
+                    ibot_mask_ratio_min_max: [0.5, 0.1],
+                    ..Default::default()
+                },
+                "ibot_mask_ratio_min_max",
+            ),
+            (
+                TrainConfig {
+                    ibot_mask_sample_probability: 1.5,
+                    ..Default::default()
+                },
+                "ibot_mask_sample_probability",
+            ),
+        ] {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
     }
 
     #[test]

@@ -23,8 +23,11 @@ pub struct StepRecord {
     pub iteration: usize,
     /// Global iteration.
     pub global_iteration: usize,
-    /// DINO loss of this iteration.
+    /// The loss of this iteration (DINO, plus KoLeo and iBOT when enabled).
     pub loss: f64,
+    /// The iBOT masked-patch loss (unweighted), when enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ibot_loss: Option<f64>,
     /// Learning rate (both groups).
     pub lr: f64,
     /// Weight decay of group 0.
@@ -300,6 +303,7 @@ mod tests {
             iteration: g,
             global_iteration: g,
             loss,
+            ibot_loss: None,
             lr: 0.1,
             wd: 0.04,
             momentum: 0.996,

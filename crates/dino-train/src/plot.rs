@@ -1091,6 +1091,7 @@ mod tests {
             iteration,
             global_iteration: global,
             loss: 7.0 - global as f64 * 0.01,
+            ibot_loss: None,
             lr: 1e-4,
             wd: 0.04,
             momentum: 0.996,

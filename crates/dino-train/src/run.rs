@@ -616,6 +616,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                     iteration: it,
                     global_iteration: stats.global_iteration,
                     loss: stats.loss,
+                    ibot_loss: stats.ibot_loss,
                     lr: stats.lr,
                     wd: stats.wd,
                     momentum: stats.momentum,

@@ -7,7 +7,10 @@
 //! 2. the student's drop-path draws are keyed by `(seed, g)` and each row's crop and global-batch position
 //!    (exact resume; the same masks on any number of ranks);
 //! 3. teacher forward on the 2 global crops FIRST (output detached: no gradient reaches the teacher),
-//!    then student forward on all crops, then the DINO loss (the centre is updated inside);
+//!    then student forward on all crops, then the DINO loss (the centre is updated inside); with iBOT
+//!    (`ibot_loss_weight > 0`) the student's global crops get patch masks drawn from `(seed, g)` for the whole
+//!    global batch (so each rank's masks do not depend on the split), both networks' patch tokens at the
+//!    masked positions go through the shared head, and the masked-patch loss is added;
 //! 4. a non-finite loss stops with [`Error::NonFiniteLoss`] naming the epoch and iteration;
 //! 5. backward; under data parallelism the gradients are averaged over the ranks (a few large bucketed
 //!    all-reduces, as DDP) and the loss value too; then per-parameter clipping (`clip_grad`), last-layer gradients dropped while
@@ -20,10 +23,13 @@ use candle_core::{DType, Device, Tensor, Var};
 use dino_core::optim::{Lars, Sgd};
 use dino_core::{
     cancel_gradients_last_layer, clip_gradients, cosine_scheduler, AdamW, CollapseMetrics,
-    DinoLoss, DinoLossConfig, EmaTeacher, NamedVar, Optimizer, ParamGroup,
+    DinoLoss, DinoLossConfig, EmaTeacher, IbotPatchLoss, IbotPatchLossConfig, NamedVar, Optimizer,
+    ParamGroup,
 };
+use dino_data::masking::{MaskingGenerator, PatchMasks};
 use dino_models::params::is_regularized;
 use dino_models::with_matmul_precision;
+use rand::SeedableRng;
 
 use crate::checkpoint::take_prefixed;
 use crate::config::{OptimizerKind, TrainConfig};
@@ -68,8 +74,10 @@ pub struct StepStats {
     pub iteration: usize,
     /// Global iteration.
     pub global_iteration: usize,
-    /// The DINO loss.
+    /// The loss the step minimised (DINO, plus KoLeo and iBOT when enabled), mean over the ranks.
     pub loss: f64,
+    /// The iBOT masked-patch loss (unweighted, mean over the ranks), when enabled.
+    pub ibot_loss: Option<f64>,
     /// Learning rate used (both groups).
     pub lr: f64,
     /// Weight decay used (group 0).
@@ -137,6 +145,40 @@ pub fn drop_path_seed(seed: u64, global_iteration: usize) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
 }
+
+/// This rank's iBOT masks at global iteration `g`: drawn for the 2 global crops of every sample of the
+/// global batch (crop-major, `2 · B · world` crops, from `(seed, g)`), then the rows of this rank's
+/// samples taken, crop-major as its batch: the same masks whatever the number of ranks.
+fn ibot_masks(
+    cfg: &TrainConfig,
+    g: usize,
+    rank: usize,
+    world: usize,
+    crop: &Tensor,
+) -> Result<PatchMasks> {
+    let (b, _, h, w) = crop.dims4()?;
+    let p = cfg.patch_size;
+    let generator = MaskingGenerator::new(h / p, w / p);
+    let global_b = b * world;
+    let mut rng =
+        rand_chacha::ChaCha8Rng::seed_from_u64(drop_path_seed(cfg.seed ^ IBOT_MASK_SALT, g));
+    let r = cfg.ibot_mask_ratio_min_max;
+    let all = PatchMasks::draw(
+        &generator,
+        2 * global_b,
+        (r[0], r[1]),
+        cfg.ibot_mask_sample_probability,
+        &mut rng,
+    );
+    let pos = dino_data::loader::global_positions(rank, world, b);
+    let rows: Vec<usize> = (0..2)
+        .flat_map(|c| pos.iter().map(move |&q| c * global_b + q as usize))
+        .collect();
+    Ok(all.select(&rows))
+}
+
+/// Mixed into the seed of the iBOT masks, so that they are not drawn from drop path's stream.
+const IBOT_MASK_SALT: u64 = 0x1b07_3a5c_0ffe_e001;
 
 /// Gradient bucket size of [`average_gradients`] (f32 values): 25 MiB, DDP's default `bucket_cap_mb`.
 pub const BUCKET_FLOATS: usize = 25 * 1024 * 1024 / 4;
@@ -268,6 +310,8 @@ pub struct Trainer {
     pub optimizer: RunOptimizer,
     /// The DINO loss with its centre.
     pub loss: DinoLoss,
+    /// The iBOT masked-patch loss with its centre, when `ibot_loss_weight > 0`.
+    pub ibot: Option<IbotPatchLoss>,
     ema: EmaTeacher,
     /// Learning rate per global iteration (`cosine_scheduler(lr * batch / 256, min_lr, ...)`).
     pub lr_schedule: Vec<f64>,
@@ -332,6 +376,19 @@ impl Trainer {
             },
             device,
         )?;
+        let ibot = if cfg.ibot_loss_weight > 0.0 {
+            Some(IbotPatchLoss::new(
+                IbotPatchLossConfig {
+                    out_dim: cfg.out_dim,
+                    student_temp: cfg.student_temp,
+                    center_momentum: cfg.center_momentum,
+                    centering: cfg.centering.to_loss(),
+                },
+                device,
+            )?)
+        } else {
+            None
+        };
         let ema = EmaTeacher::new(&student.ema_params(), &teacher.ema_params())?;
         let lr_schedule = cosine_scheduler(
             cfg.scaled_lr(),
@@ -358,6 +415,7 @@ impl Trainer {
             params,
             optimizer,
             loss,
+            ibot,
             ema,
             lr_schedule,
             wd_schedule,
@@ -421,23 +479,56 @@ impl Trainer {
         // fused ops keep nothing for a backward pass. The linear layers run at the configured precision, which
         // their backward passes keep.
         let precision = self.cfg.matmul_precision;
-        let t_out = dino_models::no_grad(|| {
-            with_matmul_precision(precision, || self.teacher.model.forward(&crops[..2], true))
-        })?
-        .detach();
-        lap(&mut timings.teacher_forward);
         let koleo_w = self.cfg.koleo_loss_weight;
-        let (s_feat, s_out) = if koleo_w > 0.0 {
-            let (f, o) = with_matmul_precision(precision, || {
-                self.student.model.forward_with_features(crops, true)
+        let (loss, s_feat, ibot_loss) = if let Some(ibot) = self.ibot.as_mut() {
+            let masks = ibot_masks(&self.cfg, g, rank, world, &crops[0])?;
+            let dev = crops[0].device();
+            let n = masks.n_masked();
+            let idx = Tensor::from_vec(masks.indices(), n, dev)?;
+            let weights = Tensor::from_vec(masks.weights(), n, dev)?;
+            let mask_t = Tensor::from_vec(
+                masks.masks.iter().map(|&m| u8::from(m)).collect::<Vec<_>>(),
+                (masks.n_crops, masks.n_tokens),
+                dev,
+            )?;
+            let (_, t_out, t_patch) = dino_models::no_grad(|| {
+                with_matmul_precision(precision, || {
+                    self.teacher
+                        .model
+                        .forward_ibot(&crops[..2], None, &idx, true)
+                })
             })?;
-            (Some(f), o)
+            lap(&mut timings.teacher_forward);
+            let (s_feat, s_out, s_patch) = with_matmul_precision(precision, || {
+                self.student
+                    .model
+                    .forward_ibot(crops, Some(&mask_t), &idx, true)
+            })?;
+            lap(&mut timings.student_forward);
+            let loss = self.loss.forward(&s_out, &t_out.detach(), epoch)?;
+            let targets = ibot.teacher_targets(&t_patch.detach(), teacher_temp)?;
+            let l = ibot.forward_masked(&s_patch, &targets, &weights, masks.n_crops)?;
+            let loss = (loss + (&l * self.cfg.ibot_loss_weight)?)?;
+            (loss, (koleo_w > 0.0).then_some(s_feat), Some(l))
         } else {
-            let o = with_matmul_precision(precision, || self.student.model.forward(crops, true))?;
-            (None, o)
+            let t_out = dino_models::no_grad(|| {
+                with_matmul_precision(precision, || self.teacher.model.forward(&crops[..2], true))
+            })?
+            .detach();
+            lap(&mut timings.teacher_forward);
+            let (s_feat, s_out) = if koleo_w > 0.0 {
+                let (f, o) = with_matmul_precision(precision, || {
+                    self.student.model.forward_with_features(crops, true)
+                })?;
+                (Some(f), o)
+            } else {
+                let o =
+                    with_matmul_precision(precision, || self.student.model.forward(crops, true))?;
+                (None, o)
+            };
+            lap(&mut timings.student_forward);
+            (self.loss.forward(&s_out, &t_out, epoch)?, s_feat, None)
         };
-        lap(&mut timings.student_forward);
-        let loss = self.loss.forward(&s_out, &t_out, epoch)?;
         // DINOv2's KoLeo on the backbone CLS features of the 2 global crops, one term per crop, on this
         // rank's rows (the official code does not gather them across ranks).
         let loss = match &s_feat {
@@ -447,13 +538,18 @@ impl Trainer {
             }
             None => loss,
         };
-        let mut loss_v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let scalar = |t: &Tensor| -> Result<f64> {
+            Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+        };
+        let mut loss_v = scalar(&loss)?;
+        let mut ibot_v = ibot_loss.as_ref().map(scalar).transpose()?;
         if world > 1 {
             // The global batch's loss: the mean of the ranks' (equal-sized) batch means. A non-finite
             // loss on any rank makes it non-finite on every rank, so all of them stop at the same step.
-            let mut v = [loss_v];
+            let mut v = [loss_v, ibot_v.unwrap_or(0.0)];
             coll.all_reduce_sum_f64(&mut v)?;
             loss_v = v[0] / world as f64;
+            ibot_v = ibot_v.map(|_| v[1] / world as f64);
         }
         lap(&mut timings.loss);
         if !loss_v.is_finite() {
@@ -504,6 +600,7 @@ impl Trainer {
             iteration: it,
             global_iteration: g,
             loss: loss_v,
+            ibot_loss: ibot_v,
             lr,
             wd,
             momentum: m,
@@ -535,6 +632,9 @@ impl Trainer {
             out.push((format!("optimizer.{n}"), t));
         }
         out.push(("dino_loss.center".into(), self.loss.center().copy()?));
+        if let Some(ibot) = &self.ibot {
+            out.push(("ibot_patch_loss.center".into(), ibot.center().copy()?));
+        }
         Ok(out)
     }
 
@@ -563,6 +663,16 @@ impl Trainer {
                 reason: "no `dino_loss.center` tensor".into(),
             })?;
         self.loss.set_center(center)?;
+        if let Some(ibot) = self.ibot.as_mut() {
+            let center =
+                tensors
+                    .get("ibot_patch_loss.center")
+                    .ok_or_else(|| Error::Checkpoint {
+                        path: origin.into(),
+                        reason: "no `ibot_patch_loss.center` tensor (iBOT is enabled)".into(),
+                    })?;
+            ibot.set_center(center)?;
+        }
         Ok(())
     }
 }

@@ -191,6 +191,76 @@ fn sgd_and_lars_resume_exactly() {
     }
 }
 
+/// iBOT (both centering modes): the patch centre is checkpointed (`ibot_patch_loss.center`, absent without
+/// iBOT) and the masks are drawn from `(seed, iteration)`, so an interrupted run resumed ends with every tensor
+/// equal to the uninterrupted run's; every trainable parameter, the mask token included, gets a gradient; and
+/// the centre moved when it is used.
+#[test]
+fn ibot_resumes_exactly_in_both_centering_modes() {
+    use dino_train::config::Centering;
+    for centering in [Centering::Centering, Centering::SinkhornKnopp] {
+        let root = tempfile::tempdir().unwrap();
+        let cfg = |dir: &Path| TrainConfig {
+            ibot_loss_weight: 1.0,
+            centering,
+            ..tiny(dir)
+        };
+        let reference = root.path().join("reference");
+        train(&cfg(&reference), &quiet()).unwrap();
+        let dir = root.path().join("interrupted");
+        let opts = TrainOptions {
+            stop_after_iterations: Some(7),
+            ..quiet()
+        };
+        assert!(train(&cfg(&dir), &opts).unwrap().interrupted);
+        let s = train(&cfg(&dir), &quiet()).unwrap();
+        assert_eq!((s.resumed_from, s.global_iteration), (Some(6), 10));
+        assert_same_state(&reference, &dir);
+        let (t, _) = final_state(&reference);
+        let c = t["ibot_patch_loss.center"]
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(
+            c > 0.0,
+            centering == Centering::Centering,
+            "{centering:?}: {c}"
+        );
+        assert!(t.contains_key("student.backbone.mask_token"));
+        let log = std::fs::read_to_string(reference.join("log.jsonl")).unwrap();
+        assert!(log.contains("\"ibot_loss\""));
+    }
+    // One step: every trainable parameter has a gradient (after the last-layer freeze: epoch 1).
+    let root = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        ibot_loss_weight: 1.0,
+        ..tiny(root.path())
+    };
+    let mut trainer = Trainer::new(&cfg, 5, &Device::Cpu).unwrap();
+    let crops: Vec<Tensor> = [28, 28, 14, 14]
+        .iter()
+        .map(|&s| Tensor::randn(0f32, 1.0, (8, 3, s, s), &Device::Cpu).unwrap())
+        .collect();
+    let st = trainer.step(&crops, 1, 0).unwrap();
+    assert_eq!(st.params_with_grad, trainer.params.len());
+    assert!(trainer
+        .params
+        .iter()
+        .any(|(n, _)| n == "backbone.mask_token"));
+    assert!(st.ibot_loss.is_some_and(|l| l.is_finite() && l > 0.0));
+    // Without iBOT there is no mask token and no patch centre.
+    let plain = Trainer::new(&tiny(root.path()), 5, &Device::Cpu).unwrap();
+    assert!(!plain.params.iter().any(|(n, _)| n == "backbone.mask_token"));
+    assert!(!plain
+        .state_tensors()
+        .unwrap()
+        .iter()
+        .any(|(n, _)| n.starts_with("ibot")));
+}
+
 /// This test binary, run as a child process on the one test `name` (an entry point that does nothing unless
 /// its environment variable is set).
 fn child_test(name: &str) -> std::process::Command {
