@@ -141,7 +141,7 @@ struct Geo {
     v_off: usize,
     /// bf16 products (see [`crate::fused::MatmulPrecision::Bf16`]).
     bf16: bool,
-    /// f32 products through [`small_gemm`] (AVX-512), not gemm.
+    /// f32 products through [`small_gemm`] (AVX-512, or AVX2 + FMA), not gemm.
     small: bool,
 }
 

@@ -9,23 +9,43 @@
 //! [`transpose_into`], which the caller makes once per pair. Every output element of [`gemm`] is one FMA chain over
 //! `k` in order, so results do not depend on the blocking. [`dot_columns`] computes a product's last one or two
 //! columns as dot products instead (the 65th key of cifar's global crops would otherwise take a whole 16-lane
-//! vector per row and `k`). AVX-512 only: [`available`] says whether to use it.
+//! vector per row and `k`). Two instruction sets, picked at run time ([`isa`]): AVX-512 F (a tile of up to 6 rows x 64
+//! columns in 24 zmm registers) and AVX2 + FMA for CPUs without AVX-512 (AMD Zen 1-3, older Intel: a tile of up to 6
+//! rows x 16 columns in 12 ymm registers). Both run the same FMA chain per output element, so [`gemm`] gives the
+//! same bits on either. [`available`] says whether this CPU runs one of them.
 
 /// Rows of a tile.
 const MR: usize = 6;
 /// 16-lane vectors per tile row (64 columns).
 const NV: usize = 4;
 
-/// Whether this CPU runs [`gemm`] (AVX-512 F).
-pub(crate) fn available() -> bool {
+/// The instruction set a kernel of this module runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// AVX-512 F: 16-lane zmm vectors.
+    Avx512,
+    /// AVX2 + FMA: 8-lane ymm vectors.
+    Avx2,
+}
+
+/// The widest instruction set of this module that this CPU runs, if any.
+pub(crate) fn isa() -> Option<Isa> {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Some(Isa::Avx512);
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Some(Isa::Avx2);
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    None
+}
+
+/// Whether this CPU runs [`gemm`] (AVX-512 F, or AVX2 and FMA).
+pub(crate) fn available() -> bool {
+    isa().is_some()
 }
 
 /// `c (m, n) = a (m, k) · b (k, n)`, overwriting `c`. Element `(i, l)` of `a` is at `a.0 + i * a.1 + l * a.2`,
@@ -33,11 +53,52 @@ pub(crate) fn available() -> bool {
 /// elements; the right operand and the output have unit column stride).
 ///
 /// # Safety
-/// The CPU must have AVX-512 F ([`available`]); every addressed element must be inside its buffer, and `c`
-/// must not overlap `a` or `b`.
+/// The CPU must run one of this module's instruction sets ([`available`]); every addressed element must be
+/// inside its buffer, and `c` must not overlap `a` or `b`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: (*mut f32, usize),
+    a: (*const f32, usize, usize),
+    b: (*const f32, usize),
+) {
+    gemm_on(
+        isa().expect("small_gemm::gemm called without AVX2 or AVX-512"),
+        m,
+        n,
+        k,
+        c,
+        a,
+        b,
+    )
+}
+
+/// [`gemm`] on the given instruction set.
+///
+/// # Safety
+/// As [`gemm`], and the CPU must run `isa`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn gemm_on(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    c: (*mut f32, usize),
+    a: (*const f32, usize, usize),
+    b: (*const f32, usize),
+) {
+    match isa {
+        Isa::Avx512 => gemm_avx512(m, n, k, c, a, b),
+        Isa::Avx2 => avx2::gemm(m, n, k, c, a, b),
+    }
+}
+
+/// [`gemm`] in 6 x 64 tiles of zmm registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn gemm(
+unsafe fn gemm_avx512(
     m: usize,
     n: usize,
     k: usize,
@@ -143,10 +204,51 @@ unsafe fn tile<const R: usize, const V: usize>(
 /// stride, `c` row stride `c.1`. Each dot product sums 16 lanes, then the lanes.
 ///
 /// # Safety
-/// As [`gemm`]: AVX-512 F, and every addressed element inside its buffer.
+/// As [`gemm`]: AVX2 or AVX-512 ([`available`]), and every addressed element inside its buffer.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn dot_columns(
+    m: usize,
+    k: usize,
+    j0: usize,
+    c: (*mut f32, usize),
+    a: (*const f32, usize),
+    rows: &[*const f32],
+) {
+    dot_columns_on(
+        isa().expect("small_gemm::dot_columns called without AVX2 or AVX-512"),
+        m,
+        k,
+        j0,
+        c,
+        a,
+        rows,
+    )
+}
+
+/// [`dot_columns`] on the given instruction set.
+///
+/// # Safety
+/// As [`dot_columns`], and the CPU must run `isa`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn dot_columns_on(
+    isa: Isa,
+    m: usize,
+    k: usize,
+    j0: usize,
+    c: (*mut f32, usize),
+    a: (*const f32, usize),
+    rows: &[*const f32],
+) {
+    match isa {
+        Isa::Avx512 => dot_columns_avx512(m, k, j0, c, a, rows),
+        Isa::Avx2 => avx2::dot_columns(m, k, j0, c, a, rows),
+    }
+}
+
+/// [`dot_columns`] with zmm registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn dot_columns(
+unsafe fn dot_columns_avx512(
     m: usize,
     k: usize,
     j0: usize,
@@ -192,10 +294,9 @@ pub(crate) unsafe fn dot_columns(
 /// `dst` as `(cols, rows)` row-major: 16 x 16 blocks through registers, the edges element by element.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F ([`available`]); `src` must address `rows` rows of `cols` elements with row
-/// stride `rs`; `dst` must hold `rows * cols`.
+/// The CPU must run one of this module's instruction sets ([`available`]); `src` must address `rows` rows of
+/// `cols` elements with row stride `rs`; `dst` must hold `rows * cols`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn transpose_into(
     src: *const f32,
     rows: usize,
@@ -203,11 +304,38 @@ pub(crate) unsafe fn transpose_into(
     rs: usize,
     dst: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
+    let isa = isa().expect("small_gemm::transpose_into called without AVX2 or AVX-512");
+    transpose_into_on(isa, src, rows, cols, rs, dst)
+}
+
+/// [`transpose_into`] on the given instruction set.
+///
+/// # Safety
+/// As [`transpose_into`], and the CPU must run `isa`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn transpose_into_on(
+    isa: Isa,
+    src: *const f32,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    dst: &mut [f32],
+) {
     assert!(
         dst.len() >= rows * cols,
         "transpose_into: destination too small"
     );
+    match isa {
+        Isa::Avx512 => transpose_avx512(src, rows, cols, rs, dst),
+        Isa::Avx2 => avx2::transpose(src, rows, cols, rs, dst),
+    }
+}
+
+/// [`transpose_into`] in 16 x 16 blocks of zmm registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_avx512(src: *const f32, rows: usize, cols: usize, rs: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
     let d = dst.as_mut_ptr();
     let (rb, cb) = (rows / 16 * 16, cols / 16 * 16);
     for r0 in (0..rb).step_by(16) {
@@ -246,9 +374,270 @@ pub(crate) unsafe fn transpose_into(
     unreachable!("small_gemm::available() is false off x86_64")
 }
 
+/// The AVX2 + FMA kernels: tiles of up to [`MR`] rows x 16 columns (two ymm vectors per row), for CPUs without
+/// AVX-512. Each output element of [`gemm`] is the same FMA chain over `k` as on AVX-512, and [`dot_columns`]
+/// keeps the 16 partial sums of the AVX-512 lanes in two ymm registers.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::MR;
+    use std::arch::x86_64::*;
+
+    /// The lane mask of the first `n` (1..=8) of 8 lanes, for `_mm256_maskload_ps` / `_mm256_maskstore_ps`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn mask8(n: usize) -> __m256i {
+        let n = n.min(8) as i32;
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// Loads 8 lanes at `p`, the first `n` of them (the others 0) when `MASKED`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load<const MASKED: bool>(p: *const f32, mask: __m256i) -> __m256 {
+        if MASKED {
+            _mm256_maskload_ps(p, mask)
+        } else {
+            _mm256_loadu_ps(p)
+        }
+    }
+
+    /// `c (m, n) = a (m, k) · b (k, n)` as [`super::gemm`], in panels of 16 columns.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; as [`super::gemm`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn gemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        c: (*mut f32, usize),
+        a: (*const f32, usize, usize),
+        b: (*const f32, usize),
+    ) {
+        let mut j0 = 0;
+        while j0 < n {
+            let cols = (n - j0).min(16);
+            let nv = cols.div_ceil(8);
+            let last = cols - 8 * (nv - 1);
+            let mask = mask8(last);
+            let mut i0 = 0;
+            while i0 < m {
+                let rows = (m - i0).min(MR);
+                let ct = (c.0.add(i0 * c.1 + j0), c.1);
+                let at = (a.0.add(i0 * a.1), a.1, a.2);
+                let bt = (b.0.add(j0), b.1);
+                macro_rules! go {
+                    ($($r:literal),*) => {
+                        match (rows, nv, last == 8) {
+                            $(
+                                ($r, 1, true) => tile::<$r, 1, false>(k, ct, at, bt, mask),
+                                ($r, 1, false) => tile::<$r, 1, true>(k, ct, at, bt, mask),
+                                ($r, _, true) => tile::<$r, 2, false>(k, ct, at, bt, mask),
+                                ($r, _, false) => tile::<$r, 2, true>(k, ct, at, bt, mask),
+                            )*
+                            _ => unreachable!("tile rows are 1..=MR"),
+                        }
+                    };
+                }
+                go!(1, 2, 3, 4, 5, 6);
+                i0 += rows;
+            }
+            j0 += cols;
+        }
+    }
+
+    /// One `R x 8*V` tile of [`gemm`]: the last vector of each row is masked to `mask`'s lanes when `MASKED`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize, const V: usize, const MASKED: bool>(
+        k: usize,
+        c: (*mut f32, usize),
+        a: (*const f32, usize, usize),
+        b: (*const f32, usize),
+        mask: __m256i,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        for l in 0..k {
+            let bl = b.0.add(l * b.1);
+            let mut bv = [_mm256_setzero_ps(); V];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                *bv = if v == V - 1 {
+                    load::<MASKED>(bl.add(8 * v), mask)
+                } else {
+                    _mm256_loadu_ps(bl.add(8 * v))
+                };
+            }
+            let al = a.0.add(l * a.2);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm256_set1_ps(*al.add(r * a.1));
+                for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm256_fmadd_ps(x, bv, *acc);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let cr = c.0.add(r * c.1);
+            for (v, &acc) in acc.iter().enumerate() {
+                if MASKED && v == V - 1 {
+                    _mm256_maskstore_ps(cr.add(8 * v), mask, acc);
+                } else {
+                    _mm256_storeu_ps(cr.add(8 * v), acc);
+                }
+            }
+        }
+    }
+
+    /// [`super::dot_columns`]: lanes 0-7 and 8-15 of the AVX-512 kernel's 16 partial sums in two ymm registers,
+    /// summed together, then in halves.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; as [`super::dot_columns`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_columns(
+        m: usize,
+        k: usize,
+        j0: usize,
+        c: (*mut f32, usize),
+        a: (*const f32, usize),
+        rows: &[*const f32],
+    ) {
+        for i in 0..m {
+            let ai = a.0.add(i * a.1);
+            for (t, &b) in rows.iter().enumerate() {
+                let mut lo = _mm256_setzero_ps();
+                let mut hi = _mm256_setzero_ps();
+                let mut l = 0;
+                while l < k {
+                    let left = k - l;
+                    if left >= 16 {
+                        lo = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(ai.add(l)),
+                            _mm256_loadu_ps(b.add(l)),
+                            lo,
+                        );
+                        hi = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(ai.add(l + 8)),
+                            _mm256_loadu_ps(b.add(l + 8)),
+                            hi,
+                        );
+                    } else {
+                        let m0 = mask8(left);
+                        lo = _mm256_fmadd_ps(
+                            _mm256_maskload_ps(ai.add(l), m0),
+                            _mm256_maskload_ps(b.add(l), m0),
+                            lo,
+                        );
+                        if left > 8 {
+                            let m1 = mask8(left - 8);
+                            hi = _mm256_fmadd_ps(
+                                _mm256_maskload_ps(ai.add(l + 8), m1),
+                                _mm256_maskload_ps(b.add(l + 8), m1),
+                                hi,
+                            );
+                        }
+                    }
+                    l += 16;
+                }
+                let s = _mm256_add_ps(lo, hi);
+                let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+                *c.0.add(i * c.1 + j0 + t) = _mm_cvtss_f32(s);
+            }
+        }
+    }
+
+    /// The transpose of an 8 x 8 block of f32 rows (`out[j]` lane `i` = `r[i]` lane `j`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        // Within each 128-bit lane, u[q] holds element (4L + q) of rows 0-3 (u[0..4]) or 4-7 (u[4..8]).
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xee>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xee>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xee>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xee>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+
+    /// [`super::transpose_into`] in 8 x 8 blocks of ymm registers, the edges element by element.
+    ///
+    /// # Safety
+    /// AVX2; as [`super::transpose_into`] (the caller checked `dst`'s length).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn transpose(
+        src: *const f32,
+        rows: usize,
+        cols: usize,
+        rs: usize,
+        dst: &mut [f32],
+    ) {
+        let d = dst.as_mut_ptr();
+        let (rb, cb) = (rows / 8 * 8, cols / 8 * 8);
+        for r0 in (0..rb).step_by(8) {
+            for c0 in (0..cb).step_by(8) {
+                let mut v = [_mm256_setzero_ps(); 8];
+                for (i, v) in v.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(src.add((r0 + i) * rs + c0));
+                }
+                for (j, t) in transpose8(v).iter().enumerate() {
+                    _mm256_storeu_ps(d.add((c0 + j) * rows + r0), *t);
+                }
+            }
+        }
+        for r in 0..rows {
+            let c_start = if r < rb { cb } else { 0 };
+            for c in c_start..cols {
+                *d.add(c * rows + r) = *src.add(r * rs + c);
+            }
+        }
+    }
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
+
+    /// The instruction sets of this module that this CPU runs; says on stderr which ones a test could not check.
+    fn isas(test: &str) -> Vec<Isa> {
+        let mut isas = Vec::new();
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            isas.push(Isa::Avx512);
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            isas.push(Isa::Avx2);
+        }
+        for missing in [Isa::Avx512, Isa::Avx2] {
+            if !isas.contains(&missing) {
+                eprintln!("NOT RUN on this CPU: {test} for {missing:?} (the CPU lacks it)");
+            }
+        }
+        isas
+    }
 
     fn pattern(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
@@ -260,9 +649,12 @@ mod tests {
     /// transposed left operands and padded output rows, against a direct f64 triple loop.
     #[test]
     fn matches_direct_products_on_every_tile_shape() {
-        if !available() {
-            return;
+        for isa in isas("matches_direct_products_on_every_tile_shape") {
+            matches_direct_products_on_every_tile_shape_on(isa);
         }
+    }
+
+    fn matches_direct_products_on_every_tile_shape_on(isa: Isa) {
         for &(m, n, k) in &[
             (1, 1, 1),
             (17, 17, 64),
@@ -278,9 +670,10 @@ mod tests {
                 let b = pattern(k * b_rs, 2);
                 let c_rs = n + 1;
                 let mut c = vec![f32::NAN; m * c_rs];
-                // SAFETY: AVX-512 is available; every index below is inside the buffers.
+                // SAFETY: the CPU runs `isa`; every index below is inside the buffers.
                 unsafe {
-                    gemm(
+                    gemm_on(
+                        isa,
                         m,
                         n,
                         k,
@@ -297,7 +690,7 @@ mod tests {
                         let got = c[i * c_rs + j];
                         assert!(
                             (got as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
-                            "({m}, {n}, {k}) transposed {transposed}: c[{i}][{j}] = {got}, want {want}"
+                            "{isa:?} ({m}, {n}, {k}) transposed {transposed}: c[{i}][{j}] = {got}, want {want}"
                         );
                     }
                     // The padding column is never written.
@@ -313,9 +706,12 @@ mod tests {
     /// Dot-product columns with `k` below, at and past one vector, into a strided output.
     #[test]
     fn dot_columns_match_direct_products() {
-        if !available() {
-            return;
+        for isa in isas("dot_columns_match_direct_products") {
+            dot_columns_match_direct_products_on(isa);
         }
+    }
+
+    fn dot_columns_match_direct_products_on(isa: Isa) {
         for &(m, k) in &[(1, 1), (7, 16), (65, 64), (5, 37)] {
             let a_rs = k + 3;
             let a = pattern(m * a_rs, 4);
@@ -323,9 +719,19 @@ mod tests {
             let rows = [b.as_ptr(), b[k + 1..].as_ptr()];
             let c_rs = 6;
             let mut c = vec![f32::NAN; m * c_rs];
-            // SAFETY: AVX-512 is available; `m` rows of `k` with stride `a_rs`, two rows of `k`, and columns 3-4
+            // SAFETY: the CPU runs `isa`; `m` rows of `k` with stride `a_rs`, two rows of `k`, and columns 3-4
             // of `m` rows of 6 lie inside their buffers.
-            unsafe { dot_columns(m, k, 3, (c.as_mut_ptr(), c_rs), (a.as_ptr(), a_rs), &rows) };
+            unsafe {
+                dot_columns_on(
+                    isa,
+                    m,
+                    k,
+                    3,
+                    (c.as_mut_ptr(), c_rs),
+                    (a.as_ptr(), a_rs),
+                    &rows,
+                )
+            };
             for i in 0..m {
                 for t in 0..2 {
                     let want: f64 = (0..k)
@@ -334,7 +740,7 @@ mod tests {
                     let got = c[i * c_rs + 3 + t];
                     assert!(
                         (got as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
-                        "({m}, {k}) c[{i}][{t}]"
+                        "{isa:?} ({m}, {k}) c[{i}][{t}]"
                     );
                 }
                 for j in [0, 1, 2, 5] {
@@ -347,24 +753,74 @@ mod tests {
     /// Full 16 x 16 blocks, edge rows and edge columns, from strided rows.
     #[test]
     fn transpose_reads_strided_rows() {
-        if !available() {
-            return;
+        for isa in isas("transpose_reads_strided_rows") {
+            transpose_reads_strided_rows_on(isa);
         }
+    }
+
+    fn transpose_reads_strided_rows_on(isa: Isa) {
         for &(rows, cols) in &[(5, 7), (17, 64), (33, 40), (16, 16), (65, 17)] {
             let rs = cols + 9;
             let src = pattern(rows * rs, 3);
             let mut dst = vec![f32::NAN; rows * cols];
-            // SAFETY: AVX-512 is available; `rows` rows of `cols` with stride `rs` lie inside `src`.
-            unsafe { transpose_into(src.as_ptr(), rows, cols, rs, &mut dst) };
+            // SAFETY: the CPU runs `isa`; `rows` rows of `cols` with stride `rs` lie inside `src`.
+            unsafe { transpose_into_on(isa, src.as_ptr(), rows, cols, rs, &mut dst) };
             for r in 0..rows {
                 for c in 0..cols {
                     assert_eq!(
                         dst[c * rows + r],
                         src[r * rs + c],
-                        "({rows}, {cols}) at ({r}, {c})"
+                        "{isa:?} ({rows}, {cols}) at ({r}, {c})"
                     );
                 }
             }
+        }
+    }
+
+    /// The two instruction sets give the same bits: the same FMA chain per element of [`gemm`]; [`dot_columns`]'s
+    /// 16 partial sums, summed in the AVX-512 reduction's halves.
+    #[test]
+    fn avx2_and_avx512_give_the_same_bits() {
+        // `isas` names the set this CPU lacks.
+        if isas("avx2_and_avx512_give_the_same_bits").len() < 2 {
+            return;
+        }
+        let (m, n, k) = (65, 65, 64);
+        let a = pattern(m * k, 7);
+        let b = pattern(k * n, 8);
+        let run = |isa| {
+            let mut c = vec![0f32; m * n];
+            // SAFETY: the CPU runs both sets; `a` is (m, k), `b` (k, n) and `c` (m, n), all row-major.
+            unsafe {
+                gemm_on(
+                    isa,
+                    m,
+                    n,
+                    k,
+                    (c.as_mut_ptr(), n),
+                    (a.as_ptr(), k, 1),
+                    (b.as_ptr(), n),
+                );
+                let rows = [b.as_ptr(), b[k..].as_ptr()];
+                dot_columns_on(
+                    isa,
+                    m,
+                    k - 3,
+                    0,
+                    (c.as_mut_ptr(), n),
+                    (a.as_ptr(), k),
+                    &rows,
+                );
+            }
+            c
+        };
+        let (x, y) = (run(Isa::Avx512), run(Isa::Avx2));
+        for (i, (x, y)) in x.iter().zip(&y).enumerate() {
+            assert_eq!(
+                x.to_bits(),
+                y.to_bits(),
+                "element {i}: AVX-512 {x}, AVX2 {y}"
+            );
         }
     }
 }
