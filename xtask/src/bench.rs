@@ -21,6 +21,51 @@ pub struct BenchArgs {
     /// A Python with torch: after each training-step and forward case, the same in PyTorch
     /// (`xtask/pytorch/dino_step.py`) in fp32 and under bf16 autocast, baselines timed in the same run.
     pub pytorch: Option<PathBuf>,
+    /// When PyTorch also runs under bf16 autocast (default [`PytorchBf16::Auto`]).
+    pub pytorch_bf16: PytorchBf16,
+}
+
+/// When `--pytorch` times PyTorch under bf16 autocast beside fp32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PytorchBf16 {
+    /// Where the CPU has bf16 arithmetic (`avx512_bf16` or `amx_bf16` in /proc/cpuinfo; where that file cannot be
+    /// read: always). Without it PyTorch emulates bf16: 256 s per step/cifar/4096 step on an AVX2-only EPYC, 11x
+    /// its fp32 time, and hours for the larger configurations.
+    #[default]
+    Auto,
+    /// Always.
+    Always,
+    /// Never: fp32 only.
+    Never,
+}
+
+/// Whether a /proc/cpuinfo text names a bf16 arithmetic flag (`avx512_bf16`, `amx_bf16`) of x86, or `bf16` of
+/// aarch64's Features.
+fn cpuinfo_has_bf16(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags") || l.starts_with("Features"))
+        .flat_map(|l| l.split_whitespace())
+        .any(|f| matches!(f, "avx512_bf16" | "amx_bf16" | "bf16"))
+}
+
+/// Whether this run times PyTorch under bf16 autocast; says why on stderr when `Auto` leaves it out.
+fn pytorch_runs_bf16(mode: PytorchBf16) -> bool {
+    match mode {
+        PytorchBf16::Always => true,
+        PytorchBf16::Never => false,
+        PytorchBf16::Auto => match std::fs::read_to_string("/proc/cpuinfo") {
+            Ok(info) if !cpuinfo_has_bf16(&info) => {
+                eprintln!(
+                    "--pytorch: bf16 autocast not timed: this CPU has no bf16 arithmetic (no avx512_bf16 or \
+                     amx_bf16 in /proc/cpuinfo), where PyTorch emulates it at a fraction of its fp32 speed; \
+                     --pytorch-bf16 always times it anyway"
+                );
+                false
+            }
+            _ => true,
+        },
+    }
 }
 
 fn cargo() -> String {
@@ -89,6 +134,7 @@ fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
             all.join(", ")
         );
     }
+    let pytorch_bf16 = args.pytorch.is_some() && pytorch_runs_bf16(args.pytorch_bf16);
     let mut failed = Vec::new();
     for case in chosen {
         let mut cmd = Command::new(&exe);
@@ -116,8 +162,11 @@ fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
             .map(|c| (c, false))
             .or_else(|| case.strip_prefix("forward/").map(|c| (c, true)));
         if let (Some(python), Some((cfg, forward))) = (&args.pytorch, pytorch_case) {
-            // Both of PyTorch's CPU modes in the same run: fp32, then bf16 autocast.
+            // PyTorch's CPU modes in the same run: fp32, then bf16 autocast where it is timed.
             for bf16 in [false, true] {
+                if bf16 && !pytorch_bf16 {
+                    continue;
+                }
                 if !run_pytorch(root, python, cfg, forward, bf16, args.quick)? {
                     let mode = if bf16 { "bf16 autocast" } else { "fp32" };
                     failed.push(format!("{case} (PyTorch {mode})"));
@@ -260,6 +309,19 @@ fn criterion_line(id: &str, est: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_arithmetic_is_read_from_cpuinfo_flags() {
+        let zen1 = "processor\t: 0\nflags\t\t: fpu sse avx2 fma avx512f\n";
+        assert!(!cpuinfo_has_bf16(zen1));
+        assert!(cpuinfo_has_bf16("flags\t\t: avx2 avx512f avx512_bf16\n"));
+        assert!(cpuinfo_has_bf16("flags\t\t: avx2 amx_bf16 amx_tile\n"));
+        assert!(cpuinfo_has_bf16("Features\t: fp asimd bf16 i8mm\n"));
+        // A word that only contains the name does not count, nor does a line other than the flags.
+        assert!(!cpuinfo_has_bf16(
+            "flags\t\t: avx512_bf16x\nmodel name\t: bf16 avx512_bf16\n"
+        ));
+    }
 
     #[test]
     fn criterion_estimates_become_json_lines() {

@@ -4,9 +4,10 @@
 //!   (published sha256/md5), extracted.
 //! - `fetch-weights <name>`: official DINO weights through dino-models' hub code.
 //! - `ci`: exactly what `.ci/run` runs.
-//! - `bench [--quick] [--case NAME]... [--criterion] [--no-step] [--matmul-precision bf16] [--pytorch PYTHON]`:
-//!   one JSON line per benchmark case (with `--pytorch`, each training step and forward pass also timed in PyTorch,
-//!   fp32 and bf16 autocast; the `ceiling` case gives this CPU's f32 and bf16 register-only FMA rates).
+//! - `bench [--quick] [--case NAME]... [--criterion] [--no-step] [--matmul-precision bf16] [--pytorch PYTHON]
+//!   [--pytorch-bf16 auto|always|never]`: one JSON line per benchmark case (with `--pytorch`, each training step
+//!   and forward pass also timed in PyTorch, fp32 and, where the CPU has bf16 arithmetic, bf16 autocast; the
+//!   `ceiling` case gives this CPU's f32 and bf16 register-only FMA rates).
 //! - `gpu-check`: builds the CUDA binaries and the script that checks them on a GPU machine (`target/gpu-check`).
 
 mod bench;
@@ -69,6 +70,10 @@ enum Cmd {
         /// (xtask/pytorch/dino_step.py) in fp32 and under bf16 autocast, same-run baselines.
         #[arg(long, value_name = "PYTHON")]
         pytorch: Option<PathBuf>,
+        /// With --pytorch, when to time bf16 autocast too: auto (where the CPU has bf16 arithmetic:
+        /// avx512_bf16 or amx_bf16), always or never.
+        #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = ["auto", "always", "never"])]
+        pytorch_bf16: String,
     },
 }
 
@@ -105,6 +110,7 @@ fn run(cli: Cli) -> Result<()> {
             no_step,
             matmul_precision,
             pytorch,
+            pytorch_bf16,
         } => bench::run(
             root(),
             &bench::BenchArgs {
@@ -114,6 +120,11 @@ fn run(cli: Cli) -> Result<()> {
                 criterion,
                 matmul_precision,
                 pytorch,
+                pytorch_bf16: match pytorch_bf16.as_str() {
+                    "always" => bench::PytorchBf16::Always,
+                    "never" => bench::PytorchBf16::Never,
+                    _ => bench::PytorchBf16::Auto,
+                },
             },
         ),
     }

@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::loss::{sinkhorn_knopp, TeacherCentering};
+use crate::loss::{restored_center, sinkhorn_knopp, TeacherCentering};
 use crate::{Error, Result};
 
 /// Configuration of [`IbotPatchLoss`]; defaults follow `dinov2.loss.iBOTPatchLoss`.
@@ -89,11 +89,7 @@ impl IbotPatchLoss {
         if center.elem_count() != k || center.dims().iter().filter(|&&d| d != 1).count() > 1 {
             return Err(Error::shape("center", format!("(1, {k})"), center.dims()));
         }
-        self.center = center
-            .reshape((1, k))?
-            .to_dtype(DType::F32)?
-            .to_device(self.center.device())?
-            .detach();
+        self.center = restored_center(center, k, self.center.device())?;
         Ok(())
     }
 

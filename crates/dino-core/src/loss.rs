@@ -186,11 +186,7 @@ impl DinoLoss {
         if dims != [1, k] && dims != [k] {
             return Err(Error::shape("center", format!("(1, {k})"), dims));
         }
-        self.center = center
-            .reshape((1, k))?
-            .to_dtype(DType::F32)?
-            .to_device(self.center.device())?
-            .detach();
+        self.center = restored_center(center, k, self.center.device())?;
         Ok(())
     }
 
@@ -471,6 +467,15 @@ fn cross_entropy_pairs(ls: &Tensor, q: &Tensor, ncrops: usize) -> Result<Tensor>
     }
     let total = total.ok_or_else(|| Error::arg("ncrops", "no pair of different views"))?;
     Ok((total / terms as f64)?)
+}
+
+/// A centre read from a checkpoint (K values, shape already checked) as the (1, K) f32 buffer on `device`.
+pub(crate) fn restored_center(center: &Tensor, k: usize, device: &Device) -> Result<Tensor> {
+    Ok(center
+        .reshape((1, k))?
+        .to_dtype(DType::F32)?
+        .to_device(device)?
+        .detach())
 }
 
 /// DINOv2's `sinkhorn_knopp_teacher`: targets (rows, K) from the teacher logits (rows, K) of both global

@@ -7,7 +7,7 @@ use candle_core::{DType, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use dino_models::head::{DinoHead, DinoHeadConfig};
 use dino_models::multicrop::{resolution_groups, MultiCropWrapper};
-use dino_models::params::{sorted_vars, trainable_vars, ModelSpec};
+use dino_models::params::{sorted_vars, trainable_vars, ModelSpec, NamedVar};
 use dino_models::Backbone;
 
 /// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
@@ -65,6 +65,23 @@ fn head(varmap: &VarMap, in_dim: usize) -> DinoHead {
         ..DinoHeadConfig::new(in_dim, 16)
     };
     DinoHead::new(cfg, vb.pp("head")).unwrap()
+}
+
+/// Every named variable has a gradient in `grads`, and it is not all zeros.
+fn assert_every_gradient_nonzero(grads: &candle_core::backprop::GradStore, vars: &[NamedVar]) {
+    for (name, var) in vars {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no grad"));
+        let n = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n > 0.0, "{name}: zero gradient");
+    }
 }
 
 fn crop(b: usize, s: usize) -> Tensor {
@@ -156,19 +173,7 @@ fn gradients_reach_backbone_and_head() {
     let vars = sorted_vars(&varmap);
     let trainable = trainable_vars(&vars, &ModelSpec::default());
     assert_eq!(trainable.len(), 8); // backbone.proj.weight + 7 head parameters
-    for (name, var) in trainable {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no grad"));
-        let n = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(n > 0.0, "{name}: zero gradient");
-    }
+    assert_every_gradient_nonzero(&grads, &trainable);
 }
 
 /// iBOT's forward with a ViT: without masks, the CLS head outputs equal `forward`'s (the head has no
@@ -224,19 +229,7 @@ fn ibot_forward_selects_patch_tokens_and_reaches_every_parameter() {
     let vars = sorted_vars(&varmap);
     let trainable = trainable_vars(&vars, &ModelSpec::default());
     assert!(trainable.iter().any(|(n, _)| n == "backbone.mask_token"));
-    for (name, var) in trainable {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no grad"));
-        let n = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(n > 0.0, "{name}: zero gradient");
-    }
+    assert_every_gradient_nonzero(&grads, &trainable);
 
     let varmap = VarMap::new();
     let (bb, _) = toy(&varmap, 10);

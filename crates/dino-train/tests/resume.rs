@@ -124,6 +124,22 @@ fn reference_run(root: &Path) -> PathBuf {
     dir
 }
 
+/// The run of `cfg` uninterrupted (in `root/reference`) and interrupted after iteration 7, then resumed from its
+/// checkpoint at 6 to the end (in `root/interrupted`); returns the two directories.
+fn reference_and_resumed(root: &Path, cfg: impl Fn(&Path) -> TrainConfig) -> (PathBuf, PathBuf) {
+    let reference = root.join("reference");
+    train(&cfg(&reference), &quiet()).unwrap();
+    let dir = root.join("interrupted");
+    let opts = TrainOptions {
+        stop_after_iterations: Some(7),
+        ..quiet()
+    };
+    assert!(train(&cfg(&dir), &opts).unwrap().interrupted);
+    let s = train(&cfg(&dir), &quiet()).unwrap();
+    assert_eq!((s.resumed_from, s.global_iteration), (Some(6), 10));
+    (reference, dir)
+}
+
 #[test]
 fn interrupted_mid_epoch_then_resumed_equals_uninterrupted() {
     let root = tempfile::tempdir().unwrap();
@@ -177,16 +193,7 @@ fn sgd_and_lars_resume_exactly() {
             optimizer: kind,
             ..tiny(dir)
         };
-        let reference = root.path().join("reference");
-        train(&cfg(&reference), &quiet()).unwrap();
-        let dir = root.path().join("interrupted");
-        let opts = TrainOptions {
-            stop_after_iterations: Some(7),
-            ..quiet()
-        };
-        assert!(train(&cfg(&dir), &opts).unwrap().interrupted);
-        let s = train(&cfg(&dir), &quiet()).unwrap();
-        assert_eq!((s.resumed_from, s.global_iteration), (Some(6), 10));
+        let (reference, dir) = reference_and_resumed(root.path(), cfg);
         assert_same_state_with(&reference, &dir, key);
     }
 }
@@ -205,16 +212,7 @@ fn ibot_resumes_exactly_in_both_centering_modes() {
             centering,
             ..tiny(dir)
         };
-        let reference = root.path().join("reference");
-        train(&cfg(&reference), &quiet()).unwrap();
-        let dir = root.path().join("interrupted");
-        let opts = TrainOptions {
-            stop_after_iterations: Some(7),
-            ..quiet()
-        };
-        assert!(train(&cfg(&dir), &opts).unwrap().interrupted);
-        let s = train(&cfg(&dir), &quiet()).unwrap();
-        assert_eq!((s.resumed_from, s.global_iteration), (Some(6), 10));
+        let (reference, dir) = reference_and_resumed(root.path(), cfg);
         assert_same_state(&reference, &dir);
         let (t, _) = final_state(&reference);
         let c = t["ibot_patch_loss.center"]
