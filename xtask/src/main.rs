@@ -14,6 +14,7 @@ mod bench;
 mod ci;
 mod fetch;
 mod gpu;
+mod unify;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -49,6 +50,8 @@ enum Cmd {
     /// Build the CUDA binaries and the script that runs the golden tests, a short training run and the step
     /// benchmark on a GPU machine without cargo (target/gpu-check).
     GpuCheck,
+    /// Check (nightly cargo) that the builds of .ci/run reuse the workspace tests' compiled dependencies.
+    UnifyCheck,
     /// Run the benchmarks, one JSON line per case.
     Bench {
         /// Fewer iterations: a smoke run.
@@ -103,6 +106,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::FetchWeights { name, out } => weights::fetch(&name, out.as_deref()),
         Cmd::Ci => ci::run(root()),
         Cmd::GpuCheck => gpu::run(root()),
+        Cmd::UnifyCheck => unify::run(root()),
         Cmd::Bench {
             quick,
             cases,

@@ -63,8 +63,9 @@ fn mpi_dino() -> Option<PathBuf> {
         if let Ok(p) = std::env::var("DINO_MPI_BIN") {
             return Some(PathBuf::from(p));
         }
-        // Built in this target dir (only dino-train and dino-cli compile again: every dependency is shared),
-        // copied aside, then the plain binary is restored for the other tests.
+        // Built in this target dir (only dino-models without `hub`, dino-train and dino-cli compile again:
+        // crates/dino-workspace-hack keeps every dependency the same as the workspace's; `cargo xtask
+        // unify-check` checks it), copied aside, then the plain binary is restored for the other tests.
         let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
         let target = tmp.parent().expect("target dir");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
