@@ -194,6 +194,9 @@ pub struct TrainArgs {
     /// Range of the Gaussian blur's sigma in pixels (two numbers; meant for 224 px crops). [0.1 2.0]
     #[arg(long, num_args = 2, value_names = ["MIN", "MAX"])]
     pub blur_sigma: Option<Vec<f64>>,
+    /// Aspect-ratio range (width / height) of the crops (two numbers; 1 1: no distortion). [0.75 1.3333]
+    #[arg(long, num_args = 2, value_names = ["MIN", "MAX"])]
+    pub crops_ratio: Option<Vec<f64>>,
     /// Side of the global crops in pixels. [224]
     #[arg(long)]
     pub global_crops_size: Option<usize>,
@@ -307,6 +310,9 @@ impl TrainArgs {
         }
         if let Some(v) = &self.blur_sigma {
             cfg.blur_sigma = [v[0], v[1]];
+        }
+        if let Some(v) = &self.crops_ratio {
+            cfg.crops_ratio = [v[0], v[1]];
         }
         if let Some(v) = &self.norm_mean {
             cfg.norm_mean = [v[0], v[1], v[2]];
@@ -526,6 +532,9 @@ mod tests {
             "--blur-sigma",
             "0.05",
             "0.5",
+            "--crops-ratio",
+            "1",
+            "1",
             "--ibot-loss-weight",
             "0.5",
             "--ibot-mask-ratio-min-max",
@@ -554,6 +563,7 @@ mod tests {
         );
         assert_eq!(c.resnet_width, 32);
         assert_eq!(c.blur_sigma, [0.05, 0.5]);
+        assert_eq!(c.crops_ratio, [1.0, 1.0]);
         // The official warm-up of 10 epochs on a 1-epoch run is shortened with a warning, not refused.
         let c = parse(&["--data-path", "imgs", "--epochs", "1"])
             .unwrap()

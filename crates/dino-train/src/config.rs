@@ -310,6 +310,9 @@ pub struct TrainConfig {
     /// Range of the Gaussian blur's sigma (Pillow radius) in pixels. The official (0.1, 2.0) is meant for
     /// 224 px crops; on small images the same blur in pixels removes proportionally more. Default [0.1, 2.0].
     pub blur_sigma: [f64; 2],
+    /// Aspect-ratio range (width / height) of every crop's RandomResizedCrop, sampled log-uniformly; [1, 1]
+    /// keeps the crops' shapes undistorted. Default [0.75, 1.3333333333333333] (torchvision's 3/4, 4/3).
+    pub crops_ratio: [f64; 2],
     /// Per-channel normalisation mean. Default ImageNet [0.485, 0.456, 0.406].
     pub norm_mean: [f32; 3],
     /// Per-channel normalisation std. Default ImageNet [0.229, 0.224, 0.225].
@@ -413,6 +416,7 @@ impl Default for TrainConfig {
             global_crops_size: 224,
             local_crops_size: 96,
             blur_sigma: [0.1, 2.0],
+            crops_ratio: [3.0 / 4.0, 4.0 / 3.0],
             norm_mean: [0.485, 0.456, 0.406],
             norm_std: [0.229, 0.224, 0.225],
             data_path: PathBuf::from("/path/to/imagenet/train/"),
@@ -796,6 +800,14 @@ impl TrainConfig {
                 "expected 0 < min <= max",
             ));
         }
+        let r = self.crops_ratio;
+        if !(r[0] > 0.0 && r[0] <= r[1] && r[1].is_finite()) {
+            return Err(Error::config(
+                "crops_ratio",
+                format!("{r:?}"),
+                "expected 0 < min <= max",
+            ));
+        }
         if self.norm_std.iter().any(|s| s.is_nan() || *s <= 0.0) {
             return Err(Error::config(
                 "norm_std",
@@ -979,6 +991,27 @@ mod tests {
         assert_eq!((c.warmup_epochs, c.warmup_teacher_temp_epochs), (1, 1));
         c.validate().unwrap();
         assert!(c.clamp_to_epochs().is_empty());
+    }
+
+    #[test]
+    fn crops_ratio_is_validated_and_defaults_to_torchvisions() {
+        assert_eq!(TrainConfig::official().crops_ratio, [0.75, 4.0 / 3.0]);
+        for bad in [
+            [0.0, 1.0],
+            [1.5, 1.0],
+            [1.0, f64::INFINITY],
+            [f64::NAN, 1.0],
+        ] {
+            let c = TrainConfig {
+                crops_ratio: bad,
+                ..TrainConfig::official()
+            };
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("crops_ratio"), "{err}");
+        }
+        let c = TrainConfig::from_toml_str("crops_ratio = [1.0, 1.0]\n").unwrap();
+        assert_eq!(c.crops_ratio, [1.0, 1.0]);
+        c.validate().unwrap();
     }
 
     #[test]

@@ -145,6 +145,7 @@ pub fn augmentation(cfg: &TrainConfig) -> Result<Arc<dyn Transform>> {
         global_crop_size: cfg.global_crops_size,
         local_crop_size: cfg.local_crops_size,
         blur_sigma: (cfg.blur_sigma[0], cfg.blur_sigma[1]),
+        ratio: (cfg.crops_ratio[0], cfg.crops_ratio[1]),
         mean: cfg.norm_mean,
         std: cfg.norm_std,
         ..DinoAugConfig::default()
@@ -280,4 +281,27 @@ pub fn fit_to_data(cfg: &mut TrainConfig) -> Result<DataStats> {
     cfg.norm_mean = st.mean;
     cfg.norm_std = st.std;
     Ok(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn augmentation_receives_the_crops_ratio() {
+        // An inverted range passes through to DinoAugConfig's own check only if the key is forwarded.
+        let cfg = TrainConfig {
+            crops_ratio: [2.0, 1.0],
+            ..TrainConfig::default_preset()
+        };
+        let err = augmentation(&cfg)
+            .err()
+            .expect("an inverted ratio range is refused");
+        assert!(err.to_string().contains("ratio = (2, 1)"), "{err}");
+        let cfg = TrainConfig {
+            crops_ratio: [1.0, 1.0],
+            ..TrainConfig::default_preset()
+        };
+        augmentation(&cfg).unwrap();
+    }
 }
