@@ -792,21 +792,17 @@ impl TrainConfig {
                 ));
             }
         }
-        let b = self.blur_sigma;
-        if !(b[0] > 0.0 && b[0] <= b[1] && b[1].is_finite()) {
-            return Err(Error::config(
-                "blur_sigma",
-                format!("{b:?}"),
-                "expected 0 < min <= max",
-            ));
-        }
-        let r = self.crops_ratio;
-        if !(r[0] > 0.0 && r[0] <= r[1] && r[1].is_finite()) {
-            return Err(Error::config(
-                "crops_ratio",
-                format!("{r:?}"),
-                "expected 0 < min <= max",
-            ));
+        for (k, r) in [
+            ("blur_sigma", self.blur_sigma),
+            ("crops_ratio", self.crops_ratio),
+        ] {
+            if !(r[0] > 0.0 && r[0] <= r[1] && r[1].is_finite()) {
+                return Err(Error::config(
+                    k,
+                    format!("{r:?}"),
+                    "expected 0 < min <= max",
+                ));
+            }
         }
         if self.norm_std.iter().any(|s| s.is_nan() || *s <= 0.0) {
             return Err(Error::config(
