@@ -197,6 +197,15 @@ pub struct TrainArgs {
     /// Aspect-ratio range (width / height) of the crops (two numbers; 1 1: no distortion). [0.75 1.3333]
     #[arg(long, num_args = 2, value_names = ["MIN", "MAX"])]
     pub crops_ratio: Option<Vec<f64>>,
+    /// Probability of the colour jitter on each crop (0 disables it). [0.8]
+    #[arg(long)]
+    pub color_jitter_p: Option<f64>,
+    /// Blur probabilities of global crop 1, global crop 2 and each local crop (three numbers). [1.0 0.1 0.5]
+    #[arg(long, num_args = 3, value_names = ["GLOBAL1", "GLOBAL2", "LOCAL"])]
+    pub blur_p: Option<Vec<f64>>,
+    /// Probability of solarising global crop 2 (0 disables it). [0.2]
+    #[arg(long)]
+    pub solarize_p: Option<f64>,
     /// Side of the global crops in pixels. [224]
     #[arg(long)]
     pub global_crops_size: Option<usize>,
@@ -286,6 +295,8 @@ impl TrainArgs {
             device,
             kernels,
             local_crops_number,
+            color_jitter_p,
+            solarize_p,
             global_crops_size,
             local_crops_size,
             data_path,
@@ -313,6 +324,9 @@ impl TrainArgs {
         }
         if let Some(v) = &self.crops_ratio {
             cfg.crops_ratio = [v[0], v[1]];
+        }
+        if let Some(v) = &self.blur_p {
+            cfg.blur_p = [v[0], v[1], v[2]];
         }
         if let Some(v) = &self.norm_mean {
             cfg.norm_mean = [v[0], v[1], v[2]];
@@ -535,6 +549,14 @@ mod tests {
             "--crops-ratio",
             "1",
             "1",
+            "--color-jitter-p",
+            "0.5",
+            "--blur-p",
+            "0.5",
+            "0",
+            "0.25",
+            "--solarize-p",
+            "0",
             "--ibot-loss-weight",
             "0.5",
             "--ibot-mask-ratio-min-max",
@@ -564,6 +586,10 @@ mod tests {
         assert_eq!(c.resnet_width, 32);
         assert_eq!(c.blur_sigma, [0.05, 0.5]);
         assert_eq!(c.crops_ratio, [1.0, 1.0]);
+        assert_eq!(
+            (c.color_jitter_p, c.blur_p, c.solarize_p),
+            (0.5, [0.5, 0.0, 0.25], 0.0)
+        );
         // The official warm-up of 10 epochs on a 1-epoch run is shortened with a warning, not refused.
         let c = parse(&["--data-path", "imgs", "--epochs", "1"])
             .unwrap()

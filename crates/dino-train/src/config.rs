@@ -313,6 +313,14 @@ pub struct TrainConfig {
     /// Aspect-ratio range (width / height) of every crop's RandomResizedCrop, sampled log-uniformly; [1, 1]
     /// keeps the crops' shapes undistorted. Default [0.75, 1.3333333333333333] (torchvision's 3/4, 4/3).
     pub crops_ratio: [f64; 2],
+    /// Probability of the colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) on each crop;
+    /// 0 disables it. Default 0.8.
+    pub color_jitter_p: f64,
+    /// Probability of the Gaussian blur on global crop 1, global crop 2 and each local crop. Default
+    /// [1.0, 0.1, 0.5].
+    pub blur_p: [f64; 3],
+    /// Probability of solarising global crop 2 (pixels >= 128 inverted); 0 disables it. Default 0.2.
+    pub solarize_p: f64,
     /// Per-channel normalisation mean. Default ImageNet [0.485, 0.456, 0.406].
     pub norm_mean: [f32; 3],
     /// Per-channel normalisation std. Default ImageNet [0.229, 0.224, 0.225].
@@ -417,6 +425,9 @@ impl Default for TrainConfig {
             local_crops_size: 96,
             blur_sigma: [0.1, 2.0],
             crops_ratio: [3.0 / 4.0, 4.0 / 3.0],
+            color_jitter_p: 0.8,
+            blur_p: [1.0, 0.1, 0.5],
+            solarize_p: 0.2,
             norm_mean: [0.485, 0.456, 0.406],
             norm_std: [0.229, 0.224, 0.225],
             data_path: PathBuf::from("/path/to/imagenet/train/"),
@@ -768,6 +779,11 @@ impl TrainConfig {
         for (k, v) in [
             ("momentum_teacher", self.momentum_teacher),
             ("center_momentum", self.center_momentum),
+            ("color_jitter_p", self.color_jitter_p),
+            ("solarize_p", self.solarize_p),
+            ("blur_p", self.blur_p[0]),
+            ("blur_p", self.blur_p[1]),
+            ("blur_p", self.blur_p[2]),
         ] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(Error::config(k, v, "must lie in [0, 1]"));
@@ -1007,6 +1023,50 @@ mod tests {
         }
         let c = TrainConfig::from_toml_str("crops_ratio = [1.0, 1.0]\n").unwrap();
         assert_eq!(c.crops_ratio, [1.0, 1.0]);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn augmentation_probabilities_are_validated_and_default_to_the_official_ones() {
+        let o = TrainConfig::official();
+        assert_eq!(
+            (o.color_jitter_p, o.blur_p, o.solarize_p),
+            (0.8, [1.0, 0.1, 0.5], 0.2)
+        );
+        for (c, key) in [
+            (
+                TrainConfig {
+                    color_jitter_p: -0.1,
+                    ..TrainConfig::official()
+                },
+                "color_jitter_p",
+            ),
+            (
+                TrainConfig {
+                    solarize_p: f64::NAN,
+                    ..TrainConfig::official()
+                },
+                "solarize_p",
+            ),
+            (
+                TrainConfig {
+                    blur_p: [1.0, 0.1, 2.0],
+                    ..TrainConfig::official()
+                },
+                "blur_p",
+            ),
+        ] {
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        let c = TrainConfig::from_toml_str(
+            "color_jitter_p = 0.0\nblur_p = [0.5, 0.5, 0.0]\nsolarize_p = 0.0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.color_jitter_p, c.blur_p, c.solarize_p),
+            (0.0, [0.5, 0.5, 0.0], 0.0)
+        );
         c.validate().unwrap();
     }
 

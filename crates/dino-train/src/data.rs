@@ -146,6 +146,11 @@ pub fn augmentation(cfg: &TrainConfig) -> Result<Arc<dyn Transform>> {
         local_crop_size: cfg.local_crops_size,
         blur_sigma: (cfg.blur_sigma[0], cfg.blur_sigma[1]),
         ratio: (cfg.crops_ratio[0], cfg.crops_ratio[1]),
+        color_jitter_p: cfg.color_jitter_p,
+        global1_blur_p: cfg.blur_p[0],
+        global2_blur_p: cfg.blur_p[1],
+        local_blur_p: cfg.blur_p[2],
+        global2_solarize_p: cfg.solarize_p,
         mean: cfg.norm_mean,
         std: cfg.norm_std,
         ..DinoAugConfig::default()
@@ -302,6 +307,65 @@ mod tests {
             crops_ratio: [1.0, 1.0],
             ..TrainConfig::default_preset()
         };
+        augmentation(&cfg).unwrap();
+    }
+
+    #[test]
+    fn augmentation_receives_the_jitter_blur_and_solarize_probabilities() {
+        // Each key reaches its DinoAugConfig field: a value that is not a probability (which
+        // TrainConfig::validate would refuse first) is refused by the augmentation under the field's name.
+        let base = TrainConfig::default_preset;
+        for (cfg, field) in [
+            (
+                TrainConfig {
+                    color_jitter_p: 1.5,
+                    ..base()
+                },
+                "color_jitter_p = 1.5",
+            ),
+            (
+                TrainConfig {
+                    blur_p: [1.5, 0.1, 0.5],
+                    ..base()
+                },
+                "global1_blur_p = 1.5",
+            ),
+            (
+                TrainConfig {
+                    blur_p: [1.0, 1.5, 0.5],
+                    ..base()
+                },
+                "global2_blur_p = 1.5",
+            ),
+            (
+                TrainConfig {
+                    blur_p: [1.0, 0.1, 1.5],
+                    ..base()
+                },
+                "local_blur_p = 1.5",
+            ),
+            (
+                TrainConfig {
+                    solarize_p: 1.5,
+                    ..base()
+                },
+                "global2_solarize_p = 1.5",
+            ),
+        ] {
+            let err = augmentation(&cfg).err().expect("refused");
+            assert!(err.to_string().contains(field), "{field}: {err}");
+            assert!(
+                cfg.validate().is_err(),
+                "{field}: TrainConfig::validate refuses it too"
+            );
+        }
+        let cfg = TrainConfig {
+            color_jitter_p: 0.0,
+            blur_p: [0.0, 0.0, 0.0],
+            solarize_p: 0.0,
+            ..base()
+        };
+        cfg.validate().unwrap();
         augmentation(&cfg).unwrap();
     }
 }
