@@ -87,6 +87,9 @@ pub struct TrainArgs {
     /// ViT: DINOv2 LayerScale initial value (dinov2 training: 1e-5); 0 disables. [0]
     #[arg(long)]
     pub vit_layer_scale_init: Option<f64>,
+    /// ViT: shifted patch tokenization (each patch also sees the image moved by half a patch diagonally). [false]
+    #[arg(long, value_parser = parse_bool, action = ArgAction::Set)]
+    pub vit_shifted_patches: Option<bool>,
     /// ResNet: channels of the stem and first stage (then 2x, 4x, 8x). [64]
     #[arg(long)]
     pub resnet_width: Option<usize>,
@@ -267,6 +270,7 @@ impl TrainArgs {
             resnet_cifar_stem,
             vit_pool_avg,
             vit_num_register_tokens,
+            vit_shifted_patches,
             vit_layer_scale_init,
             resnet_width,
             out_dim,
@@ -539,6 +543,8 @@ mod tests {
             "true",
             "--vit-num-register-tokens",
             "4",
+            "--vit-shifted-patches",
+            "true",
             "--vit-layer-scale-init",
             "1e-5",
             "--resnet-width",
@@ -579,6 +585,7 @@ mod tests {
         );
         assert_eq!(c.koleo_loss_weight, 0.1);
         assert!(c.vit_pool_avg);
+        assert!(c.vit_shifted_patches);
         assert_eq!(
             (c.vit_num_register_tokens, c.vit_layer_scale_init),
             (4, 1e-5)

@@ -65,6 +65,11 @@ pub struct ViTConfig {
     /// DINOv2's `mask_token` ((1, D), zeros at start): the learnt embedding that replaces masked patches
     /// for iBOT ([`VisionTransformer::forward_tokens`] with masks). Default false (no such parameter).
     pub mask_token: bool,
+    /// Shifted patch tokenization (Lee et al. 2021, "Vision Transformer for Small-Size Datasets"): each
+    /// patch embedding also sees the image translated by half a patch in the four diagonal directions (zero
+    /// fill), its `5 C p²` values LayerNormed (`patch_embed.norm`, eps 1e-5) before the projection
+    /// (`patch_embed.proj.weight` `(D, 5C, p, p)`). Default false (the official patch embedding).
+    pub shifted_patches: bool,
 }
 
 /// Which tokens make the image feature of a [`VisionTransformer`].
@@ -101,6 +106,7 @@ impl ViTConfig {
             num_register_tokens: 0,
             layer_scale_init: None,
             mask_token: false,
+            shifted_patches: false,
         }
     }
 
@@ -164,6 +170,15 @@ impl ViTConfig {
         (self.embed_dim as f64 * self.mlp_ratio) as usize
     }
 
+    /// Channels the patch projection sees: `in_chans`, or `5 * in_chans` with shifted patches.
+    pub fn patch_in_chans(&self) -> usize {
+        if self.shifted_patches {
+            5 * self.in_chans
+        } else {
+            self.in_chans
+        }
+    }
+
     /// Number of parameters of the network built from this configuration.
     pub fn num_params(&self) -> usize {
         let d = self.embed_dim;
@@ -176,7 +191,13 @@ impl ViTConfig {
         } else {
             0
         };
-        d * self.in_chans * p * p
+        let spt_norm = if self.shifted_patches {
+            2 * self.patch_in_chans() * p * p
+        } else {
+            0
+        };
+        d * self.patch_in_chans() * p * p
+            + spt_norm
             + d
             + d
             + (self.num_patches() + 1) * d
@@ -589,11 +610,45 @@ pub fn bicubic_matrix(in_size: usize, out_size: usize, scale: f64) -> Vec<f32> {
     m
 }
 
+/// `x` `(B, C, H, W)` translated by `(dy, dx)` pixels (content moves down / right for positive shifts), the
+/// uncovered border filled with zeros.
+fn translate(x: &Tensor, dy: isize, dx: isize) -> Result<Tensor> {
+    let mut x = x.clone();
+    for (dim, s) in [(2, dy), (3, dx)] {
+        let n = x.dim(dim)?;
+        let k = s.unsigned_abs().min(n);
+        if k == 0 {
+            continue;
+        }
+        x = if s > 0 {
+            x.pad_with_zeros(dim, k, 0)?.narrow(dim, 0, n)?
+        } else {
+            x.pad_with_zeros(dim, 0, k)?.narrow(dim, k, n)?
+        };
+    }
+    Ok(x)
+}
+
+/// Shifted patch tokenization's input: `x` `(B, C, H, W)` and its four diagonal translations by `s` pixels,
+/// concatenated on the channels: `(B, 5C, H, W)`, in the SPT code's order (its `left-up`, `right-up`,
+/// `left-down`, `right-down` pad that side and crop the other, i.e. move the content by (+s, +s), (+s, -s),
+/// (-s, +s), (-s, -s) in (rows, columns)).
+fn shifted_copies(x: &Tensor, s: usize) -> Result<Tensor> {
+    let s = s as isize;
+    let mut parts = vec![x.clone()];
+    for (dy, dx) in [(s, s), (s, -s), (-s, s), (-s, -s)] {
+        parts.push(translate(x, dy, dx)?);
+    }
+    Tensor::cat(&parts, 1)
+}
+
 /// The Vision Transformer backbone (the official `VisionTransformer` with `num_classes = 0`).
 pub struct VisionTransformer {
     cfg: ViTConfig,
     patch_weight: Tensor,
     patch_bias: Tensor,
+    /// The LayerNorm of the shifted patches (`patch_embed.norm`), when configured.
+    patch_norm: Option<LayerNorm>,
     cls_token: Tensor,
     pos_embed: Tensor,
     /// DINOv2 register tokens `(1, R, D)`, when configured.
@@ -631,11 +686,21 @@ impl VisionTransformer {
         cfg.validate()?;
         let d = cfg.embed_dim;
         let p = cfg.patch_size;
-        let fan_in = cfg.in_chans * p * p;
+        let pc = cfg.patch_in_chans();
+        let fan_in = pc * p * p;
         let pe = vb.pp("patch_embed").pp("proj");
-        let patch_weight =
-            pe.get_with_hints((d, cfg.in_chans, p, p), "weight", default_uniform(fan_in))?;
+        let patch_weight = pe.get_with_hints((d, pc, p, p), "weight", default_uniform(fan_in))?;
         let patch_bias = pe.get_with_hints(d, "bias", default_uniform(fan_in))?;
+        // The SPT code's nn.LayerNorm(patch_dim): eps 1e-5, weight 1, bias 0.
+        let patch_norm = if cfg.shifted_patches {
+            Some(LayerNorm::new(
+                fan_in,
+                1e-5,
+                vb.pp("patch_embed").pp("norm"),
+            )?)
+        } else {
+            None
+        };
         let cls_token = vb.get_with_hints((1, 1, d), "cls_token", TRUNC_NORMAL_02)?;
         let pos_embed =
             vb.get_with_hints((1, cfg.num_patches() + 1, d), "pos_embed", TRUNC_NORMAL_02)?;
@@ -672,6 +737,7 @@ impl VisionTransformer {
             cfg,
             patch_weight,
             patch_bias,
+            patch_norm,
             cls_token,
             pos_embed,
             register_tokens,
@@ -715,19 +781,28 @@ impl VisionTransformer {
     /// Patch embedding as patchify + matmul: `(B, C, H, W)` -> `(B*gh*gw, D)` with `gh = H / p`,
     /// `gw = W / p` (a trailing remainder is dropped, as a stride-p conv does).
     pub fn patch_embed(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = self.check_input(x)?;
+        let (b, _, h, w) = self.check_input(x)?;
         let p = self.cfg.patch_size;
         let (gh, gw) = (h / p, w / p);
-        let x = if gh * p != h || gw * p != w {
-            x.narrow(2, 0, gh * p)?.narrow(3, 0, gw * p)?
+        let x = if self.patch_norm.is_some() {
+            shifted_copies(x, p / 2)?
         } else {
             x.clone()
         };
-        let patches = x
+        let c = x.dim(1)?;
+        let x = if gh * p != h || gw * p != w {
+            x.narrow(2, 0, gh * p)?.narrow(3, 0, gw * p)?
+        } else {
+            x
+        };
+        let mut patches = x
             .reshape((b, c, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b * gh * gw, c * p * p))?;
+        if let Some(norm) = &self.patch_norm {
+            patches = norm.forward(&patches)?;
+        }
         let w2 = self.patch_weight.reshape((self.cfg.embed_dim, c * p * p))?;
         ops::linear(&patches, &w2, Some(&self.patch_bias))
     }

@@ -216,6 +216,9 @@ pub struct TrainConfig {
     pub vit_num_register_tokens: usize,
     /// ViT: DINOv2 LayerScale initial value (dinov2 training: 1e-5); 0 disables. Default 0.
     pub vit_layer_scale_init: f64,
+    /// ViT: shifted patch tokenization (Lee et al. 2021): each patch embedding also sees the image moved by
+    /// half a patch in the four diagonal directions, LayerNormed before the projection. Default false.
+    pub vit_shifted_patches: bool,
     /// ResNet: channels of the stem and the first stage (later stages 2x, 4x, 8x; the feature is 8x). Default
     /// 64 (torchvision).
     pub resnet_width: usize,
@@ -385,6 +388,7 @@ impl Default for TrainConfig {
             resnet_cifar_stem: false,
             vit_pool_avg: false,
             vit_num_register_tokens: 0,
+            vit_shifted_patches: false,
             vit_layer_scale_init: 0.0,
             resnet_width: 64,
             out_dim: 65536,
