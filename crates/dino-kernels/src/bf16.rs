@@ -12,6 +12,9 @@
 //!
 //! An odd `k` is padded with a zero pair half, and columns past `n` with zeros. The micro-kernel keeps an
 //! `MR x NR` = 12 x 32 tile in 24 vector registers.
+//!
+//! On CPUs with Intel AMX the same packings feed [`crate::amx`]'s tile kernel instead: k padded with zero
+//! pairs to a multiple of 16, the left operand always as rows (padded to a multiple of 16 rows).
 
 use rayon::prelude::*;
 
@@ -54,7 +57,8 @@ pub fn round_bf16(x: f32) -> f32 {
     f32::from_bits((to_bf16_bits(x) as u32) << 16)
 }
 
-/// When [`MatmulPrecision::Bf16`] products take this module's `vdpbf16ps` kernel rather than the f32 GEMM.
+/// When [`MatmulPrecision::Bf16`] products take a bf16 kernel (AMX tiles or `vdpbf16ps`) rather than the f32
+/// GEMM.
 ///
 /// bf16 is a permission to trade precision for speed, as PyTorch's "medium" matmul precision, which uses bf16
 /// only where a fast kernel exists. `vdpbf16ps` does twice the f32 FMA's work per cycle on AMD Zen 4 and Zen 5,
@@ -62,12 +66,15 @@ pub fn round_bf16(x: f32) -> f32 {
 /// core, `bench_step --case ceiling`), where the bf16 step ran 1.3-1.8x slower than the f32 one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bf16Gemm {
-    /// Where the CPU runs `vdpbf16ps` at least [`MIN_SPEEDUP`] times its f32 FMA rate, measured once per
-    /// process by the register-only loops of [`crate::cpu::Ceiling`] (7 ms on this project's Intel Xeon). The
-    /// default.
+    /// The AMX kernel where the CPU and OS offer AMX ([`crate::amx::available`]); else `vdpbf16ps` where the
+    /// CPU runs it at least [`MIN_SPEEDUP`] times its f32 FMA rate, measured once per process by the
+    /// register-only loops of [`crate::cpu::Ceiling`] (7 ms on this project's Intel Xeon). The default.
     Auto,
-    /// Wherever the CPU has AVX-512 BF16 (tests and benchmarks of the kernel; `DINO_BF16_GEMM=dpbf16`).
+    /// The `vdpbf16ps` kernel wherever the CPU has AVX-512 BF16, even with AMX (tests and benchmarks of the
+    /// kernel; `DINO_BF16_GEMM=dpbf16`).
     Always,
+    /// The AMX kernel wherever available, else f32 (`DINO_BF16_GEMM=amx`).
+    Amx,
     /// Never: bf16 requests run in f32 (`DINO_BF16_GEMM=f32`).
     Never,
 }
@@ -82,8 +89,9 @@ impl std::str::FromStr for Bf16Gemm {
         match s.trim().to_ascii_lowercase().as_str() {
             "auto" => Ok(Self::Auto),
             "dpbf16" | "always" => Ok(Self::Always),
+            "amx" => Ok(Self::Amx),
             "f32" | "never" => Ok(Self::Never),
-            other => Err(format!("`{other}`: expected auto, dpbf16 or f32")),
+            other => Err(format!("`{other}`: expected auto, amx, dpbf16 or f32")),
         }
     }
 }
@@ -130,23 +138,84 @@ pub fn dp_speedup() -> Option<f64> {
     })
 }
 
-/// Whether [`MatmulPrecision::Bf16`] products run in bf16 on this thread (see [`Bf16Gemm`]).
-pub fn active() -> bool {
-    supported()
-        && match bf16_gemm() {
-            Bf16Gemm::Always => true,
-            Bf16Gemm::Never => false,
-            Bf16Gemm::Auto => dp_speedup().is_some_and(|r| r >= MIN_SPEEDUP),
-        }
+/// A bf16 GEMM kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// AVX-512 BF16 `vdpbf16ps`, a 12 x 32 register tile (this module).
+    Dp,
+    /// Intel AMX `tdpbf16ps`, 32 x 32 blocks of 16 x 16 tiles ([`crate::amx`]).
+    Amx,
 }
 
-/// `f` under [`MatmulPrecision::Bf16`] with the `vdpbf16ps` kernel wherever the CPU has it (the kernel's
-/// tests, which must exercise it even where [`Bf16Gemm::Auto`] would not take it).
+/// The kernel [`MatmulPrecision::Bf16`] products take on this thread (see [`Bf16Gemm`]); None: f32.
+pub fn kernel() -> Option<Bf16Kernel> {
+    if !supported() {
+        return None;
+    }
+    match bf16_gemm() {
+        Bf16Gemm::Always => Some(Bf16Kernel::Dp),
+        Bf16Gemm::Never => None,
+        Bf16Gemm::Amx => crate::amx::available().then_some(Bf16Kernel::Amx),
+        Bf16Gemm::Auto if crate::amx::available() => Some(Bf16Kernel::Amx),
+        Bf16Gemm::Auto => dp_speedup()
+            .is_some_and(|r| r >= MIN_SPEEDUP)
+            .then_some(Bf16Kernel::Dp),
+    }
+}
+
+/// Whether [`MatmulPrecision::Bf16`] products run in bf16 on this thread (see [`Bf16Gemm`]).
+pub fn active() -> bool {
+    kernel().is_some()
+}
+
+/// Whether packings made on this thread are for the AMX kernel.
+fn amx_packing() -> bool {
+    kernel() == Some(Bf16Kernel::Amx)
+}
+
+/// Pairs per packed row for `k` values: `ceil(k / 2)`, padded to the AMX tile step for AMX packings.
+fn packed_kp(k: usize, amx: bool) -> usize {
+    let kp = k.div_ceil(2);
+    if amx {
+        kp.next_multiple_of(crate::amx::KP_STEP)
+    } else {
+        kp
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The kernel [`bf16_products`] forces (set by [`for_each_bf16_kernel`]).
+    static TEST_MODE: std::cell::Cell<Bf16Gemm> = const { std::cell::Cell::new(Bf16Gemm::Always) };
+}
+
+/// `f` under [`MatmulPrecision::Bf16`] with the kernel under test (`vdpbf16ps` unless
+/// [`for_each_bf16_kernel`] says otherwise) wherever the CPU has it: the kernels' tests must exercise it even
+/// where [`Bf16Gemm::Auto`] would not take it.
 #[cfg(test)]
 pub(crate) fn bf16_products<R>(f: impl FnOnce() -> R) -> R {
-    with_bf16_gemm(Bf16Gemm::Always, || {
+    with_bf16_gemm(TEST_MODE.with(|m| m.get()), || {
         crate::fused::with_matmul_precision(MatmulPrecision::Bf16, f)
     })
+}
+
+/// Run a bf16 op test once per bf16 kernel: `vdpbf16ps`, then AMX where the CPU offers it (else it says,
+/// loudly, that the AMX pass did not run).
+#[cfg(test)]
+pub(crate) fn for_each_bf16_kernel<E>(
+    body: impl Fn() -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    for mode in [Bf16Gemm::Always, Bf16Gemm::Amx] {
+        if mode == Bf16Gemm::Amx && !crate::amx::available() {
+            eprintln!("AMX PASS NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
+            continue;
+        }
+        TEST_MODE.with(|m| m.set(mode));
+        let r = body();
+        TEST_MODE.with(|m| m.set(Bf16Gemm::Always));
+        r?;
+    }
+    Ok(())
 }
 
 /// Whether a linear layer with `rows` input rows runs in bf16 under `precision` on this CPU.
@@ -167,11 +236,13 @@ fn uninit_u32(n: usize) -> Vec<u32> {
 
 /// Pairs of bf16 values packed in `u32`s.
 pub(crate) struct Packed {
-    data: Vec<u32>,
+    pub(crate) data: Vec<u32>,
     /// Columns (right operand) or rows (left operand) per panel.
-    width: usize,
-    /// k-pairs per panel row.
-    kp: usize,
+    pub(crate) width: usize,
+    /// k-pairs per panel row (padded to [`crate::amx::KP_STEP`] in AMX packings).
+    pub(crate) kp: usize,
+    /// Whether this packing is for the AMX kernel (the left operand then comes as rows).
+    amx: bool,
 }
 
 /// The left operand of [`gemm`].
@@ -183,16 +254,97 @@ pub(crate) enum Lhs<'a> {
     Panels(&'a Packed, usize),
 }
 
-/// `rows` rows of `k` f32 values (row `i` at `src[i * ld..]`) as rows of `ceil(k / 2)` bf16 pairs.
-pub(crate) fn pack_rows(src: &[f32], rows: usize, k: usize, ld: usize) -> (Vec<u32>, usize) {
-    let kp = k.div_ceil(2);
-    // Every row's kp pairs are written by pairs_of_row.
-    let mut out = uninit_u32(rows * kp);
-    for (i, o) in out.chunks_exact_mut(kp.max(1)).enumerate().take(rows) {
-        // SAFETY: `supported()` is checked by every caller before packing; row i holds k values.
-        unsafe { x86::pairs_of_row(&src[i * ld..i * ld + k], o) }
+/// `rows` rows of `k` f32 values (row `i` at `src[i * ld..]`) as rows of `ceil(k / 2)` bf16 pairs; for the
+/// AMX kernel (`amx`) each row padded with zero pairs to [`crate::amx::KP_STEP`] and the rows with zero rows
+/// to a multiple of [`crate::amx::TILE`].
+pub(crate) fn pack_rows(
+    src: &[f32],
+    rows: usize,
+    k: usize,
+    ld: usize,
+    amx: bool,
+) -> (Vec<u32>, usize) {
+    let (real, kp) = (k.div_ceil(2), packed_kp(k, amx));
+    let alloc = if amx {
+        rows.next_multiple_of(crate::amx::TILE)
+    } else {
+        rows
+    };
+    // Every row's first `real` pairs are written by pairs_of_row, the rest zeroed here.
+    let mut out = uninit_u32(alloc * kp);
+    for (i, o) in out.chunks_exact_mut(kp.max(1)).enumerate().take(alloc) {
+        if i < rows {
+            // SAFETY: `supported()` is checked by every caller before packing; row i holds k values.
+            unsafe { x86::pairs_of_row(&src[i * ld..i * ld + k], o) }
+            o[real..].fill(0);
+        } else {
+            o.fill(0);
+        }
     }
     (out, kp)
+}
+
+/// The `(m, k)` matrix `a[i][kk] = src[kk * ld + i]` (stored transposed, e.g. `gᵀ` of a `(k, m)` gradient)
+/// as AMX rows: `m` rounded up to [`crate::amx::TILE`] rows of `kp` pairs (padded to
+/// [`crate::amx::KP_STEP`]), built 16 rows x 16 pairs at a time through a register transpose.
+fn pack_rows_t(src: &[f32], k: usize, m: usize, ld: usize) -> (Vec<u32>, usize) {
+    let kp = packed_kp(k, true);
+    let tile = crate::amx::TILE;
+    let mut out = uninit_u32(m.next_multiple_of(tile) * kp);
+    if kp == 0 {
+        return (out, kp);
+    }
+    out.par_chunks_mut(tile * kp)
+        .with_min_len(if data_len_is_small(m * kp) {
+            usize::MAX
+        } else {
+            1
+        })
+        .enumerate()
+        .for_each(|(blk, dst)| {
+            let i0 = blk * tile;
+            // SAFETY: `supported()` is checked by the callers; dst is this block's 16 rows of kp pairs,
+            // every entry written (zeros past m and past k).
+            unsafe { x86::transpose_rows(src, ld, k, i0, tile.min(m - i0), kp, dst) }
+        });
+    (out, kp)
+}
+
+/// A left operand stored transposed, packed for the kernel in force: [`MR`]-row panels for `vdpbf16ps`,
+/// rows for AMX.
+pub(crate) enum LhsT {
+    /// [`pack_kn`] panels of [`MR`] rows.
+    Panels(Packed),
+    /// AMX rows (see [`pack_rows_t`]) and their pairs per row.
+    Rows(Vec<u32>, usize),
+}
+
+impl LhsT {
+    /// The `(m, k)` matrix `a[i][kk] = src[kk * ld + i]`, packed for this thread's kernel.
+    pub(crate) fn pack(src: &[f32], k: usize, m: usize, ld: usize) -> Self {
+        if amx_packing() {
+            let (rows, kp) = pack_rows_t(src, k, m, ld);
+            LhsT::Rows(rows, kp)
+        } else {
+            LhsT::Panels(pack_kn(src, k, m, ld, MR))
+        }
+    }
+
+    /// Row ranges handed to [`gemm`] through [`LhsT::at`] must start at a multiple of this.
+    pub(crate) fn granule(&self) -> usize {
+        match self {
+            LhsT::Panels(_) => MR,
+            LhsT::Rows(..) => crate::amx::TILE,
+        }
+    }
+
+    /// The operand from row `first` on (a multiple of [`LhsT::granule`]).
+    pub(crate) fn at(&self, first: usize) -> Lhs<'_> {
+        match self {
+            LhsT::Panels(p) => Lhs::Panels(p, first),
+            LhsT::Rows(d, kp) => Lhs::Rows(&d[first * kp..], *kp),
+        }
+    }
 }
 
 /// Whether a packing is too small to be worth splitting over the pool (e.g. one attention head's operand).
@@ -203,9 +355,11 @@ fn data_len_is_small(n: usize) -> bool {
 /// The `(k, n)` matrix `b[kk][j] = src[j * ld + kk]` (stored transposed, e.g. a linear layer's `(out, in)`
 /// weight read as `Wᵀ`) in panels of `width` columns.
 pub(crate) fn pack_nk(src: &[f32], n: usize, k: usize, ld: usize, width: usize) -> Packed {
-    let kp = k.div_ceil(2);
+    let amx = width == NR && amx_packing();
+    let (real, kp) = (k.div_ceil(2), packed_kp(k, amx));
     let panels = n.div_ceil(width);
-    // Columns below n are written pair by pair; the last panel's columns past n are zeroed.
+    // Columns below n are written pair by pair; the last panel's columns past n and the pair rows past
+    // `real` (AMX padding) are zeroed.
     let mut data = uninit_u32(panels * kp * width);
     data.par_chunks_mut((kp * width).max(1))
         .with_min_len(if data_len_is_small(panels * kp * width) {
@@ -219,20 +373,32 @@ pub(crate) fn pack_nk(src: &[f32], n: usize, k: usize, ld: usize, width: usize) 
             if cols < width {
                 dst.chunks_exact_mut(width).for_each(|r| r[cols..].fill(0));
             }
+            dst[real * width..].fill(0);
             let j0 = panel * width;
             // SAFETY: as in pack_rows; rows j0..j0+cols of src hold k values each, dst is (kp, width).
             unsafe { x86::transpose_pairs(&src[j0 * ld..], ld, k, cols, width, dst) }
         });
-    Packed { data, width, kp }
+    Packed {
+        data,
+        width,
+        kp,
+        amx,
+    }
 }
 
 /// The `(k, n)` matrix `b[kk][j] = src[kk * ld + j]` (row-major) in panels of `width` columns. Pairs of rows
 /// are read in order (contiguous streams), each pool thread taking a range of them.
 pub(crate) fn pack_kn(src: &[f32], k: usize, n: usize, ld: usize, width: usize) -> Packed {
-    let kp = k.div_ceil(2);
+    let amx = width == NR && amx_packing();
+    let (real, kp) = (k.div_ceil(2), packed_kp(k, amx));
     let panels = n.div_ceil(width);
-    // Columns below n are written pair by pair; the last panel's columns past n are zeroed.
+    // Columns below n are written pair by pair; the last panel's columns past n and the pair rows past
+    // `real` (AMX padding) are zeroed.
     let mut data = uninit_u32(panels * kp * width);
+    if kp > real {
+        data.chunks_exact_mut(kp * width)
+            .for_each(|panel| panel[real * width..].fill(0));
+    }
     let tail = n % width;
     if tail != 0 {
         let last = (panels - 1) * kp * width;
@@ -243,16 +409,21 @@ pub(crate) fn pack_kn(src: &[f32], k: usize, n: usize, ld: usize, width: usize) 
     let parts = if data_len_is_small(data.len()) {
         1
     } else {
-        rayon::current_num_threads().clamp(1, kp.max(1))
+        rayon::current_num_threads().clamp(1, real.max(1))
     };
     let base = data.as_mut_ptr() as usize;
     (0..parts).into_par_iter().for_each(|t| {
-        let (p0, p1) = (kp * t / parts, kp * (t + 1) / parts);
+        let (p0, p1) = (real * t / parts, real * (t + 1) / parts);
         // SAFETY: as in pack_rows; every entry [panel][p][0..cols] for p in p0..p1 lies inside `data` and
         // pairs p0..p1 are this task's own.
         unsafe { x86::interleave_pairs(src, ld, k, n, width, kp, p0, p1, base as *mut u32) }
     });
-    Packed { data, width, kp }
+    Packed {
+        data,
+        width,
+        kp,
+        amx,
+    }
 }
 
 /// [`gemm`] with a row-major left operand: `c (m, n) [+]= a (m, k) · b (k, n)`, the `m` rows of `k` values at
@@ -271,7 +442,7 @@ pub(crate) unsafe fn gemm_rows(
     ldc: usize,
     accumulate: bool,
 ) {
-    let (rows, kp) = pack_rows(a, m, k, k);
+    let (rows, kp) = pack_rows(a, m, k, k, b.amx);
     gemm(m, n, &Lhs::Rows(&rows, kp), b, c, ldc, accumulate)
 }
 
@@ -292,6 +463,11 @@ pub(crate) unsafe fn gemm(
 ) {
     debug_assert_eq!(b.width, NR);
     let kp = b.kp;
+    if let Lhs::Rows(d, akp) = a {
+        if b.amx && *akp == kp && d.len() >= m.next_multiple_of(crate::amx::TILE) * kp {
+            return crate::amx::gemm(m, n, d.as_ptr(), kp, b, c, ldc, accumulate);
+        }
+    }
     if kp == 0 {
         if !accumulate {
             for i in 0..m {
@@ -350,9 +526,15 @@ pub(crate) unsafe fn gemm_strided(
         std::slice::from_raw_parts(p, if rows == 0 || cols == 0 { 0 } else { len })
     };
     assert!(dst.1 == 1, "bf16 GEMM: the output needs unit column stride");
-    let (rows, rows_panels);
+    let (rows, lhs_t);
     let a = if lhs.1 == 1 {
-        rows = pack_rows(span(lhs.0, m, k, lhs.2, 1), m, k, lhs.2 as usize);
+        rows = pack_rows(
+            span(lhs.0, m, k, lhs.2, 1),
+            m,
+            k,
+            lhs.2 as usize,
+            amx_packing(),
+        );
         Lhs::Rows(&rows.0, rows.1)
     } else {
         assert!(
@@ -360,8 +542,8 @@ pub(crate) unsafe fn gemm_strided(
             "bf16 GEMM: the left operand needs a unit stride"
         );
         // lhs[i][kk] at i + kk * cs: the (k, m) row-major matrix of its transpose.
-        rows_panels = pack_kn(span(lhs.0, k, m, lhs.1, 1), k, m, lhs.1 as usize, MR);
-        Lhs::Panels(&rows_panels, 0)
+        lhs_t = LhsT::pack(span(lhs.0, k, m, lhs.1, 1), k, m, lhs.1 as usize);
+        lhs_t.at(0)
     };
     let b = if rhs.1 == 1 {
         pack_kn(span(rhs.0, k, n, rhs.2, 1), k, n, rhs.2 as usize, NR)
@@ -543,6 +725,49 @@ pub(crate) mod x86 {
         }
     }
 
+    /// Rows `i0..i0+rows` of the `(m, k)` matrix `a[i][kk] = src[kk * ld + i]` as 16 rows of `kp` pairs at
+    /// `dst` (row `r` = pairs `(a[i0+r][2p], a[i0+r][2p+1])`; zeros past `rows` and past `k`), 16 pairs at a
+    /// time: each pair row interleaved from two source rows, then a register transpose.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn transpose_rows(
+        src: &[f32],
+        ld: usize,
+        k: usize,
+        i0: usize,
+        rows: usize,
+        kp: usize,
+        dst: &mut [u32],
+    ) {
+        let idx = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        let m = mask16(rows);
+        let mut p0 = 0;
+        while p0 < kp {
+            let mut v = [_mm512_setzero_si512(); 16];
+            for (q, v) in v.iter_mut().enumerate() {
+                let r0 = 2 * (p0 + q);
+                if r0 >= k {
+                    break;
+                }
+                let a = _mm512_maskz_loadu_ps(m, src.as_ptr().add(r0 * ld + i0));
+                let b = if r0 + 1 < k {
+                    _mm512_maskz_loadu_ps(m, src.as_ptr().add((r0 + 1) * ld + i0))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(b, a));
+                *v = _mm512_permutexvar_epi16(idx, pairs);
+            }
+            let t = transpose16(v);
+            for (r, t) in t.iter().enumerate() {
+                _mm512_storeu_si512(dst.as_mut_ptr().add(r * kp + p0) as *mut _, *t);
+            }
+            p0 += 16;
+        }
+    }
+
     /// One tile of up to `MR` rows: `c[i][0..cols] (+)= Σ_p a(i, p) · b(p)` over `pn` pairs, `a(i, p)` at
     /// `a[i * rs + p * ps]`, `b(p)` the 32 column pairs at `b[p * 32..]`.
     #[allow(clippy::too_many_arguments)]
@@ -640,6 +865,18 @@ mod x86 {
         unreachable!("bf16 GEMM without AVX-512 BF16")
     }
     #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn transpose_rows(
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &mut [u32],
+    ) {
+        unreachable!("bf16 GEMM without AVX-512 BF16")
+    }
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn tile(
         _: usize,
         _: usize,
@@ -668,7 +905,8 @@ mod tests {
         assert!("fast"
             .parse::<Bf16Gemm>()
             .unwrap_err()
-            .contains("auto, dpbf16 or f32"));
+            .contains("auto, amx, dpbf16 or f32"));
+        assert_eq!("AMX".parse(), Ok(Bf16Gemm::Amx));
         let bf16 = MatmulPrecision::Bf16;
         with_bf16_gemm(Bf16Gemm::Never, || assert!(!use_bf16(bf16, 8)));
         with_bf16_gemm(Bf16Gemm::Always, || {
@@ -678,13 +916,28 @@ mod tests {
             with_bf16_gemm(Bf16Gemm::Never, || assert_eq!(bf16_gemm(), Bf16Gemm::Never));
             assert_eq!(bf16_gemm(), Bf16Gemm::Always);
         });
-        // Auto follows the measured rate ratio of the two register-only loops.
+        // Auto takes AMX where present, else follows the measured rate ratio of the two register-only loops.
         let ratio = dp_speedup();
         assert_eq!(ratio.is_some(), supported());
+        let amx = crate::amx::available();
         with_bf16_gemm(Bf16Gemm::Auto, || {
-            assert_eq!(use_bf16(bf16, 8), ratio.is_some_and(|r| r >= MIN_SPEEDUP));
+            let want = if amx {
+                Some(Bf16Kernel::Amx)
+            } else {
+                ratio
+                    .is_some_and(|r| r >= MIN_SPEEDUP)
+                    .then_some(Bf16Kernel::Dp)
+            };
+            assert_eq!(kernel(), want);
+            assert_eq!(use_bf16(bf16, 8), want.is_some());
         });
-        eprintln!("vdpbf16ps / f32 FMA rate on this CPU: {ratio:?}");
+        with_bf16_gemm(Bf16Gemm::Amx, || {
+            assert_eq!(kernel(), amx.then_some(Bf16Kernel::Amx));
+        });
+        with_bf16_gemm(Bf16Gemm::Always, || {
+            assert_eq!(kernel(), supported().then_some(Bf16Kernel::Dp));
+        });
+        eprintln!("vdpbf16ps / f32 FMA rate on this CPU: {ratio:?}; AMX: {amx}");
     }
 
     fn pattern(n: usize, seed: u64) -> Vec<f32> {
@@ -712,19 +965,20 @@ mod tests {
     }
 
     /// Every packing against a direct f64 product of the bf16-rounded operands, on sizes with partial tiles,
-    /// an odd k and more than one cache block of k and of rows.
-    #[test]
-    fn gemm_matches_the_product_of_rounded_operands() {
-        if !supported() {
-            eprintln!("skipped: no AVX-512 BF16 on this CPU");
-            return;
-        }
+    /// an odd k and more than one cache block of k and of rows, for one kernel.
+    fn check_kernel(mode: Bf16Gemm) {
+        let amx = mode == Bf16Gemm::Amx;
         for &(m, n, k) in &[
             (1, 1, 1),
             (13, 35, 7),
             (25, 64, 64),
             (200, 33, 600),
             (7, 100, 1),
+            // Tall, short, k not a multiple of 32, k past one AMX cache block (512 pairs), m past two.
+            (300, 40, 70),
+            (3, 200, 33),
+            (17, 16, 1100),
+            (290, 96, 96),
         ] {
             let a = pattern(m * k, 1);
             let b = pattern(k * n, 2);
@@ -739,16 +993,21 @@ mod tests {
                 }
                 (s, abs)
             };
-            // a (m, k) row-major; its transpose (k, m) row-major for the panel packing; b (k, n) and bᵀ (n, k).
+            // a (m, k) row-major; its transpose (k, m) row-major for the transposed packing; b (k, n), bᵀ (n, k).
             let at: Vec<f32> = (0..k * m).map(|t| a[(t % m) * k + t / m]).collect();
             let bt: Vec<f32> = (0..n * k).map(|t| b[(t % k) * n + t / k]).collect();
-            let (rows, kp) = pack_rows(&a, m, k, k);
-            let panels = pack_kn(&at, k, m, m, MR);
+            let (rows, kp) = pack_rows(&a, m, k, k, amx);
+            let lhs_t = LhsT::pack(&at, k, m, m);
             let b_kn = pack_kn(&b, k, n, n, NR);
             let b_nk = pack_nk(&bt, n, k, k, NR);
+            assert_eq!((b_kn.amx, b_nk.amx), (amx, amx), "{mode:?}: packing kind");
+            assert_eq!(matches!(lhs_t, LhsT::Rows(..)), amx);
+            if amx {
+                assert!(kp.is_multiple_of(crate::amx::KP_STEP));
+            }
             for (lhs, rhs, what) in [
                 (Lhs::Rows(&rows, kp), &b_kn, "rows x kn"),
-                (Lhs::Panels(&panels, 0), &b_nk, "panels x nk"),
+                (lhs_t.at(0), &b_nk, "transposed x nk"),
             ] {
                 for accumulate in [false, true] {
                     let mut c = c0.clone();
@@ -764,68 +1023,91 @@ mod tests {
                             let err = (c[i * n + j] as f64 - s).abs();
                             assert!(
                                 err <= 1e-6 * (abs + 1.0),
-                                "{what} acc={accumulate} ({m},{n},{k}) [{i},{j}]: {} vs {s}",
+                                "{mode:?} {what} acc={accumulate} ({m},{n},{k}) [{i},{j}]: {} vs {s}",
                                 c[i * n + j]
                             );
                         }
                     }
                 }
             }
-            // The strided entry point, every operand layout (as the attention heads use it).
+            // The strided entry point, every operand layout (as the attention heads use it), with row strides
+            // wider than the rows (an operand that is a column slice of a larger matrix).
+            let pad = 3;
+            let widen = |v: &[f32], rows: usize, cols: usize| -> Vec<f32> {
+                let mut w = vec![f32::NAN; rows * (cols + pad)];
+                for r in 0..rows {
+                    w[r * (cols + pad)..r * (cols + pad) + cols]
+                        .copy_from_slice(&v[r * cols..(r + 1) * cols]);
+                }
+                w
+            };
+            let (aw, bw) = (widen(&a, m, k), widen(&b, k, n));
+            let (atw, btw) = (widen(&at, k, m), widen(&bt, n, k));
             for (lhs, rhs, what) in [
                 (
-                    (a.as_ptr(), 1isize, k as isize),
-                    (b.as_ptr(), 1isize, n as isize),
+                    (aw.as_ptr(), 1isize, (k + pad) as isize),
+                    (bw.as_ptr(), 1isize, (n + pad) as isize),
                     "a, b",
                 ),
                 (
-                    (at.as_ptr(), m as isize, 1),
-                    (bt.as_ptr(), k as isize, 1),
+                    (atw.as_ptr(), (m + pad) as isize, 1),
+                    (btw.as_ptr(), (k + pad) as isize, 1),
                     "aᵀ, bᵀ",
                 ),
             ] {
                 let mut c = vec![0f32; m * n];
-                unsafe { gemm_strided(m, n, k, (c.as_mut_ptr(), 1, n as isize), lhs, rhs) };
+                with_bf16_gemm(mode, || unsafe {
+                    gemm_strided(m, n, k, (c.as_mut_ptr(), 1, n as isize), lhs, rhs)
+                });
                 for i in 0..m {
                     for j in 0..n {
                         let (s, abs) = want(i, j);
                         let err = (c[i * n + j] as f64 - s).abs();
                         assert!(
                             err <= 1e-6 * (abs + 1.0),
-                            "strided {what} ({m},{n},{k}) [{i},{j}]"
+                            "{mode:?} strided {what} ({m},{n},{k}) [{i},{j}]"
                         );
                     }
                 }
             }
-            // A row range starting at a later panel gives the same rows as the whole product.
-            if m > MR {
-                let (mut whole, mut tail) = (vec![0f32; m * n], vec![0f32; (m - MR) * n]);
+            // A row range starting at a later granule gives the same rows as the whole product.
+            let g = lhs_t.granule();
+            if m > g {
+                let (mut whole, mut tail) = (vec![0f32; m * n], vec![0f32; (m - g) * n]);
                 unsafe {
-                    gemm(
-                        m,
-                        n,
-                        &Lhs::Panels(&panels, 0),
-                        &b_nk,
-                        whole.as_mut_ptr(),
-                        n,
-                        false,
-                    );
-                    gemm(
-                        m - MR,
-                        n,
-                        &Lhs::Panels(&panels, MR),
-                        &b_nk,
-                        tail.as_mut_ptr(),
-                        n,
-                        false,
-                    );
+                    gemm(m, n, &lhs_t.at(0), &b_nk, whole.as_mut_ptr(), n, false);
+                    gemm(m - g, n, &lhs_t.at(g), &b_nk, tail.as_mut_ptr(), n, false);
                 }
                 assert_eq!(
-                    &whole[MR * n..],
+                    &whole[g * n..],
                     &tail[..],
-                    "rows from panel 1 ({m},{n},{k})"
+                    "{mode:?} rows from {g} ({m},{n},{k})"
                 );
             }
         }
+    }
+
+    #[test]
+    fn gemm_matches_the_product_of_rounded_operands() {
+        if !supported() {
+            eprintln!("skipped: no AVX-512 BF16 on this CPU");
+            return;
+        }
+        with_bf16_gemm(Bf16Gemm::Always, || check_kernel(Bf16Gemm::Always));
+    }
+
+    /// The AMX kernel on the same cases. Where AMX is absent it cannot run: it says so loudly, and fails when
+    /// `DINO_REQUIRE_AMX=1` (set it on a CPU that has AMX, so that a detection fault cannot hide the test).
+    #[test]
+    fn amx_gemm_matches_the_product_of_rounded_operands() {
+        if !crate::amx::available() {
+            eprintln!("AMX GEMM TEST NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
+            assert!(
+                std::env::var("DINO_REQUIRE_AMX").as_deref() != Ok("1"),
+                "DINO_REQUIRE_AMX=1 but AMX is unavailable"
+            );
+            return;
+        }
+        with_bf16_gemm(Bf16Gemm::Amx, || check_kernel(Bf16Gemm::Amx));
     }
 }

@@ -94,8 +94,14 @@ impl CpuInfo {
 /// The GEMM the linear layers' products take on this CPU at `precision` (on the calling thread, see
 /// [`crate::bf16::Bf16Gemm`]).
 pub fn gemm_path(precision: MatmulPrecision) -> String {
-    if precision == MatmulPrecision::Bf16 && crate::bf16::active() {
-        return "bf16: dino-kernels vdpbf16ps (AVX-512 BF16), f32 accumulation".into();
+    match (precision, crate::bf16::kernel()) {
+        (MatmulPrecision::Bf16, Some(crate::bf16::Bf16Kernel::Amx)) => {
+            return "bf16: dino-kernels AMX tdpbf16ps tiles, f32 accumulation".into()
+        }
+        (MatmulPrecision::Bf16, Some(crate::bf16::Bf16Kernel::Dp)) => {
+            return "bf16: dino-kernels vdpbf16ps (AVX-512 BF16), f32 accumulation".into()
+        }
+        _ => {}
     }
     let why = if precision != MatmulPrecision::Bf16 {
         String::new()
@@ -125,11 +131,18 @@ pub enum Ceiling {
     F32Avx2,
     /// bf16 pair dot products into f32 (`vdpbf16ps` zmm), 64 FLOP per instruction.
     Bf16Avx512,
+    /// AMX bf16 tile products into f32 (`tdpbf16ps`, 16 x 16 x 32), 16,384 FLOP per instruction.
+    Bf16Amx,
 }
 
 impl Ceiling {
     /// Every ceiling, in report order.
-    pub const ALL: [Ceiling; 3] = [Ceiling::F32Avx512, Ceiling::F32Avx2, Ceiling::Bf16Avx512];
+    pub const ALL: [Ceiling; 4] = [
+        Ceiling::F32Avx512,
+        Ceiling::F32Avx2,
+        Ceiling::Bf16Avx512,
+        Ceiling::Bf16Amx,
+    ];
 
     /// Short name, e.g. `f32_avx512`.
     pub fn name(self) -> &'static str {
@@ -137,6 +150,7 @@ impl Ceiling {
             Ceiling::F32Avx512 => "f32_avx512",
             Ceiling::F32Avx2 => "f32_avx2",
             Ceiling::Bf16Avx512 => "bf16_avx512",
+            Ceiling::Bf16Amx => "bf16_amx",
         }
     }
 
@@ -151,6 +165,7 @@ impl Ceiling {
                         && std::arch::is_x86_feature_detected!("fma")
                 }
                 Ceiling::Bf16Avx512 => crate::bf16::supported(),
+                Ceiling::Bf16Amx => crate::amx::available(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -159,12 +174,14 @@ impl Ceiling {
         }
     }
 
-    /// FLOP of one loop iteration (12 independent accumulators, one instruction each).
+    /// FLOP of one loop iteration (12 independent accumulators, one instruction each; AMX: 4 tile
+    /// accumulators).
     pub fn flop_per_iteration(self) -> f64 {
-        12.0 * match self {
-            Ceiling::F32Avx512 => 32.0,
-            Ceiling::F32Avx2 => 16.0,
-            Ceiling::Bf16Avx512 => 64.0,
+        match self {
+            Ceiling::F32Avx512 => 12.0 * 32.0,
+            Ceiling::F32Avx2 => 12.0 * 16.0,
+            Ceiling::Bf16Avx512 => 12.0 * 64.0,
+            Ceiling::Bf16Amx => 4.0 * 16.0 * 16.0 * 32.0 * 2.0,
         }
     }
 
@@ -181,6 +198,7 @@ impl Ceiling {
                 Ceiling::F32Avx512 => loops::f32_zmm(iterations),
                 Ceiling::F32Avx2 => loops::f32_ymm(iterations),
                 Ceiling::Bf16Avx512 => loops::bf16_zmm(iterations),
+                Ceiling::Bf16Amx => crate::amx::ceiling_loop(iterations),
             })
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -297,6 +315,8 @@ mod tests {
             }
             // Each step adds the pair products 2 * (x * y) with x = y = 1 (exact in bf16) to every lane.
             Ceiling::Bf16Avx512 => 12.0 * 16.0 * 2.0 * n as f64,
+            // Each step adds 32 products of ones to each of the 16 x 16 entries of the tile returned.
+            Ceiling::Bf16Amx => 16.0 * 16.0 * 32.0 * n as f64,
         }
     }
 

@@ -24,7 +24,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use crate::bf16::{self, Lhs};
+use crate::bf16;
 use crate::ops::{self, f32_data};
 
 /// The arithmetic of the linear layers' matrix products, as `torch.set_float32_matmul_precision`.
@@ -751,10 +751,11 @@ fn linear_grad_bf16(
     let mut dx = ops::uninit_f32(if need_dx { r * inp } else { 0 });
     let mut dw = ops::uninit_f32(out * inp);
     let wk = need_dx.then(|| bf16::pack_kn(w, out, inp, inp, bf16::NR));
-    let gt = bf16::pack_kn(g, r, out, out, bf16::MR);
+    let gt = bf16::LhsT::pack(g, r, out, out);
     let xk = bf16::pack_kn(x, r, inp, inp, bf16::NR);
     let parts = rayon::current_num_threads().max(1);
-    let panels = out.div_ceil(bf16::MR);
+    let granule = gt.granule();
+    let panels = out.div_ceil(granule);
     let (dxp, dwp) = (dx.as_mut_ptr() as usize, dw.as_mut_ptr() as usize);
     let job = |i: usize| {
         let (x0, x1) = part(r, parts, i);
@@ -774,14 +775,14 @@ fn linear_grad_bf16(
             }
         }
         let (p0, p1) = part(panels, parts, i);
-        let (lo, hi) = (p0 * bf16::MR, (p1 * bf16::MR).min(out));
+        let (lo, hi) = (p0 * granule, (p1 * granule).min(out));
         if hi > lo {
             // SAFETY: rows lo..hi of dw (out, inp) are this task's own.
             unsafe {
                 bf16::gemm(
                     hi - lo,
                     inp,
-                    &Lhs::Panels(&gt, lo),
+                    &gt.at(lo),
                     &xk,
                     (dwp as *mut f32).add(lo * inp),
                     inp,
@@ -1728,6 +1729,12 @@ mod tests {
     /// Without AVX-512 BF16 the bf16 setting must give exactly the f32 results.
     #[test]
     fn bf16_linear_matches_f32_ops_on_rounded_operands() -> Result<()> {
+        crate::bf16::for_each_bf16_kernel(
+            bf16_linear_matches_f32_ops_on_rounded_operands_with_kernel,
+        )
+    }
+
+    fn bf16_linear_matches_f32_ops_on_rounded_operands_with_kernel() -> Result<()> {
         let dev = Device::Cpu;
         let round = |t: &Tensor| -> Result<Tensor> {
             let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
@@ -1900,6 +1907,10 @@ mod tests {
     /// every sample's rows and multiplies the dropped ones by 0, as the official `drop_path`.
     #[test]
     fn linear_residual_matches_linear_then_residual() -> Result<()> {
+        crate::bf16::for_each_bf16_kernel(linear_residual_matches_linear_then_residual_with_kernel)
+    }
+
+    fn linear_residual_matches_linear_then_residual_with_kernel() -> Result<()> {
         let dev = Device::Cpu;
         for &(samples, t, inp, out) in &[
             (2usize, 3usize, 5usize, 4usize),

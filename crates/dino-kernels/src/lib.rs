@@ -11,6 +11,7 @@
 //!
 //! A new device is one more branch in each op's entry function. The crate depends on candle and `gemm` only.
 
+pub mod amx;
 pub mod attention;
 pub mod batch_norm;
 pub mod bf16;

@@ -348,9 +348,20 @@ fn reproduces_the_four_official_training_iterations() {
 /// (the losses are not the f32 ones). Without AVX-512 BF16 the setting falls back to f32.
 #[test]
 fn bf16_matmuls_stay_within_mixed_precision_distance_of_the_official_iterations() {
+    use dino_kernels::bf16::Bf16Gemm;
     // The vdpbf16ps kernel wherever the CPU has it, even where `Auto` would not take it (Intel Xeons run it at
-    // half their f32 rate): this test is the kernel's.
-    dino_kernels::bf16::with_bf16_gemm(dino_kernels::bf16::Bf16Gemm::Always, || {
+    // half their f32 rate), then the AMX kernel where the CPU offers it: this test is the kernels'.
+    bf16_steps(Bf16Gemm::Always);
+    if dino_kernels::amx::available() {
+        bf16_steps(Bf16Gemm::Amx);
+    } else {
+        eprintln!("AMX PASS NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
+    }
+}
+
+fn bf16_steps(mode: dino_kernels::bf16::Bf16Gemm) {
+    eprintln!("bf16 kernel mode {mode:?}");
+    dino_kernels::bf16::with_bf16_gemm(mode, || {
         let manifest: Value =
             serde_json::from_str(&std::fs::read_to_string(golden("manifest.json")).unwrap())
                 .unwrap();
