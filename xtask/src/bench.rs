@@ -16,7 +16,8 @@ pub struct BenchArgs {
     pub step: bool,
     /// Run `cargo bench --workspace` (criterion) and report its estimates as JSON lines.
     pub criterion: bool,
-    /// The step benchmark's linear-layer precision (`highest` or `bf16`), when given.
+    /// The step benchmark's linear-layer precision (`highest`, `bf16`, or `both`: each case in f32 then in
+    /// bf16), when given.
     pub matmul_precision: Option<String>,
     /// A Python with torch: after each training-step and forward case, the same in PyTorch
     /// (`xtask/pytorch/dino_step.py`) in fp32 and under bf16 autocast, baselines timed in the same run.
@@ -136,26 +137,32 @@ fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
     }
     let pytorch_bf16 = args.pytorch.is_some() && pytorch_runs_bf16(args.pytorch_bf16);
     let mut failed = Vec::new();
+    let precisions: Vec<Option<&str>> = match args.matmul_precision.as_deref() {
+        Some("both") => vec![Some("highest"), Some("bf16")],
+        other => vec![other],
+    };
     for case in chosen {
-        let mut cmd = Command::new(&exe);
-        cmd.args(["--case", case]);
-        if args.quick {
-            cmd.arg("--quick");
-        }
-        if let Some(p) = &args.matmul_precision {
-            cmd.args(["--matmul-precision", p]);
-        }
-        // Each case prints its JSON line on stdout; progress goes to stderr, passed through.
-        let out = cmd
-            .stderr(Stdio::inherit())
-            .output()
-            .with_context(|| format!("cannot run {}", exe.display()))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        for line in stdout.lines().filter(|l| l.starts_with('{')) {
-            println!("{line}");
-        }
-        if !out.status.success() {
-            failed.push(case.clone());
+        for precision in &precisions {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["--case", case]);
+            if args.quick {
+                cmd.arg("--quick");
+            }
+            if let Some(p) = precision {
+                cmd.args(["--matmul-precision", p]);
+            }
+            // Each case prints its JSON line on stdout; progress goes to stderr, passed through.
+            let out = cmd
+                .stderr(Stdio::inherit())
+                .output()
+                .with_context(|| format!("cannot run {}", exe.display()))?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            for line in stdout.lines().filter(|l| l.starts_with('{')) {
+                println!("{line}");
+            }
+            if !out.status.success() {
+                failed.push(format!("{case} ({})", precision.unwrap_or("highest")));
+            }
         }
         let pytorch_case = case
             .strip_prefix("step/")

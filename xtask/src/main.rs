@@ -4,7 +4,7 @@
 //!   (published sha256/md5), extracted.
 //! - `fetch-weights <name>`: official DINO weights through dino-models' hub code.
 //! - `ci`: exactly what `.ci/run` runs.
-//! - `bench [--quick] [--case NAME]... [--criterion] [--no-step] [--matmul-precision bf16] [--pytorch PYTHON]
+//! - `bench [--quick] [--case NAME]... [--criterion] [--no-step] [--matmul-precision bf16|both] [--pytorch PYTHON]
 //!   [--pytorch-bf16 auto|always|never]`: one JSON line per benchmark case (with `--pytorch`, each training step
 //!   and forward pass also timed in PyTorch, fp32 and, where the CPU has bf16 arithmetic, bf16 autocast; the
 //!   `ceiling` case gives this CPU's f32 and bf16 register-only FMA rates).
@@ -66,8 +66,9 @@ enum Cmd {
         /// Skip the step benchmark (with --criterion: run only the criterion benches).
         #[arg(long)]
         no_step: bool,
-        /// The step benchmark's linear-layer products: highest (f32, default) or bf16.
-        #[arg(long, value_parser = ["highest", "bf16"])]
+        /// The step benchmark's linear-layer products: highest (f32, default), bf16, or both (each case in
+        /// f32 then bf16, interleaved with PyTorch's modes).
+        #[arg(long, value_parser = ["highest", "bf16", "both"])]
         matmul_precision: Option<String>,
         /// A Python with torch: after each training-step and forward case, time the same in PyTorch
         /// (xtask/pytorch/dino_step.py) in fp32 and under bf16 autocast, same-run baselines.

@@ -186,8 +186,10 @@ fn ceilings(quick: bool) -> serde_json::Value {
         "cpu_flags": cpu.flags,
         "threads": threads,
         "ceilings": out,
-        "amx_bf16": if cpu.has("amx_bf16") {
-            "present; no AMX loop is measured (no AMX kernel yet)"
+        "amx_bf16": if dino_kernels::amx::available() {
+            "present and granted (the bf16_amx loop)"
+        } else if cpu.has("amx_bf16") {
+            "reported by the CPU but not granted by the OS"
         } else {
             "absent"
         },
