@@ -16,10 +16,10 @@ use crate::bf16::{Packed, NR};
 pub(crate) const KP_STEP: usize = 16;
 /// Rows of a left-operand tile: the row packings pad the rows to a multiple of it.
 pub(crate) const TILE: usize = 16;
-/// Rows per cache block of the left operand (its `MC x 2*KC` bf16 slice, 256 KiB, stays in L2).
+/// Rows per cache block of the left operand (its `MC x 2*KC` bf16 slice, 128 KiB, stays in L2).
 const MC: usize = 128;
-/// k-pairs per cache block (a right panel's slice, `KC x NR` pairs = 64 KiB).
-const KC: usize = 512;
+/// k-pairs per cache block (a right panel's slice, `KC x NR` pairs = 32 KiB, stays in L1 across a row block).
+const KC: usize = 256;
 
 /// Whether this CPU and OS run the AMX kernel: CPUID reports AMX-TILE and AMX-BF16 (leaf 7, EDX bits 24 and
 /// 22), the packings' AVX-512 BF16 is there, and Linux granted this process the tile data state. Asked once
@@ -45,26 +45,28 @@ pub fn available() -> bool {
     })
 }
 
-/// `c (m, n) [+]= a (m, k) · b (k, n)`: `a` rows of `lda` bf16 pairs (row `i` at `a[i * lda..]`, at least
-/// `b.kp` of them, the buffer holding `m` rounded up to [`TILE`] rows), `b` packed in [`NR`]-column panels with
-/// `b.kp` a multiple of [`KP_STEP`]. With `accumulate` the product is added to `c`.
+/// `c (m, n) [+]= a (m, k) · b (k, n)`: `a` packed in AMX tiles by [`crate::bf16::pack_tiles`] (or
+/// [`crate::bf16::LhsT`]) with `b.kp` pairs per row, `b` packed in [`NR`]-column panels with `b.kp` a
+/// multiple of [`KP_STEP`]. With `accumulate` the product is added to `c`.
+///
+/// Whole 32 x 32 blocks of `c` are loaded into and stored from the tiles directly; the edges go through a
+/// buffer, with the same arithmetic (the partial sums of earlier k blocks are accumulated in the tiles), so
+/// every output row has the same bits wherever its block starts.
 ///
 /// # Safety
 /// [`available`] must be true; `c` valid for `m` rows of `n` values at stride `ldc`, not aliasing the
-/// operands; `a` valid for `m.next_multiple_of(TILE) * lda` values.
-#[allow(clippy::too_many_arguments)]
+/// operands; `a` valid for `m.next_multiple_of(TILE) * b.kp` values.
 pub(crate) unsafe fn gemm(
     m: usize,
     n: usize,
     a: *const u32,
-    lda: usize,
     b: &Packed,
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
 ) {
     let kp = b.kp;
-    debug_assert!(kp.is_multiple_of(KP_STEP) && lda >= kp && b.width == NR);
+    debug_assert!(kp.is_multiple_of(KP_STEP) && b.width == NR);
     if m == 0 || n == 0 {
         return;
     }
@@ -79,6 +81,7 @@ pub(crate) unsafe fn gemm(
     x86::load_config();
     let mut buf = x86::Block([0.0; 32 * 32]);
     let panels = n.div_ceil(NR);
+    let ldc_bytes = ldc * 4;
     for i0 in (0..m).step_by(MC) {
         let i1 = (i0 + MC).min(m);
         for p0 in (0..kp).step_by(KC) {
@@ -89,22 +92,26 @@ pub(crate) unsafe fn gemm(
                 let bp = b.data.as_ptr().add(jp * kp * NR + p0 * NR);
                 for ib in (i0..i1).step_by(32) {
                     let rows = 32.min(i1 - ib);
-                    x86::block(
-                        rows > TILE,
-                        a.add(ib * lda + p0),
-                        lda * 4,
-                        bp,
-                        pn / KP_STEP,
-                        buf.0.as_mut_ptr(),
-                    );
-                    x86::write_out(
-                        buf.0.as_ptr(),
-                        rows,
-                        cols,
-                        c.add(ib * ldc + jp * NR),
-                        ldc,
-                        overwrite,
-                    );
+                    let two = rows > TILE;
+                    // Row block ib / 16, tile p0 / 16 (see pack_tiles).
+                    let ap = a.add(ib * kp + p0 * TILE);
+                    let cp = c.add(ib * ldc + jp * NR);
+                    let whole = rows == 32 && cols == NR;
+                    if overwrite {
+                        x86::init_zero(two);
+                    } else if whole {
+                        x86::init_load(two, cp, ldc_bytes);
+                    } else {
+                        x86::read_in(buf.0.as_mut_ptr(), rows, cols, cp, ldc);
+                        x86::init_load(two, buf.0.as_ptr(), 128);
+                    }
+                    x86::run(two, ap, kp * TILE * 4, bp, pn / KP_STEP);
+                    if whole {
+                        x86::store(true, cp, ldc_bytes);
+                    } else {
+                        x86::store(two, buf.0.as_mut_ptr(), 128);
+                        x86::write_out(buf.0.as_ptr(), rows, cols, cp, ldc);
+                    }
                 }
             }
         }
@@ -161,74 +168,110 @@ mod x86 {
         asm!("tilerelease", options(nostack, nomem));
     }
 
-    /// `out (rows, 32) = Σ a · b` over `steps` tile steps: `a` 16 or 32 (`two`) rows of pairs at stride
-    /// `lda_bytes`, `b` a panel of 32 columns (128 bytes per pair row). `out` is a [`Block`] (stride 128 bytes).
+    /// Zero the accumulator tiles (tmm0-1, and tmm2-3 with `two`).
     #[inline]
-    pub(super) unsafe fn block(
+    pub(super) unsafe fn init_zero(two: bool) {
+        asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+        if two {
+            asm!("tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+        }
+    }
+
+    /// Load the accumulator tiles (rows 0-15, and 16-31 with `two`) from f32 at `c` (row stride `ldc` bytes).
+    #[inline]
+    pub(super) unsafe fn init_load(two: bool, c: *const f32, ldc: usize) {
+        asm!(
+            "tileloadd tmm0, [{c} + {ldc}*1]",
+            "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
+            c = in(reg) c,
+            ldc = in(reg) ldc,
+            options(nostack, readonly),
+        );
+        if two {
+            asm!(
+                "tileloadd tmm2, [{c} + {ldc}*1]",
+                "tileloadd tmm3, [{c} + {ldc}*1 + 64]",
+                c = in(reg) c.byte_add(16 * ldc),
+                ldc = in(reg) ldc,
+                options(nostack, readonly),
+            );
+        }
+    }
+
+    /// Store the accumulator tiles (rows 0-15, and 16-31 with `two`) to `c` (row stride `ldc` bytes).
+    #[inline]
+    pub(super) unsafe fn store(two: bool, c: *mut f32, ldc: usize) {
+        asm!(
+            "tilestored [{c} + {ldc}*1], tmm0",
+            "tilestored [{c} + {ldc}*1 + 64], tmm1",
+            c = in(reg) c,
+            ldc = in(reg) ldc,
+            options(nostack),
+        );
+        if two {
+            asm!(
+                "tilestored [{c} + {ldc}*1], tmm2",
+                "tilestored [{c} + {ldc}*1 + 64], tmm3",
+                c = in(reg) c.byte_add(16 * ldc),
+                ldc = in(reg) ldc,
+                options(nostack),
+            );
+        }
+    }
+
+    /// Accumulate `steps` tile steps: `a` the first 1 KiB tile of 16 rows (and, with `two`, the next 16 rows'
+    /// at `a + block_bytes`), tiles 1 KiB apart along k; `b` a panel of 32 columns (128 bytes per pair row,
+    /// 2 KiB per step).
+    #[inline]
+    pub(super) unsafe fn run(
         two: bool,
         a: *const u32,
-        lda_bytes: usize,
+        block_bytes: usize,
         b: *const u32,
         steps: usize,
-        out: *mut f32,
     ) {
         if two {
             asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
                 "2:",
                 "tileloadd tmm4, [{a} + {lda}*1]",
                 "tileloadd tmm6, [{b} + {ldb}*1]",
-                "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
-                "tileloadd tmm5, [{a2} + {lda}*1]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
                 "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a2} + {lda}*1]",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                "add {a}, 64",
-                "add {a2}, 64",
+                "add {a}, 1024",
+                "add {a2}, 1024",
                 "add {b}, 2048",
                 "dec {n}",
                 "jnz 2b",
-                "tilestored [{c} + {ldb}*1], tmm0",
-                "tilestored [{c} + {ldb}*1 + 64], tmm1",
-                "tilestored [{c2} + {ldb}*1], tmm2",
-                "tilestored [{c2} + {ldb}*1 + 64], tmm3",
                 a = inout(reg) a => _,
-                a2 = inout(reg) a.byte_add(16 * lda_bytes) => _,
+                a2 = inout(reg) a.byte_add(block_bytes) => _,
                 b = inout(reg) b => _,
                 n = inout(reg) steps => _,
-                lda = in(reg) lda_bytes,
+                lda = in(reg) 64usize,
                 ldb = in(reg) 128usize,
-                c = in(reg) out,
-                c2 = in(reg) out.add(16 * 32),
-                options(nostack),
+                options(nostack, readonly),
             );
         } else {
             asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
                 "2:",
                 "tileloadd tmm4, [{a} + {lda}*1]",
                 "tileloadd tmm6, [{b} + {ldb}*1]",
                 "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
                 "tdpbf16ps tmm1, tmm4, tmm7",
-                "add {a}, 64",
+                "add {a}, 1024",
                 "add {b}, 2048",
                 "dec {n}",
                 "jnz 2b",
-                "tilestored [{c} + {ldb}*1], tmm0",
-                "tilestored [{c} + {ldb}*1 + 64], tmm1",
                 a = inout(reg) a => _,
                 b = inout(reg) b => _,
                 n = inout(reg) steps => _,
-                lda = in(reg) lda_bytes,
+                lda = in(reg) 64usize,
                 ldb = in(reg) 128usize,
-                c = in(reg) out,
-                options(nostack),
+                options(nostack, readonly),
             );
         }
     }
@@ -243,7 +286,33 @@ mod x86 {
         }
     }
 
-    /// `c[i][0..cols] (+)= buf[i][0..cols]` for the first `rows` rows of the 32 x 32 block.
+    /// `buf[i][j] = c[i][j]` for the `rows x cols` edge block of `c`, zeros elsewhere in the 32 x 32 block.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn read_in(
+        buf: *mut f32,
+        rows: usize,
+        cols: usize,
+        c: *const f32,
+        ldc: usize,
+    ) {
+        let m0 = mask16(cols);
+        let m1 = mask16(cols.saturating_sub(16));
+        for i in 0..32 {
+            let (v0, v1) = if i < rows {
+                let row = c.add(i * ldc);
+                (
+                    _mm512_maskz_loadu_ps(m0, row),
+                    _mm512_maskz_loadu_ps(m1, row.add(16)),
+                )
+            } else {
+                (_mm512_setzero_ps(), _mm512_setzero_ps())
+            };
+            _mm512_store_ps(buf.add(i * 32), v0);
+            _mm512_store_ps(buf.add(i * 32 + 16), v1);
+        }
+    }
+
+    /// `c[i][0..cols] = buf[i][0..cols]` for the first `rows` rows of the 32 x 32 block.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn write_out(
         buf: *const f32,
@@ -251,21 +320,14 @@ mod x86 {
         cols: usize,
         c: *mut f32,
         ldc: usize,
-        overwrite: bool,
     ) {
         let m0 = mask16(cols);
         let m1 = mask16(cols.saturating_sub(16));
         for i in 0..rows {
             let row = c.add(i * ldc);
-            let mut v0 = _mm512_load_ps(buf.add(i * 32));
-            let mut v1 = _mm512_load_ps(buf.add(i * 32 + 16));
-            if !overwrite {
-                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
-            }
-            _mm512_mask_storeu_ps(row, m0, v0);
+            _mm512_mask_storeu_ps(row, m0, _mm512_load_ps(buf.add(i * 32)));
             if m1 != 0 {
-                _mm512_mask_storeu_ps(row.add(16), m1, v1);
+                _mm512_mask_storeu_ps(row.add(16), m1, _mm512_load_ps(buf.add(i * 32 + 16)));
             }
         }
     }
@@ -314,24 +376,12 @@ mod x86 {
         unreachable!("AMX GEMM off x86_64")
     }
     pub(super) unsafe fn release() {}
-    pub(super) unsafe fn block(
-        _: bool,
-        _: *const u32,
-        _: usize,
-        _: *const u32,
-        _: usize,
-        _: *mut f32,
-    ) {
-    }
-    pub(super) unsafe fn write_out(
-        _: *const f32,
-        _: usize,
-        _: usize,
-        _: *mut f32,
-        _: usize,
-        _: bool,
-    ) {
-    }
+    pub(super) unsafe fn init_zero(_: bool) {}
+    pub(super) unsafe fn init_load(_: bool, _: *const f32, _: usize) {}
+    pub(super) unsafe fn read_in(_: *mut f32, _: usize, _: usize, _: *const f32, _: usize) {}
+    pub(super) unsafe fn store(_: bool, _: *mut f32, _: usize) {}
+    pub(super) unsafe fn run(_: bool, _: *const u32, _: usize, _: *const u32, _: usize) {}
+    pub(super) unsafe fn write_out(_: *const f32, _: usize, _: usize, _: *mut f32, _: usize) {}
     pub(super) unsafe fn ceiling_loop(_: u64) -> f64 {
         0.0
     }

@@ -13,8 +13,8 @@
 //! An odd `k` is padded with a zero pair half, and columns past `n` with zeros. The micro-kernel keeps an
 //! `MR x NR` = 12 x 32 tile in 24 vector registers.
 //!
-//! On CPUs with Intel AMX the same packings feed [`crate::amx`]'s tile kernel instead: k padded with zero
-//! pairs to a multiple of 16, the left operand always as rows (padded to a multiple of 16 rows).
+//! On CPUs with Intel AMX the right-operand packings feed [`crate::amx`]'s tile kernel instead, with k padded
+//! by zero pairs to a multiple of 16; its left operand is packed in tiles ([`pack_tiles`], [`LhsT`]).
 
 use rayon::prelude::*;
 
@@ -241,53 +241,64 @@ pub(crate) struct Packed {
     pub(crate) width: usize,
     /// k-pairs per panel row (padded to [`crate::amx::KP_STEP`] in AMX packings).
     pub(crate) kp: usize,
-    /// Whether this packing is for the AMX kernel (the left operand then comes as rows).
-    amx: bool,
+    /// Whether this packing is for the AMX kernel (the left operand then comes as [`Lhs::Tiles`]).
+    pub(crate) amx: bool,
 }
 
 /// The left operand of [`gemm`].
 pub(crate) enum Lhs<'a> {
     /// Row-major rows of `kp` pairs each (from [`pack_rows`]).
     Rows(&'a [u32], usize),
+    /// AMX tiles of 16 rows x 16 pairs, `kp` pairs per row (from [`pack_tiles`] or [`LhsT::pack`]), from
+    /// the block of the first row on.
+    Tiles(&'a [u32], usize),
     /// Panels of [`MR`] rows (from [`pack_kn`] with width [`MR`]), starting at the given row (a multiple of
     /// [`MR`]).
     Panels(&'a Packed, usize),
 }
 
-/// `rows` rows of `k` f32 values (row `i` at `src[i * ld..]`) as rows of `ceil(k / 2)` bf16 pairs; for the
-/// AMX kernel (`amx`) each row padded with zero pairs to [`crate::amx::KP_STEP`] and the rows with zero rows
-/// to a multiple of [`crate::amx::TILE`].
-pub(crate) fn pack_rows(
-    src: &[f32],
-    rows: usize,
-    k: usize,
-    ld: usize,
-    amx: bool,
-) -> (Vec<u32>, usize) {
-    let (real, kp) = (k.div_ceil(2), packed_kp(k, amx));
-    let alloc = if amx {
-        rows.next_multiple_of(crate::amx::TILE)
-    } else {
-        rows
-    };
-    // Every row's first `real` pairs are written by pairs_of_row, the rest zeroed here.
-    let mut out = uninit_u32(alloc * kp);
-    for (i, o) in out.chunks_exact_mut(kp.max(1)).enumerate().take(alloc) {
-        if i < rows {
-            // SAFETY: `supported()` is checked by every caller before packing; row i holds k values.
-            unsafe { x86::pairs_of_row(&src[i * ld..i * ld + k], o) }
-            o[real..].fill(0);
-        } else {
-            o.fill(0);
+/// `rows` rows of `k` f32 values (row `i` at `src[i * ld..]`) as rows of `ceil(k / 2)` bf16 pairs.
+pub(crate) fn pack_rows(src: &[f32], rows: usize, k: usize, ld: usize) -> (Vec<u32>, usize) {
+    let kp = k.div_ceil(2);
+    // Every row's kp pairs are written by pairs_of_row.
+    let mut out = uninit_u32(rows * kp);
+    for (i, o) in out.chunks_exact_mut(kp.max(1)).enumerate().take(rows) {
+        // SAFETY: `supported()` is checked by every caller before packing; row i holds k values.
+        unsafe { x86::pairs_of_row(&src[i * ld..i * ld + k], o) }
+    }
+    (out, kp)
+}
+
+/// `rows` rows of `k` f32 values (row `i` at `src[i * ld..]`) as AMX tiles: blocks of [`crate::amx::TILE`]
+/// rows, each a run of 1 KiB tiles (16 rows x 16 pairs, row-major) along k, so that a tile load reads one
+/// contiguous KiB. `kp` is `ceil(k / 2)` padded to [`crate::amx::KP_STEP`]; the pairs past k and the rows
+/// past `rows` are zeros. Pair `p` of row `i` lies at `(i / 16) * 16 * kp + (p / 16) * 256 + (i % 16) * 16 +
+/// p % 16`.
+pub(crate) fn pack_tiles(src: &[f32], rows: usize, k: usize, ld: usize) -> (Vec<u32>, usize) {
+    let kp = packed_kp(k, true);
+    let tile = crate::amx::TILE;
+    let mut out = uninit_u32(rows.next_multiple_of(tile) * kp);
+    if kp == 0 {
+        return (out, kp);
+    }
+    for (blk, dst) in out.chunks_exact_mut(tile * kp).enumerate() {
+        for r in 0..tile {
+            let i = blk * tile + r;
+            // SAFETY: `supported()` is checked by every caller before packing; row i holds k values; every
+            // 16-pair chunk of row r of this block is written (zeros past k, or all zeros past `rows`).
+            unsafe {
+                let row = (i < rows).then(|| &src[i * ld..i * ld + k]);
+                x86::tile_row(row, kp, r, dst)
+            }
         }
     }
     (out, kp)
 }
 
 /// The `(m, k)` matrix `a[i][kk] = src[kk * ld + i]` (stored transposed, e.g. `gᵀ` of a `(k, m)` gradient)
-/// as AMX rows: `m` rounded up to [`crate::amx::TILE`] rows of `kp` pairs (padded to
-/// [`crate::amx::KP_STEP`]), built 16 rows x 16 pairs at a time through a register transpose.
-fn pack_rows_t(src: &[f32], k: usize, m: usize, ld: usize) -> (Vec<u32>, usize) {
+/// as AMX tiles (the layout of [`pack_tiles`]), built 16 rows x 16 pairs at a time through a register
+/// transpose.
+fn pack_tiles_t(src: &[f32], k: usize, m: usize, ld: usize) -> (Vec<u32>, usize) {
     let kp = packed_kp(k, true);
     let tile = crate::amx::TILE;
     let mut out = uninit_u32(m.next_multiple_of(tile) * kp);
@@ -315,16 +326,16 @@ fn pack_rows_t(src: &[f32], k: usize, m: usize, ld: usize) -> (Vec<u32>, usize) 
 pub(crate) enum LhsT {
     /// [`pack_kn`] panels of [`MR`] rows.
     Panels(Packed),
-    /// AMX rows (see [`pack_rows_t`]) and their pairs per row.
-    Rows(Vec<u32>, usize),
+    /// AMX tiles (see [`pack_tiles`]) and their pairs per row.
+    Tiles(Vec<u32>, usize),
 }
 
 impl LhsT {
     /// The `(m, k)` matrix `a[i][kk] = src[kk * ld + i]`, packed for this thread's kernel.
     pub(crate) fn pack(src: &[f32], k: usize, m: usize, ld: usize) -> Self {
         if amx_packing() {
-            let (rows, kp) = pack_rows_t(src, k, m, ld);
-            LhsT::Rows(rows, kp)
+            let (tiles, kp) = pack_tiles_t(src, k, m, ld);
+            LhsT::Tiles(tiles, kp)
         } else {
             LhsT::Panels(pack_kn(src, k, m, ld, MR))
         }
@@ -334,7 +345,7 @@ impl LhsT {
     pub(crate) fn granule(&self) -> usize {
         match self {
             LhsT::Panels(_) => MR,
-            LhsT::Rows(..) => crate::amx::TILE,
+            LhsT::Tiles(..) => crate::amx::TILE,
         }
     }
 
@@ -342,7 +353,7 @@ impl LhsT {
     pub(crate) fn at(&self, first: usize) -> Lhs<'_> {
         match self {
             LhsT::Panels(p) => Lhs::Panels(p, first),
-            LhsT::Rows(d, kp) => Lhs::Rows(&d[first * kp..], *kp),
+            LhsT::Tiles(d, kp) => Lhs::Tiles(&d[first * kp..], *kp),
         }
     }
 }
@@ -442,8 +453,13 @@ pub(crate) unsafe fn gemm_rows(
     ldc: usize,
     accumulate: bool,
 ) {
-    let (rows, kp) = pack_rows(a, m, k, k, b.amx);
-    gemm(m, n, &Lhs::Rows(&rows, kp), b, c, ldc, accumulate)
+    if b.amx {
+        let (tiles, kp) = pack_tiles(a, m, k, k);
+        gemm(m, n, &Lhs::Tiles(&tiles, kp), b, c, ldc, accumulate)
+    } else {
+        let (rows, kp) = pack_rows(a, m, k, k);
+        gemm(m, n, &Lhs::Rows(&rows, kp), b, c, ldc, accumulate)
+    }
 }
 
 /// `c (m, n) [+]= a (m, k) · b (k, n)` with `c` row-major (row stride `ldc`), `a` and `b` packed with the
@@ -463,11 +479,14 @@ pub(crate) unsafe fn gemm(
 ) {
     debug_assert_eq!(b.width, NR);
     let kp = b.kp;
-    if let Lhs::Rows(d, akp) = a {
-        if b.amx && *akp == kp && d.len() >= m.next_multiple_of(crate::amx::TILE) * kp {
-            return crate::amx::gemm(m, n, d.as_ptr(), kp, b, c, ldc, accumulate);
-        }
+    if let Lhs::Tiles(d, akp) = a {
+        assert!(
+            b.amx && *akp == kp && d.len() >= m.next_multiple_of(crate::amx::TILE) * kp,
+            "AMX GEMM: operands packed for different kernels"
+        );
+        return crate::amx::gemm(m, n, d.as_ptr(), b, c, ldc, accumulate);
     }
+    assert!(!b.amx, "bf16 GEMM: an AMX packing without AMX tiles");
     if kp == 0 {
         if !accumulate {
             for i in 0..m {
@@ -489,6 +508,7 @@ pub(crate) unsafe fn gemm(
                     let rows = MR.min(i1 - ib);
                     let (ap, rs, ps) = match a {
                         Lhs::Rows(d, akp) => (d.as_ptr().add(ib * akp + p0), *akp, 1),
+                        Lhs::Tiles(..) => unreachable!("AMX tiles go to the AMX kernel"),
                         Lhs::Panels(pk, first) => {
                             debug_assert!(pk.width == MR && first % MR == 0);
                             let panel = (first + ib) / MR;
@@ -528,14 +548,14 @@ pub(crate) unsafe fn gemm_strided(
     assert!(dst.1 == 1, "bf16 GEMM: the output needs unit column stride");
     let (rows, lhs_t);
     let a = if lhs.1 == 1 {
-        rows = pack_rows(
-            span(lhs.0, m, k, lhs.2, 1),
-            m,
-            k,
-            lhs.2 as usize,
-            amx_packing(),
-        );
-        Lhs::Rows(&rows.0, rows.1)
+        let src = span(lhs.0, m, k, lhs.2, 1);
+        if amx_packing() {
+            rows = pack_tiles(src, m, k, lhs.2 as usize);
+            Lhs::Tiles(&rows.0, rows.1)
+        } else {
+            rows = pack_rows(src, m, k, lhs.2 as usize);
+            Lhs::Rows(&rows.0, rows.1)
+        }
     } else {
         assert!(
             lhs.2 == 1,
@@ -725,9 +745,9 @@ pub(crate) mod x86 {
         }
     }
 
-    /// Rows `i0..i0+rows` of the `(m, k)` matrix `a[i][kk] = src[kk * ld + i]` as 16 rows of `kp` pairs at
-    /// `dst` (row `r` = pairs `(a[i0+r][2p], a[i0+r][2p+1])`; zeros past `rows` and past `k`), 16 pairs at a
-    /// time: each pair row interleaved from two source rows, then a register transpose.
+    /// Rows `i0..i0+rows` of the `(m, k)` matrix `a[i][kk] = src[kk * ld + i]` as one block of AMX tiles at
+    /// `dst` (see [`super::pack_tiles`]; zeros past `rows` and past `k`), 16 pairs at a time: each pair row
+    /// interleaved from two source rows, then a register transpose.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn transpose_rows(
         src: &[f32],
@@ -761,10 +781,31 @@ pub(crate) mod x86 {
                 *v = _mm512_permutexvar_epi16(idx, pairs);
             }
             let t = transpose16(v);
+            // Tile p0 / 16 of this block: 16 rows of 16 pairs, contiguous.
             for (r, t) in t.iter().enumerate() {
-                _mm512_storeu_si512(dst.as_mut_ptr().add(r * kp + p0) as *mut _, *t);
+                _mm512_storeu_si512(dst.as_mut_ptr().add(p0 * 16 + r * 16) as *mut _, *t);
             }
             p0 += 16;
+        }
+    }
+
+    /// Row `r` of a block of AMX tiles (see [`super::pack_tiles`]) from the f32 values of `src` (None: zeros):
+    /// 16 pairs (32 values) into each of the block's `kp / 16` tiles.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn tile_row(src: Option<&[f32]>, kp: usize, r: usize, dst: &mut [u32]) {
+        let k = src.map_or(0, |s| s.len());
+        let p = src.map_or(std::ptr::null(), |s| s.as_ptr());
+        for t in 0..kp / 16 {
+            let i = t * 32;
+            let left = k.saturating_sub(i);
+            let v: __m512i = if left == 0 {
+                _mm512_setzero_si512()
+            } else {
+                let lo = _mm512_maskz_loadu_ps(mask16(left), p.add(i));
+                let hi = _mm512_maskz_loadu_ps(mask16(left.saturating_sub(16)), p.add(i + 16));
+                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+            };
+            _mm512_storeu_si512(dst.as_mut_ptr().add(t * 256 + r * 16) as *mut _, v);
         }
     }
 
@@ -862,6 +903,9 @@ mod x86 {
         _: usize,
         _: &mut [u32],
     ) {
+        unreachable!("bf16 GEMM without AVX-512 BF16")
+    }
+    pub(super) unsafe fn tile_row(_: Option<&[f32]>, _: usize, _: usize, _: &mut [u32]) {
         unreachable!("bf16 GEMM without AVX-512 BF16")
     }
     #[allow(clippy::too_many_arguments)]
@@ -996,17 +1040,29 @@ mod tests {
             // a (m, k) row-major; its transpose (k, m) row-major for the transposed packing; b (k, n), bᵀ (n, k).
             let at: Vec<f32> = (0..k * m).map(|t| a[(t % m) * k + t / m]).collect();
             let bt: Vec<f32> = (0..n * k).map(|t| b[(t % k) * n + t / k]).collect();
-            let (rows, kp) = pack_rows(&a, m, k, k, amx);
+            let (rows, kp) = if amx {
+                pack_tiles(&a, m, k, k)
+            } else {
+                pack_rows(&a, m, k, k)
+            };
             let lhs_t = LhsT::pack(&at, k, m, m);
             let b_kn = pack_kn(&b, k, n, n, NR);
             let b_nk = pack_nk(&bt, n, k, k, NR);
             assert_eq!((b_kn.amx, b_nk.amx), (amx, amx), "{mode:?}: packing kind");
-            assert_eq!(matches!(lhs_t, LhsT::Rows(..)), amx);
+            assert_eq!(matches!(lhs_t, LhsT::Tiles(..)), amx);
             if amx {
                 assert!(kp.is_multiple_of(crate::amx::KP_STEP));
             }
             for (lhs, rhs, what) in [
-                (Lhs::Rows(&rows, kp), &b_kn, "rows x kn"),
+                (
+                    if amx {
+                        Lhs::Tiles(&rows, kp)
+                    } else {
+                        Lhs::Rows(&rows, kp)
+                    },
+                    &b_kn,
+                    "rows x kn",
+                ),
                 (lhs_t.at(0), &b_nk, "transposed x nk"),
             ] {
                 for accumulate in [false, true] {
