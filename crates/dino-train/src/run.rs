@@ -287,6 +287,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                      they run in f32 (same results as highest, faster here); DINO_BF16_GEMM=dpbf16 forces bf16"
                 )
             }
+            Some(_) if dino_kernels::bf16::bf16_gemm() == dino_kernels::bf16::Bf16Gemm::Amx => tracing::warn!(
+                "matmul_precision = bf16: DINO_BF16_GEMM=amx, but this CPU (or its OS) offers no AMX tiles, so the \
+                 products run in f32 (same results as highest)"
+            ),
             Some(_) => tracing::warn!(
                 "matmul_precision = bf16: DINO_BF16_GEMM=f32, so the products run in f32 (same results as highest)"
             ),
