@@ -130,6 +130,7 @@ pub(crate) unsafe fn ceiling_loop(n: u64) -> f64 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::bf16::x86::mask16;
     use std::arch::asm;
     use std::arch::x86_64::*;
 
@@ -273,16 +274,6 @@ mod x86 {
                 ldb = in(reg) 128usize,
                 options(nostack, readonly),
             );
-        }
-    }
-
-    /// The first `min(n, 16)` lanes.
-    #[inline(always)]
-    fn mask16(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            ((1u32 << n) - 1) as u16
         }
     }
 

@@ -583,7 +583,7 @@ pub(crate) mod x86 {
 
     /// The first `min(n, 16)` lanes.
     #[inline(always)]
-    fn mask16(n: usize) -> __mmask16 {
+    pub(crate) fn mask16(n: usize) -> __mmask16 {
         if n >= 16 {
             0xffff
         } else {
