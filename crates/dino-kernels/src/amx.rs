@@ -16,10 +16,15 @@ use crate::bf16::{Packed, NR};
 pub(crate) const KP_STEP: usize = 16;
 /// Rows of a left-operand tile: the row packings pad the rows to a multiple of it.
 pub(crate) const TILE: usize = 16;
-/// Rows per cache block of the left operand (its `MC x 2*KC` bf16 slice, 128 KiB, stays in L2).
-const MC: usize = 128;
-/// k-pairs per cache block (a right panel's slice, `KC x NR` pairs = 32 KiB, stays in L1 across a row block).
-const KC: usize = 256;
+/// Rows per cache block of the left operand when k is short (at most [`SHORT_K`] pairs): its slice, at most
+/// 32 KiB, stays in L1 beside a right panel's.
+const MC_SHORT: usize = 64;
+/// Rows per cache block of the left operand otherwise (its `MC x KC` pairs, 512 KiB, stay in L2).
+const MC_LONG: usize = 256;
+/// The k (in pairs) up to which [`MC_SHORT`] applies.
+const SHORT_K: usize = 128;
+/// k-pairs per cache block (a right panel's slice, `KC x NR` pairs = 64 KiB, stays in L2 across a row block).
+const KC: usize = 512;
 
 /// Whether this CPU and OS run the AMX kernel: CPUID reports AMX-TILE and AMX-BF16 (leaf 7, EDX bits 24 and
 /// 22), the packings' AVX-512 BF16 is there, and Linux granted this process the tile data state. Asked once
@@ -82,8 +87,9 @@ pub(crate) unsafe fn gemm(
     let mut buf = x86::Block([0.0; 32 * 32]);
     let panels = n.div_ceil(NR);
     let ldc_bytes = ldc * 4;
-    for i0 in (0..m).step_by(MC) {
-        let i1 = (i0 + MC).min(m);
+    let mc = if kp <= SHORT_K { MC_SHORT } else { MC_LONG };
+    for i0 in (0..m).step_by(mc) {
+        let i1 = (i0 + mc).min(m);
         for p0 in (0..kp).step_by(KC) {
             let pn = KC.min(kp - p0);
             let overwrite = p0 == 0 && !accumulate;

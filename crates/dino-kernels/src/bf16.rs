@@ -1018,11 +1018,13 @@ mod tests {
             (25, 64, 64),
             (200, 33, 600),
             (7, 100, 1),
-            // Tall, short, k not a multiple of 32, k past one AMX cache block (512 pairs), m past two.
+            // Tall, short, k not a multiple of 32, k past one AMX cache block (512 pairs), m past two row blocks
+            // at short k (64 rows) and at long k (256 rows).
             (300, 40, 70),
             (3, 200, 33),
             (17, 16, 1100),
             (290, 96, 96),
+            (270, 48, 300),
         ] {
             let a = pattern(m * k, 1);
             let b = pattern(k * n, 2);
