@@ -4,12 +4,13 @@
 //! path, linear + residual, multi-head attention, weight norm, max-pool, conv2d, train-mode BatchNorm) has
 //! two implementations chosen at its entry by [`dispatch::cpu_fast_path`]:
 //! - the CPU fast path: candle custom ops with hand-written kernels (AVX-512 where present, bf16 products
-//!   on request) and analytic backward passes;
+//!   on request, on AMX tiles ([`amx`]) or with AVX-512 BF16 ([`bf16`])) and analytic backward passes;
 //! - the portable path: a composition of candle ops whose backward candle derives, avoiding candle's ops that
 //!   drop or corrupt gradients (fused LayerNorm, `softmax_last_dim`, `max_pool2d`): the path that runs on
 //!   CUDA, and on the CPU when `DINO_KERNELS=portable`.
 //!
-//! A new device is one more branch in each op's entry function. The crate depends on candle and `gemm` only.
+//! A new device is one more branch in each op's entry function. The crate depends on candle, `gemm`, rayon,
+//! libc and serde.
 
 pub mod amx;
 pub mod attention;
