@@ -59,8 +59,9 @@ pub fn available() -> bool {
 /// every output row has the same bits wherever its block starts.
 ///
 /// # Safety
-/// [`available`] must be true; `c` valid for `m` rows of `n` values at stride `ldc`, not aliasing the
-/// operands; `a` valid for `m.next_multiple_of(TILE) * b.kp` values.
+/// [`available`] must be true and `b.kp` non-zero (an empty k is [`crate::bf16::gemm`]'s); `c` valid for `m`
+/// rows of `n` values at stride `ldc`, not aliasing the operands; `a` valid for `m.next_multiple_of(TILE) *
+/// b.kp` values.
 pub(crate) unsafe fn gemm(
     m: usize,
     n: usize,
@@ -71,16 +72,8 @@ pub(crate) unsafe fn gemm(
     accumulate: bool,
 ) {
     let kp = b.kp;
-    debug_assert!(kp.is_multiple_of(KP_STEP) && b.width == NR);
+    debug_assert!(kp > 0 && kp.is_multiple_of(KP_STEP) && b.width == NR);
     if m == 0 || n == 0 {
-        return;
-    }
-    if kp == 0 {
-        if !accumulate {
-            for i in 0..m {
-                std::ptr::write_bytes(c.add(i * ldc), 0, n);
-            }
-        }
         return;
     }
     x86::load_config();

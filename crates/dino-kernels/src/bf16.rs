@@ -484,9 +484,9 @@ pub(crate) unsafe fn gemm(
             b.amx && *akp == kp && d.len() >= m.next_multiple_of(crate::amx::TILE) * kp,
             "AMX GEMM: operands packed for different kernels"
         );
-        return crate::amx::gemm(m, n, d.as_ptr(), b, c, ldc, accumulate);
+    } else {
+        assert!(!b.amx, "bf16 GEMM: an AMX packing without AMX tiles");
     }
-    assert!(!b.amx, "bf16 GEMM: an AMX packing without AMX tiles");
     if kp == 0 {
         if !accumulate {
             for i in 0..m {
@@ -494,6 +494,9 @@ pub(crate) unsafe fn gemm(
             }
         }
         return;
+    }
+    if let Lhs::Tiles(d, _) = a {
+        return crate::amx::gemm(m, n, d.as_ptr(), b, c, ldc, accumulate);
     }
     let panels = n.div_ceil(NR);
     for i0 in (0..m).step_by(MC) {
