@@ -2,7 +2,9 @@
 //! a base configuration (a `--config` TOML file, a `--preset`, or the defaults) so that flags override the file.
 
 use clap::{ArgAction, Args};
-use dino_train::{Arch, Centering, DatasetKind, MatmulPrecision, OptimizerKind, TrainConfig};
+use dino_train::{
+    Arch, Centering, DatasetKind, MatmulPrecision, OptimizerKind, TrainConfig, VitLinearInit,
+};
 use std::path::PathBuf;
 
 fn parse_arch(s: &str) -> Result<String, String> {
@@ -25,6 +27,10 @@ fn parse_kernels(s: &str) -> Result<dino_train::KernelPath, String> {
 
 fn parse_centering(s: &str) -> Result<Centering, String> {
     s.parse::<Centering>().map_err(|e| e.to_string())
+}
+
+fn parse_linear_init(s: &str) -> Result<VitLinearInit, String> {
+    s.parse::<VitLinearInit>().map_err(|e| e.to_string())
 }
 
 fn parse_dataset(s: &str) -> Result<DatasetKind, String> {
@@ -90,6 +96,10 @@ pub struct TrainArgs {
     /// ViT: shifted patch tokenization (each patch also sees the image moved by half a patch diagonally). [false]
     #[arg(long, value_parser = parse_bool, action = ArgAction::Set)]
     pub vit_shifted_patches: Option<bool>,
+    /// ViT block linears' init: trunc_normal (official, std 0.02) or default_uniform (PyTorch's nn.Linear,
+    /// U(±1/sqrt(fan_in))). [trunc_normal]
+    #[arg(long, value_parser = parse_linear_init)]
+    pub vit_linear_init: Option<VitLinearInit>,
     /// ResNet: channels of the stem and first stage (then 2x, 4x, 8x). [64]
     #[arg(long)]
     pub resnet_width: Option<usize>,
@@ -271,6 +281,7 @@ impl TrainArgs {
             vit_pool_avg,
             vit_num_register_tokens,
             vit_shifted_patches,
+            vit_linear_init,
             vit_layer_scale_init,
             resnet_width,
             out_dim,
@@ -545,6 +556,8 @@ mod tests {
             "4",
             "--vit-shifted-patches",
             "true",
+            "--vit-linear-init",
+            "default-uniform",
             "--vit-layer-scale-init",
             "1e-5",
             "--resnet-width",
@@ -586,6 +599,7 @@ mod tests {
         assert_eq!(c.koleo_loss_weight, 0.1);
         assert!(c.vit_pool_avg);
         assert!(c.vit_shifted_patches);
+        assert_eq!(c.vit_linear_init, VitLinearInit::DefaultUniform);
         assert_eq!(
             (c.vit_num_register_tokens, c.vit_layer_scale_init),
             (4, 1e-5)
@@ -604,6 +618,13 @@ mod tests {
             .unwrap();
         assert_eq!((c.epochs, c.warmup_epochs), (1, 1));
         assert!(parse(&["--centering", "median"]).is_err());
+        let e = parse(&["--vit-linear-init", "xavier"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--vit-linear-init") && e.contains("default_uniform"),
+            "{e}"
+        );
     }
 
     #[test]

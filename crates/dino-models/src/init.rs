@@ -40,6 +40,35 @@ pub fn default_uniform(fan_in: usize) -> Init {
     Init::Uniform { lo: -b, up: b }
 }
 
+/// How a ViT's block linears (`attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`) start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinearInit {
+    /// The official `_init_weights`: weight `trunc_normal_(std=.02)`, bias 0 (default).
+    #[default]
+    TruncNormal,
+    /// PyTorch's own `nn.Linear` init (what a ViT gets without the official `_init_weights`): weight and
+    /// bias `U(±1/sqrt(fan_in))`, i.e. weight std `1/sqrt(3 fan_in)` (0.059 for D = 96, 3x the official).
+    DefaultUniform,
+}
+
+impl LinearInit {
+    /// The weight initialiser of a linear layer with `fan_in` inputs.
+    pub fn weight(self, fan_in: usize) -> Init {
+        match self {
+            Self::TruncNormal => TRUNC_NORMAL_02,
+            Self::DefaultUniform => default_uniform(fan_in),
+        }
+    }
+
+    /// The bias initialiser of a linear layer with `fan_in` inputs.
+    pub fn bias(self, fan_in: usize) -> Init {
+        match self {
+            Self::TruncNormal => Init::Const(0.0),
+            Self::DefaultUniform => default_uniform(fan_in),
+        }
+    }
+}
+
 /// A `VarBuilder` backend filling a `VarMap` from a seeded ChaCha8 RNG.
 pub struct SeededInit {
     varmap: VarMap,

@@ -26,7 +26,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::backbone::Backbone;
-use crate::init::{default_uniform, TRUNC_NORMAL_02};
+use crate::init::{default_uniform, LinearInit, TRUNC_NORMAL_02};
 use crate::ops;
 
 /// Configuration of a [`VisionTransformer`] (defaults: the official `vit_small(patch_size=16)`).
@@ -70,6 +70,9 @@ pub struct ViTConfig {
     /// fill), its `5 C p²` values LayerNormed (`patch_embed.norm`, eps 1e-5) before the projection
     /// (`patch_embed.proj.weight` `(D, 5C, p, p)`). Default false (the official patch embedding).
     pub shifted_patches: bool,
+    /// Initialisation of the block linears (qkv, proj, fc1, fc2). Default [`LinearInit::TruncNormal`]
+    /// (official).
+    pub linear_init: LinearInit,
 }
 
 /// Which tokens make the image feature of a [`VisionTransformer`].
@@ -107,6 +110,7 @@ impl ViTConfig {
             layer_scale_init: None,
             mask_token: false,
             shifted_patches: false,
+            linear_init: LinearInit::TruncNormal,
         }
     }
 
@@ -252,10 +256,16 @@ struct Linear {
 }
 
 impl Linear {
-    fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints((out_dim, in_dim), "weight", TRUNC_NORMAL_02)?;
+    fn new(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        init: LinearInit,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", init.weight(in_dim))?;
         let bias = if bias {
-            Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
+            Some(vb.get_with_hints(out_dim, "bias", init.bias(in_dim))?)
         } else {
             None
         };
@@ -313,11 +323,12 @@ impl Block {
         let d = cfg.embed_dim;
         let eps = cfg.layer_norm_eps;
         let norm1 = LayerNorm::new(d, eps, vb.pp("norm1"))?;
-        let qkv = Linear::new(d, 3 * d, cfg.qkv_bias, vb.pp("attn").pp("qkv"))?;
-        let proj = Linear::new(d, d, true, vb.pp("attn").pp("proj"))?;
+        let li = cfg.linear_init;
+        let qkv = Linear::new(d, 3 * d, cfg.qkv_bias, li, vb.pp("attn").pp("qkv"))?;
+        let proj = Linear::new(d, d, true, li, vb.pp("attn").pp("proj"))?;
         let norm2 = LayerNorm::new(d, eps, vb.pp("norm2"))?;
-        let fc1 = Linear::new(d, cfg.mlp_hidden(), true, vb.pp("mlp").pp("fc1"))?;
-        let fc2 = Linear::new(cfg.mlp_hidden(), d, true, vb.pp("mlp").pp("fc2"))?;
+        let fc1 = Linear::new(d, cfg.mlp_hidden(), true, li, vb.pp("mlp").pp("fc1"))?;
+        let fc2 = Linear::new(cfg.mlp_hidden(), d, true, li, vb.pp("mlp").pp("fc2"))?;
         let ls = match cfg.layer_scale_init {
             Some(v) => Some((
                 vb.pp("ls1").get_with_hints(d, "gamma", Init::Const(v))?,
@@ -681,7 +692,8 @@ impl VisionTransformer {
     /// Builds (or loads, when `vb` holds the tensors) the network with the official parameter paths.
     /// Initialisation through [`crate::init::seeded_var_builder`] follows the official code: trunc-normal
     /// 0.02 for `cls_token`, `pos_embed` and linear weights, zero linear biases, LayerNorm 1/0, and the
-    /// patch-embed conv's PyTorch default `U(±1/sqrt(C p²))` for weight and bias.
+    /// patch-embed conv's PyTorch default `U(±1/sqrt(C p²))` for weight and bias; the block linears follow
+    /// [`ViTConfig::linear_init`].
     pub fn new(cfg: ViTConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let d = cfg.embed_dim;

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
-use dino_models::init::seeded_var_builder;
+use dino_models::init::{seeded_var_builder, LinearInit};
 use dino_models::vit::{Pool, ViTConfig, VisionTransformer};
 use dino_models::Backbone;
 
@@ -242,6 +242,70 @@ fn seeded_init_is_reproducible_and_official_shaped() -> Result<()> {
     for k in ["patch_embed.proj.weight", "patch_embed.proj.bias"] {
         let m = get(k).abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(m <= bound && m > 0.5 * bound, "{k}: max {m}, bound {bound}");
+    }
+    Ok(())
+}
+
+/// `LinearInit::DefaultUniform`: every block linear's weight and bias is `U(±1/sqrt(fan_in))` (bounded, std
+/// `bound/sqrt(3)`, non-zero bias), while the tensors drawn before the blocks (patch embedding, cls token,
+/// positional embedding) are the same draws as under the official init.
+#[test]
+fn default_uniform_linear_init_is_pytorchs_nn_linear() -> Result<()> {
+    let dev = tdev();
+    let official = ViTConfig::custom(16, 4, 64, 2, 2);
+    let uniform = ViTConfig {
+        linear_init: LinearInit::DefaultUniform,
+        ..official.clone()
+    };
+    let build = |cfg: &ViTConfig| -> Result<VarMap> {
+        let vm = VarMap::new();
+        VisionTransformer::new(cfg.clone(), seeded_var_builder(&vm, 7, DType::F32, &dev))?;
+        Ok(vm)
+    };
+    let (vo, vu) = (build(&official)?, build(&uniform)?);
+    let (o, u) = (vo.data().lock().unwrap(), vu.data().lock().unwrap());
+    let stat = |t: &Tensor| -> Result<(f32, f32)> {
+        Ok((
+            t.abs()?.max_all()?.to_scalar::<f32>()?,
+            t.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?,
+        ))
+    };
+    for (layer, fan_in) in [
+        ("attn.qkv", 64usize),
+        ("attn.proj", 64),
+        ("mlp.fc1", 64),
+        ("mlp.fc2", 256),
+    ] {
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        for blk in 0..2 {
+            let w = u[&format!("blocks.{blk}.{layer}.weight")]
+                .as_tensor()
+                .clone();
+            let (max, std) = stat(&w)?;
+            assert!(
+                max <= bound && max > 0.95 * bound,
+                "{layer}: max {max}, bound {bound}"
+            );
+            let want = bound / 3f32.sqrt();
+            assert!(
+                (std / want - 1.0).abs() < 0.06,
+                "{layer}: std {std}, want {want}"
+            );
+            let (bmax, _) = stat(u[&format!("blocks.{blk}.{layer}.bias")].as_tensor())?;
+            assert!(
+                bmax <= bound && bmax > 0.5 * bound,
+                "{layer} bias: max {bmax}"
+            );
+            let (_, ostd) = stat(o[&format!("blocks.{blk}.{layer}.weight")].as_tensor())?;
+            assert!((ostd - 0.02).abs() < 0.003, "official {layer}: std {ostd}");
+        }
+    }
+    for k in ["patch_embed.proj.weight", "cls_token", "pos_embed"] {
+        let d = (o[k].as_tensor() - u[k].as_tensor())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(d, 0.0, "{k} should not depend on linear_init");
     }
     Ok(())
 }

@@ -79,6 +79,42 @@ impl std::str::FromStr for Centering {
     }
 }
 
+/// How the ViT's block linears start (`--vit-linear-init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum VitLinearInit {
+    /// The official `trunc_normal_(std=.02)` weights and zero biases (default).
+    #[default]
+    TruncNormal,
+    /// PyTorch's `nn.Linear` default: weight and bias `U(±1/sqrt(fan_in))`.
+    DefaultUniform,
+}
+
+impl VitLinearInit {
+    /// The model-level choice.
+    pub fn to_model(self) -> dino_models::init::LinearInit {
+        match self {
+            Self::TruncNormal => dino_models::init::LinearInit::TruncNormal,
+            Self::DefaultUniform => dino_models::init::LinearInit::DefaultUniform,
+        }
+    }
+}
+
+impl std::str::FromStr for VitLinearInit {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().replace('-', "_").as_str() {
+            "trunc_normal" => Ok(Self::TruncNormal),
+            "default_uniform" => Ok(Self::DefaultUniform),
+            _ => Err(Error::config(
+                "vit_linear_init",
+                s,
+                "expected trunc_normal or default_uniform",
+            )),
+        }
+    }
+}
+
 /// Where the training images come from (`--dataset`, together with `--data_path`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -219,6 +255,10 @@ pub struct TrainConfig {
     /// ViT: shifted patch tokenization (Lee et al. 2021): each patch embedding also sees the image moved by
     /// half a patch in the four diagonal directions, LayerNormed before the projection. Default false.
     pub vit_shifted_patches: bool,
+    /// ViT: initialisation of the block linears: trunc_normal (official, std 0.02, zero bias) or
+    /// default_uniform (PyTorch's `nn.Linear` default, weight and bias `U(±1/sqrt(fan_in))`). Default
+    /// trunc_normal.
+    pub vit_linear_init: VitLinearInit,
     /// ResNet: channels of the stem and the first stage (later stages 2x, 4x, 8x; the feature is 8x). Default
     /// 64 (torchvision).
     pub resnet_width: usize,
@@ -389,6 +429,7 @@ impl Default for TrainConfig {
             vit_pool_avg: false,
             vit_num_register_tokens: 0,
             vit_shifted_patches: false,
+            vit_linear_init: VitLinearInit::TruncNormal,
             vit_layer_scale_init: 0.0,
             resnet_width: 64,
             out_dim: 65536,

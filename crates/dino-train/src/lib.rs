@@ -32,7 +32,7 @@ pub mod runtime;
 pub mod tensorboard;
 pub mod trainer;
 
-pub use config::{Arch, Centering, DatasetKind, OptimizerKind, TrainConfig};
+pub use config::{Arch, Centering, DatasetKind, OptimizerKind, TrainConfig, VitLinearInit};
 pub use device::DeviceSpec;
 pub use dino_models::{KernelPath, MatmulPrecision};
 pub use error::{Error, Result};

@@ -37,6 +37,7 @@ pub fn vit_config(cfg: &TrainConfig, drop_path_rate: f64) -> Result<Option<ViTCo
             img_size: cfg.img_size,
             num_register_tokens: cfg.vit_num_register_tokens,
             shifted_patches: cfg.vit_shifted_patches,
+            linear_init: cfg.vit_linear_init.to_model(),
             mask_token: cfg.ibot_loss_weight > 0.0,
             layer_scale_init: (cfg.vit_layer_scale_init > 0.0).then_some(cfg.vit_layer_scale_init),
             pool: if cfg.vit_pool_avg {
