@@ -1,7 +1,8 @@
 //! dino-kernels: every device-specific op of dino-rs behind one dispatch per op.
 //!
 //! Each public op (LayerNorm, softmax, GELU, bias add, linear and linear + GELU, residual sums with drop
-//! path, linear + residual, multi-head attention, weight norm, max-pool, conv2d, train-mode BatchNorm) has
+//! path, linear + residual, multi-head attention, weight norm, max-pool, conv2d, train-mode BatchNorm,
+//! patchify with shifted patch tokenization) has
 //! two implementations chosen at its entry by [`dispatch::cpu_fast_path`]:
 //! - the CPU fast path: candle custom ops with hand-written kernels (AVX-512 where present, bf16 products
 //!   on request, on AMX tiles ([`amx`]) or with AVX-512 BF16 ([`bf16`])) and analytic backward passes;
@@ -21,6 +22,7 @@ pub mod cpu;
 pub mod dispatch;
 pub mod fused;
 pub mod ops;
+pub mod patch;
 pub mod pool;
 mod small_gemm;
 pub mod weight_norm;

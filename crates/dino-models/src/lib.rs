@@ -15,7 +15,7 @@ pub mod weights;
 
 pub use backbone::Backbone;
 /// The ops the models are made of, each with a CPU fast path and a portable path (the `dino-kernels` crate).
-pub use dino_kernels::{attention, bf16, dispatch, fused, ops};
+pub use dino_kernels::{attention, bf16, dispatch, fused, ops, patch};
 pub use dino_kernels::{kernel_path, set_kernel_path, with_kernel_path, KernelPath};
 pub use fused::{
     matmul_precision, no_grad, set_matmul_precision, with_matmul_precision, MatmulPrecision,

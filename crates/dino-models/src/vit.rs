@@ -621,38 +621,6 @@ pub fn bicubic_matrix(in_size: usize, out_size: usize, scale: f64) -> Vec<f32> {
     m
 }
 
-/// `x` `(B, C, H, W)` translated by `(dy, dx)` pixels (content moves down / right for positive shifts), the
-/// uncovered border filled with zeros.
-fn translate(x: &Tensor, dy: isize, dx: isize) -> Result<Tensor> {
-    let mut x = x.clone();
-    for (dim, s) in [(2, dy), (3, dx)] {
-        let n = x.dim(dim)?;
-        let k = s.unsigned_abs().min(n);
-        if k == 0 {
-            continue;
-        }
-        x = if s > 0 {
-            x.pad_with_zeros(dim, k, 0)?.narrow(dim, 0, n)?
-        } else {
-            x.pad_with_zeros(dim, 0, k)?.narrow(dim, k, n)?
-        };
-    }
-    Ok(x)
-}
-
-/// Shifted patch tokenization's input: `x` `(B, C, H, W)` and its four diagonal translations by `s` pixels,
-/// concatenated on the channels: `(B, 5C, H, W)`, in the SPT code's order (its `left-up`, `right-up`,
-/// `left-down`, `right-down` pad that side and crop the other, i.e. move the content by (+s, +s), (+s, -s),
-/// (-s, +s), (-s, -s) in (rows, columns)).
-fn shifted_copies(x: &Tensor, s: usize) -> Result<Tensor> {
-    let s = s as isize;
-    let mut parts = vec![x.clone()];
-    for (dy, dx) in [(s, s), (s, -s), (-s, s), (-s, -s)] {
-        parts.push(translate(x, dy, dx)?);
-    }
-    Tensor::cat(&parts, 1)
-}
-
 /// The Vision Transformer backbone (the official `VisionTransformer` with `num_classes = 0`).
 pub struct VisionTransformer {
     cfg: ViTConfig,
@@ -793,25 +761,11 @@ impl VisionTransformer {
     /// Patch embedding as patchify + matmul: `(B, C, H, W)` -> `(B*gh*gw, D)` with `gh = H / p`,
     /// `gw = W / p` (a trailing remainder is dropped, as a stride-p conv does).
     pub fn patch_embed(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, _, h, w) = self.check_input(x)?;
+        self.check_input(x)?;
         let p = self.cfg.patch_size;
-        let (gh, gw) = (h / p, w / p);
-        let x = if self.patch_norm.is_some() {
-            shifted_copies(x, p / 2)?
-        } else {
-            x.clone()
-        };
-        let c = x.dim(1)?;
-        let x = if gh * p != h || gw * p != w {
-            x.narrow(2, 0, gh * p)?.narrow(3, 0, gw * p)?
-        } else {
-            x
-        };
-        let mut patches = x
-            .reshape((b, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b * gh * gw, c * p * p))?;
+        let shift = self.patch_norm.is_some().then_some(p / 2);
+        let mut patches = crate::patch::patchify(x, p, shift)?;
+        let c = patches.dim(1)? / (p * p);
         if let Some(norm) = &self.patch_norm {
             patches = norm.forward(&patches)?;
         }
