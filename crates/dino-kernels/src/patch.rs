@@ -10,6 +10,7 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use crate::dispatch::cpu_f32_fast_path;
+use crate::ops::f32_data;
 
 /// The translations of shifted patch tokenization by `s` pixels in (rows, columns), after the unshifted
 /// image: the SPT code's `left-up`, `right-up`, `left-down`, `right-down` (each pads one side and crops the
@@ -45,8 +46,12 @@ fn patchify_cpu(
     p: usize,
     shift: Option<usize>,
 ) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    let src = x.flatten_all()?.to_vec1::<f32>()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("patchify: CPU storage expected");
+    };
+    // Borrowed in place when contiguous (the loader's batches), gathered once otherwise.
+    let src = f32_data(cpu, layout, "patchify")?;
     let (gh, gw) = (h / p, w / p);
     let moves: &[(isize, isize)] = match shift {
         Some(s) => &shifts(s),
@@ -196,6 +201,11 @@ mod tests {
                 assert_eq!(got, want, "{path:?} {b}x{c}x{h}x{w} p {p} shift {shift:?}");
             }
         }
+        // A strided view (H and W swapped) is read through its strides.
+        let x = image(2, 3, 14, 21).transpose(2, 3)?;
+        let want = reference(&x, 7, Some(3));
+        let got = patchify(&x, 7, Some(3))?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(got, want, "strided input");
         Ok(())
     }
 

@@ -765,11 +765,12 @@ impl VisionTransformer {
         let p = self.cfg.patch_size;
         let shift = self.patch_norm.is_some().then_some(p / 2);
         let mut patches = crate::patch::patchify(x, p, shift)?;
-        let c = patches.dim(1)? / (p * p);
         if let Some(norm) = &self.patch_norm {
             patches = norm.forward(&patches)?;
         }
-        let w2 = self.patch_weight.reshape((self.cfg.embed_dim, c * p * p))?;
+        let w2 = self
+            .patch_weight
+            .reshape((self.cfg.embed_dim, patches.dim(1)?))?;
         ops::linear(&patches, &w2, Some(&self.patch_bias))
     }
 
