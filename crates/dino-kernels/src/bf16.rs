@@ -275,11 +275,22 @@ pub(crate) fn pack_rows(src: &[f32], rows: usize, k: usize, ld: usize) -> (Vec<u
 /// past `rows` are zeros. Pair `p` of row `i` lies at `(i / 16) * 16 * kp + (p / 16) * 256 + (i % 16) * 16 +
 /// p % 16`.
 pub(crate) fn pack_tiles(src: &[f32], rows: usize, k: usize, ld: usize) -> (Vec<u32>, usize) {
+    let mut out = Vec::new();
+    let kp = pack_tiles_into(src, rows, k, ld, &mut out);
+    (out, kp)
+}
+
+/// [`pack_tiles`] into `out` (resized to the packing's length, its capacity reused); returns `kp`.
+fn pack_tiles_into(src: &[f32], rows: usize, k: usize, ld: usize, out: &mut Vec<u32>) -> usize {
     let kp = packed_kp(k, true);
     let tile = crate::amx::TILE;
-    let mut out = uninit_u32(rows.next_multiple_of(tile) * kp);
+    let len = rows.next_multiple_of(tile) * kp;
+    if out.len() < len {
+        *out = uninit_u32(len);
+    }
+    let out = &mut out[..len];
     if kp == 0 {
-        return (out, kp);
+        return kp;
     }
     for (blk, dst) in out.chunks_exact_mut(tile * kp).enumerate() {
         for r in 0..tile {
@@ -292,13 +303,14 @@ pub(crate) fn pack_tiles(src: &[f32], rows: usize, k: usize, ld: usize) -> (Vec<
             }
         }
     }
-    (out, kp)
+    kp
 }
 
 /// The `(m, k)` matrix `a[i][kk] = src[kk * ld + i]` (stored transposed, e.g. `gᵀ` of a `(k, m)` gradient)
 /// as AMX tiles (the layout of [`pack_tiles`]), built 16 rows x 16 pairs at a time through a register
 /// transpose.
-fn pack_tiles_t(src: &[f32], k: usize, m: usize, ld: usize) -> (Vec<u32>, usize) {
+/// With `parallel` a large packing is split over the pool.
+fn pack_tiles_t(src: &[f32], k: usize, m: usize, ld: usize, parallel: bool) -> (Vec<u32>, usize) {
     let kp = packed_kp(k, true);
     let tile = crate::amx::TILE;
     let mut out = uninit_u32(m.next_multiple_of(tile) * kp);
@@ -306,7 +318,7 @@ fn pack_tiles_t(src: &[f32], k: usize, m: usize, ld: usize) -> (Vec<u32>, usize)
         return (out, kp);
     }
     out.par_chunks_mut(tile * kp)
-        .with_min_len(if data_len_is_small(m * kp) {
+        .with_min_len(if !parallel || data_len_is_small(m * kp) {
             usize::MAX
         } else {
             1
@@ -334,7 +346,7 @@ impl LhsT {
     /// The `(m, k)` matrix `a[i][kk] = src[kk * ld + i]`, packed for this thread's kernel.
     pub(crate) fn pack(src: &[f32], k: usize, m: usize, ld: usize) -> Self {
         if amx_packing() {
-            let (tiles, kp) = pack_tiles_t(src, k, m, ld);
+            let (tiles, kp) = pack_tiles_t(src, k, m, ld, true);
             LhsT::Tiles(tiles, kp)
         } else {
             LhsT::Panels(pack_kn(src, k, m, ld, MR))
@@ -400,6 +412,11 @@ pub(crate) fn pack_nk(src: &[f32], n: usize, k: usize, ld: usize, width: usize) 
 /// The `(k, n)` matrix `b[kk][j] = src[kk * ld + j]` (row-major) in panels of `width` columns. Pairs of rows
 /// are read in order (contiguous streams), each pool thread taking a range of them.
 pub(crate) fn pack_kn(src: &[f32], k: usize, n: usize, ld: usize, width: usize) -> Packed {
+    pack_kn_in(src, k, n, ld, width, true)
+}
+
+/// [`pack_kn`], split over the pool only with `parallel` (and a large packing).
+fn pack_kn_in(src: &[f32], k: usize, n: usize, ld: usize, width: usize, parallel: bool) -> Packed {
     let amx = width == NR && amx_packing();
     let (real, kp) = (k.div_ceil(2), packed_kp(k, amx));
     let panels = n.div_ceil(width);
@@ -417,7 +434,7 @@ pub(crate) fn pack_kn(src: &[f32], k: usize, n: usize, ld: usize, width: usize) 
             .chunks_exact_mut(width)
             .for_each(|r| r[tail..].fill(0));
     }
-    let parts = if data_len_is_small(data.len()) {
+    let parts = if !parallel || data_len_is_small(data.len()) {
         1
     } else {
         rayon::current_num_threads().clamp(1, real.max(1))
@@ -437,6 +454,24 @@ pub(crate) fn pack_kn(src: &[f32], k: usize, n: usize, ld: usize, width: usize) 
     }
 }
 
+thread_local! {
+    /// The AMX left-operand block of [`gemm_rows`] on this thread (reused from call to call).
+    static AMX_LHS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Bytes of a packed left block of [`gemm_rows`] on AMX (128 KiB: 64 rows of k = 1024 stay in L2 beside the
+/// right operand; a single-thread probe on the step's shapes found 32-512 KiB alike, and up to 15% faster
+/// than packing all rows first when k = 768).
+const AMX_LHS_BYTES: usize = 128 << 10;
+
+/// Rows per packed left block of [`gemm_rows`] on AMX for `kp` pairs per row (a multiple of 32, the
+/// micro-kernel's rows).
+fn amx_rows_chunk(kp: usize) -> usize {
+    (AMX_LHS_BYTES / (kp.max(1) * 4))
+        .next_multiple_of(32)
+        .max(32)
+}
+
 /// [`gemm`] with a row-major left operand: `c (m, n) [+]= a (m, k) · b (k, n)`, the `m` rows of `k` values at
 /// `a` (row stride `k`) packed here (see [`pack_rows`]).
 ///
@@ -454,12 +489,57 @@ pub(crate) unsafe fn gemm_rows(
     accumulate: bool,
 ) {
     if b.amx {
-        let (tiles, kp) = pack_tiles(a, m, k, k);
-        gemm(m, n, &Lhs::Tiles(&tiles, kp), b, c, ldc, accumulate)
+        // A block of rows at a time, packed into this thread's buffer and multiplied while it is in cache.
+        let chunk = amx_rows_chunk(b.kp);
+        AMX_LHS.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            for r0 in (0..m).step_by(chunk) {
+                let rows = chunk.min(m - r0);
+                let kp = pack_tiles_into(&a[r0 * k..], rows, k, k, &mut buf);
+                gemm(
+                    rows,
+                    n,
+                    &Lhs::Tiles(&buf, kp),
+                    b,
+                    c.add(r0 * ldc),
+                    ldc,
+                    accumulate,
+                )
+            }
+        })
     } else {
         let (rows, kp) = pack_rows(a, m, k, k);
         gemm(m, n, &Lhs::Rows(&rows, kp), b, c, ldc, accumulate)
     }
+}
+
+/// `c (m, n) [+]= aᵀ b` for row-major `a (k, m)` and `b (k, n)` (row strides `lda`, `ldb`; e.g. a block's
+/// term `gᵀ x` of a weight gradient), both packed on the calling thread. With `accumulate` the product is
+/// added to `c`.
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_tn(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let bp = pack_kn_in(b, k, n, ldb, NR, false);
+    let lhs = if bp.amx {
+        let (tiles, kp) = pack_tiles_t(a, k, m, lda, false);
+        LhsT::Tiles(tiles, kp)
+    } else {
+        LhsT::Panels(pack_kn_in(a, k, m, lda, MR, false))
+    };
+    gemm(m, n, &lhs.at(0), &bp, c, ldc, accumulate)
 }
 
 /// `c (m, n) [+]= a (m, k) · b (k, n)` with `c` row-major (row stride `ldc`), `a` and `b` packed with the

@@ -288,7 +288,9 @@ const GELU_BLOCK_ROWS: usize = 256;
 
 /// `(pre, act)` of `GELU(x Wᵀ + b)`, `pre = x Wᵀ + b` kept for the backward pass: blocks of
 /// [`GELU_BLOCK_ROWS`] rows shared among the pool threads, each a single-threaded GEMM (no bias in the GEMM)
-/// followed at once by the bias + GELU pass over the block while it is in cache.
+/// followed at once by the bias + GELU pass over the block while it is in cache. With `bf16` the GEMMs take
+/// bf16 products (W packed once, each block's rows packed as it goes).
+#[allow(clippy::too_many_arguments)]
 fn linear_gelu_fwd(
     x: &[f32],
     r: usize,
@@ -297,29 +299,45 @@ fn linear_gelu_fwd(
     out: usize,
     b: Option<&[f32]>,
     keep_pre: bool,
+    bf16: bool,
 ) -> (Option<Vec<f32>>, Vec<f32>) {
     let mut act = crate::ops::uninit_f32(r * out);
     if out == 0 {
         return (keep_pre.then(Vec::new), act);
     }
+    // bf16 products: W packed once for every block.
+    let wp = bf16.then(|| bf16::pack_nk(w, out, inp, inp, bf16::NR));
     let n = GELU_BLOCK_ROWS * out;
     // Block `i` of rows: the GEMM writes it (into `pb`, or straight into the output when the pre-activation
     // is not kept), then bias + GELU run on it while it is in L2.
     let block = |i: usize, pb: &mut [f32], ab: Option<&mut [f32]>| {
         let r0 = i * GELU_BLOCK_ROWS;
         let rows = pb.len() / out;
-        // SAFETY: x rows r0.. are (rows, inp), w is (out, inp), pb is this block's own (rows, out).
+        // SAFETY: x rows r0.. are (rows, inp), w is (out, inp), pb is this block's own (rows, out); with
+        // bf16 products the CPU has them (checked when the op was built).
         unsafe {
-            y_rows(
-                rows,
-                out,
-                inp,
-                pb.as_mut_ptr(),
-                false,
-                x[r0 * inp..].as_ptr(),
-                w.as_ptr(),
-                Parallelism::None,
-            )
+            match &wp {
+                Some(wp) => bf16::gemm_rows(
+                    rows,
+                    out,
+                    inp,
+                    &x[r0 * inp..],
+                    wp,
+                    pb.as_mut_ptr(),
+                    out,
+                    false,
+                ),
+                None => y_rows(
+                    rows,
+                    out,
+                    inp,
+                    pb.as_mut_ptr(),
+                    false,
+                    x[r0 * inp..].as_ptr(),
+                    w.as_ptr(),
+                    Parallelism::None,
+                ),
+            }
         }
         match ab {
             Some(ab) => ops::bias_gelu_fwd_rows(pb, b, ab, out),
@@ -417,7 +435,7 @@ struct LinearGradOp {
     need_dx: bool,
     /// Products in bf16.
     bf16: bool,
-    /// For `GELU(x Wᵀ + b)` (f32): the saved pre-activation. The op's gradient input is then the gradient of
+    /// For `GELU(x Wᵀ + b)` with enough rows (f32 or bf16 products): the saved pre-activation. The op's gradient input is then the gradient of
     /// the GELU output, and GELU' is applied block by block (see [`linear_gelu_grad`]).
     gelu_pre: Option<Arc<Vec<f32>>>,
     dw: Mutex<Option<Vec<f32>>>,
@@ -454,7 +472,7 @@ impl CustomOp3 for LinearGradOp {
         let g = f32_data(s1, l1, self.name())?;
         let w = f32_data(s2, l2, self.name())?;
         let x = f32_data(s3, l3, self.name())?;
-        if self.bf16 {
+        if let (true, None) = (self.bf16, &self.gelu_pre) {
             let (dx, dw) = linear_grad_bf16(&g, &w, &x, r, out, inp, self.need_dx);
             return self.finish(dx, dw, r, inp);
         }
@@ -467,7 +485,8 @@ impl CustomOp3 for LinearGradOp {
                     g.len()
                 );
             }
-            let (dx, dw, db) = linear_gelu_grad(&g, pre, &w, &x, r, out, inp, self.need_dx);
+            let (dx, dw, db) =
+                linear_gelu_grad(&g, pre, &w, &x, r, out, inp, self.need_dx, self.bf16);
             if let Ok(mut slot) = self.db.lock() {
                 *slot = Some(db);
             }
@@ -595,7 +614,8 @@ impl CustomOp3 for LinearGradOp {
 /// Task `i` of the pool takes the `i`-th slice of the rows and goes through it in blocks of
 /// [`GELU_BLOCK_ROWS`]: `dpre = g ⊙ GELU'(pre)` into a block buffer, then, while that is in cache, its column
 /// sums (db), its rows of `dx = dpre W` and its term of `dW += dpreᵀ x`. The task partials of `dW` and `db`
-/// are added in task order. `dpre` is never written out whole.
+/// are added in task order. `dpre` is never written out whole. With `bf16` the GEMMs take bf16 products
+/// (W packed once; each block packs its `dpre`, `dpreᵀ` and `x` rows on its own thread).
 #[allow(clippy::too_many_arguments)]
 fn linear_gelu_grad(
     g: &[f32],
@@ -606,9 +626,12 @@ fn linear_gelu_grad(
     out: usize,
     inp: usize,
     need_dx: bool,
+    bf16: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let mut dx = ops::uninit_f32(if need_dx { r * inp } else { 0 });
     let parts = rayon::current_num_threads().max(1);
+    // bf16 products: W (read as `(out, inp)` for `dx = dpre W`) packed once for every block.
+    let wk = (bf16 && need_dx).then(|| bf16::pack_kn(w, out, inp, inp, bf16::NR));
     let dxp = dx.as_mut_ptr() as usize;
     let job = |i: usize| -> (Vec<f32>, Vec<f32>) {
         let (x0, x1) = part(r, parts, i);
@@ -627,7 +650,21 @@ fn linear_gelu_grad(
             let span = r0 * out..(r0 + sn) * out;
             ops::gelu_bwd_chunk(&pre[span.clone()], &g[span], blk);
             ops::col_sum_chunk(blk, &mut db);
-            if need_dx {
+            if let Some(wk) = &wk {
+                // SAFETY: blk is (sn, out), wk is W packed; rows r0..r0+sn of dx (r, inp) are this task's own.
+                unsafe {
+                    bf16::gemm_rows(
+                        sn,
+                        inp,
+                        out,
+                        blk,
+                        wk,
+                        (dxp as *mut f32).add(r0 * inp),
+                        inp,
+                        false,
+                    )
+                }
+            } else if need_dx {
                 // SAFETY: blk is (sn, out), w is (out, inp); rows r0..r0+sn of dx (r, inp) are this task's own.
                 unsafe {
                     dx_rows(
@@ -643,16 +680,32 @@ fn linear_gelu_grad(
             }
             // SAFETY: blk is (sn, out), x rows r0.. are (sn, inp); dw is this task's (out, inp) partial.
             unsafe {
-                dw_rows(
-                    out,
-                    inp,
-                    sn,
-                    dw.as_mut_ptr(),
-                    r0 > x0,
-                    blk.as_ptr(),
-                    x[r0 * inp..].as_ptr(),
-                    Parallelism::None,
-                )
+                if bf16 {
+                    let xb = &x[r0 * inp..(r0 + sn) * inp];
+                    bf16::gemm_tn(
+                        out,
+                        inp,
+                        sn,
+                        blk,
+                        out,
+                        xb,
+                        inp,
+                        dw.as_mut_ptr(),
+                        inp,
+                        r0 > x0,
+                    );
+                } else {
+                    dw_rows(
+                        out,
+                        inp,
+                        sn,
+                        dw.as_mut_ptr(),
+                        r0 > x0,
+                        blk.as_ptr(),
+                        x[r0 * inp..].as_ptr(),
+                        Parallelism::None,
+                    )
+                }
             }
             r0 += sn;
         }
@@ -875,8 +928,17 @@ impl LinearOp {
             }
             None => None,
         };
-        if self.gelu && !self.bf16 && r >= 4 * GELU_BLOCK_ROWS {
-            let (pre, act) = linear_gelu_fwd(&xd, r, inp, &wd, out, bd.as_deref(), self.keep_pre);
+        if self.gelu && r >= 4 * GELU_BLOCK_ROWS {
+            let (pre, act) = linear_gelu_fwd(
+                &xd,
+                r,
+                inp,
+                &wd,
+                out,
+                bd.as_deref(),
+                self.keep_pre,
+                self.bf16,
+            );
             if let Some(pre) = pre {
                 ops::save(&self.pre, pre);
             }
@@ -914,8 +976,8 @@ impl LinearOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
         let rows = grad.dim(0)?;
-        // f32 GELU layers with enough rows apply GELU' inside the gradient op, block by block.
-        let blocked = self.gelu && !self.bf16 && rows >= 4 * GELU_BLOCK_ROWS;
+        // GELU layers with enough rows apply GELU' inside the gradient op, block by block.
+        let blocked = self.gelu && rows >= 4 * GELU_BLOCK_ROWS;
         let mut gelu_pre = None;
         let g = if self.gelu {
             let pre = ops::take_saved(&self.pre, "linear_gelu pre-activation")?;
@@ -1741,7 +1803,15 @@ mod tests {
             let v: Vec<f32> = v.into_iter().map(bf16::round_bf16).collect();
             Tensor::from_vec(v, t.shape(), t.device())
         };
-        for &(r, inp, out) in &[(7usize, 5usize, 3usize), (301, 64, 97), (130, 33, 40)] {
+        // 1300 rows: a GELU layer in row blocks of GELU_BLOCK_ROWS (the last one partial), packed and
+        // multiplied block by block.
+        let long = 5 * GELU_BLOCK_ROWS + 20;
+        for &(r, inp, out) in &[
+            (7usize, 5usize, 3usize),
+            (301, 64, 97),
+            (130, 33, 40),
+            (long, 40, 50),
+        ] {
             for gelu in [false, true] {
                 let x = Var::from_vec(pattern(r * inp, 1), (r, inp), &dev)?;
                 let w = Var::from_vec(pattern(out * inp, 2), (out, inp), &dev)?;
