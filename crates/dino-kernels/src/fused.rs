@@ -473,7 +473,14 @@ impl CustomOp3 for LinearGradOp {
         let w = f32_data(s2, l2, self.name())?;
         let x = f32_data(s3, l3, self.name())?;
         if let (true, None) = (self.bf16, &self.gelu_pre) {
-            let (dx, dw) = linear_grad_bf16(&g, &w, &x, r, out, inp, self.need_dx);
+            // Enough rows: block by block, each block's operands packed while in cache (as with GELU).
+            let (dx, dw) = if r >= 4 * GELU_BLOCK_ROWS {
+                let (dx, dw, _) =
+                    linear_gelu_grad(&g, None, &w, &x, r, out, inp, self.need_dx, true);
+                (dx, dw)
+            } else {
+                linear_grad_bf16(&g, &w, &x, r, out, inp, self.need_dx)
+            };
             return self.finish(dx, dw, r, inp);
         }
         if let Some(pre) = &self.gelu_pre {
@@ -486,7 +493,7 @@ impl CustomOp3 for LinearGradOp {
                 );
             }
             let (dx, dw, db) =
-                linear_gelu_grad(&g, pre, &w, &x, r, out, inp, self.need_dx, self.bf16);
+                linear_gelu_grad(&g, Some(pre), &w, &x, r, out, inp, self.need_dx, self.bf16);
             if let Ok(mut slot) = self.db.lock() {
                 *slot = Some(db);
             }
@@ -615,11 +622,12 @@ impl CustomOp3 for LinearGradOp {
 /// [`GELU_BLOCK_ROWS`]: `dpre = g ⊙ GELU'(pre)` into a block buffer, then, while that is in cache, its column
 /// sums (db), its rows of `dx = dpre W` and its term of `dW += dpreᵀ x`. The task partials of `dW` and `db`
 /// are added in task order. `dpre` is never written out whole. With `bf16` the GEMMs take bf16 products
-/// (W packed once; each block packs its `dpre`, `dpreᵀ` and `x` rows on its own thread).
+/// (W packed once; each block packs its `dpre`, `dpreᵀ` and `x` rows on its own thread). With `pre` None the
+/// layer has no GELU: `dpre = g`, read in place, and `db` is left at zeros (the caller sums `g`).
 #[allow(clippy::too_many_arguments)]
 fn linear_gelu_grad(
     g: &[f32],
-    pre: &[f32],
+    pre: Option<&[f32]>,
     w: &[f32],
     x: &[f32],
     r: usize,
@@ -642,14 +650,24 @@ fn linear_gelu_grad(
             vec![0f32; out * inp]
         };
         let mut db = vec![0f32; out];
-        let mut dpre = ops::uninit_f32(GELU_BLOCK_ROWS.min(r) * out);
+        let mut dpre = ops::uninit_f32(if pre.is_some() {
+            GELU_BLOCK_ROWS.min(r) * out
+        } else {
+            0
+        });
         let mut r0 = x0;
         while r0 < x1 {
             let sn = GELU_BLOCK_ROWS.min(x1 - r0);
-            let blk = &mut dpre[..sn * out];
             let span = r0 * out..(r0 + sn) * out;
-            ops::gelu_bwd_chunk(&pre[span.clone()], &g[span], blk);
-            ops::col_sum_chunk(blk, &mut db);
+            let blk: &[f32] = match pre {
+                Some(pre) => {
+                    let blk = &mut dpre[..sn * out];
+                    ops::gelu_bwd_chunk(&pre[span.clone()], &g[span], blk);
+                    ops::col_sum_chunk(blk, &mut db);
+                    blk
+                }
+                None => &g[span],
+            };
             if let Some(wk) = &wk {
                 // SAFETY: blk is (sn, out), wk is W packed; rows r0..r0+sn of dx (r, inp) are this task's own.
                 unsafe {
