@@ -37,6 +37,18 @@ impl SyncPtr {
     }
 }
 
+/// Keys per sequence from which the heads' products take bf16 under [`crate::fused::MatmulPrecision::Bf16`]:
+/// below it they stay in f32 through [`small_gemm`]. On the Intel Xeon with AMX (family 6 model 207), 3
+/// interleaved pairs of bf16 steps: cifar/4096 (65 and 17 tokens) 2.21-2.32 s with AMX heads against
+/// 2.16-2.24 s with f32 heads; imagenet/4096 (197 and 37 tokens) 0.78-0.89 s against 0.81-0.91 s.
+pub(crate) const BF16_MIN_TOKENS: usize = 128;
+
+/// Whether attention over `b` sequences of `t` keys takes bf16 products (see [`BF16_MIN_TOKENS`]).
+fn bf16_heads(b: usize, t: usize) -> bool {
+    crate::bf16::use_bf16(crate::fused::matmul_precision(), b * t)
+        && (t >= BF16_MIN_TOKENS || !small_gemm::available())
+}
+
 /// `dst (m, n) = lhs (m, k) · rhs (k, n)` on the calling thread, each operand `(pointer, column stride, row
 /// stride)`: bf16 products when `geo.bf16` (see [`crate::bf16::gemm_strided`]), else [`small_gemm::gemm`] when
 /// `geo.small` and `dst` and `rhs` have unit column stride, else gemm ([`gemm_strided`]).
@@ -603,7 +615,7 @@ pub fn attention(qkv: &Tensor, b: usize, t: usize, heads: usize, scale: f64) -> 
             kv_rs: 3 * d,
             k_off: d,
             v_off: 2 * d,
-            bf16: crate::bf16::use_bf16(crate::fused::matmul_precision(), b * t),
+            bf16: bf16_heads(b, t),
             small: small_gemm::available(),
         };
         let keep_probs = crate::fused::records_grad(&[qkv]);
@@ -660,7 +672,7 @@ pub fn attention_query(
             kv_rs: 2 * d,
             k_off: 0,
             v_off: d,
-            bf16: crate::bf16::use_bf16(crate::fused::matmul_precision(), b * t),
+            bf16: bf16_heads(b, t),
             small: small_gemm::available(),
         };
         let keep_probs = crate::fused::records_grad(&[q, kv]);
@@ -822,7 +834,14 @@ mod tests {
                 t.device(),
             )
         };
-        for &(b, t, heads, hd) in &[(2usize, 5usize, 3usize, 4usize), (2, 40, 2, 64)] {
+        // Below BF16_MIN_TOKENS keys the heads' products stay in f32 (the same bits as without bf16).
+        for &(b, t, heads, hd) in &[
+            (2usize, 5usize, 3usize, 4usize),
+            (2, 40, 2, 64),
+            (1, BF16_MIN_TOKENS, 3, 4),
+            (2, BF16_MIN_TOKENS + 12, 2, 64),
+        ] {
+            let bf16 = supported() && (t >= BF16_MIN_TOKENS || !small_gemm::available());
             let d = heads * hd;
             let scale = (hd as f64).powf(-0.5);
             let qkv = Var::from_vec(pattern(b * t * 3 * d, 3), (b * t, 3 * d), &dev)?;
@@ -830,7 +849,7 @@ mod tests {
             let w = Tensor::from_vec(pattern(b * t * d, 4), (b * t, d), &dev)?;
             let y = crate::bf16::bf16_products(|| attention(&qkv_t, b, t, heads, scale))?;
             let y32 = attention(&qkv_t, b, t, heads, scale)?;
-            if supported() {
+            if bf16 {
                 // Reference: rounded Q, K -> f32 softmax -> rounded P times rounded V.
                 let split = |i: usize| -> Result<Tensor> {
                     round(&qkv_t)?
@@ -847,8 +866,10 @@ mod tests {
                     .contiguous()?
                     .reshape((b * t, d))?;
                 let diff = (&y - &y_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                // f32 sums over t keys in another order: their rounding grows with t.
+                let tol = 1e-5f32.max(4e-7 * t as f32);
                 assert!(
-                    diff < 1e-5,
+                    diff < tol,
                     "bf16 forward differs by {diff} at {b}x{t}x{heads}x{hd}"
                 );
                 assert!((&y - &y32)?.abs()?.max_all()?.to_scalar::<f32>()? > 0.0);
@@ -865,10 +886,11 @@ mod tests {
                 diff < 2e-2 * mag,
                 "bf16 gradient differs by {diff} (max {mag})"
             );
-            assert!(
-                !supported() || diff > 0.0,
-                "bf16 gradient equals the f32 one"
-            );
+            if bf16 {
+                assert!(diff > 0.0, "bf16 gradient equals the f32 one");
+            } else {
+                assert_eq!(a.to_vec2::<f32>()?, r.to_vec2::<f32>()?);
+            }
         }
         Ok(())
     }
