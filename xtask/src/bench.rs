@@ -16,8 +16,8 @@ pub struct BenchArgs {
     pub step: bool,
     /// Run `cargo bench --workspace` (criterion) and report its estimates as JSON lines.
     pub criterion: bool,
-    /// The step benchmark's linear-layer precision (`highest`, `bf16`, or `both`: each case in f32 then in
-    /// bf16), when given.
+    /// The step benchmark's linear-layer precision (`highest`, `bf16`, `both`: each case in f32 then in
+    /// bf16, or `all`: both, then bf16 with the head's last layer in bf16 too), when given.
     pub matmul_precision: Option<String>,
     /// A Python with torch: after each training-step and forward case, the same in PyTorch
     /// (`xtask/pytorch/dino_step.py`) in fp32 and under bf16 autocast, baselines timed in the same run.
@@ -137,12 +137,18 @@ fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
     }
     let pytorch_bf16 = args.pytorch.is_some() && pytorch_runs_bf16(args.pytorch_bf16);
     let mut failed = Vec::new();
-    let precisions: Vec<Option<&str>> = match args.matmul_precision.as_deref() {
-        Some("both") => vec![Some("highest"), Some("bf16")],
-        other => vec![other],
+    // Each dino-rs run of a case: its --matmul-precision and whether the head's last layer takes it too.
+    let precisions: Vec<(Option<&str>, bool)> = match args.matmul_precision.as_deref() {
+        Some("both") => vec![(Some("highest"), false), (Some("bf16"), false)],
+        Some("all") => vec![
+            (Some("highest"), false),
+            (Some("bf16"), false),
+            (Some("bf16"), true),
+        ],
+        other => vec![(other, false)],
     };
     for case in chosen {
-        for precision in &precisions {
+        for (precision, head_bf16) in &precisions {
             let mut cmd = Command::new(&exe);
             cmd.args(["--case", case]);
             if args.quick {
@@ -150,6 +156,9 @@ fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
             }
             if let Some(p) = precision {
                 cmd.args(["--matmul-precision", p]);
+            }
+            if *head_bf16 {
+                cmd.arg("--head-last-layer-bf16");
             }
             // Each case prints its JSON line on stdout; progress goes to stderr, passed through.
             let out = cmd

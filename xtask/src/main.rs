@@ -4,7 +4,7 @@
 //!   (published sha256/md5), extracted.
 //! - `fetch-weights <name>`: official DINO weights through dino-models' hub code.
 //! - `ci`: exactly what `.ci/run` runs.
-//! - `bench [--quick] [--case NAME]... [--criterion] [--no-step] [--matmul-precision bf16|both] [--pytorch PYTHON]
+//! - `bench [--quick] [--case NAME]... [--criterion] [--no-step] [--matmul-precision bf16|both|all] [--pytorch PYTHON]
 //!   [--pytorch-bf16 auto|always|never]`: one JSON line per benchmark case (with `--pytorch`, each training step
 //!   and forward pass also timed in PyTorch, fp32 and, where the CPU has bf16 arithmetic, bf16 autocast; the
 //!   `ceiling` case gives this CPU's f32 and bf16 register-only FMA rates).
@@ -66,9 +66,10 @@ enum Cmd {
         /// Skip the step benchmark (with --criterion: run only the criterion benches).
         #[arg(long)]
         no_step: bool,
-        /// The step benchmark's linear-layer products: highest (f32, default), bf16, or both (each case in
-        /// f32 then bf16, interleaved with PyTorch's modes).
-        #[arg(long, value_parser = ["highest", "bf16", "both"])]
+        /// The step benchmark's linear-layer products: highest (f32, default), bf16, both (each case in
+        /// f32 then bf16, interleaved with PyTorch's modes), or all (both, then bf16 with the head's last
+        /// layer in bf16 too, --head-last-layer-bf16, as PyTorch's autocast runs it).
+        #[arg(long, value_parser = ["highest", "bf16", "both", "all"])]
         matmul_precision: Option<String>,
         /// A Python with torch: after each training-step and forward case, time the same in PyTorch
         /// (xtask/pytorch/dino_step.py) in fp32 and under bf16 autocast, same-run baselines.

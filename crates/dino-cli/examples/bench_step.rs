@@ -25,7 +25,8 @@
 //!
 //! Options: `--quick` (1 warm-up + 3 measured iterations), `--case C` (one case), `--list`, and for scaling
 //! measurements `--batch N` / `--local-crops L` (override the configuration's batch size / local crop count),
-//! `--matmul-precision bf16` (the linear layers' products in bf16, see `TrainConfig::matmul_precision`).
+//! `--matmul-precision bf16` (the linear layers' products in bf16, see `TrainConfig::matmul_precision`),
+//! `--head-last-layer-bf16` (with bf16, the head's last layer too, see `TrainConfig::head_last_layer_bf16`).
 //!
 //! Output: one JSON line per case on stdout (median seconds, images/s, peak RSS, per-phase medians, FLOPs and
 //! GFLOP/s); progress on stderr.
@@ -148,6 +149,8 @@ struct Overrides {
     batch: Option<usize>,
     local_crops: Option<usize>,
     matmul_precision: dino_train::MatmulPrecision,
+    /// `--head-last-layer-bf16`: the head's last layer takes bf16 products too (with bf16).
+    head_last_layer_bf16: bool,
     device: dino_train::DeviceSpec,
 }
 
@@ -212,6 +215,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
         cfg.batch_size = b;
     }
     cfg.matmul_precision = ov.matmul_precision;
+    cfg.head_last_layer_bf16 = ov.head_last_layer_bf16;
     if let Some(l) = ov.local_crops {
         cfg.local_crops_number = l;
     }
@@ -328,6 +332,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
         "case": case,
         "config": name,
         "matmul_precision": cfg.matmul_precision.to_string(),
+        "head_last_layer_bf16": cfg.head_last_layer_bf16,
         "device": dino_train::device::describe(&dev),
         "out_dim": out_dim,
         "batch": b,
@@ -430,6 +435,7 @@ fn main() {
         batch: value("--batch"),
         local_crops: value("--local-crops"),
         matmul_precision,
+        head_last_layer_bf16: args.iter().any(|a| a == "--head-last-layer-bf16"),
         device,
     };
     for case in cases {

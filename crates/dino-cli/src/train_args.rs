@@ -185,6 +185,10 @@ pub struct TrainArgs {
     /// with a warning; DINO_BF16_GEMM=dpbf16|f32 forces either). [highest]
     #[arg(long, value_parser = parse_precision)]
     pub matmul_precision: Option<MatmulPrecision>,
+    /// With --matmul-precision bf16, the head's last layer takes bf16 products too, as PyTorch's autocast
+    /// does (its logits are divided by the teacher temperature, so its rounding weighs 25x). [false]
+    #[arg(long, value_parser = parse_bool, action = ArgAction::Set)]
+    pub head_last_layer_bf16: Option<bool>,
     /// Where the run computes: cpu, cuda (GPU 0), cuda:N, or auto (CUDA when this build has it and a GPU
     /// answers, else the CPU). A checkpoint resumes on any device. [cpu]
     #[arg(long, value_parser = crate::source::parse_device)]
@@ -307,6 +311,7 @@ impl TrainArgs {
             min_lr,
             optimizer,
             matmul_precision,
+            head_last_layer_bf16,
             device,
             kernels,
             local_crops_number,
@@ -482,6 +487,8 @@ mod tests {
             "sgd",
             "--matmul-precision",
             "bf16",
+            "--head-last-layer-bf16",
+            "true",
             "--drop-path-rate",
             "0.2",
             "--global-crops-scale",
@@ -531,6 +538,7 @@ mod tests {
         assert_eq!((c.lr, c.warmup_epochs, c.min_lr), (0.001, 2, 1e-5));
         assert_eq!(c.optimizer, OptimizerKind::Sgd);
         assert_eq!(c.matmul_precision, MatmulPrecision::Bf16);
+        assert!(c.head_last_layer_bf16);
         assert_eq!(c.drop_path_rate, 0.2);
         assert_eq!(c.global_crops_scale, [0.14, 1.0]);
         assert_eq!((c.local_crops_number, c.local_crops_scale), (4, [0.1, 0.3]));

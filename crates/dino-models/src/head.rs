@@ -37,6 +37,10 @@ pub struct DinoHeadConfig {
     pub hidden_dim: usize,
     /// Output width of the MLP, the input of the last layer. Default: 256.
     pub bottleneck_dim: usize,
+    /// Let the last layer take bf16 products when the thread's [`MatmulPrecision`] is bf16, as PyTorch's
+    /// autocast does (and the official fp16 autocast, in fp16). Default: false: f32 products whatever the
+    /// precision, since the logits are divided by the teacher temperature (0.04), magnifying the rounding 25x.
+    pub last_layer_bf16: bool,
 }
 
 impl DinoHeadConfig {
@@ -51,6 +55,7 @@ impl DinoHeadConfig {
             nlayers: 3,
             hidden_dim: 2048,
             bottleneck_dim: 256,
+            last_layer_bf16: false,
         }
     }
 
@@ -263,15 +268,19 @@ impl DinoHead {
 
     /// `(N, in_dim)` -> `(N, K)`: MLP, l2-normalise (eps 1e-12), weight-normalised last layer (no bias).
     ///
-    /// The last layer is a fused linear held at f32 products whatever the thread's [`MatmulPrecision`]: its
+    /// The last layer is a fused linear held at f32 products whatever the thread's [`MatmulPrecision`] (its
     /// logits are divided by the teacher temperature (0.04) before the softmax, so bf16 rounding there would
-    /// be magnified 25x. Its weight gradient comes out directly as `(K, bottleneck_dim)`.
+    /// be magnified 25x), unless [`DinoHeadConfig::last_layer_bf16`]. Its weight gradient comes out directly
+    /// as `(K, bottleneck_dim)`.
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let x = self.forward_mlp(x, train)?;
-        let x = l2_normalize(&x)?;
+        let x = self.forward_mlp(x, train)?.contiguous()?;
+        let x = l2_normalize(&x)?.contiguous()?;
         let w = self.last_layer_weight()?;
+        if self.cfg.last_layer_bf16 {
+            return crate::ops::linear(&x, &w, None);
+        }
         with_matmul_precision(MatmulPrecision::Highest, || {
-            crate::ops::linear(&x.contiguous()?, &w, None)
+            crate::ops::linear(&x, &w, None)
         })
     }
 }

@@ -54,6 +54,7 @@ fn small_cfg(use_bn: bool, norm_last_layer: bool, nlayers: usize) -> DinoHeadCon
         nlayers,
         hidden_dim: 24,
         bottleneck_dim: 8,
+        last_layer_bf16: false,
     }
 }
 
@@ -577,4 +578,67 @@ mod portable {
             super::batchnorm_train_uses_batch_statistics_and_updates_running_stats,
         )
     }
+}
+
+/// `last_layer_bf16`: under bf16 precision the last layer's products take the bf16-rounded operands (the
+/// normalised features and the weight-normalised weight); without it they stay f32 whatever the thread's
+/// precision. Without bf16 products on this CPU both give the f32 products.
+#[test]
+fn last_layer_bf16_follows_the_precision_only_when_asked() {
+    use dino_kernels::bf16::round_bf16;
+    use dino_models::{with_matmul_precision, MatmulPrecision};
+    let round = |t: &Tensor| -> Tensor {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let v: Vec<f32> = v.into_iter().map(round_bf16).collect();
+        Tensor::from_vec(v, t.shape(), t.device()).unwrap()
+    };
+    let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let mut cfg = small_cfg(false, true, 3);
+    cfg.out_dim = 70;
+    let x = Tensor::randn(0f32, 1.0, (37, cfg.in_dim), &tdev()).unwrap();
+    let (vm, head) = build(cfg, DType::F32);
+    cfg.last_layer_bf16 = true;
+    let head_bf16 = DinoHead::new(
+        cfg,
+        VarBuilder::from_varmap(&vm, DType::F32, &tdev()).pp("head"),
+    )
+    .unwrap();
+    let bf16 = |f: &dyn Fn() -> candle_core::Result<Tensor>| {
+        with_matmul_precision(MatmulPrecision::Bf16, f).unwrap()
+    };
+    // The MLP takes bf16 products in both heads alike: the last layer's input.
+    let feat = bf16(&|| l2_normalize(&head.forward_mlp(&x, false)?));
+    let w = head.last_layer_weight().unwrap();
+    let want_f32 = feat.matmul(&w.t().unwrap()).unwrap();
+    let want_bf16 = round(&feat).matmul(&round(&w).t().unwrap()).unwrap();
+    let kept = bf16(&|| head.forward(&x, false));
+    let d = max_diff(&kept, &want_f32);
+    assert!(d < 1e-6, "default last layer off the f32 products by {d}");
+    let got = bf16(&|| head_bf16.forward(&x, false));
+    if MatmulPrecision::bf16_supported() {
+        let d = max_diff(&got, &want_bf16);
+        assert!(
+            d < 1e-6,
+            "bf16 last layer off the rounded-operand products by {d}"
+        );
+        assert!(max_diff(&got, &kept) > 1e-4, "bf16 products did not run");
+    } else {
+        assert_eq!(
+            got.to_vec2::<f32>().unwrap(),
+            kept.to_vec2::<f32>().unwrap()
+        );
+    }
+    // Under f32 precision the flag changes nothing.
+    let a = head_bf16.forward(&x, false).unwrap();
+    let b = head.forward(&x, false).unwrap();
+    assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
 }

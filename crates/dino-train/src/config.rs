@@ -272,6 +272,10 @@ pub struct TrainConfig {
     pub head_hidden_dim: usize,
     /// Head bottleneck dimension (before the weight-normalised last layer). Default 256.
     pub head_bottleneck_dim: usize,
+    /// Under `matmul_precision = bf16`, let the head's last layer take bf16 products too, as PyTorch's
+    /// autocast does (its logits are divided by the teacher temperature, so its rounding weighs 25x).
+    /// Default false (f32 products there).
+    pub head_last_layer_bf16: bool,
     /// Number of head MLP layers. Default 3.
     pub head_nlayers: usize,
     /// Stochastic depth rate of the student (linearly increasing per block). Default 0.1.
@@ -329,7 +333,7 @@ pub struct TrainConfig {
     /// Arithmetic of the matrix products of the training step's linear layers and attention heads: `highest`
     /// (f32) or `bf16` (operands rounded to bfloat16, sums in f32; faster steps on CPUs with AVX-512 BF16, f32
     /// on others), the CPU counterpart of the official `--use_fp16`. Weights, activations, the head's last
-    /// layer, the loss, the optimiser and evaluation stay f32. Default highest.
+    /// layer (unless `head_last_layer_bf16`), the loss, the optimiser and evaluation stay f32. Default highest.
     pub matmul_precision: MatmulPrecision,
     /// Where the run computes: `cpu`, `cuda` (GPU 0), `cuda:N`, or `auto` (GPU 0 when this build has CUDA and a
     /// GPU answers, else the CPU). Not part of a run's identity: a checkpoint resumes on any device. Default cpu.
@@ -437,6 +441,7 @@ impl Default for TrainConfig {
             use_bn_in_head: false,
             head_hidden_dim: 2048,
             head_bottleneck_dim: 256,
+            head_last_layer_bf16: false,
             head_nlayers: 3,
             drop_path_rate: 0.1,
             momentum_teacher: 0.996,

@@ -91,6 +91,7 @@ pub fn head_config(cfg: &TrainConfig, in_dim: usize) -> DinoHeadConfig {
         nlayers: cfg.head_nlayers,
         hidden_dim: cfg.head_hidden_dim,
         bottleneck_dim: cfg.head_bottleneck_dim,
+        last_layer_bf16: cfg.head_last_layer_bf16,
     }
 }
 

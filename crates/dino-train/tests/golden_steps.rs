@@ -65,6 +65,14 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 /// The trainer of the golden run (student and teacher from the saved official weights) and its 4 crops.
 fn golden_trainer(matmul_precision: MatmulPrecision) -> (Trainer, Vec<Tensor>) {
+    golden_trainer_with(matmul_precision, false)
+}
+
+/// [`golden_trainer`] with `head_last_layer_bf16` set as given.
+fn golden_trainer_with(
+    matmul_precision: MatmulPrecision,
+    head_last_layer_bf16: bool,
+) -> (Trainer, Vec<Tensor>) {
     // The run of the golden file: lr 0.0005 * 512 / 256 = 1e-3, 100 epochs x 2 it, 2 warm-up epochs,
     // teacher temp 0.04 -> 0.07 over 30 epochs, drop path 0, 2 local crops.
     let cfg = TrainConfig {
@@ -85,6 +93,7 @@ fn golden_trainer(matmul_precision: MatmulPrecision) -> (Trainer, Vec<Tensor>) {
         clip_grad: 3.0,
         freeze_last_layer: 1,
         matmul_precision,
+        head_last_layer_bf16,
         ..TrainConfig::default()
     };
 
@@ -351,21 +360,34 @@ fn bf16_matmuls_stay_within_mixed_precision_distance_of_the_official_iterations(
     use dino_kernels::bf16::Bf16Gemm;
     // The vdpbf16ps kernel wherever the CPU has it, even where `Auto` would not take it (Intel Xeons run it at
     // half their f32 rate), then the AMX kernel where the CPU offers it: this test is the kernels'.
-    bf16_steps(Bf16Gemm::Always);
+    bf16_steps(Bf16Gemm::Always, false);
     if dino_kernels::amx::available() {
-        bf16_steps(Bf16Gemm::Amx);
+        bf16_steps(Bf16Gemm::Amx, false);
     } else {
         eprintln!("AMX PASS NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
     }
 }
 
-fn bf16_steps(mode: dino_kernels::bf16::Bf16Gemm) {
-    eprintln!("bf16 kernel mode {mode:?}");
+/// The same with `head_last_layer_bf16` (the head's last layer in bf16 too, as PyTorch's autocast runs it),
+/// on the AMX kernel where the CPU offers it, else `vdpbf16ps`.
+#[test]
+fn bf16_head_last_layer_stays_within_mixed_precision_distance_of_the_official_iterations() {
+    use dino_kernels::bf16::Bf16Gemm;
+    let mode = if dino_kernels::amx::available() {
+        Bf16Gemm::Amx
+    } else {
+        Bf16Gemm::Always
+    };
+    bf16_steps(mode, true);
+}
+
+fn bf16_steps(mode: dino_kernels::bf16::Bf16Gemm, head_last_layer_bf16: bool) {
+    eprintln!("bf16 kernel mode {mode:?}, head_last_layer_bf16 {head_last_layer_bf16}");
     dino_kernels::bf16::with_bf16_gemm(mode, || {
         let manifest: Value =
             serde_json::from_str(&std::fs::read_to_string(golden("manifest.json")).unwrap())
                 .unwrap();
-        let (mut trainer, crops) = golden_trainer(MatmulPrecision::Bf16);
+        let (mut trainer, crops) = golden_trainer_with(MatmulPrecision::Bf16, head_last_layer_bf16);
         let (mut f32_trainer, _) = golden_trainer(MatmulPrecision::Highest);
         for (i, want) in manifest["train_steps"]["steps"]
             .as_array()
