@@ -187,11 +187,14 @@ impl InplaceOp2 for EmaOp {
                 par_ranges(t.len(), |r| {
                     // SAFETY: par_ranges hands out disjoint ranges inside `t`.
                     let t = unsafe { tp.slice_mut(r.clone()) };
-                    with_simd(|| {
-                        for (tv, &sv) in t.iter_mut().zip(&s[r]) {
-                            *tv = *tv * m + sv * om;
-                        }
-                    });
+                    with_simd(
+                        #[inline(always)]
+                        || {
+                            for (tv, &sv) in t.iter_mut().zip(&s[r]) {
+                                *tv = *tv * m + sv * om;
+                            }
+                        },
+                    );
                 });
             }
             (CpuStorage::F64(t), CpuStorage::F64(s)) => {

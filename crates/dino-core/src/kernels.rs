@@ -93,16 +93,25 @@ pub(crate) fn par_ranges<F: Fn(Range<usize>) + Sync>(len: usize, f: F) {
     });
 }
 
-/// Runs `f` in a function compiled with AVX2 enabled when the CPU has it (the kernels below are
-/// `inline(always)`, so they are generated with 256-bit vectors there); plain `f()` otherwise. AVX2 only
-/// widens the vectors: no FMA contraction, so results are bit-identical either way.
+/// Runs `f` in a function compiled with AVX-512 F, else AVX2, enabled when the CPU has it (the kernels below
+/// are `inline(always)`, so they are generated with 512-bit or 256-bit vectors there); plain `f()` otherwise.
+/// The wider vectors only change how the [`LANES`] accumulator lanes map onto registers: no FMA
+/// contraction, so results are bit-identical either way.
 #[inline(always)]
 pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
         #[target_feature(enable = "avx2")]
         unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512 F (checked just above).
+            return unsafe { avx512(f) };
         }
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2 (checked just above).
@@ -268,6 +277,36 @@ mod tests {
         assert!((dot(&x, &y) - naive).abs() < 1e-4);
         let se: f64 = x.iter().map(|v| ((*v as f64) / 0.5 - 2.0).exp()).sum();
         assert!((sum_exp_scaled(&x, 0.5, 2.0) - se).abs() / se < 1e-6);
+    }
+
+    /// The kernels give the same bits under `with_simd` (AVX-512 or AVX2 where present) as compiled for the
+    /// baseline x86-64 (SSE2): the wider vectors must not change a result.
+    #[test]
+    fn simd_widths_give_the_same_bits() {
+        type Bits = (u32, u64, u64, u64, Vec<u32>);
+        #[inline(always)]
+        fn run(x: &[f32], y: &[f32]) -> Bits {
+            let m = max_f32(x) / 0.1;
+            let exps: Vec<u32> = x.iter().map(|&v| exp_f32(v - 3.0).to_bits()).collect();
+            (
+                m.to_bits(),
+                sum_exp_scaled(x, 0.1, m).to_bits(),
+                dot(x, y).to_bits(),
+                dot_log_softmax(y, x, 0.1, m).to_bits(),
+                exps,
+            )
+        }
+        let x: Vec<f32> = (0..4099)
+            .map(|i| ((i * 37 % 1001) as f32 - 500.0) / 97.0)
+            .collect();
+        let y: Vec<f32> = (0..4099).map(|i| ((i * 13 % 71) as f32) / 71.0).collect();
+        assert_eq!(
+            with_simd(
+                #[inline(always)]
+                || run(&x, &y)
+            ),
+            run(&x, &y)
+        );
     }
 
     #[test]

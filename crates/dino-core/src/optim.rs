@@ -526,7 +526,10 @@ impl InplaceOp2 for AdamKernel {
                     vp.slice_mut(r.clone()),
                 )
             };
-            with_simd(|| self.update(p, &g[r], m, v));
+            with_simd(
+                #[inline(always)]
+                || self.update(p, &g[r], m, v),
+            );
         });
         Ok(())
     }
