@@ -180,9 +180,9 @@ pub struct TrainArgs {
     /// Optimiser: adamw, sgd or lars. [adamw]
     #[arg(long, value_parser = parse_optimizer)]
     pub optimizer: Option<OptimizerKind>,
-    /// Products of the training step's linear layers and attention heads: highest (f32) or bf16 (bf16
-    /// operands, f32 sums where the CPU's AVX-512 BF16 beats its f32 FMA, e.g. AMD Zen 4/5; f32 elsewhere,
-    /// with a warning; DINO_BF16_GEMM=dpbf16|f32 forces either). [highest]
+    /// Products of the training step's linear layers and attention heads (over 128+ keys): highest (f32) or
+    /// bf16 (bf16 operands, f32 sums, on AMX tiles or where the CPU's AVX-512 BF16 beats its f32 FMA, e.g.
+    /// AMD Zen 4/5; f32 elsewhere, with a warning; DINO_BF16_GEMM=amx|dpbf16|f32 forces one). [highest]
     #[arg(long, value_parser = parse_precision)]
     pub matmul_precision: Option<MatmulPrecision>,
     /// With --matmul-precision bf16, the head's last layer takes bf16 products too, as PyTorch's autocast
