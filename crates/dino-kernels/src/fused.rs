@@ -435,8 +435,9 @@ struct LinearGradOp {
     need_dx: bool,
     /// Products in bf16.
     bf16: bool,
-    /// For `GELU(x Wᵀ + b)` with enough rows (f32 or bf16 products): the saved pre-activation. The op's gradient input is then the gradient of
-    /// the GELU output, and GELU' is applied block by block (see [`linear_gelu_grad`]).
+    /// For `GELU(x Wᵀ + b)` with enough rows (f32 or bf16 products): the saved pre-activation. The op's
+    /// gradient input is then the gradient of the GELU output, and GELU' is applied block by block (see
+    /// [`linear_gelu_grad`]).
     gelu_pre: Option<Arc<Vec<f32>>>,
     dw: Mutex<Option<Vec<f32>>>,
     /// The bias gradient, computed with `gelu_pre` only.

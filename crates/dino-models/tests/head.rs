@@ -592,16 +592,6 @@ fn last_layer_bf16_follows_the_precision_only_when_asked() {
         let v: Vec<f32> = v.into_iter().map(round_bf16).collect();
         Tensor::from_vec(v, t.shape(), t.device()).unwrap()
     };
-    let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
     let mut cfg = small_cfg(false, true, 3);
     cfg.out_dim = 70;
     let x = Tensor::randn(0f32, 1.0, (37, cfg.in_dim), &tdev()).unwrap();
@@ -621,16 +611,27 @@ fn last_layer_bf16_follows_the_precision_only_when_asked() {
     let want_f32 = feat.matmul(&w.t().unwrap()).unwrap();
     let want_bf16 = round(&feat).matmul(&round(&w).t().unwrap()).unwrap();
     let kept = bf16(&|| head.forward(&x, false));
-    let d = max_diff(&kept, &want_f32);
-    assert!(d < 1e-6, "default last layer off the f32 products by {d}");
+    assert_close(
+        &kept,
+        &want_f32,
+        1e-6,
+        0.0,
+        "default last layer vs f32 products",
+    );
     let got = bf16(&|| head_bf16.forward(&x, false));
     if MatmulPrecision::bf16_supported() {
-        let d = max_diff(&got, &want_bf16);
-        assert!(
-            d < 1e-6,
-            "bf16 last layer off the rounded-operand products by {d}"
+        assert_close(
+            &got,
+            &want_bf16,
+            1e-6,
+            0.0,
+            "bf16 last layer vs rounded products",
         );
-        assert!(max_diff(&got, &kept) > 1e-4, "bf16 products did not run");
+        let moved = (&got - &kept).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(
+            moved.to_scalar::<f32>().unwrap() > 1e-4,
+            "bf16 products did not run"
+        );
     } else {
         assert_eq!(
             got.to_vec2::<f32>().unwrap(),
