@@ -788,17 +788,14 @@ impl CustomOp2 for DinoLossOp {
                     let (v, bi) = (r / b, r % b);
                     let s = &student[r * k..(r + 1) * k];
                     let shift = stats_ref[r].max + stats_ref[r].log_sum;
-                    Self::targets(v)
-                        .iter()
-                        .map(|&iq| {
-                            -dot_log_softmax(
-                                &q_ref[(iq * b + bi) * k..(iq * b + bi + 1) * k],
-                                s,
-                                st,
-                                shift,
-                            )
-                        })
-                        .sum::<f64>()
+                    // A plain loop, not `map().sum()`: the iterator's `fold` stays out of line and would
+                    // compile the dot products without the wide vectors of `with_simd`.
+                    let mut total = 0f64;
+                    for &iq in Self::targets(v) {
+                        let qrow = &q_ref[(iq * b + bi) * k..(iq * b + bi + 1) * k];
+                        total += -dot_log_softmax(qrow, s, st, shift);
+                    }
+                    total
                 },
             )
         });
