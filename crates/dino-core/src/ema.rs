@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, Tensor};
 
-use crate::kernels::{par_ranges, with_simd, SendPtr};
+use crate::kernels::{par_ranges, simd, SendPtr};
 use crate::params::NamedVar;
 use crate::{Error, Result};
 use dino_kernels::dispatch::cpu_fast_path;
@@ -187,14 +187,11 @@ impl InplaceOp2 for EmaOp {
                 par_ranges(t.len(), |r| {
                     // SAFETY: par_ranges hands out disjoint ranges inside `t`.
                     let t = unsafe { tp.slice_mut(r.clone()) };
-                    with_simd(
-                        #[inline(always)]
-                        || {
-                            for (tv, &sv) in t.iter_mut().zip(&s[r]) {
-                                *tv = *tv * m + sv * om;
-                            }
-                        },
-                    );
+                    simd!({
+                        for (tv, &sv) in t.iter_mut().zip(&s[r]) {
+                            *tv = *tv * m + sv * om;
+                        }
+                    });
                 });
             }
             (CpuStorage::F64(t), CpuStorage::F64(s)) => {

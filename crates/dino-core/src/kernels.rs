@@ -93,10 +93,24 @@ pub(crate) fn par_ranges<F: Fn(Range<usize>) + Sync>(len: usize, f: F) {
     });
 }
 
+/// `simd!({ body })`: `body` run by [`with_simd`] as an `#[inline(always)]` closure, so that it is compiled
+/// inside the wide-vector wrappers. A closure left out of line (another codegen unit) keeps the baseline's SSE
+/// code, as the loss, EMA and AdamW loops did before this macro. Code the body calls must inline too: the
+/// kernels below do, an iterator adaptor's `fold` (`map().sum()`) may not, so the bodies use plain loops.
+macro_rules! simd {
+    ($body:block) => {
+        $crate::kernels::with_simd(
+            #[inline(always)]
+            || $body,
+        )
+    };
+}
+pub(crate) use simd;
+
 /// Runs `f` in a function compiled with AVX-512 F, else AVX2, enabled when the CPU has it (the kernels below
 /// are `inline(always)`, so they are generated with 512-bit or 256-bit vectors there); plain `f()` otherwise.
 /// The wider vectors only change how the [`LANES`] accumulator lanes map onto registers: no FMA
-/// contraction, so results are bit-identical either way.
+/// contraction, so results are bit-identical either way. Call it through [`simd!`].
 #[inline(always)]
 pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -279,7 +293,7 @@ mod tests {
         assert!((sum_exp_scaled(&x, 0.5, 2.0) - se).abs() / se < 1e-6);
     }
 
-    /// The kernels give the same bits under `with_simd` (AVX-512 or AVX2 where present) as compiled for the
+    /// The kernels give the same bits under `simd!` (AVX-512 or AVX2 where present) as compiled for the
     /// baseline x86-64 (SSE2): the wider vectors must not change a result.
     #[test]
     fn simd_widths_give_the_same_bits() {
@@ -300,13 +314,7 @@ mod tests {
             .map(|i| ((i * 37 % 1001) as f32 - 500.0) / 97.0)
             .collect();
         let y: Vec<f32> = (0..4099).map(|i| ((i * 13 % 71) as f32) / 71.0).collect();
-        assert_eq!(
-            with_simd(
-                #[inline(always)]
-                || run(&x, &y)
-            ),
-            run(&x, &y)
-        );
+        assert_eq!(simd!({ run(&x, &y) }), run(&x, &y));
     }
 
     #[test]

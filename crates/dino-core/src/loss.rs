@@ -13,7 +13,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor, D};
 
 use crate::kernels::{
-    dot_log_softmax, exp_f32, max_f32, par_fill, par_rows_mut, sum_exp_scaled, with_simd,
+    dot_log_softmax, exp_f32, max_f32, par_fill, par_rows_mut, simd, sum_exp_scaled,
 };
 use crate::monitor::CollapseMetrics;
 use crate::schedule::teacher_temp_schedule;
@@ -735,69 +735,60 @@ impl CustomOp2 for DinoLossOp {
             q.copy_from_slice(teacher);
         } else {
             par_rows_mut(&mut q, k, |r, qrow| {
-                with_simd(
-                    #[inline(always)]
-                    || {
-                        let t = &teacher[r * k..(r + 1) * k];
-                        for ((o, &x), &c) in qrow.iter_mut().zip(t).zip(center) {
-                            *o = (x - c) / tt;
+                simd!({
+                    let t = &teacher[r * k..(r + 1) * k];
+                    for ((o, &x), &c) in qrow.iter_mut().zip(t).zip(center) {
+                        *o = (x - c) / tt;
+                    }
+                    let m = max_f32(qrow);
+                    let mut acc = [0f32; 16];
+                    let mut chunks = qrow.chunks_exact_mut(16);
+                    for c in &mut chunks {
+                        for i in 0..16 {
+                            c[i] = exp_f32(c[i] - m);
+                            acc[i] += c[i];
                         }
-                        let m = max_f32(qrow);
-                        let mut acc = [0f32; 16];
-                        let mut chunks = qrow.chunks_exact_mut(16);
-                        for c in &mut chunks {
-                            for i in 0..16 {
-                                c[i] = exp_f32(c[i] - m);
-                                acc[i] += c[i];
-                            }
-                        }
-                        let mut sum: f64 = acc.iter().map(|&v| v as f64).sum();
-                        for v in chunks.into_remainder() {
-                            *v = exp_f32(*v - m);
-                            sum += *v as f64;
-                        }
-                        let inv = (1.0 / sum) as f32;
-                        for v in qrow.iter_mut() {
-                            *v *= inv;
-                        }
-                    },
-                )
+                    }
+                    let mut sum: f64 = acc.iter().map(|&v| v as f64).sum();
+                    for v in chunks.into_remainder() {
+                        *v = exp_f32(*v - m);
+                        sum += *v as f64;
+                    }
+                    let inv = (1.0 / sum) as f32;
+                    for v in qrow.iter_mut() {
+                        *v *= inv;
+                    }
+                })
             });
         }
         // Student: row stats of s / student_temp, then the cross-entropy against each target.
         let st = self.student_temp;
         let mut stats = vec![RowStats::default(); n * b];
         par_fill(&mut stats, k, |r| {
-            with_simd(
-                #[inline(always)]
-                || {
-                    let s = &student[r * k..(r + 1) * k];
-                    let m = max_f32(s) / st;
-                    let log_sum = sum_exp_scaled(s, st, m).ln() as f32;
-                    RowStats { max: m, log_sum }
-                },
-            )
+            simd!({
+                let s = &student[r * k..(r + 1) * k];
+                let m = max_f32(s) / st;
+                let log_sum = sum_exp_scaled(s, st, m).ln() as f32;
+                RowStats { max: m, log_sum }
+            })
         });
         let mut ce = vec![0f64; n * b];
         let q_ref = &q;
         let stats_ref = &stats;
         par_fill(&mut ce, 2 * k, |r| {
-            with_simd(
-                #[inline(always)]
-                || {
-                    let (v, bi) = (r / b, r % b);
-                    let s = &student[r * k..(r + 1) * k];
-                    let shift = stats_ref[r].max + stats_ref[r].log_sum;
-                    // A plain loop, not `map().sum()`: the iterator's `fold` stays out of line and would
-                    // compile the dot products without the wide vectors of `with_simd`.
-                    let mut total = 0f64;
-                    for &iq in Self::targets(v) {
-                        let qrow = &q_ref[(iq * b + bi) * k..(iq * b + bi + 1) * k];
-                        total += -dot_log_softmax(qrow, s, st, shift);
-                    }
-                    total
-                },
-            )
+            simd!({
+                let (v, bi) = (r / b, r % b);
+                let s = &student[r * k..(r + 1) * k];
+                let shift = stats_ref[r].max + stats_ref[r].log_sum;
+                // A plain loop, not `map().sum()`: the iterator's `fold` stays out of line and would
+                // compile the dot products without the wide vectors of `simd!`.
+                let mut total = 0f64;
+                for &iq in Self::targets(v) {
+                    let qrow = &q_ref[(iq * b + bi) * k..(iq * b + bi + 1) * k];
+                    total += -dot_log_softmax(qrow, s, st, shift);
+                }
+                total
+            })
         });
         let loss = ce.iter().sum::<f64>() / (b as f64 * self.n_terms() as f64);
         *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(FwdCache {
@@ -835,26 +826,23 @@ impl CustomOp2 for DinoLossOp {
         let scale = g / (st * (b * self.n_terms()) as f32);
         let mut grad = vec![0f32; n * b * k];
         par_rows_mut(&mut grad, k, |r, out| {
-            with_simd(
-                #[inline(always)]
-                || {
-                    let (v, bi) = (r / b, r % b);
-                    let s = &student[r * k..(r + 1) * k];
-                    let RowStats { max, log_sum } = cache.student_rows[r];
-                    let shift = max + log_sum;
-                    let targets = Self::targets(v);
-                    let w = targets.len() as f32 * scale;
-                    for (o, &x) in out.iter_mut().zip(s) {
-                        *o = w * exp_f32(x / st - shift);
+            simd!({
+                let (v, bi) = (r / b, r % b);
+                let s = &student[r * k..(r + 1) * k];
+                let RowStats { max, log_sum } = cache.student_rows[r];
+                let shift = max + log_sum;
+                let targets = Self::targets(v);
+                let w = targets.len() as f32 * scale;
+                for (o, &x) in out.iter_mut().zip(s) {
+                    *o = w * exp_f32(x / st - shift);
+                }
+                for &iq in targets {
+                    let qrow = &cache.q[(iq * b + bi) * k..(iq * b + bi + 1) * k];
+                    for (o, &qv) in out.iter_mut().zip(qrow) {
+                        *o -= scale * qv;
                     }
-                    for &iq in targets {
-                        let qrow = &cache.q[(iq * b + bi) * k..(iq * b + bi + 1) * k];
-                        for (o, &qv) in out.iter_mut().zip(qrow) {
-                            *o -= scale * qv;
-                        }
-                    }
-                },
-            )
+                }
+            })
         });
         drop(storage);
         let grad = Tensor::from_vec(grad, (n * b, k), arg1.device())?;

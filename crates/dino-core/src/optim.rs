@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Storage, Tensor, Var};
 
-use crate::kernels::{dot, par_ranges, with_simd, SendPtr};
+use crate::kernels::{dot, par_ranges, simd, SendPtr};
 use crate::params::NamedVar;
 use crate::{Error, Result};
 use dino_kernels::dispatch::cpu_fast_path;
@@ -526,10 +526,7 @@ impl InplaceOp2 for AdamKernel {
                     vp.slice_mut(r.clone()),
                 )
             };
-            with_simd(
-                #[inline(always)]
-                || self.update(p, &g[r], m, v),
-            );
+            simd!({ self.update(p, &g[r], m, v) });
         });
         Ok(())
     }

@@ -437,7 +437,7 @@ struct LinearGradOp {
     bf16: bool,
     /// For `GELU(x Wᵀ + b)` with enough rows (f32 or bf16 products): the saved pre-activation. The op's
     /// gradient input is then the gradient of the GELU output, and GELU' is applied block by block (see
-    /// [`linear_gelu_grad`]).
+    /// [`linear_grad_blocked`]).
     gelu_pre: Option<Arc<Vec<f32>>>,
     dw: Mutex<Option<Vec<f32>>>,
     /// The bias gradient, computed with `gelu_pre` only.
@@ -477,7 +477,7 @@ impl CustomOp3 for LinearGradOp {
             // Enough rows: block by block, each block's operands packed while in cache (as with GELU).
             let (dx, dw) = if r >= 4 * GELU_BLOCK_ROWS {
                 let (dx, dw, _) =
-                    linear_gelu_grad(&g, None, &w, &x, r, out, inp, self.need_dx, true);
+                    linear_grad_blocked(&g, None, &w, &x, r, out, inp, self.need_dx, true);
                 (dx, dw)
             } else {
                 linear_grad_bf16(&g, &w, &x, r, out, inp, self.need_dx)
@@ -494,7 +494,7 @@ impl CustomOp3 for LinearGradOp {
                 );
             }
             let (dx, dw, db) =
-                linear_gelu_grad(&g, Some(pre), &w, &x, r, out, inp, self.need_dx, self.bf16);
+                linear_grad_blocked(&g, Some(pre), &w, &x, r, out, inp, self.need_dx, self.bf16);
             if let Ok(mut slot) = self.db.lock() {
                 *slot = Some(db);
             }
@@ -626,7 +626,7 @@ impl CustomOp3 for LinearGradOp {
 /// (W packed once; each block packs its `dpre`, `dpreᵀ` and `x` rows on its own thread). With `pre` None the
 /// layer has no GELU: `dpre = g`, read in place, and `db` is left at zeros (the caller sums `g`).
 #[allow(clippy::too_many_arguments)]
-fn linear_gelu_grad(
+fn linear_grad_blocked(
     g: &[f32],
     pre: Option<&[f32]>,
     w: &[f32],
@@ -2151,7 +2151,7 @@ mod tests {
     }
 
     #[test]
-    fn linear_gelu_gradient_matches_finite_differences() -> Result<()> {
+    fn linear_grad_blockedient_matches_finite_differences() -> Result<()> {
         let dev = Device::Cpu;
         let (r, inp, out) = (3usize, 4usize, 5usize);
         let w0 = pattern(out * inp, 5);

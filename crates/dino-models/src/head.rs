@@ -273,7 +273,7 @@ impl DinoHead {
     /// be magnified 25x), unless [`DinoHeadConfig::last_layer_bf16`]. Its weight gradient comes out directly
     /// as `(K, bottleneck_dim)`.
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let x = self.forward_mlp(x, train)?.contiguous()?;
+        let x = self.forward_mlp(x, train)?;
         let x = l2_normalize(&x)?.contiguous()?;
         let w = self.last_layer_weight()?;
         if self.cfg.last_layer_bf16 {
