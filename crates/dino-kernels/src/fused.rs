@@ -2151,7 +2151,7 @@ mod tests {
     }
 
     #[test]
-    fn linear_grad_blockedient_matches_finite_differences() -> Result<()> {
+    fn linear_gelu_gradient_matches_finite_differences() -> Result<()> {
         let dev = Device::Cpu;
         let (r, inp, out) = (3usize, 4usize, 5usize);
         let w0 = pattern(out * inp, 5);
