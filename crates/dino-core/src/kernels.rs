@@ -1,16 +1,17 @@
 //! Hand-written CPU kernels shared by the loss, the EMA and the optimisers: a vectorisable `exp`,
-//! lane-parallel row reductions, and scoped-thread helpers (std only; dino-core adds no dependency).
+//! lane-parallel row reductions, and parallel-loop helpers on rayon's pool (the pool the kernels of
+//! dino-kernels and candle run on; rayon is already a dependency of both).
 
 use std::ops::Range;
 
 /// Below this many elements of work a kernel runs on the calling thread only.
 const MIN_PARALLEL_WORK: usize = 1 << 16;
 
-/// Number of worker threads to use (the machine's available parallelism).
+/// Number of worker threads to use: the threads of the current rayon pool. The helpers below used to spawn
+/// scoped OS threads per call; once per parameter tensor in the EMA and AdamW loops that was ~120 thread
+/// starts per training step.
 pub(crate) fn num_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    rayon::current_num_threads().max(1)
 }
 
 fn threads_for(items: usize, work_per_item: usize) -> usize {
@@ -35,9 +36,9 @@ pub(crate) fn par_fill<R: Send, F: Fn(usize) -> R + Sync>(
     }
     let chunk = out.len().div_ceil(threads);
     let f = &f;
-    std::thread::scope(|sc| {
+    rayon::scope(|sc| {
         for (c, part) in out.chunks_mut(chunk).enumerate() {
-            sc.spawn(move || {
+            sc.spawn(move |_| {
                 for (j, o) in part.iter_mut().enumerate() {
                     *o = f(c * chunk + j);
                 }
@@ -61,9 +62,9 @@ pub(crate) fn par_rows_mut<F: Fn(usize, &mut [f32]) + Sync>(out: &mut [f32], row
     }
     let rows_per = rows.div_ceil(threads);
     let f = &f;
-    std::thread::scope(|sc| {
+    rayon::scope(|sc| {
         for (c, part) in out.chunks_mut(rows_per * row_len).enumerate() {
-            sc.spawn(move || {
+            sc.spawn(move |_| {
                 for (j, row) in part.chunks_mut(row_len).enumerate() {
                     f(c * rows_per + j, row);
                 }
@@ -83,11 +84,11 @@ pub(crate) fn par_ranges<F: Fn(Range<usize>) + Sync>(len: usize, f: F) {
     // Chunk boundaries on multiples of 64 elements keep every chunk cache-line aligned.
     let chunk = len.div_ceil(threads).div_ceil(64) * 64;
     let f = &f;
-    std::thread::scope(|sc| {
+    rayon::scope(|sc| {
         let mut start = 0;
         while start < len {
             let end = (start + chunk).min(len);
-            sc.spawn(move || f(start..end));
+            sc.spawn(move |_| f(start..end));
             start = end;
         }
     });
