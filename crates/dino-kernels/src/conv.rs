@@ -66,13 +66,11 @@ impl ConvGeom {
     }
 }
 
-/// Runs `f(i, chunk)` over the `per`-sized chunks of `out` on all cores (scoped threads).
+/// Runs `f(i, chunk)` over the `per`-sized chunks of `out` on all cores (one task per thread of rayon's pool;
+/// scoped OS threads started per call before, i.e. per convolution of every step).
 pub(crate) fn par_chunks<T: Send>(out: &mut [T], per: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let n = out.len() / per.max(1);
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(n.max(1));
+    let threads = rayon::current_num_threads().max(1).min(n.max(1));
     if threads <= 1 {
         for (i, chunk) in out.chunks_mut(per).enumerate() {
             f(i, chunk);
@@ -80,10 +78,10 @@ pub(crate) fn par_chunks<T: Send>(out: &mut [T], per: usize, f: impl Fn(usize, &
         return;
     }
     let per_thread = n.div_ceil(threads);
-    std::thread::scope(|scope| {
+    rayon::scope(|scope| {
         for (t, group) in out.chunks_mut(per * per_thread).enumerate() {
             let f = &f;
-            scope.spawn(move || {
+            scope.spawn(move |_| {
                 for (j, chunk) in group.chunks_mut(per).enumerate() {
                     f(t * per_thread + j, chunk);
                 }
