@@ -71,6 +71,50 @@ pub(crate) unsafe fn gemm(
     ldc: usize,
     accumulate: bool,
 ) {
+    gemm_init(
+        m,
+        n,
+        a,
+        b,
+        c,
+        ldc,
+        if accumulate { Init::Load } else { Init::Zero },
+    )
+}
+
+/// What the tiles of `c` start from before the first k block.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Init<'a> {
+    /// Zeros: `c = a · b`.
+    Zero,
+    /// `c`'s contents: `c += a · b`.
+    Load,
+    /// A bias row of `n` values on every row: `c = a · b + bias`, without writing the bias into `c` first
+    /// (the tiles load the bias row with a zero stride).
+    Bias(&'a [f32]),
+}
+
+/// [`gemm`] with the tiles of `c` started from `init`.
+///
+/// # Safety
+/// As [`gemm`]; a bias holds at least `n` values.
+pub(crate) unsafe fn gemm_init(
+    m: usize,
+    n: usize,
+    a: *const u32,
+    b: &Packed,
+    c: *mut f32,
+    ldc: usize,
+    init: Init,
+) {
+    let accumulate = matches!(init, Init::Load);
+    if let Init::Bias(bias) = init {
+        assert!(
+            bias.len() >= n,
+            "AMX GEMM: a bias of {} values for {n} columns",
+            bias.len()
+        );
+    }
     let kp = b.kp;
     debug_assert!(kp > 0 && kp.is_multiple_of(KP_STEP) && b.width == NR);
     if m == 0 || n == 0 {
@@ -97,7 +141,19 @@ pub(crate) unsafe fn gemm(
                     let cp = c.add(ib * ldc + jp * NR);
                     let whole = rows == 32 && cols == NR;
                     if overwrite {
-                        x86::init_zero(two);
+                        match init {
+                            Init::Bias(bias) => {
+                                // Row stride 0: every tile row is the bias row of this panel.
+                                let bp0 = bias.as_ptr().add(jp * NR);
+                                if cols == NR {
+                                    x86::init_load(two, bp0, 0);
+                                } else {
+                                    x86::read_in(buf.0.as_mut_ptr(), rows, cols, bp0, 0);
+                                    x86::init_load(two, buf.0.as_ptr(), 128);
+                                }
+                            }
+                            _ => x86::init_zero(two),
+                        }
                     } else if whole {
                         x86::init_load(two, cp, ldc_bytes);
                     } else {

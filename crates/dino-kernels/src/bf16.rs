@@ -513,6 +513,49 @@ pub(crate) unsafe fn gemm_rows(
     }
 }
 
+/// [`gemm_rows`] onto a bias: `c (m, n) = a (m, k) · b (k, n) + bias` on every row. The AMX kernel starts its
+/// tiles from the bias row; the other kernels write the bias rows into `c` and accumulate onto them.
+///
+/// # Safety
+/// As [`gemm`]; `bias` holds `n` values.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_rows_bias(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &Packed,
+    c: *mut f32,
+    ldc: usize,
+    bias: &[f32],
+) {
+    if b.amx && b.kp > 0 {
+        let chunk = amx_rows_chunk(b.kp);
+        AMX_LHS.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            for r0 in (0..m).step_by(chunk) {
+                let rows = chunk.min(m - r0);
+                let kp = pack_tiles_into(&a[r0 * k..], rows, k, k, &mut buf);
+                debug_assert_eq!(kp, b.kp);
+                crate::amx::gemm_init(
+                    rows,
+                    n,
+                    buf.as_ptr(),
+                    b,
+                    c.add(r0 * ldc),
+                    ldc,
+                    crate::amx::Init::Bias(bias),
+                )
+            }
+        })
+    } else {
+        for i in 0..m {
+            std::ptr::copy_nonoverlapping(bias.as_ptr(), c.add(i * ldc), n);
+        }
+        gemm_rows(m, n, k, a, b, c, ldc, true)
+    }
+}
+
 /// `c (m, n) [+]= aᵀ b` for row-major `a (k, m)` and `b (k, n)` (row strides `lda`, `ldb`; e.g. a block's
 /// term `gᵀ x` of a weight gradient), both packed on the calling thread. With `accumulate` the product is
 /// added to `c`.

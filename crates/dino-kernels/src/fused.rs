@@ -788,22 +788,16 @@ fn linear_fwd_bf16(
         .for_each(|(i, yb)| {
             let r0 = i * rows_per;
             let rows = yb.len() / out;
-            if let Some(b) = b {
-                yb.chunks_exact_mut(out)
-                    .for_each(|row| row.copy_from_slice(b));
-            }
-            // SAFETY: bf16 is supported (checked when the op was built); yb is this block's own (rows, out).
+            let xb = &x[r0 * inp..];
+            // SAFETY: bf16 is supported (checked when the op was built); yb is this block's own (rows, out);
+            // the bias has `out` values.
             unsafe {
-                bf16::gemm_rows(
-                    rows,
-                    out,
-                    inp,
-                    &x[r0 * inp..],
-                    &wp,
-                    yb.as_mut_ptr(),
-                    out,
-                    b.is_some(),
-                )
+                match b {
+                    Some(b) => {
+                        bf16::gemm_rows_bias(rows, out, inp, xb, &wp, yb.as_mut_ptr(), out, b)
+                    }
+                    None => bf16::gemm_rows(rows, out, inp, xb, &wp, yb.as_mut_ptr(), out, false),
+                }
             }
         });
     y
