@@ -488,29 +488,51 @@ pub(crate) unsafe fn gemm_rows(
     ldc: usize,
     accumulate: bool,
 ) {
-    if b.amx {
-        // A block of rows at a time, packed into this thread's buffer and multiplied while it is in cache.
-        let chunk = amx_rows_chunk(b.kp);
-        AMX_LHS.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            for r0 in (0..m).step_by(chunk) {
-                let rows = chunk.min(m - r0);
-                let kp = pack_tiles_into(&a[r0 * k..], rows, k, k, &mut buf);
-                gemm(
-                    rows,
-                    n,
-                    &Lhs::Tiles(&buf, kp),
-                    b,
-                    c.add(r0 * ldc),
-                    ldc,
-                    accumulate,
-                )
-            }
-        })
+    if b.amx && b.kp == 0 {
+        // An empty k: `gemm` zeroes `c` (or leaves it, accumulating).
+        gemm(m, n, &Lhs::Tiles(&[], 0), b, c, ldc, accumulate)
+    } else if b.amx {
+        let init = if accumulate {
+            crate::amx::Init::Load
+        } else {
+            crate::amx::Init::Zero
+        };
+        amx_rows(m, n, k, a, b, c, ldc, init)
     } else {
         let (rows, kp) = pack_rows(a, m, k, k);
         gemm(m, n, &Lhs::Rows(&rows, kp), b, c, ldc, accumulate)
     }
+}
+
+/// The AMX path of [`gemm_rows`] and [`gemm_rows_bias`]: a block of rows at a time, packed into this thread's
+/// buffer and multiplied while it is in cache, the tiles of `c` started from `init`.
+///
+/// # Safety
+/// As [`gemm`], with `b` packed for AMX and `b.kp > 0`; a bias holds `n` values.
+#[allow(clippy::too_many_arguments)]
+unsafe fn amx_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &Packed,
+    c: *mut f32,
+    ldc: usize,
+    init: crate::amx::Init,
+) {
+    let chunk = amx_rows_chunk(b.kp);
+    AMX_LHS.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        for r0 in (0..m).step_by(chunk) {
+            let rows = chunk.min(m - r0);
+            let kp = pack_tiles_into(&a[r0 * k..], rows, k, k, &mut buf);
+            assert!(
+                kp == b.kp && buf.len() >= rows.next_multiple_of(crate::amx::TILE) * kp,
+                "AMX GEMM: operands packed for different kernels"
+            );
+            crate::amx::gemm_init(rows, n, buf.as_ptr(), b, c.add(r0 * ldc), ldc, init)
+        }
+    })
 }
 
 /// [`gemm_rows`] onto a bias: `c (m, n) = a (m, k) · b (k, n) + bias` on every row. The AMX kernel starts its
@@ -530,24 +552,7 @@ pub(crate) unsafe fn gemm_rows_bias(
     bias: &[f32],
 ) {
     if b.amx && b.kp > 0 {
-        let chunk = amx_rows_chunk(b.kp);
-        AMX_LHS.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            for r0 in (0..m).step_by(chunk) {
-                let rows = chunk.min(m - r0);
-                let kp = pack_tiles_into(&a[r0 * k..], rows, k, k, &mut buf);
-                debug_assert_eq!(kp, b.kp);
-                crate::amx::gemm_init(
-                    rows,
-                    n,
-                    buf.as_ptr(),
-                    b,
-                    c.add(r0 * ldc),
-                    ldc,
-                    crate::amx::Init::Bias(bias),
-                )
-            }
-        })
+        amx_rows(m, n, k, a, b, c, ldc, crate::amx::Init::Bias(bias))
     } else {
         for i in 0..m {
             std::ptr::copy_nonoverlapping(bias.as_ptr(), c.add(i * ldc), n);
@@ -1293,5 +1298,53 @@ mod tests {
             return;
         }
         with_bf16_gemm(Bf16Gemm::Amx, || check_kernel(Bf16Gemm::Amx));
+    }
+
+    /// `gemm_rows_bias` (the AMX tiles started from the bias row) against `gemm_rows` accumulating onto rows
+    /// that hold the bias: the same bits, on each kernel, over whole and partial 32 x 32 blocks and an empty k
+    /// (the bias alone).
+    #[test]
+    fn gemm_rows_bias_equals_accumulating_onto_bias_rows() {
+        if !supported() {
+            eprintln!("BF16 GEMM TEST NOT RUN: this CPU has no AVX-512 BF16");
+            return;
+        }
+        for mode in [Bf16Gemm::Always, Bf16Gemm::Amx] {
+            if mode == Bf16Gemm::Amx && !crate::amx::available() {
+                eprintln!("AMX PASS NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
+                continue;
+            }
+            with_bf16_gemm(mode, || {
+                for &(m, n, k) in &[
+                    (37usize, 70usize, 0usize),
+                    (37, 70, 5),
+                    (300, 33, 64),
+                    (64, 64, 40),
+                ] {
+                    let a = pattern(m * k, 1);
+                    let bias = pattern(n, 4);
+                    let b = pack_nk(&pattern(n * k, 2), n, k, k, NR);
+                    assert_eq!(
+                        b.amx,
+                        mode == Bf16Gemm::Amx,
+                        "{mode:?} packs for its kernel"
+                    );
+                    let mut got = vec![f32::NAN; m * n];
+                    let mut want: Vec<f32> = (0..m * n).map(|i| bias[i % n]).collect();
+                    // SAFETY: a is (m, k), b packed (k, n), got and want (m, n), bias n values; the CPU has
+                    // the kernel (checked above).
+                    unsafe {
+                        gemm_rows_bias(m, n, k, &a, &b, got.as_mut_ptr(), n, &bias);
+                        gemm_rows(m, n, k, &a, &b, want.as_mut_ptr(), n, true);
+                    }
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(g, w)| g.to_bits() == w.to_bits()),
+                        "{m}x{n}x{k}, {mode:?}"
+                    );
+                }
+            });
+        }
     }
 }

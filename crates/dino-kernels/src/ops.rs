@@ -24,37 +24,14 @@ use crate::dispatch::cpu_f32_fast_path;
 // ---------------------------------------------------------------------------------------------------------
 
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident => $inner:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)?) => {
-        $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn v512($($arg: $ty),*) $(-> $ret)? { $inner($($arg),*) }
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn v256($($arg: $ty),*) $(-> $ret)? { $inner($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                {
-                    // SAFETY: the CPU supports every feature v512 was compiled for.
-                    return unsafe { v512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU supports every feature v256 was compiled for.
-                    return unsafe { v256($($arg),*) };
-                }
-            }
-            $inner($($arg),*)
-        }
-    };
     // `fma`: the kernel takes a `const FMA: bool`, true in the FMA-enabled versions (its multiply-adds then fuse,
     // see [`madd`]), false in the baseline one (where `mul_add` would be a libm call per element).
     (fma $(#[$m:meta])* $vis:vis fn $name:ident => $inner:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)?) => {
+        $crate::ops::multiversion!(@emit [$inner::<true>] [$inner::<false>] [$inner::<{ cfg!(target_feature = "fma") }>]
+            $(#[$m])* $vis fn $name ($($arg: $ty),*) $(-> $ret)?);
+    };
+    (@emit [$($fast:tt)*] [$($base:tt)*] [$($other:tt)*]
+        $(#[$m:meta])* $vis:vis fn $name:ident ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
@@ -62,10 +39,10 @@ macro_rules! multiversion {
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
-                unsafe fn v512($($arg: $ty),*) $(-> $ret)? { $inner::<true>($($arg),*) }
+                unsafe fn v512($($arg: $ty),*) $(-> $ret)? { $($fast)*($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
-                unsafe fn v256($($arg: $ty),*) $(-> $ret)? { $inner::<true>($($arg),*) }
+                unsafe fn v256($($arg: $ty),*) $(-> $ret)? { $($fast)*($($arg),*) }
                 if std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512vl")
                 {
@@ -78,13 +55,16 @@ macro_rules! multiversion {
                     // SAFETY: the CPU supports every feature v256 was compiled for.
                     return unsafe { v256($($arg),*) };
                 }
-                $inner::<false>($($arg),*)
+                $($base)*($($arg),*)
             }
             #[cfg(not(target_arch = "x86_64"))]
             {
-                $inner::<{ cfg!(target_feature = "fma") }>($($arg),*)
+                $($other)*($($arg),*)
             }
         }
+    };
+    ($(#[$m:meta])* $vis:vis fn $name:ident => $inner:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)?) => {
+        $crate::ops::multiversion!(@emit [$inner] [$inner] [$inner] $(#[$m])* $vis fn $name ($($arg: $ty),*) $(-> $ret)?);
     };
 }
 
