@@ -420,6 +420,39 @@ multiversion!(fn ln_bwd_chunk => ln_bwd_kernel(x: &[f32], g: &[f32], w: &[f32], 
 
 struct LayerNormOp {
     eps: f32,
+    /// Normalise only these samples' rows of `x` (see [`layer_norm_kept`]); None: every row.
+    kept: Option<KeptRows>,
+}
+
+/// The rows of some samples of `x` `(B*per, D)`: sample `kept[i]`'s rows are rows `i*per..` of the op's
+/// compact side.
+#[derive(Clone, Debug)]
+struct KeptRows {
+    per: usize,
+    samples: usize,
+    kept: std::sync::Arc<Vec<usize>>,
+}
+
+impl KeptRows {
+    /// Rows of the compact side.
+    fn rows(&self) -> usize {
+        self.kept.len() * self.per
+    }
+
+    /// `f(j, src, n)` over the runs of compact rows `j..j+n` within `lo..hi` that sit at `x` rows `src..src+n`
+    /// (one sample each at most).
+    fn runs(&self, lo: usize, hi: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let mut j = lo;
+        while j < hi {
+            let end = hi.min((j / self.per + 1) * self.per);
+            f(
+                j,
+                self.kept[j / self.per] * self.per + j % self.per,
+                end - j,
+            );
+            j = end;
+        }
+    }
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -440,13 +473,39 @@ impl CustomOp3 for LayerNormOp {
         let w = f32_data(s2, l2, self.name())?;
         let b = f32_data(s3, l3, self.name())?;
         let (rows, d) = last_dim(l1.shape(), self.name())?;
-        let mut y = uninit_f32(rows * d);
         let eps = self.eps;
-        for_row_chunks(&mut y, rows, d, |r0, yc| {
-            let n = yc.len();
-            ln_fwd_chunk(&x[r0 * d..r0 * d + n], &w, &b, yc, eps)
+        let Some(kept) = &self.kept else {
+            let mut y = uninit_f32(rows * d);
+            for_row_chunks(&mut y, rows, d, |r0, yc| {
+                let n = yc.len();
+                ln_fwd_chunk(&x[r0 * d..r0 * d + n], &w, &b, yc, eps)
+            });
+            return Ok((CpuStorage::F32(y), l1.shape().clone()));
+        };
+        if l1.dims().len() != 2 || rows != kept.samples * kept.per {
+            candle_core::bail!(
+                "{}: x {:?} is not {} samples of {} rows",
+                self.name(),
+                l1.dims(),
+                kept.samples,
+                kept.per
+            );
+        }
+        let out_rows = kept.rows();
+        let mut y = uninit_f32(out_rows * d);
+        for_row_chunks(&mut y, out_rows, d, |r0, yc| {
+            kept.runs(r0, r0 + yc.len() / d.max(1), |j, src, n| {
+                let o = (j - r0) * d;
+                ln_fwd_chunk(
+                    &x[src * d..(src + n) * d],
+                    &w,
+                    &b,
+                    &mut yc[o..o + n * d],
+                    eps,
+                )
+            })
         });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((CpuStorage::F32(y), Shape::from((out_rows, d))))
     }
 
     fn bwd(
@@ -459,7 +518,11 @@ impl CustomOp3 for LayerNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = w.elem_count();
         let rows = x.elem_count() / d.max(1);
-        let packed = x.apply_op3_no_bwd(w, grad, &LayerNormBwdOp { eps: self.eps })?;
+        let op = LayerNormBwdOp {
+            eps: self.eps,
+            kept: self.kept.clone(),
+        };
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
         let dx = packed.narrow(0, 0, rows * d)?.reshape(x.shape())?;
         let dw = packed.narrow(0, rows * d, d)?.reshape(w.shape())?;
         let db = packed.narrow(0, rows * d + d, d)?.reshape(w.shape())?;
@@ -470,6 +533,8 @@ impl CustomOp3 for LayerNormOp {
 /// Backward of [`LayerNormOp`]: inputs (x, w, grad), output `[dx (flattened); dw; db]` as one 1-D tensor.
 struct LayerNormBwdOp {
     eps: f32,
+    /// As [`LayerNormOp`]'s: the gradient holds these rows only, `dx` is zero on the others.
+    kept: Option<KeptRows>,
 }
 
 impl CustomOp3 for LayerNormBwdOp {
@@ -496,7 +561,46 @@ impl CustomOp3 for LayerNormBwdOp {
         out[n..].fill(0.0);
         let (dx, dwb) = out.split_at_mut(n);
         let eps = self.eps;
-        if n < PAR_MIN_ELEMS {
+        if let Some(kept) = &self.kept {
+            let cr = kept.rows();
+            if g.len() != cr * d || rows != kept.samples * kept.per {
+                candle_core::bail!(
+                    "{}: gradient of {} values for {cr} rows of {d}",
+                    self.name(),
+                    g.len()
+                );
+            }
+            // The rows of the samples left out get no gradient.
+            let mut is_kept = vec![false; kept.samples];
+            kept.kept.iter().for_each(|&k| is_kept[k] = true);
+            for (i, _) in is_kept.iter().enumerate().filter(|(_, k)| !**k) {
+                dx[i * kept.per * d..(i + 1) * kept.per * d].fill(0.0);
+            }
+            let rpt = rows_per_task(cr.max(1), d);
+            let dxp = dx.as_mut_ptr() as usize;
+            let job = |ci: usize| -> Vec<f32> {
+                let mut acc = vec![0f32; 2 * d];
+                kept.runs(ci * rpt, ((ci + 1) * rpt).min(cr), |j, src, m| {
+                    // SAFETY: x rows src..src+m belong to compact rows j..j+m alone, one chunk's.
+                    let dxr = unsafe {
+                        std::slice::from_raw_parts_mut((dxp as *mut f32).add(src * d), m * d)
+                    };
+                    let xr = &x[src * d..(src + m) * d];
+                    ln_bwd_chunk(xr, &g[j * d..(j + m) * d], &w, dxr, &mut acc, eps);
+                });
+                acc
+            };
+            let chunks = cr.div_ceil(rpt);
+            // Partial sums added in chunk order, as below.
+            let partials: Vec<Vec<f32>> = if cr * d < PAR_MIN_ELEMS {
+                (0..chunks).map(job).collect()
+            } else {
+                (0..chunks).into_par_iter().map(job).collect()
+            };
+            if !partials.is_empty() {
+                dwb.copy_from_slice(&sum_in_order(partials, 2 * d));
+            }
+        } else if n < PAR_MIN_ELEMS {
             ln_bwd_chunk(&x, &g, &w, dx, dwb, eps);
         } else {
             let rpt = rows_per_task(rows, d);
@@ -533,10 +637,59 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         );
     }
     if cpu_f32_fast_path(&[x, weight, bias]) {
-        x.apply_op3(weight, bias, LayerNormOp { eps: eps as f32 })
+        let op = LayerNormOp {
+            eps: eps as f32,
+            kept: None,
+        };
+        x.apply_op3(weight, bias, op)
     } else {
         candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32)
     }
+}
+
+/// [`layer_norm`] of the rows of the samples `kept` (ascending) of `x` `(B*R, D)`, `B = samples`: `(K*R, D)`,
+/// equal to `layer_norm(&sample_rows(x, samples, kept)?, ..)` (see [`crate::fused::sample_rows`]) without
+/// writing the gathered rows: LayerNorm reads them in place, and its backward pass writes `x`'s gradient
+/// whole (zeros on the other samples' rows) instead of a compact one for a scatter.
+pub fn layer_norm_kept(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    samples: usize,
+    kept: &[usize],
+) -> Result<Tensor> {
+    let fast = cpu_f32_fast_path(&[x, weight, bias]) && x.rank() == 2 && !kept.is_empty();
+    if !fast {
+        let xk = crate::fused::sample_rows(x, samples, kept)?;
+        return layer_norm(&xk, weight, bias, eps);
+    }
+    let (rows, d) = x.dims2()?;
+    let ascending = kept.windows(2).all(|w| w[0] < w[1]);
+    if samples == 0
+        || !rows.is_multiple_of(samples)
+        || !ascending
+        || kept.iter().any(|&i| i >= samples)
+    {
+        candle_core::bail!("layer_norm_kept: {rows} rows, {samples} samples, kept {kept:?}");
+    }
+    if weight.dims() != [d] || bias.dims() != [d] {
+        candle_core::bail!(
+            "layer_norm_kept: weight {:?} and bias {:?} must both be ({d}) to match x {:?}",
+            weight.dims(),
+            bias.dims(),
+            x.dims()
+        );
+    }
+    let op = LayerNormOp {
+        eps: eps as f32,
+        kept: Some(KeptRows {
+            per: rows / samples,
+            samples,
+            kept: std::sync::Arc::new(kept.to_vec()),
+        }),
+    };
+    x.apply_op3(weight, bias, op)
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1020,6 +1173,57 @@ mod tests {
             }
             assert!(worst < 5e-7, "fma {fma}: max absolute error {worst}");
         }
+    }
+
+    /// LayerNorm of the kept samples' rows read in place against LayerNorm of the gathered rows: the same
+    /// outputs and input gradient (zeros on the left-out samples' rows), the same weight and bias gradients up
+    /// to the partial sums' grouping; on one thread's size and on a size the pool splits, with a run of
+    /// samples left out, one left out at each end, and every sample kept.
+    #[test]
+    fn layer_norm_of_kept_rows_equals_layer_norm_of_gathered_rows() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let pat = |n: usize, seed: u64| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as u64 * 2654435761 + seed * 40503) % 10007) as f32 / 5003.5 - 1.0)
+                .collect()
+        };
+        for &(samples, per, d) in &[(5usize, 7usize, 8usize), (16, 197, 24)] {
+            let all: Vec<usize> = (0..samples).collect();
+            let some: Vec<usize> = (0..samples).filter(|i| i % 4 != 1 && *i != 2).collect();
+            let inner: Vec<usize> = (1..samples - 1).collect();
+            for kept in [some, inner, all] {
+                let x = candle_core::Var::from_vec(
+                    pat(samples * per * d, 1),
+                    (samples * per, d),
+                    &dev,
+                )?;
+                let w = candle_core::Var::from_vec(pat(d, 2), d, &dev)?;
+                let b = candle_core::Var::from_vec(pat(d, 3), d, &dev)?;
+                let up =
+                    Tensor::from_vec(pat(kept.len() * per * d, 4), (kept.len() * per, d), &dev)?;
+                let y = layer_norm_kept(&x, &w, &b, 1e-6, samples, &kept)?;
+                let xk = crate::fused::sample_rows(&x, samples, &kept)?;
+                let yr = layer_norm(&xk, &w, &b, 1e-6)?;
+                let what = format!("{samples}x{per}x{d}, kept {kept:?}");
+                assert_eq!(y.dims(), yr.dims(), "{what}");
+                let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                    (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+                };
+                assert_eq!(diff(&y, &yr)?, 0.0, "forward: {what}");
+                let g = (&y * &up)?.sum_all()?.backward()?;
+                let gr = (&yr * &up)?.sum_all()?.backward()?;
+                assert_eq!(
+                    diff(g.get(&x).unwrap(), gr.get(&x).unwrap())?,
+                    0.0,
+                    "dx: {what}"
+                );
+                for (name, v) in [("w", &w), ("b", &b)] {
+                    let dm = diff(g.get(v).unwrap(), gr.get(v).unwrap())?;
+                    assert!(dm < 1e-3, "d{name} differs by {dm}: {what}");
+                }
+            }
+        }
+        Ok(())
     }
 
     #[test]

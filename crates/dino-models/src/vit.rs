@@ -298,6 +298,12 @@ impl LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
+
+    /// LayerNorm of the rows of the samples `kept` of `x` `(B*R, D)`: `(K*R, D)`, read in place
+    /// ([`ops::layer_norm_kept`]).
+    fn forward_kept(&self, x: &Tensor, samples: usize, kept: &[usize]) -> Result<Tensor> {
+        ops::layer_norm_kept(x, &self.weight, &self.bias, self.eps, samples, kept)
+    }
 }
 
 /// The drop-path scales of a block's attention and MLP branches (`None`: no drop path).
@@ -375,13 +381,20 @@ impl Block {
     }
 
     /// The attention heads' merged output before the projection: `x` `(B*T, D)` -> `(B*T, D)`.
+    #[cfg(test)]
     fn attention_heads(&self, x: &Tensor, b: usize, t: usize) -> Result<Tensor> {
-        let hd = x.dim(1)? / self.num_heads;
-        let qkv = self.qkv.forward(&self.norm1.forward(x)?)?; // (B*T, 3D)
+        self.attention_normed(&self.norm1.forward(x)?, b, t)
+    }
+
+    /// [`Block::attention_heads`] of `LN1(x)` given: `xn` `(B*T, D)` -> `(B*T, D)`.
+    fn attention_normed(&self, xn: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let hd = xn.dim(1)? / self.num_heads;
+        let qkv = self.qkv.forward(xn)?; // (B*T, 3D)
         crate::attention::attention(&qkv, b, t, self.num_heads, (hd as f64).powf(-0.5))
     }
 
     /// The MLP's hidden activations GELU(fc1(LN2(x))), before fc2: `(R, D)` -> `(R, 4D)`.
+    #[cfg(test)]
     fn mlp_hidden(&self, x: &Tensor) -> Result<Tensor> {
         let xn = self.norm2.forward(x)?;
         crate::fused::linear_gelu(&xn, &self.fc1.weight, self.fc1.bias.as_ref())
@@ -389,7 +402,8 @@ impl Block {
 
     /// `x + s_i · lin(branch(input_i))` over `b` samples (`x`: `(B*R, D)`; `input`: `(B*R', D)`, the branch's
     /// input, `x` itself but for the CLS-only last block), the branch computed on the samples that stochastic
-    /// depth keeps only: `branch` gets their rows of `input` `(K*R', D)` and `K`, and returns its hidden
+    /// depth keeps only: `branch` gets `norm` of their rows of `input` `(K*R', D)` (LayerNorm reading them in
+    /// place, [`LayerNorm::forward_kept`]) and `K`, and returns its hidden
     /// activations `(K*R, in)` for `lin`, a projection fused with the residual sum. The official code computes
     /// the branch on every sample and multiplies the dropped ones by 0; the output and every gradient are the
     /// same. Where the fused projection does not apply (other devices and dtypes), the branch runs on every
@@ -400,6 +414,7 @@ impl Block {
         b: usize,
         scales: Option<Vec<f32>>,
         lin: &Linear,
+        norm: &LayerNorm,
         branch: impl FnOnce(&Tensor, usize) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let kept = scales.as_deref().map(crate::fused::kept_samples);
@@ -409,9 +424,9 @@ impl Block {
             // parameters then get zero gradients, as in the official code, not none (which AdamW would read as
             // "no step": no weight decay, no moment update).
             Some(k) if !k.is_empty() && k.len() < b && skip => {
-                branch(&crate::fused::sample_rows(input, b, k)?, k.len())?
+                branch(&norm.forward_kept(input, b, k)?, k.len())?
             }
-            _ => branch(input, b)?,
+            _ => branch(&norm.forward(input)?, b)?,
         };
         crate::fused::linear_residual(x, &h, &lin.weight, lin.bias.as_ref(), scales)
     }
@@ -450,12 +465,18 @@ impl Block {
         t: usize,
         (s_attn, s_mlp): BranchScales,
     ) -> Result<Tensor> {
-        let x = Self::branch(x, x, b, s_attn, &self.out_proj(0)?, |xk, k| {
-            self.attention_heads(xk, k, t)
+        let x = Self::branch(x, x, b, s_attn, &self.out_proj(0)?, &self.norm1, |xn, k| {
+            self.attention_normed(xn, k, t)
         })?;
-        Self::branch(&x, &x, b, s_mlp, &self.out_proj(1)?, |xk, _| {
-            self.mlp_hidden(xk)
-        })
+        Self::branch(
+            &x,
+            &x,
+            b,
+            s_mlp,
+            &self.out_proj(1)?,
+            &self.norm2,
+            |xn, _| crate::fused::linear_gelu(xn, &self.fc1.weight, self.fc1.bias.as_ref()),
+        )
     }
 
     /// The block when only its CLS rows are used (the last block of `forward`): K and V for every token, Q,
@@ -489,18 +510,24 @@ impl Block {
             b,
             s_attn,
             &self.out_proj(0)?,
-            |xk, k| {
-                let xn = self.norm1.forward(xk)?;
+            &self.norm1,
+            |xn, k| {
                 let (wq, bq) = part(&self.qkv, 0, 1)?;
                 let (wkv, bkv) = part(&self.qkv, 1, 2)?;
-                let q = ops::linear(&cls_rows(&xn, k)?, &wq, bq.as_ref())?; // (K, D)
-                let kv = ops::linear(&xn, &wkv, bkv.as_ref())?; // (K*T, 2D)
+                let q = ops::linear(&cls_rows(xn, k)?, &wq, bq.as_ref())?; // (K, D)
+                let kv = ops::linear(xn, &wkv, bkv.as_ref())?; // (K*T, 2D)
                 crate::attention::attention_query(&q, &kv, k, 1, t, h, (hd as f64).powf(-0.5))
             },
         )?;
-        Self::branch(&x, &x, b, s_mlp, &self.out_proj(1)?, |xk, _| {
-            self.mlp_hidden(xk)
-        })
+        Self::branch(
+            &x,
+            &x,
+            b,
+            s_mlp,
+            &self.out_proj(1)?,
+            &self.norm2,
+            |xn, _| crate::fused::linear_gelu(xn, &self.fc1.weight, self.fc1.bias.as_ref()),
+        )
     }
 
     /// Stochastic depth's per-sample scales: keep with probability `1 - rate` and scale by `1 / (1 - rate)`;
