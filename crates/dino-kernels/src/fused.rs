@@ -1363,19 +1363,30 @@ impl CustomOp1 for SampleRowsOp {
     }
 }
 
-/// The rows of the samples `kept` (ascending) of `x` `(B*R, D)`, `B = samples`: `(K*R, D)`, the input of a
-/// branch that stochastic depth keeps for those samples only. The gradient flows back into their rows.
-pub fn sample_rows(x: &Tensor, samples: usize, kept: &[usize]) -> Result<Tensor> {
-    let (rows, d) = x.dims2()?;
+/// The rows per sample of `rows` rows in `samples` samples, after checking that `kept` lists some of those
+/// samples in ascending order (an error naming `op` otherwise).
+pub(crate) fn rows_per_kept_sample(
+    rows: usize,
+    samples: usize,
+    kept: &[usize],
+    op: &str,
+) -> Result<usize> {
     let ascending = kept.windows(2).all(|w| w[0] < w[1]);
     if samples == 0
         || !rows.is_multiple_of(samples)
         || !ascending
         || kept.iter().any(|&i| i >= samples)
     {
-        candle_core::bail!("sample_rows: {rows} rows, {samples} samples, kept {kept:?}");
+        candle_core::bail!("{op}: {rows} rows, {samples} samples, kept {kept:?}");
     }
-    let per = rows / samples;
+    Ok(rows / samples)
+}
+
+/// The rows of the samples `kept` (ascending) of `x` `(B*R, D)`, `B = samples`: `(K*R, D)`, the input of a
+/// branch that stochastic depth keeps for those samples only. The gradient flows back into their rows.
+pub fn sample_rows(x: &Tensor, samples: usize, kept: &[usize]) -> Result<Tensor> {
+    let (rows, d) = x.dims2()?;
+    let per = rows_per_kept_sample(rows, samples, kept, "sample_rows")?;
     if !crate::dispatch::cpu_f32_fast_path(&[x]) || kept.is_empty() {
         let ids = Tensor::from_vec(
             kept.iter().map(|&i| i as u32).collect::<Vec<_>>(),

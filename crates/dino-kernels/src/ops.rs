@@ -671,14 +671,7 @@ pub fn layer_norm_kept(
         return layer_norm(&xk, weight, bias, eps);
     }
     let (rows, d) = x.dims2()?;
-    let ascending = kept.windows(2).all(|w| w[0] < w[1]);
-    if samples == 0
-        || !rows.is_multiple_of(samples)
-        || !ascending
-        || kept.iter().any(|&i| i >= samples)
-    {
-        candle_core::bail!("layer_norm_kept: {rows} rows, {samples} samples, kept {kept:?}");
-    }
+    let per = crate::fused::rows_per_kept_sample(rows, samples, kept, "layer_norm_kept")?;
     if weight.dims() != [d] || bias.dims() != [d] {
         candle_core::bail!(
             "layer_norm_kept: weight {:?} and bias {:?} must both be ({d}) to match x {:?}",
@@ -690,7 +683,7 @@ pub fn layer_norm_kept(
     let op = LayerNormOp {
         eps: eps as f32,
         kept: Some(KeptRows {
-            per: rows / samples,
+            per,
             samples,
             kept: std::sync::Arc::new(kept.to_vec()),
         }),

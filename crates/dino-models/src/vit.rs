@@ -431,6 +431,13 @@ impl Block {
         crate::fused::linear_residual(x, &h, &lin.weight, lin.bias.as_ref(), scales)
     }
 
+    /// `x + s_i · fc2(GELU(fc1(LN2(x))))_i` over `b` samples (see [`Block::branch`]): `(B*T, D)` -> `(B*T, D)`.
+    fn mlp_branch(&self, x: &Tensor, b: usize, scales: Option<Vec<f32>>) -> Result<Tensor> {
+        Self::branch(x, x, b, scales, &self.out_proj(1)?, &self.norm2, |xn, _| {
+            crate::fused::linear_gelu(xn, &self.fc1.weight, self.fc1.bias.as_ref())
+        })
+    }
+
     /// The attention (`i` = 0) or MLP (`i` = 1) output projection with LayerScale folded in:
     /// `γ ⊙ (W h + b) = (diag(γ) W) h + γ ⊙ b`, differentiable in γ, W and b.
     fn out_proj(&self, i: usize) -> Result<Linear> {
@@ -468,15 +475,7 @@ impl Block {
         let x = Self::branch(x, x, b, s_attn, &self.out_proj(0)?, &self.norm1, |xn, k| {
             self.attention_normed(xn, k, t)
         })?;
-        Self::branch(
-            &x,
-            &x,
-            b,
-            s_mlp,
-            &self.out_proj(1)?,
-            &self.norm2,
-            |xn, _| crate::fused::linear_gelu(xn, &self.fc1.weight, self.fc1.bias.as_ref()),
-        )
+        self.mlp_branch(&x, b, s_mlp)
     }
 
     /// The block when only its CLS rows are used (the last block of `forward`): K and V for every token, Q,
@@ -519,15 +518,7 @@ impl Block {
                 crate::attention::attention_query(&q, &kv, k, 1, t, h, (hd as f64).powf(-0.5))
             },
         )?;
-        Self::branch(
-            &x,
-            &x,
-            b,
-            s_mlp,
-            &self.out_proj(1)?,
-            &self.norm2,
-            |xn, _| crate::fused::linear_gelu(xn, &self.fc1.weight, self.fc1.bias.as_ref()),
-        )
+        self.mlp_branch(&x, b, s_mlp)
     }
 
     /// Stochastic depth's per-sample scales: keep with probability `1 - rate` and scale by `1 / (1 - rate)`;
