@@ -71,15 +71,7 @@ pub(crate) unsafe fn gemm(
     ldc: usize,
     accumulate: bool,
 ) {
-    gemm_init(
-        m,
-        n,
-        a,
-        b,
-        c,
-        ldc,
-        if accumulate { Init::Load } else { Init::Zero },
-    )
+    gemm_init(m, n, a, b, c, ldc, Init::accumulating(accumulate))
 }
 
 /// What the tiles of `c` start from before the first k block.
@@ -92,6 +84,17 @@ pub(crate) enum Init<'a> {
     /// A bias row of `n` values on every row: `c = a · b + bias`, without writing the bias into `c` first
     /// (the tiles load the bias row with a zero stride).
     Bias(&'a [f32]),
+}
+
+impl Init<'_> {
+    /// [`Init::Load`] when accumulating onto `c`, else [`Init::Zero`].
+    pub(crate) fn accumulating(accumulate: bool) -> Self {
+        if accumulate {
+            Init::Load
+        } else {
+            Init::Zero
+        }
+    }
 }
 
 /// [`gemm`] with the tiles of `c` started from `init`.

@@ -492,16 +492,28 @@ pub(crate) unsafe fn gemm_rows(
         // An empty k: `gemm` zeroes `c` (or leaves it, accumulating).
         gemm(m, n, &Lhs::Tiles(&[], 0), b, c, ldc, accumulate)
     } else if b.amx {
-        let init = if accumulate {
-            crate::amx::Init::Load
-        } else {
-            crate::amx::Init::Zero
-        };
-        amx_rows(m, n, k, a, b, c, ldc, init)
+        amx_rows(
+            m,
+            n,
+            k,
+            a,
+            b,
+            c,
+            ldc,
+            crate::amx::Init::accumulating(accumulate),
+        )
     } else {
         let (rows, kp) = pack_rows(a, m, k, k);
         gemm(m, n, &Lhs::Rows(&rows, kp), b, c, ldc, accumulate)
     }
+}
+
+/// Panics unless `m` rows of AMX tiles `d` with `kp` pairs per row fit the AMX packing `b`.
+fn check_tiles(m: usize, d: &[u32], kp: usize, b: &Packed) {
+    assert!(
+        b.amx && kp == b.kp && d.len() >= m.next_multiple_of(crate::amx::TILE) * kp,
+        "AMX GEMM: operands packed for different kernels"
+    );
 }
 
 /// The AMX path of [`gemm_rows`] and [`gemm_rows_bias`]: a block of rows at a time, packed into this thread's
@@ -526,10 +538,7 @@ unsafe fn amx_rows(
         for r0 in (0..m).step_by(chunk) {
             let rows = chunk.min(m - r0);
             let kp = pack_tiles_into(&a[r0 * k..], rows, k, k, &mut buf);
-            assert!(
-                kp == b.kp && buf.len() >= rows.next_multiple_of(crate::amx::TILE) * kp,
-                "AMX GEMM: operands packed for different kernels"
-            );
+            check_tiles(rows, &buf, kp, b);
             crate::amx::gemm_init(rows, n, buf.as_ptr(), b, c.add(r0 * ldc), ldc, init)
         }
     })
@@ -608,10 +617,7 @@ pub(crate) unsafe fn gemm(
     debug_assert_eq!(b.width, NR);
     let kp = b.kp;
     if let Lhs::Tiles(d, akp) = a {
-        assert!(
-            b.amx && *akp == kp && d.len() >= m.next_multiple_of(crate::amx::TILE) * kp,
-            "AMX GEMM: operands packed for different kernels"
-        );
+        check_tiles(m, d, *akp, b);
     } else {
         assert!(!b.amx, "bf16 GEMM: an AMX packing without AMX tiles");
     }
