@@ -39,6 +39,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Large tensors aligned to cache lines, as in the `dino` binary (see `CacheAligned`).
+#[global_allocator]
+static GLOBAL: dino_train::runtime::CacheAligned = dino_train::runtime::CacheAligned;
+
 const CONFIGS: [&str; 2] = ["imagenet", "cifar"];
 const OUT_DIMS: [usize; 2] = [65536, 4096];
 const KINDS: [&str; 3] = ["step", "forward", "loader"];

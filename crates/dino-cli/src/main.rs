@@ -10,6 +10,10 @@ mod info;
 mod source;
 mod train_args;
 
+/// Large tensors aligned to cache lines (see `CacheAligned`).
+#[global_allocator]
+static GLOBAL: dino_train::runtime::CacheAligned = dino_train::runtime::CacheAligned;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

@@ -12,6 +12,10 @@ use dino_models::ops;
 use dino_models::vit::{ViTConfig, VisionTransformer};
 use dino_models::{with_matmul_precision, MatmulPrecision};
 
+/// Large tensors aligned to cache lines (see `CacheAligned`).
+#[global_allocator]
+static GLOBAL: dino_models::runtime::CacheAligned = dino_models::runtime::CacheAligned;
+
 fn vit(cfg: ViTConfig) -> VisionTransformer {
     let vm = VarMap::new();
     VisionTransformer::new(cfg, seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu)).expect("vit")

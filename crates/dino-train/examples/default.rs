@@ -4,6 +4,10 @@
 //!
 //! `cargo run --release -p dino-train --example default [-- OUTPUT_DIR]` (default output: `dino-output`).
 
+/// Large tensors aligned to cache lines (see `CacheAligned`).
+#[global_allocator]
+static GLOBAL: dino_train::runtime::CacheAligned = dino_train::runtime::CacheAligned;
+
 fn main() {
     dino_train::runtime::tune_allocator();
     let out = std::env::args().nth(1).map(std::path::PathBuf::from);

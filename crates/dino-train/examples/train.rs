@@ -5,6 +5,10 @@
 
 use dino_train::{train, TrainConfig, TrainOptions};
 
+/// Large tensors aligned to cache lines (see `CacheAligned`).
+#[global_allocator]
+static GLOBAL: dino_train::runtime::CacheAligned = dino_train::runtime::CacheAligned;
+
 fn run() -> dino_train::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut preset = "default".to_string();
