@@ -39,9 +39,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Large tensors aligned to cache lines, as in the `dino` binary (see `CacheAligned`).
+/// Tensor buffers as in the `dino` binary (see `TensorAlloc`).
 #[global_allocator]
-static GLOBAL: dino_train::runtime::CacheAligned = dino_train::runtime::CacheAligned;
+static GLOBAL: dino_train::runtime::TensorAlloc = dino_train::runtime::TensorAlloc;
 
 const CONFIGS: [&str; 2] = ["imagenet", "cifar"];
 const OUT_DIMS: [usize; 2] = [65536, 4096];

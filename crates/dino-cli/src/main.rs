@@ -10,9 +10,9 @@ mod info;
 mod source;
 mod train_args;
 
-/// Large tensors aligned to cache lines (see `CacheAligned`).
+/// Large tensor buffers cache-line aligned, on huge pages (see `TensorAlloc`).
 #[global_allocator]
-static GLOBAL: dino_train::runtime::CacheAligned = dino_train::runtime::CacheAligned;
+static GLOBAL: dino_train::runtime::TensorAlloc = dino_train::runtime::TensorAlloc;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

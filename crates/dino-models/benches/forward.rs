@@ -12,9 +12,9 @@ use dino_models::ops;
 use dino_models::vit::{ViTConfig, VisionTransformer};
 use dino_models::{with_matmul_precision, MatmulPrecision};
 
-/// Large tensors aligned to cache lines (see `CacheAligned`).
+/// Large tensor buffers cache-line aligned, on huge pages (see `TensorAlloc`).
 #[global_allocator]
-static GLOBAL: dino_models::runtime::CacheAligned = dino_models::runtime::CacheAligned;
+static GLOBAL: dino_models::runtime::TensorAlloc = dino_models::runtime::TensorAlloc;
 
 fn vit(cfg: ViTConfig) -> VisionTransformer {
     let vm = VarMap::new();

@@ -4,9 +4,9 @@
 //!
 //! `cargo run --release -p dino-train --example default [-- OUTPUT_DIR]` (default output: `dino-output`).
 
-/// Large tensors aligned to cache lines (see `CacheAligned`).
+/// Large tensor buffers cache-line aligned, on huge pages (see `TensorAlloc`).
 #[global_allocator]
-static GLOBAL: dino_train::runtime::CacheAligned = dino_train::runtime::CacheAligned;
+static GLOBAL: dino_train::runtime::TensorAlloc = dino_train::runtime::TensorAlloc;
 
 fn main() {
     dino_train::runtime::tune_allocator();

@@ -5,9 +5,9 @@
 
 use dino_train::{train, TrainConfig, TrainOptions};
 
-/// Large tensors aligned to cache lines (see `CacheAligned`).
+/// Large tensor buffers cache-line aligned, on huge pages (see `TensorAlloc`).
 #[global_allocator]
-static GLOBAL: dino_train::runtime::CacheAligned = dino_train::runtime::CacheAligned;
+static GLOBAL: dino_train::runtime::TensorAlloc = dino_train::runtime::TensorAlloc;
 
 fn run() -> dino_train::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
