@@ -83,10 +83,18 @@ pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<()> {
     if let Some(g) = s.resumed_from {
         println!("resumed from global iteration {g}");
     }
-    println!(
-        "trained {} iterations ({} per epoch) in {:.1} s; mean loss first epoch {:.4}, last epoch {:.4}",
-        s.global_iteration, s.niter_per_ep, s.seconds, s.first_epoch_loss, s.last_epoch_loss
-    );
+    if s.first_epoch_loss.is_nan() {
+        // No epoch ran in this process: the checkpoint it resumed from had finished the schedule.
+        println!(
+            "trained {} iterations ({} per epoch); the run had already finished, no epoch left to train",
+            s.global_iteration, s.niter_per_ep
+        );
+    } else {
+        println!(
+            "trained {} iterations ({} per epoch) in {:.1} s; mean loss first epoch {:.4}, last epoch {:.4}",
+            s.global_iteration, s.niter_per_ep, s.seconds, s.first_epoch_loss, s.last_epoch_loss
+        );
+    }
     println!("checkpoint: {}", s.checkpoint.display());
     if let Some(f) = &s.knn_final {
         let k = cfg.knn_k;

@@ -507,6 +507,28 @@ fn extend_lengthens_a_finished_run() {
     assert_eq!(meta["extensions"][0]["to_epochs"], 3, "{meta}");
 }
 
+/// Training again into a finished run (a copy of the shared one) resumes at its end, trains nothing and
+/// says so, without a NaN mean loss.
+#[test]
+fn training_a_finished_run_again_says_it_had_finished() {
+    let (tmp, data, out) = trained();
+    let run = tmp.path().join("finished-again");
+    std::fs::create_dir_all(&run).unwrap();
+    for f in ["checkpoint.safetensors", "checkpoint.json"] {
+        std::fs::copy(out.join(f), run.join(f)).unwrap();
+    }
+    let cfg = tmp.path().join("tiny.toml");
+    let o = dino()
+        .args(tiny_train_args(&cfg, data, &run))
+        .output()
+        .unwrap();
+    let (so, se) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{so}{se}");
+    assert!(so.contains("resumed from global iteration 8"), "{so}");
+    assert!(so.contains("the run had already finished"), "{so}");
+    assert!(!so.contains("NaN"), "{so}");
+}
+
 /// Every PNG of a run: the expected set, sizes, ink, a title band, and the reference lines' colours.
 #[test]
 fn plots_of_a_run_are_titled_charts_and_plot_redraws_them() {
