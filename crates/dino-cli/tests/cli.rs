@@ -476,16 +476,21 @@ fn corrupt_and_missing_checkpoints_are_one_line() {
     );
 }
 
+/// A new run directory `dir` holding a copy of the finished run `out`'s checkpoint; returns `dir`.
+fn copy_of_run(out: &Path, dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["checkpoint.safetensors", "checkpoint.json"] {
+        std::fs::copy(out.join(f), dir.join(f)).unwrap();
+    }
+    dir.to_path_buf()
+}
+
 /// `--extend` lengthens a finished run (a copy of the shared one): one more epoch, a line saying so, the
 /// extension in the metadata; without the flag the new length is refused in one line naming `epochs`.
 #[test]
 fn extend_lengthens_a_finished_run() {
     let (tmp, data, out) = trained();
-    let run = tmp.path().join("extended");
-    std::fs::create_dir_all(&run).unwrap();
-    for f in ["checkpoint.safetensors", "checkpoint.json"] {
-        std::fs::copy(out.join(f), run.join(f)).unwrap();
-    }
+    let run = copy_of_run(out, &tmp.path().join("extended"));
     let cfg = tmp.path().join("tiny.toml");
     let args = |extra: &[&str]| {
         let mut a = tiny_train_args(&cfg, data, &run);
@@ -512,11 +517,7 @@ fn extend_lengthens_a_finished_run() {
 #[test]
 fn training_a_finished_run_again_says_it_had_finished() {
     let (tmp, data, out) = trained();
-    let run = tmp.path().join("finished-again");
-    std::fs::create_dir_all(&run).unwrap();
-    for f in ["checkpoint.safetensors", "checkpoint.json"] {
-        std::fs::copy(out.join(f), run.join(f)).unwrap();
-    }
+    let run = copy_of_run(out, &tmp.path().join("finished-again"));
     let cfg = tmp.path().join("tiny.toml");
     let o = dino()
         .args(tiny_train_args(&cfg, data, &run))
