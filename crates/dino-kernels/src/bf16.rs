@@ -57,6 +57,60 @@ pub fn round_bf16(x: f32) -> f32 {
     f32::from_bits((to_bf16_bits(x) as u32) << 16)
 }
 
+/// A row-major matrix operand of the bf16 products: f32 values, or bf16 bit patterns (a tensor a producer
+/// stored in bf16 because every consumer rounds it to bf16 anyway; packing it rounds nothing).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Rows<'a> {
+    /// f32 values, rounded to bf16 when packed.
+    F32(&'a [f32]),
+    /// bf16 bit patterns, packed as they are.
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Rows<'a> {
+    /// The operand from element `start` on.
+    pub(crate) fn from(self, start: usize) -> Rows<'a> {
+        match self {
+            Rows::F32(s) => Rows::F32(&s[start..]),
+            Rows::Bf16(s) => Rows::Bf16(&s[start..]),
+        }
+    }
+
+    /// The number of elements.
+    pub(crate) fn len(self) -> usize {
+        match self {
+            Rows::F32(s) => s.len(),
+            Rows::Bf16(s) => s.len(),
+        }
+    }
+
+    /// Elements `range` as f32 (bf16 widened exactly), borrowed when they are f32 already.
+    pub(crate) fn to_f32(self, range: std::ops::Range<usize>) -> std::borrow::Cow<'a, [f32]> {
+        match self {
+            Rows::F32(s) => std::borrow::Cow::Borrowed(&s[range]),
+            Rows::Bf16(s) => std::borrow::Cow::Owned(
+                s[range]
+                    .iter()
+                    .map(|&b| f32::from_bits((b as u32) << 16))
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// `dst[i]` = `src[i]` rounded to bf16 (ties to even), the rounding of every bf16 packing here.
+pub(crate) fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len(), "round_to_bf16: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if supported() {
+        // SAFETY: the CPU has AVX-512 F, BW and BF16 (checked just above); equal lengths (asserted).
+        return unsafe { x86::round_row(src, dst) };
+    }
+    dst.iter_mut()
+        .zip(src)
+        .for_each(|(d, &v)| *d = to_bf16_bits(v));
+}
+
 /// When [`MatmulPrecision::Bf16`] products take a bf16 kernel (AMX tiles or `vdpbf16ps`) rather than the f32
 /// GEMM.
 ///
@@ -276,12 +330,12 @@ pub(crate) fn pack_rows(src: &[f32], rows: usize, k: usize, ld: usize) -> (Vec<u
 /// p % 16`.
 pub(crate) fn pack_tiles(src: &[f32], rows: usize, k: usize, ld: usize) -> (Vec<u32>, usize) {
     let mut out = Vec::new();
-    let kp = pack_tiles_into(src, rows, k, ld, &mut out);
+    let kp = pack_tiles_into(Rows::F32(src), rows, k, ld, &mut out);
     (out, kp)
 }
 
 /// [`pack_tiles`] into `out` (resized to the packing's length, its capacity reused); returns `kp`.
-fn pack_tiles_into(src: &[f32], rows: usize, k: usize, ld: usize, out: &mut Vec<u32>) -> usize {
+fn pack_tiles_into(src: Rows, rows: usize, k: usize, ld: usize, out: &mut Vec<u32>) -> usize {
     let kp = packed_kp(k, true);
     let tile = crate::amx::TILE;
     let len = rows.next_multiple_of(tile) * kp;
@@ -298,8 +352,16 @@ fn pack_tiles_into(src: &[f32], rows: usize, k: usize, ld: usize, out: &mut Vec<
             // SAFETY: `supported()` is checked by every caller before packing; row i holds k values; every
             // 16-pair chunk of row r of this block is written (zeros past k, or all zeros past `rows`).
             unsafe {
-                let row = (i < rows).then(|| &src[i * ld..i * ld + k]);
-                x86::tile_row(row, kp, r, dst)
+                match src {
+                    Rows::F32(src) => {
+                        let row = (i < rows).then(|| &src[i * ld..i * ld + k]);
+                        x86::tile_row(row, kp, r, dst)
+                    }
+                    Rows::Bf16(src) => {
+                        let row = (i < rows).then(|| &src[i * ld..i * ld + k]);
+                        x86::tile_row_bf16(row, kp, r, dst)
+                    }
+                }
             }
         }
     }
@@ -454,6 +516,50 @@ fn pack_kn_in(src: &[f32], k: usize, n: usize, ld: usize, width: usize, parallel
     }
 }
 
+/// [`pack_kn`] (width [`NR`], on the calling thread) of a `(k, n)` row-major matrix of bf16 bit patterns:
+/// the same panels, nothing rounded.
+fn pack_kn_bf16(src: &[u16], k: usize, n: usize, ld: usize) -> Packed {
+    let amx = amx_packing();
+    let (real, kp) = (k.div_ceil(2), packed_kp(k, amx));
+    let panels = n.div_ceil(NR);
+    // Every entry [panel][p][c] with p < real and c < n is written pair by pair; the rest is zeroed here.
+    let mut data = uninit_u32(panels * kp * NR);
+    if kp > real {
+        data.chunks_exact_mut(kp * NR)
+            .for_each(|panel| panel[real * NR..].fill(0));
+    }
+    let tail = n % NR;
+    if tail != 0 {
+        let last = (panels - 1) * kp * NR;
+        data[last..]
+            .chunks_exact_mut(NR)
+            .for_each(|r| r[tail..].fill(0));
+    }
+    assert!(
+        k == 0 || src.len() >= (k - 1) * ld + n,
+        "pack_kn_bf16: {k} x {n} rows in {} values",
+        src.len()
+    );
+    for p in 0..real {
+        let r0 = &src[2 * p * ld..2 * p * ld + n];
+        let r1 = (2 * p + 1 < k).then(|| &src[(2 * p + 1) * ld..(2 * p + 1) * ld + n]);
+        for (jp, j0) in (0..n).step_by(NR).enumerate() {
+            let cols = NR.min(n - j0);
+            let out = &mut data[(jp * kp + p) * NR..(jp * kp + p) * NR + cols];
+            // SAFETY: `supported()` is checked by the callers (a bf16 operand exists only where it is).
+            unsafe {
+                x86::interleave_rows_bf16(&r0[j0..j0 + cols], r1.map(|r| &r[j0..j0 + cols]), out)
+            }
+        }
+    }
+    Packed {
+        data,
+        width: NR,
+        kp,
+        amx,
+    }
+}
+
 thread_local! {
     /// The AMX left-operand block of [`gemm_rows`] on this thread (reused from call to call).
     static AMX_LHS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -488,6 +594,24 @@ pub(crate) unsafe fn gemm_rows(
     ldc: usize,
     accumulate: bool,
 ) {
+    gemm_rows_src(m, n, k, Rows::F32(a), b, c, ldc, accumulate)
+}
+
+/// [`gemm_rows`] with a left operand in f32 or bf16 ([`Rows`]).
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_rows_src(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Rows,
+    b: &Packed,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     if b.amx && b.kp == 0 {
         // An empty k: `gemm` zeroes `c` (or leaves it, accumulating).
         gemm(m, n, &Lhs::Tiles(&[], 0), b, c, ldc, accumulate)
@@ -503,7 +627,7 @@ pub(crate) unsafe fn gemm_rows(
             crate::amx::Init::accumulating(accumulate),
         )
     } else {
-        let (rows, kp) = pack_rows(a, m, k, k);
+        let (rows, kp) = pack_rows(&a.to_f32(0..m * k), m, k, k);
         gemm(m, n, &Lhs::Rows(&rows, kp), b, c, ldc, accumulate)
     }
 }
@@ -526,7 +650,7 @@ unsafe fn amx_rows(
     m: usize,
     n: usize,
     k: usize,
-    a: &[f32],
+    a: Rows,
     b: &Packed,
     c: *mut f32,
     ldc: usize,
@@ -537,7 +661,7 @@ unsafe fn amx_rows(
         let mut buf = buf.borrow_mut();
         for r0 in (0..m).step_by(chunk) {
             let rows = chunk.min(m - r0);
-            let kp = pack_tiles_into(&a[r0 * k..], rows, k, k, &mut buf);
+            let kp = pack_tiles_into(a.from(r0 * k), rows, k, k, &mut buf);
             check_tiles(rows, &buf, kp, b);
             crate::amx::gemm_init(rows, n, buf.as_ptr(), b, c.add(r0 * ldc), ldc, init)
         }
@@ -561,7 +685,16 @@ pub(crate) unsafe fn gemm_rows_bias(
     bias: &[f32],
 ) {
     if b.amx && b.kp > 0 {
-        amx_rows(m, n, k, a, b, c, ldc, crate::amx::Init::Bias(bias))
+        amx_rows(
+            m,
+            n,
+            k,
+            Rows::F32(a),
+            b,
+            c,
+            ldc,
+            crate::amx::Init::Bias(bias),
+        )
     } else {
         for i in 0..m {
             std::ptr::copy_nonoverlapping(bias.as_ptr(), c.add(i * ldc), n);
@@ -571,7 +704,7 @@ pub(crate) unsafe fn gemm_rows_bias(
 }
 
 /// `c (m, n) [+]= aᵀ b` for row-major `a (k, m)` and `b (k, n)` (row strides `lda`, `ldb`; e.g. a block's
-/// term `gᵀ x` of a weight gradient), both packed on the calling thread. With `accumulate` the product is
+/// term `gᵀ x` of a weight gradient, `x` in f32 or bf16), both packed on the calling thread. With `accumulate` the product is
 /// added to `c`.
 ///
 /// # Safety
@@ -583,13 +716,16 @@ pub(crate) unsafe fn gemm_tn(
     k: usize,
     a: &[f32],
     lda: usize,
-    b: &[f32],
+    b: Rows,
     ldb: usize,
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
 ) {
-    let bp = pack_kn_in(b, k, n, ldb, NR, false);
+    let bp = match b {
+        Rows::F32(b) => pack_kn_in(b, k, n, ldb, NR, false),
+        Rows::Bf16(b) => pack_kn_bf16(b, k, n, ldb),
+    };
     let lhs = if bp.amx {
         let (tiles, kp) = pack_tiles_t(a, k, m, lda, false);
         LhsT::Tiles(tiles, kp)
@@ -946,6 +1082,72 @@ pub(crate) mod x86 {
         }
     }
 
+    /// [`tile_row`] from bf16 bit patterns: 16 pairs (32 values, one 64-byte load) of the row into each tile.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn tile_row_bf16(src: Option<&[u16]>, kp: usize, r: usize, dst: &mut [u32]) {
+        let k = src.map_or(0, |s| s.len());
+        let p = src.map_or(std::ptr::null(), |s| s.as_ptr());
+        for t in 0..kp / 16 {
+            let i = t * 32;
+            let left = k.saturating_sub(i);
+            let v = if left == 0 {
+                _mm512_setzero_si512()
+            } else {
+                _mm512_maskz_loadu_epi16(mask32(left), p.add(i) as *const i16)
+            };
+            _mm512_storeu_si512(dst.as_mut_ptr().add(t * 256 + r * 16) as *mut _, v);
+        }
+    }
+
+    /// [`interleave_rows`] from bf16 bit patterns: `out[c] = (r0[c], r1[c])` (`r1` absent: 0).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn interleave_rows_bf16(r0: &[u16], r1: Option<&[u16]>, out: &mut [u32]) {
+        let n = r0.len();
+        let mut c = 0;
+        while c < n {
+            let m = mask16(n - c);
+            let a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                m,
+                r0.as_ptr().add(c) as *const i16,
+            ));
+            let b = match r1 {
+                Some(r1) => _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                    m,
+                    r1.as_ptr().add(c) as *const i16,
+                )),
+                None => _mm512_setzero_si512(),
+            };
+            let v = _mm512_or_si512(a, _mm512_slli_epi32::<16>(b));
+            _mm512_mask_storeu_epi32(out.as_mut_ptr().add(c) as *mut i32, m, v);
+            c += 16;
+        }
+    }
+
+    /// `dst[i]` = `src[i]` rounded to bf16 by `vcvtne2ps2bf16`, the instruction of every packing.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn round_row(src: &[f32], dst: &mut [u16]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i < n {
+            let left = n - i;
+            let lo = _mm512_maskz_loadu_ps(mask16(left), src.as_ptr().add(i));
+            let hi =
+                _mm512_maskz_loadu_ps(mask16(left.saturating_sub(16)), src.as_ptr().add(i + 16));
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_mask_storeu_epi16(dst.as_mut_ptr().add(i) as *mut i16, mask32(left), v);
+            i += 32;
+        }
+    }
+
+    /// The first `n` (at most 32) of 32 lanes.
+    pub(crate) fn mask32(n: usize) -> __mmask32 {
+        if n >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << n) - 1
+        }
+    }
+
     /// One tile of up to `MR` rows: `c[i][0..cols] (+)= Σ_p a(i, p) · b(p)` over `pn` pairs, `a(i, p)` at
     /// `a[i * rs + p * ps]`, `b(p)` the 32 column pairs at `b[p * 32..]`.
     #[allow(clippy::too_many_arguments)]
@@ -1043,6 +1245,12 @@ mod x86 {
         unreachable!("bf16 GEMM without AVX-512 BF16")
     }
     pub(super) unsafe fn tile_row(_: Option<&[f32]>, _: usize, _: usize, _: &mut [u32]) {
+        unreachable!("bf16 GEMM without AVX-512 BF16")
+    }
+    pub(super) unsafe fn tile_row_bf16(_: Option<&[u16]>, _: usize, _: usize, _: &mut [u32]) {
+        unreachable!("bf16 GEMM without AVX-512 BF16")
+    }
+    pub(super) unsafe fn interleave_rows_bf16(_: &[u16], _: Option<&[u16]>, _: &mut [u32]) {
         unreachable!("bf16 GEMM without AVX-512 BF16")
     }
     #[allow(clippy::too_many_arguments)]

@@ -358,6 +358,69 @@ fn linear_gelu_fwd(
     (Some(pre), act)
 }
 
+/// [`linear_gelu_fwd`] with bf16 products and the activation stored in bf16 (rounded as every bf16 packing
+/// rounds it, so that a bf16 product reading it gives the bits it would give reading the f32 activation):
+/// `(pre, act)`, `pre` kept for the backward pass with `keep_pre`. Blocks of [`GELU_BLOCK_ROWS`] rows as
+/// there, the GEMM output of a block (its pre-activation) in cache while bias + GELU and the rounding run on it,
+/// a row at a time.
+fn linear_gelu_fwd_bf16_out(
+    x: &[f32],
+    r: usize,
+    inp: usize,
+    w: &[f32],
+    out: usize,
+    b: Option<&[f32]>,
+    keep_pre: bool,
+) -> (Option<Vec<f32>>, Vec<half::bf16>) {
+    let mut act = uninit_bf16(r * out);
+    if out == 0 {
+        return (keep_pre.then(Vec::new), act);
+    }
+    let wp = bf16::pack_nk(w, out, inp, inp, bf16::NR);
+    let n = GELU_BLOCK_ROWS * out;
+    // Block `i`: the GEMM writes its pre-activation into `pb` (the kept `pre`, or a scratch block), then each
+    // row gets its bias (in `pb`), GELU into `row` and the rounding into the activation.
+    let block = |i: usize, pb: &mut [f32], ab: &mut [half::bf16]| {
+        let r0 = i * GELU_BLOCK_ROWS;
+        let rows = pb.len() / out;
+        // SAFETY: x rows r0.. are (rows, inp), wp is W packed, pb is this block's own (rows, out); bf16
+        // products run only where the CPU has them (checked when the op was built).
+        unsafe {
+            bf16::gemm_rows(
+                rows,
+                out,
+                inp,
+                &x[r0 * inp..],
+                &wp,
+                pb.as_mut_ptr(),
+                out,
+                false,
+            )
+        }
+        let mut row = vec![0f32; out];
+        for (pr, ar) in pb
+            .chunks_exact_mut(out)
+            .zip(bf16_bits_mut(ab).chunks_exact_mut(out))
+        {
+            ops::bias_gelu_fwd_rows(pr, b, &mut row, out);
+            bf16::round_to_bf16(&row, ar);
+        }
+    };
+    if keep_pre {
+        let mut pre = crate::ops::uninit_f32(r * out);
+        pre.par_chunks_mut(n)
+            .zip(act.par_chunks_mut(n))
+            .enumerate()
+            .for_each(|(i, (pb, ab))| block(i, pb, ab));
+        return (Some(pre), act);
+    }
+    act.par_chunks_mut(n).enumerate().for_each(|(i, ab)| {
+        let mut pb = crate::ops::uninit_f32(ab.len());
+        block(i, &mut pb, ab)
+    });
+    (None, act)
+}
+
 /// Rows of `dx = g W`: `n` rows of `g` (row stride `out`) times `W` `(out, inp)` into `n` rows of `dx` (row
 /// stride `inp`), all row-major.
 ///
@@ -423,6 +486,59 @@ fn add_partials<'a>(acc: &mut [f32], partials: impl IntoIterator<Item = &'a [f32
     }
 }
 
+/// A CPU tensor's contiguous data as an operand of the products: f32, or bf16 (a tensor stored in bf16 by
+/// [`linear_gelu_bf16_out`]).
+enum RowsData<'a> {
+    F32(std::borrow::Cow<'a, [f32]>),
+    Bf16(&'a [u16]),
+}
+
+impl RowsData<'_> {
+    /// The data as [`bf16::Rows`].
+    fn rows(&self) -> bf16::Rows<'_> {
+        match self {
+            RowsData::F32(d) => bf16::Rows::F32(d),
+            RowsData::Bf16(d) => bf16::Rows::Bf16(d),
+        }
+    }
+
+    /// The data in f32 (bf16 widened, exactly).
+    fn f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        let r = self.rows();
+        r.to_f32(0..r.len())
+    }
+}
+
+/// `s`'s contiguous data: f32 (gathered when strided) or bf16 bit patterns (contiguous only).
+fn rows_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<RowsData<'a>> {
+    match s {
+        CpuStorage::BF16(d) => match l.contiguous_offsets() {
+            // SAFETY: half::bf16 is a repr(transparent) u16.
+            Some((a, b)) => Ok(RowsData::Bf16(unsafe {
+                std::slice::from_raw_parts(d[a..b].as_ptr() as *const u16, b - a)
+            })),
+            None => candle_core::bail!("{op}: a strided bf16 input"),
+        },
+        _ => Ok(RowsData::F32(f32_data(s, l, op)?)),
+    }
+}
+
+/// `n` bf16 values that the caller writes in full (as bit patterns, through [`bf16_bits_mut`]) before any is
+/// read.
+#[allow(clippy::uninit_vec)]
+fn uninit_bf16(n: usize) -> Vec<half::bf16> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: the capacity is n, bf16 has no invalid bit patterns, and every caller writes all n values.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// `v`'s bit patterns, writable.
+fn bf16_bits_mut(v: &mut [half::bf16]) -> &mut [u16] {
+    // SAFETY: half::bf16 is a repr(transparent) u16.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u16, v.len()) }
+}
+
 /// The input and weight gradients of a linear layer, `dx = g W` and `dW = gᵀ x`, in one op: inputs
 /// `(g (R, out), W (out, in), x (R, in))`, output `dx` (or an empty tensor when the input needs no gradient);
 /// `dW` is left in the op for the caller. With a pool of `t > 1` threads, task `i` computes the `i`-th slice of
@@ -472,16 +588,18 @@ impl CustomOp3 for LinearGradOp {
         }
         let g = f32_data(s1, l1, self.name())?;
         let w = f32_data(s2, l2, self.name())?;
-        let x = f32_data(s3, l3, self.name())?;
+        let xd = rows_data(s3, l3, self.name())?;
+        if let (true, None, true) = (self.bf16, &self.gelu_pre, r >= 4 * GELU_BLOCK_ROWS) {
+            // Enough rows: block by block, each block's operands packed while in cache (as with GELU); a bf16
+            // input is packed as it is.
+            let (dx, dw, _) =
+                linear_grad_blocked(&g, None, &w, xd.rows(), r, out, inp, self.need_dx, true);
+            return self.finish(dx, dw, r, inp);
+        }
+        // The other paths read an f32 input (a bf16 one widened exactly: rounding it again changes nothing).
+        let x = xd.f32();
         if let (true, None) = (self.bf16, &self.gelu_pre) {
-            // Enough rows: block by block, each block's operands packed while in cache (as with GELU).
-            let (dx, dw) = if r >= 4 * GELU_BLOCK_ROWS {
-                let (dx, dw, _) =
-                    linear_grad_blocked(&g, None, &w, &x, r, out, inp, self.need_dx, true);
-                (dx, dw)
-            } else {
-                linear_grad_bf16(&g, &w, &x, r, out, inp, self.need_dx)
-            };
+            let (dx, dw) = linear_grad_bf16(&g, &w, &x, r, out, inp, self.need_dx);
             return self.finish(dx, dw, r, inp);
         }
         if let Some(pre) = &self.gelu_pre {
@@ -493,8 +611,17 @@ impl CustomOp3 for LinearGradOp {
                     g.len()
                 );
             }
-            let (dx, dw, db) =
-                linear_grad_blocked(&g, Some(pre), &w, &x, r, out, inp, self.need_dx, self.bf16);
+            let (dx, dw, db) = linear_grad_blocked(
+                &g,
+                Some(pre),
+                &w,
+                bf16::Rows::F32(&x),
+                r,
+                out,
+                inp,
+                self.need_dx,
+                self.bf16,
+            );
             if let Ok(mut slot) = self.db.lock() {
                 *slot = Some(db);
             }
@@ -630,7 +757,7 @@ fn linear_grad_blocked(
     g: &[f32],
     pre: Option<&[f32]>,
     w: &[f32],
-    x: &[f32],
+    x: bf16::Rows,
     r: usize,
     out: usize,
     inp: usize,
@@ -699,22 +826,20 @@ fn linear_grad_blocked(
             }
             // SAFETY: blk is (sn, out), x rows r0.. are (sn, inp); dw is this task's (out, inp) partial.
             unsafe {
-                if bf16 {
-                    let xb = &x[r0 * inp..(r0 + sn) * inp];
-                    bf16::gemm_tn(
+                match (bf16, x) {
+                    (true, _) => bf16::gemm_tn(
                         out,
                         inp,
                         sn,
                         blk,
                         out,
-                        xb,
+                        x.from(r0 * inp),
                         inp,
                         dw.as_mut_ptr(),
                         inp,
                         r0 > x0,
-                    );
-                } else {
-                    dw_rows(
+                    ),
+                    (false, bf16::Rows::F32(x)) => dw_rows(
                         out,
                         inp,
                         sn,
@@ -723,7 +848,10 @@ fn linear_grad_blocked(
                         blk.as_ptr(),
                         x[r0 * inp..].as_ptr(),
                         Parallelism::None,
-                    )
+                    ),
+                    (false, bf16::Rows::Bf16(_)) => {
+                        unreachable!("f32 products of a bf16 input (the callers widen it)")
+                    }
                 }
             }
             r0 += sn;
@@ -899,6 +1027,8 @@ struct LinearOp {
     gelu: bool,
     /// Products in bf16 (forward and backward), see [`MatmulPrecision::Bf16`].
     bf16: bool,
+    /// The output stored in bf16 (with `bf16` only; see [`linear_gelu_bf16_out`]).
+    bf16_out: bool,
     /// Whether the backward pass will run (see [`records_grad`]); without it `pre` is not kept.
     keep_pre: bool,
     /// The pre-activation when `gelu`, kept for the backward pass.
@@ -910,6 +1040,7 @@ impl LinearOp {
         Self {
             gelu,
             bf16,
+            bf16_out: false,
             keep_pre,
             pre: Mutex::new(None),
         }
@@ -941,6 +1072,14 @@ impl LinearOp {
             }
             None => None,
         };
+        if self.gelu && self.bf16_out && r >= 4 * GELU_BLOCK_ROWS {
+            let (pre, act) =
+                linear_gelu_fwd_bf16_out(&xd, r, inp, &wd, out, bd.as_deref(), self.keep_pre);
+            if let Some(pre) = pre {
+                ops::save(&self.pre, pre);
+            }
+            return Ok((CpuStorage::BF16(act), Shape::from((r, out))));
+        }
         if self.gelu && r >= 4 * GELU_BLOCK_ROWS {
             let (pre, act) = linear_gelu_fwd(
                 &xd,
@@ -962,11 +1101,10 @@ impl LinearOp {
         } else {
             linear_fwd(&xd, r, inp, &wd, out, bd.as_deref())
         };
-        if self.gelu && !self.keep_pre {
+        let y = if self.gelu && !self.keep_pre {
             ops::for_elem_chunks(&mut y, |_, c| ops::bias_gelu_inplace_rows(c, None, c.len()));
-            return Ok((CpuStorage::F32(y), Shape::from((r, out))));
-        }
-        let y = if self.gelu {
+            y
+        } else if self.gelu {
             let mut act = crate::ops::uninit_f32(y.len());
             ops::for_elem_chunks(&mut act, |a, c| {
                 let n = c.len();
@@ -977,7 +1115,13 @@ impl LinearOp {
         } else {
             y
         };
-        Ok((CpuStorage::F32(y), Shape::from((r, out))))
+        let shape = Shape::from((r, out));
+        if self.bf16_out {
+            let mut act = uninit_bf16(y.len());
+            bf16::round_to_bf16(&y, bf16_bits_mut(&mut act));
+            return Ok((CpuStorage::BF16(act), shape));
+        }
+        Ok((CpuStorage::F32(y), shape))
     }
 
     /// `(dx, dW, db)` for upstream gradient `grad` `(R, out)`; no `dx` when `x` needs no gradient.
@@ -1115,7 +1259,13 @@ pub fn portable_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn linear_impl(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
+fn linear_impl(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    gelu: bool,
+    bf16_out: bool,
+) -> Result<Tensor> {
     let all: Vec<&Tensor> = [Some(x), Some(weight), bias]
         .into_iter()
         .flatten()
@@ -1130,7 +1280,10 @@ fn linear_impl(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -
     }
     let bf16 = bf16::use_bf16(matmul_precision(), x.dim(0)?);
     let grad = records_grad(&all);
-    let op = LinearOp::new(gelu, bf16, grad);
+    let op = LinearOp {
+        bf16_out: bf16_out && bf16,
+        ..LinearOp::new(gelu, bf16, grad)
+    };
     match (bias, grad) {
         (Some(b), true) => x.apply_op3(weight, b, LinearBiasOp(op)),
         (Some(b), false) => x.apply_op3_no_bwd(weight, b, &LinearBiasOp(op)),
@@ -1141,12 +1294,21 @@ fn linear_impl(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -
 
 /// A linear layer on a 2-D input: `x`: `(R, in)`, `weight`: `(out, in)`, `bias`: `(out)` -> `(R, out)`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    linear_impl(x, weight, bias, false)
+    linear_impl(x, weight, bias, false, false)
 }
 
 /// `GELU(x Wᵀ + b)` (exact erf GELU) on a 2-D input: `(R, in)` -> `(R, out)`.
 pub fn linear_gelu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    linear_impl(x, weight, bias, true)
+    linear_impl(x, weight, bias, true, false)
+}
+
+/// [`linear_gelu`] for an output that only bf16 products read next (the `h` of [`linear_residual`]): where
+/// this layer's products run in bf16 (see [`with_matmul_precision`]), the output is a bf16 tensor, rounded as
+/// the next product's packing would round it, so that the results and every gradient keep their bits while
+/// the activation takes half the memory and its packing rounds nothing. Its gradient comes back in f32.
+/// Elsewhere an f32 tensor, as [`linear_gelu`]'s.
+pub fn linear_gelu_bf16_out(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_impl(x, weight, bias, true, true)
 }
 
 /// The number of samples `B` that `scales` (one per sample, `None` for one) splits `rows` into.
@@ -1469,7 +1631,16 @@ struct LinearResidualOp {
 }
 
 impl LinearResidualOp {
-    fn fwd(&self, x: &[f32], h: &[f32], wb: &[f32], rows: usize, d: usize, inp: usize) -> Vec<f32> {
+    /// `h` is bf16 only with bf16 products.
+    fn fwd(
+        &self,
+        x: &[f32],
+        h: bf16::Rows,
+        wb: &[f32],
+        rows: usize,
+        d: usize,
+        inp: usize,
+    ) -> Vec<f32> {
         let mut out = crate::ops::uninit_f32(rows * d);
         if d == 0 {
             return out;
@@ -1529,11 +1700,11 @@ impl LinearResidualOp {
                                 // SAFETY: bf16 is supported (checked when the op was built); dst is `o` or
                                 // `p`, (e-a, d) each; h rows h_row(r0+a).. are (e-a, inp).
                                 unsafe {
-                                    bf16::gemm_rows(
+                                    bf16::gemm_rows_src(
                                         e - a,
                                         d,
                                         inp,
-                                        &h[h_row(r0 + a) * inp..],
+                                        h.from(h_row(r0 + a) * inp),
                                         wp,
                                         dst,
                                         d,
@@ -1545,6 +1716,9 @@ impl LinearResidualOp {
                                 }
                             }
                             None => {
+                                let bf16::Rows::F32(h) = h else {
+                                    unreachable!("f32 products of a bf16 h (cpu_fwd widens it)")
+                                };
                                 // SAFETY: h rows h_row(r0+a).. are (e-a, inp) (a run of kept rows is
                                 // contiguous in h); wb is (d, w_rs) with W in its first inp columns; o is this
                                 // block's own (e-a, d).
@@ -1624,9 +1798,13 @@ impl CustomOp3 for LinearResidualOp {
             );
         }
         let x = f32_data(s1, l1, name)?;
-        let h = f32_data(s2, l2, name)?;
+        let hd = rows_data(s2, l2, name)?;
         let wb = f32_data(s3, l3, name)?;
-        let y = self.fwd(&x, &h, &wb, rows, d, inp);
+        let y = if self.bf16 {
+            self.fwd(&x, hd.rows(), &wb, rows, d, inp)
+        } else {
+            self.fwd(&x, bf16::Rows::F32(&hd.f32()), &wb, rows, d, inp)
+        };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -1692,11 +1870,23 @@ pub fn linear_residual(
             "linear_residual: h has {h_rows} rows; x's samples take {rows}, the kept ones {kept_rows}"
         );
     }
-    if !crate::dispatch::cpu_f32_fast_path(&all)
+    // A bf16 h (from linear_gelu_bf16_out) takes the fused op as an f32 one would.
+    let others: Vec<&Tensor> = [Some(x), Some(weight), bias]
+        .into_iter()
+        .flatten()
+        .collect();
+    let h_fast = crate::dispatch::cpu_fast_path(&[h])
+        && matches!(
+            h.dtype(),
+            candle_core::DType::F32 | candle_core::DType::BF16
+        );
+    if !crate::dispatch::cpu_f32_fast_path(&others)
+        || !h_fast
         || x.rank() != 2
         || h.rank() != 2
         || weight.rank() != 2
     {
+        let h = &h.to_dtype(x.dtype())?;
         let y = linear(h, weight, bias)?;
         let y = match scales.as_deref() {
             Some(s) if h_rows < rows => expand_kept(&y, s, rows / b)?,
@@ -1777,7 +1967,7 @@ mod tests {
                     let b = Var::from_vec(pattern(out, 3), out, &dev)?;
                     let up = Tensor::from_vec(pattern(r * out, 4), (r, out), &dev)?;
                     let bias = with_bias.then(|| b.as_tensor());
-                    let y = linear_impl(x.as_tensor(), w.as_tensor(), bias, gelu)?;
+                    let y = linear_impl(x.as_tensor(), w.as_tensor(), bias, gelu, false)?;
                     let mut yr = x.as_tensor().matmul(&w.as_tensor().t()?)?;
                     if with_bias {
                         yr = yr.broadcast_add(b.as_tensor())?;
@@ -1842,7 +2032,13 @@ mod tests {
                 let b = Var::from_vec(pattern(out, 3), out, &dev)?;
                 let up = Tensor::from_vec(pattern(r * out, 4), (r, out), &dev)?;
                 let y = crate::bf16::bf16_products(|| {
-                    linear_impl(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), gelu)
+                    linear_impl(
+                        x.as_tensor(),
+                        w.as_tensor(),
+                        Some(b.as_tensor()),
+                        gelu,
+                        false,
+                    )
                 })?;
                 let g = (&y * &up)?.sum_all()?.backward()?;
                 let got = [
@@ -1866,7 +2062,13 @@ mod tests {
                     let gr = round(&gpre)?;
                     [yr, gr.matmul(&wr)?, gr.t()?.matmul(&xr)?, gpre.sum(0)?]
                 } else {
-                    let y = linear_impl(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), gelu)?;
+                    let y = linear_impl(
+                        x.as_tensor(),
+                        w.as_tensor(),
+                        Some(b.as_tensor()),
+                        gelu,
+                        false,
+                    )?;
                     let g = (&y * &up)?.sum_all()?.backward()?;
                     [
                         y.clone(),
@@ -1894,7 +2096,13 @@ mod tests {
                 }
                 // The f32 result differs (the operands are rounded): bf16 really ran.
                 if bf16::supported() {
-                    let f = linear_impl(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), gelu)?;
+                    let f = linear_impl(
+                        x.as_tensor(),
+                        w.as_tensor(),
+                        Some(b.as_tensor()),
+                        gelu,
+                        false,
+                    )?;
                     assert!(max_diff(&f, &y) > 0.0, "bf16 gave the f32 result");
                 }
             }
@@ -1924,7 +2132,7 @@ mod tests {
                 let w = Var::from_vec(pattern(out * inp, 6), (out, inp), &dev)?;
                 let b = Var::from_vec(pattern(out, 7), out, &dev)?;
                 let up = Tensor::from_vec(pattern(r * out, 8), (r, out), &dev)?;
-                let y = linear_impl(&x, w.as_tensor(), Some(b.as_tensor()), gelu)?;
+                let y = linear_impl(&x, w.as_tensor(), Some(b.as_tensor()), gelu, false)?;
                 let mut yr = x
                     .matmul(&w.as_tensor().t()?)?
                     .broadcast_add(b.as_tensor())?;
@@ -1968,8 +2176,9 @@ mod tests {
                     let w = Var::from_vec(pattern(out * inp, 2), (out, inp), &dev)?;
                     let b = Var::from_vec(pattern(out, 3), out, &dev)?;
                     let bias = with_bias.then(|| b.as_tensor());
-                    let y = linear_impl(x.as_tensor(), w.as_tensor(), bias, gelu)?;
-                    let y0 = no_grad(|| linear_impl(x.as_tensor(), w.as_tensor(), bias, gelu))?;
+                    let y = linear_impl(x.as_tensor(), w.as_tensor(), bias, gelu, false)?;
+                    let y0 =
+                        no_grad(|| linear_impl(x.as_tensor(), w.as_tensor(), bias, gelu, false))?;
                     assert!(y.track_op() && !y0.track_op(), "{r} rows gelu {gelu}");
                     let (a, b) = (
                         y.flatten_all()?.to_vec1::<f32>()?,
@@ -1991,6 +2200,93 @@ mod tests {
         let x = Var::from_vec(pattern(6, 1), (2, 3), &dev)?;
         no_grad(|| ());
         assert!(linear(x.as_tensor(), x.as_tensor(), None)?.track_op());
+        Ok(())
+    }
+
+    /// The MLP branch with its hidden activations stored in bf16 ([`linear_gelu_bf16_out`]) against the same
+    /// branch with f32 ones, under bf16 products, on each bf16 kernel: the output and the gradients of the
+    /// branch input and of W1, b1, W2 and b2 carry the same bits, with and without a graph; rows below and
+    /// above the row-blocked GELU's threshold, an odd hidden width, drop-path scales (a compact h).
+    #[test]
+    fn bf16_hidden_activations_change_no_bit() -> Result<()> {
+        crate::bf16::for_each_bf16_kernel(bf16_hidden_activations_with_kernel)
+    }
+
+    fn bf16_hidden_activations_with_kernel() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(samples, t, d, hid) in &[
+            (4usize, 50usize, 16usize, 40usize),
+            (4, 400, 16, 36),
+            (3, 7, 8, 13),
+        ] {
+            let r = samples * t;
+            let drop: Vec<f32> = (0..samples)
+                .map(|i| if i == 1 { 0.0 } else { 1.25 })
+                .collect();
+            for scales in [None, Some(drop)] {
+                let kept = scales
+                    .as_deref()
+                    .map_or((0..samples).collect(), kept_samples);
+                let ids = Tensor::from_vec(
+                    kept.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                    kept.len(),
+                    &dev,
+                )?;
+                let x = Var::from_vec(pattern(r * d, 1), (r, d), &dev)?;
+                let w1 = Var::from_vec(pattern(hid * d, 2), (hid, d), &dev)?;
+                let b1 = Var::from_vec(pattern(hid, 3), hid, &dev)?;
+                let w2 = Var::from_vec(pattern(d * hid, 4), (d, hid), &dev)?;
+                let b2 = Var::from_vec(pattern(d, 5), d, &dev)?;
+                let up = Tensor::from_vec(pattern(r * d, 6), (r, d), &dev)?;
+                let what = format!("{samples}x{t}, {d} -> {hid}, scales {scales:?}");
+                // (output, h's dtype) of the branch with the hidden activations in bf16 or f32.
+                let branch = |bf16_out: bool| -> Result<(Tensor, DType)> {
+                    crate::bf16::bf16_products(|| {
+                        let xt = x.as_tensor();
+                        let xk = if scales.is_some() {
+                            xt.reshape((samples, t * d))?
+                                .index_select(&ids, 0)?
+                                .reshape((kept.len() * t, d))?
+                        } else {
+                            xt.clone()
+                        };
+                        let (w1, b1) = (w1.as_tensor(), Some(b1.as_tensor()));
+                        let h = if bf16_out {
+                            linear_gelu_bf16_out(&xk, w1, b1)?
+                        } else {
+                            linear_gelu(&xk, w1, b1)?
+                        };
+                        let y = linear_residual(
+                            xt,
+                            &h,
+                            w2.as_tensor(),
+                            Some(b2.as_tensor()),
+                            scales.clone(),
+                        )?;
+                        Ok((y, h.dtype()))
+                    })
+                };
+                let (y16, dt) = branch(true)?;
+                let (y32, _) = branch(false)?;
+                assert_eq!(dt, DType::BF16, "h not stored in bf16: {what}");
+                assert_eq!(max_diff(&y16, &y32), 0.0, "forward {what}");
+                let (n16, _) = no_grad(|| branch(true))?;
+                assert_eq!(max_diff(&n16, &y32), 0.0, "forward without a graph {what}");
+                let g16 = (&y16 * &up)?.sum_all()?.backward()?;
+                let g32 = (&y32 * &up)?.sum_all()?.backward()?;
+                for (name, v) in [
+                    ("x", &x),
+                    ("w1", &w1),
+                    ("b1", &b1),
+                    ("w2", &w2),
+                    ("b2", &b2),
+                ] {
+                    let (a, b) = (g16.get(v).unwrap(), g32.get(v).unwrap());
+                    assert_eq!(a.dtype(), DType::F32, "{name} gradient dtype: {what}");
+                    assert_eq!(max_diff(a, b), 0.0, "{name} gradient: {what}");
+                }
+            }
+        }
         Ok(())
     }
 

@@ -432,9 +432,11 @@ impl Block {
     }
 
     /// `x + s_i · fc2(GELU(fc1(LN2(x))))_i` over `b` samples (see [`Block::branch`]): `(B*T, D)` -> `(B*T, D)`.
+    /// Under bf16 products the hidden activations, read by fc2's products only, are stored in bf16 (see
+    /// [`crate::fused::linear_gelu_bf16_out`]: the same bits, half the bytes).
     fn mlp_branch(&self, x: &Tensor, b: usize, scales: Option<Vec<f32>>) -> Result<Tensor> {
         Self::branch(x, x, b, scales, &self.out_proj(1)?, &self.norm2, |xn, _| {
-            crate::fused::linear_gelu(xn, &self.fc1.weight, self.fc1.bias.as_ref())
+            crate::fused::linear_gelu_bf16_out(xn, &self.fc1.weight, self.fc1.bias.as_ref())
         })
     }
 
