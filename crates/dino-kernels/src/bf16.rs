@@ -477,13 +477,12 @@ pub(crate) fn pack_kn(src: &[f32], k: usize, n: usize, ld: usize, width: usize) 
     pack_kn_in(src, k, n, ld, width, true)
 }
 
-/// [`pack_kn`], split over the pool only with `parallel` (and a large packing).
-fn pack_kn_in(src: &[f32], k: usize, n: usize, ld: usize, width: usize, parallel: bool) -> Packed {
-    let amx = width == NR && amx_packing();
+/// The buffer of a [`pack_kn`] packing of a `(k, n)` matrix in panels of `width` columns, with its padding
+/// zeroed (the last panel's columns past `n`, and for AMX the pair rows past `ceil(k / 2)`) and the rest left
+/// for the caller to write pair by pair: `(data, real pairs, kp)`.
+fn padded_panels(k: usize, n: usize, width: usize, amx: bool) -> (Vec<u32>, usize, usize) {
     let (real, kp) = (k.div_ceil(2), packed_kp(k, amx));
     let panels = n.div_ceil(width);
-    // Columns below n are written pair by pair; the last panel's columns past n and the pair rows past
-    // `real` (AMX padding) are zeroed.
     let mut data = uninit_u32(panels * kp * width);
     if kp > real {
         data.chunks_exact_mut(kp * width)
@@ -496,6 +495,13 @@ fn pack_kn_in(src: &[f32], k: usize, n: usize, ld: usize, width: usize, parallel
             .chunks_exact_mut(width)
             .for_each(|r| r[tail..].fill(0));
     }
+    (data, real, kp)
+}
+
+/// [`pack_kn`], split over the pool only with `parallel` (and a large packing).
+fn pack_kn_in(src: &[f32], k: usize, n: usize, ld: usize, width: usize, parallel: bool) -> Packed {
+    let amx = width == NR && amx_packing();
+    let (mut data, real, kp) = padded_panels(k, n, width, amx);
     let parts = if !parallel || data_len_is_small(data.len()) {
         1
     } else {
@@ -520,21 +526,7 @@ fn pack_kn_in(src: &[f32], k: usize, n: usize, ld: usize, width: usize, parallel
 /// the same panels, nothing rounded.
 fn pack_kn_bf16(src: &[u16], k: usize, n: usize, ld: usize) -> Packed {
     let amx = amx_packing();
-    let (real, kp) = (k.div_ceil(2), packed_kp(k, amx));
-    let panels = n.div_ceil(NR);
-    // Every entry [panel][p][c] with p < real and c < n is written pair by pair; the rest is zeroed here.
-    let mut data = uninit_u32(panels * kp * NR);
-    if kp > real {
-        data.chunks_exact_mut(kp * NR)
-            .for_each(|panel| panel[real * NR..].fill(0));
-    }
-    let tail = n % NR;
-    if tail != 0 {
-        let last = (panels - 1) * kp * NR;
-        data[last..]
-            .chunks_exact_mut(NR)
-            .for_each(|r| r[tail..].fill(0));
-    }
+    let (mut data, real, kp) = padded_panels(k, n, NR, amx);
     assert!(
         k == 0 || src.len() >= (k - 1) * ld + n,
         "pack_kn_bf16: {k} x {n} rows in {} values",

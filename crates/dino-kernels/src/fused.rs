@@ -2203,6 +2203,20 @@ mod tests {
         Ok(())
     }
 
+    /// The rows of the `kept` samples of `m` `(samples * t, c)`, in order.
+    fn kept_sample_rows(m: &Tensor, samples: usize, kept: &[usize]) -> Result<Tensor> {
+        let (r, c) = m.dims2()?;
+        let t = r / samples;
+        let ids = Tensor::from_vec(
+            kept.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            kept.len(),
+            m.device(),
+        )?;
+        m.reshape((samples, t * c))?
+            .index_select(&ids, 0)?
+            .reshape((kept.len() * t, c))
+    }
+
     /// The MLP branch with its hidden activations stored in bf16 ([`linear_gelu_bf16_out`]) against the same
     /// branch with f32 ones, under bf16 products, on each bf16 kernel: the output and the gradients of the
     /// branch input and of W1, b1, W2 and b2 carry the same bits, with and without a graph; rows below and
@@ -2227,11 +2241,6 @@ mod tests {
                 let kept = scales
                     .as_deref()
                     .map_or((0..samples).collect(), kept_samples);
-                let ids = Tensor::from_vec(
-                    kept.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                    kept.len(),
-                    &dev,
-                )?;
                 let x = Var::from_vec(pattern(r * d, 1), (r, d), &dev)?;
                 let w1 = Var::from_vec(pattern(hid * d, 2), (hid, d), &dev)?;
                 let b1 = Var::from_vec(pattern(hid, 3), hid, &dev)?;
@@ -2244,9 +2253,7 @@ mod tests {
                     crate::bf16::bf16_products(|| {
                         let xt = x.as_tensor();
                         let xk = if scales.is_some() {
-                            xt.reshape((samples, t * d))?
-                                .index_select(&ids, 0)?
-                                .reshape((kept.len() * t, d))?
+                            kept_sample_rows(xt, samples, &kept)?
                         } else {
                             xt.clone()
                         };
@@ -2315,18 +2322,7 @@ mod tests {
                 let kept = scales
                     .as_deref()
                     .map_or((0..samples).collect(), kept_samples);
-                let ids = Tensor::from_vec(
-                    kept.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                    kept.len(),
-                    &dev,
-                )?;
-                // The rows of the kept samples of `m` `(samples * t, c)`.
-                let kept_rows = |m: &Tensor| -> Result<Tensor> {
-                    let c = m.dim(1)?;
-                    m.reshape((samples, t * c))?
-                        .index_select(&ids, 0)?
-                        .reshape((kept.len() * t, c))
-                };
+                let kept_rows = |m: &Tensor| kept_sample_rows(m, samples, &kept);
                 for (with_bias, compact) in [(true, true), (false, true), (true, false)] {
                     let x = Var::from_vec(pattern(r * out, 5), (r, out), &dev)?;
                     let h_all = Var::from_vec(pattern(r * inp, 1), (r, inp), &dev)?;
