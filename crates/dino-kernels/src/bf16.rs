@@ -29,12 +29,13 @@ const KC: usize = 256;
 /// Rows per cache block of the left operand (its `MC x 2*KC` bf16 slice, 192 KiB, stays in L2).
 const MC: usize = 192;
 
-/// Whether this CPU has the instructions of the bf16 GEMM (AVX-512 F, BW and BF16).
+/// Whether this CPU has the instructions of the bf16 GEMM (AVX-512 F, BW, VL and BF16).
 pub fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -1092,7 +1093,7 @@ pub(crate) mod x86 {
     }
 
     /// [`interleave_rows`] from bf16 bit patterns: `out[c] = (r0[c], r1[c])` (`r1` absent: 0).
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub(super) unsafe fn interleave_rows_bf16(r0: &[u16], r1: Option<&[u16]>, out: &mut [u32]) {
         let n = r0.len();
         let mut c = 0;
