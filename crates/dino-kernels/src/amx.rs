@@ -50,30 +50,6 @@ pub fn available() -> bool {
     })
 }
 
-/// `c (m, n) [+]= a (m, k) · b (k, n)`: `a` packed in AMX tiles by [`crate::bf16::pack_tiles`] (or
-/// [`crate::bf16::LhsT`]) with `b.kp` pairs per row, `b` packed in [`NR`]-column panels with `b.kp` a
-/// multiple of [`KP_STEP`]. With `accumulate` the product is added to `c`.
-///
-/// Whole 32 x 32 blocks of `c` are loaded into and stored from the tiles directly; the edges go through a
-/// buffer, with the same arithmetic (the partial sums of earlier k blocks are accumulated in the tiles), so
-/// every output row has the same bits wherever its block starts.
-///
-/// # Safety
-/// [`available`] must be true and `b.kp` non-zero (an empty k is [`crate::bf16::gemm`]'s); `c` valid for `m`
-/// rows of `n` values at stride `ldc`, not aliasing the operands; `a` valid for `m.next_multiple_of(TILE) *
-/// b.kp` values.
-pub(crate) unsafe fn gemm(
-    m: usize,
-    n: usize,
-    a: *const u32,
-    b: &Packed,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-) {
-    gemm_init(m, n, a, b, c, ldc, Init::accumulating(accumulate))
-}
-
 /// What the tiles of `c` start from before the first k block.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Init<'a> {
@@ -97,11 +73,20 @@ impl Init<'_> {
     }
 }
 
-/// [`gemm`] with the tiles of `c` started from `init`.
+/// `c (m, n) [+]= a (m, k) · b (k, n)`: `a` packed in AMX tiles by [`crate::bf16::pack_tiles`] (or
+/// [`crate::bf16::LhsT`]) with `b.kp` pairs per row, `b` packed in [`NR`]-column panels with `b.kp` a
+/// multiple of [`KP_STEP`]. The tiles of `c` start from `init`: zeros, `c`'s contents (the product is added
+/// to `c`) or a bias row.
+///
+/// Whole 32 x 32 blocks of `c` are loaded into and stored from the tiles directly; the edges go through a
+/// buffer, with the same arithmetic (the partial sums of earlier k blocks are accumulated in the tiles), so
+/// every output row has the same bits wherever its block starts.
 ///
 /// # Safety
-/// As [`gemm`]; a bias holds at least `n` values.
-pub(crate) unsafe fn gemm_init(
+/// [`available`] must be true and `b.kp` non-zero (an empty k is [`crate::bf16::gemm`]'s); `c` valid for `m`
+/// rows of `n` values at stride `ldc`, not aliasing the operands; `a` valid for `m.next_multiple_of(TILE) *
+/// b.kp` values; a bias holds at least `n` values.
+pub(crate) unsafe fn gemm(
     m: usize,
     n: usize,
     a: *const u32,

@@ -104,7 +104,7 @@ pub(crate) fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
     assert_eq!(src.len(), dst.len(), "round_to_bf16: lengths differ");
     #[cfg(target_arch = "x86_64")]
     if supported() {
-        // SAFETY: the CPU has AVX-512 F, BW and BF16 (checked just above); equal lengths (asserted).
+        // SAFETY: the CPU has AVX-512 F, BW, VL and BF16 (checked just above); equal lengths (asserted).
         return unsafe { x86::round_row(src, dst) };
     }
     dst.iter_mut()
@@ -656,7 +656,7 @@ unsafe fn amx_rows(
             let rows = chunk.min(m - r0);
             let kp = pack_tiles_into(a.from(r0 * k), rows, k, k, &mut buf);
             check_tiles(rows, &buf, kp, b);
-            crate::amx::gemm_init(rows, n, buf.as_ptr(), b, c.add(r0 * ldc), ldc, init)
+            crate::amx::gemm(rows, n, buf.as_ptr(), b, c.add(r0 * ldc), ldc, init)
         }
     })
 }
@@ -697,8 +697,8 @@ pub(crate) unsafe fn gemm_rows_bias(
 }
 
 /// `c (m, n) [+]= aᵀ b` for row-major `a (k, m)` and `b (k, n)` (row strides `lda`, `ldb`; e.g. a block's
-/// term `gᵀ x` of a weight gradient, `x` in f32 or bf16), both packed on the calling thread. With `accumulate` the product is
-/// added to `c`.
+/// term `gᵀ x` of a weight gradient, `x` in f32 or bf16), both packed on the calling thread. With
+/// `accumulate` the product is added to `c`.
 ///
 /// # Safety
 /// As [`gemm`].
@@ -759,7 +759,15 @@ pub(crate) unsafe fn gemm(
         return;
     }
     if let Lhs::Tiles(d, _) = a {
-        return crate::amx::gemm(m, n, d.as_ptr(), b, c, ldc, accumulate);
+        return crate::amx::gemm(
+            m,
+            n,
+            d.as_ptr(),
+            b,
+            c,
+            ldc,
+            crate::amx::Init::accumulating(accumulate),
+        );
     }
     let panels = n.div_ceil(NR);
     for i0 in (0..m).step_by(MC) {
