@@ -99,6 +99,22 @@ impl<'a> Rows<'a> {
     }
 }
 
+/// `n` bf16 values that the caller writes in full (as bit patterns, through [`bf16_bits_mut`]) before any is
+/// read.
+#[allow(clippy::uninit_vec)]
+pub(crate) fn uninit_bf16(n: usize) -> Vec<half::bf16> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: the capacity is n, bf16 has no invalid bit patterns, and every caller writes all n values.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// `v`'s bit patterns, writable.
+pub(crate) fn bf16_bits_mut(v: &mut [half::bf16]) -> &mut [u16] {
+    // SAFETY: half::bf16 is a repr(transparent) u16.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u16, v.len()) }
+}
+
 /// `dst[i]` = `src[i]` rounded to bf16 (ties to even), the rounding of every bf16 packing here.
 pub(crate) fn round_to_bf16(src: &[f32], dst: &mut [u16]) {
     assert_eq!(src.len(), dst.len(), "round_to_bf16: lengths differ");
@@ -661,7 +677,7 @@ unsafe fn amx_rows(
     })
 }
 
-/// [`gemm_rows`] onto a bias: `c (m, n) = a (m, k) · b (k, n) + bias` on every row. The AMX kernel starts its
+/// [`gemm_rows_src`] onto a bias: `c (m, n) = a (m, k) · b (k, n) + bias` on every row. The AMX kernel starts its
 /// tiles from the bias row; the other kernels write the bias rows into `c` and accumulate onto them.
 ///
 /// # Safety
@@ -671,28 +687,19 @@ pub(crate) unsafe fn gemm_rows_bias(
     m: usize,
     n: usize,
     k: usize,
-    a: &[f32],
+    a: Rows,
     b: &Packed,
     c: *mut f32,
     ldc: usize,
     bias: &[f32],
 ) {
     if b.amx && b.kp > 0 {
-        amx_rows(
-            m,
-            n,
-            k,
-            Rows::F32(a),
-            b,
-            c,
-            ldc,
-            crate::amx::Init::Bias(bias),
-        )
+        amx_rows(m, n, k, a, b, c, ldc, crate::amx::Init::Bias(bias))
     } else {
         for i in 0..m {
             std::ptr::copy_nonoverlapping(bias.as_ptr(), c.add(i * ldc), n);
         }
-        gemm_rows(m, n, k, a, b, c, ldc, true)
+        gemm_rows_src(m, n, k, a, b, c, ldc, true)
     }
 }
 
@@ -1549,7 +1556,7 @@ mod tests {
                     // SAFETY: a is (m, k), b packed (k, n), got and want (m, n), bias n values; the CPU has
                     // the kernel (checked above).
                     unsafe {
-                        gemm_rows_bias(m, n, k, &a, &b, got.as_mut_ptr(), n, &bias);
+                        gemm_rows_bias(m, n, k, Rows::F32(&a), &b, got.as_mut_ptr(), n, &bias);
                         gemm_rows(m, n, k, &a, &b, want.as_mut_ptr(), n, true);
                     }
                     assert!(

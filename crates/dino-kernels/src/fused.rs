@@ -24,7 +24,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use crate::bf16;
+use crate::bf16::{self, bf16_bits_mut, uninit_bf16};
 use crate::ops::{self, f32_data};
 
 /// The arithmetic of the linear layers' matrix products, as `torch.set_float32_matmul_precision`.
@@ -364,7 +364,7 @@ fn linear_gelu_fwd(
 /// there, the GEMM output of a block (its pre-activation) in cache while bias + GELU and the rounding run on it,
 /// a row at a time.
 fn linear_gelu_fwd_bf16_out(
-    x: &[f32],
+    x: bf16::Rows,
     r: usize,
     inp: usize,
     w: &[f32],
@@ -386,11 +386,11 @@ fn linear_gelu_fwd_bf16_out(
         // SAFETY: x rows r0.. are (rows, inp), wp is W packed, pb is this block's own (rows, out); bf16
         // products run only where the CPU has them (checked when the op was built).
         unsafe {
-            bf16::gemm_rows(
+            bf16::gemm_rows_src(
                 rows,
                 out,
                 inp,
-                &x[r0 * inp..],
+                x.from(r0 * inp),
                 &wp,
                 pb.as_mut_ptr(),
                 out,
@@ -523,22 +523,6 @@ fn rows_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<RowsData<'a>
     }
 }
 
-/// `n` bf16 values that the caller writes in full (as bit patterns, through [`bf16_bits_mut`]) before any is
-/// read.
-#[allow(clippy::uninit_vec)]
-fn uninit_bf16(n: usize) -> Vec<half::bf16> {
-    let mut v = Vec::with_capacity(n);
-    // SAFETY: the capacity is n, bf16 has no invalid bit patterns, and every caller writes all n values.
-    unsafe { v.set_len(n) };
-    v
-}
-
-/// `v`'s bit patterns, writable.
-fn bf16_bits_mut(v: &mut [half::bf16]) -> &mut [u16] {
-    // SAFETY: half::bf16 is a repr(transparent) u16.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u16, v.len()) }
-}
-
 /// The input and weight gradients of a linear layer, `dx = g W` and `dW = gᵀ x`, in one op: inputs
 /// `(g (R, out), W (out, in), x (R, in))`, output `dx` (or an empty tensor when the input needs no gradient);
 /// `dW` is left in the op for the caller. With a pool of `t > 1` threads, task `i` computes the `i`-th slice of
@@ -596,12 +580,6 @@ impl CustomOp3 for LinearGradOp {
                 linear_grad_blocked(&g, None, &w, xd.rows(), r, out, inp, self.need_dx, true);
             return self.finish(dx, dw, r, inp);
         }
-        // The other paths read an f32 input (a bf16 one widened exactly: rounding it again changes nothing).
-        let x = xd.f32();
-        if let (true, None) = (self.bf16, &self.gelu_pre) {
-            let (dx, dw) = linear_grad_bf16(&g, &w, &x, r, out, inp, self.need_dx);
-            return self.finish(dx, dw, r, inp);
-        }
         if let Some(pre) = &self.gelu_pre {
             if pre.len() != g.len() {
                 candle_core::bail!(
@@ -611,11 +589,13 @@ impl CustomOp3 for LinearGradOp {
                     g.len()
                 );
             }
+            // bf16 products pack a bf16 input as it is; f32 ones read it widened (exactly).
+            let xf = if self.bf16 { None } else { Some(xd.f32()) };
             let (dx, dw, db) = linear_grad_blocked(
                 &g,
                 Some(pre),
                 &w,
-                bf16::Rows::F32(&x),
+                xf.as_deref().map_or(xd.rows(), bf16::Rows::F32),
                 r,
                 out,
                 inp,
@@ -625,6 +605,12 @@ impl CustomOp3 for LinearGradOp {
             if let Ok(mut slot) = self.db.lock() {
                 *slot = Some(db);
             }
+            return self.finish(dx, dw, r, inp);
+        }
+        // The other paths read an f32 input (a bf16 one widened exactly: rounding it again changes nothing).
+        let x = xd.f32();
+        if self.bf16 {
+            let (dx, dw) = linear_grad_bf16(&g, &w, &x, r, out, inp, self.need_dx);
             return self.finish(dx, dw, r, inp);
         }
         let mut dx = ops::uninit_f32(if self.need_dx { r * inp } else { 0 });
@@ -897,7 +883,7 @@ impl LinearGradOp {
 /// [`linear_fwd`] with bf16 products: `W` is packed once, then each pool thread packs and multiplies its
 /// own row block.
 fn linear_fwd_bf16(
-    x: &[f32],
+    x: bf16::Rows,
     r: usize,
     inp: usize,
     w: &[f32],
@@ -916,7 +902,7 @@ fn linear_fwd_bf16(
         .for_each(|(i, yb)| {
             let r0 = i * rows_per;
             let rows = yb.len() / out;
-            let xb = &x[r0 * inp..];
+            let xb = x.from(r0 * inp);
             // SAFETY: bf16 is supported (checked when the op was built); yb is this block's own (rows, out);
             // the bias has `out` values.
             unsafe {
@@ -924,7 +910,9 @@ fn linear_fwd_bf16(
                     Some(b) => {
                         bf16::gemm_rows_bias(rows, out, inp, xb, &wp, yb.as_mut_ptr(), out, b)
                     }
-                    None => bf16::gemm_rows(rows, out, inp, xb, &wp, yb.as_mut_ptr(), out, false),
+                    None => {
+                        bf16::gemm_rows_src(rows, out, inp, xb, &wp, yb.as_mut_ptr(), out, false)
+                    }
                 }
             }
         });
@@ -1061,7 +1049,9 @@ impl LinearOp {
                 w.1.dims()
             );
         }
-        let xd = f32_data(x.0, x.1, name)?;
+        // A bf16 input (from `layer_norm_bf16_out`) goes to the bf16 products as it is; f32 products widen it
+        // exactly.
+        let xr = rows_data(x.0, x.1, name)?;
         let wd = f32_data(w.0, w.1, name)?;
         let bd = match b {
             Some((s, l)) => {
@@ -1074,7 +1064,7 @@ impl LinearOp {
         };
         if self.gelu && self.bf16_out && r >= 4 * GELU_BLOCK_ROWS {
             let (pre, act) =
-                linear_gelu_fwd_bf16_out(&xd, r, inp, &wd, out, bd.as_deref(), self.keep_pre);
+                linear_gelu_fwd_bf16_out(xr.rows(), r, inp, &wd, out, bd.as_deref(), self.keep_pre);
             if let Some(pre) = pre {
                 ops::save(&self.pre, pre);
             }
@@ -1082,7 +1072,7 @@ impl LinearOp {
         }
         if self.gelu && r >= 4 * GELU_BLOCK_ROWS {
             let (pre, act) = linear_gelu_fwd(
-                &xd,
+                &xr.f32(),
                 r,
                 inp,
                 &wd,
@@ -1097,9 +1087,9 @@ impl LinearOp {
             return Ok((CpuStorage::F32(act), Shape::from((r, out))));
         }
         let mut y = if self.bf16 {
-            linear_fwd_bf16(&xd, r, inp, &wd, out, bd.as_deref())
+            linear_fwd_bf16(xr.rows(), r, inp, &wd, out, bd.as_deref())
         } else {
-            linear_fwd(&xd, r, inp, &wd, out, bd.as_deref())
+            linear_fwd(&xr.f32(), r, inp, &wd, out, bd.as_deref())
         };
         let y = if self.gelu && !self.keep_pre {
             ops::for_elem_chunks(&mut y, |_, c| ops::bias_gelu_inplace_rows(c, None, c.len()));
@@ -1270,7 +1260,19 @@ fn linear_impl(
         .into_iter()
         .flatten()
         .collect();
-    if !crate::dispatch::cpu_f32_fast_path(&all) || x.rank() != 2 || weight.rank() != 2 {
+    // A bf16 x (from `layer_norm_bf16_out`) takes the fused op as an f32 one would.
+    let params: Vec<&Tensor> = [Some(weight), bias].into_iter().flatten().collect();
+    let x_fast = crate::dispatch::cpu_fast_path(&[x])
+        && matches!(
+            x.dtype(),
+            candle_core::DType::F32 | candle_core::DType::BF16
+        );
+    if !crate::dispatch::cpu_f32_fast_path(&params)
+        || !x_fast
+        || x.rank() != 2
+        || weight.rank() != 2
+    {
+        let x = &x.to_dtype(weight.dtype())?;
         let y = portable_matmul(x, &weight.t()?)?;
         let y = match bias {
             Some(b) => y.broadcast_add(b)?,
@@ -2215,6 +2217,100 @@ mod tests {
         m.reshape((samples, t * c))?
             .index_select(&ids, 0)?
             .reshape((kept.len() * t, c))
+    }
+
+    /// A LayerNorm output stored in bf16 for bf16 products ([`ops::layer_norm_bf16_out`] and its kept-samples
+    /// form, as the ViT blocks feed qkv and fc1) against an f32 one, under bf16 products, on each bf16 kernel:
+    /// `linear(LN(x))` (with and without a bias) and `linear_residual(x, linear_gelu_bf16_out(LN(x)))` give the
+    /// outputs and the gradients of x, of the LayerNorm's weight and bias and of the layers' with the same bits;
+    /// row counts below and above the row-blocked paths' threshold and LayerNorm's parallel one, odd widths,
+    /// drop-path scales.
+    #[test]
+    fn bf16_layer_norm_outputs_change_no_bit() -> Result<()> {
+        crate::bf16::for_each_bf16_kernel(bf16_layer_norm_outputs_with_kernel)
+    }
+
+    fn bf16_layer_norm_outputs_with_kernel() -> Result<()> {
+        let dev = Device::Cpu;
+        let eps = 1e-6;
+        for &(samples, t, d, hid) in &[
+            (4usize, 520usize, 32usize, 40usize),
+            (4, 300, 16, 36),
+            (2, 700, 24, 20),
+            (3, 7, 9, 13),
+        ] {
+            let r = samples * t;
+            let drop: Vec<f32> = (0..samples)
+                .map(|i| if i == 1 { 0.0 } else { 1.25 })
+                .collect();
+            for scales in [None, Some(drop)] {
+                let kept = scales
+                    .as_deref()
+                    .map_or((0..samples).collect(), kept_samples);
+                let x = Var::from_vec(pattern(r * d, 11), (r, d), &dev)?;
+                let lw: Vec<f32> = pattern(d, 12).iter().map(|v| 1.0 + v).collect();
+                let lw = Var::from_vec(lw, d, &dev)?;
+                let lb = Var::from_vec(pattern(d, 13), d, &dev)?;
+                let w1 = Var::from_vec(pattern(hid * d, 14), (hid, d), &dev)?;
+                let b1 = Var::from_vec(pattern(hid, 15), hid, &dev)?;
+                let w2 = Var::from_vec(pattern(d * hid, 16), (d, hid), &dev)?;
+                let b2 = Var::from_vec(pattern(d, 17), d, &dev)?;
+                for (mlp, bias) in [(false, true), (false, false), (true, true)] {
+                    let what = format!(
+                        "{samples}x{t}, {d} -> {hid}, mlp {mlp}, bias {bias}, scales {scales:?}"
+                    );
+                    // (output, the LayerNorm output's dtype) of the chain.
+                    let chain = |bf16_out: bool| -> Result<(Tensor, DType)> {
+                        crate::bf16::bf16_products(|| {
+                            let (xt, lw, lb) = (x.as_tensor(), lw.as_tensor(), lb.as_tensor());
+                            let xn = match (scales.is_some(), bf16_out) {
+                                (false, false) => ops::layer_norm(xt, lw, lb, eps)?,
+                                (false, true) => ops::layer_norm_bf16_out(xt, lw, lb, eps)?,
+                                (true, false) => {
+                                    ops::layer_norm_kept(xt, lw, lb, eps, samples, &kept)?
+                                }
+                                (true, true) => {
+                                    ops::layer_norm_kept_bf16_out(xt, lw, lb, eps, samples, &kept)?
+                                }
+                            };
+                            let b1 = bias.then(|| b1.as_tensor());
+                            let y = if mlp {
+                                let h = linear_gelu_bf16_out(&xn, w1.as_tensor(), b1)?;
+                                let (w2, b2) = (w2.as_tensor(), Some(b2.as_tensor()));
+                                linear_residual(xt, &h, w2, b2, scales.clone())?
+                            } else {
+                                linear(&xn, w1.as_tensor(), b1)?
+                            };
+                            Ok((y, xn.dtype()))
+                        })
+                    };
+                    let (y16, dt) = chain(true)?;
+                    let (y32, dt32) = chain(false)?;
+                    assert_eq!(dt, DType::BF16, "LayerNorm output not in bf16: {what}");
+                    assert_eq!(dt32, DType::F32, "{what}");
+                    assert_eq!(max_diff(&y16, &y32), 0.0, "forward {what}");
+                    let (n16, _) = no_grad(|| chain(true))?;
+                    assert_eq!(max_diff(&n16, &y32), 0.0, "forward without a graph {what}");
+                    let up = Tensor::from_vec(pattern(y32.elem_count(), 18), y32.shape(), &dev)?;
+                    let g16 = (&y16 * &up)?.sum_all()?.backward()?;
+                    let g32 = (&y32 * &up)?.sum_all()?.backward()?;
+                    let mut vars = vec![("x", &x), ("ln w", &lw), ("ln b", &lb), ("w1", &w1)];
+                    if bias {
+                        vars.push(("b1", &b1));
+                    }
+                    if mlp {
+                        vars.extend([("w2", &w2), ("b2", &b2)]);
+                    }
+                    for (name, v) in vars {
+                        let (a, b) = (g16.get(v).unwrap(), g32.get(v).unwrap());
+                        assert_eq!(a.dtype(), DType::F32, "{name} gradient dtype: {what}");
+                        assert!(max_diff(b, &b.zeros_like()?) > 0.0, "{name}: {what}");
+                        assert_eq!(max_diff(a, b), 0.0, "{name} gradient: {what}");
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The MLP branch with its hidden activations stored in bf16 ([`linear_gelu_bf16_out`]) against the same

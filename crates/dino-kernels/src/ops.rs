@@ -422,6 +422,40 @@ struct LayerNormOp {
     eps: f32,
     /// Normalise only these samples' rows of `x` (see [`layer_norm_kept`]); None: every row.
     kept: Option<KeptRows>,
+    /// Store the output rounded to bf16 (see [`layer_norm_bf16_out`]).
+    bf16_out: bool,
+}
+
+/// [`for_row_chunks`] on a new `(rows, d)` output: f32, or with `bf16` each chunk computed by `f` in an f32
+/// scratch (at most [`rows_per_task`]'s 8192 values, in L1) and stored rounded to bf16 as the bf16 packings
+/// round.
+fn row_chunks_out(
+    rows: usize,
+    d: usize,
+    bf16: bool,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) -> CpuStorage {
+    if !bf16 {
+        let mut y = uninit_f32(rows * d);
+        for_row_chunks(&mut y, rows, d, f);
+        return CpuStorage::F32(y);
+    }
+    let mut y = crate::bf16::uninit_bf16(rows * d);
+    let chunk = |r0: usize, yc: &mut [half::bf16]| {
+        let mut scratch = uninit_f32(yc.len());
+        f(r0, &mut scratch);
+        crate::bf16::round_to_bf16(&scratch, crate::bf16::bf16_bits_mut(yc));
+    };
+    if d == 0 || rows == 0 {
+    } else if rows * d < PAR_MIN_ELEMS {
+        chunk(0, &mut y);
+    } else {
+        let rpt = rows_per_task(rows, d);
+        y.par_chunks_mut(rpt * d)
+            .enumerate()
+            .for_each(|(ci, yc)| chunk(ci * rpt, yc));
+    }
+    CpuStorage::BF16(y)
 }
 
 /// The rows of some samples of `x` `(B*per, D)`: sample `kept[i]`'s rows are rows `i*per..` of the op's
@@ -475,12 +509,11 @@ impl CustomOp3 for LayerNormOp {
         let (rows, d) = last_dim(l1.shape(), self.name())?;
         let eps = self.eps;
         let Some(kept) = &self.kept else {
-            let mut y = uninit_f32(rows * d);
-            for_row_chunks(&mut y, rows, d, |r0, yc| {
+            let y = row_chunks_out(rows, d, self.bf16_out, |r0, yc| {
                 let n = yc.len();
                 ln_fwd_chunk(&x[r0 * d..r0 * d + n], &w, &b, yc, eps)
             });
-            return Ok((CpuStorage::F32(y), l1.shape().clone()));
+            return Ok((y, l1.shape().clone()));
         };
         if l1.dims().len() != 2 || rows != kept.samples * kept.per {
             candle_core::bail!(
@@ -492,8 +525,7 @@ impl CustomOp3 for LayerNormOp {
             );
         }
         let out_rows = kept.rows();
-        let mut y = uninit_f32(out_rows * d);
-        for_row_chunks(&mut y, out_rows, d, |r0, yc| {
+        let y = row_chunks_out(out_rows, d, self.bf16_out, |r0, yc| {
             kept.runs(r0, r0 + yc.len() / d.max(1), |j, src, n| {
                 let o = (j - r0) * d;
                 ln_fwd_chunk(
@@ -505,7 +537,7 @@ impl CustomOp3 for LayerNormOp {
                 )
             })
         });
-        Ok((CpuStorage::F32(y), Shape::from((out_rows, d))))
+        Ok((y, Shape::from((out_rows, d))))
     }
 
     fn bwd(
@@ -633,6 +665,31 @@ impl CustomOp3 for LayerNormBwdOp {
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias` (biased variance, as
 /// PyTorch). `x`: `(..., D)`, `weight`, `bias`: `(D)`; returns the shape of `x`. Gradients flow to all three.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    layer_norm_impl(x, weight, bias, eps, false)
+}
+
+/// [`layer_norm`] for an output that only bf16 products read next (the input of a [`crate::fused::linear`]
+/// or [`crate::fused::linear_gelu_bf16_out`] layer): where those products run in bf16 (see
+/// [`crate::fused::with_matmul_precision`]), the output is a bf16 tensor rounded as their packing would round
+/// it, so results and gradients keep their bits while the output takes half the memory. Its gradient comes
+/// back in f32. Elsewhere an f32 tensor, as [`layer_norm`]'s.
+pub fn layer_norm_bf16_out(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    layer_norm_impl(x, weight, bias, eps, true)
+}
+
+/// Whether a LayerNorm output of `rows` rows for bf16 products is stored in bf16: those products run in bf16
+/// for that many rows (the test [`crate::fused`]'s linear layers make).
+fn bf16_output(bf16_out: bool, rows: usize) -> bool {
+    bf16_out && crate::bf16::use_bf16(crate::fused::matmul_precision(), rows)
+}
+
+fn layer_norm_impl(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    bf16_out: bool,
+) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     if weight.dims() != [d] || bias.dims() != [d] {
         candle_core::bail!(
@@ -646,6 +703,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         let op = LayerNormOp {
             eps: eps as f32,
             kept: None,
+            bf16_out: bf16_output(bf16_out, x.elem_count() / d.max(1)),
         };
         x.apply_op3(weight, bias, op)
     } else {
@@ -665,10 +723,34 @@ pub fn layer_norm_kept(
     samples: usize,
     kept: &[usize],
 ) -> Result<Tensor> {
+    layer_norm_kept_impl(x, weight, bias, eps, samples, kept, false)
+}
+
+/// [`layer_norm_kept`] for bf16 products, stored as [`layer_norm_bf16_out`]'s output.
+pub fn layer_norm_kept_bf16_out(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    samples: usize,
+    kept: &[usize],
+) -> Result<Tensor> {
+    layer_norm_kept_impl(x, weight, bias, eps, samples, kept, true)
+}
+
+fn layer_norm_kept_impl(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    samples: usize,
+    kept: &[usize],
+    bf16_out: bool,
+) -> Result<Tensor> {
     let fast = cpu_f32_fast_path(&[x, weight, bias]) && x.rank() == 2 && !kept.is_empty();
     if !fast {
         let xk = crate::fused::sample_rows(x, samples, kept)?;
-        return layer_norm(&xk, weight, bias, eps);
+        return layer_norm_impl(&xk, weight, bias, eps, bf16_out);
     }
     let (rows, d) = x.dims2()?;
     let per = crate::fused::rows_per_kept_sample(rows, samples, kept, "layer_norm_kept")?;
@@ -687,6 +769,7 @@ pub fn layer_norm_kept(
             samples,
             kept: std::sync::Arc::new(kept.to_vec()),
         }),
+        bf16_out: bf16_output(bf16_out, kept.len() * per),
     };
     x.apply_op3(weight, bias, op)
 }
@@ -1137,6 +1220,69 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`layer_norm_bf16_out`] (and its kept-samples form) stores, under bf16 products, [`layer_norm`]'s
+    /// output rounded to bf16 to the bit (one chunk and LayerNorm's parallel chunks, an odd width); under f32
+    /// products it is [`layer_norm`] itself.
+    #[test]
+    fn layer_norm_bf16_out_is_the_rounded_layer_norm() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let eps = 1e-5;
+        for &(rows, d) in &[(7usize, 9usize), (70, 16), (2100, 24), (1400, 33)] {
+            let x: Vec<f32> = (0..rows * d)
+                .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * (1 + i % 5) as f32)
+                .collect();
+            let x = Tensor::from_vec(x, (rows, d), &dev)?;
+            let w = Tensor::from_vec((0..d).map(|i| 0.5 + i as f32 / d as f32).collect(), d, &dev)?;
+            let b = Tensor::from_vec((0..d).map(|i| i as f32 / 7.0 - 1.0).collect(), d, &dev)?;
+            let samples = 7;
+            let kept = [0usize, 3, 4];
+            let pairs = |bf16: bool| -> Result<Vec<(Tensor, Tensor)>> {
+                let run = || -> Result<Vec<(Tensor, Tensor)>> {
+                    Ok(vec![
+                        (
+                            layer_norm_bf16_out(&x, &w, &b, eps)?,
+                            layer_norm(&x, &w, &b, eps)?,
+                        ),
+                        (
+                            layer_norm_kept_bf16_out(&x, &w, &b, eps, samples, &kept)?,
+                            layer_norm_kept(&x, &w, &b, eps, samples, &kept)?,
+                        ),
+                    ])
+                };
+                if bf16 {
+                    crate::bf16::bf16_products(run)
+                } else {
+                    run()
+                }
+            };
+            for (out, f32_out) in pairs(false)? {
+                assert_eq!(out.dtype(), candle_core::DType::F32, "{rows}x{d}");
+                let diff = (&out - &f32_out)?.abs()?.max_keepdim(0)?.max(1)?;
+                assert_eq!(diff.to_vec1::<f32>()?, vec![0.0], "{rows}x{d}");
+            }
+            for (out, f32_out) in pairs(true)? {
+                assert_eq!(out.dtype(), candle_core::DType::BF16, "{rows}x{d}");
+                let got: Vec<u16> = out
+                    .flatten_all()?
+                    .to_vec1::<half::bf16>()?
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                let f = f32_out.flatten_all()?.to_vec1::<f32>()?;
+                // Round to nearest, ties to even, by the direct formula.
+                let want: Vec<u16> = f
+                    .iter()
+                    .map(|v| {
+                        let u = v.to_bits();
+                        ((u + 0x7fff + ((u >> 16) & 1)) >> 16) as u16
+                    })
+                    .collect();
+                assert_eq!(got, want, "{rows}x{d}");
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn fast_exp_matches_std() {

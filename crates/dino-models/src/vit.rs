@@ -299,10 +299,24 @@ impl LayerNorm {
         ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 
-    /// LayerNorm of the rows of the samples `kept` of `x` `(B*R, D)`: `(K*R, D)`, read in place
-    /// ([`ops::layer_norm_kept`]).
-    fn forward_kept(&self, x: &Tensor, samples: usize, kept: &[usize]) -> Result<Tensor> {
-        ops::layer_norm_kept(x, &self.weight, &self.bias, self.eps, samples, kept)
+    /// LayerNorm of the rows of the samples `kept` of `x` `(B*R, D)`, or of every row with `kept` None: `(K*R,
+    /// D)`, read in place ([`ops::layer_norm_kept`]). With `bf16_out` the output is for bf16 products only
+    /// ([`ops::layer_norm_bf16_out`]: stored in bf16 where the products run in bf16).
+    fn forward_for(
+        &self,
+        x: &Tensor,
+        kept: Option<(usize, &[usize])>,
+        bf16_out: bool,
+    ) -> Result<Tensor> {
+        let (w, b, eps) = (&self.weight, &self.bias, self.eps);
+        match (kept, bf16_out) {
+            (None, false) => self.forward(x),
+            (None, true) => ops::layer_norm_bf16_out(x, w, b, eps),
+            (Some((samples, kept)), false) => ops::layer_norm_kept(x, w, b, eps, samples, kept),
+            (Some((samples, kept)), true) => {
+                ops::layer_norm_kept_bf16_out(x, w, b, eps, samples, kept)
+            }
+        }
     }
 }
 
@@ -402,8 +416,9 @@ impl Block {
 
     /// `x + s_i · lin(branch(input_i))` over `b` samples (`x`: `(B*R, D)`; `input`: `(B*R', D)`, the branch's
     /// input, `x` itself but for the CLS-only last block), the branch computed on the samples that stochastic
-    /// depth keeps only: `branch` gets `norm` of their rows of `input` `(K*R', D)` (LayerNorm reading them in
-    /// place, [`LayerNorm::forward_kept`]) and `K`, and returns its hidden
+    /// depth keeps only: `branch` gets `norm.0` of their rows of `input` `(K*R', D)` (LayerNorm reading them in
+    /// place, [`LayerNorm::forward_for`]; with `norm.1` stored for bf16 products, for a branch that reads
+    /// it through linear layers only) and `K`, and returns its hidden
     /// activations `(K*R, in)` for `lin`, a projection fused with the residual sum. The official code computes
     /// the branch on every sample and multiplies the dropped ones by 0; the output and every gradient are the
     /// same. Where the fused projection does not apply (other devices and dtypes), the branch runs on every
@@ -414,7 +429,7 @@ impl Block {
         b: usize,
         scales: Option<Vec<f32>>,
         lin: &Linear,
-        norm: &LayerNorm,
+        (norm, bf16_out): (&LayerNorm, bool),
         branch: impl FnOnce(&Tensor, usize) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let kept = scales.as_deref().map(crate::fused::kept_samples);
@@ -424,9 +439,9 @@ impl Block {
             // parameters then get zero gradients, as in the official code, not none (which AdamW would read as
             // "no step": no weight decay, no moment update).
             Some(k) if !k.is_empty() && k.len() < b && skip => {
-                branch(&norm.forward_kept(input, b, k)?, k.len())?
+                branch(&norm.forward_for(input, Some((b, k)), bf16_out)?, k.len())?
             }
-            _ => branch(&norm.forward(input)?, b)?,
+            _ => branch(&norm.forward_for(input, None, bf16_out)?, b)?,
         };
         crate::fused::linear_residual(x, &h, &lin.weight, lin.bias.as_ref(), scales)
     }
@@ -435,9 +450,17 @@ impl Block {
     /// Under bf16 products the hidden activations, read by fc2's products only, are stored in bf16 (see
     /// [`crate::fused::linear_gelu_bf16_out`]: the same bits, half the bytes).
     fn mlp_branch(&self, x: &Tensor, b: usize, scales: Option<Vec<f32>>) -> Result<Tensor> {
-        Self::branch(x, x, b, scales, &self.out_proj(1)?, &self.norm2, |xn, _| {
-            crate::fused::linear_gelu_bf16_out(xn, &self.fc1.weight, self.fc1.bias.as_ref())
-        })
+        Self::branch(
+            x,
+            x,
+            b,
+            scales,
+            &self.out_proj(1)?,
+            (&self.norm2, true),
+            |xn, _| {
+                crate::fused::linear_gelu_bf16_out(xn, &self.fc1.weight, self.fc1.bias.as_ref())
+            },
+        )
     }
 
     /// The attention (`i` = 0) or MLP (`i` = 1) output projection with LayerScale folded in:
@@ -474,9 +497,15 @@ impl Block {
         t: usize,
         (s_attn, s_mlp): BranchScales,
     ) -> Result<Tensor> {
-        let x = Self::branch(x, x, b, s_attn, &self.out_proj(0)?, &self.norm1, |xn, k| {
-            self.attention_normed(xn, k, t)
-        })?;
+        let x = Self::branch(
+            x,
+            x,
+            b,
+            s_attn,
+            &self.out_proj(0)?,
+            (&self.norm1, true),
+            |xn, k| self.attention_normed(xn, k, t),
+        )?;
         self.mlp_branch(&x, b, s_mlp)
     }
 
@@ -511,7 +540,8 @@ impl Block {
             b,
             s_attn,
             &self.out_proj(0)?,
-            &self.norm1,
+            // Its output is sliced for the CLS queries: kept in f32.
+            (&self.norm1, false),
             |xn, k| {
                 let (wq, bq) = part(&self.qkv, 0, 1)?;
                 let (wkv, bkv) = part(&self.qkv, 1, 2)?;
