@@ -2206,6 +2206,15 @@ mod tests {
     }
 
     /// The rows of the `kept` samples of `m` `(samples * t, c)`, in order.
+    /// `(scales, kept samples)` without drop path and with sample 1 dropped (the others scaled by 1.25).
+    fn drop_path_cases(samples: usize) -> [(Option<Vec<f32>>, Vec<usize>); 2] {
+        let drop: Vec<f32> = (0..samples)
+            .map(|i| if i == 1 { 0.0 } else { 1.25 })
+            .collect();
+        let kept = kept_samples(&drop);
+        [(None, (0..samples).collect()), (Some(drop), kept)]
+    }
+
     fn kept_sample_rows(m: &Tensor, samples: usize, kept: &[usize]) -> Result<Tensor> {
         let (r, c) = m.dims2()?;
         let t = r / samples;
@@ -2219,8 +2228,8 @@ mod tests {
             .reshape((kept.len() * t, c))
     }
 
-    /// A LayerNorm output stored in bf16 for bf16 products ([`ops::layer_norm_bf16_out`] and its kept-samples
-    /// form, as the ViT blocks feed qkv and fc1) against an f32 one, under bf16 products, on each bf16 kernel:
+    /// A LayerNorm output stored in bf16 for bf16 products ([`ops::layer_norm_bf16_out`], also of kept samples,
+    /// as the ViT blocks feed qkv and fc1) against an f32 one, under bf16 products, on each bf16 kernel:
     /// `linear(LN(x))` (with and without a bias) and `linear_residual(x, linear_gelu_bf16_out(LN(x)))` give the
     /// outputs and the gradients of x, of the LayerNorm's weight and bias and of the layers' with the same bits;
     /// row counts below and above the row-blocked paths' threshold and LayerNorm's parallel one, odd widths,
@@ -2240,13 +2249,7 @@ mod tests {
             (3, 7, 9, 13),
         ] {
             let r = samples * t;
-            let drop: Vec<f32> = (0..samples)
-                .map(|i| if i == 1 { 0.0 } else { 1.25 })
-                .collect();
-            for scales in [None, Some(drop)] {
-                let kept = scales
-                    .as_deref()
-                    .map_or((0..samples).collect(), kept_samples);
+            for (scales, kept) in drop_path_cases(samples) {
                 let x = Var::from_vec(pattern(r * d, 11), (r, d), &dev)?;
                 let lw: Vec<f32> = pattern(d, 12).iter().map(|v| 1.0 + v).collect();
                 let lw = Var::from_vec(lw, d, &dev)?;
@@ -2265,13 +2268,17 @@ mod tests {
                             let (xt, lw, lb) = (x.as_tensor(), lw.as_tensor(), lb.as_tensor());
                             let xn = match (scales.is_some(), bf16_out) {
                                 (false, false) => ops::layer_norm(xt, lw, lb, eps)?,
-                                (false, true) => ops::layer_norm_bf16_out(xt, lw, lb, eps)?,
+                                (false, true) => ops::layer_norm_bf16_out(xt, lw, lb, eps, None)?,
                                 (true, false) => {
                                     ops::layer_norm_kept(xt, lw, lb, eps, samples, &kept)?
                                 }
-                                (true, true) => {
-                                    ops::layer_norm_kept_bf16_out(xt, lw, lb, eps, samples, &kept)?
-                                }
+                                (true, true) => ops::layer_norm_bf16_out(
+                                    xt,
+                                    lw,
+                                    lb,
+                                    eps,
+                                    Some((samples, &kept)),
+                                )?,
                             };
                             let b1 = bias.then(|| b1.as_tensor());
                             let y = if mlp {
@@ -2330,13 +2337,7 @@ mod tests {
             (3, 7, 8, 13),
         ] {
             let r = samples * t;
-            let drop: Vec<f32> = (0..samples)
-                .map(|i| if i == 1 { 0.0 } else { 1.25 })
-                .collect();
-            for scales in [None, Some(drop)] {
-                let kept = scales
-                    .as_deref()
-                    .map_or((0..samples).collect(), kept_samples);
+            for (scales, kept) in drop_path_cases(samples) {
                 let x = Var::from_vec(pattern(r * d, 1), (r, d), &dev)?;
                 let w1 = Var::from_vec(pattern(hid * d, 2), (hid, d), &dev)?;
                 let b1 = Var::from_vec(pattern(hid, 3), hid, &dev)?;

@@ -668,13 +668,22 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     layer_norm_impl(x, weight, bias, eps, false)
 }
 
-/// [`layer_norm`] for an output that only bf16 products read next (the input of a [`crate::fused::linear`]
-/// or [`crate::fused::linear_gelu_bf16_out`] layer): where those products run in bf16 (see
-/// [`crate::fused::with_matmul_precision`]), the output is a bf16 tensor rounded as their packing would round
-/// it, so results and gradients keep their bits while the output takes half the memory. Its gradient comes
-/// back in f32. Elsewhere an f32 tensor, as [`layer_norm`]'s.
-pub fn layer_norm_bf16_out(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    layer_norm_impl(x, weight, bias, eps, true)
+/// [`layer_norm`] (with `kept` = `Some((samples, kept))`, [`layer_norm_kept`]) for an output that only bf16
+/// products read next (the input of a [`crate::fused::linear`] or [`crate::fused::linear_gelu_bf16_out`]
+/// layer): where those products run in bf16 (see [`crate::fused::with_matmul_precision`]), the output is a
+/// bf16 tensor rounded as their packing would round it, so results and gradients keep their bits while the
+/// output takes half the memory. Its gradient comes back in f32. Elsewhere an f32 tensor, as theirs.
+pub fn layer_norm_bf16_out(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    kept: Option<(usize, &[usize])>,
+) -> Result<Tensor> {
+    match kept {
+        None => layer_norm_impl(x, weight, bias, eps, true),
+        Some((samples, kept)) => layer_norm_kept_impl(x, weight, bias, eps, samples, kept, true),
+    }
 }
 
 /// Whether a LayerNorm output of `rows` rows for bf16 products is stored in bf16: those products run in bf16
@@ -724,18 +733,6 @@ pub fn layer_norm_kept(
     kept: &[usize],
 ) -> Result<Tensor> {
     layer_norm_kept_impl(x, weight, bias, eps, samples, kept, false)
-}
-
-/// [`layer_norm_kept`] for bf16 products, stored as [`layer_norm_bf16_out`]'s output.
-pub fn layer_norm_kept_bf16_out(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-    samples: usize,
-    kept: &[usize],
-) -> Result<Tensor> {
-    layer_norm_kept_impl(x, weight, bias, eps, samples, kept, true)
 }
 
 fn layer_norm_kept_impl(
@@ -1241,11 +1238,11 @@ mod tests {
                 let run = || -> Result<Vec<(Tensor, Tensor)>> {
                     Ok(vec![
                         (
-                            layer_norm_bf16_out(&x, &w, &b, eps)?,
+                            layer_norm_bf16_out(&x, &w, &b, eps, None)?,
                             layer_norm(&x, &w, &b, eps)?,
                         ),
                         (
-                            layer_norm_kept_bf16_out(&x, &w, &b, eps, samples, &kept)?,
+                            layer_norm_bf16_out(&x, &w, &b, eps, Some((samples, &kept)))?,
                             layer_norm_kept(&x, &w, &b, eps, samples, &kept)?,
                         ),
                     ])

@@ -310,12 +310,9 @@ impl LayerNorm {
     ) -> Result<Tensor> {
         let (w, b, eps) = (&self.weight, &self.bias, self.eps);
         match (kept, bf16_out) {
+            (kept, true) => ops::layer_norm_bf16_out(x, w, b, eps, kept),
             (None, false) => self.forward(x),
-            (None, true) => ops::layer_norm_bf16_out(x, w, b, eps),
             (Some((samples, kept)), false) => ops::layer_norm_kept(x, w, b, eps, samples, kept),
-            (Some((samples, kept)), true) => {
-                ops::layer_norm_kept_bf16_out(x, w, b, eps, samples, kept)
-            }
         }
     }
 }
