@@ -23,18 +23,31 @@ use crate::ops::{self, f32_data, save, take_saved, Saved};
 use crate::small_gemm;
 
 /// A raw pointer that may cross rayon tasks: every task writes a disjoint set of elements.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
+struct SyncPtr<T = f32>(*mut T);
+impl<T> Clone for SyncPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SyncPtr<T> {}
 // SAFETY: used only to write disjoint regions from parallel tasks (see each use).
-unsafe impl Send for SyncPtr {}
+unsafe impl<T> Send for SyncPtr<T> {}
 // SAFETY: as above.
-unsafe impl Sync for SyncPtr {}
+unsafe impl<T> Sync for SyncPtr<T> {}
 
-impl SyncPtr {
+impl<T> SyncPtr<T> {
     /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
+    fn get(self) -> *mut T {
         self.0
     }
+}
+
+/// Where the heads' outputs go: the f32 `(B*tq, D)` output, or a bf16 one (bit patterns), each head's rows
+/// rounded as the bf16 packings round them (see [`attention_bf16_out`]).
+#[derive(Clone, Copy)]
+enum HeadOut {
+    F32(SyncPtr),
+    Bf16(SyncPtr<u16>),
 }
 
 /// Keys per sequence from which the heads' products take bf16 under [`crate::fused::MatmulPrecision::Bf16`]:
@@ -217,13 +230,27 @@ impl Geo {
         }
     }
 
-    /// Forward: `(out (B*tq, D), probs (B*H, tq, t))`; the probabilities only when `keep_probs` (for the
-    /// backward pass), otherwise they live in per-thread scratch.
-    fn forward(&self, q: &[f32], kv: &[f32], keep_probs: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+    /// Forward: `(out (B*tq, D), probs (B*H, tq, t))`, `out` in bf16 with `bf16_out`; the probabilities only
+    /// when `keep_probs` (for the backward pass), otherwise they live in per-thread scratch.
+    fn forward(
+        &self,
+        q: &[f32],
+        kv: &[f32],
+        keep_probs: bool,
+        bf16_out: bool,
+    ) -> (CpuStorage, Option<Vec<f32>>) {
         let (tq, t, d) = (self.tq, self.t, self.d());
         let n = tq * t;
-        let mut out = crate::ops::uninit_f32(self.b * tq * d);
-        let out_ptr = SyncPtr(out.as_mut_ptr());
+        let len = self.b * tq * d;
+        let (out, out_ptr) = if bf16_out {
+            let mut o = crate::bf16::uninit_bf16(len);
+            let ptr = HeadOut::Bf16(SyncPtr(crate::bf16::bf16_bits_mut(&mut o).as_mut_ptr()));
+            (CpuStorage::BF16(o), ptr)
+        } else {
+            let mut o = crate::ops::uninit_f32(len);
+            let ptr = HeadOut::F32(SyncPtr(o.as_mut_ptr()));
+            (CpuStorage::F32(o), ptr)
+        };
         let nt = self.transposed_len();
         let head = |bh: usize, logits: &mut [f32], p: &mut [f32], kt: &mut [f32]| {
             // SAFETY: the geometry matches the buffers (checked by the callers); the task of pair `bh` alone
@@ -258,7 +285,7 @@ impl Geo {
         logits: &mut [f32],
         p: &mut [f32],
         kt: &mut [f32],
-        out: SyncPtr,
+        out: HeadOut,
     ) {
         let (tq, t, hd, d) = (self.tq, self.t, self.hd, self.d());
         let (q_rs, kv_rs, ti) = (self.q_rs as isize, self.kv_rs as isize, t as isize);
@@ -276,16 +303,35 @@ impl Geo {
             kt,
         );
         ops::softmax_fwd_chunk(logits, p, t, self.scale);
-        let o = out.get().add(bi * tq * d + hi * hd);
-        mm(
-            self,
-            tq,
-            hd,
-            t,
-            (o, 1, d as isize),
-            (p.as_ptr(), 1, ti),
-            (vh, 1, kv_rs),
-        );
+        let at = bi * tq * d + hi * hd;
+        match out {
+            HeadOut::F32(o) => mm(
+                self,
+                tq,
+                hd,
+                t,
+                (o.get().add(at), 1, d as isize),
+                (p.as_ptr(), 1, ti),
+                (vh, 1, kv_rs),
+            ),
+            HeadOut::Bf16(o) => {
+                // The head's rows into scratch, then rounded into their columns of the output.
+                let mut ph = crate::ops::uninit_f32(tq * hd);
+                mm(
+                    self,
+                    tq,
+                    hd,
+                    t,
+                    (ph.as_mut_ptr(), 1, hd as isize),
+                    (p.as_ptr(), 1, ti),
+                    (vh, 1, kv_rs),
+                );
+                for (i, row) in ph.chunks_exact(hd).enumerate() {
+                    let dst = std::slice::from_raw_parts_mut(o.get().add(at + i * d), hd);
+                    crate::bf16::round_to_bf16(row, dst);
+                }
+            }
+        }
     }
 
     /// Backward: writes dQ into `dq` (laid out like Q) and dK, dV into `dkv` (laid out like K/V); `go` is the
@@ -432,6 +478,8 @@ struct AttentionOp {
     geo: Geo,
     /// Whether the backward pass will run (the probabilities are kept for it).
     keep_probs: bool,
+    /// The output stored in bf16 (see [`attention_bf16_out`]).
+    bf16_out: bool,
     probs: Saved,
 }
 
@@ -442,12 +490,12 @@ impl CustomOp1 for AttentionOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = f32_data(s, l, self.name())?;
-        let (out, probs) = self.geo.forward(&qkv, &qkv, self.keep_probs);
+        let (out, probs) = self.geo.forward(&qkv, &qkv, self.keep_probs, self.bf16_out);
         if let Some(probs) = probs {
             save(&self.probs, probs);
         }
         let g = self.geo;
-        Ok((CpuStorage::F32(out), Shape::from((g.b * g.t, g.d()))))
+        Ok((out, Shape::from((g.b * g.t, g.d()))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -510,12 +558,12 @@ impl CustomOp2 for QueryAttentionOp {
     ) -> Result<(CpuStorage, Shape)> {
         let q = f32_data(s1, l1, self.name())?;
         let kv = f32_data(s2, l2, self.name())?;
-        let (out, probs) = self.geo.forward(&q, &kv, self.keep_probs);
+        let (out, probs) = self.geo.forward(&q, &kv, self.keep_probs, false);
         if let Some(probs) = probs {
             save(&self.probs, probs);
         }
         let g = self.geo;
-        Ok((CpuStorage::F32(out), Shape::from((g.b * g.tq, g.d()))))
+        Ok((out, Shape::from((g.b * g.tq, g.d()))))
     }
 
     fn bwd(
@@ -593,6 +641,32 @@ fn heads_of(x: &Tensor, off: usize, b: usize, t: usize, heads: usize, hd: usize)
 /// Multi-head self-attention `softmax(scale · Q Kᵀ) V` of every head, merged back:
 /// `qkv`: `(B*T, 3D)` (rows `[q | k | v]`, heads contiguous within each) -> `(B*T, D)`.
 pub fn attention(qkv: &Tensor, b: usize, t: usize, heads: usize, scale: f64) -> Result<Tensor> {
+    attention_impl(qkv, b, t, heads, scale, false)
+}
+
+/// [`attention`] for an output that only bf16 products read next (the block's projection, a
+/// [`crate::fused::linear_residual`]; the backward pass reads the probabilities and the output gradient, not
+/// the output): where those products run in bf16 (see [`crate::fused::with_matmul_precision`]), the output is
+/// a bf16 tensor rounded as their packing would round it, so results and gradients keep their bits while it
+/// takes half the memory. Its gradient comes back in f32. Elsewhere an f32 tensor, as [`attention`]'s.
+pub fn attention_bf16_out(
+    qkv: &Tensor,
+    b: usize,
+    t: usize,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    attention_impl(qkv, b, t, heads, scale, true)
+}
+
+fn attention_impl(
+    qkv: &Tensor,
+    b: usize,
+    t: usize,
+    heads: usize,
+    scale: f64,
+    bf16_out: bool,
+) -> Result<Tensor> {
     let (rows, d3) = qkv.dims2()?;
     if heads == 0 || rows != b * t || d3 % (3 * heads) != 0 {
         candle_core::bail!(
@@ -622,6 +696,7 @@ pub fn attention(qkv: &Tensor, b: usize, t: usize, heads: usize, scale: f64) -> 
         let op = AttentionOp {
             geo,
             keep_probs,
+            bf16_out: bf16_out && crate::bf16::use_bf16(crate::fused::matmul_precision(), rows),
             probs: Mutex::new(None),
         };
         return if keep_probs {

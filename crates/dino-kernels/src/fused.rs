@@ -2320,6 +2320,68 @@ mod tests {
         Ok(())
     }
 
+    /// The attention output stored in bf16 for the projection's bf16 products
+    /// ([`crate::attention::attention_bf16_out`]) against an f32 one, under bf16 products, on each bf16 kernel:
+    /// `linear_residual(x, attention(qkv), W, b)` gives the output and the gradients of x, qkv, W and b with the
+    /// same bits; heads in f32 (under 128 keys) and in bf16, drop-path scales (attention on the kept samples).
+    #[test]
+    fn bf16_attention_output_changes_no_bit() -> Result<()> {
+        crate::bf16::for_each_bf16_kernel(bf16_attention_output_with_kernel)
+    }
+
+    fn bf16_attention_output_with_kernel() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(samples, t, heads, hd) in &[
+            (3usize, 7usize, 2usize, 8usize),
+            (4, 65, 3, 16),
+            (2, 130, 2, 16),
+        ] {
+            let d = heads * hd;
+            let scale = (hd as f64).powf(-0.5);
+            for (scales, kept) in drop_path_cases(samples) {
+                let what = format!("{samples}x{t}, {heads} heads of {hd}, scales {scales:?}");
+                let k = kept.len();
+                let x = Var::from_vec(pattern(samples * t * d, 21), (samples * t, d), &dev)?;
+                let qkv = Var::from_vec(pattern(k * t * 3 * d, 22), (k * t, 3 * d), &dev)?;
+                let w = Var::from_vec(pattern(d * d, 23), (d, d), &dev)?;
+                let b = Var::from_vec(pattern(d, 24), d, &dev)?;
+                let branch = |bf16_out: bool| -> Result<(Tensor, DType)> {
+                    crate::bf16::bf16_products(|| {
+                        let h = if bf16_out {
+                            crate::attention::attention_bf16_out(
+                                qkv.as_tensor(),
+                                k,
+                                t,
+                                heads,
+                                scale,
+                            )?
+                        } else {
+                            crate::attention::attention(qkv.as_tensor(), k, t, heads, scale)?
+                        };
+                        let (xt, w, b) = (x.as_tensor(), w.as_tensor(), Some(b.as_tensor()));
+                        Ok((linear_residual(xt, &h, w, b, scales.clone())?, h.dtype()))
+                    })
+                };
+                let (y16, dt) = branch(true)?;
+                let (y32, dt32) = branch(false)?;
+                assert_eq!((dt, dt32), (DType::BF16, DType::F32), "{what}");
+                assert_eq!(max_diff(&y16, &y32), 0.0, "forward {what}");
+                let (n16, _) = no_grad(|| branch(true))?;
+                assert_eq!(max_diff(&n16, &y32), 0.0, "forward without a graph {what}");
+                let up = Tensor::from_vec(pattern(y32.elem_count(), 25), y32.shape(), &dev)?;
+                let g16 = (&y16 * &up)?.sum_all()?.backward()?;
+                let g32 = (&y32 * &up)?.sum_all()?.backward()?;
+                for (name, v) in [("x", &x), ("qkv", &qkv), ("w", &w), ("b", &b)] {
+                    let (a, c) = (g16.get(v).unwrap(), g32.get(v).unwrap());
+                    assert_eq!(a.dtype(), DType::F32, "{name} gradient dtype: {what}");
+                    assert!(max_diff(c, &c.zeros_like()?) > 0.0, "{name}: {what}");
+                    assert_eq!(max_diff(a, c), 0.0, "{name} gradient: {what}");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The MLP branch with its hidden activations stored in bf16 ([`linear_gelu_bf16_out`]) against the same
     /// branch with f32 ones, under bf16 products, on each bf16 kernel: the output and the gradients of the
     /// branch input and of W1, b1, W2 and b2 carry the same bits, with and without a graph; rows below and

@@ -394,14 +394,20 @@ impl Block {
     /// The attention heads' merged output before the projection: `x` `(B*T, D)` -> `(B*T, D)`.
     #[cfg(test)]
     fn attention_heads(&self, x: &Tensor, b: usize, t: usize) -> Result<Tensor> {
-        self.attention_normed(&self.norm1.forward(x)?, b, t)
+        self.attention_normed(&self.norm1.forward(x)?, b, t, false)
     }
 
-    /// [`Block::attention_heads`] of `LN1(x)` given: `xn` `(B*T, D)` -> `(B*T, D)`.
-    fn attention_normed(&self, xn: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+    /// [`Block::attention_heads`] of `LN1(x)` given: `xn` `(B*T, D)` -> `(B*T, D)`; with `bf16_out` for the
+    /// projection's bf16 products only ([`crate::attention::attention_bf16_out`]).
+    fn attention_normed(&self, xn: &Tensor, b: usize, t: usize, bf16_out: bool) -> Result<Tensor> {
         let hd = xn.dim(1)? / self.num_heads;
         let qkv = self.qkv.forward(xn)?; // (B*T, 3D)
-        crate::attention::attention(&qkv, b, t, self.num_heads, (hd as f64).powf(-0.5))
+        let scale = (hd as f64).powf(-0.5);
+        if bf16_out {
+            crate::attention::attention_bf16_out(&qkv, b, t, self.num_heads, scale)
+        } else {
+            crate::attention::attention(&qkv, b, t, self.num_heads, scale)
+        }
     }
 
     /// The MLP's hidden activations GELU(fc1(LN2(x))), before fc2: `(R, D)` -> `(R, 4D)`.
@@ -501,7 +507,7 @@ impl Block {
             s_attn,
             &self.out_proj(0)?,
             (&self.norm1, true),
-            |xn, k| self.attention_normed(xn, k, t),
+            |xn, k| self.attention_normed(xn, k, t, true),
         )?;
         self.mlp_branch(&x, b, s_mlp)
     }
