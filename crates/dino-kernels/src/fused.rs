@@ -2215,6 +2215,22 @@ mod tests {
         [(None, (0..samples).collect()), (Some(drop), kept)]
     }
 
+    /// Asserts that two backward passes gave every var a non-zero f32 gradient with the same bits.
+    fn assert_same_gradients(
+        g16: &candle_core::backprop::GradStore,
+        g32: &candle_core::backprop::GradStore,
+        vars: &[(&str, &Var)],
+        what: &str,
+    ) -> Result<()> {
+        for &(name, v) in vars {
+            let (a, b) = (g16.get(v).unwrap(), g32.get(v).unwrap());
+            assert_eq!(a.dtype(), DType::F32, "{name} gradient dtype: {what}");
+            assert!(max_diff(b, &b.zeros_like()?) > 0.0, "{name}: {what}");
+            assert_eq!(max_diff(a, b), 0.0, "{name} gradient: {what}");
+        }
+        Ok(())
+    }
+
     fn kept_sample_rows(m: &Tensor, samples: usize, kept: &[usize]) -> Result<Tensor> {
         let (r, c) = m.dims2()?;
         let t = r / samples;
@@ -2308,12 +2324,7 @@ mod tests {
                     if mlp {
                         vars.extend([("w2", &w2), ("b2", &b2)]);
                     }
-                    for (name, v) in vars {
-                        let (a, b) = (g16.get(v).unwrap(), g32.get(v).unwrap());
-                        assert_eq!(a.dtype(), DType::F32, "{name} gradient dtype: {what}");
-                        assert!(max_diff(b, &b.zeros_like()?) > 0.0, "{name}: {what}");
-                        assert_eq!(max_diff(a, b), 0.0, "{name} gradient: {what}");
-                    }
+                    assert_same_gradients(&g16, &g32, &vars, &what)?;
                 }
             }
         }
@@ -2371,12 +2382,8 @@ mod tests {
                 let up = Tensor::from_vec(pattern(y32.elem_count(), 25), y32.shape(), &dev)?;
                 let g16 = (&y16 * &up)?.sum_all()?.backward()?;
                 let g32 = (&y32 * &up)?.sum_all()?.backward()?;
-                for (name, v) in [("x", &x), ("qkv", &qkv), ("w", &w), ("b", &b)] {
-                    let (a, c) = (g16.get(v).unwrap(), g32.get(v).unwrap());
-                    assert_eq!(a.dtype(), DType::F32, "{name} gradient dtype: {what}");
-                    assert!(max_diff(c, &c.zeros_like()?) > 0.0, "{name}: {what}");
-                    assert_eq!(max_diff(a, c), 0.0, "{name} gradient: {what}");
-                }
+                let vars = [("x", &x), ("qkv", &qkv), ("w", &w), ("b", &b)];
+                assert_same_gradients(&g16, &g32, &vars, &what)?;
             }
         }
         Ok(())
@@ -2440,17 +2447,14 @@ mod tests {
                 assert_eq!(max_diff(&n16, &y32), 0.0, "forward without a graph {what}");
                 let g16 = (&y16 * &up)?.sum_all()?.backward()?;
                 let g32 = (&y32 * &up)?.sum_all()?.backward()?;
-                for (name, v) in [
+                let vars = [
                     ("x", &x),
                     ("w1", &w1),
                     ("b1", &b1),
                     ("w2", &w2),
                     ("b2", &b2),
-                ] {
-                    let (a, b) = (g16.get(v).unwrap(), g32.get(v).unwrap());
-                    assert_eq!(a.dtype(), DType::F32, "{name} gradient dtype: {what}");
-                    assert_eq!(max_diff(a, b), 0.0, "{name} gradient: {what}");
-                }
+                ];
+                assert_same_gradients(&g16, &g32, &vars, &what)?;
             }
         }
         Ok(())
