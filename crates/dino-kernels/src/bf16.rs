@@ -603,13 +603,24 @@ pub(crate) unsafe fn gemm_rows(
     ldc: usize,
     accumulate: bool,
 ) {
-    gemm_rows_src(m, n, k, Rows::F32(a), b, c, ldc, accumulate)
+    gemm_rows_src(
+        m,
+        n,
+        k,
+        Rows::F32(a),
+        b,
+        c,
+        ldc,
+        crate::amx::Init::accumulating(accumulate),
+    )
 }
 
-/// [`gemm_rows`] with a left operand in f32 or bf16 ([`Rows`]).
+/// [`gemm_rows`] with a left operand in f32 or bf16 ([`Rows`]), the product started from `init`: zeros, `c`'s
+/// contents, or a bias row on every row (`c = a · b + bias`). The AMX kernel starts its tiles from the bias
+/// row; the other kernels write the bias rows into `c` and accumulate onto them.
 ///
 /// # Safety
-/// As [`gemm`].
+/// As [`gemm`]; a bias holds `n` values.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_rows_src(
     m: usize,
@@ -619,22 +630,25 @@ pub(crate) unsafe fn gemm_rows_src(
     b: &Packed,
     c: *mut f32,
     ldc: usize,
-    accumulate: bool,
+    init: crate::amx::Init,
 ) {
-    if b.amx && b.kp == 0 {
+    if b.amx && b.kp > 0 {
+        return amx_rows(m, n, k, a, b, c, ldc, init);
+    }
+    if let crate::amx::Init::Bias(bias) = init {
+        assert!(
+            bias.len() >= n,
+            "bf16 GEMM: a bias of {} values for {n} columns",
+            bias.len()
+        );
+        for i in 0..m {
+            std::ptr::copy_nonoverlapping(bias.as_ptr(), c.add(i * ldc), n);
+        }
+    }
+    let accumulate = !matches!(init, crate::amx::Init::Zero);
+    if b.amx {
         // An empty k: `gemm` zeroes `c` (or leaves it, accumulating).
         gemm(m, n, &Lhs::Tiles(&[], 0), b, c, ldc, accumulate)
-    } else if b.amx {
-        amx_rows(
-            m,
-            n,
-            k,
-            a,
-            b,
-            c,
-            ldc,
-            crate::amx::Init::accumulating(accumulate),
-        )
     } else {
         let (rows, kp) = pack_rows(&a.to_f32(0..m * k), m, k, k);
         gemm(m, n, &Lhs::Rows(&rows, kp), b, c, ldc, accumulate)
@@ -649,7 +663,7 @@ fn check_tiles(m: usize, d: &[u32], kp: usize, b: &Packed) {
     );
 }
 
-/// The AMX path of [`gemm_rows`] and [`gemm_rows_bias`]: a block of rows at a time, packed into this thread's
+/// The AMX path of [`gemm_rows_src`]: a block of rows at a time, packed into this thread's
 /// buffer and multiplied while it is in cache, the tiles of `c` started from `init`.
 ///
 /// # Safety
@@ -675,32 +689,6 @@ unsafe fn amx_rows(
             crate::amx::gemm(rows, n, buf.as_ptr(), b, c.add(r0 * ldc), ldc, init)
         }
     })
-}
-
-/// [`gemm_rows_src`] onto a bias: `c (m, n) = a (m, k) · b (k, n) + bias` on every row. The AMX kernel starts its
-/// tiles from the bias row; the other kernels write the bias rows into `c` and accumulate onto them.
-///
-/// # Safety
-/// As [`gemm`]; `bias` holds `n` values.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_rows_bias(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Rows,
-    b: &Packed,
-    c: *mut f32,
-    ldc: usize,
-    bias: &[f32],
-) {
-    if b.amx && b.kp > 0 {
-        amx_rows(m, n, k, a, b, c, ldc, crate::amx::Init::Bias(bias))
-    } else {
-        for i in 0..m {
-            std::ptr::copy_nonoverlapping(bias.as_ptr(), c.add(i * ldc), n);
-        }
-        gemm_rows_src(m, n, k, a, b, c, ldc, true)
-    }
 }
 
 /// `c (m, n) [+]= aᵀ b` for row-major `a (k, m)` and `b (k, n)` (row strides `lda`, `ldb`; e.g. a block's
@@ -1522,11 +1510,11 @@ mod tests {
         with_bf16_gemm(Bf16Gemm::Amx, || check_kernel(Bf16Gemm::Amx));
     }
 
-    /// `gemm_rows_bias` (the AMX tiles started from the bias row) against `gemm_rows` accumulating onto rows
+    /// `gemm_rows_src` from a bias (the AMX tiles started from the bias row) against `gemm_rows` accumulating onto rows
     /// that hold the bias: the same bits, on each kernel, over whole and partial 32 x 32 blocks and an empty k
     /// (the bias alone).
     #[test]
-    fn gemm_rows_bias_equals_accumulating_onto_bias_rows() {
+    fn gemm_rows_from_a_bias_equals_accumulating_onto_bias_rows() {
         if !supported() {
             eprintln!("BF16 GEMM TEST NOT RUN: this CPU has no AVX-512 BF16");
             return;
@@ -1556,7 +1544,8 @@ mod tests {
                     // SAFETY: a is (m, k), b packed (k, n), got and want (m, n), bias n values; the CPU has
                     // the kernel (checked above).
                     unsafe {
-                        gemm_rows_bias(m, n, k, Rows::F32(&a), &b, got.as_mut_ptr(), n, &bias);
+                        let init = crate::amx::Init::Bias(&bias);
+                        gemm_rows_src(m, n, k, Rows::F32(&a), &b, got.as_mut_ptr(), n, init);
                         gemm_rows(m, n, k, &a, &b, want.as_mut_ptr(), n, true);
                     }
                     assert!(

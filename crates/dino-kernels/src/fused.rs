@@ -394,7 +394,7 @@ fn linear_gelu_fwd_bf16_out(
                 &wp,
                 pb.as_mut_ptr(),
                 out,
-                false,
+                crate::amx::Init::Zero,
             )
         }
         let mut row = vec![0f32; out];
@@ -906,14 +906,8 @@ fn linear_fwd_bf16(
             // SAFETY: bf16 is supported (checked when the op was built); yb is this block's own (rows, out);
             // the bias has `out` values.
             unsafe {
-                match b {
-                    Some(b) => {
-                        bf16::gemm_rows_bias(rows, out, inp, xb, &wp, yb.as_mut_ptr(), out, b)
-                    }
-                    None => {
-                        bf16::gemm_rows_src(rows, out, inp, xb, &wp, yb.as_mut_ptr(), out, false)
-                    }
-                }
+                let init = b.map_or(crate::amx::Init::Zero, crate::amx::Init::Bias);
+                bf16::gemm_rows_src(rows, out, inp, xb, &wp, yb.as_mut_ptr(), out, init)
             }
         });
     y
@@ -1710,7 +1704,7 @@ impl LinearResidualOp {
                                         wp,
                                         dst,
                                         d,
-                                        p.is_none(),
+                                        crate::amx::Init::accumulating(p.is_none()),
                                     )
                                 }
                                 if let Some(p) = p {
@@ -2215,13 +2209,28 @@ mod tests {
         [(None, (0..samples).collect()), (Some(drop), kept)]
     }
 
-    /// Asserts that two backward passes gave every var a non-zero f32 gradient with the same bits.
-    fn assert_same_gradients(
-        g16: &candle_core::backprop::GradStore,
-        g32: &candle_core::backprop::GradStore,
+    /// Asserts that `chain(true)`, which stores one of its activations in bf16 for bf16 products, changes no bit
+    /// against `chain(false)`, which stores it in f32: `chain` returns its output and that activation's dtype
+    /// (bf16, then f32); the outputs, with and without a graph, are equal, and so are the gradients of a
+    /// weighted sum of them, non-zero and f32, for every var.
+    fn assert_bf16_storage_changes_no_bit(
+        chain: impl Fn(bool) -> Result<(Tensor, DType)>,
         vars: &[(&str, &Var)],
         what: &str,
     ) -> Result<()> {
+        let (y16, dt) = chain(true)?;
+        let (y32, dt32) = chain(false)?;
+        assert_eq!(
+            (dt, dt32),
+            (DType::BF16, DType::F32),
+            "stored dtypes: {what}"
+        );
+        assert_eq!(max_diff(&y16, &y32), 0.0, "forward {what}");
+        let (n16, _) = no_grad(|| chain(true))?;
+        assert_eq!(max_diff(&n16, &y32), 0.0, "forward without a graph {what}");
+        let up = Tensor::from_vec(pattern(y32.elem_count(), 18), y32.shape(), y32.device())?;
+        let g16 = (&y16 * &up)?.sum_all()?.backward()?;
+        let g32 = (&y32 * &up)?.sum_all()?.backward()?;
         for &(name, v) in vars {
             let (a, b) = (g16.get(v).unwrap(), g32.get(v).unwrap());
             assert_eq!(a.dtype(), DType::F32, "{name} gradient dtype: {what}");
@@ -2307,16 +2316,6 @@ mod tests {
                             Ok((y, xn.dtype()))
                         })
                     };
-                    let (y16, dt) = chain(true)?;
-                    let (y32, dt32) = chain(false)?;
-                    assert_eq!(dt, DType::BF16, "LayerNorm output not in bf16: {what}");
-                    assert_eq!(dt32, DType::F32, "{what}");
-                    assert_eq!(max_diff(&y16, &y32), 0.0, "forward {what}");
-                    let (n16, _) = no_grad(|| chain(true))?;
-                    assert_eq!(max_diff(&n16, &y32), 0.0, "forward without a graph {what}");
-                    let up = Tensor::from_vec(pattern(y32.elem_count(), 18), y32.shape(), &dev)?;
-                    let g16 = (&y16 * &up)?.sum_all()?.backward()?;
-                    let g32 = (&y32 * &up)?.sum_all()?.backward()?;
                     let mut vars = vec![("x", &x), ("ln w", &lw), ("ln b", &lb), ("w1", &w1)];
                     if bias {
                         vars.push(("b1", &b1));
@@ -2324,7 +2323,7 @@ mod tests {
                     if mlp {
                         vars.extend([("w2", &w2), ("b2", &b2)]);
                     }
-                    assert_same_gradients(&g16, &g32, &vars, &what)?;
+                    assert_bf16_storage_changes_no_bit(chain, &vars, &what)?;
                 }
             }
         }
@@ -2373,17 +2372,8 @@ mod tests {
                         Ok((linear_residual(xt, &h, w, b, scales.clone())?, h.dtype()))
                     })
                 };
-                let (y16, dt) = branch(true)?;
-                let (y32, dt32) = branch(false)?;
-                assert_eq!((dt, dt32), (DType::BF16, DType::F32), "{what}");
-                assert_eq!(max_diff(&y16, &y32), 0.0, "forward {what}");
-                let (n16, _) = no_grad(|| branch(true))?;
-                assert_eq!(max_diff(&n16, &y32), 0.0, "forward without a graph {what}");
-                let up = Tensor::from_vec(pattern(y32.elem_count(), 25), y32.shape(), &dev)?;
-                let g16 = (&y16 * &up)?.sum_all()?.backward()?;
-                let g32 = (&y32 * &up)?.sum_all()?.backward()?;
                 let vars = [("x", &x), ("qkv", &qkv), ("w", &w), ("b", &b)];
-                assert_same_gradients(&g16, &g32, &vars, &what)?;
+                assert_bf16_storage_changes_no_bit(branch, &vars, &what)?;
             }
         }
         Ok(())
@@ -2412,7 +2402,6 @@ mod tests {
                 let b1 = Var::from_vec(pattern(hid, 3), hid, &dev)?;
                 let w2 = Var::from_vec(pattern(d * hid, 4), (d, hid), &dev)?;
                 let b2 = Var::from_vec(pattern(d, 5), d, &dev)?;
-                let up = Tensor::from_vec(pattern(r * d, 6), (r, d), &dev)?;
                 let what = format!("{samples}x{t}, {d} -> {hid}, scales {scales:?}");
                 // (output, h's dtype) of the branch with the hidden activations in bf16 or f32.
                 let branch = |bf16_out: bool| -> Result<(Tensor, DType)> {
@@ -2439,14 +2428,6 @@ mod tests {
                         Ok((y, h.dtype()))
                     })
                 };
-                let (y16, dt) = branch(true)?;
-                let (y32, _) = branch(false)?;
-                assert_eq!(dt, DType::BF16, "h not stored in bf16: {what}");
-                assert_eq!(max_diff(&y16, &y32), 0.0, "forward {what}");
-                let (n16, _) = no_grad(|| branch(true))?;
-                assert_eq!(max_diff(&n16, &y32), 0.0, "forward without a graph {what}");
-                let g16 = (&y16 * &up)?.sum_all()?.backward()?;
-                let g32 = (&y32 * &up)?.sum_all()?.backward()?;
                 let vars = [
                     ("x", &x),
                     ("w1", &w1),
@@ -2454,7 +2435,7 @@ mod tests {
                     ("w2", &w2),
                     ("b2", &b2),
                 ];
-                assert_same_gradients(&g16, &g32, &vars, &what)?;
+                assert_bf16_storage_changes_no_bit(branch, &vars, &what)?;
             }
         }
         Ok(())

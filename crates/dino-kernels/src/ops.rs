@@ -339,11 +339,11 @@ fn last_dim(shape: &Shape, op: &str) -> Result<(usize, usize)> {
 }
 
 /// Apply `f(first_row, in_chunk_rows_out)` over `out` split into row chunks, in parallel when large.
-pub(crate) fn for_row_chunks(
-    out: &mut [f32],
+pub(crate) fn for_row_chunks<T: Send>(
+    out: &mut [T],
     rows: usize,
     d: usize,
-    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) {
     if d == 0 || rows == 0 {
         return;
@@ -427,8 +427,8 @@ struct LayerNormOp {
 }
 
 /// [`for_row_chunks`] on a new `(rows, d)` output: f32, or with `bf16` each chunk computed by `f` in an f32
-/// scratch (at most [`rows_per_task`]'s 8192 values, in L1) and stored rounded to bf16 as the bf16 packings
-/// round.
+/// scratch (a parallel chunk's [`rows_per_task`] rows, about 8192 values; below [`PAR_MIN_ELEMS`] the one
+/// chunk) and stored rounded to bf16 as the bf16 packings round.
 fn row_chunks_out(
     rows: usize,
     d: usize,
@@ -441,20 +441,11 @@ fn row_chunks_out(
         return CpuStorage::F32(y);
     }
     let mut y = crate::bf16::uninit_bf16(rows * d);
-    let chunk = |r0: usize, yc: &mut [half::bf16]| {
+    for_row_chunks(&mut y, rows, d, |r0, yc| {
         let mut scratch = uninit_f32(yc.len());
         f(r0, &mut scratch);
         crate::bf16::round_to_bf16(&scratch, crate::bf16::bf16_bits_mut(yc));
-    };
-    if d == 0 || rows == 0 {
-    } else if rows * d < PAR_MIN_ELEMS {
-        chunk(0, &mut y);
-    } else {
-        let rpt = rows_per_task(rows, d);
-        y.par_chunks_mut(rpt * d)
-            .enumerate()
-            .for_each(|(ci, yc)| chunk(ci * rpt, yc));
-    }
+    });
     CpuStorage::BF16(y)
 }
 
@@ -665,7 +656,7 @@ impl CustomOp3 for LayerNormBwdOp {
 /// LayerNorm over the last dimension: `(x - mean) / sqrt(var + eps) * weight + bias` (biased variance, as
 /// PyTorch). `x`: `(..., D)`, `weight`, `bias`: `(D)`; returns the shape of `x`. Gradients flow to all three.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    layer_norm_impl(x, weight, bias, eps, false)
+    layer_norm_impl(x, weight, bias, eps, None, false)
 }
 
 /// [`layer_norm`] (with `kept` = `Some((samples, kept))`, [`layer_norm_kept`]) for an output that only bf16
@@ -680,44 +671,7 @@ pub fn layer_norm_bf16_out(
     eps: f64,
     kept: Option<(usize, &[usize])>,
 ) -> Result<Tensor> {
-    match kept {
-        None => layer_norm_impl(x, weight, bias, eps, true),
-        Some((samples, kept)) => layer_norm_kept_impl(x, weight, bias, eps, samples, kept, true),
-    }
-}
-
-/// Whether a LayerNorm output of `rows` rows for bf16 products is stored in bf16: those products run in bf16
-/// for that many rows (the test [`crate::fused`]'s linear layers make).
-fn bf16_output(bf16_out: bool, rows: usize) -> bool {
-    bf16_out && crate::bf16::use_bf16(crate::fused::matmul_precision(), rows)
-}
-
-fn layer_norm_impl(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-    bf16_out: bool,
-) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    if weight.dims() != [d] || bias.dims() != [d] {
-        candle_core::bail!(
-            "layer_norm: weight {:?} and bias {:?} must both be ({d}) to match x {:?}",
-            weight.dims(),
-            bias.dims(),
-            x.dims()
-        );
-    }
-    if cpu_f32_fast_path(&[x, weight, bias]) {
-        let op = LayerNormOp {
-            eps: eps as f32,
-            kept: None,
-            bf16_out: bf16_output(bf16_out, x.elem_count() / d.max(1)),
-        };
-        x.apply_op3(weight, bias, op)
-    } else {
-        candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32)
-    }
+    layer_norm_impl(x, weight, bias, eps, kept, true)
 }
 
 /// [`layer_norm`] of the rows of the samples `kept` (ascending) of `x` `(B*R, D)`, `B = samples`: `(K*R, D)`,
@@ -732,41 +686,60 @@ pub fn layer_norm_kept(
     samples: usize,
     kept: &[usize],
 ) -> Result<Tensor> {
-    layer_norm_kept_impl(x, weight, bias, eps, samples, kept, false)
+    layer_norm_impl(x, weight, bias, eps, Some((samples, kept)), false)
 }
 
-fn layer_norm_kept_impl(
+/// The three above: every row, or the rows of the kept samples; the output in bf16 with `bf16_out` where the
+/// products that read it run in bf16 for its rows (the test [`crate::fused`]'s linear layers make).
+fn layer_norm_impl(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
-    samples: usize,
-    kept: &[usize],
+    kept: Option<(usize, &[usize])>,
     bf16_out: bool,
 ) -> Result<Tensor> {
-    let fast = cpu_f32_fast_path(&[x, weight, bias]) && x.rank() == 2 && !kept.is_empty();
-    if !fast {
-        let xk = crate::fused::sample_rows(x, samples, kept)?;
-        return layer_norm_impl(&xk, weight, bias, eps, bf16_out);
-    }
-    let (rows, d) = x.dims2()?;
-    let per = crate::fused::rows_per_kept_sample(rows, samples, kept, "layer_norm_kept")?;
+    let name = if kept.is_some() {
+        "layer_norm_kept"
+    } else {
+        "layer_norm"
+    };
+    let fast = cpu_f32_fast_path(&[x, weight, bias]);
+    let kept = match kept {
+        Some((samples, k)) if !fast || x.rank() != 2 || k.is_empty() => {
+            let xk = crate::fused::sample_rows(x, samples, k)?;
+            return layer_norm_impl(&xk, weight, bias, eps, None, bf16_out);
+        }
+        Some((samples, k)) => {
+            let rows = x.dim(0)?;
+            let per = crate::fused::rows_per_kept_sample(rows, samples, k, name)?;
+            Some(KeptRows {
+                per,
+                samples,
+                kept: std::sync::Arc::new(k.to_vec()),
+            })
+        }
+        None => None,
+    };
+    let d = x.dim(D::Minus1)?;
     if weight.dims() != [d] || bias.dims() != [d] {
         candle_core::bail!(
-            "layer_norm_kept: weight {:?} and bias {:?} must both be ({d}) to match x {:?}",
+            "{name}: weight {:?} and bias {:?} must both be ({d}) to match x {:?}",
             weight.dims(),
             bias.dims(),
             x.dims()
         );
     }
+    if !fast {
+        return candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32);
+    }
+    let out_rows = kept
+        .as_ref()
+        .map_or(x.elem_count() / d.max(1), KeptRows::rows);
     let op = LayerNormOp {
         eps: eps as f32,
-        kept: Some(KeptRows {
-            per,
-            samples,
-            kept: std::sync::Arc::new(kept.to_vec()),
-        }),
-        bf16_out: bf16_output(bf16_out, kept.len() * per),
+        kept,
+        bf16_out: bf16_out && crate::bf16::use_bf16(crate::fused::matmul_precision(), out_rows),
     };
     x.apply_op3(weight, bias, op)
 }
