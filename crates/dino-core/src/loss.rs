@@ -13,7 +13,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor, D};
 
 use crate::kernels::{
-    dot_log_softmax, exp_f32, max_f32, par_fill, par_rows_mut, simd, sum_exp_scaled,
+    col_sums, dot_log_softmax, exp_f32, max_f32, par_fill, par_rows_mut, simd, sum_exp_scaled,
+    uninit_f32,
 };
 use crate::monitor::CollapseMetrics;
 use crate::schedule::teacher_temp_schedule;
@@ -339,7 +340,7 @@ impl DinoLoss {
         let rows = teacher.dim(0)?;
         let m = self.cfg.center_momentum;
         let world = crate::collective::world_size();
-        let sum = teacher.sum_keepdim(0)?;
+        let sum = batch_sum(teacher)?;
         let sum = if world > 1 {
             let mut v = sum.flatten_all()?.to_vec1::<f32>()?;
             crate::collective::current().all_reduce_sum_f32(&mut v)?;
@@ -697,6 +698,23 @@ impl DinoLossOp {
     }
 }
 
+/// `teacher.sum_keepdim(0)`, `(B, K)` -> `(1, K)`. On the CPU fast path the same sums in the same order
+/// ([`col_sums`], over the pool): candle's dim-0 sum is a strided loop on one thread, ~40 ms of the
+/// cifar/65536 step (128 x 65536) while the other cores wait.
+fn batch_sum(teacher: &Tensor) -> Result<Tensor> {
+    if !(cpu_fast_path(&[teacher]) && teacher.dtype() == DType::F32 && teacher.rank() == 2) {
+        return Ok(teacher.sum_keepdim(0)?);
+    }
+    let t = teacher.contiguous()?;
+    let (rows, k) = t.dims2()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*storage else {
+        return Ok(teacher.sum_keepdim(0)?);
+    };
+    let sums = col_sums(cpu_f32(s, layout, "teacher_output")?, rows, k);
+    Ok(Tensor::from_vec(sums, (1, k), teacher.device())?)
+}
+
 fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> candle_core::Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(v) => v.as_slice(),
@@ -727,8 +745,9 @@ impl CustomOp2 for DinoLossOp {
         if student.len() != n * b * k || teacher.len() != 2 * b * k || !center_ok {
             candle_core::bail!("dino loss: sizes do not match ncrops {n}, batch {b}, out_dim {k}");
         }
-        // Teacher: q = softmax((t - center) / T), as torch: subtract, divide, max, exp, normalise.
-        let mut q = vec![0f32; 2 * b * k];
+        // Teacher: q = softmax((t - center) / T), as torch: subtract, divide, max, exp, normalise. Every
+        // element of q is written below (a copy, or each row's first loop) before it is read.
+        let mut q = uninit_f32(2 * b * k);
         let center = &self.center;
         let tt = self.teacher_temp;
         if self.teacher_probs {
@@ -824,7 +843,8 @@ impl CustomOp2 for DinoLossOp {
         };
         let st = self.student_temp;
         let scale = g / (st * (b * self.n_terms()) as f32);
-        let mut grad = vec![0f32; n * b * k];
+        // Every row's first loop writes all of it before the targets' terms are added.
+        let mut grad = uninit_f32(n * b * k);
         par_rows_mut(&mut grad, k, |r, out| {
             simd!({
                 let (v, bi) = (r / b, r % b);
