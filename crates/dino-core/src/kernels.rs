@@ -260,66 +260,23 @@ pub(crate) fn dot_log_softmax(q: &[f32], x: &[f32], temp: f32, shift: f32) -> f6
     s
 }
 
-/// A vector of `n` f32 that the caller writes in full before reading any (the loss's `(rows, K)` buffers,
-/// filled row by row by [`par_rows_mut`]): a zero fill of the cifar/65536 gradient (134 MB) was a serial
-/// `memset` on the calling thread.
-#[allow(clippy::uninit_vec)]
-pub(crate) fn uninit_f32(n: usize) -> Vec<f32> {
-    let mut v = Vec::with_capacity(n);
-    // SAFETY: the capacity is n; f32 has no invalid bit patterns, and every caller overwrites all n elements
-    // before reading them (see each call site).
-    unsafe { v.set_len(n) };
-    v
-}
-
-/// Column sums of the row-major `(rows, cols)` matrix `x`: each column's rows added in order, from zero (the
-/// order, hence the bits, of candle's `sum_keepdim(0)`, which runs a strided index loop on one thread), the
-/// columns split across threads when the work is large.
-pub(crate) fn col_sums(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    assert_eq!(
-        x.len(),
-        rows * cols,
-        "col_sums: {} values for {rows} x {cols}",
-        x.len()
-    );
-    let mut out = vec![0f32; cols];
-    let sum_cols = |c0: usize, o: &mut [f32]| {
-        simd!({
-            for r in 0..rows {
-                let row = &x[r * cols + c0..r * cols + c0 + o.len()];
-                for (a, &v) in o.iter_mut().zip(row) {
-                    *a += v;
-                }
-            }
-        })
-    };
-    let threads = threads_for(cols, rows);
-    if threads <= 1 {
-        sum_cols(0, &mut out);
-        return out;
-    }
-    // Chunks of whole cache lines.
-    let chunk = cols.div_ceil(threads).div_ceil(16) * 16;
-    let sum_cols = &sum_cols;
-    rayon::scope(|sc| {
-        for (c, part) in out.chunks_mut(chunk).enumerate() {
-            sc.spawn(move |_| sum_cols(c * chunk, part));
-        }
-    });
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// `col_sums` is candle's `sum_keepdim(0)` to the bit (rows added in order; signed zeros, cancellations),
-    /// on one thread and split over columns.
+    /// candle's sum over leading dimensions (the centre's `(B, K) -> (1, K)` batch sum, a broadcast's backward
+    /// over the batch), which vendor/candle-core runs as in-order row additions: the bits of a direct in-order
+    /// loop (signed zeros, 1e8 cancellations), over one and over two leading dimensions.
     #[test]
-    fn col_sums_are_candles_dim0_sums_to_the_bit() {
+    fn leading_dim_sums_add_the_rows_in_order() {
         let dev = candle_core::Device::Cpu;
-        for &(rows, cols) in &[(1usize, 1usize), (3, 5), (128, 4099), (7, 70_000)] {
-            let x: Vec<f32> = (0..rows * cols)
+        for &(a, b, c) in &[
+            (1usize, 1usize, 1usize),
+            (3, 1, 5),
+            (128, 1, 4099),
+            (7, 3, 70_000),
+        ] {
+            let x: Vec<f32> = (0..a * b * c)
                 .map(|i| match i % 11 {
                     0 => -0.0,
                     1 => 1e8,
@@ -327,22 +284,33 @@ mod tests {
                     _ => ((i * 7919 % 1009) as f32 - 504.0) / 37.0,
                 })
                 .collect();
-            let want = candle_core::Tensor::from_vec(x.clone(), (rows, cols), &dev)
-                .unwrap()
-                .sum_keepdim(0)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let got = col_sums(&x, rows, cols);
-            assert_eq!(got.len(), cols);
-            for (j, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(
-                    g.to_bits(),
-                    w.to_bits(),
-                    "{rows}x{cols} column {j}: {g} vs {w}"
-                );
+            let t = candle_core::Tensor::from_vec(x.clone(), (a, b, c), &dev).unwrap();
+            let in_order = |rows: usize, n: usize| {
+                let mut acc = vec![0f32; n];
+                for r in 0..rows {
+                    for (s, &v) in acc.iter_mut().zip(&x[r * n..(r + 1) * n]) {
+                        *s += v;
+                    }
+                }
+                acc
+            };
+            for (dims, rows) in [(vec![0usize], a), (vec![0, 1], a * b)] {
+                let got = t
+                    .sum_keepdim(dims.clone())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let want = in_order(rows, x.len() / rows);
+                assert_eq!(got.len(), want.len());
+                for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "{a}x{b}x{c} over {dims:?} [{j}]: {g} vs {w}"
+                    );
+                }
             }
         }
     }

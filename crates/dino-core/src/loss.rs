@@ -13,13 +13,13 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor, D};
 
 use crate::kernels::{
-    col_sums, dot_log_softmax, exp_f32, max_f32, par_fill, par_rows_mut, simd, sum_exp_scaled,
-    uninit_f32,
+    dot_log_softmax, exp_f32, max_f32, par_fill, par_rows_mut, simd, sum_exp_scaled,
 };
 use crate::monitor::CollapseMetrics;
 use crate::schedule::teacher_temp_schedule;
 use crate::{Error, Result};
 use dino_kernels::dispatch::cpu_fast_path;
+use dino_kernels::ops::uninit_f32;
 
 /// Configuration of [`DinoLoss`]; field names and defaults follow `main_dino.DINOLoss` and its CLI.
 #[derive(Debug, Clone, PartialEq)]
@@ -340,7 +340,7 @@ impl DinoLoss {
         let rows = teacher.dim(0)?;
         let m = self.cfg.center_momentum;
         let world = crate::collective::world_size();
-        let sum = batch_sum(teacher)?;
+        let sum = teacher.sum_keepdim(0)?;
         let sum = if world > 1 {
             let mut v = sum.flatten_all()?.to_vec1::<f32>()?;
             crate::collective::current().all_reduce_sum_f32(&mut v)?;
@@ -696,23 +696,6 @@ impl DinoLossOp {
             _ => &[0, 1],
         }
     }
-}
-
-/// `teacher.sum_keepdim(0)`, `(B, K)` -> `(1, K)`. On the CPU fast path the same sums in the same order
-/// ([`col_sums`], over the pool): candle's dim-0 sum is a strided loop on one thread, ~40 ms of the
-/// cifar/65536 step (128 x 65536) while the other cores wait.
-fn batch_sum(teacher: &Tensor) -> Result<Tensor> {
-    if !(cpu_fast_path(&[teacher]) && teacher.dtype() == DType::F32 && teacher.rank() == 2) {
-        return Ok(teacher.sum_keepdim(0)?);
-    }
-    let t = teacher.contiguous()?;
-    let (rows, k) = t.dims2()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(s) = &*storage else {
-        return Ok(teacher.sum_keepdim(0)?);
-    };
-    let sums = col_sums(cpu_f32(s, layout, "teacher_output")?, rows, k);
-    Ok(Tensor::from_vec(sums, (1, k), teacher.device())?)
 }
 
 fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> candle_core::Result<&'a [f32]> {

@@ -254,9 +254,10 @@ fn sum_in_order(partials: Vec<Vec<f32>>, n: usize) -> Vec<f32> {
 }
 
 /// A vector of `n` f32 whose every element the caller writes before reading any (op outputs that a kernel or
-/// GEMM fills completely). Zero-filling them cost ~10% of a forward pass in `memset` and kernel page clearing.
+/// GEMM fills completely; dino-core's loss buffers, filled row by row). Zero-filling them cost ~10% of a forward
+/// pass in `memset` and kernel page clearing, and a serial 134 MB `memset` in the cifar/65536 loss.
 #[allow(clippy::uninit_vec)]
-pub(crate) fn uninit_f32(n: usize) -> Vec<f32> {
+pub fn uninit_f32(n: usize) -> Vec<f32> {
     let mut v = Vec::with_capacity(n);
     // SAFETY: the capacity is n; f32 has no invalid bit patterns, and every caller overwrites all n elements
     // before reading them (see each call site: a full-coverage kernel or a GEMM with `read_dst = false`).

@@ -900,12 +900,7 @@ impl VisionTransformer {
         let cls = self.cls_token.broadcast_as((b, 1, d))?;
         let tokens = Tensor::cat(&[&cls, &patches], 1)?;
         let pos = self.interpolate_pos_encoding(h, w)?;
-        // `tokens + pos` as a bias over the (B, T*D) rows: pos's gradient is then a parallel column sum, where
-        // candle's broadcast backward ran a strided dim-0 reduction on one thread (~0.5% of a cifar step's
-        // samples, with the other cores idle).
-        let t = tokens.dim(1)?;
-        let mut tokens = crate::ops::add_bias(&tokens.reshape((b, t * d))?, &pos.reshape(t * d)?)?
-            .reshape((b, t, d))?;
+        let mut tokens = tokens.broadcast_add(&pos)?;
         // dinov2: the registers go after the CLS token, after the positional embedding (they get none).
         if let Some(reg) = &self.register_tokens {
             let r = reg.dim(1)?;

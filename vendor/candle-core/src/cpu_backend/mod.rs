@@ -344,6 +344,20 @@ impl ReduceSum<'_> {
                     }
                     return Ok(dst);
                 };
+                // dino-rs: reducing over leading dimensions only (a `(B, K) -> (1, K)` sum, a broadcast's
+                // backward over the batch) adds the rows in memory order, as the loop below does, without
+                // its divide and modulo per element (`dst_index` is the index modulo `dst.len()`).
+                let reduce_over_first_dims =
+                    self.reduce_dims.iter().enumerate().all(|(i, &v)| v == i);
+                if reduce_over_first_dims && !dst.is_empty() {
+                    let n = dst.len();
+                    for row in src.chunks_exact(n) {
+                        for (d, &s) in dst.iter_mut().zip(row) {
+                            *d += s;
+                        }
+                    }
+                    return Ok(dst);
+                }
                 for (unstr_index, &src) in src.iter().enumerate() {
                     let mut dst_index = unstr_index;
                     // Set the reduce_dims indexes to 0.
