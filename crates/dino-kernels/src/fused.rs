@@ -229,6 +229,41 @@ fn linear_fwd(
 ) -> Vec<f32> {
     let mut y = crate::ops::uninit_f32(r * out);
     let threads = rayon::current_num_threads();
+    if threads > 1 && wide(r, out) && r >= 64 * threads {
+        // Each pool thread takes a slice of the outputs for every row (see `wide`; with fewer rows gemm's own
+        // threads split the whole product).
+        let yp = y.as_mut_ptr() as usize;
+        (0..threads).into_par_iter().for_each(|i| {
+            let (c0, c1) = part(out, threads, i);
+            for (s0, sn) in row_blocks(r).into_iter().filter(|_| c1 > c0) {
+                let yb = (yp as *mut f32).wrapping_add(s0 * out + c0);
+                // SAFETY: x is (r, inp), W (out, inp) is read at rows c0..c1, and columns c0..c1 of y's rows
+                // s0..s0+sn are this task's own.
+                unsafe {
+                    if let Some(b) = b {
+                        for row in 0..sn {
+                            std::ptr::copy_nonoverlapping(
+                                b[c0..].as_ptr(),
+                                yb.add(row * out),
+                                c1 - c0,
+                            );
+                        }
+                    }
+                    gemm_strided(
+                        sn,
+                        c1 - c0,
+                        inp,
+                        (yb, 1, out as isize),
+                        b.is_some(),
+                        (x[s0 * inp..].as_ptr(), 1, inp as isize),
+                        (w[c0 * inp..].as_ptr(), inp as isize, 1),
+                        Parallelism::None,
+                    )
+                }
+            }
+        });
+        return y;
+    }
     // Row blocks, one single-threaded GEMM (bias first) per pool thread: no synchronisation inside a GEMM.
     let rows_per = if threads > 1 && r >= 64 * threads {
         r.div_ceil(threads)
@@ -476,6 +511,72 @@ unsafe fn dw_rows(
     )
 }
 
+/// Bytes of one block of `gᵀ` that [`dw_cols_t`] transposes before its product (it stays in L2 while gemm
+/// packs it). One thread, the head's `dW` (`(32,768, 256)` of 512 rows): 118 / 127 / 131 / 131 / 132 GFLOP/s
+/// with blocks of 128 KiB / 256 KiB / 512 KiB / 1 MiB / 4 MiB; 64 rows: 102 / 104 / 100-102 / 98-101 / 93-97.
+const DW_T_BLOCK_BYTES: usize = 512 << 10;
+
+/// Rows of `g` (the products' k) in one block of [`dw_cols_t`].
+const DW_T_BLOCK_K: usize = 512;
+
+/// Outputs from which a layer with fewer rows than outputs is "wide" (the DINO head's layers; see [`wide`]).
+const WIDE_MIN_OUT: usize = 1024;
+
+/// Whether the f32 products of a layer of `r` rows and `out` outputs take the wide layer's splits: the forward
+/// pass and `dx = g W` split over the outputs (each pool thread packs its own slice of `W`, where a split by
+/// rows has every thread pack all of it: 64 MiB for the head's 65,536 x 256), and `dW = gᵀ x` through
+/// [`dw_cols_t`]'s transposed blocks of `g` (gemm multiplies a strided `gᵀ` in place, a cache line per k step
+/// `out` values apart). One thread, half of the head's 256 -> 65,536 layer (512 rows): `dW` 87-89 -> 129-132
+/// GFLOP/s (transposes included), the forward 128-129 -> 140-141, `dx` 143 -> 146-148; 128 and 64 rows gain
+/// more (forward 86 -> 110-113, `dx` 59-61 -> 87-89).
+fn wide(r: usize, out: usize) -> bool {
+    out >= WIDE_MIN_OUT && r < out
+}
+
+/// `dW[i][j] (+)= Σ_l g[l][i] x[l][j]` for the dW rows `i` in `rows` and columns `j` in `cols`, over the rows
+/// `l` in `ks` of `g` `(_, out)` and `x` `(_, inp)`: `g`'s columns are transposed in blocks (at most
+/// [`DW_T_BLOCK_K`] of its rows, about [`DW_T_BLOCK_BYTES`]) into a row-major scratch, each multiplied while
+/// it is in cache; the first block of rows overwrites `dW`, the later ones add to it.
+///
+/// # Safety
+/// The pointers must be valid for those matrices, `dw` `(out, inp)` rows `rows` at columns `cols` must be the
+/// caller's own, and [`crate::small_gemm::available`] must be true.
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw_cols_t(
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    ks: std::ops::Range<usize>,
+    out: usize,
+    inp: usize,
+    dw: *mut f32,
+    g: *const f32,
+    x: *const f32,
+) {
+    let kb = DW_T_BLOCK_K.min(ks.len()).max(1);
+    let mb = (DW_T_BLOCK_BYTES / (4 * kb))
+        .next_multiple_of(16)
+        .min(rows.len())
+        .max(1);
+    let mut scratch = ops::uninit_f32(mb * kb);
+    for l0 in ks.clone().step_by(kb) {
+        let kn = kb.min(ks.end - l0);
+        for i0 in rows.clone().step_by(mb) {
+            let n = mb.min(rows.end - i0);
+            crate::small_gemm::transpose_into(g.add(l0 * out + i0), kn, n, out, &mut scratch);
+            gemm_strided(
+                n,
+                cols.len(),
+                kn,
+                (dw.add(i0 * inp + cols.start), 1, inp as isize),
+                l0 > ks.start,
+                (scratch.as_ptr(), 1, kn as isize),
+                (x.add(l0 * inp + cols.start), 1, inp as isize),
+                Parallelism::None,
+            )
+        }
+    }
+}
+
 /// Adds the per-task partials to `acc`, in task order (the same sum whatever rayon's scheduling).
 fn add_partials<'a>(acc: &mut [f32], partials: impl IntoIterator<Item = &'a [f32]>) {
     for p in partials {
@@ -627,6 +728,8 @@ impl CustomOp3 for LinearGradOp {
         // e.g. 80 rows against 65536 outputs) by the longer side of dW itself, with no partials to add.
         let k_split = parts > 1 && r >= out;
         let split_rows = out >= inp;
+        // Wide layers (the head's) multiply a row-major copy of gᵀ, block by block (see `wide`).
+        let transpose_g = wide(r, out) && crate::small_gemm::available();
         let partials_n = if k_split { parts - 1 } else { 0 };
         let mut partials: Vec<Vec<f32>> = (0..partials_n)
             .map(|_| ops::uninit_f32(out * inp))
@@ -636,6 +739,16 @@ impl CustomOp3 for LinearGradOp {
             .map(|p| p.as_mut_ptr() as usize)
             .collect();
         let need_dx = self.need_dx;
+        // dx of a wide layer split over its outputs (the products' k; see `wide`), task 0 into dx and task i > 0
+        // into partial i - 1, added in task order.
+        let dx_k_split = need_dx && parts > 1 && wide(r, out);
+        let mut dx_partials: Vec<Vec<f32>> = (0..if dx_k_split { parts - 1 } else { 0 })
+            .map(|_| ops::uninit_f32(r * inp))
+            .collect();
+        let dx_partial_ptrs: Vec<usize> = dx_partials
+            .iter_mut()
+            .map(|p| p.as_mut_ptr() as usize)
+            .collect();
         let job = |i: usize| {
             let par = |m, n, k| {
                 if parts > 1 {
@@ -645,7 +758,34 @@ impl CustomOp3 for LinearGradOp {
                 }
             };
             let (x0, x1) = part(r, parts, i);
-            if need_dx && x1 > x0 {
+            if dx_k_split {
+                let dst = if i == 0 {
+                    dxp as *mut f32
+                } else {
+                    dx_partial_ptrs[i - 1] as *mut f32
+                };
+                let (k0, k1) = part(out, parts, i);
+                for (s0, sn) in row_blocks(r) {
+                    // SAFETY: g is (r, out) and W (out, inp), read at columns / rows k0..k1; dst is this task's
+                    // own (r, inp) buffer.
+                    unsafe {
+                        if k1 > k0 {
+                            gemm_strided(
+                                sn,
+                                inp,
+                                k1 - k0,
+                                (dst.add(s0 * inp), 1, inp as isize),
+                                false,
+                                ((gp as *const f32).add(s0 * out + k0), 1, out as isize),
+                                ((wp as *const f32).add(k0 * inp), 1, inp as isize),
+                                Parallelism::None,
+                            )
+                        } else {
+                            std::ptr::write_bytes(dst.add(s0 * inp), 0, sn * inp)
+                        }
+                    }
+                }
+            } else if need_dx && x1 > x0 {
                 for (s0, sn) in row_blocks(x1 - x0) {
                     let r0 = x0 + s0;
                     // SAFETY: g is (r, out), w is (out, inp), dx is (r, inp); rows r0..r0+sn of dx are this
@@ -678,6 +818,28 @@ impl CustomOp3 for LinearGradOp {
                     } else {
                         (lo, 0, lo)
                     };
+                    if transpose_g {
+                        let (rows, cols) = if split_rows {
+                            (lo..hi, 0..inp)
+                        } else {
+                            (0..out, lo..hi)
+                        };
+                        // SAFETY: g is (r, out), x is (r, inp), dw is (out, inp) and the block [rows lo..hi or
+                        // columns lo..hi] is this task's own; `transpose_g` checked small_gemm::available().
+                        unsafe {
+                            dw_cols_t(
+                                rows,
+                                cols,
+                                0..r,
+                                out,
+                                inp,
+                                dwp as *mut f32,
+                                gp as *const f32,
+                                xp as *const f32,
+                            )
+                        }
+                        return;
+                    }
                     // SAFETY: gᵀ is read through strides from the (r, out) g; x is (r, inp); dw is (out, inp)
                     // and the block [rows lo..hi or columns lo..hi] is this task's own.
                     unsafe {
@@ -727,6 +889,7 @@ impl CustomOp3 for LinearGradOp {
             job(0);
         }
         add_partials(&mut dw, partials.iter().map(Vec::as_slice));
+        add_partials(&mut dx, dx_partials.iter().map(Vec::as_slice));
         self.finish(dx, dw, r, inp)
     }
 }
@@ -2588,6 +2751,113 @@ mod tests {
         assert!(sample_rows(&x, 3, &[2, 0]).is_err());
         assert!(sample_rows(&x, 3, &[3]).is_err());
         assert!(sample_rows(&x, 4, &[0]).is_err());
+        Ok(())
+    }
+
+    /// Wide layers (fewer rows than outputs, at least `WIDE_MIN_OUT` outputs: the forward and `dx` split over
+    /// the outputs, `dW` through transposed blocks of `g`) against an f64 reference, on 1, 2 and 3 pool
+    /// threads: more rows than one k block of `dw_cols_t` (its blocks accumulate) and several row blocks per
+    /// task with a partial last one, dW split by rows (`out >= inp`) and by columns, with and without a bias,
+    /// `x` with and without a gradient, and rows below the forward's split (gemm's own threads). Each value is
+    /// within `(k + 2) · 2^-24 · Σ|terms|` of the exact sum (f32 rounding over k terms; a misplaced block or a
+    /// lost partial is off by whole terms).
+    #[test]
+    fn wide_layers_match_an_f64_reference() -> Result<()> {
+        let dev = Device::Cpu;
+        // (rows, in, out): 600 rows > DW_T_BLOCK_K; 1030 outputs in blocks of 256 dW rows per k block.
+        let cases = [
+            (600usize, 19usize, WIDE_MIN_OUT + 6),
+            (40, WIDE_MIN_OUT + 76, WIDE_MIN_OUT + 6),
+            (130, 33, 2 * WIDE_MIN_OUT + 1),
+        ];
+        // `(value, Σ|terms|)` of `Σ_l a(l) b(l)` over `n` terms, in f64.
+        let dot = |n: usize, a: &dyn Fn(usize) -> f64, b: &dyn Fn(usize) -> f64| {
+            (0..n).fold((0.0, 0.0), |(v, m), l| {
+                (v + a(l) * b(l), m + (a(l) * b(l)).abs())
+            })
+        };
+        let check = |what: &str, got: &[f32], want: &[(f64, f64)], k: usize| {
+            assert_eq!(got.len(), want.len(), "{what}: length");
+            let u = (k + 2) as f64 * 2f64.powi(-24);
+            for (i, (&g, &(v, m))) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (g as f64 - v).abs() <= u * m + 1e-30,
+                    "{what}[{i}]: {g} vs {v} (terms {m})"
+                );
+            }
+        };
+        for threads in [1usize, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            for &(r, inp, out) in &cases {
+                assert!(wide(r, out));
+                for (with_bias, x_is_var) in [(true, true), (false, false)] {
+                    let (xs, ws, bs, ups) = (
+                        pattern(r * inp, 11),
+                        pattern(out * inp, 12),
+                        pattern(out, 13),
+                        pattern(r * out, 14),
+                    );
+                    let xv = Var::from_vec(xs.clone(), (r, inp), &dev)?;
+                    let x = if x_is_var {
+                        xv.as_tensor().clone()
+                    } else {
+                        xv.as_tensor().detach()
+                    };
+                    let w = Var::from_vec(ws.clone(), (out, inp), &dev)?;
+                    let b = Var::from_vec(bs.clone(), out, &dev)?;
+                    let up = Tensor::from_vec(ups.clone(), (r, out), &dev)?;
+                    let bias = with_bias.then(|| b.as_tensor());
+                    let (y, grads) = pool.install(|| -> Result<_> {
+                        let y = linear(&x, w.as_tensor(), bias)?;
+                        let grads = (&y * &up)?.sum_all()?.backward()?;
+                        Ok((y, grads))
+                    })?;
+                    let f = |v: &[f32], i: usize| v[i] as f64;
+                    let what = |t: &str| format!("{t} ({r}x{inp}->{out}, {threads} threads)");
+                    let want_y: Vec<(f64, f64)> = (0..r * out)
+                        .map(|e| {
+                            let (i, j) = (e / out, e % out);
+                            let (v, m) =
+                                dot(inp, &|l| f(&xs, i * inp + l), &|l| f(&ws, j * inp + l));
+                            let bj = if with_bias { bs[j] as f64 } else { 0.0 };
+                            (v + bj, m + bj.abs())
+                        })
+                        .collect();
+                    let yv = y.flatten_all()?.to_vec1::<f32>()?;
+                    check(&what("y"), &yv, &want_y, inp + 1);
+                    let want_dw: Vec<(f64, f64)> = (0..out * inp)
+                        .map(|e| {
+                            let (j, c) = (e / inp, e % inp);
+                            dot(r, &|l| f(&ups, l * out + j), &|l| f(&xs, l * inp + c))
+                        })
+                        .collect();
+                    let dw = grads.get(&w).unwrap().flatten_all()?.to_vec1::<f32>()?;
+                    check(&what("dW"), &dw, &want_dw, r);
+                    if x_is_var {
+                        let want_dx: Vec<(f64, f64)> = (0..r * inp)
+                            .map(|e| {
+                                let (i, c) = (e / inp, e % inp);
+                                dot(out, &|j| f(&ups, i * out + j), &|j| f(&ws, j * inp + c))
+                            })
+                            .collect();
+                        let dx = grads.get(&xv).unwrap().flatten_all()?.to_vec1::<f32>()?;
+                        check(&what("dx"), &dx, &want_dx, out);
+                    } else {
+                        assert!(grads.get(&xv).is_none());
+                    }
+                    if with_bias {
+                        let want_db: Vec<(f64, f64)> = (0..out)
+                            .map(|j| dot(r, &|l| f(&ups, l * out + j), &|_| 1.0))
+                            .collect();
+                        let db = grads.get(&b).unwrap().to_vec1::<f32>()?;
+                        check(&what("db"), &db, &want_db, r);
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
