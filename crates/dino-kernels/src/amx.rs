@@ -73,8 +73,19 @@ impl Init<'_> {
     }
 }
 
+/// The left operand of [`gemm`]: where row `i`'s pair `p` lies.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Lhs {
+    /// AMX tiles from [`crate::bf16::pack_tiles`] (or [`crate::bf16::LhsT`]), `b.kp` pairs per row: 16-row
+    /// blocks of 1 KiB tiles along k, each tile load one contiguous KiB.
+    Tiles(*const u32),
+    /// Row-major bf16 rows as they are (row `i` at `ptr + i * row_bytes`, `b.kp` pairs each, not padded):
+    /// each tile load reads 64 bytes of 16 rows. `m` must be a multiple of 32 (no partial tiles).
+    Rows(*const u32, usize),
+}
+
 /// `c (m, n) [+]= a (m, k) · b (k, n)`: `a` packed in AMX tiles by [`crate::bf16::pack_tiles`] (or
-/// [`crate::bf16::LhsT`]) with `b.kp` pairs per row, `b` packed in [`NR`]-column panels with `b.kp` a
+/// [`crate::bf16::LhsT`]) with `b.kp` pairs per row, or bf16 rows as they are ([`Lhs`]), `b` packed in [`NR`]-column panels with `b.kp` a
 /// multiple of [`KP_STEP`]. The tiles of `c` start from `init`: zeros, `c`'s contents (the product is added
 /// to `c`) or a bias row.
 ///
@@ -85,11 +96,12 @@ impl Init<'_> {
 /// # Safety
 /// [`available`] must be true and `b.kp` non-zero (an empty k is [`crate::bf16::gemm`]'s); `c` valid for `m`
 /// rows of `n` values at stride `ldc`, not aliasing the operands; `a` valid for `m.next_multiple_of(TILE) *
-/// b.kp` values; a bias holds at least `n` values.
+/// b.kp` values (tiles) or for `m` rows of `b.kp` pairs (rows, `m` a multiple of 32); a bias holds at least `n`
+/// values.
 pub(crate) unsafe fn gemm(
     m: usize,
     n: usize,
-    a: *const u32,
+    a: Lhs,
     b: &Packed,
     c: *mut f32,
     ldc: usize,
@@ -105,9 +117,26 @@ pub(crate) unsafe fn gemm(
     }
     let kp = b.kp;
     debug_assert!(kp > 0 && kp.is_multiple_of(KP_STEP) && b.width == NR);
+    if let Lhs::Rows(..) = a {
+        assert!(
+            m.is_multiple_of(32),
+            "AMX GEMM: {m} rows of a row-major left operand (whole 32-row blocks only)"
+        );
+    }
     if m == 0 || n == 0 {
         return;
     }
+    // Where the tile of rows `ib..` at pair `p0` starts, the byte stride of its rows, the bytes from one tile
+    // step to the next along k, and from its first 16 rows to the next 16.
+    let a_at = |ib: usize, p0: usize| match a {
+        Lhs::Tiles(p) => (p.add(ib * kp + p0 * TILE), 64, 1024, kp * TILE * 4),
+        Lhs::Rows(p, row_bytes) => (
+            p.byte_add(ib * row_bytes + p0 * 4),
+            row_bytes,
+            64,
+            TILE * row_bytes,
+        ),
+    };
     x86::load_config();
     let mut buf = x86::Block([0.0; 32 * 32]);
     let panels = n.div_ceil(NR);
@@ -125,7 +154,7 @@ pub(crate) unsafe fn gemm(
                     let rows = 32.min(i1 - ib);
                     let two = rows > TILE;
                     // Row block ib / 16, tile p0 / 16 (see pack_tiles).
-                    let ap = a.add(ib * kp + p0 * TILE);
+                    let (ap, lda, a_step, a_next) = a_at(ib, p0);
                     let cp = c.add(ib * ldc + jp * NR);
                     let whole = rows == 32 && cols == NR;
                     if overwrite {
@@ -148,7 +177,7 @@ pub(crate) unsafe fn gemm(
                         x86::read_in(buf.0.as_mut_ptr(), rows, cols, cp, ldc);
                         x86::init_load(two, buf.0.as_ptr(), 128);
                     }
-                    x86::run(two, ap, kp * TILE * 4, bp, pn / KP_STEP);
+                    x86::run(two, (ap, lda, a_step, a_next), bp, pn / KP_STEP);
                     if whole {
                         x86::store(true, cp, ldc_bytes);
                     } else {
@@ -263,17 +292,18 @@ mod x86 {
         }
     }
 
-    /// Accumulate `steps` tile steps: `a` the first 1 KiB tile of 16 rows (and, with `two`, the next 16 rows'
-    /// at `a + block_bytes`), tiles 1 KiB apart along k; `b` a panel of 32 columns (128 bytes per pair row,
-    /// 2 KiB per step).
+    /// Accumulate `steps` tile steps: `a = (first, lda, step, next)`: the first tile of 16 rows (rows `lda`
+    /// bytes apart; with `two`, the next 16 rows' tile at `first + next`), tiles `step` bytes apart along k
+    /// (packed tiles: 64, 1 KiB, the block's bytes; rows as they are: the row's bytes, 64, 16 rows' bytes);
+    /// `b` a panel of 32 columns (128 bytes per pair row, 2 KiB per step).
     #[inline]
     pub(super) unsafe fn run(
         two: bool,
-        a: *const u32,
-        block_bytes: usize,
+        a: (*const u32, usize, usize, usize),
         b: *const u32,
         steps: usize,
     ) {
+        let (a, lda, a_step, a_next) = a;
         if two {
             asm!(
                 "2:",
@@ -285,16 +315,17 @@ mod x86 {
                 "tileloadd tmm5, [{a2} + {lda}*1]",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                "add {a}, 1024",
-                "add {a2}, 1024",
+                "add {a}, {step}",
+                "add {a2}, {step}",
                 "add {b}, 2048",
                 "dec {n}",
                 "jnz 2b",
                 a = inout(reg) a => _,
-                a2 = inout(reg) a.byte_add(block_bytes) => _,
+                a2 = inout(reg) a.byte_add(a_next) => _,
                 b = inout(reg) b => _,
                 n = inout(reg) steps => _,
-                lda = in(reg) 64usize,
+                step = in(reg) a_step,
+                lda = in(reg) lda,
                 ldb = in(reg) 128usize,
                 options(nostack, readonly),
             );
@@ -306,14 +337,15 @@ mod x86 {
                 "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
                 "tdpbf16ps tmm1, tmm4, tmm7",
-                "add {a}, 1024",
+                "add {a}, {step}",
                 "add {b}, 2048",
                 "dec {n}",
                 "jnz 2b",
                 a = inout(reg) a => _,
                 b = inout(reg) b => _,
                 n = inout(reg) steps => _,
-                lda = in(reg) 64usize,
+                step = in(reg) a_step,
+                lda = in(reg) lda,
                 ldb = in(reg) 128usize,
                 options(nostack, readonly),
             );
@@ -414,7 +446,13 @@ mod x86 {
     pub(super) unsafe fn init_load(_: bool, _: *const f32, _: usize) {}
     pub(super) unsafe fn read_in(_: *mut f32, _: usize, _: usize, _: *const f32, _: usize) {}
     pub(super) unsafe fn store(_: bool, _: *mut f32, _: usize) {}
-    pub(super) unsafe fn run(_: bool, _: *const u32, _: usize, _: *const u32, _: usize) {}
+    pub(super) unsafe fn run(
+        _: bool,
+        _: (*const u32, usize, usize, usize),
+        _: *const u32,
+        _: usize,
+    ) {
+    }
     pub(super) unsafe fn write_out(_: *const f32, _: usize, _: usize, _: *mut f32, _: usize) {}
     pub(super) unsafe fn ceiling_loop(_: u64) -> f64 {
         0.0

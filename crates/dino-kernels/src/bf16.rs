@@ -679,14 +679,32 @@ unsafe fn amx_rows(
     ldc: usize,
     init: crate::amx::Init,
 ) {
+    // bf16 rows whose k fills whole tile steps are read as they are, in whole 32-row blocks; the rest of the
+    // rows (or all of them) are packed a block at a time.
+    let mut r0 = 0;
+    if let Rows::Bf16(src) = a {
+        if k.is_multiple_of(2 * crate::amx::KP_STEP) && b.kp == k / 2 {
+            r0 = m / 32 * 32;
+            assert!(
+                src.len() >= r0 * k,
+                "AMX GEMM: {} bf16 values for {r0} rows of {k}",
+                src.len()
+            );
+            if r0 > 0 {
+                let lhs = crate::amx::Lhs::Rows(src.as_ptr() as *const u32, 2 * k);
+                crate::amx::gemm(r0, n, lhs, b, c, ldc, init)
+            }
+        }
+    }
     let chunk = amx_rows_chunk(b.kp);
     AMX_LHS.with(|buf| {
         let mut buf = buf.borrow_mut();
-        for r0 in (0..m).step_by(chunk) {
+        for r0 in (r0..m).step_by(chunk) {
             let rows = chunk.min(m - r0);
             let kp = pack_tiles_into(a.from(r0 * k), rows, k, k, &mut buf);
             check_tiles(rows, &buf, kp, b);
-            crate::amx::gemm(rows, n, buf.as_ptr(), b, c.add(r0 * ldc), ldc, init)
+            let lhs = crate::amx::Lhs::Tiles(buf.as_ptr());
+            crate::amx::gemm(rows, n, lhs, b, c.add(r0 * ldc), ldc, init)
         }
     })
 }
@@ -757,7 +775,7 @@ pub(crate) unsafe fn gemm(
         return crate::amx::gemm(
             m,
             n,
-            d.as_ptr(),
+            crate::amx::Lhs::Tiles(d.as_ptr()),
             b,
             c,
             ldc,
@@ -1508,6 +1526,57 @@ mod tests {
             return;
         }
         with_bf16_gemm(Bf16Gemm::Amx, || check_kernel(Bf16Gemm::Amx));
+    }
+
+    /// bf16 rows read in place by the AMX kernel (k a multiple of 32: whole 32-row blocks straight from the
+    /// rows, the rest packed) against the same values packed from f32: the same bits, from zeros, onto `c` and
+    /// from a bias, with no whole block, one, several past the row blocks at short and long k, a partial last
+    /// one, and k past one cache block (512 pairs).
+    #[test]
+    fn amx_reads_bf16_rows_in_place_with_the_packed_bits() {
+        if !crate::amx::available() {
+            eprintln!("AMX GEMM TEST NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
+            assert!(
+                std::env::var("DINO_REQUIRE_AMX").as_deref() != Ok("1"),
+                "DINO_REQUIRE_AMX=1 but AMX is unavailable"
+            );
+            return;
+        }
+        with_bf16_gemm(Bf16Gemm::Amx, || {
+            for &(m, n, k) in &[
+                (31usize, 20usize, 64usize),
+                (32, 33, 32),
+                (95, 70, 64),
+                (64, 64, 192),
+                (257, 96, 768),
+                (300, 40, 1056),
+            ] {
+                let a: Vec<f32> = pattern(m * k, 1).into_iter().map(round_bf16).collect();
+                let a16: Vec<u16> = a.iter().map(|&v| to_bf16_bits(v)).collect();
+                let b = pack_nk(&pattern(n * k, 2), n, k, k, NR);
+                assert!(b.amx && b.kp == k / 2);
+                let bias = pattern(n, 4);
+                let c0 = pattern(m * n, 3);
+                for init in [
+                    crate::amx::Init::Zero,
+                    crate::amx::Init::Load,
+                    crate::amx::Init::Bias(&bias),
+                ] {
+                    let (mut got, mut want) = (c0.clone(), c0.clone());
+                    // SAFETY: a and a16 are (m, k), b packed (k, n) for AMX, got and want (m, n), the bias n
+                    // values; AMX is available (checked above).
+                    unsafe {
+                        gemm_rows_src(m, n, k, Rows::Bf16(&a16), &b, got.as_mut_ptr(), n, init);
+                        gemm_rows_src(m, n, k, Rows::F32(&a), &b, want.as_mut_ptr(), n, init);
+                    }
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits());
+                    assert!(same, "{m}x{n}x{k}, {init:?}");
+                }
+            }
+        });
     }
 
     /// `gemm_rows_src` from a bias (the AMX tiles started from the bias row) against `gemm_rows` accumulating onto rows
