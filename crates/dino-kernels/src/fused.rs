@@ -317,6 +317,10 @@ fn linear_fwd(
     y
 }
 
+/// Rows per product of a scaled `linear_residual` branch under bf16 products: its f32 scratch (128 x 192 = 96
+/// KiB for the ViT's projections) stays in L2 until the residual pass reads it.
+const RESIDUAL_CHUNK_ROWS: usize = 128;
+
 /// Rows per block of the row-blocked `GELU(x Wᵀ + b)`: a block's GEMM output (256 x 768 f32 = 768 KiB for
 /// the ViT MLP) is still in the core's L2 cache when the bias and GELU pass reads it.
 const GELU_BLOCK_ROWS: usize = 256;
@@ -1834,6 +1838,7 @@ impl LinearResidualOp {
         };
         let block = |r0: usize, ob: &mut [f32]| {
             let n = ob.len() / d;
+            let mut scratch: Option<Vec<f32>> = None;
             for (s0, sn) in row_blocks(n) {
                 // Runs of rows with one scale (a whole sample or more; every row without drop path).
                 let mut a = s0;
@@ -1845,6 +1850,42 @@ impl LinearResidualOp {
                     }
                     let o = &mut ob[a * d..e * d];
                     let xr = &x[(r0 + a) * d..(r0 + e) * d];
+                    if let (Some(wp), false) = (&wp, s == 0.0 || s == 1.0) {
+                        // A scaled branch (drop path's kept samples) under bf16 products: the product of
+                        // RESIDUAL_CHUNK_ROWS rows at a time into a scratch that stays in L2, then
+                        // `o = (x + s·b) + s·p` in one pass.
+                        let p = scratch
+                            .get_or_insert_with(|| crate::ops::uninit_f32(RESIDUAL_CHUNK_ROWS * d));
+                        for c0 in (a..e).step_by(RESIDUAL_CHUNK_ROWS) {
+                            let cn = RESIDUAL_CHUNK_ROWS.min(e - c0);
+                            let p = &mut p[..cn * d];
+                            // SAFETY: bf16 is supported (checked when the op was built); p is (cn, d); h rows
+                            // h_row(r0+c0).. are (cn, inp) (a run of kept rows is contiguous in h).
+                            unsafe {
+                                bf16::gemm_rows_src(
+                                    cn,
+                                    d,
+                                    inp,
+                                    h.from(h_row(r0 + c0) * inp),
+                                    wp,
+                                    p.as_mut_ptr(),
+                                    d,
+                                    crate::amx::Init::Zero,
+                                )
+                            }
+                            let bias = self.has_bias.then_some(bias.as_slice());
+                            let xc = &x[(r0 + c0) * d..(r0 + c0 + cn) * d];
+                            ops::residual_scaled_rows(
+                                xc,
+                                bias,
+                                s,
+                                p,
+                                &mut ob[c0 * d..(c0 + cn) * d],
+                            );
+                        }
+                        a = e;
+                        continue;
+                    }
                     if s == 0.0 || !self.has_bias {
                         o.copy_from_slice(xr);
                     } else {
@@ -1853,11 +1894,10 @@ impl LinearResidualOp {
                     if s != 0.0 {
                         match &wp {
                             Some(wp) => {
-                                // The product goes straight into `o` when unscaled, else through `p`.
-                                let mut p = (s != 1.0).then(|| crate::ops::uninit_f32(o.len()));
-                                let dst = p.as_mut().map_or(o.as_mut_ptr(), |p| p.as_mut_ptr());
-                                // SAFETY: bf16 is supported (checked when the op was built); dst is `o` or
-                                // `p`, (e-a, d) each; h rows h_row(r0+a).. are (e-a, inp).
+                                // Unscaled (scaled branches took the chunked path above): the product
+                                // accumulates onto `o`.
+                                // SAFETY: bf16 is supported (checked when the op was built); o is (e-a, d);
+                                // h rows h_row(r0+a).. are (e-a, inp).
                                 unsafe {
                                     bf16::gemm_rows_src(
                                         e - a,
@@ -1865,13 +1905,10 @@ impl LinearResidualOp {
                                         inp,
                                         h.from(h_row(r0 + a) * inp),
                                         wp,
-                                        dst,
+                                        o.as_mut_ptr(),
                                         d,
-                                        crate::amx::Init::accumulating(p.is_none()),
+                                        crate::amx::Init::Load,
                                     )
-                                }
-                                if let Some(p) = p {
-                                    o.iter_mut().zip(&p).for_each(|(o, p)| *o += s * p);
                                 }
                             }
                             None => {

@@ -1077,6 +1077,36 @@ fn add_scaled_bias_kernel(x: &[f32], b: &[f32], s: f32, out: &mut [f32]) {
 
 multiversion!(pub(crate) fn add_scaled_bias_rows => add_scaled_bias_kernel(x: &[f32], b: &[f32], s: f32, out: &mut [f32]));
 
+/// `out = (x + s·b) + s·p` row by row (rows of `b.len()` values; without a bias `x + s·p`): the same
+/// roundings as `out = x + s·b` ([`add_scaled_bias_rows`]) followed by `out += s·p`, in one pass.
+#[inline(always)]
+fn residual_scaled_kernel(x: &[f32], b: Option<&[f32]>, s: f32, p: &[f32], out: &mut [f32]) {
+    let n = out.len();
+    let (x, p) = (&x[..n], &p[..n]);
+    match b {
+        Some(b) if !b.is_empty() => {
+            let c = b.len();
+            for ((xr, pr), or) in x
+                .chunks_exact(c)
+                .zip(p.chunks_exact(c))
+                .zip(out.chunks_exact_mut(c))
+            {
+                let (xr, pr, or) = (&xr[..c], &pr[..c], &mut or[..c]);
+                for i in 0..c {
+                    or[i] = (xr[i] + s * b[i]) + s * pr[i];
+                }
+            }
+        }
+        _ => {
+            for i in 0..n {
+                out[i] = x[i] + s * p[i];
+            }
+        }
+    }
+}
+
+multiversion!(pub(crate) fn residual_scaled_rows => residual_scaled_kernel(x: &[f32], b: Option<&[f32]>, s: f32, p: &[f32], out: &mut [f32]));
+
 #[inline(always)]
 fn col_sum_kernel(g: &[f32], acc: &mut [f32]) {
     let c = acc.len();
@@ -1191,6 +1221,39 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`residual_scaled_rows`] gives the bits of the two passes it replaces (`out = x + s·b`, then
+    /// `out += s·p`), with and without a bias, over widths that leave partial vectors; it fails when the
+    /// terms are added in another order (e.g. `x + s·(b + p)` or a fused multiply-add).
+    #[test]
+    fn residual_scaled_rows_rounds_as_the_two_passes() {
+        for &(rows, d) in &[(3usize, 5usize), (40, 192), (7, 33)] {
+            let n = rows * d;
+            let val = |i: usize, m: usize| {
+                ((i * m % 2003) as f32 / 2003.0 - 0.5) * (1 + i % 7) as f32 * 3.3
+            };
+            let x: Vec<f32> = (0..n).map(|i| val(i, 7919)).collect();
+            let p: Vec<f32> = (0..n).map(|i| val(i, 104729)).collect();
+            let b: Vec<f32> = (0..d).map(|i| val(i, 15485863)).collect();
+            for s in [1.0f32 / 0.9, 1.25, 0.3] {
+                for bias in [Some(b.as_slice()), None] {
+                    let mut want = vec![0f32; n];
+                    match bias {
+                        Some(b) => add_scaled_bias_rows(&x, b, s, &mut want),
+                        None => want.copy_from_slice(&x),
+                    }
+                    want.iter_mut().zip(&p).for_each(|(o, p)| *o += s * p);
+                    let mut got = vec![f32::NAN; n];
+                    residual_scaled_rows(&x, bias, s, &p, &mut got);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits());
+                    assert!(same, "{rows}x{d}, s {s}, bias {}", bias.is_some());
+                }
+            }
+        }
+    }
 
     /// [`layer_norm_bf16_out`] (and its kept-samples form) stores, under bf16 products, [`layer_norm`]'s
     /// output rounded to bf16 to the bit (one chunk and LayerNorm's parallel chunks, an odd width); under f32
