@@ -1513,16 +1513,24 @@ mod tests {
         with_bf16_gemm(Bf16Gemm::Always, || check_kernel(Bf16Gemm::Always));
     }
 
-    /// The AMX kernel on the same cases. Where AMX is absent it cannot run: it says so loudly, and fails when
-    /// `DINO_REQUIRE_AMX=1` (set it on a CPU that has AMX, so that a detection fault cannot hide the test).
-    #[test]
-    fn amx_gemm_matches_the_product_of_rounded_operands() {
-        if !crate::amx::available() {
+    /// Whether the AMX tests can run here. Where AMX is absent they cannot: this says so loudly, and fails when
+    /// `DINO_REQUIRE_AMX=1` (set it on a CPU that has AMX, so that a detection fault cannot hide the tests).
+    fn amx_runs_here() -> bool {
+        let here = crate::amx::available();
+        if !here {
             eprintln!("AMX GEMM TEST NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
             assert!(
                 std::env::var("DINO_REQUIRE_AMX").as_deref() != Ok("1"),
                 "DINO_REQUIRE_AMX=1 but AMX is unavailable"
             );
+        }
+        here
+    }
+
+    /// The AMX kernel on the same cases (see [`amx_runs_here`] where AMX is absent).
+    #[test]
+    fn amx_gemm_matches_the_product_of_rounded_operands() {
+        if !amx_runs_here() {
             return;
         }
         with_bf16_gemm(Bf16Gemm::Amx, || check_kernel(Bf16Gemm::Amx));
@@ -1534,12 +1542,7 @@ mod tests {
     /// one, and k past one cache block (512 pairs).
     #[test]
     fn amx_reads_bf16_rows_in_place_with_the_packed_bits() {
-        if !crate::amx::available() {
-            eprintln!("AMX GEMM TEST NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
-            assert!(
-                std::env::var("DINO_REQUIRE_AMX").as_deref() != Ok("1"),
-                "DINO_REQUIRE_AMX=1 but AMX is unavailable"
-            );
+        if !amx_runs_here() {
             return;
         }
         with_bf16_gemm(Bf16Gemm::Amx, || {
