@@ -169,6 +169,17 @@ fn main() {
                 dist.world_size,
                 dino_train::error::one_line_report(e.as_ref())
             ));
+            // A non-finite loss is all-reduced, so every rank stops at the same step with this error: each
+            // waits until all have said so, or the first rank's MPI_Abort could end another before its line.
+            let collective = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<dino_train::error::Error>(),
+                    Some(dino_train::error::Error::NonFiniteLoss { .. })
+                )
+            });
+            if collective {
+                let _ = dino_train::dist::barrier();
+            }
             dino_train::dist::abort(1);
         }
         error_line(&format!(

@@ -113,6 +113,11 @@ pub fn finalize() {
     mpi_backend::finalize();
 }
 
+/// Wait until every rank of the job gets here (MPI_Barrier); at once at world size 1.
+pub fn barrier() -> Result<()> {
+    Ok(dino_core::collective::current().barrier()?)
+}
+
 /// End every rank of the job with `code` (MPI_Abort), after this rank printed its error; a plain exit at
 /// world size 1.
 pub fn abort(code: i32) -> ! {
