@@ -581,6 +581,17 @@ unsafe fn dw_cols_t(
     }
 }
 
+/// `n` uninitialised buffers of `len` values for the partial sums of pool tasks 1..=n (each task writes all of
+/// its own before any is read), and their addresses for the tasks.
+fn task_partials(n: usize, len: usize) -> (Vec<Vec<f32>>, Vec<usize>) {
+    let mut partials: Vec<Vec<f32>> = (0..n).map(|_| ops::uninit_f32(len)).collect();
+    let ptrs = partials
+        .iter_mut()
+        .map(|p| p.as_mut_ptr() as usize)
+        .collect();
+    (partials, ptrs)
+}
+
 /// Adds the per-task partials to `acc`, in task order (the same sum whatever rayon's scheduling).
 fn add_partials<'a>(acc: &mut [f32], partials: impl IntoIterator<Item = &'a [f32]>) {
     for p in partials {
@@ -734,25 +745,14 @@ impl CustomOp3 for LinearGradOp {
         let split_rows = out >= inp;
         // Wide layers (the head's) multiply a row-major copy of gᵀ, block by block (see `wide`).
         let transpose_g = wide(r, out) && crate::small_gemm::available();
-        let partials_n = if k_split { parts - 1 } else { 0 };
-        let mut partials: Vec<Vec<f32>> = (0..partials_n)
-            .map(|_| ops::uninit_f32(out * inp))
-            .collect();
-        let partial_ptrs: Vec<usize> = partials
-            .iter_mut()
-            .map(|p| p.as_mut_ptr() as usize)
-            .collect();
+        let (partials, partial_ptrs) =
+            task_partials(if k_split { parts - 1 } else { 0 }, out * inp);
         let need_dx = self.need_dx;
         // dx of a wide layer split over its outputs (the products' k; see `wide`), task 0 into dx and task i > 0
         // into partial i - 1, added in task order.
         let dx_k_split = need_dx && parts > 1 && wide(r, out);
-        let mut dx_partials: Vec<Vec<f32>> = (0..if dx_k_split { parts - 1 } else { 0 })
-            .map(|_| ops::uninit_f32(r * inp))
-            .collect();
-        let dx_partial_ptrs: Vec<usize> = dx_partials
-            .iter_mut()
-            .map(|p| p.as_mut_ptr() as usize)
-            .collect();
+        let (dx_partials, dx_partial_ptrs) =
+            task_partials(if dx_k_split { parts - 1 } else { 0 }, r * inp);
         let job = |i: usize| {
             let par = |m, n, k| {
                 if parts > 1 {
@@ -812,22 +812,12 @@ impl CustomOp3 for LinearGradOp {
                 // operand).
                 let (lo, hi) = part(if split_rows { out } else { inp }, parts, i);
                 if hi > lo {
-                    let (m, n) = if split_rows {
-                        (hi - lo, inp)
+                    let (rows, cols) = if split_rows {
+                        (lo..hi, 0..inp)
                     } else {
-                        (out, hi - lo)
-                    };
-                    let (d_off, g_off, x_off) = if split_rows {
-                        (lo * inp, lo, 0)
-                    } else {
-                        (lo, 0, lo)
+                        (0..out, lo..hi)
                     };
                     if transpose_g {
-                        let (rows, cols) = if split_rows {
-                            (lo..hi, 0..inp)
-                        } else {
-                            (0..out, lo..hi)
-                        };
                         // SAFETY: g is (r, out), x is (r, inp), dw is (out, inp) and the block [rows lo..hi or
                         // columns lo..hi] is this task's own; `transpose_g` checked small_gemm::available().
                         unsafe {
@@ -844,6 +834,7 @@ impl CustomOp3 for LinearGradOp {
                         }
                         return;
                     }
+                    let (m, n) = (rows.len(), cols.len());
                     // SAFETY: gᵀ is read through strides from the (r, out) g; x is (r, inp); dw is (out, inp)
                     // and the block [rows lo..hi or columns lo..hi] is this task's own.
                     unsafe {
@@ -851,10 +842,14 @@ impl CustomOp3 for LinearGradOp {
                             m,
                             n,
                             r,
-                            ((dwp as *mut f32).add(d_off), 1, inp as isize),
+                            (
+                                (dwp as *mut f32).add(rows.start * inp + cols.start),
+                                1,
+                                inp as isize,
+                            ),
                             false,
-                            ((gp as *const f32).add(g_off), out as isize, 1),
-                            ((xp as *const f32).add(x_off), 1, inp as isize),
+                            ((gp as *const f32).add(rows.start), out as isize, 1),
+                            ((xp as *const f32).add(cols.start), 1, inp as isize),
                             par(m, n, r),
                         )
                     }
