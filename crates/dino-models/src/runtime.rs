@@ -39,113 +39,9 @@ pub const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
 /// Size of a transparent huge page on x86_64 and aarch64 with 4 KiB base pages.
 const HUGE_PAGE: usize = 2 << 20;
 
-/// Blocks of at least this many bytes are kept by [`TensorAlloc`] when freed and handed out again for the
-/// same size and alignment (glibc's largest mmap threshold: a block this large may be a mapping of its own).
-pub const REUSE_MIN_BYTES: usize = 32 << 20;
-
-/// At most this many bytes of freed blocks are kept for reuse; past it the oldest go back to the system.
-pub const REUSE_MAX_BYTES: usize = 4 << 30;
-
-/// Slots of the freed-block cache.
-const REUSE_SLOTS: usize = 48;
-
-/// A freed large block kept for reuse: its address, served size and alignment, and when it was freed.
-#[derive(Clone, Copy)]
-struct Kept {
-    addr: usize,
-    size: usize,
-    align: usize,
-    stamp: u64,
-}
-
-/// The freed large blocks ([`REUSE_MIN_BYTES`] or more), `None` for an empty slot, and a clock for their age.
-///
-/// A thread other than the main one allocates from an arena of 64 MiB heaps, and glibc maps a block larger than
-/// such a heap on its own and unmaps it when freed, whatever `M_MMAP_MAX` says: the kernel then faults in and
-/// zeroes its pages again on every use. The training step runs on a pool thread (`Trainer::step`), and its
-/// largest tensors (the head's 65,536-wide outputs and their gradients, 32-400 MiB) come and go in the same
-/// sizes every step; kept here, each is mapped once. Measured on the Intel Xeon with AMX (family 6 model
-/// 167): without it, cifar/65536's bf16 backward pass took 1.08-1.12 s instead of 0.75-0.86 s, 12% of the
-/// step in the kernel zeroing pages. (`M_ARENA_MAX` 1 instead, every thread on the main heap, made the
-/// 4096-wide steps 5-15% slower.)
-static KEPT: std::sync::Mutex<([Option<Kept>; REUSE_SLOTS], u64)> =
-    std::sync::Mutex::new(([None; REUSE_SLOTS], 0));
-
-fn kept() -> std::sync::MutexGuard<'static, ([Option<Kept>; REUSE_SLOTS], u64)> {
-    // Nothing panics while the lock is held; a poisoned lock still holds consistent slots.
-    KEPT.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A kept block of exactly `layout`'s size and alignment, taken out of the cache, or null.
-fn take_kept(layout: Layout) -> *mut u8 {
-    let mut guard = kept();
-    let slot = guard
-        .0
-        .iter_mut()
-        .filter(|k| k.is_some_and(|k| k.size == layout.size() && k.align == layout.align()))
-        .max_by_key(|k| k.map_or(0, |k| k.stamp));
-    match slot.and_then(|k| k.take()) {
-        Some(k) => k.addr as *mut u8,
-        None => std::ptr::null_mut(),
-    }
-}
-
-/// Keeps the freed block `p` of `layout` (a `System` block served with that layout); the blocks that no
-/// longer fit (slots or [`REUSE_MAX_BYTES`]), oldest first, are returned for the caller to free.
-fn keep(p: *mut u8, layout: Layout) -> [Option<Kept>; REUSE_SLOTS] {
-    let mut evicted = [None; REUSE_SLOTS];
-    let mut guard = kept();
-    let (slots, clock) = &mut *guard;
-    *clock += 1;
-    let new = Kept {
-        addr: p as usize,
-        size: layout.size(),
-        align: layout.align(),
-        stamp: *clock,
-    };
-    if new.size > REUSE_MAX_BYTES {
-        evicted[0] = Some(new);
-        return evicted;
-    }
-    let mut n = 0;
-    loop {
-        let total: usize = slots.iter().flatten().map(|k| k.size).sum();
-        let free_slot = slots.iter().any(|k| k.is_none());
-        if free_slot && total + new.size <= REUSE_MAX_BYTES {
-            break;
-        }
-        // Evict the oldest; with nothing left to evict the new block itself goes back.
-        let oldest = slots
-            .iter_mut()
-            .filter(|k| k.is_some())
-            .min_by_key(|k| k.map_or(u64::MAX, |k| k.stamp));
-        match oldest.and_then(|k| k.take()) {
-            // At most every slot is evicted, and then the new block fits (checked above).
-            Some(k) => {
-                if let Some(e) = evicted.get_mut(n) {
-                    *e = Some(k);
-                }
-                n += 1;
-            }
-            None => break,
-        }
-    }
-    match slots.iter_mut().find(|k| k.is_none()) {
-        Some(slot) => *slot = Some(new),
-        // Unreachable (the loop leaves a free slot), but never lose a block: it goes back.
-        None => {
-            if let Some(e) = evicted.iter_mut().find(|e| e.is_none()) {
-                *e = Some(new);
-            }
-        }
-    }
-    evicted
-}
-
 /// The system allocator tuned for tensor buffers: every block of [`CACHE_ALIGNED_MIN_BYTES`] or more aligned
 /// to [`CACHE_LINE`] bytes, and on Linux every block of [`HUGE_PAGE_MIN_BYTES`] or more marked
-/// `MADV_HUGEPAGE`; freed blocks of [`REUSE_MIN_BYTES`] or more kept for the next request of their size (see
-/// `KEPT` in this module). Install it in a binary with `#[global_allocator] static A: TensorAlloc = TensorAlloc;`.
+/// `MADV_HUGEPAGE`. Install it in a binary with `#[global_allocator] static A: TensorAlloc = TensorAlloc;`.
 ///
 /// - Alignment: glibc aligns a `malloc` block to 16 bytes, so the rows of a tensor's buffer (a `Vec<f32>`)
 ///   start mid-line: every 64-byte vector load or store of a kernel then touches two cache lines, and every
@@ -183,41 +79,15 @@ impl TensorAlloc {
 // caller passes, which GlobalAlloc requires to be the one it allocated with).
 unsafe impl GlobalAlloc for TensorAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let served = Self::served(layout);
-        if served.size() >= REUSE_MIN_BYTES {
-            let p = take_kept(served);
-            if !p.is_null() {
-                return p;
-            }
-        }
-        advise_huge_pages(System.alloc(served), layout.size())
+        advise_huge_pages(System.alloc(Self::served(layout)), layout.size())
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let served = Self::served(layout);
-        if served.size() >= REUSE_MIN_BYTES {
-            let p = take_kept(served);
-            if !p.is_null() {
-                // SAFETY: a kept block is a whole block of `served.size()` bytes, no longer anyone's.
-                p.write_bytes(0, served.size());
-                return p;
-            }
-        }
-        advise_huge_pages(System.alloc_zeroed(served), layout.size())
+        advise_huge_pages(System.alloc_zeroed(Self::served(layout)), layout.size())
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let served = Self::served(layout);
-        if served.size() >= REUSE_MIN_BYTES {
-            for k in keep(ptr, served).into_iter().flatten() {
-                System.dealloc(
-                    k.addr as *mut u8,
-                    Layout::from_size_align_unchecked(k.size, k.align),
-                );
-            }
-            return;
-        }
-        System.dealloc(ptr, served)
+        System.dealloc(ptr, Self::served(layout))
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
@@ -330,56 +200,6 @@ mod tests {
         let f = flags(mid);
         assert!(f.split_whitespace().any(|x| x == "hg"), "flags {f}");
         unsafe { a.dealloc(p, l) };
-    }
-
-    /// A freed block of [`REUSE_MIN_BYTES`] or more comes back for the next request of its size and alignment
-    /// (zeroed when asked), not for another size; with every slot taken the oldest freed block goes back to
-    /// the system and the newest are handed out first. One test: the cache is the process's.
-    #[test]
-    fn large_freed_blocks_are_kept_for_their_size() {
-        let a = TensorAlloc;
-        // Sizes no other test allocates.
-        let l = Layout::from_size_align(REUSE_MIN_BYTES + 3 * 4096 + 12, 4).unwrap();
-        let p = unsafe { a.alloc(l) };
-        assert!(!p.is_null());
-        unsafe { p.write_bytes(0x5a, l.size()) };
-        unsafe { a.dealloc(p, l) };
-        let q = unsafe { a.alloc_zeroed(l) };
-        assert_eq!(q, p, "the freed block was not handed out again");
-        assert!(unsafe { std::slice::from_raw_parts(q, l.size()) }
-            .iter()
-            .all(|&b| b == 0));
-        unsafe { a.dealloc(q, l) };
-        let other = Layout::from_size_align(l.size() + 64, 4).unwrap();
-        let r = unsafe { a.alloc(other) };
-        assert!(
-            !r.is_null() && r != q,
-            "a block of another size was handed out"
-        );
-        let q2 = unsafe { a.alloc(l) };
-        assert_eq!(q2, q);
-        unsafe {
-            a.dealloc(r, other);
-            a.dealloc(q2, l);
-        }
-        // One block more than there are slots, freed in order: the first is gone, the rest come back newest
-        // first (the blocks are never touched: address space only).
-        let s =
-            TensorAlloc::served(Layout::from_size_align(REUSE_MIN_BYTES + 5 * 4096, 4).unwrap());
-        let blocks: Vec<*mut u8> = (0..=REUSE_SLOTS).map(|_| unsafe { a.alloc(s) }).collect();
-        assert!(blocks.iter().all(|b| !b.is_null()));
-        for &b in &blocks {
-            unsafe { a.dealloc(b, s) };
-        }
-        for want in blocks[1..].iter().rev() {
-            assert_eq!(take_kept(s), *want);
-        }
-        assert!(take_kept(s).is_null(), "more blocks kept than slots");
-        let total: usize = kept().0.iter().flatten().map(|k| k.size).sum();
-        assert!(total <= REUSE_MAX_BYTES);
-        for &b in &blocks[1..] {
-            unsafe { System.dealloc(b, s) };
-        }
     }
 
     /// `alloc_zeroed` zeroes, and `realloc` keeps the contents across the threshold both ways, aligned once
