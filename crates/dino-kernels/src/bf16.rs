@@ -185,19 +185,9 @@ pub fn bf16_gemm() -> Bf16Gemm {
     })
 }
 
-/// The mode a [`with_bf16_gemm`] scope sets on the calling thread, if any.
-pub(crate) fn thread_bf16_gemm() -> Option<Bf16Gemm> {
-    THREAD_MODE.with(|m| m.get())
-}
-
-/// Runs `f` with the calling thread's [`with_bf16_gemm`] setting at `mode` (`None`: none), then restores it.
-pub(crate) fn with_thread_bf16_gemm<R>(mode: Option<Bf16Gemm>, f: impl FnOnce() -> R) -> R {
-    crate::dispatch::with_thread_value(&THREAD_MODE, mode, f)
-}
-
 /// Run `f` with `mode` on the calling thread (where the ops choose their path), then restore the previous.
 pub fn with_bf16_gemm<R>(mode: Bf16Gemm, f: impl FnOnce() -> R) -> R {
-    with_thread_bf16_gemm(Some(mode), f)
+    crate::dispatch::with_thread_value(&THREAD_MODE, Some(mode), f)
 }
 
 /// `vdpbf16ps`'s rate over the f32 AVX-512 FMA's on one core of this CPU (best of 3 short runs of each

@@ -121,57 +121,6 @@ pub(crate) fn with_thread_value<T: Copy + 'static, R>(
     f()
 }
 
-/// The calling thread's settings of this crate's per-thread switches ([`with_kernel_path`],
-/// [`crate::fused::with_matmul_precision`], [`crate::fused::no_grad`], [`crate::bf16::with_bf16_gemm`]), taken
-/// to another thread by [`on_pool`].
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct ThreadSettings {
-    path: Option<KernelPath>,
-    precision: crate::fused::MatmulPrecision,
-    no_grad: bool,
-    bf16_gemm: Option<crate::bf16::Bf16Gemm>,
-}
-
-impl ThreadSettings {
-    fn capture() -> Self {
-        Self {
-            path: THREAD.with(|t| t.get()),
-            precision: crate::fused::matmul_precision(),
-            no_grad: crate::fused::no_grad_active(),
-            bf16_gemm: crate::bf16::thread_bf16_gemm(),
-        }
-    }
-
-    /// Runs `f` with these settings on the calling thread, then restores the thread's own.
-    fn apply<R>(self, f: impl FnOnce() -> R) -> R {
-        with_thread_value(&THREAD, self.path, || {
-            crate::fused::with_matmul_precision(self.precision, || {
-                crate::fused::with_no_grad(self.no_grad, || {
-                    crate::bf16::with_thread_bf16_gemm(self.bf16_gemm, f)
-                })
-            })
-        })
-    }
-}
-
-/// Runs `f` on a thread of rayon's global pool, under the calling thread's settings of this crate's switches
-/// (kernel path, matmul precision, `no_grad`, bf16 GEMM mode), and returns its result; on a pool thread
-/// already, runs it in place.
-///
-/// The ops split their work over the global pool. Called from a thread outside the pool (a program's main
-/// thread), every split hands its work to the pool and sleeps until a pool thread wakes it: a futex wait and
-/// wake per op, thousands per training step, and a third runnable thread beside the two pool threads of a
-/// 2-core machine. From a pool thread the caller works on its own split while the other threads steal the
-/// rest. The training step runs here (`dino_train::Trainer::step` on the CPU): 2-12% more images/s measured
-/// on the Intel Xeon with AMX (docs/PERFORMANCE.md, twenty-fourth session).
-pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_thread_index().is_some() {
-        return f();
-    }
-    let settings = ThreadSettings::capture();
-    rayon::scope(move |_| settings.apply(f))
-}
-
 /// Whether an op on `tensors` takes the CPU fast path: every tensor on the CPU and the path not forced to
 /// portable. The op checks dtypes and layouts its kernel needs on top of this.
 pub fn cpu_fast_path(tensors: &[&Tensor]) -> bool {
@@ -204,52 +153,6 @@ pub fn test_device() -> candle_core::Device {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bf16::Bf16Gemm;
-    use crate::fused::MatmulPrecision;
-
-    /// `on_pool` runs its closure on a pool thread under the caller's settings, and every pool thread has its
-    /// own settings back afterwards; on a pool thread it runs in place.
-    #[test]
-    fn on_pool_carries_the_callers_settings_to_a_pool_thread() {
-        assert!(
-            rayon::current_thread_index().is_none(),
-            "a test thread is outside the pool"
-        );
-        let settings = ThreadSettings {
-            path: Some(KernelPath::Portable),
-            precision: MatmulPrecision::Bf16,
-            no_grad: true,
-            bf16_gemm: Some(Bf16Gemm::Never),
-        };
-        let (on_worker, seen, nested) = with_kernel_path(KernelPath::Portable, || {
-            crate::fused::with_matmul_precision(MatmulPrecision::Bf16, || {
-                crate::fused::no_grad(|| {
-                    crate::bf16::with_bf16_gemm(Bf16Gemm::Never, || {
-                        assert_eq!(ThreadSettings::capture(), settings);
-                        on_pool(|| {
-                            let here = rayon::current_thread_index();
-                            let nested = on_pool(rayon::current_thread_index);
-                            (here.is_some(), ThreadSettings::capture(), nested == here)
-                        })
-                    })
-                })
-            })
-        });
-        assert!(on_worker, "the closure ran on the calling thread");
-        assert_eq!(seen, settings);
-        assert!(nested, "on_pool on a pool thread moved to another thread");
-        // Back on every pool thread (and here): no scope of the caller's left behind.
-        let default = ThreadSettings {
-            path: None,
-            precision: MatmulPrecision::Highest,
-            no_grad: false,
-            bf16_gemm: None,
-        };
-        assert_eq!(ThreadSettings::capture(), default);
-        for s in rayon::broadcast(|_| ThreadSettings::capture()) {
-            assert_eq!(s, default);
-        }
-    }
 
     #[test]
     fn parse_and_scope() {

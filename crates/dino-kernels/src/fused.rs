@@ -103,17 +103,7 @@ thread_local! {
 /// `torch.no_grad()`: linear + GELU layers do not keep their pre-activation and attention does not keep its
 /// probabilities (the teacher's forward pass, evaluation). Same outputs; no gradient flows back through them.
 pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
-    with_no_grad(true, f)
-}
-
-/// Whether a [`no_grad`] scope is active on the calling thread.
-pub(crate) fn no_grad_active() -> bool {
-    NO_GRAD.with(|g| g.get())
-}
-
-/// Runs `f` with the calling thread's [`no_grad`] switch at `value`, then restores it.
-pub(crate) fn with_no_grad<R>(value: bool, f: impl FnOnce() -> R) -> R {
-    crate::dispatch::with_thread_value(&NO_GRAD, value, f)
+    crate::dispatch::with_thread_value(&NO_GRAD, true, f)
 }
 
 /// Whether an op on `inputs` records its backward pass: some input tracks a gradient and no [`no_grad`] scope

@@ -85,13 +85,9 @@ pub fn extract_features(
     let dev = backbone.device();
     extract_with(ds, transform, batch_size, num_workers, |x| {
         let x = x.to_device(&dev)?;
-        let forward = || dino_models::no_grad(|| backbone.forward_features(&x, false));
-        // On the CPU on a pool thread, as the training step (see `Trainer::step`).
-        Ok(if dev.is_cpu() {
-            dino_kernels::dispatch::on_pool(forward)
-        } else {
-            forward()
-        }?)
+        Ok(dino_models::no_grad(|| {
+            backbone.forward_features(&x, false)
+        })?)
     })
 }
 

@@ -430,19 +430,8 @@ impl Trainer {
     }
 
     /// One training iteration on `crops` (2 global crops then the local ones, each `(B, 3, h, w)`), at
-    /// `epoch` and iteration `it` within it. See the module documentation for the order. On the CPU it runs
-    /// on a thread of rayon's pool, where the ops split their work (`dino_kernels::dispatch::on_pool`: the
-    /// same results, none of the hand-overs from a thread outside the pool); elsewhere on the calling thread.
+    /// `epoch` and iteration `it` within it. See the module documentation for the order.
     pub fn step(&mut self, crops: &[Tensor], epoch: usize, it: usize) -> Result<StepStats> {
-        if crops.first().is_some_and(|c| c.device().is_cpu()) {
-            dino_kernels::dispatch::on_pool(|| self.step_here(crops, epoch, it))
-        } else {
-            self.step_here(crops, epoch, it)
-        }
-    }
-
-    /// [`Self::step`] on the calling thread.
-    fn step_here(&mut self, crops: &[Tensor], epoch: usize, it: usize) -> Result<StepStats> {
         let g = epoch * self.niter_per_ep + it;
         let sched = |s: &[f64], name: &str| {
             s.get(g).copied().ok_or_else(|| {
