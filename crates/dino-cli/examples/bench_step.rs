@@ -379,6 +379,7 @@ fn all_cases() -> Vec<String> {
 
 fn main() {
     dino_train::runtime::tune_allocator();
+    dino_train::runtime::main_thread_in_pool();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     if args.iter().any(|a| a == "--list") {

@@ -152,6 +152,8 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // The compute pool, with this rank's threads (`dist::init` set them) and the main thread one of them.
+    dino_train::runtime::main_thread_in_pool();
     if dist.bound_below_share && dist.rank == 0 {
         eprintln!(
             "note: the launcher bound each rank to {} core(s), fewer than its share of this node, so each rank \

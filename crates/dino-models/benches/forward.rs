@@ -330,6 +330,7 @@ fn linear_precision(c: &mut Criterion) {
     // The step's allocator settings: without them every fresh multi-MB buffer is mmapped and page-faulted,
     // which costs more than the GEMMs here.
     dino_models::runtime::tune_allocator();
+    dino_models::runtime::main_thread_in_pool();
     let dev = Device::Cpu;
     let mut g = c.benchmark_group("linear_fwd_bwd");
     g.sample_size(20)

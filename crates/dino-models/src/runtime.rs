@@ -1,6 +1,7 @@
 //! Process-level settings for training speed (called once by the `dino` binary, the examples and benches;
-//! re-exported as `dino_train::runtime`): glibc's allocation thresholds and a global allocator that aligns
-//! large blocks to cache lines and offers them transparent huge pages.
+//! re-exported as `dino_train::runtime`): glibc's allocation thresholds, a global allocator that aligns
+//! large blocks to cache lines and offers them transparent huge pages, and the main thread as a thread of
+//! rayon's global pool.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 
@@ -23,6 +24,25 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
     }
+}
+
+/// Builds rayon's global pool (one thread per core) with the calling thread as its thread 0; returns false, and
+/// changes nothing, when the global pool already exists. Call it first thing in `main`, before any parallel op.
+///
+/// The ops split their work over the global pool. From a thread outside the pool every split hands its work
+/// to the pool's threads and sleeps until one of them wakes it: a futex wait and wake per op, thousands per
+/// training step, and a third runnable thread beside the pool's two on a 2-core machine. As thread 0 the main
+/// thread works on its own split while the other threads steal the rest. The step stays on the main thread and
+/// its tensors in glibc's main heap: running it on another pool thread instead was as fast but put them in
+/// per-thread arenas of 64 MiB heaps, where the cifar/4096 bf16 step's peak RSS rose from 2.3 to 4.3 GiB in
+/// some runs (docs/PERFORMANCE.md, twenty-fourth session). Measured on the Intel Xeon with AMX (family 6 model
+/// 167), interleaved pairs against the pool without the main thread: bf16 imagenet/4096 1.04-1.09x, cifar/4096
+/// 0.98-1.14x, imagenet/65536 1.06-1.09x, cifar/65536 0.91-1.07x; f32 1.00-1.10x; peak RSS unchanged.
+pub fn main_thread_in_pool() -> bool {
+    rayon::ThreadPoolBuilder::new()
+        .use_current_thread()
+        .build_global()
+        .is_ok()
 }
 
 /// Blocks of at least this many bytes get [`TensorAlloc`]'s 64-byte alignment.

@@ -10,6 +10,7 @@ static GLOBAL: dino_train::runtime::TensorAlloc = dino_train::runtime::TensorAll
 
 fn main() {
     dino_train::runtime::tune_allocator();
+    dino_train::runtime::main_thread_in_pool();
     let out = std::env::args().nth(1).map(std::path::PathBuf::from);
     match dino_train::train_default(out) {
         Ok(s) => {

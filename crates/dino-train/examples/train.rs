@@ -73,6 +73,7 @@ fn run() -> dino_train::Result<()> {
 
 fn main() {
     dino_train::runtime::tune_allocator();
+    dino_train::runtime::main_thread_in_pool();
     if let Err(e) = run() {
         eprintln!("error: {e}");
         std::process::exit(1);

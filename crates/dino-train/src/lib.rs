@@ -13,7 +13,8 @@
 //! - [`tensorboard`]: the log's numbers as TensorBoard scalar event files.
 //! - [`device`]: `--device cpu|cuda|cuda:N|auto`.
 //! - [`dist`]: the process group of a data-parallel run (MPI with the `mpi` feature), rank threads.
-//! - [`runtime::tune_allocator`]: allocator settings for the training process.
+//! - [`runtime::tune_allocator`], [`runtime::main_thread_in_pool`]: allocator and thread-pool settings for the
+//!   training process.
 
 pub mod bench;
 pub mod checkpoint;
