@@ -26,8 +26,9 @@ pub fn tune_allocator() {
     }
 }
 
-/// Builds rayon's global pool (one thread per core) with the calling thread as its thread 0; returns false, and
-/// changes nothing, when the global pool already exists. Call it first thing in `main`, before any parallel op.
+/// Builds rayon's global pool (`RAYON_NUM_THREADS` threads, else one per core) with the calling thread as its
+/// thread 0; returns false, and changes nothing, when the global pool already exists. Call it early in `main`,
+/// before any parallel op and after whatever sets `RAYON_NUM_THREADS` (the `dino` binary: `dist::init`).
 ///
 /// The ops split their work over the global pool. From a thread outside the pool every split hands its work
 /// to the pool's threads and sleeps until one of them wakes it: a futex wait and wake per op, thousands per
