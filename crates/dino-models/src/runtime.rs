@@ -39,6 +39,9 @@ pub fn tune_allocator() {
 /// some runs (docs/PERFORMANCE.md, twenty-fourth session). Measured on the Intel Xeon with AMX (family 6 model
 /// 167), interleaved pairs against the pool without the main thread: bf16 imagenet/4096 1.04-1.09x, cifar/4096
 /// 0.98-1.14x, imagenet/65536 1.06-1.09x, cifar/65536 0.91-1.07x; f32 1.00-1.10x; peak RSS unchanged.
+///
+/// Between two ops the other threads look for work for 1 ms before they sleep (the workspace's patched
+/// rayon-core, `DINO_RAYON_SPIN_US`; vendor/rayon-core/DINO-RS-PATCH.md), so that the next op finds them awake.
 pub fn main_thread_in_pool() -> bool {
     rayon::ThreadPoolBuilder::new()
         .use_current_thread()

@@ -5,7 +5,9 @@ use crate::latch::CoreLatch;
 use crate::sync::{Condvar, Mutex};
 use crossbeam_utils::CachePadded;
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 use std::thread;
+use std::time::{Duration, Instant};
 
 mod counters;
 pub(crate) use self::counters::THREADS_MAX;
@@ -38,6 +40,9 @@ pub(super) struct IdleState {
     /// How many rounds have we been circling without sleeping?
     rounds: u32,
 
+    /// dino-rs patch: when the thread last became idle or was woken (see [`idle_spin`]).
+    since: Instant,
+
     /// Once we become sleepy, what was the sleepy counter value?
     /// Set to `INVALID_SLEEPY_COUNTER` otherwise.
     jobs_counter: JobsEventCounter,
@@ -56,6 +61,24 @@ struct WorkerSleepState {
 const ROUNDS_UNTIL_SLEEPY: u32 = 32;
 const ROUNDS_UNTIL_SLEEPING: u32 = ROUNDS_UNTIL_SLEEPY + 1;
 
+/// dino-rs patch: how long an idle thread keeps looking for work, yielding between looks, before it becomes
+/// sleepy (published rayon-core: 32 yields, ~5 us on the machines dino-rs measured on). A training step runs
+/// thousands of parallel ops separated by serial gaps of tens to hundreds of microseconds; with the published
+/// spin a worker went to sleep in every gap and the next op had to wake it through the kernel.
+const DEFAULT_IDLE_SPIN: Duration = Duration::from_millis(1);
+
+/// The idle spin in force: `DINO_RAYON_SPIN_US` (microseconds; 0 is the published behaviour), read once, else
+/// [`DEFAULT_IDLE_SPIN`].
+fn idle_spin() -> Duration {
+    static SPIN: OnceLock<Duration> = OnceLock::new();
+    *SPIN.get_or_init(|| {
+        std::env::var("DINO_RAYON_SPIN_US")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map_or(DEFAULT_IDLE_SPIN, Duration::from_micros)
+    })
+}
+
 impl Sleep {
     pub(super) fn new(n_threads: usize) -> Sleep {
         assert!(n_threads <= THREADS_MAX);
@@ -72,6 +95,7 @@ impl Sleep {
         IdleState {
             worker_index,
             rounds: 0,
+            since: Instant::now(),
             jobs_counter: JobsEventCounter::DUMMY,
         }
     }
@@ -93,7 +117,11 @@ impl Sleep {
     ) {
         if idle_state.rounds < ROUNDS_UNTIL_SLEEPY {
             thread::yield_now();
-            idle_state.rounds += 1;
+            // dino-rs patch: the last round before sleepy repeats until the idle spin has passed.
+            if idle_state.rounds + 1 < ROUNDS_UNTIL_SLEEPY || idle_state.since.elapsed() >= idle_spin()
+            {
+                idle_state.rounds += 1;
+            }
         } else if idle_state.rounds == ROUNDS_UNTIL_SLEEPY {
             idle_state.jobs_counter = self.announce_sleepy();
             idle_state.rounds += 1;
@@ -314,6 +342,7 @@ impl Sleep {
 impl IdleState {
     fn wake_fully(&mut self) {
         self.rounds = 0;
+        self.since = Instant::now();
         self.jobs_counter = JobsEventCounter::DUMMY;
     }
 
