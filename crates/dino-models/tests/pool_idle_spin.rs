@@ -5,6 +5,7 @@
 #![cfg(target_os = "linux")]
 
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Parallel ops in a measurement, each followed by a serial gap on thread 0.
@@ -12,11 +13,14 @@ const OPS: usize = 100;
 /// The serial gap after each op: far longer than the published spin (32 yields, ~5 us when the CPU is free),
 /// far shorter than the patched spin the test sets ([`LONG_SPIN_US`]).
 const GAP: Duration = Duration::from_millis(2);
-/// The patched spin set in the test, in microseconds (the default is 1 ms: a margin over [`GAP`] that a busy
-/// machine cannot erode).
+/// The patched spin set in the test, in microseconds: 50 ms rather than the default 1 ms, a margin over [`GAP`]
+/// that a busy machine cannot erode.
 const LONG_SPIN_US: &str = "50000";
 /// Set in the child processes.
 const CHILD: &str = "DINO_TEST_POOL_SPIN_CHILD";
+/// Held while a child runs: the tests of this binary run on parallel threads, and two children at once would
+/// share the 2 cores the measurement needs to itself.
+static ONE_CHILD: Mutex<()> = Mutex::new(());
 
 /// Busy work on the calling thread for `d`.
 fn busy(d: Duration) {
@@ -49,7 +53,7 @@ fn worker_switches() -> u64 {
 /// Runs in a child: a 2-thread pool with this thread as thread 0, [`OPS`] two-way splits each followed by a
 /// [`GAP`] of serial work, and prints how often pool thread 1 blocked meanwhile.
 #[test]
-#[ignore = "run by idle_workers_stay_awake_through_short_serial_gaps in a child process"]
+#[ignore = "run by the other tests of this binary, in child processes"]
 fn child_count_worker_sleeps() {
     if std::env::var_os(CHILD).is_none() {
         return;
@@ -75,6 +79,11 @@ fn child_count_worker_sleeps() {
 /// How often pool thread 1 blocked over [`OPS`] gaps, in a child process with `DINO_RAYON_SPIN_US` set to
 /// `spin_us`.
 fn worker_sleeps(spin_us: &str) -> u64 {
+    child(spin_us).0
+}
+
+/// [`worker_sleeps`] and the child's stderr.
+fn child(spin_us: &str) -> (u64, String) {
     let mut cmd = Command::new(std::env::current_exe().expect("the test binary"));
     cmd.args([
         "--exact",
@@ -86,19 +95,37 @@ fn worker_sleeps(spin_us: &str) -> u64 {
     .env(CHILD, "1")
     .env("DINO_RAYON_SPIN_US", spin_us)
     .env_remove("RAYON_NUM_THREADS");
-    let out = cmd.output().expect("run the child test");
+    let out = {
+        let _one = ONE_CHILD.lock().unwrap_or_else(|e| e.into_inner());
+        cmd.output().expect("run the child test")
+    };
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child failed: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "child failed: {text}{err}");
     // The harness prints the test's name on the same line, before the count.
-    text.split("worker-sleeps ")
+    let sleeps = text
+        .split("worker-sleeps ")
         .nth(1)
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no count in the child's output: {text}"))
+        .unwrap_or_else(|| panic!("no count in the child's output: {text}"));
+    (sleeps, err)
+}
+
+/// A value that is not a number keeps the default and says so on stderr, naming the variable and the value.
+#[test]
+fn a_spin_that_is_not_a_number_is_reported() {
+    let (_, err) = child("1ms");
+    assert!(
+        err.contains("DINO_RAYON_SPIN_US=\"1ms\" is not a whole number of microseconds")
+            && err.contains("the default 1000 us"),
+        "no warning on stderr: {err}"
+    );
+    let (_, err) = child("250");
+    assert!(
+        !err.contains("DINO_RAYON_SPIN_US"),
+        "a warning for a number: {err}"
+    );
 }
 
 /// With a 50 ms spin the idle worker stays awake through 2 ms gaps; with the published one

@@ -68,14 +68,25 @@ const ROUNDS_UNTIL_SLEEPING: u32 = ROUNDS_UNTIL_SLEEPY + 1;
 const DEFAULT_IDLE_SPIN: Duration = Duration::from_millis(1);
 
 /// The idle spin in force: `DINO_RAYON_SPIN_US` (microseconds; 0 is the published behaviour), read once, else
-/// [`DEFAULT_IDLE_SPIN`].
+/// [`DEFAULT_IDLE_SPIN`] (with a warning on stderr when the variable is set to something else than a number).
 fn idle_spin() -> Duration {
     static SPIN: OnceLock<Duration> = OnceLock::new();
     *SPIN.get_or_init(|| {
-        std::env::var("DINO_RAYON_SPIN_US")
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map_or(DEFAULT_IDLE_SPIN, Duration::from_micros)
+        let Some(v) = std::env::var_os("DINO_RAYON_SPIN_US") else {
+            return DEFAULT_IDLE_SPIN;
+        };
+        let v = v.to_string_lossy();
+        v.trim().parse::<u64>().map_or_else(
+            |_| {
+                eprintln!(
+                    "warning: DINO_RAYON_SPIN_US={v:?} is not a whole number of microseconds; idle pool \
+                     threads look for work for the default {} us before they sleep",
+                    DEFAULT_IDLE_SPIN.as_micros()
+                );
+                DEFAULT_IDLE_SPIN
+            },
+            Duration::from_micros,
+        )
     })
 }
 
