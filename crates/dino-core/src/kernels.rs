@@ -315,6 +315,90 @@ mod tests {
         }
     }
 
+    /// candle's copies, which vendor/candle-core splits over the rayon pool from 1 MiB: a `cat` along rows
+    /// (each source's rows into their columns, the parallel row path, beside a source small enough for the
+    /// serial one), a `cat` along the batch (the parallel contiguous path, a length that is not a multiple of
+    /// its chunk), one of a tensor and a transposed one (a single strided block) and a `contiguous` copy of a
+    /// column slice put every element where it belongs, on a pool of 3
+    /// threads and of 1. It fails when a row or chunk of the parallel paths is offset or skipped.
+    #[test]
+    fn large_copies_place_every_element() {
+        use candle_core::{Device, Tensor};
+        let (rows, wide, narrow) = (611usize, 1003usize, 7usize);
+        let val = |i: usize, j: usize, k: usize| (i * 100_003 + j * 7 + k) as f32;
+        let make = |cols: usize, k: usize| {
+            let v: Vec<f32> = (0..rows * cols)
+                .map(|x| val(x / cols, x % cols, k))
+                .collect();
+            Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+        };
+        let (a, b, sq) = (make(wide, 0), make(narrow, 1), make(rows, 2));
+        for threads in [3, 1] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let c = Tensor::cat(&[&a, &b], 1).unwrap().to_vec2::<f32>().unwrap();
+                for (i, row) in c.iter().enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        let want = if j < wide {
+                            val(i, j, 0)
+                        } else {
+                            val(i, j - wide, 1)
+                        };
+                        assert_eq!(v, want, "cat along rows, {threads} threads, [{i}][{j}]");
+                    }
+                }
+                let c = Tensor::cat(&[&a, &a, &a], 0)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                for (i, row) in c.iter().enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        assert_eq!(
+                            v,
+                            val(i % rows, j, 0),
+                            "cat along the batch, {threads} threads, [{i}][{j}]"
+                        );
+                    }
+                }
+                // A square and its transpose along the batch: candle's strided `cat0`, the square copied as one
+                // block.
+                let c = Tensor::cat(&[&sq, &sq.t().unwrap()], 0)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                for (i, row) in c.iter().enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        let want = if i < rows {
+                            val(i, j, 2)
+                        } else {
+                            val(j, i - rows, 2)
+                        };
+                        assert_eq!(v, want, "strided cat, {threads} threads, [{i}][{j}]");
+                    }
+                }
+                let s = a
+                    .narrow(1, 5, 900)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                for (i, row) in s.iter().enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        assert_eq!(
+                            v,
+                            val(i, j + 5, 0),
+                            "contiguous column slice, {threads} threads, [{i}][{j}]"
+                        );
+                    }
+                }
+            });
+        }
+    }
+
     #[test]
     fn exp_matches_std_within_3_ulp() {
         let mut x = -87.0f32;

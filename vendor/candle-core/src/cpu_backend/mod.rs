@@ -959,8 +959,15 @@ impl<I: IntDType> Map2 for IndexAdd<'_, I> {
     }
 }
 
+/// dino-rs patch: copies of at least this many bytes (256 KiB) are split over the rayon pool (see
+/// DINO-RS-PATCH.md).
+const PAR_COPY_MIN_BYTES: usize = 1 << 18;
+
+/// dino-rs patch: elements per task of a parallel contiguous copy (256 KiB of f32).
+const PAR_COPY_CHUNK: usize = 1 << 16;
+
 #[allow(clippy::too_many_arguments)]
-fn copy2d_<T: Copy>(
+fn copy2d_<T: Copy + Send + Sync>(
     src: &[T],
     dst: &mut [T],
     d1: usize,
@@ -970,11 +977,38 @@ fn copy2d_<T: Copy>(
     src_offset: usize,
     dst_offset: usize,
 ) {
-    // Both are contiguous - one memcpy covers everything.
-    if src_stride1 == d2 && dst_stride1 == d2 {
+    // dino-rs patch: a large copy (a `cat`, a `contiguous`) on the pool's threads instead of the caller's
+    // alone, each row or chunk copied as before.
+    let parallel = d1 * d2 * std::mem::size_of::<T>() >= PAR_COPY_MIN_BYTES
+        && rayon::current_num_threads() > 1;
+    // Both are contiguous - one memcpy covers everything (dino-rs patch: so does a single row, as in a `cat`
+    // along the first dimension).
+    if d1 == 1 || (src_stride1 == d2 && dst_stride1 == d2) {
         let src_start = src_offset;
         let dst_start = dst_offset;
-        dst[dst_start..dst_start + d1 * d2].copy_from_slice(&src[src_start..src_start + d1 * d2]);
+        let (dst, src) = (
+            &mut dst[dst_start..dst_start + d1 * d2],
+            &src[src_start..src_start + d1 * d2],
+        );
+        if parallel {
+            dst.par_chunks_mut(PAR_COPY_CHUNK)
+                .zip(src.par_chunks(PAR_COPY_CHUNK))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+        } else {
+            dst.copy_from_slice(src);
+        }
+        return;
+    }
+    if parallel && d2 <= dst_stride1 && d1 > 1 && dst.len() >= dst_offset + (d1 - 1) * dst_stride1 + d2 {
+        // Row i of the destination starts chunk i of `dst_stride1` elements, which it alone writes.
+        dst[dst_offset..]
+            .par_chunks_mut(dst_stride1)
+            .take(d1)
+            .enumerate()
+            .for_each(|(i, d)| {
+                let s = src_offset + i * src_stride1;
+                d[..d2].copy_from_slice(&src[s..s + d2]);
+            });
         return;
     }
     let mut src_idx = src_offset;
@@ -986,11 +1020,12 @@ fn copy2d_<T: Copy>(
     }
 }
 
-fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
+fn copy_strided_src_<T: Copy + Send + Sync>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
     match src_l.strided_blocks() {
-        crate::StridedBlocks::SingleBlock { start_offset, len } => dst
-            [dst_offset..dst_offset + len]
-            .copy_from_slice(&src[start_offset..start_offset + len]),
+        // dino-rs patch: through copy2d_, which splits a large copy over the rayon pool.
+        crate::StridedBlocks::SingleBlock { start_offset, len } => {
+            copy2d_(src, dst, 1, len, len, len, start_offset, dst_offset)
+        }
         crate::StridedBlocks::UniformBlocks {
             start_offset,
             block_len,
