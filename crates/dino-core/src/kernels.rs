@@ -315,12 +315,12 @@ mod tests {
         }
     }
 
-    /// candle's copies, which vendor/candle-core splits over the rayon pool from 1 MiB: a `cat` along rows
+    /// candle's copies, which vendor/candle-core splits over the rayon pool from 256 KiB: a `cat` along rows
     /// (each source's rows into their columns, the parallel row path, beside a source small enough for the
     /// serial one), a `cat` along the batch (the parallel contiguous path, a length that is not a multiple of
     /// its chunk), one of a tensor and a transposed one (a single strided block) and a `contiguous` copy of a
-    /// column slice put every element where it belongs, on a pool of 3
-    /// threads and of 1. It fails when a row or chunk of the parallel paths is offset or skipped.
+    /// column slice put every element where it belongs, on a pool of 3 threads and of 1. It fails when a row or
+    /// chunk of the parallel paths is offset or skipped.
     #[test]
     fn large_copies_place_every_element() {
         use candle_core::{Device, Tensor};
@@ -332,6 +332,14 @@ mod tests {
                 .collect();
             Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
         };
+        // Every element of the 2-D `t` against `want(i, j)`.
+        let check = |t: Tensor, want: &dyn Fn(usize, usize) -> f32, what: &str| {
+            for (i, row) in t.to_vec2::<f32>().unwrap().iter().enumerate() {
+                for (j, &v) in row.iter().enumerate() {
+                    assert_eq!(v, want(i, j), "{what} [{i}][{j}]");
+                }
+            }
+        };
         let (a, b, sq) = (make(wide, 0), make(narrow, 1), make(rows, 2));
         for threads in [3, 1] {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -339,62 +347,40 @@ mod tests {
                 .build()
                 .unwrap();
             pool.install(|| {
-                let c = Tensor::cat(&[&a, &b], 1).unwrap().to_vec2::<f32>().unwrap();
-                for (i, row) in c.iter().enumerate() {
-                    for (j, &v) in row.iter().enumerate() {
-                        let want = if j < wide {
+                check(
+                    Tensor::cat(&[&a, &b], 1).unwrap(),
+                    &|i, j| {
+                        if j < wide {
                             val(i, j, 0)
                         } else {
                             val(i, j - wide, 1)
-                        };
-                        assert_eq!(v, want, "cat along rows, {threads} threads, [{i}][{j}]");
-                    }
-                }
-                let c = Tensor::cat(&[&a, &a, &a], 0)
-                    .unwrap()
-                    .to_vec2::<f32>()
-                    .unwrap();
-                for (i, row) in c.iter().enumerate() {
-                    for (j, &v) in row.iter().enumerate() {
-                        assert_eq!(
-                            v,
-                            val(i % rows, j, 0),
-                            "cat along the batch, {threads} threads, [{i}][{j}]"
-                        );
-                    }
-                }
+                        }
+                    },
+                    &format!("cat along rows, {threads} threads"),
+                );
+                check(
+                    Tensor::cat(&[&a, &a, &a], 0).unwrap(),
+                    &|i, j| val(i % rows, j, 0),
+                    &format!("cat along the batch, {threads} threads"),
+                );
                 // A square and its transpose along the batch: candle's strided `cat0`, the square copied as one
                 // block.
-                let c = Tensor::cat(&[&sq, &sq.t().unwrap()], 0)
-                    .unwrap()
-                    .to_vec2::<f32>()
-                    .unwrap();
-                for (i, row) in c.iter().enumerate() {
-                    for (j, &v) in row.iter().enumerate() {
-                        let want = if i < rows {
+                check(
+                    Tensor::cat(&[&sq, &sq.t().unwrap()], 0).unwrap(),
+                    &|i, j| {
+                        if i < rows {
                             val(i, j, 2)
                         } else {
                             val(j, i - rows, 2)
-                        };
-                        assert_eq!(v, want, "strided cat, {threads} threads, [{i}][{j}]");
-                    }
-                }
-                let s = a
-                    .narrow(1, 5, 900)
-                    .unwrap()
-                    .contiguous()
-                    .unwrap()
-                    .to_vec2::<f32>()
-                    .unwrap();
-                for (i, row) in s.iter().enumerate() {
-                    for (j, &v) in row.iter().enumerate() {
-                        assert_eq!(
-                            v,
-                            val(i, j + 5, 0),
-                            "contiguous column slice, {threads} threads, [{i}][{j}]"
-                        );
-                    }
-                }
+                        }
+                    },
+                    &format!("strided cat, {threads} threads"),
+                );
+                check(
+                    a.narrow(1, 5, 900).unwrap().contiguous().unwrap(),
+                    &|i, j| val(i, j + 5, 0),
+                    &format!("contiguous column slice, {threads} threads"),
+                );
             });
         }
     }

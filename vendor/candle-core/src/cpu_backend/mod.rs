@@ -999,7 +999,8 @@ fn copy2d_<T: Copy + Send + Sync>(
         }
         return;
     }
-    if parallel && d2 <= dst_stride1 && d1 > 1 && dst.len() >= dst_offset + (d1 - 1) * dst_stride1 + d2 {
+    // (`parallel` means d1 * d2 > 0, and a single row took the branch above: d1 >= 2 here.)
+    if parallel && d2 <= dst_stride1 && dst.len() >= dst_offset + (d1 - 1) * dst_stride1 + d2 {
         // Row i of the destination starts chunk i of `dst_stride1` elements, which it alone writes.
         dst[dst_offset..]
             .par_chunks_mut(dst_stride1)
