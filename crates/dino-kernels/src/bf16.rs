@@ -109,7 +109,13 @@ pub(crate) fn uninit_bf16(n: usize) -> Vec<half::bf16> {
     v
 }
 
-/// `v`'s bit patterns, writable.
+/// The bit patterns of bf16 values.
+pub(crate) fn bf16_bits(v: &[half::bf16]) -> &[u16] {
+    // SAFETY: half::bf16 is a repr(transparent) u16.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u16, v.len()) }
+}
+
+/// The bit patterns of bf16 values, writable.
 pub(crate) fn bf16_bits_mut(v: &mut [half::bf16]) -> &mut [u16] {
     // SAFETY: half::bf16 is a repr(transparent) u16.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u16, v.len()) }

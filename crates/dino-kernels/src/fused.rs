@@ -37,7 +37,8 @@ pub enum MatmulPrecision {
     /// Operands rounded to bfloat16, products summed in f32, on CPUs with AVX-512 BF16 (f32 elsewhere): the
     /// linear layers (ViT blocks, patch embedding, head MLP) and the attention heads' products run at about
     /// twice the f32 GEMM speed. Outputs, LayerNorm, softmax, GELU, the loss, the weight-normalised last
-    /// layer and the optimiser stay f32.
+    /// layer and the optimiser stay f32; the pre-activation GELU keeps for its backward pass is kept in bf16,
+    /// as PyTorch's autocast keeps it.
     Bf16,
 }
 
@@ -328,7 +329,8 @@ const GELU_BLOCK_ROWS: usize = 256;
 /// `(pre, act)` of `GELU(x Wᵀ + b)`, `pre = x Wᵀ + b` kept for the backward pass: blocks of
 /// [`GELU_BLOCK_ROWS`] rows shared among the pool threads, each a single-threaded GEMM (no bias in the GEMM)
 /// followed at once by the bias + GELU pass over the block while it is in cache. With `bf16` the GEMMs take
-/// bf16 products (W packed once, each block's rows packed as it goes).
+/// bf16 products (W packed once, each block's rows packed as it goes), and the kept `pre` is its bf16
+/// rounding (see [`Pre`]), each block's GEMM writing a scratch block instead.
 #[allow(clippy::too_many_arguments)]
 fn linear_gelu_fwd(
     x: &[f32],
@@ -339,10 +341,10 @@ fn linear_gelu_fwd(
     b: Option<&[f32]>,
     keep_pre: bool,
     bf16: bool,
-) -> (Option<Vec<f32>>, Vec<f32>) {
+) -> (Option<Pre>, Vec<f32>) {
     let mut act = crate::ops::uninit_f32(r * out);
     if out == 0 {
-        return (keep_pre.then(Vec::new), act);
+        return (keep_pre.then(|| Pre::keep(Vec::new(), bf16)), act);
     }
     // bf16 products: W packed once for every block.
     let wp = bf16.then(|| bf16::pack_nk(w, out, inp, inp, bf16::NR));
@@ -389,19 +391,34 @@ fn linear_gelu_fwd(
             .for_each(|(i, ab)| block(i, ab, None));
         return (None, act);
     }
+    if bf16 {
+        // The pre-activation kept in bf16 (see [`Pre`]): each block's GEMM writes a scratch block that stays
+        // in cache, and its rounding goes out.
+        let mut pre = uninit_bf16(r * out);
+        bf16_bits_mut(&mut pre)
+            .par_chunks_mut(n)
+            .zip(act.par_chunks_mut(n))
+            .enumerate()
+            .for_each(|(i, (pre, ab))| {
+                let mut pb = crate::ops::uninit_f32(ab.len());
+                block(i, &mut pb, Some(ab));
+                bf16::round_to_bf16(&pb, pre);
+            });
+        return (Some(Pre::Bf16(pre)), act);
+    }
     let mut pre = crate::ops::uninit_f32(r * out);
     pre.par_chunks_mut(n)
         .zip(act.par_chunks_mut(n))
         .enumerate()
         .for_each(|(i, (pb, ab))| block(i, pb, Some(ab)));
-    (Some(pre), act)
+    (Some(Pre::F32(pre)), act)
 }
 
 /// [`linear_gelu_fwd`] with bf16 products and the activation stored in bf16 (rounded as every bf16 packing
 /// rounds it, so that a bf16 product reading it gives the bits it would give reading the f32 activation):
-/// `(pre, act)`, `pre` kept for the backward pass with `keep_pre`. Blocks of [`GELU_BLOCK_ROWS`] rows as
-/// there, the GEMM output of a block (its pre-activation) in cache while bias + GELU and the rounding run on it,
-/// a row at a time.
+/// `(pre, act)`, `pre` (rounded to bf16, see [`Pre`]) kept for the backward pass with `keep_pre`. Blocks of
+/// [`GELU_BLOCK_ROWS`] rows as there, the GEMM output of a block (its pre-activation, in a scratch block) in
+/// cache while bias + GELU and the roundings run on it, a row at a time.
 fn linear_gelu_fwd_bf16_out(
     x: bf16::Rows,
     r: usize,
@@ -410,16 +427,17 @@ fn linear_gelu_fwd_bf16_out(
     out: usize,
     b: Option<&[f32]>,
     keep_pre: bool,
-) -> (Option<Vec<f32>>, Vec<half::bf16>) {
+) -> (Option<Vec<half::bf16>>, Vec<half::bf16>) {
     let mut act = uninit_bf16(r * out);
     if out == 0 {
         return (keep_pre.then(Vec::new), act);
     }
     let wp = bf16::pack_nk(w, out, inp, inp, bf16::NR);
     let n = GELU_BLOCK_ROWS * out;
-    // Block `i`: the GEMM writes its pre-activation into `pb` (the kept `pre`, or a scratch block), then each
-    // row gets its bias (in `pb`), GELU into `row` and the rounding into the activation.
-    let block = |i: usize, pb: &mut [f32], ab: &mut [half::bf16]| {
+    // Block `i`: the GEMM writes its pre-activation into the scratch block `pb`, then each row gets its bias
+    // (in `pb`), GELU into `row` and the rounding into the activation, and with `pre` the rounding of the
+    // pre-activation into it (the bf16 pre-activation of [`Pre`]).
+    let block = |i: usize, pb: &mut [f32], ab: &mut [half::bf16], pre: Option<&mut [u16]>| {
         let r0 = i * GELU_BLOCK_ROWS;
         let rows = pb.len() / out;
         // SAFETY: x rows r0.. are (rows, inp), wp is W packed, pb is this block's own (rows, out); bf16
@@ -444,18 +462,25 @@ fn linear_gelu_fwd_bf16_out(
             ops::bias_gelu_fwd_rows(pr, b, &mut row, out);
             bf16::round_to_bf16(&row, ar);
         }
+        if let Some(pre) = pre {
+            bf16::round_to_bf16(pb, pre);
+        }
     };
     if keep_pre {
-        let mut pre = crate::ops::uninit_f32(r * out);
-        pre.par_chunks_mut(n)
+        let mut pre = uninit_bf16(r * out);
+        bf16_bits_mut(&mut pre)
+            .par_chunks_mut(n)
             .zip(act.par_chunks_mut(n))
             .enumerate()
-            .for_each(|(i, (pb, ab))| block(i, pb, ab));
+            .for_each(|(i, (pre, ab))| {
+                let mut pb = crate::ops::uninit_f32(ab.len());
+                block(i, &mut pb, ab, Some(pre))
+            });
         return (Some(pre), act);
     }
     act.par_chunks_mut(n).enumerate().for_each(|(i, ab)| {
         let mut pb = crate::ops::uninit_f32(ab.len());
-        block(i, &mut pb, ab)
+        block(i, &mut pb, ab, None)
     });
     (None, act)
 }
@@ -654,7 +679,7 @@ struct LinearGradOp {
     /// For `GELU(x Wᵀ + b)` with enough rows (f32 or bf16 products): the saved pre-activation. The op's
     /// gradient input is then the gradient of the GELU output, and GELU' is applied block by block (see
     /// [`linear_grad_blocked`]).
-    gelu_pre: Option<Arc<Vec<f32>>>,
+    gelu_pre: Option<Arc<Pre>>,
     dw: Mutex<Option<Vec<f32>>>,
     /// The bias gradient, computed with `gelu_pre` only.
     db: Mutex<Option<Vec<f32>>>,
@@ -697,6 +722,7 @@ impl CustomOp3 for LinearGradOp {
             return self.finish(dx, dw, r, inp);
         }
         if let Some(pre) = &self.gelu_pre {
+            let pre = pre.rows();
             if pre.len() != g.len() {
                 candle_core::bail!(
                     "{}: pre-activation size {} != {}",
@@ -903,7 +929,7 @@ impl CustomOp3 for LinearGradOp {
 #[allow(clippy::too_many_arguments)]
 fn linear_grad_blocked(
     g: &[f32],
-    pre: Option<&[f32]>,
+    pre: Option<bf16::Rows>,
     w: &[f32],
     x: bf16::Rows,
     r: usize,
@@ -938,7 +964,7 @@ fn linear_grad_blocked(
             let blk: &[f32] = match pre {
                 Some(pre) => {
                     let blk = &mut dpre[..sn * out];
-                    ops::gelu_bwd_chunk(&pre[span.clone()], &g[span], blk);
+                    gelu_bwd_rows(pre.from(span.start), &g[span], blk);
                     ops::col_sum_chunk(blk, &mut db);
                     blk
                 }
@@ -1137,9 +1163,49 @@ fn linear_grad_bf16(
     (dx, dw)
 }
 
+/// The pre-activation `x Wᵀ + b` of a GELU layer, kept for its backward pass: f32 under f32 products, bf16 under
+/// bf16 products (as PyTorch's autocast keeps the bf16 output of a linear layer for GELU's backward): GELU' is
+/// then evaluated at the rounded value, and the kept tensor and its traffic halve.
+enum Pre {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
+}
+
+impl Pre {
+    /// `pre` as kept under `bf16` products (rounded to nearest even, as the packings round).
+    fn keep(pre: Vec<f32>, bf16: bool) -> Self {
+        if bf16 {
+            let mut b = uninit_bf16(pre.len());
+            bf16::round_to_bf16(&pre, bf16_bits_mut(&mut b));
+            Pre::Bf16(b)
+        } else {
+            Pre::F32(pre)
+        }
+    }
+
+    /// The values, f32 or bf16 bit patterns.
+    fn rows(&self) -> bf16::Rows<'_> {
+        match self {
+            Pre::F32(v) => bf16::Rows::F32(v),
+            Pre::Bf16(v) => bf16::Rows::Bf16(bf16::bf16_bits(v)),
+        }
+    }
+}
+
+/// A slot for the kept pre-activation (see [`ops::Saved`]).
+type SavedPre = Mutex<Option<Arc<Pre>>>;
+
+/// `dx[i] = g[i] · GELU'(pre[i])` over a chunk, `pre` f32 or bf16.
+fn gelu_bwd_rows(pre: bf16::Rows, g: &[f32], dx: &mut [f32]) {
+    match pre {
+        bf16::Rows::F32(p) => ops::gelu_bwd_chunk(p, g, dx),
+        bf16::Rows::Bf16(p) => ops::gelu_bwd_bf16_chunk(p, g, dx),
+    }
+}
+
 /// `g ⊙ GELU'(pre)` with the pre-activation held by the op.
 struct GeluGradOp {
-    pre: Arc<Vec<f32>>,
+    pre: Arc<Pre>,
 }
 
 impl CustomOp1 for GeluGradOp {
@@ -1149,18 +1215,19 @@ impl CustomOp1 for GeluGradOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = f32_data(s, l, self.name())?;
-        if g.len() != self.pre.len() {
+        let pre = self.pre.rows();
+        if g.len() != pre.len() {
             candle_core::bail!(
                 "{}: gradient size {} != {}",
                 self.name(),
                 g.len(),
-                self.pre.len()
+                pre.len()
             );
         }
         let mut dx = crate::ops::uninit_f32(g.len());
         ops::for_elem_chunks(&mut dx, |a, c| {
             let n = c.len();
-            ops::gelu_bwd_chunk(&self.pre[a..a + n], &g[a..a + n], c)
+            gelu_bwd_rows(pre.from(a), &g[a..a + n], c)
         });
         Ok((CpuStorage::F32(dx), l.shape().clone()))
     }
@@ -1175,8 +1242,8 @@ struct LinearOp {
     bf16_out: bool,
     /// Whether the backward pass will run (see [`records_grad`]); without it `pre` is not kept.
     keep_pre: bool,
-    /// The pre-activation when `gelu`, kept for the backward pass.
-    pre: ops::Saved,
+    /// The pre-activation when `gelu`, kept for the backward pass (in bf16 under bf16 products).
+    pre: SavedPre,
 }
 
 impl LinearOp {
@@ -1187,6 +1254,13 @@ impl LinearOp {
             bf16_out: false,
             keep_pre,
             pre: Mutex::new(None),
+        }
+    }
+
+    /// Keep the pre-activation for the backward pass.
+    fn save_pre(&self, pre: Pre) {
+        if let Ok(mut s) = self.pre.lock() {
+            *s = Some(Arc::new(pre));
         }
     }
 
@@ -1222,7 +1296,7 @@ impl LinearOp {
             let (pre, act) =
                 linear_gelu_fwd_bf16_out(xr.rows(), r, inp, &wd, out, bd.as_deref(), self.keep_pre);
             if let Some(pre) = pre {
-                ops::save(&self.pre, pre);
+                self.save_pre(Pre::Bf16(pre));
             }
             return Ok((CpuStorage::BF16(act), Shape::from((r, out))));
         }
@@ -1238,7 +1312,7 @@ impl LinearOp {
                 self.bf16,
             );
             if let Some(pre) = pre {
-                ops::save(&self.pre, pre);
+                self.save_pre(pre);
             }
             return Ok((CpuStorage::F32(act), Shape::from((r, out))));
         }
@@ -1256,7 +1330,7 @@ impl LinearOp {
                 let n = c.len();
                 ops::gelu_fwd_chunk(&y[a..a + n], c)
             });
-            ops::save(&self.pre, y);
+            self.save_pre(Pre::keep(y, self.bf16));
             act
         } else {
             y
@@ -1283,7 +1357,14 @@ impl LinearOp {
         let blocked = self.gelu && rows >= 4 * GELU_BLOCK_ROWS;
         let mut gelu_pre = None;
         let g = if self.gelu {
-            let pre = ops::take_saved(&self.pre, "linear_gelu pre-activation")?;
+            let pre = self
+                .pre
+                .lock()
+                .ok()
+                .and_then(|p| p.clone())
+                .ok_or_else(|| {
+                    candle_core::Error::Msg("backward: linear_gelu pre-activation missing".into())
+                })?;
             if blocked {
                 gelu_pre = Some(pre);
                 grad.contiguous()?
@@ -2113,7 +2194,7 @@ pub fn skips_dropped_samples(x: &Tensor) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device, Var};
+    use candle_core::{DType, Device, Storage, Var};
 
     fn pattern(n: usize, seed: u64) -> Vec<f32> {
         (0..n)
@@ -2242,10 +2323,11 @@ mod tests {
                     let (xr, wr) = (round(x.as_tensor())?, round(w.as_tensor())?);
                     let pre = xr.matmul(&wr.t()?)?.broadcast_add(b.as_tensor())?;
                     let (yr, gpre) = if gelu {
-                        // d/dpre of sum(gelu(pre) * up), through candle's autograd on a fresh variable.
-                        let pv = Var::from_tensor(&pre)?;
-                        let yr = pv.as_tensor().gelu_erf()?;
-                        let gp = (&yr * &up)?.sum_all()?.backward()?;
+                        // d/dpre of sum(gelu(pre) * up), through candle's autograd on a fresh variable, at the
+                        // pre-activation the op keeps under bf16 products: its bf16 rounding (see `Pre`).
+                        let yr = pre.gelu_erf()?;
+                        let pv = Var::from_tensor(&round(&pre)?)?;
+                        let gp = (pv.as_tensor().gelu_erf()? * &up)?.sum_all()?.backward()?;
                         (yr, gp.get(&pv).unwrap().clone())
                     } else {
                         (pre, up.clone())
@@ -2569,6 +2651,69 @@ mod tests {
                 };
                 let vars = [("x", &x), ("qkv", &qkv), ("w", &w), ("b", &b)];
                 assert_bf16_storage_changes_no_bit(branch, &vars, &what)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The kept pre-activation of `GELU(x Wᵀ + b)`: the bf16 rounding of `x Wᵀ + b` under bf16 products (within
+    /// one bf16 rounding of the bf16 linear layer's output), f32 under f32 products, on every forward path
+    /// (rows below and above the row-blocked threshold, f32 and bf16 activations).
+    #[test]
+    fn the_gelu_pre_activation_is_kept_in_bf16_under_bf16_products() -> Result<()> {
+        crate::bf16::for_each_bf16_kernel(gelu_pre_with_kernel)
+    }
+
+    fn gelu_pre_with_kernel() -> Result<()> {
+        let dev = Device::Cpu;
+        let long = 4 * GELU_BLOCK_ROWS + 30;
+        for &(r, inp, out) in &[(40usize, 24usize, 36usize), (long, 16, 40)] {
+            let x = Tensor::from_vec(pattern(r * inp, 1), (r, inp), &dev)?;
+            let w = Tensor::from_vec(pattern(out * inp, 2), (out, inp), &dev)?;
+            let b = Tensor::from_vec(pattern(out, 3), out, &dev)?;
+            for (bf16, bf16_out) in [(false, false), (true, false), (true, true)] {
+                if bf16 && !bf16::supported() {
+                    eprintln!("BF16 PASS NOT RUN: this CPU has no AVX-512 BF16");
+                    continue;
+                }
+                let run = || -> Result<(Vec<f32>, bool, Vec<f32>)> {
+                    let op = LinearOp {
+                        bf16_out,
+                        ..LinearOp::new(true, bf16, true)
+                    };
+                    let (xs, xl) = x.storage_and_layout();
+                    let (ws, wl) = w.storage_and_layout();
+                    let (bs, bl) = b.storage_and_layout();
+                    let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(bs)) = (&*xs, &*ws, &*bs)
+                    else {
+                        unreachable!("CPU tensors")
+                    };
+                    op.fwd((xs, xl), (ws, wl), Some((bs, bl)))?;
+                    let kept = op.pre.lock().unwrap().clone().expect("pre kept");
+                    let is_bf16 = matches!(*kept, Pre::Bf16(_));
+                    let v = kept.rows().to_f32(0..r * out).into_owned();
+                    // The bf16 linear layer's own output, without GELU.
+                    let lin = linear_impl(&x, &w, Some(&b), false, false)?;
+                    Ok((v, is_bf16, lin.flatten_all()?.to_vec1()?))
+                };
+                let (kept, is_bf16, lin) = if bf16 {
+                    crate::bf16::bf16_products(run)?
+                } else {
+                    run()?
+                };
+                let what = format!("{r}x{inp}x{out}, bf16 {bf16}, bf16 out {bf16_out}");
+                assert_eq!(is_bf16, bf16, "{what}");
+                for (k, l) in kept.iter().zip(&lin) {
+                    if is_bf16 {
+                        assert_eq!(k.to_bits() & 0xffff, 0, "{what}: not a bf16 value");
+                        assert!(
+                            (k - l).abs() <= l.abs() / 256.0 + 1e-6,
+                            "{what}: {k} vs {l}"
+                        );
+                    } else {
+                        assert!((k - l).abs() <= l.abs() * 1e-5 + 1e-6, "{what}: {k} vs {l}");
+                    }
+                }
             }
         }
         Ok(())

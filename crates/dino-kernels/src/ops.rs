@@ -953,21 +953,38 @@ fn bias_gelu_inplace_kernel<const FMA: bool>(a: &mut [f32], b: Option<&[f32]>, d
 
 multiversion!(fma pub(crate) fn bias_gelu_inplace_rows => bias_gelu_inplace_kernel(a: &mut [f32], b: Option<&[f32]>, d: usize));
 
+/// GELU'(v) = Φ(v) + v φ(v).
 #[inline(always)]
-fn gelu_bwd_kernel<const FMA: bool>(x: &[f32], g: &[f32], dx: &mut [f32]) {
+fn gelu_grad<const FMA: bool>(v: f32) -> f32 {
     // 1/sqrt(2*pi)
     const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let cdf = 0.5 * (1.0 + fast_erf_g::<FMA>(v * std::f32::consts::FRAC_1_SQRT_2));
+    let pdf = INV_SQRT_2PI * fast_exp_g::<FMA>(-0.5 * v * v);
+    cdf + v * pdf
+}
+
+#[inline(always)]
+fn gelu_bwd_kernel<const FMA: bool>(x: &[f32], g: &[f32], dx: &mut [f32]) {
     let n = dx.len();
     let (x, g) = (&x[..n], &g[..n]);
     for i in 0..n {
-        let v = x[i];
-        let cdf = 0.5 * (1.0 + fast_erf_g::<FMA>(v * std::f32::consts::FRAC_1_SQRT_2));
-        let pdf = INV_SQRT_2PI * fast_exp_g::<FMA>(-0.5 * v * v);
-        dx[i] = g[i] * (cdf + v * pdf);
+        dx[i] = g[i] * gelu_grad::<FMA>(x[i]);
     }
 }
 
 multiversion!(fma pub(crate) fn gelu_bwd_chunk => gelu_bwd_kernel(x: &[f32], g: &[f32], dx: &mut [f32]));
+
+/// [`gelu_bwd_chunk`] with `x` given as bf16 bit patterns (widened exactly).
+#[inline(always)]
+fn gelu_bwd_bf16_kernel<const FMA: bool>(x: &[u16], g: &[f32], dx: &mut [f32]) {
+    let n = dx.len();
+    let (x, g) = (&x[..n], &g[..n]);
+    for i in 0..n {
+        dx[i] = g[i] * gelu_grad::<FMA>(f32::from_bits((x[i] as u32) << 16));
+    }
+}
+
+multiversion!(fma pub(crate) fn gelu_bwd_bf16_chunk => gelu_bwd_bf16_kernel(x: &[u16], g: &[f32], dx: &mut [f32]));
 
 /// Elementwise chunking for the GELU kernels.
 pub(crate) fn for_elem_chunks(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {

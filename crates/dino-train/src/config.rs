@@ -334,7 +334,8 @@ pub struct TrainConfig {
     /// 128 or more keys; shorter ones stay f32, which ran faster): `highest` (f32) or `bf16` (operands rounded
     /// to bfloat16, sums in f32; faster steps on CPUs with AMX or AVX-512 BF16, f32 on others), the CPU
     /// counterpart of the official `--use_fp16`. Weights, activations, the head's last
-    /// layer (unless `head_last_layer_bf16`), the loss, the optimiser and evaluation stay f32. Default highest.
+    /// layer (unless `head_last_layer_bf16`), the loss, the optimiser and evaluation stay f32, except the
+    /// pre-activation GELU keeps for its backward pass, kept in bf16 as under autocast. Default highest.
     pub matmul_precision: MatmulPrecision,
     /// Where the run computes: `cpu`, `cuda` (GPU 0), `cuda:N`, or `auto` (GPU 0 when this build has CUDA and a
     /// GPU answers, else the CPU). Not part of a run's identity: a checkpoint resumes on any device. Default cpu.
