@@ -455,15 +455,17 @@ fn linear_gelu_fwd_bf16_out(
             )
         }
         let mut row = vec![0f32; out];
+        let mut pre_rows = pre.map(|p| p.chunks_exact_mut(out));
         for (pr, ar) in pb
             .chunks_exact_mut(out)
             .zip(bf16_bits_mut(ab).chunks_exact_mut(out))
         {
             ops::bias_gelu_fwd_rows(pr, b, &mut row, out);
             bf16::round_to_bf16(&row, ar);
-        }
-        if let Some(pre) = pre {
-            bf16::round_to_bf16(pb, pre);
+            // The pre-activation row's rounding while it is in L1.
+            if let Some(p) = pre_rows.as_mut().and_then(|it| it.next()) {
+                bf16::round_to_bf16(pr, p);
+            }
         }
     };
     if keep_pre {
