@@ -392,18 +392,10 @@ fn linear_gelu_fwd(
         return (None, act);
     }
     if bf16 {
-        // The pre-activation kept in bf16 (see [`Pre`]): each block's GEMM writes a scratch block that stays
-        // in cache, and its rounding goes out.
-        let mut pre = uninit_bf16(r * out);
-        bf16_bits_mut(&mut pre)
-            .par_chunks_mut(n)
-            .zip(act.par_chunks_mut(n))
-            .enumerate()
-            .for_each(|(i, (pre, ab))| {
-                let mut pb = crate::ops::uninit_f32(ab.len());
-                block(i, &mut pb, Some(ab));
-                bf16::round_to_bf16(&pb, pre);
-            });
+        let pre = blocks_with_bf16_pre(&mut act, n, |i, pb, ab, pre| {
+            block(i, pb, Some(ab));
+            bf16::round_to_bf16(pb, pre);
+        });
         return (Some(Pre::Bf16(pre)), act);
     }
     let mut pre = crate::ops::uninit_f32(r * out);
@@ -412,6 +404,26 @@ fn linear_gelu_fwd(
         .enumerate()
         .for_each(|(i, (pb, ab))| block(i, pb, Some(ab)));
     (Some(Pre::F32(pre)), act)
+}
+
+/// The row blocks of `n` activation values shared among the pool threads, each given a scratch block for its
+/// GEMM output (it stays in cache, unlike the kept tensor) and its part of the kept bf16 pre-activation (see
+/// [`Pre`]), which `block(i, scratch, act, pre)` writes; returns that pre-activation.
+fn blocks_with_bf16_pre<T: Send>(
+    act: &mut [T],
+    n: usize,
+    block: impl Fn(usize, &mut [f32], &mut [T], &mut [u16]) + Sync,
+) -> Vec<half::bf16> {
+    let mut pre = uninit_bf16(act.len());
+    bf16_bits_mut(&mut pre)
+        .par_chunks_mut(n)
+        .zip(act.par_chunks_mut(n))
+        .enumerate()
+        .for_each(|(i, (pre, ab))| {
+            let mut pb = crate::ops::uninit_f32(ab.len());
+            block(i, &mut pb, ab, pre)
+        });
+    pre
 }
 
 /// [`linear_gelu_fwd`] with bf16 products and the activation stored in bf16 (rounded as every bf16 packing
@@ -469,15 +481,7 @@ fn linear_gelu_fwd_bf16_out(
         }
     };
     if keep_pre {
-        let mut pre = uninit_bf16(r * out);
-        bf16_bits_mut(&mut pre)
-            .par_chunks_mut(n)
-            .zip(act.par_chunks_mut(n))
-            .enumerate()
-            .for_each(|(i, (pre, ab))| {
-                let mut pb = crate::ops::uninit_f32(ab.len());
-                block(i, &mut pb, ab, Some(pre))
-            });
+        let pre = blocks_with_bf16_pre(&mut act, n, |i, pb, ab, pre| block(i, pb, ab, Some(pre)));
         return (Some(pre), act);
     }
     act.par_chunks_mut(n).enumerate().for_each(|(i, ab)| {
