@@ -53,9 +53,15 @@ pub(crate) fn to_bf16_bits(x: f32) -> u16 {
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
+/// The f32 value of bf16 bit pattern `b` (exact).
+#[inline(always)]
+pub(crate) fn widen(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
 /// `x` rounded to the nearest bfloat16 (ties to even), back in f32.
 pub fn round_bf16(x: f32) -> f32 {
-    f32::from_bits((to_bf16_bits(x) as u32) << 16)
+    widen(to_bf16_bits(x))
 }
 
 /// A row-major matrix operand of the bf16 products: f32 values, or bf16 bit patterns (a tensor a producer
@@ -89,12 +95,7 @@ impl<'a> Rows<'a> {
     pub(crate) fn to_f32(self, range: std::ops::Range<usize>) -> std::borrow::Cow<'a, [f32]> {
         match self {
             Rows::F32(s) => std::borrow::Cow::Borrowed(&s[range]),
-            Rows::Bf16(s) => std::borrow::Cow::Owned(
-                s[range]
-                    .iter()
-                    .map(|&b| f32::from_bits((b as u32) << 16))
-                    .collect(),
-            ),
+            Rows::Bf16(s) => std::borrow::Cow::Owned(s[range].iter().map(|&b| widen(b)).collect()),
         }
     }
 }
@@ -301,7 +302,6 @@ pub(crate) fn use_bf16(precision: MatmulPrecision, rows: usize) -> bool {
 }
 
 /// A cache line of packed pairs: the unit of [`Lines`]' storage.
-#[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Line([u32; 16]);
 
@@ -309,7 +309,6 @@ struct Line([u32; 16]);
 /// tile row (64 bytes) or a zmm load that straddles two lines is slow (on the Intel Xeon with AMX, family 6
 /// model 167: a `tileloadd` of 16 such rows 16.5 ns instead of 2.5 ns, the AMX GEMM alone 540-670 instead of
 /// 1,100-1,400 GFLOP/s on the ViT's shapes); glibc's `malloc` aligns to 16 bytes only.
-#[derive(Default)]
 pub(crate) struct Lines {
     lines: Vec<Line>,
     len: usize,

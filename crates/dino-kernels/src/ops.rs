@@ -980,7 +980,7 @@ fn gelu_bwd_bf16_kernel<const FMA: bool>(x: &[u16], g: &[f32], dx: &mut [f32]) {
     let n = dx.len();
     let (x, g) = (&x[..n], &g[..n]);
     for i in 0..n {
-        dx[i] = g[i] * gelu_grad::<FMA>(f32::from_bits((x[i] as u32) << 16));
+        dx[i] = g[i] * gelu_grad::<FMA>(crate::bf16::widen(x[i]));
     }
 }
 
