@@ -660,10 +660,7 @@ impl RowsData<'_> {
 fn rows_data<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<RowsData<'a>> {
     match s {
         CpuStorage::BF16(d) => match l.contiguous_offsets() {
-            // SAFETY: half::bf16 is a repr(transparent) u16.
-            Some((a, b)) => Ok(RowsData::Bf16(unsafe {
-                std::slice::from_raw_parts(d[a..b].as_ptr() as *const u16, b - a)
-            })),
+            Some((a, b)) => Ok(RowsData::Bf16(bf16::bf16_bits(&d[a..b]))),
             None => candle_core::bail!("{op}: a strided bf16 input"),
         },
         _ => Ok(RowsData::F32(f32_data(s, l, op)?)),
@@ -1198,9 +1195,6 @@ impl Pre {
     }
 }
 
-/// A slot for the kept pre-activation (see [`ops::Saved`]).
-type SavedPre = Mutex<Option<Arc<Pre>>>;
-
 /// `dx[i] = g[i] · GELU'(pre[i])` over a chunk, `pre` f32 or bf16.
 fn gelu_bwd_rows(pre: bf16::Rows, g: &[f32], dx: &mut [f32]) {
     match pre {
@@ -1249,7 +1243,7 @@ struct LinearOp {
     /// Whether the backward pass will run (see [`records_grad`]); without it `pre` is not kept.
     keep_pre: bool,
     /// The pre-activation when `gelu`, kept for the backward pass (in bf16 under bf16 products).
-    pre: SavedPre,
+    pre: ops::Saved<Pre>,
 }
 
 impl LinearOp {
@@ -1260,13 +1254,6 @@ impl LinearOp {
             bf16_out: false,
             keep_pre,
             pre: Mutex::new(None),
-        }
-    }
-
-    /// Keep the pre-activation for the backward pass.
-    fn save_pre(&self, pre: Pre) {
-        if let Ok(mut s) = self.pre.lock() {
-            *s = Some(Arc::new(pre));
         }
     }
 
@@ -1302,7 +1289,7 @@ impl LinearOp {
             let (pre, act) =
                 linear_gelu_fwd_bf16_out(xr.rows(), r, inp, &wd, out, bd.as_deref(), self.keep_pre);
             if let Some(pre) = pre {
-                self.save_pre(Pre::Bf16(pre));
+                ops::save(&self.pre, Pre::Bf16(pre));
             }
             return Ok((CpuStorage::BF16(act), Shape::from((r, out))));
         }
@@ -1318,7 +1305,7 @@ impl LinearOp {
                 self.bf16,
             );
             if let Some(pre) = pre {
-                self.save_pre(pre);
+                ops::save(&self.pre, pre);
             }
             return Ok((CpuStorage::F32(act), Shape::from((r, out))));
         }
@@ -1336,7 +1323,7 @@ impl LinearOp {
                 let n = c.len();
                 ops::gelu_fwd_chunk(&y[a..a + n], c)
             });
-            self.save_pre(Pre::keep(y, self.bf16));
+            ops::save(&self.pre, Pre::keep(y, self.bf16));
             act
         } else {
             y
@@ -1363,14 +1350,7 @@ impl LinearOp {
         let blocked = self.gelu && rows >= 4 * GELU_BLOCK_ROWS;
         let mut gelu_pre = None;
         let g = if self.gelu {
-            let pre = self
-                .pre
-                .lock()
-                .ok()
-                .and_then(|p| p.clone())
-                .ok_or_else(|| {
-                    candle_core::Error::Msg("backward: linear_gelu pre-activation missing".into())
-                })?;
+            let pre = ops::take_saved(&self.pre, "linear_gelu pre-activation")?;
             if blocked {
                 gelu_pre = Some(pre);
                 grad.contiguous()?

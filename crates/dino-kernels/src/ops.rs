@@ -267,17 +267,17 @@ pub fn uninit_f32(n: usize) -> Vec<f32> {
 
 /// A forward intermediate that an op keeps for its backward pass (attention probabilities, a pre-activation); it
 /// lives as long as the op, i.e. as long as the op's output tensor.
-pub(crate) type Saved = std::sync::Mutex<Option<std::sync::Arc<Vec<f32>>>>;
+pub(crate) type Saved<T = Vec<f32>> = std::sync::Mutex<Option<std::sync::Arc<T>>>;
 
 /// Keep `data` in `slot`.
-pub(crate) fn save(slot: &Saved, data: Vec<f32>) {
+pub(crate) fn save<T>(slot: &Saved<T>, data: T) {
     if let Ok(mut s) = slot.lock() {
         *s = Some(std::sync::Arc::new(data));
     }
 }
 
 /// The kept intermediate, or an error naming `what` if the forward pass did not store it.
-pub(crate) fn take_saved(slot: &Saved, what: &str) -> Result<std::sync::Arc<Vec<f32>>> {
+pub(crate) fn take_saved<T>(slot: &Saved<T>, what: &str) -> Result<std::sync::Arc<T>> {
     slot.lock()
         .ok()
         .and_then(|p| p.clone())
