@@ -645,8 +645,10 @@ mod tests {
             .collect()
     }
 
-    /// Every edge of the blocking (row remainders 1-5, column tails, more than one column chunk), strided and
-    /// transposed left operands and padded output rows, against a direct f64 triple loop.
+    /// Every edge of the blocking (row remainders 1-5, column tails, more than one column chunk, `k` from 0 to
+    /// several hundred), strided and transposed left operands and padded output rows, against a direct f64
+    /// triple loop within the rounding bound of a `k`-term f32 sum, and bit for bit against each element's own
+    /// FMA chain over `k` in order (`f32::mul_add`), which the module promises whatever the blocking.
     #[test]
     fn matches_direct_products_on_every_tile_shape() {
         for isa in isas("matches_direct_products_on_every_tile_shape") {
@@ -662,6 +664,8 @@ mod tests {
             (13, 130, 7),
             (6, 16, 3),
             (7, 200, 33),
+            (13, 37, 300),
+            (4, 16, 0),
         ] {
             for transposed in [false, true] {
                 let (a_rs, a_cs) = if transposed { (1, m + 3) } else { (k + 2, 1) };
@@ -684,13 +688,25 @@ mod tests {
                 };
                 for i in 0..m {
                     for j in 0..n {
-                        let want: f64 = (0..k)
-                            .map(|l| a[i * a_rs + l * a_cs] as f64 * b[l * b_rs + j] as f64)
+                        let terms = (0..k).map(|l| (a[i * a_rs + l * a_cs], b[l * b_rs + j]));
+                        let want: f64 = terms.clone().map(|(x, y)| x as f64 * y as f64).sum();
+                        // The rounding bound of a k-term f32 sum: (k + 1) ulps of 1 times the sum of magnitudes.
+                        let magnitude: f64 = terms
+                            .clone()
+                            .map(|(x, y)| (x as f64 * y as f64).abs())
                             .sum();
+                        let bound = (k + 1) as f64 * f32::EPSILON as f64 * magnitude;
+                        let chain = terms.fold(0f32, |acc, (x, y)| x.mul_add(y, acc));
                         let got = c[i * c_rs + j];
+                        let what = format!("{isa:?} ({m}, {n}, {k}) transposed {transposed}");
                         assert!(
-                            (got as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
-                            "{isa:?} ({m}, {n}, {k}) transposed {transposed}: c[{i}][{j}] = {got}, want {want}"
+                            (got as f64 - want).abs() <= bound,
+                            "{what}: c[{i}][{j}] = {got}, want {want} (bound {bound})"
+                        );
+                        assert_eq!(
+                            got.to_bits(),
+                            chain.to_bits(),
+                            "{what}: c[{i}][{j}] = {got} is not its FMA chain's {chain}"
                         );
                     }
                     // The padding column is never written.
