@@ -686,6 +686,7 @@ mod tests {
                         (b.as_ptr(), b_rs),
                     )
                 };
+                let what = format!("{isa:?} ({m}, {n}, {k}) transposed {transposed}");
                 for i in 0..m {
                     for j in 0..n {
                         let terms = (0..k).map(|l| (a[i * a_rs + l * a_cs], b[l * b_rs + j]));
@@ -698,7 +699,6 @@ mod tests {
                         let bound = (k + 1) as f64 * f32::EPSILON as f64 * magnitude;
                         let chain = terms.fold(0f32, |acc, (x, y)| x.mul_add(y, acc));
                         let got = c[i * c_rs + j];
-                        let what = format!("{isa:?} ({m}, {n}, {k}) transposed {transposed}");
                         assert!(
                             (got as f64 - want).abs() <= bound,
                             "{what}: c[{i}][{j}] = {got}, want {want} (bound {bound})"
