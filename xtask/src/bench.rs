@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: runs the step benchmark (the `bench_step` example of dino-cli, one process per case so that
 //! each case's peak RSS is its own) and/or the criterion benches of the workspace, printing one JSON line per case.
 
+use crate::summary::{self, Summary};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -24,6 +25,11 @@ pub struct BenchArgs {
     pub pytorch: Option<PathBuf>,
     /// When PyTorch also runs under bf16 autocast (default [`PytorchBf16::Auto`]).
     pub pytorch_bf16: PytorchBf16,
+    /// How many times the step benchmark runs its whole selection (default 1); each JSON line carries its
+    /// `round`, and the run ends with the rounds' summary ([`crate::summary`]).
+    pub rounds: usize,
+    /// Where the summary goes (Markdown); stderr when not given.
+    pub summary: Option<PathBuf>,
 }
 
 /// When `--pytorch` times PyTorch under bf16 autocast beside fp32.
@@ -137,6 +143,7 @@ fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
     }
     let pytorch_bf16 = args.pytorch.is_some() && pytorch_runs_bf16(args.pytorch_bf16);
     let mut failed = Vec::new();
+    let mut summary = Summary::default();
     // Each dino-rs run of a case: its --matmul-precision and whether the head's last layer takes it too.
     let precisions: Vec<(Option<&str>, bool)> = match args.matmul_precision.as_deref() {
         Some("both") => vec![(Some("highest"), false), (Some("bf16"), false)],
@@ -147,47 +154,27 @@ fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
         ],
         other => vec![(other, false)],
     };
-    for case in chosen {
-        for (precision, head_bf16) in &precisions {
-            let mut cmd = Command::new(&exe);
-            cmd.args(["--case", case]);
-            if args.quick {
-                cmd.arg("--quick");
-            }
-            if let Some(p) = precision {
-                cmd.args(["--matmul-precision", p]);
-            }
-            if *head_bf16 {
-                cmd.arg("--head-last-layer-bf16");
-            }
-            // Each case prints its JSON line on stdout; progress goes to stderr, passed through.
-            let out = cmd
-                .stderr(Stdio::inherit())
-                .output()
-                .with_context(|| format!("cannot run {}", exe.display()))?;
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            for line in stdout.lines().filter(|l| l.starts_with('{')) {
-                println!("{line}");
-            }
-            if !out.status.success() {
-                failed.push(format!("{case} ({})", precision.unwrap_or("highest")));
-            }
+    let plan = Plan {
+        root,
+        args,
+        exe: &exe,
+        precisions: &precisions,
+        pytorch_bf16,
+    };
+    for round in 1..=args.rounds.max(1) {
+        if args.rounds > 1 {
+            eprintln!("bench: round {round} of {}", args.rounds);
         }
-        let pytorch_case = case
-            .strip_prefix("step/")
-            .map(|c| (c, false))
-            .or_else(|| case.strip_prefix("forward/").map(|c| (c, true)));
-        if let (Some(python), Some((cfg, forward))) = (&args.pytorch, pytorch_case) {
-            // PyTorch's CPU modes in the same run: fp32, then bf16 autocast where it is timed.
-            for bf16 in [false, true] {
-                if bf16 && !pytorch_bf16 {
-                    continue;
-                }
-                if !run_pytorch(root, python, cfg, forward, bf16, args.quick)? {
-                    let mode = if bf16 { "bf16 autocast" } else { "fp32" };
-                    failed.push(format!("{case} (PyTorch {mode})"));
-                }
-            }
+        for case in &chosen {
+            run_case(&plan, case, round, &mut summary, &mut failed)?;
+        }
+    }
+    if args.rounds > 1 || args.pytorch.is_some() || args.summary.is_some() {
+        let text = summary.markdown();
+        match &args.summary {
+            Some(path) => std::fs::write(path, &text)
+                .with_context(|| format!("cannot write the summary to {}", path.display()))?,
+            None => eprintln!("\n{text}"),
         }
     }
     if !failed.is_empty() {
@@ -196,8 +183,98 @@ fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Prints a case's JSON line with its `round` added and adds it to the summary.
+fn emit(line: &str, round: usize, summary: &mut Summary) -> Result<()> {
+    let mut v: serde_json::Value = serde_json::from_str(line)
+        .with_context(|| format!("a benchmark printed a line that is not JSON: {line}"))?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("round".to_string(), round.into());
+    }
+    let line = v.to_string();
+    println!("{line}");
+    if let Some(run) = summary::parse_line(&line, round)? {
+        summary.add(run)?;
+    }
+    Ok(())
+}
+
+/// What every case of a step benchmark run does.
+struct Plan<'a> {
+    root: &'a Path,
+    args: &'a BenchArgs,
+    /// The `bench_step` binary.
+    exe: &'a Path,
+    /// Each dino-rs run of a case: its --matmul-precision and whether the head's last layer takes it too.
+    precisions: &'a [(Option<&'a str>, bool)],
+    /// Whether PyTorch also runs under bf16 autocast.
+    pytorch_bf16: bool,
+}
+
+/// One case of one round: dino-rs in each of the plan's precisions, then PyTorch's modes where asked.
+fn run_case(
+    plan: &Plan,
+    case: &str,
+    round: usize,
+    summary: &mut Summary,
+    failed: &mut Vec<String>,
+) -> Result<()> {
+    let Plan {
+        root,
+        args,
+        exe,
+        precisions,
+        pytorch_bf16,
+    } = *plan;
+    for (precision, head_bf16) in precisions {
+        let mut cmd = Command::new(exe);
+        cmd.args(["--case", case]);
+        if args.quick {
+            cmd.arg("--quick");
+        }
+        if let Some(p) = precision {
+            cmd.args(["--matmul-precision", p]);
+        }
+        if *head_bf16 {
+            cmd.arg("--head-last-layer-bf16");
+        }
+        // Each case prints its JSON line on stdout; progress goes to stderr, passed through.
+        let out = cmd
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("cannot run {}", exe.display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        for line in stdout.lines().filter(|l| l.starts_with('{')) {
+            emit(line, round, summary)?;
+        }
+        if !out.status.success() {
+            failed.push(format!("{case} ({})", precision.unwrap_or("highest")));
+        }
+    }
+    let pytorch_case = case
+        .strip_prefix("step/")
+        .map(|c| (c, false))
+        .or_else(|| case.strip_prefix("forward/").map(|c| (c, true)));
+    if let (Some(python), Some((cfg, forward))) = (&args.pytorch, pytorch_case) {
+        // PyTorch's CPU modes in the same run: fp32, then bf16 autocast where it is timed.
+        for bf16 in [false, true] {
+            if bf16 && !pytorch_bf16 {
+                continue;
+            }
+            let (ok, lines) = run_pytorch(root, python, cfg, forward, bf16, args.quick)?;
+            for line in lines {
+                emit(&line, round, summary)?;
+            }
+            if !ok {
+                let mode = if bf16 { "bf16 autocast" } else { "fp32" };
+                failed.push(format!("{case} (PyTorch {mode})"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The PyTorch step (or with `forward`, the forward passes) of `cfg` (e.g. `imagenet/65536`), in fp32 or under
-/// bf16 autocast; prints its JSON line and says whether it succeeded.
+/// bf16 autocast: whether it succeeded, and its JSON lines.
 fn run_pytorch(
     root: &Path,
     python: &Path,
@@ -205,7 +282,7 @@ fn run_pytorch(
     forward: bool,
     bf16: bool,
     quick: bool,
-) -> Result<bool> {
+) -> Result<(bool, Vec<String>)> {
     let script = root.join("xtask/pytorch/dino_step.py");
     let mut cmd = Command::new(python);
     cmd.arg(&script).args(["--case", cfg]);
@@ -225,10 +302,11 @@ fn run_pytorch(
             script.display()
         )
     })?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    for line in stdout.lines().filter(|l| l.starts_with('{')) {
-        println!("{line}");
-    }
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(str::to_string)
+        .collect();
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let last = err.lines().last().unwrap_or("").trim();
@@ -240,7 +318,7 @@ fn run_pytorch(
         }
         eprintln!("PyTorch step {cfg} failed: {last}");
     }
-    Ok(out.status.success())
+    Ok((out.status.success(), lines))
 }
 
 fn run_criterion(root: &Path, args: &BenchArgs) -> Result<()> {

@@ -1,19 +1,22 @@
-//! cargo xtask: fetch-data | fetch-weights | ci | bench | gpu-check
+//! cargo xtask: fetch-data | fetch-weights | ci | bench | bench-summary | gpu-check
 //!
 //! - `fetch-data <cifar10|cifar100|fashion-mnist|imagenette> [--dir DIR]`: official archives, resumed, verified
 //!   (published sha256/md5), extracted.
 //! - `fetch-weights <name>`: official DINO weights through dino-models' hub code.
 //! - `ci`: exactly what `.ci/run` runs.
 //! - `bench [--quick] [--case NAME]... [--criterion] [--no-step] [--matmul-precision bf16|both|all] [--pytorch PYTHON]
-//!   [--pytorch-bf16 auto|always|never]`: one JSON line per benchmark case (with `--pytorch`, each training step
-//!   and forward pass also timed in PyTorch, fp32 and, where the CPU has bf16 arithmetic, bf16 autocast; the
-//!   `ceiling` case gives this CPU's f32 and bf16 register-only FMA rates).
+//!   [--pytorch-bf16 auto|always|never] [--rounds N] [--summary FILE]`: one JSON line per benchmark case (with
+//!   `--pytorch`, each training step and forward pass also timed in PyTorch, fp32 and, where the CPU has bf16
+//!   arithmetic, bf16 autocast; the `ceiling` case gives this CPU's f32 and bf16 register-only FMA rates); with
+//!   `--rounds N` the whole selection N times, interleaved, then the rounds' medians and per-round ratios.
+//! - `bench-summary FILE...`: those medians and ratios from saved JSON lines (a file per round).
 //! - `gpu-check`: builds the CUDA binaries and the script that checks them on a GPU machine (`target/gpu-check`).
 
 mod bench;
 mod ci;
 mod fetch;
 mod gpu;
+mod summary;
 mod unify;
 
 use anyhow::Result;
@@ -79,6 +82,20 @@ enum Cmd {
         /// avx512_bf16 or amx_bf16), always or never.
         #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = ["auto", "always", "never"])]
         pytorch_bf16: String,
+        /// Run the whole selection this many times, one round after the other (each JSON line carries its
+        /// `round`), then print the rounds' images/s medians and per-round ratios to PyTorch.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        rounds: u32,
+        /// Write that summary (Markdown) to this file instead of stderr.
+        #[arg(long, value_name = "FILE")]
+        summary: Option<PathBuf>,
+    },
+    /// The medians and per-round ratios of saved `bench` JSON lines (a file per round, unless the lines carry
+    /// their `round`), as Markdown tables.
+    BenchSummary {
+        /// JSON-lines files of `cargo xtask bench`.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -117,6 +134,8 @@ fn run(cli: Cli) -> Result<()> {
             matmul_precision,
             pytorch,
             pytorch_bf16,
+            rounds,
+            summary,
         } => bench::run(
             root(),
             &bench::BenchArgs {
@@ -131,8 +150,14 @@ fn run(cli: Cli) -> Result<()> {
                     "never" => bench::PytorchBf16::Never,
                     _ => bench::PytorchBf16::Auto,
                 },
+                rounds: rounds as usize,
+                summary,
             },
         ),
+        Cmd::BenchSummary { files } => {
+            print!("{}", summary::from_files(&files)?);
+            Ok(())
+        }
     }
 }
 
