@@ -36,7 +36,7 @@ pub fn tune_allocator() {
 /// thread works on its own split while the other threads steal the rest. The step stays on the main thread and
 /// its tensors in glibc's main heap: running it on another pool thread instead was as fast but put them in
 /// per-thread arenas of 64 MiB heaps, where the cifar/4096 bf16 step's peak RSS rose from 2.3 to 4.3 GiB in
-/// some runs (docs/PERFORMANCE.md, twenty-fourth session). Measured on the Intel Xeon with AMX (family 6 model
+/// some runs (docs/PERFORMANCE-LOG.md, twenty-fourth session). Measured on the Intel Xeon with AMX (family 6 model
 /// 167), interleaved pairs against the pool without the main thread: bf16 imagenet/4096 1.04-1.09x, cifar/4096
 /// 0.98-1.14x, imagenet/65536 1.06-1.09x, cifar/65536 0.91-1.07x; f32 1.00-1.10x; peak RSS unchanged.
 ///
@@ -70,9 +70,9 @@ const HUGE_PAGE: usize = 2 << 20;
 /// - Alignment: glibc aligns a `malloc` block to 16 bytes, so the rows of a tensor's buffer (a `Vec<f32>`)
 ///   start mid-line: every 64-byte vector load or store of a kernel then touches two cache lines, and every
 ///   64-byte row an AMX tile store writes is two partial-line writes. Aligned, they are whole lines. Measured
-///   on the Intel Xeon with AMX (family 6 model 207, docs/PERFORMANCE.md): the bf16 `step/cifar/4096` ran
-///   44.8-51.4 -> 51.8-57.8 images/s in 3 interleaved pairs; the f32 step (gemm packs its own buffers) was
-///   unchanged.
+///   on the Intel Xeon with AMX (family 6 model 207, docs/PERFORMANCE-LOG.md, twentieth session): the bf16
+///   `step/cifar/4096` ran 44.8-51.4 -> 51.8-57.8 images/s in 3 interleaved pairs; the f32 step (gemm packs its
+///   own buffers) was unchanged.
 /// - Huge pages: a step streams gigabytes of activations through 4 KiB pages, a TLB miss (a two-level walk in
 ///   a VM) every 64 cache lines. Where the kernel's THP mode is `madvise` (the default of many
 ///   distributions) only marked ranges get 2 MiB pages; `always` needs no mark, `never` ignores it. Measured
