@@ -192,8 +192,8 @@ fn emit(line: &str, round: usize, summary: &mut Summary) -> Result<()> {
     }
     let line = v.to_string();
     println!("{line}");
-    if let Some(run) = summary::parse_line(&line, round)? {
-        summary.add(run)?;
+    if let Some(parsed) = summary::parse_line(&line, round)? {
+        summary.add_line(parsed)?;
     }
     Ok(())
 }

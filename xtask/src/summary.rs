@@ -2,7 +2,9 @@
 //! `cargo xtask bench-summary FILE...` makes it from saved JSON lines. For each case it gives every engine's
 //! images/s per round with their median, and the per-round ratios of dino-rs to PyTorch's same mode (and of
 //! each side's best mode) with their median and range: on a noisy machine the median of per-round ratios of
-//! runs made minutes apart is the figure to quote, not a ratio of two medians.
+//! runs made minutes apart is the figure to quote, not a ratio of two medians. Where the run has the `ceiling`
+//! case too, it gives each dino-rs mode's GFLOP/s as a fraction of this CPU's register-only ceiling for the
+//! path its linear layers took.
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -58,13 +60,50 @@ pub struct Run {
     pub cpu: Option<String>,
     /// The GEMM path its products took (dino-rs lines only).
     pub gemm_path: Option<String>,
+    /// The step's executed GFLOP/s (dino-rs lines only).
+    pub gflop_per_s: Option<f64>,
 }
 
-/// Reads one JSON line; `Ok(None)` for lines that are not a timed case (criterion estimates, other tools' lines).
-/// `default_round` is used where the line carries no `round`.
-pub fn parse_line(line: &str, default_round: usize) -> Result<Option<Run>> {
+/// What one JSON line holds for the summary.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Line {
+    /// A timed case.
+    Run(Run),
+    /// The `ceiling` case: each register-only loop's GFLOP/s on all threads (`None`: not run on this CPU).
+    Ceilings(Vec<(String, Option<f64>)>),
+}
+
+/// The register-only loop (`bench_step --case ceiling`'s name) that bounds a GEMM path (`gemm_path`'s text).
+pub fn ceiling_of_path(gemm_path: &str) -> Option<&'static str> {
+    if gemm_path.starts_with("bf16: dino-kernels AMX") {
+        Some("bf16_amx")
+    } else if gemm_path.starts_with("bf16: dino-kernels vdpbf16ps") {
+        Some("bf16_avx512")
+    } else if gemm_path.starts_with("f32: gemm 0.19 AVX-512") {
+        Some("f32_avx512")
+    } else if gemm_path.starts_with("f32: gemm 0.19 AVX2") {
+        Some("f32_avx2")
+    } else {
+        None
+    }
+}
+
+/// Reads one JSON line; `Ok(None)` for lines that are neither a timed case nor the ceilings (criterion
+/// estimates, other tools' lines). `default_round` is used where the line carries no `round`.
+pub fn parse_line(line: &str, default_round: usize) -> Result<Option<Line>> {
     let v: serde_json::Value =
         serde_json::from_str(line).with_context(|| format!("not a JSON line: {line}"))?;
+    if v["case"].as_str() == Some("ceiling") {
+        let Some(loops) = v["ceilings"].as_object() else {
+            bail!("a ceiling line without `ceilings`: {line}");
+        };
+        return Ok(Some(Line::Ceilings(
+            loops
+                .iter()
+                .map(|(name, c)| (name.clone(), c["gflop_per_s_all_threads"].as_f64()))
+                .collect(),
+        )));
+    }
     let (Some(case), Some(images_per_s)) = (v["case"].as_str(), v["images_per_s"].as_f64()) else {
         return Ok(None);
     };
@@ -90,14 +129,15 @@ pub fn parse_line(line: &str, default_round: usize) -> Result<Option<Run>> {
             as usize,
         None => default_round,
     };
-    Ok(Some(Run {
+    Ok(Some(Line::Run(Run {
         case: case.to_string(),
         mode,
         round,
         images_per_s,
         cpu: v["cpu"].as_str().map(str::to_string),
         gemm_path: v["gemm_path"].as_str().map(str::to_string),
-    }))
+        gflop_per_s: v["gflop_per_s"].as_f64(),
+    })))
 }
 
 /// The median of `xs` (the mean of the two middle values for an even count); `None` when empty.
@@ -132,6 +172,8 @@ impl Ratio {
 #[derive(Debug, Default)]
 pub struct CaseRuns {
     by_mode: BTreeMap<Mode, BTreeMap<usize, f64>>,
+    /// Executed GFLOP/s per dino-rs mode and round, with the ceiling its GEMM path is bounded by.
+    gflops: BTreeMap<Mode, (Vec<f64>, Option<&'static str>)>,
     /// Whether a `--matmul-precision bf16` run reported f32 products (`gemm_path` "f32: ..."): a CPU whose
     /// bf16 arithmetic is slower than its f32, where bf16 requests run f32.
     bf16_ran_f32: bool,
@@ -214,6 +256,8 @@ pub struct Summary {
     cases: Vec<(String, CaseRuns)>,
     cpus: Vec<String>,
     gemm_paths: Vec<(Mode, String)>,
+    /// Each ceiling line's loops, in the order read.
+    ceilings: Vec<Vec<(String, Option<f64>)>>,
 }
 
 impl Summary {
@@ -233,6 +277,12 @@ impl Summary {
                 .is_some_and(|p| p.starts_with("f32"))
         {
             self.cases[idx].1.bf16_ran_f32 = true;
+        }
+        if let Some(g) = run.gflop_per_s {
+            let ceiling = run.gemm_path.as_deref().and_then(ceiling_of_path);
+            let entry = self.cases[idx].1.gflops.entry(run.mode).or_default();
+            entry.0.push(g);
+            entry.1 = entry.1.or(ceiling);
         }
         let slot = self.cases[idx].1.by_mode.entry(run.mode).or_default();
         if slot.insert(run.round, run.images_per_s).is_some() {
@@ -257,14 +307,35 @@ impl Summary {
         Ok(())
     }
 
+    /// Adds one parsed line.
+    pub fn add_line(&mut self, line: Line) -> Result<()> {
+        match line {
+            Line::Run(run) => self.add(run),
+            Line::Ceilings(c) => {
+                self.ceilings.push(c);
+                Ok(())
+            }
+        }
+    }
+
     /// Reads JSON lines; a line without `round` belongs to round `default_round` (a file per round).
     pub fn add_lines(&mut self, text: &str, default_round: usize) -> Result<()> {
         for line in text.lines().map(str::trim).filter(|l| l.starts_with('{')) {
-            if let Some(run) = parse_line(line, default_round)? {
-                self.add(run)?;
+            if let Some(l) = parse_line(line, default_round)? {
+                self.add_line(l)?;
             }
         }
         Ok(())
+    }
+
+    /// The median over the run's ceiling lines of loop `name` on all threads.
+    pub fn ceiling(&self, name: &str) -> Option<f64> {
+        let xs: Vec<f64> = self
+            .ceilings
+            .iter()
+            .filter_map(|c| c.iter().find(|(n, _)| n == name).and_then(|(_, g)| *g))
+            .collect();
+        median(&xs)
     }
 
     /// The runs of `case`.
@@ -363,6 +434,42 @@ impl Summary {
                 }
             }
         }
+        let with_gflops: Vec<_> = self
+            .cases
+            .iter()
+            .flat_map(|(c, r)| r.gflops.iter().map(move |(m, g)| (c, *m, g)))
+            .collect();
+        if !with_gflops.is_empty() {
+            let _ = writeln!(
+                s,
+                "\ndino-rs's executed GFLOP/s, and its median as a fraction of the ceiling (register-only loop, all \
+                 threads, median of this run's `ceiling` lines) of the path its linear layers took:\n"
+            );
+            let _ = writeln!(
+                s,
+                "| case | mode | GFLOP/s per round (median) | of the ceiling |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|");
+            for (case, mode, (xs, ceiling)) in with_gflops {
+                let med = median(xs).unwrap_or(f64::NAN);
+                let frac = match ceiling.map(|c| (c, self.ceiling(c))) {
+                    Some((c, Some(g))) => {
+                        format!("{:.0}% of {c} ({g:.0} GFLOP/s)", 100.0 * med / g)
+                    }
+                    Some((c, None)) => format!("{c}: no `ceiling` case in this run"),
+                    None => "unknown GEMM path".to_string(),
+                };
+                let _ = writeln!(
+                    s,
+                    "| {case} | {} | {} ({med:.0}) | {frac} |",
+                    mode.title(),
+                    xs.iter()
+                        .map(|v| format!("{v:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(" / ")
+                );
+            }
+        }
         s
     }
 }
@@ -427,20 +534,21 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
     }
 
+    fn run_of(line: &str, default_round: usize) -> Run {
+        match parse_line(line, default_round).unwrap() {
+            Some(Line::Run(r)) => r,
+            other => panic!("not a run: {other:?}"),
+        }
+    }
+
     #[test]
     fn lines_map_to_their_modes_and_rounds() {
-        let r = parse_line(&dino("step/a", "highest", false, Some(2), 10.0), 9)
-            .unwrap()
-            .unwrap();
+        let r = run_of(&dino("step/a", "highest", false, Some(2), 10.0), 9);
         assert_eq!((r.mode, r.round), (Mode::F32, 2));
         assert_eq!(r.gemm_path.as_deref(), Some("highest path"));
-        let r = parse_line(&dino("step/a", "bf16", true, None, 10.0), 4)
-            .unwrap()
-            .unwrap();
+        let r = run_of(&dino("step/a", "bf16", true, None, 10.0), 4);
         assert_eq!((r.mode, r.round), (Mode::Bf16Head, 4));
-        let r = parse_line(&torch("step/a", "bf16", None, 1.0), 1)
-            .unwrap()
-            .unwrap();
+        let r = run_of(&torch("step/a", "bf16", None, 1.0), 1);
         assert_eq!(r.mode, Mode::TorchBf16);
         // A criterion estimate is not a timed case; a malformed line or a round 0 is an error.
         assert_eq!(
@@ -495,6 +603,69 @@ mod tests {
         );
         assert!(md.contains("10.00 / 12.00 / 9.00 (10.00)"), "{md}");
         assert!(md.contains("CPU: Test CPU (family 6 model 207)"), "{md}");
+    }
+
+    #[test]
+    fn gemm_paths_map_to_their_ceilings() {
+        // The texts of dino_kernels::cpu::gemm_path.
+        let amx = "bf16: dino-kernels AMX tdpbf16ps tiles, f32 accumulation";
+        let dp = "bf16: dino-kernels vdpbf16ps (AVX-512 BF16), f32 accumulation";
+        let fallback =
+            "f32: gemm 0.19 AVX-512 kernels (bf16 requested; vdpbf16ps runs at 0.51x the f32 FMA rate here)";
+        assert_eq!(ceiling_of_path(amx), Some("bf16_amx"));
+        assert_eq!(ceiling_of_path(dp), Some("bf16_avx512"));
+        assert_eq!(ceiling_of_path(fallback), Some("f32_avx512"));
+        assert_eq!(
+            ceiling_of_path("f32: gemm 0.19 AVX2+FMA kernels (bf16 requested; no AVX-512 BF16)"),
+            Some("f32_avx2")
+        );
+        assert_eq!(ceiling_of_path("f32: gemm 0.19 portable kernels"), None);
+    }
+
+    #[test]
+    fn gflops_are_a_fraction_of_the_runs_median_ceiling() {
+        // Step GFLOP/s 140 / 160 / 150 (median 150) on the AVX-512 f32 path; ceilings 310 / 290 / 300 on all
+        // threads (median 300): 50%. The AVX2 loop's 150 must not be the one taken.
+        let mut s = Summary::default();
+        for (round, g) in [(1, 140.0), (2, 160.0), (3, 150.0)] {
+            let v = serde_json::json!({
+                "case": "step/c", "matmul_precision": "highest", "images_per_s": 10.0, "round": round,
+                "gflop_per_s": g, "gemm_path": "f32: gemm 0.19 AVX-512 kernels",
+            });
+            s.add_lines(&v.to_string(), 1).unwrap();
+        }
+        for c in [310.0, 290.0, 300.0] {
+            let v = serde_json::json!({
+                "case": "ceiling",
+                "ceilings": {
+                    "f32_avx512": {"gflop_per_s_1_thread": c / 2.0, "gflop_per_s_all_threads": c},
+                    "f32_avx2": {"gflop_per_s_1_thread": 75.0, "gflop_per_s_all_threads": 150.0},
+                    "bf16_amx": {"gflop_per_s_1_thread": null, "gflop_per_s_all_threads": null},
+                },
+            });
+            s.add_lines(&v.to_string(), 1).unwrap();
+        }
+        assert_eq!(s.ceiling("f32_avx512"), Some(300.0));
+        assert_eq!(s.ceiling("bf16_amx"), None);
+        let md = s.markdown();
+        assert!(
+            md.contains("| step/c | dino-rs f32 | 140 / 160 / 150 (150) | 50% of f32_avx512 (300 GFLOP/s) |"),
+            "{md}"
+        );
+        // Without a ceiling line the table says so instead of a fraction.
+        let mut t = Summary::default();
+        t.add_lines(
+            &serde_json::json!({
+                "case": "step/c", "matmul_precision": "highest", "images_per_s": 10.0,
+                "gflop_per_s": 150.0, "gemm_path": "f32: gemm 0.19 AVX-512 kernels",
+            })
+            .to_string(),
+            1,
+        )
+        .unwrap();
+        assert!(t
+            .markdown()
+            .contains("f32_avx512: no `ceiling` case in this run"));
     }
 
     #[test]
