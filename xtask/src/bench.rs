@@ -183,19 +183,29 @@ fn run_step(root: &Path, args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Prints a case's JSON line with its `round` added and adds it to the summary.
-fn emit(line: &str, round: usize, summary: &mut Summary) -> Result<()> {
-    let mut v: serde_json::Value = serde_json::from_str(line)
-        .with_context(|| format!("a benchmark printed a line that is not JSON: {line}"))?;
+/// Prints a case's JSON line with its `round` added and adds it to the summary. A line the summary cannot read
+/// is still printed as it came, with a warning: a long run is not stopped for its summary.
+fn emit(line: &str, round: usize, summary: &mut Summary) {
+    let mut v: serde_json::Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => {
+            println!("{line}");
+            eprintln!(
+                "bench: a case printed a line that is not JSON ({e}); left out of the summary"
+            );
+            return;
+        }
+    };
     if let Some(obj) = v.as_object_mut() {
         obj.insert("round".to_string(), round.into());
     }
     let line = v.to_string();
     println!("{line}");
-    if let Some(parsed) = summary::parse_line(&line, round)? {
-        summary.add_line(parsed)?;
+    let added = summary::parse_line(&line, round)
+        .and_then(|parsed| parsed.map_or(Ok(()), |p| summary.add_line(p)));
+    if let Err(e) = added {
+        eprintln!("bench: left out of the summary: {e:#}");
     }
-    Ok(())
 }
 
 /// What every case of a step benchmark run does.
@@ -244,7 +254,7 @@ fn run_case(
             .with_context(|| format!("cannot run {}", exe.display()))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         for line in stdout.lines().filter(|l| l.starts_with('{')) {
-            emit(line, round, summary)?;
+            emit(line, round, summary);
         }
         if !out.status.success() {
             failed.push(format!("{case} ({})", precision.unwrap_or("highest")));
@@ -262,7 +272,7 @@ fn run_case(
             }
             let (ok, lines) = run_pytorch(root, python, cfg, forward, bf16, args.quick)?;
             for line in lines {
-                emit(&line, round, summary)?;
+                emit(&line, round, summary);
             }
             if !ok {
                 let mode = if bf16 { "bf16 autocast" } else { "fp32" };
@@ -415,6 +425,25 @@ mod tests {
         assert!(!cpuinfo_has_bf16(
             "flags\t\t: avx512_bf16x\nmodel name\t: bf16 avx512_bf16\n"
         ));
+    }
+
+    #[test]
+    fn a_line_the_summary_cannot_read_does_not_stop_the_run() {
+        let mut summary = Summary::default();
+        emit("{not json", 1, &mut summary);
+        emit(
+            r#"{"case":"step/c","impl":"pytorch","precision":"fp16","images_per_s":1.0}"#,
+            1,
+            &mut summary,
+        );
+        assert!(summary.is_empty());
+        emit(
+            r#"{"case":"step/c","matmul_precision":"highest","images_per_s":2.0}"#,
+            3,
+            &mut summary,
+        );
+        assert!(!summary.is_empty());
+        assert!(summary.markdown().contains("| step/c | 2.00 (2.00) |"));
     }
 
     #[test]
