@@ -220,7 +220,33 @@ struct Plan<'a> {
     pytorch_bf16: bool,
 }
 
-/// One case of one round: dino-rs in each of the plan's precisions, then PyTorch's modes where asked.
+/// One timed run of a case: dino-rs at one of the plan's precisions (its index), or PyTorch (bf16 autocast or fp32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    Dino(usize),
+    Torch { bf16: bool },
+}
+
+/// The order of a case's runs in `round`: dino-rs's precisions, then PyTorch fp32 and bf16 autocast; in even
+/// rounds the reverse. A run right after another can be slower or faster for reasons of the machine (the
+/// log's twenty-third session: the second of a pair 8-26% slower in 5 of 7 pairs), and a fixed order would put
+/// that into every ratio; alternating it cancels it in the median over rounds.
+fn run_order(round: usize, dino_runs: usize, torch_bf16: Option<bool>) -> Vec<Engine> {
+    let mut order: Vec<Engine> = (0..dino_runs).map(Engine::Dino).collect();
+    if let Some(bf16) = torch_bf16 {
+        order.push(Engine::Torch { bf16: false });
+        if bf16 {
+            order.push(Engine::Torch { bf16: true });
+        }
+    }
+    if round.is_multiple_of(2) {
+        order.reverse();
+    }
+    order
+}
+
+/// One case of one round: dino-rs in each of the plan's precisions and PyTorch's modes where asked, in
+/// [`run_order`].
 fn run_case(
     plan: &Plan,
     case: &str,
@@ -235,48 +261,55 @@ fn run_case(
         precisions,
         pytorch_bf16,
     } = *plan;
-    for (precision, head_bf16) in precisions {
-        let mut cmd = Command::new(exe);
-        cmd.args(["--case", case]);
-        if args.quick {
-            cmd.arg("--quick");
-        }
-        if let Some(p) = precision {
-            cmd.args(["--matmul-precision", p]);
-        }
-        if *head_bf16 {
-            cmd.arg("--head-last-layer-bf16");
-        }
-        // Each case prints its JSON line on stdout; progress goes to stderr, passed through.
-        let out = cmd
-            .stderr(Stdio::inherit())
-            .output()
-            .with_context(|| format!("cannot run {}", exe.display()))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        for line in stdout.lines().filter(|l| l.starts_with('{')) {
-            emit(line, round, summary);
-        }
-        if !out.status.success() {
-            failed.push(format!("{case} ({})", precision.unwrap_or("highest")));
-        }
-    }
     let pytorch_case = case
         .strip_prefix("step/")
         .map(|c| (c, false))
         .or_else(|| case.strip_prefix("forward/").map(|c| (c, true)));
-    if let (Some(python), Some((cfg, forward))) = (&args.pytorch, pytorch_case) {
-        // PyTorch's CPU modes in the same run: fp32, then bf16 autocast where it is timed.
-        for bf16 in [false, true] {
-            if bf16 && !pytorch_bf16 {
-                continue;
+    let torch = match (&args.pytorch, pytorch_case) {
+        (Some(python), Some((cfg, forward))) => Some((python, cfg, forward)),
+        _ => None,
+    };
+    for engine in run_order(round, precisions.len(), torch.map(|_| pytorch_bf16)) {
+        match engine {
+            Engine::Dino(i) => {
+                let (precision, head_bf16) = precisions[i];
+                let mut cmd = Command::new(exe);
+                cmd.args(["--case", case]);
+                if args.quick {
+                    cmd.arg("--quick");
+                }
+                if let Some(p) = precision {
+                    cmd.args(["--matmul-precision", p]);
+                }
+                if head_bf16 {
+                    cmd.arg("--head-last-layer-bf16");
+                }
+                // Each case prints its JSON line on stdout; progress goes to stderr, passed through.
+                let out = cmd
+                    .stderr(Stdio::inherit())
+                    .output()
+                    .with_context(|| format!("cannot run {}", exe.display()))?;
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                for line in stdout.lines().filter(|l| l.starts_with('{')) {
+                    emit(line, round, summary);
+                }
+                if !out.status.success() {
+                    failed.push(format!("{case} ({})", precision.unwrap_or("highest")));
+                }
             }
-            let (ok, lines) = run_pytorch(root, python, cfg, forward, bf16, args.quick)?;
-            for line in lines {
-                emit(&line, round, summary);
-            }
-            if !ok {
-                let mode = if bf16 { "bf16 autocast" } else { "fp32" };
-                failed.push(format!("{case} (PyTorch {mode})"));
+            Engine::Torch { bf16 } => {
+                // `run_order` yields PyTorch's runs only where `torch` is set.
+                let Some((python, cfg, forward)) = torch else {
+                    continue;
+                };
+                let (ok, lines) = run_pytorch(root, python, cfg, forward, bf16, args.quick)?;
+                for line in lines {
+                    emit(&line, round, summary);
+                }
+                if !ok {
+                    let mode = if bf16 { "bf16 autocast" } else { "fp32" };
+                    failed.push(format!("{case} (PyTorch {mode})"));
+                }
             }
         }
     }
@@ -425,6 +458,29 @@ mod tests {
         assert!(!cpuinfo_has_bf16(
             "flags\t\t: avx512_bf16x\nmodel name\t: bf16 avx512_bf16\n"
         ));
+    }
+
+    #[test]
+    fn even_rounds_run_the_engines_in_reverse_order() {
+        use Engine::*;
+        let odd = vec![
+            Dino(0),
+            Dino(1),
+            Dino(2),
+            Torch { bf16: false },
+            Torch { bf16: true },
+        ];
+        assert_eq!(run_order(1, 3, Some(true)), odd);
+        assert_eq!(run_order(3, 3, Some(true)), odd);
+        let mut even = odd.clone();
+        even.reverse();
+        assert_eq!(run_order(2, 3, Some(true)), even);
+        // Without PyTorch's bf16, or without PyTorch at all.
+        assert_eq!(
+            run_order(2, 1, Some(false)),
+            vec![Torch { bf16: false }, Dino(0)]
+        );
+        assert_eq!(run_order(2, 2, None), vec![Dino(1), Dino(0)]);
     }
 
     #[test]

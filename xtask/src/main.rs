@@ -83,7 +83,8 @@ enum Cmd {
         #[arg(long, value_name = "WHEN", default_value = "auto", value_parser = ["auto", "always", "never"])]
         pytorch_bf16: String,
         /// Run the whole selection this many times, one round after the other (each JSON line carries its
-        /// `round`), then print the rounds' images/s medians and per-round ratios to PyTorch.
+        /// `round`; even rounds run each case's engines in reverse order), then print the rounds' images/s
+        /// medians and per-round ratios to PyTorch.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
         rounds: u32,
         /// Write that summary (Markdown) to this file instead of stderr.
