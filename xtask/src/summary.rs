@@ -299,10 +299,8 @@ impl Summary {
             }
         }
         if let Some(path) = run.gemm_path {
-            let entry = (run.mode, path);
-            if !self.gemm_paths.contains(&entry) {
-                self.gemm_paths.push(entry);
-            }
+            // Every process's text: `gemm_path_lines` groups them and counts the fallback's measurements.
+            self.gemm_paths.push((run.mode, path));
         }
         Ok(())
     }
@@ -361,7 +359,7 @@ impl Summary {
                 self.cpus.join("; ")
             }
         );
-        for (mode, path) in &self.gemm_paths {
+        for (mode, path) in gemm_path_lines(&self.gemm_paths) {
             let _ = writeln!(s, "GEMM path, {}: {path}", mode.title());
         }
         let modes: Vec<Mode> = Mode::ALL
@@ -472,6 +470,46 @@ impl Summary {
         }
         s
     }
+}
+
+/// The GEMM paths by mode, one line each: the bf16 fallback's text carries the ratio each process measured
+/// ("runs at 0.51x the f32 FMA rate"), so the texts that differ only in it become one with the range.
+fn gemm_path_lines(paths: &[(Mode, String)]) -> Vec<(Mode, String)> {
+    const AT: &str = "runs at ";
+    // (mode, text before the number, text after it, the numbers) or a text without one.
+    let mut groups: Vec<(Mode, String, String, Vec<f64>)> = Vec::new();
+    for (mode, path) in paths {
+        let split = path.find(AT).and_then(|i| {
+            let rest = &path[i + AT.len()..];
+            let end = rest.find('x')?;
+            let r: f64 = rest[..end].parse().ok()?;
+            Some((path[..i + AT.len()].to_string(), rest[end..].to_string(), r))
+        });
+        let (head, tail, r) = match split {
+            Some((h, t, r)) => (h, t, Some(r)),
+            None => (path.clone(), String::new(), None),
+        };
+        match groups
+            .iter_mut()
+            .find(|(m, h, t, _)| m == mode && *h == head && *t == tail)
+        {
+            Some(g) => g.3.extend(r),
+            None => groups.push((*mode, head, tail, r.into_iter().collect())),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(mode, head, tail, rs)| {
+            let lo = rs.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = rs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let text = match rs.len() {
+                0 => head,
+                _ if lo == hi => format!("{head}{lo:.2}{tail}"),
+                n => format!("{head}{lo:.2}-{hi:.2}{tail} ({n} processes)"),
+            };
+            (mode, text)
+        })
+        .collect()
 }
 
 /// `cargo xtask bench-summary FILE...`: the summary of saved JSON lines, a file per round unless the lines
@@ -620,6 +658,31 @@ mod tests {
             Some("f32_avx2")
         );
         assert_eq!(ceiling_of_path("f32: gemm 0.19 portable kernels"), None);
+    }
+
+    #[test]
+    fn fallback_paths_that_differ_in_their_measured_ratio_are_one_line() {
+        let f = |r: &str| {
+            format!(
+                "f32: gemm 0.19 AVX-512 kernels (bf16 requested; vdpbf16ps runs at {r}x the f32 FMA rate here)"
+            )
+        };
+        let paths = vec![
+            (Mode::F32, "f32: gemm 0.19 AVX-512 kernels".to_string()),
+            (Mode::Bf16, f("0.51")),
+            (Mode::Bf16Head, f("0.52")),
+            (Mode::Bf16, f("0.49")),
+            (Mode::Bf16, f("0.54")),
+            (Mode::F32, "f32: gemm 0.19 AVX-512 kernels".to_string()),
+        ];
+        assert_eq!(
+            gemm_path_lines(&paths),
+            vec![
+                (Mode::F32, "f32: gemm 0.19 AVX-512 kernels".to_string()),
+                (Mode::Bf16, format!("{} (3 processes)", f("0.49-0.54"))),
+                (Mode::Bf16Head, f("0.52")),
+            ]
+        );
     }
 
     #[test]
