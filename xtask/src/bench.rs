@@ -199,9 +199,8 @@ fn emit(line: &str, round: usize, summary: &mut Summary) {
     if let Some(obj) = v.as_object_mut() {
         obj.insert("round".to_string(), round.into());
     }
-    let line = v.to_string();
-    println!("{line}");
-    let added = summary::parse_line(&line, round)
+    println!("{v}");
+    let added = summary::parse_value(&v, round)
         .and_then(|parsed| parsed.map_or(Ok(()), |p| summary.add_line(p)));
     if let Err(e) = added {
         eprintln!("bench: left out of the summary: {e:#}");

@@ -93,9 +93,14 @@ pub fn ceiling_of_path(gemm_path: &str) -> Option<&'static str> {
 pub fn parse_line(line: &str, default_round: usize) -> Result<Option<Line>> {
     let v: serde_json::Value =
         serde_json::from_str(line).with_context(|| format!("not a JSON line: {line}"))?;
+    parse_value(&v, default_round)
+}
+
+/// [`parse_line`] of a line already parsed.
+pub fn parse_value(v: &serde_json::Value, default_round: usize) -> Result<Option<Line>> {
     if v["case"].as_str() == Some("ceiling") {
         let Some(loops) = v["ceilings"].as_object() else {
-            bail!("a ceiling line without `ceilings`: {line}");
+            bail!("a ceiling line without `ceilings`: {v}");
         };
         return Ok(Some(Line::Ceilings(
             loops
@@ -152,6 +157,22 @@ pub fn median(xs: &[f64]) -> Option<f64> {
     }
 }
 
+/// `xs` with `decimals` digits, joined by " / ".
+fn joined(xs: &[f64], decimals: usize) -> String {
+    xs.iter()
+        .map(|v| format!("{v:.decimals$}"))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+/// The smallest and largest of `xs` (infinities when empty).
+fn range(xs: &[f64]) -> (f64, f64) {
+    xs.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
 /// A ratio of dino-rs to PyTorch over the rounds where both sides ran.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ratio {
@@ -181,10 +202,10 @@ pub struct CaseRuns {
 
 impl CaseRuns {
     /// images/s of `mode` per round, in round order.
-    pub fn column(&self, mode: Mode) -> Vec<(usize, f64)> {
+    pub fn column(&self, mode: Mode) -> Vec<f64> {
         self.by_mode
             .get(&mode)
-            .map(|m| m.iter().map(|(&r, &v)| (r, v)).collect())
+            .map(|m| m.values().copied().collect())
             .unwrap_or_default()
     }
 
@@ -216,9 +237,8 @@ impl CaseRuns {
                 .filter_map(|r| Some(self.at(a, r)? / self.at(b, r)?))
                 .collect(),
         };
-        let best = |r: usize, modes: [Mode; 2]| {
-            modes.iter().filter_map(|&m| self.at(m, r)).reduce(f64::max)
-        };
+        let best =
+            |r: usize, modes: &[Mode]| modes.iter().filter_map(|&m| self.at(m, r)).reduce(f64::max);
         let mut out = vec![
             pair("f32 / PyTorch fp32", Mode::F32, Mode::TorchFp32),
             pair("bf16 / PyTorch bf16", Mode::Bf16, Mode::TorchBf16),
@@ -228,10 +248,10 @@ impl CaseRuns {
                 Mode::TorchBf16,
             ),
         ];
-        let ours = if self.bf16_ran_f32 {
-            [Mode::F32, Mode::F32]
+        let ours: &[Mode] = if self.bf16_ran_f32 {
+            &[Mode::F32]
         } else {
-            [Mode::F32, Mode::Bf16]
+            &[Mode::F32, Mode::Bf16]
         };
         out.push(Ratio {
             name: if self.bf16_ran_f32 {
@@ -242,7 +262,9 @@ impl CaseRuns {
             per_round: self
                 .rounds()
                 .into_iter()
-                .filter_map(|r| Some(best(r, ours)? / best(r, [Mode::TorchFp32, Mode::TorchBf16])?))
+                .filter_map(|r| {
+                    Some(best(r, ours)? / best(r, &[Mode::TorchFp32, Mode::TorchBf16])?)
+                })
                 .collect(),
         });
         out.retain(|r| !r.per_round.is_empty());
@@ -381,16 +403,9 @@ impl Summary {
             let cells: Vec<String> = modes
                 .iter()
                 .map(|&m| {
-                    let col = runs.column(m);
-                    let xs: Vec<f64> = col.iter().map(|&(_, v)| v).collect();
+                    let xs = runs.column(m);
                     match median(&xs) {
-                        Some(med) => format!(
-                            "{} ({med:.2})",
-                            xs.iter()
-                                .map(|v| format!("{v:.2}"))
-                                .collect::<Vec<_>>()
-                                .join(" / ")
-                        ),
+                        Some(med) => format!("{} ({med:.2})", joined(&xs, 2)),
                         None => "-".to_string(),
                     }
                 })
@@ -412,21 +427,12 @@ impl Summary {
             let _ = writeln!(s, "|---|---|---|---|");
             for (case, ratios) in with_ratios {
                 for r in ratios {
-                    let lo = r.per_round.iter().copied().fold(f64::INFINITY, f64::min);
-                    let hi = r
-                        .per_round
-                        .iter()
-                        .copied()
-                        .fold(f64::NEG_INFINITY, f64::max);
+                    let (lo, hi) = range(&r.per_round);
                     let _ = writeln!(
                         s,
                         "| {case} | {} | {} | **{:.2}x** [{lo:.2}-{hi:.2}] |",
                         r.name,
-                        r.per_round
-                            .iter()
-                            .map(|v| format!("{v:.2}"))
-                            .collect::<Vec<_>>()
-                            .join(" / "),
+                        joined(&r.per_round, 2),
                         r.median().unwrap_or(f64::NAN)
                     );
                 }
@@ -461,10 +467,7 @@ impl Summary {
                     s,
                     "| {case} | {} | {} ({med:.0}) | {frac} |",
                     mode.title(),
-                    xs.iter()
-                        .map(|v| format!("{v:.0}"))
-                        .collect::<Vec<_>>()
-                        .join(" / ")
+                    joined(xs, 0)
                 );
             }
         }
@@ -500,8 +503,7 @@ fn gemm_path_lines(paths: &[(Mode, String)]) -> Vec<(Mode, String)> {
     groups
         .into_iter()
         .map(|(mode, head, tail, rs)| {
-            let lo = rs.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = rs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let (lo, hi) = range(&rs);
             let text = match rs.len() {
                 0 => head,
                 _ if lo == hi => format!("{head}{lo:.2}{tail}"),
