@@ -270,38 +270,39 @@ fn check_all_trainable_get_gradients(cfg: DinoHeadConfig) {
     // checked to be that (under 1e-4 of the largest gradient); every other trainable parameter must get a
     // non-zero gradient.
     let before_bn = |name: &str| {
-        name.strip_suffix(".bias")
-            .and_then(|p| p.rsplit_once('.'))
-            .and_then(|(pre, idx)| idx.parse::<usize>().ok().map(|i| (pre.to_string(), i)))
-            .is_some_and(|(pre, i)| {
-                let rm = format!("{pre}.{}.running_mean", i + 1);
-                vars.iter().any(|(n, _)| *n == rm)
-            })
+        let Some((pre, idx)) = name.strip_suffix(".bias").and_then(|p| p.rsplit_once('.')) else {
+            return false;
+        };
+        idx.parse::<usize>().is_ok_and(|i| {
+            let rm = format!("{pre}.{}.running_mean", i + 1);
+            vars.iter().any(|(n, _)| *n == rm)
+        })
     };
-    let max_abs = |name: &str, var: &Var| -> f32 {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no gradient ({cfg:?})"));
-        g.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    let scale = trainable
+    let maxes: Vec<(&str, f32)> = trainable
         .iter()
-        .map(|(name, var)| max_abs(name, var))
-        .fold(0.0f32, f32::max);
+        .map(|(name, var)| {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient ({cfg:?})"));
+            let m = g
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            (name.as_str(), m)
+        })
+        .collect();
+    let scale = maxes.iter().map(|&(_, m)| m).fold(0.0f32, f32::max);
     assert!(scale.is_finite() && scale > 0.0, "gradient scale {scale}");
-    let zero_by_bn = trainable.iter().filter(|(n, _)| before_bn(n)).count();
+    let zero_by_bn = maxes.iter().filter(|(n, _)| before_bn(n)).count();
     assert_eq!(
         zero_by_bn,
         if cfg.use_bn { cfg.nlayers - 1 } else { 0 },
         "Linears before a BN ({cfg:?})"
     );
-    for (name, var) in &trainable {
-        let m = max_abs(name, var);
+    for &(name, m) in &maxes {
         if before_bn(name) {
             assert!(
                 m <= 1e-4 * scale,
