@@ -179,6 +179,19 @@ impl DataArgs {
         if let Some(r) = self.crop {
             c.eval_crop = r;
         }
+        for (flag, v) in [("--resize", c.eval_resize), ("--crop", c.eval_crop)] {
+            if v == 0 {
+                bail!("{flag} 0: must be positive");
+            }
+        }
+        // A ViT needs one whole patch in the evaluated image; say so before any image is read.
+        if c.arch_kind()?.is_vit() && c.eval_crop < c.patch_size {
+            bail!(
+                "--crop {}: smaller than the network's patch size {}",
+                c.eval_crop,
+                c.patch_size
+            );
+        }
         if let Some(n) = self.max_train {
             c.eval_max_train = n;
             c.max_train_images = n;

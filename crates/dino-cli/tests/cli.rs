@@ -442,6 +442,42 @@ fn bad_flag_values_are_one_line() {
     assert_one_line_error(&run(&["train", "--batch-size", "0"]), &["batch_size"]);
     assert_one_line_error(&run(&["train", "--no-such-flag"]), &["--no-such-flag"]);
     assert_one_line_error(&run(&["frobnicate"]), &["frobnicate"]);
+    // A ViT crop smaller than one patch is refused before any data is read, naming the key.
+    assert_one_line_error(
+        &run(&["train", "--global-crops-size", "6"]),
+        &["global_crops_size = 6", "patch_size = 7"],
+    );
+    assert_one_line_error(
+        &run(&["train", "--local-crops-size", "5"]),
+        &["local_crops_size = 5", "patch_size = 7"],
+    );
+}
+
+#[test]
+fn eval_crops_smaller_than_a_patch_are_one_line() {
+    let (_tmp, data, out) = trained();
+    for (flag, v, needle) in [
+        (
+            "--crop",
+            "4",
+            "--crop 4: smaller than the network's patch size 7",
+        ),
+        ("--crop", "0", "--crop 0: must be positive"),
+        ("--resize", "0", "--resize 0: must be positive"),
+    ] {
+        let o = run(&[
+            "eval-knn",
+            "--checkpoint",
+            out.to_str().unwrap(),
+            "--dataset",
+            "fashion-mnist",
+            "--data-path",
+            data.to_str().unwrap(),
+            flag,
+            v,
+        ]);
+        assert_one_line_error(&o, &[needle]);
+    }
 }
 
 #[test]

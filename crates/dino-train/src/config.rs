@@ -776,6 +776,24 @@ impl TrainConfig {
                     format!("must be a multiple of patch_size = {}", self.patch_size),
                 ));
             }
+            // A crop smaller than one patch has no patch token: refuse it here, naming the key, rather than
+            // at the first forward pass.
+            let mut crops = vec![("global_crops_size", self.global_crops_size)];
+            if self.local_crops_number > 0 {
+                crops.push(("local_crops_size", self.local_crops_size));
+            }
+            for (k, v) in crops {
+                if v < self.patch_size {
+                    return Err(Error::config(
+                        k,
+                        v,
+                        format!(
+                            "must be at least patch_size = {} (a ViT crop needs one patch)",
+                            self.patch_size
+                        ),
+                    ));
+                }
+            }
             if arch == Arch::VitCustom {
                 pos("vit_embed_dim", self.vit_embed_dim)?;
                 pos("vit_depth", self.vit_depth)?;
@@ -916,6 +934,10 @@ impl TrainConfig {
     pub fn clamp_to_epochs(&mut self) -> Vec<String> {
         let epochs = self.epochs;
         let mut warnings = Vec::new();
+        if epochs == 0 {
+            // `validate` refuses the run; a clamp to zero epochs would only add a misleading warning first.
+            return warnings;
+        }
         for (key, v) in [
             ("warmup_epochs", &mut self.warmup_epochs),
             (
@@ -1066,6 +1088,66 @@ mod tests {
         assert_eq!((c.warmup_epochs, c.warmup_teacher_temp_epochs), (1, 1));
         c.validate().unwrap();
         assert!(c.clamp_to_epochs().is_empty());
+    }
+
+    #[test]
+    fn vit_crops_smaller_than_a_patch_are_refused_naming_the_key() {
+        let base = TrainConfig {
+            arch: "vit_tiny".into(),
+            patch_size: 16,
+            global_crops_size: 32,
+            local_crops_size: 16,
+            ..TrainConfig::official()
+        };
+        base.validate().unwrap();
+        for (c, key) in [
+            (
+                TrainConfig {
+                    global_crops_size: 15,
+                    ..base.clone()
+                },
+                "global_crops_size = 15",
+            ),
+            (
+                TrainConfig {
+                    local_crops_size: 8,
+                    ..base.clone()
+                },
+                "local_crops_size = 8",
+            ),
+        ] {
+            let err = c.validate().unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains("patch_size = 16"),
+                "{err}"
+            );
+        }
+        // Without local crops their size is unused; a ResNet takes any crop size.
+        TrainConfig {
+            local_crops_number: 0,
+            local_crops_size: 8,
+            ..base.clone()
+        }
+        .validate()
+        .unwrap();
+        TrainConfig {
+            arch: "resnet18".into(),
+            global_crops_size: 8,
+            local_crops_size: 4,
+            ..base
+        }
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
+    fn no_clamp_warning_for_zero_epochs() {
+        let mut c = TrainConfig {
+            epochs: 0,
+            ..TrainConfig::official()
+        };
+        assert!(c.clamp_to_epochs().is_empty());
+        assert!(c.validate().unwrap_err().to_string().contains("epochs = 0"));
     }
 
     #[test]
