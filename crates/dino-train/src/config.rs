@@ -558,8 +558,9 @@ impl TrainConfig {
     }
 
     /// The no-argument preset: a small ViT on the embedded Fashion-MNIST subset (28 px), sized for 2 CPU cores
-    /// (about 235 s), with the final k-NN evaluation against the same network at initialisation and the raw
-    /// pixels. Chosen by the search of docs/RECIPES.md on hold-out splits of Fashion-MNIST's training set.
+    /// (2.5-4.5 minutes depending on the CPU and its load; README has the latest figure), with the final k-NN
+    /// evaluation against the same network at initialisation and the raw pixels. Chosen by the search of
+    /// docs/RECIPES.md on hold-out splits of Fashion-MNIST's training set.
     pub fn default_preset() -> Self {
         Self {
             arch: "vit_custom".into(),
