@@ -858,3 +858,79 @@ fn bad_input_under_mpirun_is_one_line() {
         "{err}"
     );
 }
+
+/// A folder of the shared photos plus unreadable files, trained 2 epochs by a 1-block ViT.
+const FOLDER: &str = r#"
+arch = "vit_custom"
+patch_size = 7
+img_size = 28
+vit_embed_dim = 32
+vit_depth = 1
+vit_num_heads = 2
+out_dim = 64
+head_hidden_dim = 64
+head_bottleneck_dim = 32
+batch_size = 4
+epochs = 2
+warmup_epochs = 1
+local_crops_number = 2
+global_crops_size = 28
+local_crops_size = 14
+num_workers = 1
+eval_every = 0
+eval_final = false
+"#;
+
+/// The per-epoch count of unreadable images in the log (and the epoch line) is the run's total, not rank 0's
+/// share: 2 ranks log what 1 rank logs, and it is not zero.
+#[test]
+fn unreadable_images_are_counted_over_all_ranks() {
+    let Some(bin) = mpi_dino() else { return };
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("photos");
+    std::fs::create_dir(&data).unwrap();
+    let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/photos");
+    for e in std::fs::read_dir(&photos).expect("../shared/data/photos") {
+        let p = e.unwrap().path();
+        if matches!(p.extension().and_then(|x| x.to_str()), Some("jpg" | "png")) {
+            std::fs::copy(&p, data.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    for i in 0..5 {
+        std::fs::write(data.join(format!("broken{i}.jpg")), b"not a jpeg").unwrap();
+    }
+    let cfg = write_cfg(
+        tmp.path(),
+        "folder.toml",
+        &format!("{FOLDER}data_path = {:?}\n", data.to_str().unwrap()),
+    );
+    let skipped = |dir: &Path| -> Vec<u64> {
+        std::fs::read_to_string(dir.join("log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["kind"] == "epoch")
+            .map(|v| v["skipped_images"].as_u64().unwrap())
+            .collect()
+    };
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    ok(train(&bin, 0, &cfg, &one, &[]), "1 rank");
+    let out = ok(train(&bin, 2, &cfg, &two, &[]), "2 ranks");
+    let (s1, s2) = (skipped(&one), skipped(&two));
+    assert_eq!(s1.len(), 2, "{s1:?}");
+    assert!(
+        s1.iter().sum::<u64>() > 0,
+        "no unreadable image was met: {s1:?}"
+    );
+    assert_eq!(s1, s2, "1 rank against 2 ranks");
+    // The epoch lines say the same.
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    for (e, n) in s2.iter().enumerate().filter(|(_, n)| **n > 0) {
+        assert!(
+            said.lines().any(|l| l.starts_with(&format!("epoch {e}: "))
+                && l.ends_with(&format!(", {n} unreadable images skipped"))),
+            "{said}"
+        );
+    }
+}

@@ -683,7 +683,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 return Ok(summary);
             }
         }
-        let skipped = batches.skipped();
+        // Each rank counts the unreadable images of its own share of the batches; the log and the epoch line
+        // report the run's total.
+        let skipped = if world > 1 {
+            let mut n = [batches.skipped() as f64];
+            coll.all_reduce_sum_f64(&mut n)?;
+            n[0] as usize
+        } else {
+            batches.skipped()
+        };
         drop(batches);
         let g = (epoch + 1) * niter;
         let mut stems = vec![LATEST.to_string()];
