@@ -120,6 +120,11 @@ pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<()> {
     Ok(())
 }
 
+/// Whether this process is rank 0 (always, outside mpirun): the one that prints results and writes files.
+fn main_rank() -> bool {
+    dino_core::collective::rank() == 0
+}
+
 // ------------------------------------------------------------------------------------------------ data
 
 /// Flags naming the labelled data of an evaluation. Without `--data-path`, a dino checkpoint's own training
@@ -310,6 +315,10 @@ fn cached_features(
         return Ok((tensors_to_features(m, &feats)?, true));
     }
     let f = compute()?;
+    if !main_rank() {
+        // Every rank holds the gathered features; one writes them.
+        return Ok((f, false));
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     candle_core::safetensors::save(&features_to_tensors(&f)?, &feats)
         .with_context(|| format!("cannot write {}", feats.display()))?;
@@ -359,13 +368,9 @@ pub fn eval_knn(a: &EvalKnnArgs) -> Result<()> {
         "train",
         &cache_key(&loaded, &file, &cfg, bank.as_ref())?,
         || {
-            Ok(eval::extract_features(
-                backbone,
-                bank.clone(),
-                transform.clone(),
-                cfg.eval_batch_size,
-                w,
-            )?)
+            Ok(eval::extract_over_ranks(bank.clone(), |part| {
+                eval::extract_features(backbone, part, transform.clone(), cfg.eval_batch_size, w)
+            })?)
         },
     )?;
     let (test, c2) = cached_features(
@@ -373,15 +378,15 @@ pub fn eval_knn(a: &EvalKnnArgs) -> Result<()> {
         "test",
         &cache_key(&loaded, &file, &cfg, val.as_ref())?,
         || {
-            Ok(eval::extract_features(
-                backbone,
-                val.clone(),
-                transform.clone(),
-                cfg.eval_batch_size,
-                w,
-            )?)
+            Ok(eval::extract_over_ranks(val.clone(), |part| {
+                eval::extract_features(backbone, part, transform.clone(), cfg.eval_batch_size, w)
+            })?)
         },
     )?;
+    if !main_rank() {
+        // Under mpirun the ranks shared the extraction; rank 0 votes and reports.
+        return Ok(());
+    }
     println!(
         "features of {}: train {} x {}, test {} x {}{}",
         loaded.origin,
@@ -451,31 +456,43 @@ pub fn eval_linear(a: &EvalLinearArgs) -> Result<()> {
             }
             let n = a.n_last_blocks;
             (
-                eval::extract_linear_features(
-                    vit,
-                    bank,
-                    transform.clone(),
-                    bs,
-                    w,
-                    n,
-                    a.avgpool_patchtokens,
-                )?,
-                eval::extract_linear_features(
-                    vit,
-                    val,
-                    transform,
-                    bs,
-                    w,
-                    n,
-                    a.avgpool_patchtokens,
-                )?,
+                eval::extract_over_ranks(bank, |part| {
+                    eval::extract_linear_features(
+                        vit,
+                        part,
+                        transform.clone(),
+                        bs,
+                        w,
+                        n,
+                        a.avgpool_patchtokens,
+                    )
+                })?,
+                eval::extract_over_ranks(val, |part| {
+                    eval::extract_linear_features(
+                        vit,
+                        part,
+                        transform.clone(),
+                        bs,
+                        w,
+                        n,
+                        a.avgpool_patchtokens,
+                    )
+                })?,
             )
         }
         Net::Other(b) => (
-            eval::extract_features(b.as_ref(), bank, transform.clone(), bs, w)?,
-            eval::extract_features(b.as_ref(), val, transform, bs, w)?,
+            eval::extract_over_ranks(bank, |part| {
+                eval::extract_features(b.as_ref(), part, transform.clone(), bs, w)
+            })?,
+            eval::extract_over_ranks(val, |part| {
+                eval::extract_features(b.as_ref(), part, transform.clone(), bs, w)
+            })?,
         ),
     };
+    if !main_rank() {
+        // The ranks shared the extraction; the probe trains on rank 0.
+        return Ok(());
+    }
     let pc = eval::LinearProbeConfig {
         epochs: a.epochs,
         lr: a.lr,
@@ -546,13 +563,19 @@ pub fn extract(a: &ExtractArgs) -> Result<()> {
         })?,
     };
     let transform = dino_train::data::eval_transform(&cfg)?;
-    let mut f = eval::extract_features(
-        loaded.net.backbone(),
-        ds.clone(),
-        transform,
-        cfg.eval_batch_size,
-        cfg.num_workers,
-    )?;
+    let mut f = eval::extract_over_ranks(ds.clone(), |part| {
+        eval::extract_features(
+            loaded.net.backbone(),
+            part,
+            transform,
+            cfg.eval_batch_size,
+            cfg.num_workers,
+        )
+    })?;
+    if !main_rank() {
+        // The ranks shared the extraction; rank 0 writes the file.
+        return Ok(());
+    }
     if a.l2_normalize {
         f.features = dino_core::l2_normalize(&f.features)?;
     }
@@ -637,7 +660,12 @@ pub fn attention(a: &AttentionArgs) -> Result<()> {
     }
     let files = image_files(&a.image)?;
     let normalize = dino_data::pil::Normalize::new(loaded.cfg.norm_mean, loaded.cfg.norm_std)?;
-    for file in &files {
+    // Under mpirun each rank draws every `world`-th image (each has its own output folder).
+    let (rank, world) = (
+        dino_core::collective::rank(),
+        dino_core::collective::world_size(),
+    );
+    for file in files.iter().skip(rank).step_by(world) {
         let out = if files.len() == 1 {
             a.output_dir.clone()
         } else {

@@ -222,6 +222,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::EvalLinear(a) => commands::eval_linear(&a),
         Command::Extract(a) => commands::extract(&a),
         Command::Attention(a) => commands::attention(&a),
+        // Single-process work: under mpirun, rank 0 does it once.
+        _ if dino_core::collective::rank() != 0 => Ok(()),
         Command::Export(a) => commands::export(&a),
         Command::Plot { dir } => commands::plot(&dir),
         Command::Info { path, all } => info::run(&path, all),

@@ -934,3 +934,142 @@ fn unreadable_images_are_counted_over_all_ranks() {
         );
     }
 }
+
+/// Runs `dino args...` on `np` ranks (np = 0: the mpi binary alone, world 1).
+fn dino_on(bin: &Path, np: usize, args: &[&str]) -> Output {
+    let mut c = if np == 0 {
+        Command::new(bin)
+    } else {
+        let mut c = mpirun(np);
+        c.arg(bin);
+        c
+    };
+    c.args(args).env("RUST_BACKTRACE", "1");
+    c.output().expect("runs")
+}
+
+/// The evaluation commands under mpirun share the work and report once: eval-knn and eval-linear print
+/// what one rank prints (features extracted by rank r for samples r, r + 2, ... and gathered), extract writes
+/// the one-rank features, attention draws each image of a folder once, and info prints once.
+#[test]
+fn evaluation_commands_share_the_work_over_the_ranks() {
+    let Some(bin) = mpi_dino() else { return };
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_cfg(
+        tmp.path(),
+        "tiny.toml",
+        &format!(
+            "{}dataset = \"embedded\"\nmax_train_images = 256\n",
+            FOLDER.replace("batch_size = 4", "batch_size = 64")
+        ),
+    );
+    let run = tmp.path().join("run");
+    ok(train(&bin, 0, &cfg, &run, &["--epochs", "1"]), "train");
+    let run_s = run.to_str().unwrap();
+    let knn = [
+        "eval-knn",
+        "--checkpoint",
+        run_s,
+        "--max-train",
+        "301",
+        "--max-val",
+        "99",
+        "--nb-knn",
+        "10",
+        "20",
+    ];
+    let one = text(&ok(dino_on(&bin, 0, &knn), "eval-knn, 1 rank").stdout);
+    let two = text(&ok(dino_on(&bin, 2, &knn), "eval-knn, 2 ranks").stdout);
+    assert!(one.contains("train 301 x 32, test 99 x 32"), "{one}");
+    assert!(one.contains("20-NN classifier result"), "{one}");
+    assert_eq!(one, two, "eval-knn: 1 rank against 2 ranks");
+
+    // extract: the gathered rows are the one-rank rows (up to another batch's rounding), in order.
+    let feats = |np: usize| {
+        let f = tmp.path().join(format!("f{np}.safetensors"));
+        let mut a = vec!["extract", "--checkpoint", run_s, "--max-train", "301"];
+        a.extend(["--output", f.to_str().unwrap()]);
+        ok(dino_on(&bin, np, &a), "extract");
+        let bytes = std::fs::read(&f).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("features").unwrap();
+        assert_eq!(t.shape(), &[301, 32]);
+        let v: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let labels = st.tensor("labels").unwrap().data().to_vec();
+        (v, labels)
+    };
+    let ((f1, l1), (f2, l2)) = (feats(0), feats(2));
+    assert_eq!(l1, l2, "labels");
+    let scale = f1.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = f1
+        .iter()
+        .zip(&f2)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        scale > 0.0 && worst <= 1e-5 * scale,
+        "max |diff| {worst} of {scale}"
+    );
+
+    // eval-linear: one report.
+    let lin = [
+        "eval-linear",
+        "--checkpoint",
+        run_s,
+        "--max-train",
+        "200",
+        "--max-val",
+        "50",
+        "--epochs",
+        "2",
+        "--n-last-blocks",
+        "1",
+    ];
+    let two = text(&ok(dino_on(&bin, 2, &lin), "eval-linear, 2 ranks").stdout);
+    assert_eq!(two.matches("best top1").count(), 1, "{two}");
+    assert!(two.contains("(train 200, val 50)"), "{two}");
+
+    // attention over a folder of three photos: each drawn once, by one rank.
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/photos");
+    for f in ["astronaut.png", "coffee.png", "eagle.jpg"] {
+        std::fs::copy(shared.join(f), photos.join(f)).unwrap();
+    }
+    let maps = tmp.path().join("maps");
+    let out = ok(
+        dino_on(
+            &bin,
+            2,
+            &[
+                "attention",
+                "--checkpoint",
+                run_s,
+                "--image",
+                photos.to_str().unwrap(),
+                "--image-size",
+                "56",
+                "56",
+                "--output-dir",
+                maps.to_str().unwrap(),
+            ],
+        ),
+        "attention, 2 ranks",
+    );
+    let said = text(&out.stdout);
+    for stem in ["astronaut", "coffee", "eagle"] {
+        assert_eq!(said.matches(&format!("{stem}.")).count(), 1, "{said}");
+        assert!(maps.join(stem).join("attn-head0.png").is_file(), "{stem}");
+    }
+
+    // info: once.
+    let out = ok(dino_on(&bin, 2, &["info", run_s]), "info, 2 ranks");
+    let said = text(&out.stdout);
+    let first = said.lines().next().unwrap_or_default().to_string();
+    assert!(!first.is_empty(), "{said}");
+    assert_eq!(said.matches(&first).count(), 1, "{said}");
+}

@@ -91,6 +91,55 @@ pub fn extract_features(
     })
 }
 
+/// `extract` run data-parallel over the ranks of the installed collective (`dino_core::collective`), as the
+/// official `eval_knn` shards its sampler and all-gathers: rank `r` of `N` computes the rows of samples
+/// `r, r + N, ...` of `ds` and every rank gets all `(N_samples, D)` rows in dataset order, with `ds`'s labels.
+/// Each row comes from one rank only, so the gather (an all-reduce of zero-filled rows) is exact; a row
+/// may differ from a one-rank extraction by the rounding of another batch composition. At world 1 it is
+/// `extract(ds)`.
+pub fn extract_over_ranks(
+    ds: Arc<dyn Dataset>,
+    extract: impl FnOnce(Arc<dyn Dataset>) -> Result<Features>,
+) -> Result<Features> {
+    let coll = dino_core::collective::current();
+    let (rank, world) = (coll.rank(), coll.world_size());
+    if world == 1 {
+        return extract(ds);
+    }
+    let n = ds.len();
+    let mine: Vec<usize> = (rank..n).step_by(world).collect();
+    let part = if mine.is_empty() {
+        None
+    } else {
+        let sub: Arc<dyn Dataset> =
+            Arc::new(dino_data::dataset::Subset::new(ds.clone(), mine.clone())?);
+        Some(extract(sub)?.features.to_vec2::<f32>()?)
+    };
+    // The width, from the ranks that have rows (with fewer samples than ranks, some have none).
+    let mut width = match &part {
+        Some(rows) => [rows.first().map_or(0, Vec::len) as f64, 1.0],
+        None => [0.0, 0.0],
+    };
+    coll.all_reduce_sum_f64(&mut width)?;
+    let d = (width[0] / width[1].max(1.0)).round() as usize;
+    let mut all = vec![0f32; n * d];
+    for (row, &i) in part.iter().flatten().zip(&mine) {
+        if row.len() != d {
+            return Err(Error::Msg(format!(
+                "rank {rank}: features of width {} where the ranks average {d}",
+                row.len()
+            )));
+        }
+        all[i * d..(i + 1) * d].copy_from_slice(row);
+    }
+    coll.all_reduce_sum_f32(&mut all)?;
+    let labels: Option<Vec<usize>> = (0..n).map(|i| ds.label(i)).collect();
+    Ok(Features {
+        features: Tensor::from_vec(all, (n, d), &Device::Cpu)?,
+        labels,
+    })
+}
+
 /// Largest side of the raw-pixel baseline's images: larger evaluation crops are area-pooled to at most this
 /// (28 px Fashion-MNIST and 32 px CIFAR are used as they are).
 pub const PIXEL_SIDE: usize = 32;

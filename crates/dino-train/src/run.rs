@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Device;
 use dino_core::KnnResult;
 use dino_data::dataset::Dataset;
 use dino_data::loader::{LoaderConfig, MultiCropLoader};
@@ -160,43 +159,14 @@ impl KnnSetup {
         backbone: &dyn Backbone,
         ds: &Arc<dyn Dataset>,
     ) -> Result<Features> {
-        let w = cfg.num_workers.max(1);
-        let coll = dino_core::collective::current();
-        let (rank, world) = (coll.rank(), coll.world_size());
-        if world == 1 {
-            return extract_features(
+        crate::eval::extract_over_ranks(ds.clone(), |part| {
+            extract_features(
                 backbone,
-                ds.clone(),
+                part,
                 self.transform.clone(),
                 cfg.eval_batch_size,
-                w,
-            );
-        }
-        let n = ds.len();
-        let mine: Vec<usize> = (rank..n).step_by(world).collect();
-        let d = backbone.embed_dim();
-        let mut all = vec![0f32; n * d];
-        if !mine.is_empty() {
-            let sub: Arc<dyn Dataset> =
-                Arc::new(dino_data::dataset::Subset::new(ds.clone(), mine.clone())?);
-            let f = extract_features(
-                backbone,
-                sub,
-                self.transform.clone(),
-                cfg.eval_batch_size,
-                w,
-            )?;
-            let rows = f.features.to_vec2::<f32>()?;
-            for (row, &i) in rows.iter().zip(&mine) {
-                all[i * d..(i + 1) * d].copy_from_slice(row);
-            }
-        }
-        // Each row is non-zero on one rank only: the sum is an exact gather.
-        coll.all_reduce_sum_f32(&mut all)?;
-        let labels: Option<Vec<usize>> = (0..n).map(|i| ds.label(i)).collect();
-        Ok(Features {
-            features: candle_core::Tensor::from_vec(all, (n, d), &Device::Cpu)?,
-            labels,
+                cfg.num_workers.max(1),
+            )
         })
     }
 }
