@@ -135,6 +135,9 @@ pub struct TrainArgs {
     /// Weight of DINOv2's KoLeo regulariser on the student's CLS features (dinov2: 0.1); 0 disables. [0]
     #[arg(long)]
     pub koleo_loss_weight: Option<f64>,
+    /// Under mpirun, KoLeo's neighbours over the global batch (the same run as one process), or within each rank's batch (false: as dinov2). [true]
+    #[arg(long, value_parser = parse_bool, action = ArgAction::Set)]
+    pub koleo_global_batch: Option<bool>,
     /// Weight of DINOv2's iBOT masked-patch loss (dinov2: 1.0; ViT only); 0 disables. [0]
     #[arg(long)]
     pub ibot_loss_weight: Option<f64>,
@@ -298,6 +301,7 @@ impl TrainArgs {
             warmup_teacher_temp_epochs,
             centering,
             koleo_loss_weight,
+            koleo_global_batch,
             ibot_loss_weight,
             ibot_mask_sample_probability,
             weight_decay,

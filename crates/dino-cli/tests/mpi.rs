@@ -302,6 +302,19 @@ fn one_step_equivalence(
     from: usize,
     two_extra: &[&str],
 ) {
+    let (a, b) = one_step_dirs(bin, cfg, tmp, name, from, two_extra);
+    assert_same_step(&a, &b);
+}
+
+/// The runs of [`one_step_equivalence`], uncompared: the 1-rank and the 2-rank output dirs.
+fn one_step_dirs(
+    bin: &Path,
+    cfg: &Path,
+    tmp: &Path,
+    name: &str,
+    from: usize,
+    two_extra: &[&str],
+) -> (PathBuf, PathBuf) {
     let (a, b) = (
         tmp.join(format!("{name}_step{from}_one")),
         tmp.join(format!("{name}_step{from}_two")),
@@ -329,7 +342,7 @@ fn one_step_equivalence(
         assert!(text(&o.stdout).contains(&want), "{}", text(&o.stdout));
         assert!(text(&o2.stdout).contains(&want), "{}", text(&o2.stdout));
     }
-    assert_same_step(&a, &b);
+    (a, b)
 }
 
 /// Copies the files of `from` into a new directory `to` (a run's output dir has no subdirectories that
@@ -429,8 +442,7 @@ fn knn_line(out: &Output) -> String {
 }
 
 /// The previous default preset with drop path 0.2 and Sinkhorn-Knopp teacher targets (whose sums are
-/// all-reduced over the ranks), on 384 images for 2 epochs of 6 steps. (KoLeo, per rank as in dinov2, is not
-/// the same run on N ranks and is left out.)
+/// all-reduced over the ranks), on 384 images for 2 epochs of 6 steps. (KoLeo gets its own one-step test.)
 const VIT: &str = r#"
 centering = "sinkhorn_knopp"
 arch = "vit_custom"
@@ -480,7 +492,7 @@ fn write_cfg(dir: &Path, name: &str, body: &str) -> PathBuf {
     p
 }
 
-/// ViT (drop path 0.2, BatchNorm head): 2 ranks x 32 == 1 rank x 64 after one step (tightly; also with iBOT
+/// ViT (drop path 0.2, BatchNorm head): 2 ranks x 32 == 1 rank x 64 after one step (tightly; also with KoLeo and iBOT
 /// in both centering modes) and after 12
 /// steps (within the fp32 noise), the k-NN with features gathered over the ranks included; 2 ranks for 5 steps
 /// then 1 rank to the end == 1 rank throughout; kill -9 of one rank ends the job within 30 s, the checkpoint
@@ -523,6 +535,38 @@ fn vit_two_ranks_are_one_rank_across_resume_and_kill() {
         let c = write_cfg(tmp.path(), &format!("{name}.toml"), &body);
         one_step_equivalence(&bin, &c, tmp.path(), name, 7, &per_gpu);
     }
+    // KoLeo over the global batch (the default): the student features gathered over the ranks, the gradient
+    // through the gather all-reduced. dinov2's per-rank KoLeo is another step, by far more than the tolerance.
+    let koleo = write_cfg(
+        tmp.path(),
+        "koleo.toml",
+        &format!(
+            "koleo_loss_weight = 0.1\n{}",
+            VIT.replace("ckpt_every_iters = 2", "ckpt_every_iters = 1")
+        ),
+    );
+    one_step_equivalence(&bin, &koleo, tmp.path(), "koleo", 7, &per_gpu);
+    let per_rank = write_cfg(
+        tmp.path(),
+        "koleo_rank.toml",
+        &format!(
+            "koleo_global_batch = false\n{}",
+            std::fs::read_to_string(&koleo).unwrap()
+        ),
+    );
+    let (a, b) = one_step_dirs(&bin, &per_rank, tmp.path(), "koleo_rank", 7, &per_gpu);
+    let rows = state_diff(&a, &b);
+    let moments = rows
+        .iter()
+        .filter(|r| r.0.starts_with("optimizer.exp_avg."));
+    let (worst, largest) = moments.fold((0.0f64, 0.0f64), |m, r| (m.0.max(r.2), m.1.max(r.3)));
+    eprintln!(
+        "per-rank KoLeo against one process: first moments differ by {worst:.3e} of {largest:.3e}"
+    );
+    assert!(
+        worst > 1e-3 * largest,
+        "per-rank KoLeo should change the step: first moments differ by {worst:.3e} of {largest:.3e}"
+    );
 
     // The whole run. One rank, global batch 64 (the mpi binary without mpirun is world 1), on 2 threads and
     // on 1 thread (the noise of one process).

@@ -299,6 +299,11 @@ pub struct TrainConfig {
     /// Weight of DINOv2's KoLeo regulariser on the student backbone's CLS features of each global crop
     /// (official dinov2: 0.1); 0 disables. Default 0.
     pub koleo_loss_weight: f64,
+    /// Under data parallelism, where KoLeo's nearest neighbours are searched: `true`, in the global batch
+    /// (the student features gathered over the ranks, so a run on N ranks is the same run as one process
+    /// with the whole batch); `false`, within each rank's own batch, as dinov2 does (then N ranks are not
+    /// one process). No effect on one rank. Default true.
+    pub koleo_global_batch: bool,
     /// Weight of DINOv2's iBOT masked-patch loss (dinov2: 1.0; ViT only): the student's global crops get
     /// patches replaced by a mask token and predict the teacher's distributions of those patches through the
     /// shared head, with targets made as `centering` says; 0 disables. Default 0.
@@ -454,6 +459,7 @@ impl Default for TrainConfig {
             center_momentum: 0.9,
             centering: Centering::Centering,
             koleo_loss_weight: 0.0,
+            koleo_global_batch: true,
             ibot_loss_weight: 0.0,
             ibot_mask_ratio_min_max: [0.1, 0.5],
             ibot_mask_sample_probability: 0.5,

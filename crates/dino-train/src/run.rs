@@ -469,10 +469,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             })?;
         }
     }
-    if world > 1 && cfg.koleo_loss_weight > 0.0 {
+    if world > 1 && cfg.koleo_loss_weight > 0.0 && !cfg.koleo_global_batch {
         progress.println(&format!(
             "note: KoLeo's nearest neighbours are searched within each rank's {local_batch} images (as dinov2 \
-             does), so this run is not the same as one process with batch {}",
+             does, koleo_global_batch = false), so this run is not the same as one process with batch {}",
             cfg.batch_size
         ));
     }

@@ -529,12 +529,18 @@ impl Trainer {
             lap(&mut timings.student_forward);
             (self.loss.forward(&s_out, &t_out, epoch)?, s_feat, None)
         };
-        // DINOv2's KoLeo on the backbone CLS features of the 2 global crops, one term per crop, on this
-        // rank's rows (the official code does not gather them across ranks).
+        // DINOv2's KoLeo on the backbone CLS features of the 2 global crops, one term per crop: over the
+        // global batch (the rows gathered over the ranks: one process's loss and gradients), or on this
+        // rank's rows alone as the official code does (`koleo_global_batch = false`).
         let loss = match &s_feat {
             Some(f) => {
                 let global = f.narrow(0, 0, 2 * local_b)?;
-                (loss + dino_core::koleo_per_crop(&global, 2, koleo_w)?)?
+                let k = if self.cfg.koleo_global_batch {
+                    dino_core::koleo_per_crop_over_ranks(&global, 2, koleo_w, &coll)?
+                } else {
+                    dino_core::koleo_per_crop(&global, 2, koleo_w)?
+                };
+                (loss + k)?
             }
             None => loss,
         };
