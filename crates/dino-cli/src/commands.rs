@@ -454,40 +454,22 @@ pub fn eval_linear(a: &EvalLinearArgs) -> Result<()> {
                     a.n_last_blocks
                 );
             }
-            let n = a.n_last_blocks;
-            (
-                eval::extract_over_ranks(bank, |part| {
-                    eval::extract_linear_features(
-                        vit,
-                        part,
-                        transform.clone(),
-                        bs,
-                        w,
-                        n,
-                        a.avgpool_patchtokens,
-                    )
-                })?,
-                eval::extract_over_ranks(val, |part| {
-                    eval::extract_linear_features(
-                        vit,
-                        part,
-                        transform.clone(),
-                        bs,
-                        w,
-                        n,
-                        a.avgpool_patchtokens,
-                    )
-                })?,
-            )
+            let features = |ds| {
+                eval::extract_over_ranks(ds, |part| {
+                    let (n, avg) = (a.n_last_blocks, a.avgpool_patchtokens);
+                    eval::extract_linear_features(vit, part, transform.clone(), bs, w, n, avg)
+                })
+            };
+            (features(bank)?, features(val)?)
         }
-        Net::Other(b) => (
-            eval::extract_over_ranks(bank, |part| {
-                eval::extract_features(b.as_ref(), part, transform.clone(), bs, w)
-            })?,
-            eval::extract_over_ranks(val, |part| {
-                eval::extract_features(b.as_ref(), part, transform.clone(), bs, w)
-            })?,
-        ),
+        Net::Other(b) => {
+            let features = |ds| {
+                eval::extract_over_ranks(ds, |part| {
+                    eval::extract_features(b.as_ref(), part, transform.clone(), bs, w)
+                })
+            };
+            (features(bank)?, features(val)?)
+        }
     };
     if !main_rank() {
         // The ranks shared the extraction; the probe trains on rank 0.

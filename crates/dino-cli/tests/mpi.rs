@@ -903,6 +903,22 @@ fn bad_input_under_mpirun_is_one_line() {
     );
 }
 
+/// `dir/photos` holding the images of ../shared/data/photos whose file names pass `keep`.
+fn photos_folder(dir: &Path, keep: impl Fn(&str) -> bool) -> PathBuf {
+    let data = dir.join("photos");
+    std::fs::create_dir(&data).unwrap();
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/photos");
+    for e in std::fs::read_dir(&shared).expect("../shared/data/photos") {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        let image = matches!(p.extension().and_then(|x| x.to_str()), Some("jpg" | "png"));
+        if image && keep(&name) {
+            std::fs::copy(&p, data.join(&name)).unwrap();
+        }
+    }
+    data
+}
+
 /// A folder of the shared photos plus unreadable files, trained 2 epochs by a 1-block ViT.
 const FOLDER: &str = r#"
 arch = "vit_custom"
@@ -932,15 +948,7 @@ fn unreadable_images_are_counted_over_all_ranks() {
     let Some(bin) = mpi_dino() else { return };
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("photos");
-    std::fs::create_dir(&data).unwrap();
-    let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/photos");
-    for e in std::fs::read_dir(&photos).expect("../shared/data/photos") {
-        let p = e.unwrap().path();
-        if matches!(p.extension().and_then(|x| x.to_str()), Some("jpg" | "png")) {
-            std::fs::copy(&p, data.join(p.file_name().unwrap())).unwrap();
-        }
-    }
+    let data = photos_folder(tmp.path(), |_| true);
     for i in 0..5 {
         std::fs::write(data.join(format!("broken{i}.jpg")), b"not a jpeg").unwrap();
     }
@@ -1078,12 +1086,9 @@ fn evaluation_commands_share_the_work_over_the_ranks() {
     assert!(two.contains("(train 200, val 50)"), "{two}");
 
     // attention over a folder of three photos: each drawn once, by one rank.
-    let photos = tmp.path().join("photos");
-    std::fs::create_dir(&photos).unwrap();
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/photos");
-    for f in ["astronaut.png", "coffee.png", "eagle.jpg"] {
-        std::fs::copy(shared.join(f), photos.join(f)).unwrap();
-    }
+    let photos = photos_folder(tmp.path(), |f| {
+        ["astronaut.png", "coffee.png", "eagle.jpg"].contains(&f)
+    });
     let maps = tmp.path().join("maps");
     let out = ok(
         dino_on(

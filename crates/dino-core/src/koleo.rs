@@ -28,7 +28,7 @@ pub fn nearest_neighbours(x: &Tensor) -> Result<Tensor> {
 /// `x`: (B, D) -> (rows.len()) u32.
 pub fn nearest_neighbours_of(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
     let xn = normalize(&x.detach().to_dtype(DType::F32)?)?;
-    let q = if rows.len() == xn.dim(0)? && rows.iter().enumerate().all(|(i, &r)| r as usize == i) {
+    let q = if is_every_row(rows, xn.dim(0)?) {
         xn.clone()
     } else {
         xn.index_select(&Tensor::new(rows, xn.device())?, 0)?
@@ -49,6 +49,11 @@ pub fn nearest_neighbours_of(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
         })
         .collect();
     Ok(Tensor::from_vec(idx, rows.len(), x.device())?)
+}
+
+/// Whether `rows` is `0..b` in order (then no row selection is needed).
+fn is_every_row(rows: &[u32], b: usize) -> bool {
+    rows.len() == b && rows.iter().enumerate().all(|(i, &r)| r as usize == i)
 }
 
 /// `x / max(‖x‖, 1e-8)` per row, differentiable (a zero row gives zeros and a zero gradient).
@@ -98,7 +103,7 @@ pub fn koleo_loss_of(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
     let idx = nearest_neighbours_of(&x, rows)?;
     let xn = normalize(&x)?;
     let nn = xn.index_select(&idx, 0)?;
-    let q = if rows.len() == b && rows.iter().enumerate().all(|(i, &r)| r as usize == i) {
+    let q = if is_every_row(rows, b) {
         xn
     } else {
         xn.index_select(&Tensor::new(rows, x.device())?, 0)?
@@ -113,6 +118,16 @@ pub fn koleo_loss_of(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
 /// (crop-major, e.g. the backbone CLS tokens of the 2 global crops, (2B, D)); official weight 0.1. One KoLeo
 /// per crop, never across the crops of one image.
 pub fn koleo_per_crop(features: &Tensor, n_crops: usize, weight: f64) -> Result<Tensor> {
+    sum_over_crops(features, n_crops, weight, koleo_loss)
+}
+
+/// `weight · Σ_c loss(crop c)` over the `n_crops` equal row blocks of `features`.
+fn sum_over_crops(
+    features: &Tensor,
+    n_crops: usize,
+    weight: f64,
+    loss: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     let rows = features.dim(0)?;
     if n_crops == 0 || rows % n_crops != 0 {
         return Err(Error::shape(
@@ -123,7 +138,7 @@ pub fn koleo_per_crop(features: &Tensor, n_crops: usize, weight: f64) -> Result<
     }
     let mut total: Option<Tensor> = None;
     for c in features.chunk(n_crops, 0)? {
-        let l = koleo_loss(&c)?;
+        let l = loss(&c)?;
         total = Some(match total {
             Some(t) => (t + l)?,
             None => l,
@@ -149,27 +164,10 @@ pub fn koleo_per_crop_over_ranks(
     if n == 1 {
         return koleo_per_crop(features, n_crops, weight);
     }
-    let rows = features.dim(0)?;
-    if n_crops == 0 || rows % n_crops != 0 {
-        return Err(Error::shape(
-            "features",
-            format!("a multiple of n_crops = {n_crops} rows"),
-            features.dims(),
-        ));
-    }
-    let b = rows / n_crops;
-    let own: Vec<u32> = (0..b).map(|k| (r + n * k) as u32).collect();
-    let mut total: Option<Tensor> = None;
-    for x in features.chunk(n_crops, 0)? {
-        let gathered = gather_interleaved(&x, c)?;
-        let l = koleo_loss_of(&gathered, &own)?;
-        total = Some(match total {
-            Some(t) => (t + l)?,
-            None => l,
-        });
-    }
-    let total = total.ok_or_else(|| Error::arg("features", "no rows"))?;
-    Ok((total * weight)?)
+    sum_over_crops(features, n_crops, weight, |x| {
+        let own: Vec<u32> = (0..x.dim(0)?).map(|k| (r + n * k) as u32).collect();
+        koleo_loss_of(&gather_interleaved(x, c)?, &own)
+    })
 }
 
 /// The rows of every rank in one `(N·b, D)` tensor, rank `r`'s row `k` at row `r + N·k`, differentiable:
