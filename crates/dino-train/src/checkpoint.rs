@@ -152,15 +152,21 @@ pub fn meta_path(dir: &Path, stem: &str) -> PathBuf {
 }
 
 /// Write `bytes` to `path` atomically: `<path>.tmp`, fsync, rename over `path`, fsync of the directory.
-/// A crash at any point leaves either the old file or the new one, never a torn file.
+/// A crash at any point leaves either the old file or the new one, never a torn file; a failed write (a
+/// full disk) removes its temporary file, so that it does not keep the space.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
-    {
+    let written = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
     if let Some(dir) = path.parent() {
         let dir = if dir.as_os_str().is_empty() {
             Path::new(".")
@@ -378,5 +384,19 @@ mod tests {
         atomic_write(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert!(!tmp_path(&p).exists());
+    }
+
+    #[test]
+    fn a_failed_atomic_write_leaves_no_temporary_file() {
+        // The rename fails (the target is a non-empty directory), as a write fails on a full disk: the error
+        // names the path and the written temporary file is gone.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("taken");
+        std::fs::create_dir(&p).unwrap();
+        std::fs::write(p.join("inside"), b"x").unwrap();
+        let e = atomic_write(&p, &[7u8; 4096]).unwrap_err().to_string();
+        assert!(e.contains("taken"), "{e}");
+        assert!(!tmp_path(&p).exists(), "the temporary file was left behind");
+        assert!(p.join("inside").is_file());
     }
 }

@@ -60,8 +60,14 @@ pub fn embedded_dir() -> Result<PathBuf> {
         static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = dir.join(format!("{name}.{}.{n}.tmp", std::process::id()));
-        std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        let written = std::fs::write(&tmp, bytes)
+            .map_err(|e| Error::io(&tmp, e))
+            .and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e)));
+        if let Err(e) = written {
+            // A full disk: do not keep the partial file.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
     }
     Ok(dir)
 }
