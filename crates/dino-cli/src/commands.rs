@@ -43,8 +43,10 @@ pub struct TrainFlags {
     pub stop_after: Option<usize>,
 }
 
-/// `dino train`: resolve the configuration, train (resuming from the output dir), print the summary.
-pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<()> {
+/// `dino train`: resolve the configuration, train (resuming from the output dir), print the summary. Returns
+/// the process's exit status: 0, or 128 + the signal when SIGINT / SIGTERM stopped the run (after a
+/// checkpoint; the same command resumes it).
+pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<i32> {
     let TrainFlags {
         resume,
         no_resume,
@@ -56,10 +58,10 @@ pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<()> {
     let main_rank = dino_core::collective::rank() == 0;
     if args.print_config {
         if !main_rank {
-            return Ok(());
+            return Ok(0);
         }
         print!("{}", cfg.to_toml_string());
-        return Ok(());
+        return Ok(0);
     }
     if resume && dino_train::checkpoint::find_latest(&cfg.output_dir).is_none() {
         bail!(
@@ -76,9 +78,24 @@ pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<()> {
         tensorboard,
         ..dino_train::TrainOptions::default()
     };
+    // Ctrl-C / SIGTERM: a checkpoint after the current step, then exit (a second signal exits at once).
+    dino_train::signals::install().context("cannot install the SIGINT / SIGTERM handlers")?;
     let s = dino_train::train(&cfg, &opts)?;
+    let status = s.stopped_by.map_or(0, |sig| 128 + sig);
     if !main_rank {
-        return Ok(());
+        return Ok(status);
+    }
+    if let Some(sig) = s.stopped_by {
+        let (g, n) = (s.global_iteration, s.niter_per_ep.max(1));
+        let epoch = g.saturating_sub(1) / n;
+        eprintln!(
+            "stopped by {} after {g} iterations (epoch {epoch}: {} of {n}); checkpoint: {}; the same command \
+             resumes it",
+            dino_train::signals::name(sig),
+            g - epoch * n,
+            s.checkpoint.display()
+        );
+        return Ok(status);
     }
     if let Some(g) = s.resumed_from {
         println!("resumed from global iteration {g}");
@@ -117,7 +134,7 @@ pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<()> {
             ),
         }
     }
-    Ok(())
+    Ok(0)
 }
 
 /// Whether this process is rank 0 (always, outside mpirun): the one that prints results and writes files.

@@ -162,7 +162,8 @@ fn main() {
             dist.allowed_cores, dist.threads
         );
     }
-    if let Err(e) = run(cli) {
+    let status = run(cli);
+    if let Err(e) = status {
         if dist.world_size > 1 {
             // One failed rank ends the whole job (MPI_Abort), naming itself.
             error_line(&format!(
@@ -192,6 +193,10 @@ fn main() {
         std::process::exit(1);
     }
     dino_train::dist::finalize();
+    // A run stopped by a signal (after its checkpoint) exits as a shell reports a death by that signal.
+    if let Ok(code @ 1..) = status {
+        std::process::exit(code);
+    }
 }
 
 /// Writes `line` and a newline to stderr in one `write` call. `eprintln!` writes its pieces one by one, and under
@@ -206,18 +211,21 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Train(t) => commands::train(
-            &t.args,
-            commands::TrainFlags {
-                resume: t.resume || t.extend,
-                no_resume: t.no_resume,
-                extend: t.extend,
-                tensorboard: !t.no_tensorboard,
-                stop_after: t.stop_after,
-            },
-        ),
+/// Runs the command; `Ok` carries the exit status.
+fn run(cli: Cli) -> Result<i32> {
+    let done = match cli.command {
+        Command::Train(t) => {
+            return commands::train(
+                &t.args,
+                commands::TrainFlags {
+                    resume: t.resume || t.extend,
+                    no_resume: t.no_resume,
+                    extend: t.extend,
+                    tensorboard: !t.no_tensorboard,
+                    stop_after: t.stop_after,
+                },
+            )
+        }
         Command::EvalKnn(a) => commands::eval_knn(&a),
         Command::EvalLinear(a) => commands::eval_linear(&a),
         Command::Extract(a) => commands::extract(&a),
@@ -227,5 +235,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => commands::export(&a),
         Command::Plot { dir } => commands::plot(&dir),
         Command::Info { path, all } => info::run(&path, all),
-    }
+    };
+    done.map(|()| 0)
 }

@@ -675,3 +675,53 @@ fn plots_of_a_run_are_titled_charts_and_plot_redraws_them() {
         &["no log.jsonl there", &tmp.path().display().to_string()],
     );
 }
+
+/// SIGTERM (Slurm's end of a job, `kill`, mpirun passing on Ctrl-C) stops `dino train` after the step it is
+/// in: a checkpoint there, the lock given back, one line saying how to resume, exit status 143 (128 + 15).
+#[test]
+fn sigterm_stops_training_with_a_checkpoint_and_status_143() {
+    let (tmp, data, _) = trained();
+    let cfg = tmp.path().join("tiny.toml");
+    let out = tmp.path().join("sigterm");
+    let mut args = tiny_train_args(&cfg, data, &out);
+    args.extend(["--epochs", "400", "--no-tensorboard"].map(String::from));
+    let child = dino()
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Signal it once a step is logged (400 epochs x 4 steps: far from the end).
+    let t0 = std::time::Instant::now();
+    let log = out.join("log.jsonl");
+    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("\"kind\":\"step\"")) {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(120),
+            "no step logged"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(143), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("stopped by SIGTERM after "))
+        .unwrap_or_else(|| panic!("no stop line in: {err}"));
+    assert!(line.contains("the same command resumes it"), "{line}");
+    for bad in ["panicked", "error:"] {
+        assert!(!err.contains(bad), "{err}");
+    }
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint.json")).unwrap())
+            .unwrap();
+    let g = meta["global_iteration"].as_u64().unwrap();
+    assert!((1..1600).contains(&g), "{meta}");
+    assert!(line.contains(&format!("after {g} iterations")), "{line}");
+    assert!(!out.join("dino.lock").exists());
+}

@@ -12,6 +12,7 @@
 //! - [`log`], [`plot`]: JSON-lines log, progress display, PNG curves.
 //! - [`tensorboard`]: the log's numbers as TensorBoard scalar event files.
 //! - [`device`]: `--device cpu|cuda|cuda:N|auto`.
+//! - [`signals`]: a graceful stop on SIGINT / SIGTERM (a checkpoint after the current step).
 //! - [`dist`]: the process group of a data-parallel run (MPI with the `mpi` feature), rank threads.
 //! - [`runtime::tune_allocator`], [`runtime::main_thread_in_pool`]: allocator and thread-pool settings for the
 //!   training process.
@@ -30,6 +31,7 @@ pub mod model;
 pub mod plot;
 pub mod run;
 pub mod runtime;
+pub mod signals;
 pub mod tensorboard;
 pub mod trainer;
 

@@ -75,8 +75,11 @@ pub struct TrainSummary {
     pub niter_per_ep: usize,
     /// Global iteration this call resumed from (None for a fresh start).
     pub resumed_from: Option<usize>,
-    /// Whether the run stopped early (`stop_after_iterations`).
+    /// Whether the run stopped early (`stop_after_iterations`, or a stop request: see `stopped_by`).
     pub interrupted: bool,
+    /// The signal whose stop request ended the run early ([`crate::signals`]), after writing a checkpoint
+    /// at `global_iteration`.
+    pub stopped_by: Option<i32>,
     /// Loss of the last iteration run by this call (NaN if none).
     pub last_loss: f64,
     /// Mean loss of the first epoch this call ran and of the last one (NaN if none).
@@ -534,6 +537,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         niter_per_ep: niter,
         resumed_from,
         interrupted: false,
+        stopped_by: None,
         last_loss: f64::NAN,
         first_epoch_loss: f64::NAN,
         last_epoch_loss: f64::NAN,
@@ -549,6 +553,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut window_start = Instant::now();
     let mut window_images = 0usize;
     let (start_epoch, start_it) = (start_g / niter, start_g % niter);
+    let mut stop: Option<i32> = None;
     for epoch in start_epoch..cfg.epochs {
         let t_epoch = Instant::now();
         let first_it = if epoch == start_epoch { start_it } else { 0 };
@@ -626,11 +631,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 window_images = 0;
             }
             let end_of_epoch = it + 1 == niter;
-            if main
-                && !end_of_epoch
-                && cfg.ckpt_every_iters > 0
-                && g.is_multiple_of(cfg.ckpt_every_iters)
-            {
+            // A stop request (SIGINT / SIGTERM, see crate::signals) on any rank stops every rank here; inside
+            // an epoch the checkpoint is written now, at the epoch's end by the code below.
+            stop = agreed_stop(coll.as_ref(), world)?;
+            let periodic = cfg.ckpt_every_iters > 0 && g.is_multiple_of(cfg.ckpt_every_iters);
+            if main && !end_of_epoch && (periodic || stop.is_some()) {
                 save_checkpoint(
                     &trainer,
                     cfg,
@@ -646,8 +651,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                     }),
                 )?;
             }
-            if !end_of_epoch && opts.stop_after_iterations == Some(g) {
+            if !end_of_epoch && (opts.stop_after_iterations == Some(g) || stop.is_some()) {
                 summary.interrupted = true;
+                summary.stopped_by = stop;
                 summary.seconds = t0.elapsed().as_secs_f64();
                 progress.finish();
                 return Ok(summary);
@@ -675,7 +681,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             save_checkpoint(&trainer, cfg, &stems, g, summary.last_loss, &ident, None)?;
         }
         let last_epoch = epoch + 1 == cfg.epochs;
+        // A stop request skips the evaluation: the checkpoint above is what the run must keep.
         let eval_now = knn.is_some()
+            && stop.is_none()
             && ((cfg.eval_every > 0 && (epoch + 1).is_multiple_of(cfg.eval_every))
                 || (last_epoch && cfg.eval_final));
         let knn_res = match (&knn, eval_now) {
@@ -722,16 +730,19 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 String::new()
             }
         ));
-        if opts.stop_after_iterations == Some(g) && !last_epoch {
+        if (opts.stop_after_iterations == Some(g) || stop.is_some()) && !last_epoch {
             summary.interrupted = true;
+            summary.stopped_by = stop;
             summary.seconds = t0.elapsed().as_secs_f64();
             progress.finish();
             return Ok(summary);
         }
     }
     progress.finish();
+    // A stop request in the last step: the run is complete and saved; its final evaluations are skipped.
+    summary.stopped_by = stop;
 
-    if cfg.eval_final {
+    if cfg.eval_final && stop.is_none() {
         if let Some(k) = &knn {
             if summary.knn_final.is_none() {
                 summary.knn_final = Some(k.run(cfg, trainer.teacher.model.backbone.as_ref())?);
@@ -790,6 +801,21 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     summary.seconds = t0.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// A stop request ([`crate::signals::stop_requested`]) agreed over the ranks, so that every rank stops after
+/// the same step: any rank's request stops all (a rank without one reports the others' signal).
+fn agreed_stop(coll: &dyn dino_core::Collective, world: usize) -> Result<Option<i32>> {
+    let mine = crate::signals::stop_requested();
+    if world == 1 {
+        return Ok(mine);
+    }
+    let mut v = [
+        f64::from(u8::from(mine.is_some())),
+        mine.unwrap_or(0) as f64,
+    ];
+    coll.all_reduce_sum_f64(&mut v)?;
+    Ok((v[0] > 0.0).then(|| mine.unwrap_or((v[1] / v[0]).round() as i32)))
 }
 
 /// Every rank must run the same configuration: rank 0's TOML is broadcast and compared; a difference on any

@@ -11,6 +11,8 @@
 //!   run (schedules rebuilt for the new length, recorded in the metadata and the log) and refuses the rest.
 //! - A second run on a directory in use refuses at once naming the holder; after kill -9 of the holder the
 //!   next run takes the stale lock over.
+//! - SIGTERM (with the binary's handlers installed) stops the run after its current step with a checkpoint
+//!   there, gives the lock back, and the resumed run ends bit-identical.
 //! - A write failing for lack of space (RLIMIT_FSIZE in a child) is one line, leaves the last checkpoint
 //!   intact, and the resumed run ends bit-identical.
 
@@ -314,6 +316,50 @@ fn sigkill_mid_training_then_resume_equals_uninterrupted() {
     assert!(killed_at.is_some(), "the child never wrote a checkpoint");
     let s = train(&cfg.clone_with_output(&dir), &quiet()).unwrap();
     assert!(s.resumed_from.unwrap() >= 2);
+    assert_same_state(&reference, &dir);
+}
+
+/// Entry point of the child process of `sigterm_stops_after_the_step_with_a_checkpoint` (does nothing unless
+/// `DINO_TRAIN_STOP_CHILD_OUT` is set): installs the stop handlers, sends itself SIGTERM, then trains; the
+/// run must stop after its first step, with a checkpoint there.
+#[test]
+fn stop_child_process_entry() {
+    let Ok(out) = std::env::var("DINO_TRAIN_STOP_CHILD_OUT") else {
+        return;
+    };
+    let mut cfg = tiny(Path::new(&out));
+    cfg.ckpt_every_iters = 0; // a mid-epoch checkpoint can only come from the stop
+    dino_train::signals::install().unwrap();
+    // SAFETY: raising a signal this process handles.
+    assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
+    assert_eq!(dino_train::signals::stop_requested(), Some(15));
+    let s = train(&cfg, &quiet()).unwrap();
+    assert!(s.interrupted);
+    assert_eq!((s.stopped_by, s.global_iteration), (Some(15), 1));
+}
+
+#[test]
+fn sigterm_stops_after_the_step_with_a_checkpoint() {
+    let root = tempfile::tempdir().unwrap();
+    let reference = reference_run(root.path());
+    let dir = root.path().join("stopped");
+    let out = child_test("stop_child_process_entry")
+        .env("DINO_TRAIN_STOP_CHILD_OUT", &dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The checkpoint of the step the signal arrived in (inside epoch 0), the lock given back.
+    let meta = checkpoint::load_meta(&weights_path(&dir, LATEST)).unwrap();
+    assert_eq!(meta.global_iteration, 1);
+    assert!(!dir.join("dino.lock").exists());
+    // The same configuration resumes it to the uninterrupted run's end, bit for bit.
+    let s = train(&tiny(&dir), &quiet()).unwrap();
+    assert_eq!((s.resumed_from, s.stopped_by), (Some(1), None));
     assert_same_state(&reference, &dir);
 }
 
