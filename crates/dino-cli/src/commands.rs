@@ -79,7 +79,8 @@ pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<i32> {
         ..dino_train::TrainOptions::default()
     };
     // Ctrl-C / SIGTERM: a checkpoint after the current step, then exit (a second signal exits at once).
-    dino_train::signals::install().context("cannot install the SIGINT / SIGTERM handlers")?;
+    dino_train::signals::install(main_rank)
+        .context("cannot install the SIGINT / SIGTERM handlers")?;
     let s = dino_train::train(&cfg, &opts)?;
     let status = s.stopped_by.map_or(0, |sig| 128 + sig);
     if !main_rank {

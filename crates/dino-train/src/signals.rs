@@ -5,10 +5,17 @@
 //! once, as without the handler. [`install`] is the binary's choice (a library never takes over signals by
 //! itself); [`request_stop`] asks the same from code, e.g. another thread.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// The number of the first stop signal received (or passed to [`request_stop`]); 0: none.
 static STOP: AtomicI32 = AtomicI32::new(0);
+
+/// Whether the handler says on stderr what the first signal does ([`install`]'s `announce`).
+static ANNOUNCE: AtomicBool = AtomicBool::new(false);
+
+/// What the handler writes on the first signal.
+const ANNOUNCEMENT: &[u8] =
+    b"\nstopping after the current step, to write a checkpoint (a second signal stops at once)\n";
 
 /// SIGINT's number (2): what [`request_stop`] takes for an interruption from code.
 pub const SIGINT: i32 = 2;
@@ -37,9 +44,11 @@ pub fn name(signal: i32) -> String {
     }
 }
 
-/// Install the handlers of SIGINT and SIGTERM (Unix; elsewhere nothing). A signal that this process was
-/// started with ignored (a background job's SIGINT, `nohup`) stays ignored.
-pub fn install() -> std::io::Result<()> {
+/// Install the handlers of SIGINT and SIGTERM (Unix; elsewhere nothing); with `announce`, the first signal
+/// also says on stderr that the run will stop after its step (one process of a job should). A signal that
+/// this process was started with ignored (a background job's SIGINT, `nohup`) stays ignored.
+pub fn install(announce: bool) -> std::io::Result<()> {
+    ANNOUNCE.store(announce, Ordering::SeqCst);
     #[cfg(unix)]
     {
         for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -75,6 +84,12 @@ extern "C" fn on_signal(sig: libc::c_int) {
         // The second signal: end now, with the status a shell reports for a death by that signal.
         // SAFETY: `_exit` is async-signal-safe.
         unsafe { libc::_exit(128 + sig) }
+    }
+    if ANNOUNCE.load(Ordering::SeqCst) {
+        // SAFETY: `write` is async-signal-safe; the buffer is a static.
+        unsafe {
+            libc::write(2, ANNOUNCEMENT.as_ptr().cast(), ANNOUNCEMENT.len());
+        }
     }
 }
 

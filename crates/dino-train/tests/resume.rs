@@ -329,7 +329,7 @@ fn stop_child_process_entry() {
     };
     let mut cfg = tiny(Path::new(&out));
     cfg.ckpt_every_iters = 0; // a mid-epoch checkpoint can only come from the stop
-    dino_train::signals::install().unwrap();
+    dino_train::signals::install(true).unwrap();
     // SAFETY: raising a signal this process handles.
     assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
     assert_eq!(dino_train::signals::stop_requested(), Some(15));
