@@ -100,6 +100,8 @@ pub struct MultiCropBatch {
     pub epoch: u64,
     /// The iteration within the epoch (0-based).
     pub iteration: usize,
+    /// Rows of this batch whose sample could not be read (each holds the next readable sample instead).
+    pub skipped: usize,
 }
 
 /// SplitMix64 finaliser.
@@ -227,10 +229,8 @@ impl Shared {
                 .collect()
         });
         let samples: Vec<Sample> = samples.into_iter().collect::<Result<_>>()?;
-        skipped.fetch_add(
-            samples.iter().filter(|s| s.skipped).count(),
-            Ordering::Relaxed,
-        );
+        let n_skipped = samples.iter().filter(|s| s.skipped).count();
+        skipped.fetch_add(n_skipped, Ordering::Relaxed);
         let nv = self.transform.num_views();
         let b = samples.len();
         let mut crops = Vec::with_capacity(nv);
@@ -272,6 +272,7 @@ impl Shared {
             labels,
             epoch,
             iteration,
+            skipped: n_skipped,
         })
     }
 }

@@ -113,6 +113,9 @@ pub struct EpochSums {
     pub entropy_sum: f64,
     /// Entries in `entropy_sum`.
     pub entropy_count: usize,
+    /// Unreadable images met in the epoch's batches so far, over all ranks (absent from older checkpoints).
+    #[serde(default)]
+    pub skipped_images: usize,
 }
 
 /// One extension of a finished or running run to more epochs: from then on the lr, weight-decay and

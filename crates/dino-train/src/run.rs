@@ -570,6 +570,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             sums.loss_count,
             sums.entropy_count,
         );
+        // Unreadable images: the run's count up to the checkpoint this epoch resumed from, then this rank's
+        // in the batches it consumes (summed over the ranks where it is reported).
+        let (skipped_before, mut skipped_here) = (sums.skipped_images, 0usize);
         let mut last_lr_wd = (f64::NAN, f64::NAN);
         for it in first_it..niter {
             let batch = batches.next().ok_or_else(|| {
@@ -577,6 +580,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                     "the loader ended early at epoch {epoch}, iteration {it}"
                 ))
             })??;
+            skipped_here += batch.skipped;
             let stats = trainer.step(&batch.crops, epoch, it)?;
             let g = stats.global_iteration + 1;
             summary.global_iteration = g;
@@ -635,21 +639,25 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             // an epoch the checkpoint is written now, at the epoch's end by the code below.
             stop = agreed_stop(coll.as_ref(), world)?;
             let periodic = cfg.ckpt_every_iters > 0 && g.is_multiple_of(cfg.ckpt_every_iters);
-            if main && !end_of_epoch && (periodic || stop.is_some()) {
-                save_checkpoint(
-                    &trainer,
-                    cfg,
-                    &[LATEST.to_string()],
-                    g,
-                    stats.loss,
-                    &ident,
-                    Some(EpochSums {
-                        loss_sum,
-                        loss_count: n_loss,
-                        entropy_sum: ent_sum,
-                        entropy_count: n_ent,
-                    }),
-                )?;
+            if !end_of_epoch && (periodic || stop.is_some()) {
+                let skipped_images = skipped_before + sum_over_ranks(coll.as_ref(), skipped_here)?;
+                if main {
+                    save_checkpoint(
+                        &trainer,
+                        cfg,
+                        &[LATEST.to_string()],
+                        g,
+                        stats.loss,
+                        &ident,
+                        Some(EpochSums {
+                            loss_sum,
+                            loss_count: n_loss,
+                            entropy_sum: ent_sum,
+                            entropy_count: n_ent,
+                            skipped_images,
+                        }),
+                    )?;
+                }
             }
             if !end_of_epoch && (opts.stop_after_iterations == Some(g) || stop.is_some()) {
                 summary.interrupted = true;
@@ -660,14 +668,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             }
         }
         // Each rank counts the unreadable images of its own share of the batches; the log and the epoch line
-        // report the run's total.
-        let skipped = if world > 1 {
-            let mut n = [batches.skipped() as f64];
-            coll.all_reduce_sum_f64(&mut n)?;
-            n[0] as usize
-        } else {
-            batches.skipped()
-        };
+        // report the run's total for the epoch (also across a resume inside it).
+        let skipped = skipped_before + sum_over_ranks(coll.as_ref(), skipped_here)?;
         drop(batches);
         let g = (epoch + 1) * niter;
         let mut stems = vec![LATEST.to_string()];
@@ -801,6 +803,16 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     summary.seconds = t0.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// `n` summed over the ranks (itself on one rank).
+fn sum_over_ranks(coll: &dyn dino_core::Collective, n: usize) -> Result<usize> {
+    if coll.world_size() == 1 {
+        return Ok(n);
+    }
+    let mut v = [n as f64];
+    coll.all_reduce_sum_f64(&mut v)?;
+    Ok(v[0].round() as usize)
 }
 
 /// A stop request ([`crate::signals::stop_requested`]) agreed over the ranks, so that every rank stops after

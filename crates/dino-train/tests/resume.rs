@@ -182,6 +182,61 @@ fn interrupted_mid_epoch_then_resumed_equals_uninterrupted() {
     assert_same_state(&reference, &dir);
 }
 
+/// The per-epoch count of unreadable images (`skipped_images` in the log) survives a resume inside the epoch:
+/// the checkpoint carries the count so far, so the resumed epoch reports what the uninterrupted one does.
+#[test]
+fn unreadable_images_are_counted_across_a_resume_inside_the_epoch() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("photos");
+    std::fs::create_dir(&data).unwrap();
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/photos");
+    for e in std::fs::read_dir(&shared).unwrap() {
+        let p = e.unwrap().path();
+        if matches!(p.extension().and_then(|x| x.to_str()), Some("jpg" | "png")) {
+            std::fs::copy(&p, data.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    for i in 0..5 {
+        std::fs::write(data.join(format!("broken{i}.png")), b"not a png").unwrap();
+    }
+    let cfg = |out: &Path| TrainConfig {
+        dataset: DatasetKind::Folder,
+        data_path: data.clone(),
+        max_train_images: 0,
+        batch_size: 4,
+        epochs: 1,
+        warmup_epochs: 0,
+        ckpt_every_iters: 1,
+        ..tiny(out)
+    };
+    let epoch_skipped = |dir: &Path| -> u64 {
+        let log = std::fs::read_to_string(dir.join("log.jsonl")).unwrap();
+        let rec = log
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .rfind(|v| v["kind"] == "epoch")
+            .expect("an epoch record");
+        rec["skipped_images"].as_u64().unwrap()
+    };
+    let reference = root.path().join("reference");
+    train(&cfg(&reference), &quiet()).unwrap();
+    let dir = root.path().join("resumed");
+    let opts = TrainOptions {
+        stop_after_iterations: Some(3),
+        ..quiet()
+    };
+    assert!(train(&cfg(&dir), &opts).unwrap().interrupted);
+    let before = final_state(&dir).1.epoch_sums.unwrap().skipped_images as u64;
+    let s = train(&cfg(&dir), &quiet()).unwrap();
+    assert_eq!(s.resumed_from, Some(3));
+    let want = epoch_skipped(&reference);
+    assert!(
+        before > 0 && want > before,
+        "skipped {before} before the resume, {want} in all"
+    );
+    assert_eq!(epoch_skipped(&dir), want);
+}
+
 /// SGD's and LARS's momentum buffers are checkpointed and restored: an interrupted run resumed ends with every
 /// tensor equal to the uninterrupted run's.
 #[test]
