@@ -55,7 +55,7 @@ pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<i32> {
         stop_after,
     } = flags;
     let cfg = args.resolve()?;
-    let main_rank = dino_core::collective::rank() == 0;
+    let main_rank = main_rank();
     if args.print_config {
         if !main_rank {
             return Ok(0);

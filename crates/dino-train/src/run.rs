@@ -640,7 +640,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             stop = agreed_stop(coll.as_ref(), world)?;
             let periodic = cfg.ckpt_every_iters > 0 && g.is_multiple_of(cfg.ckpt_every_iters);
             if !end_of_epoch && (periodic || stop.is_some()) {
-                let skipped_images = skipped_before + sum_over_ranks(coll.as_ref(), skipped_here)?;
+                let skipped_images =
+                    skipped_before + dino_core::collective::all_reduce_count(skipped_here)?;
                 if main {
                     save_checkpoint(
                         &trainer,
@@ -669,7 +670,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         }
         // Each rank counts the unreadable images of its own share of the batches; the log and the epoch line
         // report the run's total for the epoch (also across a resume inside it).
-        let skipped = skipped_before + sum_over_ranks(coll.as_ref(), skipped_here)?;
+        let skipped = skipped_before + dino_core::collective::all_reduce_count(skipped_here)?;
         drop(batches);
         let g = (epoch + 1) * niter;
         let mut stems = vec![LATEST.to_string()];
@@ -803,16 +804,6 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     summary.seconds = t0.elapsed().as_secs_f64();
     Ok(summary)
-}
-
-/// `n` summed over the ranks (itself on one rank).
-fn sum_over_ranks(coll: &dyn dino_core::Collective, n: usize) -> Result<usize> {
-    if coll.world_size() == 1 {
-        return Ok(n);
-    }
-    let mut v = [n as f64];
-    coll.all_reduce_sum_f64(&mut v)?;
-    Ok(v[0].round() as usize)
 }
 
 /// A stop request ([`crate::signals::stop_requested`]) agreed over the ranks, so that every rank stops after
