@@ -29,6 +29,23 @@ struct Cli {
     threads: Option<usize>,
 }
 
+/// The command line, with every flag's value free to start with a minus sign, so that `--teacher-temp -1`
+/// reaches the configuration's own check (which names the key) instead of clap's "unexpected argument".
+fn parse_cli() -> Result<Cli, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    let negative = |a: clap::Arg| {
+        if a.get_action().takes_values() {
+            a.allow_negative_numbers(true)
+        } else {
+            a
+        }
+    };
+    let cmd = Cli::command()
+        .mut_args(negative)
+        .mut_subcommands(move |c| c.mut_args(negative));
+    Cli::from_arg_matches(&cmd.try_get_matches()?)
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Train a DINO model (flags as main_dino.py in kebab-case). With no flags: the embedded default preset.
@@ -113,7 +130,7 @@ fn main() {
             one_line(&msg)
         ));
     }));
-    let cli = match Cli::try_parse() {
+    let cli = match parse_cli() {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;

@@ -440,6 +440,12 @@ fn bad_flag_values_are_one_line() {
         &["--optimizer", "adam"],
     );
     assert_one_line_error(&run(&["train", "--batch-size", "0"]), &["batch_size"]);
+    // A negative value reaches the configuration's check, which names the key (not "unexpected argument").
+    assert_one_line_error(
+        &run(&["train", "--teacher-temp", "-1"]),
+        &["teacher_temp = -1"],
+    );
+    assert_one_line_error(&run(&["train", "--epochs", "-3"]), &["--epochs", "-3"]);
     assert_one_line_error(&run(&["train", "--no-such-flag"]), &["--no-such-flag"]);
     assert_one_line_error(&run(&["frobnicate"]), &["frobnicate"]);
     // A ViT crop smaller than one patch is refused before any data is read, naming the key.
