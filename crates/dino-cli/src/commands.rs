@@ -44,8 +44,8 @@ pub struct TrainFlags {
 }
 
 /// `dino train`: resolve the configuration, train (resuming from the output dir), print the summary. Returns
-/// the process's exit status: 0, or 128 + the signal when SIGINT / SIGTERM stopped the run (after a
-/// checkpoint; the same command resumes it).
+/// the process's exit status: 0, or 128 + the signal when a stop signal ([`dino_train::signals`]) stopped the
+/// run (after a checkpoint; the same command resumes it).
 pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<i32> {
     let TrainFlags {
         resume,
@@ -78,9 +78,9 @@ pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<i32> {
         tensorboard,
         ..dino_train::TrainOptions::default()
     };
-    // Ctrl-C / SIGTERM: a checkpoint after the current step, then exit (a second signal exits at once).
-    dino_train::signals::install(main_rank)
-        .context("cannot install the SIGINT / SIGTERM handlers")?;
+    // Ctrl-C, SIGTERM, SIGHUP, SIGUSR1/2: a checkpoint after the current step, then exit (a second signal
+    // exits at once).
+    dino_train::signals::install(main_rank).context("cannot install the stop-signal handlers")?;
     let s = dino_train::train(&cfg, &opts)?;
     let status = s.stopped_by.map_or(0, |sig| 128 + sig);
     if !main_rank {
@@ -88,6 +88,23 @@ pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<i32> {
     }
     if let Some(sig) = s.stopped_by {
         let (g, n) = (s.global_iteration, s.niter_per_ep.max(1));
+        if g == 0 {
+            eprintln!(
+                "stopped by {} before the first iteration (during the initial k-NN evaluations); nothing was \
+                 trained, so no checkpoint was written; the same command starts the run",
+                dino_train::signals::name(sig)
+            );
+            return Ok(status);
+        }
+        if g >= cfg.epochs * n {
+            eprintln!(
+                "stopped by {} at the end of training: all {g} iterations are trained and saved ({}); the final \
+                 evaluations were skipped, the same command runs them",
+                dino_train::signals::name(sig),
+                s.checkpoint.display()
+            );
+            return Ok(status);
+        }
         let epoch = g.saturating_sub(1) / n;
         eprintln!(
             "stopped by {} after {g} iterations (epoch {epoch}: {} of {n}); checkpoint: {}; the same command \

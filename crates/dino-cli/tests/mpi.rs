@@ -1123,10 +1123,11 @@ fn evaluation_commands_share_the_work_over_the_ranks() {
     assert_eq!(said.matches(&first).count(), 1, "{said}");
 }
 
-/// SIGTERM to mpirun (as Ctrl-C or a scheduler's end of job): mpirun passes SIGTERM to the ranks, which agree
-/// on the step to stop after; rank 0 writes the checkpoint there and says so, and the lock is given back.
+/// SIGTERM to mpirun (as Ctrl-C or a scheduler's end of job) and SIGUSR1 (a scheduler's warning before the
+/// time limit, e.g. Slurm's `--signal=USR1@120`): mpirun passes each on to the ranks, which agree on the step
+/// to stop after; rank 0 writes the checkpoint there and says so, and the lock is given back.
 #[test]
-fn sigterm_to_mpirun_stops_every_rank_at_one_step_with_a_checkpoint() {
+fn stop_signals_to_mpirun_stop_every_rank_at_one_step_with_a_checkpoint() {
     let Some(bin) = mpi_dino() else { return };
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
@@ -1135,40 +1136,42 @@ fn sigterm_to_mpirun_stops_every_rank_at_one_step_with_a_checkpoint() {
         "long.toml",
         &VIT.replace("epochs = 2", "epochs = 200"),
     );
-    let dir = tmp.path().join("stopped");
-    let mut c = mpirun(2);
-    c.arg(&bin)
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .arg("--output-dir")
-        .arg(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = c.spawn().unwrap();
-    let t0 = Instant::now();
-    let log = dir.join("log.jsonl");
-    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("\"kind\":\"step\"")) {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no step logged");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let o = child.wait_with_output().unwrap();
-    let err = text(&o.stderr);
-    assert_eq!(
-        err.matches("stopped by SIGTERM after ").count(),
-        1,
-        "rank 0 alone reports the stop: {err}"
-    );
-    assert!(!err.contains("panicked") && !err.contains("error"), "{err}");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json")).unwrap())
+    for sig in ["TERM", "USR1"] {
+        let dir = tmp.path().join(format!("stopped-{sig}"));
+        let mut c = mpirun(2);
+        c.arg(&bin)
+            .args(["train", "--config"])
+            .arg(&cfg)
+            .arg("--output-dir")
+            .arg(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = c.spawn().unwrap();
+        let t0 = Instant::now();
+        let log = dir.join("log.jsonl");
+        while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("\"kind\":\"step\"")) {
+            assert!(t0.elapsed() < Duration::from_secs(120), "no step logged");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let kill = Command::new("kill")
+            .args([&format!("-{sig}"), &child.id().to_string()])
+            .status()
             .unwrap();
-    let g = meta["global_iteration"].as_u64().unwrap();
-    assert!((1..1200).contains(&g), "{meta}");
-    assert!(err.contains(&format!("after {g} iterations")), "{err}");
-    assert!(!dir.join("dino.lock").exists());
+        assert!(kill.success());
+        let o = child.wait_with_output().unwrap();
+        let err = text(&o.stderr);
+        assert_eq!(
+            err.matches(&format!("stopped by SIG{sig} after ")).count(),
+            1,
+            "rank 0 alone reports the stop: {err}"
+        );
+        assert!(!err.contains("panicked") && !err.contains("error"), "{err}");
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json")).unwrap())
+                .unwrap();
+        let g = meta["global_iteration"].as_u64().unwrap();
+        assert!((1..1200).contains(&g), "{meta}");
+        assert!(err.contains(&format!("after {g} iterations")), "{err}");
+        assert!(!dir.join("dino.lock").exists());
+    }
 }

@@ -107,6 +107,12 @@ pub enum Error {
         /// Who holds it ("pid P on host H").
         holder: String,
     },
+    /// A stop request ([`crate::signals`]) cut an evaluation short; nothing is wrong.
+    #[error("stopped by {}", crate::signals::name(*signal))]
+    Interrupted {
+        /// The signal of the request.
+        signal: i32,
+    },
     /// Anything else, with its explanation.
     #[error("{0}")]
     Msg(String),

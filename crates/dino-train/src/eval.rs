@@ -44,7 +44,8 @@ impl Features {
 }
 
 /// Run `f` on every batch of `ds` through `transform` (dataset order), collecting `(B, D)` outputs (on the
-/// CPU, whatever device `f` computes on).
+/// CPU, whatever device `f` computes on). A stop request ([`crate::signals`]) ends it before the next batch
+/// with [`Error::Interrupted`].
 pub fn extract_with(
     ds: Arc<dyn Dataset>,
     transform: Arc<dyn Transform>,
@@ -56,6 +57,9 @@ pub fn extract_with(
     let mut feats = Vec::with_capacity(batcher.len());
     let mut labels: Option<Vec<usize>> = Some(Vec::with_capacity(ds.len()));
     for b in batcher.iter() {
+        if let Some(signal) = crate::signals::stop_requested() {
+            return Err(Error::Interrupted { signal });
+        }
         let b = b?;
         feats.push(f(&b.images)?.detach().to_device(&Device::Cpu)?);
         match (&mut labels, b.labels) {
@@ -96,7 +100,8 @@ pub fn extract_features(
 /// `r, r + N, ...` of `ds` and every rank gets all `(N_samples, D)` rows in dataset order, with `ds`'s labels.
 /// Each row comes from one rank only, so the gather (an all-reduce of zero-filled rows) is exact; a row
 /// may differ from a one-rank extraction by the rounding of another batch composition. At world 1 it is
-/// `extract(ds)`.
+/// `extract(ds)`. When `extract` stops with [`Error::Interrupted`] on any rank, every rank returns that
+/// error (after the others finish their share), so the ranks stay in step.
 pub fn extract_over_ranks(
     ds: Arc<dyn Dataset>,
     extract: impl FnOnce(Arc<dyn Dataset>) -> Result<Features>,
@@ -109,18 +114,32 @@ pub fn extract_over_ranks(
     let n = ds.len();
     let mine: Vec<usize> = (rank..n).step_by(world).collect();
     let part = if mine.is_empty() {
-        None
+        Ok(None)
     } else {
         let sub: Arc<dyn Dataset> =
             Arc::new(dino_data::dataset::Subset::new(ds.clone(), mine.clone())?);
-        Some(extract(sub)?.features.to_vec2::<f32>()?)
+        match extract(sub) {
+            Ok(f) => Ok(Some(f.features.to_vec2::<f32>()?)),
+            Err(Error::Interrupted { signal }) => Err(signal),
+            Err(e) => return Err(e),
+        }
     };
-    // The width, from the ranks that have rows (with fewer samples than ranks, some have none).
+    // The width, from the ranks that have rows (with fewer samples than ranks, some have none), and whether
+    // a stop request cut any rank's share short: then every rank skips the gather and reports it.
     let mut width = match &part {
-        Some(rows) => [rows.first().map_or(0, Vec::len) as f64, 1.0],
-        None => [0.0, 0.0],
+        Ok(Some(rows)) => [rows.first().map_or(0, Vec::len) as f64, 1.0, 0.0, 0.0],
+        Ok(None) => [0.0; 4],
+        Err(signal) => [0.0, 0.0, 1.0, f64::from(*signal)],
     };
     coll.all_reduce_sum_f64(&mut width)?;
+    if width[2] > 0.0 {
+        let signal = match part {
+            Err(s) => s,
+            _ => (width[3] / width[2]).round() as i32,
+        };
+        return Err(Error::Interrupted { signal });
+    }
+    let part = part.ok().flatten();
     let d = (width[0] / width[1].max(1.0)).round() as usize;
     let mut all = vec![0f32; n * d];
     for (row, &i) in part.iter().flatten().zip(&mine) {

@@ -12,7 +12,8 @@
 //! - [`log`], [`plot`]: JSON-lines log, progress display, PNG curves.
 //! - [`tensorboard`]: the log's numbers as TensorBoard scalar event files.
 //! - [`device`]: `--device cpu|cuda|cuda:N|auto`.
-//! - [`signals`]: a graceful stop on SIGINT / SIGTERM (a checkpoint after the current step).
+//! - [`signals`]: a graceful stop on SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2 (a checkpoint after the
+//!   current step).
 //! - [`dist`]: the process group of a data-parallel run (MPI with the `mpi` feature), rank threads.
 //! - [`runtime::tune_allocator`], [`runtime::main_thread_in_pool`]: allocator and thread-pool settings for the
 //!   training process.

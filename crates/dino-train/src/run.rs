@@ -479,58 +479,6 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             cfg.batch_size
         ));
     }
-    let knn = if cfg.eval_every > 0 || cfg.eval_final {
-        KnnSetup::open(cfg)?
-    } else {
-        None
-    };
-    if (cfg.eval_every > 0 || cfg.eval_final) && knn.is_none() {
-        progress
-            .println("k-NN evaluation skipped: no labelled validation split (set val_data_path)");
-    }
-
-    // The same network at random initialisation (the seeded init is deterministic), measured first so the
-    // baseline is on screen before training starts.
-    let mut knn_init = None;
-    let mut knn_pixels = None;
-    if let (true, Some(k)) = (cfg.eval_final && start_g < total, &knn) {
-        let r = k.run(
-            cfg,
-            DinoNetwork::new(cfg, cfg.seed, 0.0, &device)?
-                .model
-                .backbone
-                .as_ref(),
-        )?;
-        progress.println(&format!(
-            "k-NN of the network at random initialisation: top-1 {:.2}% top-5 {:.2}%",
-            r.top1, r.top5
-        ));
-        knn_init = Some(r);
-        let p = k.pixels(cfg)?;
-        progress.println(&format!(
-            "k-NN of the raw pixels: top-1 {:.2}% top-5 {:.2}%",
-            p.top1, p.top5
-        ));
-        knn_pixels = Some(p);
-    }
-
-    let loader = MultiCropLoader::with_device(
-        train_ds.clone(),
-        data::augmentation(cfg)?,
-        LoaderConfig {
-            batch_size: local_batch,
-            rank,
-            world_size: world,
-            num_workers: cfg.num_workers.max(1),
-            prefetch: cfg.prefetch_batches,
-            seed: cfg.seed,
-            shuffle: true,
-            drop_last: true,
-        },
-        // Batches are built on the run's device by the loader's producer thread, ahead of the step.
-        device.clone(),
-    )?;
-
     let mut summary = TrainSummary {
         output_dir: out.clone(),
         global_iteration: start_g,
@@ -550,10 +498,77 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         took_over_lock: run_lock.as_ref().and_then(|l| l.took_over.clone()),
         extended_from_epochs: extended.map(|e| e.from_epochs),
     };
+    let knn = if cfg.eval_every > 0 || cfg.eval_final {
+        KnnSetup::open(cfg)?
+    } else {
+        None
+    };
+    if (cfg.eval_every > 0 || cfg.eval_final) && knn.is_none() {
+        progress
+            .println("k-NN evaluation skipped: no labelled validation split (set val_data_path)");
+    }
+
+    // The same network at random initialisation (the seeded init is deterministic), measured first so the
+    // baseline is on screen before training starts. A stop request cuts these short: nothing was trained in
+    // this process, so there is nothing to write (a resumed run's checkpoint stays as it was).
+    let mut knn_init = None;
+    let mut knn_pixels = None;
+    let mut stop: Option<i32> = None;
+    if let (true, Some(k)) = (cfg.eval_final && start_g < total, &knn) {
+        let (r, s) = unless_stopped(coll.as_ref(), world, || {
+            let init = DinoNetwork::new(cfg, cfg.seed, 0.0, &device)?;
+            k.run(cfg, init.model.backbone.as_ref())
+        })?;
+        if let Some(r) = r {
+            progress.println(&format!(
+                "k-NN of the network at random initialisation: top-1 {:.2}% top-5 {:.2}%",
+                r.top1, r.top5
+            ));
+            knn_init = Some(r);
+        }
+        stop = s;
+        if stop.is_none() {
+            let (p, s) = unless_stopped(coll.as_ref(), world, || k.pixels(cfg))?;
+            if let Some(p) = p {
+                progress.println(&format!(
+                    "k-NN of the raw pixels: top-1 {:.2}% top-5 {:.2}%",
+                    p.top1, p.top5
+                ));
+                knn_pixels = Some(p);
+            }
+            stop = s;
+        }
+    }
+    if stop.is_some() {
+        // What finished before the request stays in the summary.
+        (summary.knn_init, summary.knn_pixels) = (knn_init, knn_pixels);
+        summary.interrupted = true;
+        summary.stopped_by = stop;
+        summary.seconds = t0.elapsed().as_secs_f64();
+        progress.finish();
+        return Ok(summary);
+    }
+
+    let loader = MultiCropLoader::with_device(
+        train_ds.clone(),
+        data::augmentation(cfg)?,
+        LoaderConfig {
+            batch_size: local_batch,
+            rank,
+            world_size: world,
+            num_workers: cfg.num_workers.max(1),
+            prefetch: cfg.prefetch_batches,
+            seed: cfg.seed,
+            shuffle: true,
+            drop_last: true,
+        },
+        // Batches are built on the run's device by the loader's producer thread, ahead of the step.
+        device.clone(),
+    )?;
+
     let mut window_start = Instant::now();
     let mut window_images = 0usize;
     let (start_epoch, start_it) = (start_g / niter, start_g % niter);
-    let mut stop: Option<i32> = None;
     for epoch in start_epoch..cfg.epochs {
         let t_epoch = Instant::now();
         let first_it = if epoch == start_epoch { start_it } else { 0 };
@@ -635,7 +650,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 window_images = 0;
             }
             let end_of_epoch = it + 1 == niter;
-            // A stop request (SIGINT / SIGTERM, see crate::signals) on any rank stops every rank here; inside
+            // A stop request (a signal, see crate::signals) on any rank stops every rank here; inside
             // an epoch the checkpoint is written now, at the epoch's end by the code below.
             stop = agreed_stop(coll.as_ref(), world)?;
             let periodic = cfg.ckpt_every_iters > 0 && g.is_multiple_of(cfg.ckpt_every_iters);
@@ -684,13 +699,20 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             save_checkpoint(&trainer, cfg, &stems, g, summary.last_loss, &ident, None)?;
         }
         let last_epoch = epoch + 1 == cfg.epochs;
-        // A stop request skips the evaluation: the checkpoint above is what the run must keep.
+        // A stop request skips the evaluation, or cuts it short: the checkpoint above is what the run must
+        // keep.
         let eval_now = knn.is_some()
             && stop.is_none()
             && ((cfg.eval_every > 0 && (epoch + 1).is_multiple_of(cfg.eval_every))
                 || (last_epoch && cfg.eval_final));
         let knn_res = match (&knn, eval_now) {
-            (Some(k), true) => Some(k.run(cfg, trainer.teacher.model.backbone.as_ref())?),
+            (Some(k), true) => {
+                let (r, s) = unless_stopped(coll.as_ref(), world, || {
+                    k.run(cfg, trainer.teacher.model.backbone.as_ref())
+                })?;
+                stop = s;
+                r
+            }
             _ => None,
         };
         if last_epoch {
@@ -742,32 +764,31 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         }
     }
     progress.finish();
-    // A stop request in the last step: the run is complete and saved; its final evaluations are skipped.
-    summary.stopped_by = stop;
-
+    // A stop request in the last step or during the final evaluations: the run is complete and saved; the
+    // evaluations not done yet are skipped (the same command, run again, does them).
     if cfg.eval_final && stop.is_none() {
         if let Some(k) = &knn {
             if summary.knn_final.is_none() {
-                summary.knn_final = Some(k.run(cfg, trainer.teacher.model.backbone.as_ref())?);
+                let (r, s) = unless_stopped(coll.as_ref(), world, || {
+                    k.run(cfg, trainer.teacher.model.backbone.as_ref())
+                })?;
+                (summary.knn_final, stop) = (r, s);
             }
-            if knn_init.is_none() {
-                knn_init = Some(
-                    k.run(
-                        cfg,
-                        DinoNetwork::new(cfg, cfg.seed, 0.0, &device)?
-                            .model
-                            .backbone
-                            .as_ref(),
-                    )?,
-                );
+            if knn_init.is_none() && stop.is_none() {
+                let (r, s) = unless_stopped(coll.as_ref(), world, || {
+                    let init = DinoNetwork::new(cfg, cfg.seed, 0.0, &device)?;
+                    k.run(cfg, init.model.backbone.as_ref())
+                })?;
+                (knn_init, stop) = (r, s);
             }
-            if knn_pixels.is_none() {
-                knn_pixels = Some(k.pixels(cfg)?);
+            if knn_pixels.is_none() && stop.is_none() {
+                (knn_pixels, stop) = unless_stopped(coll.as_ref(), world, || k.pixels(cfg))?;
             }
             summary.knn_init = knn_init;
             summary.knn_pixels = knn_pixels;
         }
     }
+    summary.stopped_by = stop;
     if let (Some(a), Some(b)) = (summary.knn_final, summary.knn_init) {
         let pixels = summary
             .knn_pixels
@@ -804,6 +825,21 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     summary.seconds = t0.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// `eval`'s result unless a stop request cut it short ([`Error::Interrupted`]), and the stop agreed over the
+/// ranks afterwards ([`agreed_stop`]; every rank calls this at the same point).
+fn unless_stopped<T>(
+    coll: &dyn dino_core::Collective,
+    world: usize,
+    eval: impl FnOnce() -> Result<T>,
+) -> Result<(Option<T>, Option<i32>)> {
+    let r = match eval() {
+        Ok(v) => Some(v),
+        Err(Error::Interrupted { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    Ok((r, agreed_stop(coll, world)?))
 }
 
 /// A stop request ([`crate::signals::stop_requested`]) agreed over the ranks, so that every rank stops after

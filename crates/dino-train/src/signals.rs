@@ -1,8 +1,11 @@
-//! A graceful stop of a training run: SIGINT (Ctrl-C) and SIGTERM (`kill`, Slurm's end of a job or
-//! preemption, `mpirun` passing on a Ctrl-C) ask [`crate::run::train`] to stop after the step it is in; it
-//! writes a checkpoint there (inside the epoch, with the epoch's running sums, so the same command resumes
-//! exactly) and returns with [`crate::TrainSummary::stopped_by`] set. A second signal ends the process at
-//! once, as without the handler. [`install`] is the binary's choice (a library never takes over signals by
+//! A graceful stop of a training run: SIGINT (Ctrl-C), SIGTERM (`kill`, Slurm's end of a job or
+//! preemption, `mpirun` passing on a Ctrl-C), SIGHUP (the terminal closed) and SIGUSR1 / SIGUSR2 (a
+//! scheduler's warning before the time limit, e.g. Slurm's `--signal=USR1@120`, which `mpirun` passes on)
+//! ask [`crate::run::train`] to stop after the step it is in; it writes a checkpoint there (inside the
+//! epoch, with the epoch's running sums, so the same command resumes exactly) and returns with
+//! [`crate::TrainSummary::stopped_by`] set. An evaluation in progress (the k-NN baselines, a periodic or the
+//! final k-NN) is cut short instead of finished. A second signal ends the process at once, as without the
+//! handler. [`install`] is the binary's choice (a library never takes over signals by
 //! itself); [`request_stop`] asks the same from code, e.g. another thread.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -15,12 +18,25 @@ static ANNOUNCE: AtomicBool = AtomicBool::new(false);
 
 /// What the handler writes on the first signal.
 const ANNOUNCEMENT: &[u8] =
-    b"\nstopping after the current step, to write a checkpoint (a second signal stops at once)\n";
+    b"\nstopping after the current step with a checkpoint, or now if evaluating (a second signal stops at once)\n";
 
 /// SIGINT's number (2): what [`request_stop`] takes for an interruption from code.
 pub const SIGINT: i32 = 2;
 /// SIGTERM's number (15).
 pub const SIGTERM: i32 = 15;
+/// SIGHUP's number (1).
+pub const SIGHUP: i32 = 1;
+/// SIGUSR1's number (10 on Linux).
+#[cfg(unix)]
+pub const SIGUSR1: i32 = libc::SIGUSR1;
+/// SIGUSR2's number (12 on Linux).
+#[cfg(unix)]
+pub const SIGUSR2: i32 = libc::SIGUSR2;
+
+/// The signals [`install`] handles: each one's default action ends the process and loses the run's state
+/// since its last checkpoint.
+#[cfg(unix)]
+pub const STOP_SIGNALS: [i32; 5] = [SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2];
 
 /// Ask the running training loop to stop after its current step, as if signal `signal` had arrived.
 pub fn request_stop(signal: i32) {
@@ -40,18 +56,23 @@ pub fn name(signal: i32) -> String {
     match signal {
         SIGINT => "SIGINT".into(),
         SIGTERM => "SIGTERM".into(),
+        SIGHUP => "SIGHUP".into(),
+        #[cfg(unix)]
+        SIGUSR1 => "SIGUSR1".into(),
+        #[cfg(unix)]
+        SIGUSR2 => "SIGUSR2".into(),
         s => format!("signal {s}"),
     }
 }
 
-/// Install the handlers of SIGINT and SIGTERM (Unix; elsewhere nothing); with `announce`, the first signal
+/// Install the handlers of [`STOP_SIGNALS`] (Unix; elsewhere nothing); with `announce`, the first signal
 /// also says on stderr that the run will stop after its step (one process of a job should). A signal that
 /// this process was started with ignored (a background job's SIGINT, `nohup`) stays ignored.
 pub fn install(announce: bool) -> std::io::Result<()> {
     ANNOUNCE.store(announce, Ordering::SeqCst);
     #[cfg(unix)]
     {
-        for sig in [libc::SIGINT, libc::SIGTERM] {
+        for sig in STOP_SIGNALS {
             // SAFETY: the handler only touches an atomic and calls the async-signal-safe `_exit`; the
             // sigaction structs are zero-initialised plain C data, filled before use.
             unsafe {
@@ -103,6 +124,9 @@ mod tests {
         // this test binary).
         assert_eq!(name(SIGTERM), "SIGTERM");
         assert_eq!(name(SIGINT), "SIGINT");
-        assert_eq!(name(10), "signal 10");
+        assert_eq!(name(libc::SIGHUP), "SIGHUP");
+        assert_eq!(name(libc::SIGUSR1), "SIGUSR1");
+        assert_eq!(name(libc::SIGUSR2), "SIGUSR2");
+        assert_eq!(name(libc::SIGQUIT), "signal 3");
     }
 }

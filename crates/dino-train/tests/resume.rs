@@ -11,8 +11,9 @@
 //!   run (schedules rebuilt for the new length, recorded in the metadata and the log) and refuses the rest.
 //! - A second run on a directory in use refuses at once naming the holder; after kill -9 of the holder the
 //!   next run takes the stale lock over.
-//! - SIGTERM (with the binary's handlers installed) stops the run after its current step with a checkpoint
-//!   there, gives the lock back, and the resumed run ends bit-identical.
+//! - A stop signal (SIGUSR1 here; with the binary's handlers installed) stops the run after its current step
+//!   with a checkpoint there, gives the lock back, and the resumed run ends bit-identical; during the
+//!   initial k-NN evaluations it stops there, before the first step, writing no checkpoint.
 //! - A write failing for lack of space (RLIMIT_FSIZE in a child) is one line, leaves the last checkpoint
 //!   intact, and the resumed run ends bit-identical.
 
@@ -375,8 +376,8 @@ fn sigkill_mid_training_then_resume_equals_uninterrupted() {
 }
 
 /// Entry point of the child process of `sigterm_stops_after_the_step_with_a_checkpoint` (does nothing unless
-/// `DINO_TRAIN_STOP_CHILD_OUT` is set): installs the stop handlers, sends itself SIGTERM, then trains; the
-/// run must stop after its first step, with a checkpoint there.
+/// `DINO_TRAIN_STOP_CHILD_OUT` is set): installs the stop handlers, sends itself SIGUSR1, then trains; the
+/// run must stop after its first step, with a checkpoint there (or in its first evaluation, see the body).
 #[test]
 fn stop_child_process_entry() {
     let Ok(out) = std::env::var("DINO_TRAIN_STOP_CHILD_OUT") else {
@@ -384,17 +385,32 @@ fn stop_child_process_entry() {
     };
     let mut cfg = tiny(Path::new(&out));
     cfg.ckpt_every_iters = 0; // a mid-epoch checkpoint can only come from the stop
+                              // With DINO_TRAIN_STOP_CHILD_EVAL, the run starts with the k-NN baselines, which the signal cuts short.
+    let eval = std::env::var_os("DINO_TRAIN_STOP_CHILD_EVAL").is_some();
+    if eval {
+        (
+            cfg.eval_final,
+            cfg.eval_every,
+            cfg.eval_max_train,
+            cfg.eval_max_val,
+        ) = (true, 1, 40, 40);
+    }
     dino_train::signals::install(true).unwrap();
     // SAFETY: raising a signal this process handles.
-    assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
-    assert_eq!(dino_train::signals::stop_requested(), Some(15));
+    assert_eq!(unsafe { libc::raise(libc::SIGUSR1) }, 0);
+    assert_eq!(dino_train::signals::stop_requested(), Some(libc::SIGUSR1));
     let s = train(&cfg, &quiet()).unwrap();
     assert!(s.interrupted);
-    assert_eq!((s.stopped_by, s.global_iteration), (Some(15), 1));
+    let steps = if eval { 0 } else { 1 };
+    assert_eq!(
+        (s.stopped_by, s.global_iteration),
+        (Some(libc::SIGUSR1), steps)
+    );
+    assert!(s.knn_init.is_none() && s.knn_pixels.is_none() && s.knn_final.is_none());
 }
 
 #[test]
-fn sigterm_stops_after_the_step_with_a_checkpoint() {
+fn stop_signal_stops_after_the_step_with_a_checkpoint() {
     let root = tempfile::tempdir().unwrap();
     let reference = reference_run(root.path());
     let dir = root.path().join("stopped");
@@ -416,6 +432,27 @@ fn sigterm_stops_after_the_step_with_a_checkpoint() {
     let s = train(&tiny(&dir), &quiet()).unwrap();
     assert_eq!((s.resumed_from, s.stopped_by), (Some(1), None));
     assert_same_state(&reference, &dir);
+}
+
+#[test]
+fn stop_signal_cuts_the_initial_evaluation_short() {
+    // The signal arrives before the k-NN of the network at random initialisation: the run stops there,
+    // before its first step, with nothing to write (it used to finish both baselines and one step first).
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("stopped");
+    let out = child_test("stop_child_process_entry")
+        .env("DINO_TRAIN_STOP_CHILD_OUT", &dir)
+        .env("DINO_TRAIN_STOP_CHILD_EVAL", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!weights_path(&dir, LATEST).exists());
+    assert!(!dir.join("dino.lock").exists());
 }
 
 trait WithOutput {
