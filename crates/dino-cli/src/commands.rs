@@ -76,6 +76,8 @@ pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<i32> {
         stop_after_iterations: stop_after,
         extend,
         tensorboard,
+        // The result line below says it on stdout.
+        report_knn_final: false,
         ..dino_train::TrainOptions::default()
     };
     // Ctrl-C, SIGTERM, SIGHUP, SIGUSR1/2: a checkpoint after the current step, then exit (a second signal

@@ -590,6 +590,18 @@ fn plots_of_a_run_are_titled_charts_and_plot_redraws_them() {
         .output()
         .unwrap();
     assert!(o.status.success(), "train failed: {}", text(&o.stderr));
+    // The final comparison is printed once, on stdout (the library's own line of it is turned off).
+    let (so, se) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(
+        so.matches("of the teacher: trained top-1").count(),
+        1,
+        "{so}"
+    );
+    assert!(so.contains("| random init top-1"), "{so}");
+    assert!(
+        !se.contains("vs same network at random initialisation"),
+        "{se}"
+    );
     let pdir = out.join("plots");
     let mut names: Vec<String> = std::fs::read_dir(&pdir)
         .unwrap()

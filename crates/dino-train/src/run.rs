@@ -49,6 +49,9 @@ pub struct TrainOptions {
     pub extend: bool,
     /// Write the log's numbers as TensorBoard scalars under `<output_dir>/tensorboard`. Default true.
     pub tensorboard: bool,
+    /// Show the final k-NN comparison (trained teacher, random initialisation, raw pixels) with the progress
+    /// lines. Default true; the `dino` binary turns it off and prints the same figures on stdout.
+    pub report_knn_final: bool,
 }
 
 impl Default for TrainOptions {
@@ -60,6 +63,7 @@ impl Default for TrainOptions {
             stop_after_iterations: None,
             extend: false,
             tensorboard: true,
+            report_knn_final: true,
         }
     }
 }
@@ -803,9 +807,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
              initialisation {:.2}%{pixels} (top-5 {:.2}% vs {:.2}%{pixels5})",
             cfg.knn_k, cfg.knn_temperature, a.top1, b.top1, a.top5, b.top5
         );
-        progress.println(&line);
-        if !opts.progress && main {
-            tracing::info!("{line}");
+        if opts.report_knn_final {
+            progress.println(&line);
+            if !opts.progress && main {
+                tracing::info!("{line}");
+            }
         }
         if let Some(l) = log.as_mut() {
             l.write(&KnnFinalRecord {
