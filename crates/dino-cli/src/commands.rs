@@ -2,13 +2,13 @@
 //! its flags, then calls the libraries: dino-train (training, data, evaluation), dino-models (networks, strict
 //! weight loading, export) and dino-data (images).
 
-use crate::attention::{self, HeadMaps};
 use crate::source::{self, ModelArgs, Net};
 use crate::train_args::TrainArgs;
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, D};
 use clap::{ArgAction, Args, ValueEnum};
 use dino_data::dataset::Dataset;
+use dino_train::attention::{self, HeadMaps};
 use dino_train::eval::{self, Features};
 use dino_train::{DatasetKind, TrainConfig};
 use std::collections::HashMap;

@@ -4,7 +4,6 @@
 //! Every error a user can cause ends as one line `error: ...` naming the culprit and exit status 1 (2 for a bad
 //! command line); a panic prints one line too, never a backtrace.
 
-mod attention;
 mod commands;
 mod info;
 mod source;

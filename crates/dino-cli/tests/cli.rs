@@ -622,11 +622,23 @@ fn plots_of_a_run_are_titled_charts_and_plot_redraws_them() {
         "teacher_temp",
         "wd",
     ];
-    assert_eq!(
-        names,
-        expected.map(|n| format!("{n}.png")).to_vec(),
-        "{}",
-        pdir.display()
+    // The charts, and the attention sheet of the trained ViT (drawn from the network, not the log).
+    let mut want: Vec<String> = expected
+        .iter()
+        .chain(&["attention"])
+        .map(|n| format!("{n}.png"))
+        .collect();
+    want.sort();
+    assert_eq!(names, want, "{}", pdir.display());
+    let sheet = image::open(pdir.join("attention.png")).unwrap().to_rgb8();
+    let coloured = sheet
+        .pixels()
+        .filter(|p| p.0[0] != p.0[1] || p.0[1] != p.0[2])
+        .count();
+    // Fashion-MNIST images are grey; the maps are viridis: 8 images x their heads' 112 x 112 maps.
+    assert!(
+        coloured >= 8 * 112 * 112,
+        "attention sheet: {coloured} coloured pixels"
     );
     let count = |img: &image::RgbImage, c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
     for n in expected {

@@ -22,6 +22,13 @@ pub trait Backbone: Send + Sync {
     /// The feature dimension `D`.
     fn embed_dim(&self) -> usize;
 
+    /// `(B, 3, H, W)` -> `(B, heads, H / p, W / p)`: each head's attention of the CLS query over the patch
+    /// tokens in the last block (evaluation mode; registers left out), as `visualize_attention.py` draws it.
+    /// `None` for backbones without attention (ResNet).
+    fn cls_attention(&self, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// The device the parameters live on (inputs must be moved there).
     fn device(&self) -> Device {
         Device::Cpu

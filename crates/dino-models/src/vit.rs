@@ -1075,6 +1075,18 @@ impl Backbone for VisionTransformer {
         self.cfg.embed_dim
     }
 
+    fn cls_attention(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (b, _, h, w) = self.check_input(x)?;
+        let p = self.cfg.patch_size;
+        let (gh, gw) = (h / p, w / p);
+        let attn = self.get_last_selfattention(x)?; // (B, heads, T, T)
+        let heads = attn.dim(1)?;
+        let cls = attn
+            .narrow(2, 0, 1)?
+            .narrow(3, self.cfg.num_prefix_tokens(), gh * gw)?;
+        Ok(Some(cls.reshape((b, heads, gh, gw))?))
+    }
+
     fn device(&self) -> Device {
         VisionTransformer::device(self).clone()
     }

@@ -4,8 +4,8 @@
 //! `mask_token` unless iBOT's mask token is configured), and the prepared tokens, the positional embedding
 //! used, the CLS / register / patch outputs on the native 56 px input, on interpolated 84x70 and 28x42 inputs
 //! and on the 56 px input with patches masked (iBOT) match; plus one backward pass reaching every parameter,
-//! registers, gammas and the mask token included. Not covered: dinov2's antialiased offset-0 interpolation
-//! (`aa_offset0_*`).
+//! registers, gammas and the mask token included; `Backbone::cls_attention`'s slice of the attention. Not
+//! covered: dinov2's antialiased offset-0 interpolation (`aa_offset0_*`).
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarMap;
@@ -260,4 +260,42 @@ mod portable {
             super::one_backward_pass_reaches_registers_and_gammas,
         )
     }
+}
+
+/// `Backbone::cls_attention`: row 0 (the CLS query) of the last block's attention, without the CLS and
+/// register columns, on the patch grid in row-major order (checked on a non-square input, 4 x 3 patches);
+/// with the 1 + 4 prefix columns it sums to 1 per head.
+#[test]
+fn cls_attention_is_the_cls_row_over_the_patch_grid() -> Result<()> {
+    use dino_models::Backbone;
+    let (vit, _vm) = load()?;
+    let (b, h, w) = (2, 56, 42);
+    let n = b * 3 * h * w;
+    let x: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5)
+        .collect();
+    let x = Tensor::from_vec(x, (b, 3, h, w), &tdev())?;
+    let full = vit.get_last_selfattention(&x)?;
+    assert_eq!(full.dims(), [b, 3, 1 + 4 + 12, 1 + 4 + 12]);
+    let cls = vit.cls_attention(&x)?.expect("a ViT has attention maps");
+    assert_eq!(cls.dims(), [b, 3, 4, 3]);
+    for s in 0..b {
+        for head in 0..3 {
+            let row: Vec<f32> = full.get(s)?.get(head)?.get(0)?.to_vec1()?;
+            let grid: Vec<Vec<f32>> = cls.get(s)?.get(head)?.to_vec2()?;
+            let mut mass: f32 = row[..5].iter().sum();
+            for (i, line) in grid.iter().enumerate() {
+                for (j, &v) in line.iter().enumerate() {
+                    assert_eq!(
+                        v,
+                        row[5 + i * 3 + j],
+                        "sample {s} head {head} patch ({i}, {j})"
+                    );
+                    mass += v;
+                }
+            }
+            assert!((mass - 1.0).abs() < 1e-5, "sample {s} head {head}: {mass}");
+        }
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@
 //! - [`eval`]: feature extraction, weighted k-NN and the linear probe.
 //! - [`lock`]: one run per output directory (a `flock`ed `dino.lock` naming its holder).
 //! - [`log`], [`plot`]: JSON-lines log, progress display, PNG curves.
+//! - [`attention`]: attention maps as `visualize_attention.py` draws them, and the run's attention sheet.
 //! - [`tensorboard`]: the log's numbers as TensorBoard scalar event files.
 //! - [`device`]: `--device cpu|cuda|cuda:N|auto`.
 //! - [`signals`]: a graceful stop on SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2 (a checkpoint after the
@@ -18,6 +19,7 @@
 //! - [`runtime::tune_allocator`], [`runtime::main_thread_in_pool`]: allocator and thread-pool settings for the
 //!   training process.
 
+pub mod attention;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;

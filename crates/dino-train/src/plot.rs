@@ -25,7 +25,7 @@ pub const SUMMARY_WIDTH: u32 = 2400;
 /// Height of `summary.png` in pixels.
 pub const SUMMARY_HEIGHT: u32 = 1240;
 /// Font family name the embedded face is registered under.
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 
 /// Colours (matplotlib's tab10), one meaning each in every chart.
 pub mod colour {
@@ -91,7 +91,7 @@ pub struct Chart {
 }
 
 /// Registers the embedded font once per process.
-fn fonts() -> Result<()> {
+pub(crate) fn fonts() -> Result<()> {
     static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let ok = *ONCE.get_or_init(|| {
         plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular()).is_ok()

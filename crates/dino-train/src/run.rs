@@ -828,6 +828,35 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     if opts.plots && main {
         summary.plots = write_plots(&out)?;
+        // What the trained ViT looks at; a sheet that cannot be made is a warning, not a failed run.
+        if stop.is_none() {
+            let ds = knn
+                .as_ref()
+                .map_or_else(|| train_ds.clone(), |k| k.val.clone());
+            let title = format!(
+                "Last-block attention of the teacher: {}, {} iteration{} ({} epoch{})",
+                cfg.arch,
+                summary.global_iteration,
+                if summary.global_iteration == 1 {
+                    ""
+                } else {
+                    "s"
+                },
+                cfg.epochs,
+                if cfg.epochs == 1 { "" } else { "s" }
+            );
+            let path = out.join("plots").join("attention.png");
+            let teacher = trainer.teacher.model.backbone.as_ref();
+            match crate::attention::write_sheet(cfg, teacher, ds, &path, &title) {
+                Ok(Some(p)) => summary.plots.push(p),
+                Ok(None) => {}
+                Err(e) => progress.warn(&format!(
+                    "warning: {} not written: {}",
+                    path.display(),
+                    crate::error::one_line_report(&e)
+                )),
+            }
+        }
     }
     summary.seconds = t0.elapsed().as_secs_f64();
     Ok(summary)
