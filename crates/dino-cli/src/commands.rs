@@ -5,7 +5,7 @@
 use crate::source::{self, ModelArgs, Net};
 use crate::train_args::TrainArgs;
 use anyhow::{bail, Context, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use clap::{ArgAction, Args, ValueEnum};
 use dino_data::dataset::Dataset;
 use dino_train::attention::{self, HeadMaps};
@@ -702,15 +702,10 @@ pub fn attention(a: &AttentionArgs) -> Result<()> {
         let (w, h) = (w0 - w0 % p, h0 - h0 % p);
         let img = image::imageops::crop_imm(&resized, 0, 0, w as u32, h as u32).to_image();
         let x = Tensor::from_vec(normalize.apply(img.as_raw()), (1, 3, h, w), vit.device())?;
-        let attn = vit.get_last_selfattention(&x)?; // (1, heads, 1+R+N, 1+R+N)
-        let heads = attn.dim(1)?;
-        let (gh, gw) = (h / p, w / p);
-        // CLS query row to every patch token (after the R register tokens): (heads, gh * gw).
-        let first = vit.config().num_prefix_tokens();
-        let cls = attn
-            .get(0)?
-            .narrow(D::Minus2, 0, 1)?
-            .narrow(D::Minus1, first, gh * gw)?;
+        // The CLS query's attention over the patches (registers left out): (1, heads, h / p, w / p).
+        let cls = dino_models::Backbone::cls_attention(vit.as_ref(), &x)?
+            .context("the ViT gave no attention maps")?;
+        let (_, heads, gh, gw) = cls.dims4()?;
         let data: Vec<f32> = cls.flatten_all()?.to_vec1()?;
         let maps = HeadMaps {
             heads,

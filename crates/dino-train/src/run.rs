@@ -519,28 +519,28 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut knn_pixels = None;
     let mut stop: Option<i32> = None;
     if let (true, Some(k)) = (cfg.eval_final && start_g < total, &knn) {
-        let (r, s) = unless_stopped(coll.as_ref(), world, || {
-            let init = DinoNetwork::new(cfg, cfg.seed, 0.0, &device)?;
-            k.run(cfg, init.model.backbone.as_ref())
-        })?;
-        if let Some(r) = r {
-            progress.println(&format!(
-                "k-NN of the network at random initialisation: top-1 {:.2}% top-5 {:.2}%",
-                r.top1, r.top5
-            ));
-            knn_init = Some(r);
-        }
-        stop = s;
-        if stop.is_none() {
-            let (p, s) = unless_stopped(coll.as_ref(), world, || k.pixels(cfg))?;
-            if let Some(p) = p {
+        let init = || {
+            let net = DinoNetwork::new(cfg, cfg.seed, 0.0, &device)?;
+            k.run(cfg, net.model.backbone.as_ref())
+        };
+        let pixels = || k.pixels(cfg);
+        let baselines: [(&str, KnnEval, &mut Option<KnnResult>); 2] = [
+            ("the network at random initialisation", &init, &mut knn_init),
+            ("the raw pixels", &pixels, &mut knn_pixels),
+        ];
+        for (what, eval, slot) in baselines {
+            let (r, s) = unless_stopped(coll.as_ref(), world, eval)?;
+            if let Some(r) = r {
                 progress.println(&format!(
-                    "k-NN of the raw pixels: top-1 {:.2}% top-5 {:.2}%",
-                    p.top1, p.top5
+                    "k-NN of {what}: top-1 {:.2}% top-5 {:.2}%",
+                    r.top1, r.top5
                 ));
-                knn_pixels = Some(p);
+                *slot = Some(r);
             }
             stop = s;
+            if stop.is_some() {
+                break;
+            }
         }
     }
     if stop.is_some() {
@@ -861,6 +861,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     summary.seconds = t0.elapsed().as_secs_f64();
     Ok(summary)
 }
+
+/// A k-NN evaluation to run later (the baselines of [`train`]).
+type KnnEval<'a> = &'a dyn Fn() -> Result<KnnResult>;
 
 /// `eval`'s result unless a stop request cut it short ([`Error::Interrupted`]), and the stop agreed over the
 /// ranks afterwards ([`agreed_stop`]; every rank calls this at the same point).

@@ -409,21 +409,29 @@ fn stop_child_process_entry() {
     assert!(s.knn_init.is_none() && s.knn_pixels.is_none() && s.knn_final.is_none());
 }
 
-#[test]
-fn stop_signal_stops_after_the_step_with_a_checkpoint() {
-    let root = tempfile::tempdir().unwrap();
-    let reference = reference_run(root.path());
-    let dir = root.path().join("stopped");
-    let out = child_test("stop_child_process_entry")
-        .env("DINO_TRAIN_STOP_CHILD_OUT", &dir)
-        .output()
-        .unwrap();
+/// Run `stop_child_process_entry` in a child process on `dir` (with the k-NN baselines when `eval`); its
+/// assertions must hold.
+fn run_stop_child(dir: &Path, eval: bool) {
+    let mut c = child_test("stop_child_process_entry");
+    c.env("DINO_TRAIN_STOP_CHILD_OUT", dir);
+    if eval {
+        c.env("DINO_TRAIN_STOP_CHILD_EVAL", "1");
+    }
+    let out = c.output().unwrap();
     assert!(
         out.status.success(),
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn stop_signal_stops_after_the_step_with_a_checkpoint() {
+    let root = tempfile::tempdir().unwrap();
+    let reference = reference_run(root.path());
+    let dir = root.path().join("stopped");
+    run_stop_child(&dir, false);
     // The checkpoint of the step the signal arrived in (inside epoch 0), the lock given back.
     let meta = checkpoint::load_meta(&weights_path(&dir, LATEST)).unwrap();
     assert_eq!(meta.global_iteration, 1);
@@ -440,17 +448,7 @@ fn stop_signal_cuts_the_initial_evaluation_short() {
     // before its first step, with nothing to write (it used to finish both baselines and one step first).
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("stopped");
-    let out = child_test("stop_child_process_entry")
-        .env("DINO_TRAIN_STOP_CHILD_OUT", &dir)
-        .env("DINO_TRAIN_STOP_CHILD_EVAL", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_stop_child(&dir, true);
     assert!(!weights_path(&dir, LATEST).exists());
     assert!(!dir.join("dino.lock").exists());
 }
