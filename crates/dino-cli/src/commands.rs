@@ -133,6 +133,18 @@ pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<i32> {
         );
     }
     println!("checkpoint: {}", s.checkpoint.display());
+    if let Some(dir) = s.plots.first().and_then(|p| p.parent()) {
+        let sheet = s.plots.iter().any(|p| p.ends_with("attention.png"));
+        println!(
+            "plots: {} (open summary.png first{})",
+            dir.display(),
+            if sheet {
+                "; attention.png: where the teacher looks"
+            } else {
+                ""
+            }
+        );
+    }
     if let Some(f) = &s.knn_final {
         let k = cfg.knn_k;
         match &s.knn_init {

@@ -599,6 +599,11 @@ fn plots_of_a_run_are_titled_charts_and_plot_redraws_them() {
     );
     assert!(so.contains("| random init top-1"), "{so}");
     assert!(
+        so.contains(&format!("plots: {}", out.join("plots").display()))
+            && so.contains("attention.png: where the teacher looks"),
+        "{so}"
+    );
+    assert!(
         !se.contains("vs same network at random initialisation"),
         "{se}"
     );
