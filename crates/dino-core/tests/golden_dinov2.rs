@@ -259,25 +259,10 @@ fn dino_loss_in_both_centering_modes_matches_dinov2() {
     }
 }
 
-/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
-/// the CPU: see `dino_kernels::dispatch`.
-mod portable {
-    #[test]
-    fn koleo_matches_the_official_code() {
-        dino_kernels::with_kernel_path(
-            dino_kernels::KernelPath::Portable,
-            super::koleo_matches_the_official_code,
-        )
-    }
-
-    #[test]
-    fn dino_loss_in_both_centering_modes_matches_dinov2() {
-        dino_kernels::with_kernel_path(
-            dino_kernels::KernelPath::Portable,
-            super::dino_loss_in_both_centering_modes_matches_dinov2,
-        )
-    }
-}
+dino_kernels::portable_path_tests!(
+    koleo_matches_the_official_code,
+    dino_loss_in_both_centering_modes_matches_dinov2,
+);
 
 /// iBOTPatchLoss(128) on 74 masked patches of 8 crops: teacher targets by centering (with the centre after
 /// the update) and by Sinkhorn-Knopp (B = the masked patch count), forward_masked's value and gradient in

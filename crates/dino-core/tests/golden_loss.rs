@@ -320,38 +320,9 @@ fn bad_inputs_give_clear_errors() {
     assert_eq!(vec_f64(loss.center()), vec![1.0; 8]);
 }
 
-/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
-/// the CPU: see `dino_kernels::dispatch`.
-mod portable {
-    #[test]
-    fn single_calls_match_official_loss_grad_and_center() {
-        dino_kernels::with_kernel_path(
-            dino_kernels::KernelPath::Portable,
-            super::single_calls_match_official_loss_grad_and_center,
-        )
-    }
-
-    #[test]
-    fn five_call_sequence_matches_center_ema() {
-        dino_kernels::with_kernel_path(
-            dino_kernels::KernelPath::Portable,
-            super::five_call_sequence_matches_center_ema,
-        )
-    }
-
-    #[test]
-    fn out_dim_65536_matches_official() {
-        dino_kernels::with_kernel_path(
-            dino_kernels::KernelPath::Portable,
-            super::out_dim_65536_matches_official,
-        )
-    }
-
-    #[test]
-    fn gradient_reaches_the_student_only() {
-        dino_kernels::with_kernel_path(
-            dino_kernels::KernelPath::Portable,
-            super::gradient_reaches_the_student_only,
-        )
-    }
-}
+dino_kernels::portable_path_tests!(
+    single_calls_match_official_loss_grad_and_center,
+    five_call_sequence_matches_center_ema,
+    out_dim_65536_matches_official,
+    gradient_reaches_the_student_only,
+);

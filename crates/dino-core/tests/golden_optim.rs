@@ -474,30 +474,8 @@ fn sgd_and_lars_state_round_trips() {
     }
 }
 
-/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
-/// the CPU: see `dino_kernels::dispatch`.
-mod portable {
-    #[test]
-    fn clip_gradients_matches_official() {
-        dino_kernels::with_kernel_path(
-            dino_kernels::KernelPath::Portable,
-            super::clip_gradients_matches_official,
-        )
-    }
-
-    #[test]
-    fn adamw_reproduces_torch_with_per_parameter_steps() {
-        dino_kernels::with_kernel_path(
-            dino_kernels::KernelPath::Portable,
-            super::adamw_reproduces_torch_with_per_parameter_steps,
-        )
-    }
-
-    #[test]
-    fn sgd_and_lars_follow_the_official_formulas() {
-        dino_kernels::with_kernel_path(
-            dino_kernels::KernelPath::Portable,
-            super::sgd_and_lars_follow_the_official_formulas,
-        )
-    }
-}
+dino_kernels::portable_path_tests!(
+    clip_gradients_matches_official,
+    adamw_reproduces_torch_with_per_parameter_steps,
+    sgd_and_lars_follow_the_official_formulas,
+);

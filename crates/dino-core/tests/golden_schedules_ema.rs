@@ -148,14 +148,4 @@ fn ema_pairing_errors_name_the_parameter() {
     assert!(ema.update(1.5).is_err());
 }
 
-/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
-/// the CPU: see `dino_kernels::dispatch`.
-mod portable {
-    #[test]
-    fn ema_trace_matches_official_70_steps() {
-        dino_kernels::with_kernel_path(
-            dino_kernels::KernelPath::Portable,
-            super::ema_trace_matches_official_70_steps,
-        )
-    }
-}
+dino_kernels::portable_path_tests!(ema_trace_matches_official_70_steps,);

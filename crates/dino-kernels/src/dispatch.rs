@@ -104,6 +104,29 @@ pub fn with_kernel_path<R>(path: KernelPath, f: impl FnOnce() -> R) -> R {
     with_thread_value(&THREAD, Some(path), f)
 }
 
+/// Test harness: a `mod portable` holding, for each named test function of the enclosing module, a test of
+/// the same name that runs it with [`KernelPath::Portable`] in force, so every check also covers the
+/// composed candle ops that run on CUDA (see the module comment). The functions take no argument and return
+/// what a test may return (`()` or a `Result`).
+///
+/// ```ignore
+/// dino_kernels::portable_path_tests!(golden_head_matches_official, every_trainable_parameter_gets_a_gradient);
+/// ```
+#[macro_export]
+macro_rules! portable_path_tests {
+    ($($name:ident),+ $(,)?) => {
+        /// The same checks through the portable path, forced on the CPU.
+        mod portable {
+            $(
+                #[test]
+                fn $name() -> impl ::std::process::Termination {
+                    $crate::with_kernel_path($crate::KernelPath::Portable, super::$name)
+                }
+            )+
+        }
+    };
+}
+
 /// Runs `f` with the thread-local `key` set to `value` on the calling thread, then puts the previous value
 /// back (also when `f` panics): the scope of this crate's per-thread switches.
 pub(crate) fn with_thread_value<T: Copy + 'static, R>(

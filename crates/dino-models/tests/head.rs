@@ -575,41 +575,12 @@ fn fused_weight_norm_matches_composed_ops() {
     .is_err());
 }
 
-/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
-/// the CPU: see `dino_kernels::dispatch`.
-mod portable {
-    #[test]
-    fn golden_head_matches_official() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::golden_head_matches_official,
-        )
-    }
-
-    #[test]
-    fn every_trainable_parameter_gets_a_gradient() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::every_trainable_parameter_gets_a_gradient,
-        )
-    }
-
-    #[test]
-    fn finite_differences_weight_norm_layer() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::finite_differences_weight_norm_layer,
-        )
-    }
-
-    #[test]
-    fn batchnorm_train_uses_batch_statistics_and_updates_running_stats() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::batchnorm_train_uses_batch_statistics_and_updates_running_stats,
-        )
-    }
-}
+dino_kernels::portable_path_tests!(
+    golden_head_matches_official,
+    every_trainable_parameter_gets_a_gradient,
+    finite_differences_weight_norm_layer,
+    batchnorm_train_uses_batch_statistics_and_updates_running_stats,
+);
 
 /// `last_layer_bf16`: under bf16 precision the last layer's products take the bf16-rounded operands (the
 /// normalised features and the weight-normalised weight); without it they stay f32 whatever the thread's

@@ -311,30 +311,8 @@ fn golden_multicrop_vit_tiny16_with_head() {
     );
 }
 
-/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
-/// the CPU: see `dino_kernels::dispatch`.
-mod portable {
-    #[test]
-    fn golden_multicrop_vit_tiny16_with_head() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::golden_multicrop_vit_tiny16_with_head,
-        )
-    }
-
-    #[test]
-    fn ibot_forward_selects_patch_tokens_and_reaches_every_parameter() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::ibot_forward_selects_patch_tokens_and_reaches_every_parameter,
-        )
-    }
-
-    #[test]
-    fn gradients_reach_backbone_and_head() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::gradients_reach_backbone_and_head,
-        )
-    }
-}
+dino_kernels::portable_path_tests!(
+    golden_multicrop_vit_tiny16_with_head,
+    ibot_forward_selects_patch_tokens_and_reaches_every_parameter,
+    gradients_reach_backbone_and_head,
+);

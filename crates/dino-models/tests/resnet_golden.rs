@@ -208,14 +208,4 @@ fn resnet18_loads_through_the_strict_backbone_loader() {
     );
 }
 
-/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
-/// the CPU: see `dino_kernels::dispatch`.
-mod portable {
-    #[test]
-    fn resnet18_eval_train_and_running_stats_match_torchvision() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::resnet18_eval_train_and_running_stats_match_torchvision,
-        )
-    }
-}
+dino_kernels::portable_path_tests!(resnet18_eval_train_and_running_stats_match_torchvision,);

@@ -576,62 +576,12 @@ fn fused_batch_norm_equals_the_composed_one() {
     assert_eq!(bn.num_batches_tracked().unwrap(), 1);
 }
 
-/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
-/// the CPU: see `dino_kernels::dispatch`.
-mod portable {
-    #[test]
-    fn resnet18_every_parameter_gets_a_gradient() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::resnet18_every_parameter_gets_a_gradient,
-        )
-    }
-
-    #[test]
-    fn resnet18_cifar_every_parameter_gets_a_gradient() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::resnet18_cifar_every_parameter_gets_a_gradient,
-        )
-    }
-
-    #[test]
-    fn resnet50_every_parameter_gets_a_gradient() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::resnet50_every_parameter_gets_a_gradient,
-        )
-    }
-
-    #[test]
-    fn resnet50_cifar_every_parameter_gets_a_gradient() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::resnet50_cifar_every_parameter_gets_a_gradient,
-        )
-    }
-
-    #[test]
-    fn max_pool_forward_and_finite_differences() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::max_pool_forward_and_finite_differences,
-        )
-    }
-
-    #[test]
-    fn max_pool_ties_go_to_the_first_maximum_like_pytorch() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::max_pool_ties_go_to_the_first_maximum_like_pytorch,
-        )
-    }
-
-    #[test]
-    fn tiny_resnet_finite_differences() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::tiny_resnet_finite_differences,
-        )
-    }
-}
+dino_kernels::portable_path_tests!(
+    resnet18_every_parameter_gets_a_gradient,
+    resnet18_cifar_every_parameter_gets_a_gradient,
+    resnet50_every_parameter_gets_a_gradient,
+    resnet50_cifar_every_parameter_gets_a_gradient,
+    max_pool_forward_and_finite_differences,
+    max_pool_ties_go_to_the_first_maximum_like_pytorch,
+    tiny_resnet_finite_differences,
+);

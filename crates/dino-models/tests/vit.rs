@@ -525,38 +525,9 @@ fn avg_pool_is_the_mean_of_the_normed_patch_tokens() -> Result<()> {
     Ok(())
 }
 
-/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
-/// the CPU: see `dino_kernels::dispatch`.
-mod portable {
-    #[test]
-    fn vit_tiny16_matches_official_outputs() -> super::Result<()> {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::vit_tiny16_matches_official_outputs,
-        )
-    }
-
-    #[test]
-    fn one_backward_pass_reaches_every_parameter() -> super::Result<()> {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::one_backward_pass_reaches_every_parameter,
-        )
-    }
-
-    #[test]
-    fn gradients_match_finite_differences() -> super::Result<()> {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::gradients_match_finite_differences,
-        )
-    }
-
-    #[test]
-    fn drop_path_is_training_only_seeded_and_linear_in_depth() -> super::Result<()> {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::drop_path_is_training_only_seeded_and_linear_in_depth,
-        )
-    }
-}
+dino_kernels::portable_path_tests!(
+    vit_tiny16_matches_official_outputs,
+    one_backward_pass_reaches_every_parameter,
+    gradients_match_finite_differences,
+    drop_path_is_training_only_seeded_and_linear_in_depth,
+);

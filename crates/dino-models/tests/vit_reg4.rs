@@ -226,42 +226,6 @@ fn one_masked_backward_pass_reaches_the_mask_token() -> Result<()> {
     assert_every_var_has_a_gradient(&data, &grads)
 }
 
-/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
-/// the CPU: see `dino_kernels::dispatch`.
-mod portable {
-    #[test]
-    fn registers_and_layer_scale_match_dinov2() -> super::Result<()> {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::registers_and_layer_scale_match_dinov2,
-        )
-    }
-
-    #[test]
-    fn masked_patches_match_dinov2() -> super::Result<()> {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::masked_patches_match_dinov2,
-        )
-    }
-
-    #[test]
-    fn one_masked_backward_pass_reaches_the_mask_token() -> super::Result<()> {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::one_masked_backward_pass_reaches_the_mask_token,
-        )
-    }
-
-    #[test]
-    fn one_backward_pass_reaches_registers_and_gammas() -> super::Result<()> {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::one_backward_pass_reaches_registers_and_gammas,
-        )
-    }
-}
-
 /// `Backbone::cls_attention`: row 0 (the CLS query) of the last block's attention, without the CLS and
 /// register columns, on the patch grid in row-major order (checked on a non-square input, 4 x 3 patches);
 /// with the 1 + 4 prefix columns it sums to 1 per head.
@@ -299,3 +263,11 @@ fn cls_attention_is_the_cls_row_over_the_patch_grid() -> Result<()> {
     }
     Ok(())
 }
+
+dino_kernels::portable_path_tests!(
+    registers_and_layer_scale_match_dinov2,
+    masked_patches_match_dinov2,
+    one_masked_backward_pass_reaches_the_mask_token,
+    one_backward_pass_reaches_registers_and_gammas,
+    cls_attention_is_the_cls_row_over_the_patch_grid,
+);

@@ -265,29 +265,8 @@ fn patch_gradients_match_finite_differences() -> Result<()> {
     Ok(())
 }
 
-/// The same checks through the portable path (the composition of candle ops that runs on CUDA).
-mod portable {
-    #[test]
-    fn shifted_patch_embedding_matches_a_direct_computation() -> super::Result<()> {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::shifted_patch_embedding_matches_a_direct_computation,
-        )
-    }
-
-    #[test]
-    fn one_backward_pass_reaches_every_parameter() -> super::Result<()> {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::one_backward_pass_reaches_every_parameter,
-        )
-    }
-
-    #[test]
-    fn patch_gradients_match_finite_differences() -> super::Result<()> {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::patch_gradients_match_finite_differences,
-        )
-    }
-}
+dino_kernels::portable_path_tests!(
+    shifted_patch_embedding_matches_a_direct_computation,
+    one_backward_pass_reaches_every_parameter,
+    patch_gradients_match_finite_differences,
+);

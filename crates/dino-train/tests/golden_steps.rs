@@ -433,22 +433,7 @@ fn bf16_steps(mode: dino_kernels::bf16::Bf16Gemm, head_last_layer_bf16: bool) {
     })
 }
 
-/// The same checks through the portable path (the composition of candle ops that runs on CUDA), forced on
-/// the CPU: see `dino_kernels::dispatch`.
-mod portable {
-    #[test]
-    fn reproduces_the_four_official_training_iterations() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::reproduces_the_four_official_training_iterations,
-        )
-    }
-
-    #[test]
-    fn bf16_matmuls_stay_within_mixed_precision_distance_of_the_official_iterations() {
-        dino_models::with_kernel_path(
-            dino_models::KernelPath::Portable,
-            super::bf16_matmuls_stay_within_mixed_precision_distance_of_the_official_iterations,
-        )
-    }
-}
+dino_kernels::portable_path_tests!(
+    reproduces_the_four_official_training_iterations,
+    bf16_matmuls_stay_within_mixed_precision_distance_of_the_official_iterations,
+);
