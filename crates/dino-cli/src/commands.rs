@@ -647,7 +647,14 @@ pub struct AttentionArgs {
     /// Where the PNGs go.
     #[arg(long, default_value = ".")]
     pub output_dir: PathBuf,
+    /// Also draw every image and its heads' maps on one PNG at this path (at most the first 32 images of a
+    /// folder), as `dino train` does with 8 of its own images.
+    #[arg(long)]
+    pub sheet: Option<PathBuf>,
 }
+
+/// Images on a `dino attention --sheet`.
+const SHEET_MAX_IMAGES: usize = 32;
 
 fn image_files(p: &Path) -> Result<Vec<PathBuf>> {
     if !p.exists() {
@@ -691,12 +698,22 @@ pub fn attention(a: &AttentionArgs) -> Result<()> {
     }
     let files = image_files(&a.image)?;
     let normalize = dino_data::pil::Normalize::new(loaded.cfg.norm_mean, loaded.cfg.norm_std)?;
-    // Under mpirun each rank draws every `world`-th image (each has its own output folder).
+    // Under mpirun each rank draws every `world`-th image (each has its own output folder); rank 0 also
+    // computes the sheet's images.
     let (rank, world) = (
         dino_core::collective::rank(),
         dino_core::collective::world_size(),
     );
-    for file in files.iter().skip(rank).step_by(world) {
+    let sheet_n = match &a.sheet {
+        Some(_) if rank == 0 => files.len().min(SHEET_MAX_IMAGES),
+        _ => 0,
+    };
+    let mut rows = Vec::new();
+    for (i, file) in files.iter().enumerate() {
+        let mine = i % world == rank;
+        if !mine && i >= sheet_n {
+            continue;
+        }
         let out = if files.len() == 1 {
             a.output_dir.clone()
         } else {
@@ -706,8 +723,6 @@ pub fn attention(a: &AttentionArgs) -> Result<()> {
                     .unwrap_or_default(),
             )
         };
-        std::fs::create_dir_all(&out)
-            .with_context(|| format!("cannot create {}", out.display()))?;
         let img = dino_data::folder::load_rgb(file)?;
         let resized = dino_data::pil::resize(&img, w0, h0)?;
         // Crop to a multiple of the patch size (top-left, as the official script).
@@ -725,6 +740,21 @@ pub fn attention(a: &AttentionArgs) -> Result<()> {
             w: gw,
             data,
         };
+        if i < sheet_n {
+            rows.push(attention::SheetRow {
+                image: img.clone(),
+                maps: maps.clone(),
+                label: file
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            });
+        }
+        if !mine {
+            continue;
+        }
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
         img.save(out.join("img.png"))
             .with_context(|| format!("cannot write {}", out.join("img.png").display()))?;
         for j in 0..heads {
@@ -750,6 +780,27 @@ pub fn attention(a: &AttentionArgs) -> Result<()> {
             file.display(),
             out.display()
         );
+    }
+    if let (Some(path), false) = (&a.sheet, rows.is_empty()) {
+        let title = format!("Last-block attention: {}", loaded.origin);
+        let mut subtitle = vec![format!(
+            "{} image{} of {}{}, at {h0} x {w0} px (cropped to a multiple of the patch size {p})",
+            rows.len(),
+            if rows.len() == 1 { "" } else { "s" },
+            a.image.display(),
+            if files.len() > rows.len() {
+                format!(" (the first {} of {})", rows.len(), files.len())
+            } else {
+                String::new()
+            }
+        )];
+        subtitle.push(
+            "the CLS query's attention over the patches, per head; each map min-max normalised (viridis: \
+             dark = least, yellow = most)"
+                .into(),
+        );
+        attention::save_sheet(path, &title, &subtitle, &rows)?;
+        println!("sheet of {} images -> {}", rows.len(), path.display());
     }
     Ok(())
 }

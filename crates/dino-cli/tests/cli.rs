@@ -351,8 +351,22 @@ fn attention_writes_maps_and_threshold_overlays() {
         "0.6",
         "--output-dir",
         dir.to_str().unwrap(),
+        "--sheet",
+        dir.join("sheet.png").to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
+    // The sheet: the 28 px image at 112 px beside its two heads' maps, each min-max normalised, so each has
+    // a lowest and a highest 28 x 28 patch block.
+    let sheet = image::open(dir.join("sheet.png")).unwrap().to_rgb8();
+    assert!(sheet.height() > 112 && sheet.width() >= 3 * 112);
+    for t in [0.0, 1.0] {
+        let c = dino_train::attention::viridis(t);
+        let n = sheet.pixels().filter(|p| p.0 == c).count();
+        assert!(
+            n >= 2 * 28 * 28 && n % (28 * 28) == 0,
+            "viridis({t}): {n} pixels"
+        );
+    }
     let img = image::open(dir.join("img.png")).unwrap();
     assert_eq!((img.width(), img.height()), (28, 28));
     for j in 0..2 {

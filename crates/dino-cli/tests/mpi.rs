@@ -1105,6 +1105,8 @@ fn evaluation_commands_share_the_work_over_the_ranks() {
                 "56",
                 "--output-dir",
                 maps.to_str().unwrap(),
+                "--sheet",
+                maps.join("sheet.png").to_str().unwrap(),
             ],
         ),
         "attention, 2 ranks",
@@ -1114,6 +1116,9 @@ fn evaluation_commands_share_the_work_over_the_ranks() {
         assert_eq!(said.matches(&format!("{stem}.")).count(), 1, "{said}");
         assert!(maps.join(stem).join("attn-head0.png").is_file(), "{stem}");
     }
+    // The sheet holds all three, drawn by rank 0 alone.
+    assert_eq!(said.matches("sheet of 3 images").count(), 1, "{said}");
+    assert!(maps.join("sheet.png").is_file());
 
     // info: once.
     let out = ok(dino_on(&bin, 2, &["info", run_s]), "info, 2 ranks");

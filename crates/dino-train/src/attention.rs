@@ -191,7 +191,8 @@ const SHEET_TARGET_WIDTH: u32 = 1100;
 /// Draw `rows` on one PNG at `path`: `title` and the `subtitle` lines, then the images in groups (the image,
 /// its label under it, and each head's map beside it, every map min-max normalised and coloured viridis as
 /// [`colormap_image`] does, patches enlarged as blocks), as many groups side by side as fit in about 1,100
-/// pixels, under column headings (`image`, `head 0`, ...). The rows must share their head count.
+/// pixels, under column headings (`image`, `head 0`, ...). Cells have the first image's aspect ratio, its longer
+/// side at [`cell_side`]; the rows must share their head count.
 pub fn save_sheet(
     path: &Path,
     title: &str,
@@ -221,10 +222,13 @@ pub fn save_sheet(
             .map(|(w, _)| w)
             .map_err(|e| err(&e))
     };
-    let side = first.image.width().max(first.image.height());
+    // Cells keep the first image's aspect ratio, its longer side at `cell_side`.
+    let (iw, ih) = (first.image.width().max(1), first.image.height().max(1));
+    let side = iw.max(ih);
     let c = cell_side(side);
+    let (cw, ch) = ((iw * c / side).max(1), (ih * c / side).max(1));
     let per_group = 1 + heads as u32;
-    let group_w = per_group * c + (per_group - 1) * SHEET_GAP;
+    let group_w = per_group * cw + (per_group - 1) * SHEET_GAP;
     let group_step = group_w + 3 * SHEET_GAP;
     let across = ((SHEET_TARGET_WIDTH - 2 * SHEET_MARGIN + 3 * SHEET_GAP) / group_step)
         .clamp(1, rows.len() as u32);
@@ -234,7 +238,7 @@ pub fn save_sheet(
         width = width.max(2 * SHEET_MARGIN + text_width(line, sub_size)?);
     }
     let head_h = 12 + SHEET_LINE * (1 + subtitle.len() as u32);
-    let row_h = c + SHEET_TEXT + SHEET_GAP;
+    let row_h = ch + SHEET_TEXT + SHEET_GAP;
     let lines = (rows.len() as u32).div_ceil(across);
     let height = head_h + SHEET_TEXT + lines * row_h + SHEET_MARGIN;
     let mut sheet = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
@@ -242,7 +246,7 @@ pub fn save_sheet(
     let corner = |r: usize, col: u32| {
         let (g, line) = (r as u32 % across, r as u32 / across);
         (
-            SHEET_MARGIN + g * group_step + col * (c + SHEET_GAP),
+            SHEET_MARGIN + g * group_step + col * (cw + SHEET_GAP),
             head_h + SHEET_TEXT + line * row_h,
         )
     };
@@ -252,12 +256,12 @@ pub fn save_sheet(
         FilterType::Triangle
     };
     for (r, row) in rows.iter().enumerate() {
-        let img = image::imageops::resize(&row.image, c, c, enlarge);
+        let img = image::imageops::resize(&row.image, cw, ch, enlarge);
         let (x, y) = corner(r, 0);
         image::imageops::replace(&mut sheet, &img, x as i64, y as i64);
         for j in 0..heads {
             let map = colormap_image(row.maps.head(j), row.maps.h, row.maps.w);
-            let map = image::imageops::resize(&map, c, c, FilterType::Nearest);
+            let map = image::imageops::resize(&map, cw, ch, FilterType::Nearest);
             let (x, y) = corner(r, 1 + j as u32);
             image::imageops::replace(&mut sheet, &map, x as i64, y as i64);
         }
@@ -295,7 +299,7 @@ pub fn save_sheet(
         }
         for (r, row) in rows.iter().enumerate() {
             // The label fits under the image: cut to the characters that fit at ~7 px each.
-            let fit = (c as usize / 7).max(4);
+            let fit = (cw as usize / 7).max(4);
             let label: String = if row.label.chars().count() > fit {
                 let mut t: String = row.label.chars().take(fit - 1).collect();
                 t.push('…');
@@ -304,7 +308,7 @@ pub fn save_sheet(
                 row.label.clone()
             };
             let (x, y) = corner(r, 0);
-            root.draw_text(&label, &font(14.0, 1), at(x, y + c + 3))
+            root.draw_text(&label, &font(14.0, 1), at(x, y + ch + 3))
                 .map_err(|e| err(&e))?;
         }
         root.present().map_err(|e| err(&e))?;
