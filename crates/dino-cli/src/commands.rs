@@ -704,11 +704,18 @@ pub fn attention(a: &AttentionArgs) -> Result<()> {
         dino_core::collective::rank(),
         dino_core::collective::world_size(),
     );
+    if let Some(dir) = a.sheet.as_deref().and_then(Path::parent) {
+        if rank == 0 && !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("--sheet: cannot create {}", dir.display()))?;
+        }
+    }
     let sheet_n = match &a.sheet {
         Some(_) if rank == 0 => files.len().min(SHEET_MAX_IMAGES),
         _ => 0,
     };
     let mut rows = Vec::new();
+    let mut skipped = 0usize;
     for (i, file) in files.iter().enumerate() {
         let mine = i % world == rank;
         if !mine && i >= sheet_n {
@@ -723,7 +730,21 @@ pub fn attention(a: &AttentionArgs) -> Result<()> {
                     .unwrap_or_default(),
             )
         };
-        let img = dino_data::folder::load_rgb(file)?;
+        // A folder's unreadable image is skipped and counted (a single --image file is an error).
+        let img = match dino_data::folder::load_rgb(file) {
+            Ok(img) => img,
+            Err(e) if files.len() > 1 => {
+                if mine {
+                    eprintln!(
+                        "warning: skipped: {}",
+                        dino_train::error::one_line_report(&e)
+                    );
+                    skipped += 1;
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let resized = dino_data::pil::resize(&img, w0, h0)?;
         // Crop to a multiple of the patch size (top-left, as the official script).
         let (w, h) = (w0 - w0 % p, h0 - h0 % p);
@@ -781,6 +802,17 @@ pub fn attention(a: &AttentionArgs) -> Result<()> {
             out.display()
         );
     }
+    let skipped = dino_core::collective::all_reduce_count(skipped)?;
+    if skipped == files.len() {
+        bail!(
+            "--image {}: none of its {} images could be read",
+            a.image.display(),
+            files.len()
+        );
+    }
+    if skipped > 0 && rank == 0 {
+        eprintln!("{skipped} of {} images unreadable, skipped", files.len());
+    }
     if let (Some(path), false) = (&a.sheet, rows.is_empty()) {
         let title = format!("Last-block attention: {}", loaded.origin);
         let mut subtitle = vec![format!(
@@ -800,7 +832,12 @@ pub fn attention(a: &AttentionArgs) -> Result<()> {
                 .into(),
         );
         attention::save_sheet(path, &title, &subtitle, &rows)?;
-        println!("sheet of {} images -> {}", rows.len(), path.display());
+        println!(
+            "sheet of {} image{} -> {}",
+            rows.len(),
+            if rows.len() == 1 { "" } else { "s" },
+            path.display()
+        );
     }
     Ok(())
 }

@@ -385,6 +385,60 @@ fn attention_writes_maps_and_threshold_overlays() {
     );
 }
 
+/// A folder's unreadable image is skipped with a warning naming it, and counted; a folder with none readable
+/// is an error naming the folder.
+#[test]
+fn attention_skips_unreadable_images_of_a_folder() {
+    let (tmp, _, out) = trained();
+    let folder = tmp.path().join("attn-mixed");
+    std::fs::create_dir_all(&folder).unwrap();
+    let png = shared().join("cifar10-test20/png");
+    let good = std::fs::read_dir(&png)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .min()
+        .unwrap();
+    std::fs::copy(&good, folder.join("good.png")).unwrap();
+    std::fs::write(folder.join("broken.jpg"), b"not a jpeg").unwrap();
+    let maps = tmp.path().join("attn-mixed-out");
+    let args = |img: &Path| {
+        vec![
+            "attention".to_string(),
+            "--checkpoint".into(),
+            out.display().to_string(),
+            "--image".into(),
+            img.display().to_string(),
+            "--image-size".into(),
+            "28".into(),
+            "28".into(),
+            "--output-dir".into(),
+            maps.display().to_string(),
+        ]
+    };
+    let o = dino().args(args(&folder)).output().unwrap();
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("skipped") && err.contains("broken.jpg"),
+        "{err}"
+    );
+    assert!(err.contains("1 of 2 images unreadable"), "{err}");
+    assert!(maps.join("good").join("attn-head0.png").is_file());
+    assert!(!maps.join("broken").exists());
+    std::fs::remove_file(folder.join("good.png")).unwrap();
+    std::fs::write(folder.join("broken2.png"), b"not a png").unwrap();
+    let o = dino().args(args(&folder)).output().unwrap();
+    let err = text(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: --image ") && last.contains("none of its 2 images could be read"),
+        "{err}"
+    );
+}
+
 #[test]
 fn export_writes_official_names_loadable_strictly() {
     let (tmp, _, out) = trained();
