@@ -288,6 +288,12 @@ fn labelled_splits(cfg: &TrainConfig) -> Result<(Arc<dyn Dataset>, Arc<dyn Datas
 fn features_to_tensors(f: &Features) -> Result<HashMap<String, Tensor>> {
     let mut m = HashMap::new();
     m.insert("features".to_string(), f.features.contiguous()?);
+    // The dataset index of each row: unreadable images have no row.
+    let at: Vec<i64> = f.indices.iter().map(|&i| i as i64).collect();
+    m.insert(
+        "indices".to_string(),
+        Tensor::from_vec(at, f.indices.len(), f.features.device())?,
+    );
     if let Some(l) = &f.labels {
         let v: Vec<i64> = l.iter().map(|&x| x as i64).collect();
         m.insert(
@@ -302,17 +308,24 @@ fn tensors_to_features(mut m: HashMap<String, Tensor>, path: &Path) -> Result<Fe
     let features = m
         .remove("features")
         .with_context(|| format!("{}: no `features` tensor", path.display()))?;
-    let labels = match m.remove("labels") {
-        Some(l) => Some(
-            l.to_dtype(candle_core::DType::I64)?
-                .to_vec1::<i64>()?
-                .into_iter()
-                .map(|x| x as usize)
-                .collect(),
-        ),
-        None => None,
+    let as_usize = |t: Tensor| -> Result<Vec<usize>> {
+        Ok(t.to_dtype(candle_core::DType::I64)?
+            .to_vec1::<i64>()?
+            .into_iter()
+            .map(|x| x as usize)
+            .collect())
     };
-    Ok(Features { features, labels })
+    let labels = m.remove("labels").map(as_usize).transpose()?;
+    // Files written before the indices were stored have a row per sample.
+    let indices = match m.remove("indices") {
+        Some(t) => as_usize(t)?,
+        None => (0..features.dim(0)?).collect(),
+    };
+    Ok(Features {
+        features,
+        labels,
+        indices,
+    })
 }
 
 /// The identity of a feature computation, stored beside cached features: same network file, same data, same
@@ -331,8 +344,9 @@ fn cache_key(
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     let fp = dino_train::data::fingerprint(ds, &ds.describe())?;
+    // v2: unreadable images are left out (v1 caches hold a stand-in row for each).
     Ok(format!(
-        "{} | {} bytes | mtime {mtime} | data {} {} {} | resize {} crop {} | mean {:?} std {:?}",
+        "v2 | {} | {} bytes | mtime {mtime} | data {} {} {} | resize {} crop {} | mean {:?} std {:?}",
         loaded.origin,
         md.len(),
         fp.description,
@@ -617,11 +631,18 @@ pub fn extract(a: &ExtractArgs) -> Result<()> {
     candle_core::safetensors::save(&features_to_tensors(&f)?, &a.output)
         .with_context(|| format!("cannot write {}", a.output.display()))?;
     println!(
-        "wrote {} features of dimension {} ({}) to {}",
+        "wrote {} features of dimension {} ({}) to {}{}",
         f.len(),
         f.features.dim(1)?,
         ds.describe(),
-        a.output.display()
+        a.output.display(),
+        match ds.len() - f.len() {
+            0 => String::new(),
+            k => format!(
+                " ({k} unreadable image{} left out; `indices` gives each row's image)",
+                if k == 1 { "" } else { "s" }
+            ),
+        }
     );
     Ok(())
 }

@@ -1037,6 +1037,76 @@ fn evaluation_commands_share_the_work_over_the_ranks() {
     assert!(one.contains("20-NN classifier result"), "{one}");
     assert_eq!(one, two, "eval-knn: 1 rank against 2 ranks");
 
+    // Unreadable images are left out of an evaluation on any number of ranks: the same rows, the same
+    // result, and extract's `indices` name the readable ones.
+    let lab = tmp.path().join("lab");
+    let pngs =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/cifar10-test20/png");
+    let mut files: Vec<_> = std::fs::read_dir(&pngs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    for (i, f) in files.iter().take(20).enumerate() {
+        let split = if i < 14 { "train" } else { "val" };
+        let class = lab.join(split).join(["a", "b"][i % 2]);
+        std::fs::create_dir_all(&class).unwrap();
+        std::fs::copy(f, class.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(lab.join("train/a/zz.png"), b"not a png").unwrap();
+    std::fs::write(lab.join("val/b/zz.png"), b"not a png").unwrap();
+    let (train_s, val_s) = (lab.join("train"), lab.join("val"));
+    let (train_s, val_s) = (train_s.to_str().unwrap(), val_s.to_str().unwrap());
+    let knn = [
+        "eval-knn",
+        "--checkpoint",
+        run_s,
+        "--data-path",
+        train_s,
+        "--val-data-path",
+        val_s,
+        "--nb-knn",
+        "3",
+    ];
+    let one = text(&ok(dino_on(&bin, 0, &knn), "eval-knn unreadable, 1 rank").stdout);
+    let two = text(&ok(dino_on(&bin, 2, &knn), "eval-knn unreadable, 2 ranks").stdout);
+    assert!(one.contains("train 14 x 32, test 6 x 32"), "{one}");
+    assert_eq!(
+        one, two,
+        "eval-knn with unreadable images: 1 rank against 2 ranks"
+    );
+    for np in [0, 2] {
+        let f = tmp.path().join(format!("lab{np}.safetensors"));
+        let a = ["extract", "--checkpoint", run_s, "--data-path", train_s];
+        let out = ok(
+            dino_on(
+                &bin,
+                np,
+                &[&a[..], &["--output", f.to_str().unwrap()]].concat(),
+            ),
+            "extract unreadable",
+        );
+        assert!(
+            text(&out.stdout).contains("1 unreadable image left out"),
+            "{}",
+            text(&out.stdout)
+        );
+        let bytes = std::fs::read(&f).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("features").unwrap().shape(), &[14, 32]);
+        let at: Vec<i64> = st
+            .tensor("indices")
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        // Sorted: class a's 7 images then zz.png (index 7, unreadable), then class b's 7.
+        let want: Vec<i64> = (0..15).filter(|&i| i != 7).collect();
+        assert_eq!(at, want, "{np} ranks");
+    }
+
     // extract: the gathered rows are the one-rank rows (up to another batch's rounding), in order.
     let feats = |np: usize| {
         let f = tmp.path().join(format!("f{np}.safetensors"));

@@ -163,6 +163,9 @@ struct Shared {
     device: Device,
     /// Per-sample decode state: known-bad samples are not decoded (nor warned about) again.
     state: Vec<AtomicU8>,
+    /// What becomes of an unreadable sample's slot, for the epoch's warning: "substituted by the next readable
+    /// ones" (training) or "left out" ([`EvalBatcher`]).
+    unreadable_fate: &'static str,
 }
 
 /// One processed slot of a batch.
@@ -349,6 +352,7 @@ impl MultiCropLoader {
                 pool,
                 device,
                 state,
+                unreadable_fate: "substituted by the next readable ones",
             }),
             cfg,
         })
@@ -436,15 +440,19 @@ impl MultiCropLoader {
             .spawn(move || {
                 for it in start..niter {
                     let slots = rank_slots(&order, it, b, rank, world);
-                    let res = std::panic::catch_unwind(AssertUnwindSafe(|| shared.batch(&slots, seed, epoch, it, &sk)))
-                        .unwrap_or_else(|p| {
-                            let msg = p
-                                .downcast_ref::<String>()
-                                .cloned()
-                                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                                .unwrap_or_else(|| "unknown panic".into());
-                            Err(Error::Loader(format!("epoch {epoch} iteration {it}: a worker panicked: {msg}")))
-                        });
+                    let res = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        shared.batch(&slots, seed, epoch, it, &sk)
+                    }))
+                    .unwrap_or_else(|p| {
+                        let msg = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into());
+                        Err(Error::Loader(format!(
+                            "epoch {epoch} iteration {it}: a worker panicked: {msg}"
+                        )))
+                    });
                     let failed = res.is_err();
                     pr.fetch_add(1, Ordering::Relaxed);
                     if tx.send(res).is_err() || failed {
@@ -454,8 +462,9 @@ impl MultiCropLoader {
                 let n = sk.load(Ordering::Relaxed);
                 if n > 0 {
                     tracing::warn!(
-                        "epoch {epoch}: skipped {n} unreadable samples of '{}' (substituted by the next readable ones)",
-                        shared.dataset.name()
+                        "epoch {epoch}: skipped {n} unreadable samples of '{}' ({})",
+                        shared.dataset.name(),
+                        shared.unreadable_fate
                     );
                 }
             });
@@ -566,19 +575,21 @@ impl Drop for Epoch {
     }
 }
 
-/// One evaluation batch.
+/// One evaluation batch. Unreadable samples are left out of it (an evaluation must not count another
+/// image twice, nor give a file another file's features), so it may hold fewer rows than the batch size.
 #[derive(Debug, Clone)]
 pub struct EvalBatch {
     /// `(B, 3, h, w)` images through the evaluation transform.
     pub images: Tensor,
-    /// Dataset index of each row.
+    /// Dataset index of each row, increasing.
     pub indices: Vec<usize>,
     /// Label of each row, when the dataset is labelled.
     pub labels: Option<Vec<usize>>,
 }
 
 /// Sequential batches of a dataset through a one-view transform, in dataset order, the last batch kept
-/// (for k-NN banks and feature extraction). Decoding runs on the loader's own pool.
+/// (for k-NN banks and feature extraction), unreadable samples left out (warned about, each by its source,
+/// and counted as in training). Decoding runs on the loader's own pool.
 pub struct EvalBatcher {
     loader: MultiCropLoader,
 }
@@ -607,9 +618,11 @@ impl EvalBatcher {
             drop_last: false,
             ..LoaderConfig::default()
         };
-        Ok(Self {
-            loader: MultiCropLoader::new(dataset, transform, cfg)?,
-        })
+        let mut loader = MultiCropLoader::new(dataset, transform, cfg)?;
+        if let Some(shared) = Arc::get_mut(&mut loader.shared) {
+            shared.unreadable_fate = "left out";
+        }
+        Ok(Self { loader })
     }
 
     /// Number of batches: `ceil(N / B)`.
@@ -622,14 +635,46 @@ impl EvalBatcher {
         self.len() == 0
     }
 
-    /// Iterate over all batches in dataset order.
+    /// Iterate over all batches in dataset order. A batch whose samples are all unreadable is not yielded.
     pub fn iter(&self) -> impl Iterator<Item = Result<EvalBatch>> + '_ {
-        self.loader.epoch(0).map(|r| {
-            r.map(|mut b| EvalBatch {
-                images: b.crops.swap_remove(0),
-                indices: b.indices,
-                labels: b.labels,
-            })
+        let b = self.loader.cfg.batch_size;
+        self.loader.epoch(0).enumerate().filter_map(move |(it, r)| {
+            let mut batch = match r {
+                Ok(batch) => batch,
+                Err(e) => return Some(Err(e)),
+            };
+            let images = batch.crops.swap_remove(0);
+            // The loader fills an unreadable sample's slot with the next readable one: row r of iteration
+            // `it` holds slot `it * b + r` unless it is such a stand-in, which is left out here.
+            let keep: Vec<usize> = (0..batch.indices.len())
+                .filter(|&r| batch.indices[r] == it * b + r)
+                .collect();
+            if keep.len() == batch.indices.len() {
+                return Some(Ok(EvalBatch {
+                    images,
+                    indices: batch.indices,
+                    labels: batch.labels,
+                }));
+            }
+            if keep.is_empty() {
+                return None;
+            }
+            let rows = Tensor::new(
+                keep.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                images.device(),
+            );
+            Some(
+                rows.and_then(|rows| images.index_select(&rows, 0))
+                    .map_err(Error::from)
+                    .map(|images| EvalBatch {
+                        images,
+                        indices: keep.iter().map(|&r| batch.indices[r]).collect(),
+                        labels: batch
+                            .labels
+                            .as_ref()
+                            .map(|l| keep.iter().map(|&r| l[r]).collect()),
+                    }),
+            )
         })
     }
 }

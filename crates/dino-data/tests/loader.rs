@@ -417,6 +417,68 @@ fn unreadable_images_are_skipped_counted_and_substituted_deterministically() {
 }
 
 #[test]
+fn eval_batcher_leaves_unreadable_samples_out() {
+    // 12 images, 3 and 7 unreadable (the same folder as above), plus a batch of which every sample is
+    // unreadable (8 and 9 with batch 2 in a second folder): each readable sample once, with its own label.
+    let tmp = tempfile::tempdir().unwrap();
+    let pngs = data("cifar10-test20/png");
+    let mut want = Vec::new();
+    for (i, label) in CIFAR_LABELS.iter().enumerate().take(12) {
+        let name = format!("cifar10_{i:02}_{label}.png");
+        // Two class folders (images 0-5 and 6-11), so the batches carry labels.
+        let class = tmp.path().join(format!("class{}", i / 6));
+        std::fs::create_dir_all(&class).unwrap();
+        let file = class.join(format!("img_{i:02}.png"));
+        if [3, 8, 9].contains(&i) {
+            std::fs::write(&file, b"not a png").unwrap();
+        } else {
+            std::fs::copy(pngs.join(&name), &file).unwrap();
+            want.push(i);
+        }
+    }
+    let ds: Arc<dyn Dataset> = Arc::new(ImageFolder::open(tmp.path()).unwrap());
+    let ev = EvalBatcher::new(Arc::clone(&ds), Arc::new(ToyCrops::new(&[5])), 2, 2).unwrap();
+    let batches: Vec<_> = ev.iter().map(|b| b.unwrap()).collect();
+    // Batches of 2: [0 1] [2 -] [4 5] [6 7] [- -] [10 11].
+    let sizes: Vec<usize> = batches.iter().map(|b| b.indices.len()).collect();
+    assert_eq!(sizes, [2, 1, 2, 2, 2]);
+    let idx: Vec<usize> = batches.iter().flat_map(|b| b.indices.clone()).collect();
+    assert_eq!(idx, want);
+    let one_by_one =
+        EvalBatcher::new(Arc::clone(&ds), Arc::new(ToyCrops::new(&[5])), 1, 1).unwrap();
+    let singles: std::collections::HashMap<usize, Vec<f32>> = one_by_one
+        .iter()
+        .map(|b| {
+            let b = b.unwrap();
+            let v = b.images.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (b.indices[0], v)
+        })
+        .collect();
+    assert_eq!(singles.len(), want.len());
+    let labels: Vec<usize> = batches
+        .iter()
+        .flat_map(|b| b.labels.clone().unwrap())
+        .collect();
+    assert_eq!(labels, want.iter().map(|&i| i / 6).collect::<Vec<_>>());
+    for b in &batches {
+        assert_eq!(b.images.dim(0).unwrap(), b.indices.len());
+        assert_eq!(
+            b.labels.clone().expect("class folders are labelled"),
+            b.indices
+                .iter()
+                .map(|&i| ds.label(i).unwrap())
+                .collect::<Vec<_>>()
+        );
+        // Each row is its own image's view (drawn from its own slot's RNG), not a neighbour's: the same as
+        // one image per batch gives.
+        for (r, &i) in b.indices.iter().enumerate() {
+            let row = b.images.get(r).unwrap().flatten_all().unwrap();
+            assert_eq!(row.to_vec1::<f32>().unwrap(), singles[&i], "row of {i}");
+        }
+    }
+}
+
+#[test]
 fn a_panicking_transform_is_an_error_not_a_hang() {
     let mut t = ToyCrops::new(&[4]);
     t.panic_on_call = Some(5);

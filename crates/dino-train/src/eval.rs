@@ -23,13 +23,15 @@ use rand::SeedableRng;
 
 use crate::error::{Error, Result};
 
-/// Features of a dataset, row `i` for sample `i`, with the labels when the dataset has them.
+/// Features of a dataset's readable samples, in dataset order, with the labels when the dataset has them.
 #[derive(Debug, Clone)]
 pub struct Features {
     /// `(N, D)` f32.
     pub features: Tensor,
     /// One label per row, when labelled.
     pub labels: Option<Vec<usize>>,
+    /// The dataset index of each row, increasing: all of `0..len` unless unreadable samples were left out.
+    pub indices: Vec<usize>,
 }
 
 impl Features {
@@ -56,11 +58,13 @@ pub fn extract_with(
     let batcher = EvalBatcher::new(ds.clone(), transform, batch_size, num_workers)?;
     let mut feats = Vec::with_capacity(batcher.len());
     let mut labels: Option<Vec<usize>> = Some(Vec::with_capacity(ds.len()));
+    let mut indices = Vec::with_capacity(ds.len());
     for b in batcher.iter() {
         if let Some(signal) = crate::signals::stop_requested() {
             return Err(Error::Interrupted { signal });
         }
         let b = b?;
+        indices.extend_from_slice(&b.indices);
         feats.push(f(&b.images)?.detach().to_device(&Device::Cpu)?);
         match (&mut labels, b.labels) {
             (Some(all), Some(l)) => all.extend(l),
@@ -69,12 +73,16 @@ pub fn extract_with(
     }
     if feats.is_empty() {
         return Err(Error::Msg(format!(
-            "no features extracted: dataset '{}' is empty",
+            "no features extracted: dataset '{}' has no readable image",
             ds.name()
         )));
     }
     let features = Tensor::cat(&feats, 0)?.to_dtype(DType::F32)?;
-    Ok(Features { features, labels })
+    Ok(Features {
+        features,
+        labels,
+        indices,
+    })
 }
 
 /// Backbone features (`forward_features` in evaluation mode: the CLS token after the final norm, or the
@@ -97,7 +105,8 @@ pub fn extract_features(
 
 /// `extract` run data-parallel over the ranks of the installed collective (`dino_core::collective`), as the
 /// official `eval_knn` shards its sampler and all-gathers: rank `r` of `N` computes the rows of samples
-/// `r, r + N, ...` of `ds` and every rank gets all `(N_samples, D)` rows in dataset order, with `ds`'s labels.
+/// `r, r + N, ...` of `ds` and every rank gets the rows of all readable samples in dataset order, with `ds`'s
+/// labels and their indices.
 /// Each row comes from one rank only, so the gather (an all-reduce of zero-filled rows) is exact; a row
 /// may differ from a one-rank extraction by the rounding of another batch composition. At world 1 it is
 /// `extract(ds)`. When `extract` stops with [`Error::Interrupted`] on any rank, every rank returns that
@@ -113,13 +122,17 @@ pub fn extract_over_ranks(
     }
     let n = ds.len();
     let mine: Vec<usize> = (rank..n).step_by(world).collect();
+    // This rank's rows, each with its index into `ds` (a row per readable sample of its share).
     let part = if mine.is_empty() {
         Ok(None)
     } else {
         let sub: Arc<dyn Dataset> =
             Arc::new(dino_data::dataset::Subset::new(ds.clone(), mine.clone())?);
         match extract(sub) {
-            Ok(f) => Ok(Some(f.features.to_vec2::<f32>()?)),
+            Ok(f) => {
+                let at: Vec<usize> = f.indices.iter().map(|&k| mine[k]).collect();
+                Ok(Some((f.features.to_vec2::<f32>()?, at)))
+            }
             Err(Error::Interrupted { signal }) => Err(signal),
             Err(e) => return Err(e),
         }
@@ -127,7 +140,7 @@ pub fn extract_over_ranks(
     // The width, from the ranks that have rows (with fewer samples than ranks, some have none), and whether
     // a stop request cut any rank's share short: then every rank skips the gather and reports it.
     let mut width = match &part {
-        Ok(Some(rows)) => [rows.first().map_or(0, Vec::len) as f64, 1.0, 0.0, 0.0],
+        Ok(Some((rows, _))) => [rows.first().map_or(0, Vec::len) as f64, 1.0, 0.0, 0.0],
         Ok(None) => [0.0; 4],
         Err(signal) => [0.0, 0.0, 1.0, f64::from(*signal)],
     };
@@ -141,8 +154,10 @@ pub fn extract_over_ranks(
     }
     let part = part.ok().flatten();
     let d = (width[0] / width[1].max(1.0)).round() as usize;
-    let mut all = vec![0f32; n * d];
-    for (row, &i) in part.iter().flatten().zip(&mine) {
+    // Rows `0..n` of the features, then one flag per sample: whether a rank extracted it (unreadable samples
+    // are left out, as at world 1).
+    let mut all = vec![0f32; n * d + n];
+    for (row, &i) in part.iter().flat_map(|(rows, at)| rows.iter().zip(at)) {
         if row.len() != d {
             return Err(Error::Msg(format!(
                 "rank {rank}: features of width {} where the ranks average {d}",
@@ -150,12 +165,19 @@ pub fn extract_over_ranks(
             )));
         }
         all[i * d..(i + 1) * d].copy_from_slice(row);
+        all[n * d + i] = 1.0;
     }
     coll.all_reduce_sum_f32(&mut all)?;
-    let labels: Option<Vec<usize>> = (0..n).map(|i| ds.label(i)).collect();
+    let indices: Vec<usize> = (0..n).filter(|&i| all[n * d + i] > 0.5).collect();
+    let mut rows = Vec::with_capacity(indices.len() * d);
+    for &i in &indices {
+        rows.extend_from_slice(&all[i * d..(i + 1) * d]);
+    }
+    let labels: Option<Vec<usize>> = indices.iter().map(|&i| ds.label(i)).collect();
     Ok(Features {
-        features: Tensor::from_vec(all, (n, d), &Device::Cpu)?,
+        features: Tensor::from_vec(rows, (indices.len(), d), &Device::Cpu)?,
         labels,
+        indices,
     })
 }
 
@@ -472,6 +494,7 @@ mod tests {
         Features {
             features: Tensor::from_vec(x, (3 * n_per, 4), &Device::Cpu).unwrap(),
             labels: Some(y),
+            indices: (0..3 * n_per).collect(),
         }
     }
 
