@@ -715,10 +715,8 @@ impl TrainConfig {
                     format!("line {line}, column {col}: ")
                 })
                 .unwrap_or_default();
-            format!(
-                "{at}{}",
-                e.message().split_whitespace().collect::<Vec<_>>().join(" ")
-            )
+            let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+            format!("{at}{}", unknown_key_hint(&message).unwrap_or(message))
         })
     }
 
@@ -1019,9 +1017,68 @@ impl TrainConfig {
     }
 }
 
+/// serde's "unknown field `x`, expected one of `a`, `b`, ..." (every key of the configuration on one line)
+/// as a short hint: the unknown key and the nearest known one, if one is near (a typo).
+fn unknown_key_hint(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (key, rest) = rest.split_once('`')?;
+    let known: Vec<&str> = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|k| !k.is_empty())
+        .collect();
+    let nearest = known
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .min()
+        .filter(|&(d, _)| d <= (key.len() / 3).max(2));
+    Some(match nearest {
+        Some((_, k)) => format!(
+            "unknown key `{key}` (did you mean `{k}`? `dino train --print-config` shows every key)"
+        ),
+        None => format!("unknown key `{key}` (`dino train --print-config` shows every key)"),
+    })
+}
+
+/// Levenshtein distance between two keys (insertions, deletions and substitutions of characters).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_key_is_named_with_the_nearest_known_one() {
+        let e = TrainConfig::from_toml_str("epochs = 3\nteacher_tmp = 0.04\n").unwrap_err();
+        assert_eq!(
+            e,
+            "line 2, column 1: unknown key `teacher_tmp` (did you mean `teacher_temp`? `dino train \
+             --print-config` shows every key)"
+        );
+        let e = TrainConfig::from_toml_str("wibble = 1\n").unwrap_err();
+        assert!(
+            e.ends_with("unknown key `wibble` (`dino train --print-config` shows every key)"),
+            "{e}"
+        );
+        assert!(!e.contains("expected one of"), "{e}");
+        assert_eq!(edit_distance("epochz", "epochs"), 1);
+        assert_eq!(edit_distance("lr", "min_lr"), 4);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
 
     #[test]
     fn official_defaults_match_main_dino() {
