@@ -461,8 +461,15 @@ pub fn eval_knn(a: &EvalKnnArgs) -> Result<()> {
     );
     for &k in &a.nb_knn {
         let r = eval::knn_eval(&train, &test, k, a.temperature)?;
+        // knn_eval caps k at the bank's size: say so rather than print a k that did not run.
+        let used = k.min(train.len());
+        let capped = if used < k {
+            format!(" (k = {k} capped at the bank's {used} images)")
+        } else {
+            String::new()
+        };
         println!(
-            "{k}-NN classifier result: top1 {:.2}%, top5 {:.2}%",
+            "{used}-NN classifier result{capped}: top1 {:.2}%, top5 {:.2}%",
             r.top1, r.top5
         );
     }
@@ -500,8 +507,25 @@ pub struct EvalLinearArgs {
 
 /// `dino eval-linear`: a linear classifier on frozen features, best top-1 over the epochs.
 pub fn eval_linear(a: &EvalLinearArgs) -> Result<()> {
-    if a.n_last_blocks == 0 {
-        bail!("--n-last-blocks must be positive");
+    let pc = eval::LinearProbeConfig {
+        epochs: a.epochs,
+        lr: a.lr,
+        batch_size: a.probe_batch_size,
+        n_last_blocks: a.n_last_blocks,
+        avgpool_patchtokens: a.avgpool_patchtokens,
+        seed: a.seed,
+    };
+    // Before any feature is extracted; the error names the flag.
+    match pc.validate() {
+        Ok(()) => {}
+        Err(dino_train::Error::Config { key, value, reason }) => {
+            let flag = match key.as_str() {
+                "batch_size" => "probe-batch-size".to_string(),
+                k => k.replace('_', "-"),
+            };
+            bail!("--{flag} {value}: {reason}");
+        }
+        Err(e) => return Err(e.into()),
     }
     let loaded = source::load(&a.model, false)?;
     let cfg = a.data.apply(&loaded.cfg)?;
@@ -538,14 +562,6 @@ pub fn eval_linear(a: &EvalLinearArgs) -> Result<()> {
         // The ranks shared the extraction; the probe trains on rank 0.
         return Ok(());
     }
-    let pc = eval::LinearProbeConfig {
-        epochs: a.epochs,
-        lr: a.lr,
-        batch_size: a.probe_batch_size,
-        n_last_blocks: a.n_last_blocks,
-        avgpool_patchtokens: a.avgpool_patchtokens,
-        seed: a.seed,
-    };
     let r = eval::linear_probe(&train, &test, &pc)?;
     println!(
         "linear probe on {} features of {} (train {}, val {}), {} epochs",

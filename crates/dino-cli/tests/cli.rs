@@ -295,6 +295,48 @@ fn eval_knn_reports_accuracy_and_caches_features() {
             .collect::<Vec<_>>()
     };
     assert_eq!(acc(&s), acc(&s2));
+    // A k above the bank's size runs capped, and says so (it printed the k asked for).
+    let mut capped = args[..8].to_vec();
+    capped.extend(["100000", "--max-train", "50"]);
+    let o3 = run(&capped);
+    let s3 = text(&o3.stdout);
+    assert!(
+        s3.contains("50-NN classifier result (k = 100000 capped at the bank's 50 images)"),
+        "{s3}"
+    );
+}
+
+/// The linear probe's settings are checked before any feature is extracted, each error naming its flag.
+#[test]
+fn eval_linear_flags_are_one_line_errors() {
+    let (_tmp, data, out) = trained();
+    for (flag, v, needle) in [
+        ("--lr", "-1", "--lr -1: must be a positive number"),
+        ("--epochs", "0", "--epochs 0: must be positive"),
+        (
+            "--probe-batch-size",
+            "0",
+            "--probe-batch-size 0: must be positive",
+        ),
+        (
+            "--n-last-blocks",
+            "0",
+            "--n-last-blocks 0: must be positive",
+        ),
+    ] {
+        let o = run(&[
+            "eval-linear",
+            "--checkpoint",
+            out.to_str().unwrap(),
+            "--dataset",
+            "fashion-mnist",
+            "--data-path",
+            data.to_str().unwrap(),
+            flag,
+            v,
+        ]);
+        assert_one_line_error(&o, &[needle]);
+    }
 }
 
 #[test]

@@ -319,6 +319,26 @@ impl Default for LinearProbeConfig {
     }
 }
 
+impl LinearProbeConfig {
+    /// Refuse settings that cannot train: no epochs, empty batches, a learning rate that is not a positive
+    /// number. Errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            return Err(Error::config("epochs", 0, "must be positive"));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::config("batch_size", 0, "must be positive"));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::config("lr", self.lr, "must be a positive number"));
+        }
+        if self.n_last_blocks == 0 {
+            return Err(Error::config("n_last_blocks", 0, "must be positive"));
+        }
+        Ok(())
+    }
+}
+
 /// The outcome of a linear probe.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinearProbeResult {
@@ -369,13 +389,7 @@ pub fn linear_probe(
             val.features.dim(1)?
         )));
     }
-    if cfg.epochs == 0 || cfg.batch_size == 0 {
-        return Err(Error::config(
-            "epochs / batch_size",
-            format!("{} / {}", cfg.epochs, cfg.batch_size),
-            "must be positive",
-        ));
-    }
+    cfg.validate()?;
     let dev = train.features.device().clone();
     let ytrain = train.labels.clone().unwrap_or_default();
     let yval = val.labels.clone().unwrap_or_default();
