@@ -755,6 +755,40 @@ fn plots_of_a_run_are_titled_charts_and_plot_redraws_them() {
         coloured >= 8 * 112 * 112,
         "attention sheet: {coloured} coloured pixels"
     );
+    // The same PNG in TensorBoard's Images tab, at the last iteration.
+    let events = dino_train::tensorboard::event_files(&out);
+    let images = dino_train::tensorboard::read_images(&events[0]).unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(
+        (images[0].tag.as_str(), images[0].width, images[0].height),
+        ("attention/last_block", sheet.width(), sheet.height())
+    );
+    assert_eq!(
+        images[0].encoded,
+        std::fs::read(pdir.join("attention.png")).unwrap()
+    );
+    if let Ok(python) = std::env::var("DINO_TENSORBOARD_PYTHON") {
+        // TensorBoard's own reader finds it (.ci/run installs TensorBoard and sets the variable).
+        let script = "import sys\n\
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n\
+            a = EventAccumulator(sys.argv[1], size_guidance={'images': 0}); a.Reload()\n\
+            for e in a.Images('attention/last_block'): print(e.step, e.width, e.height, len(e.encoded_image_string))\n";
+        let o = Command::new(python)
+            .args(["-c", script, out.join("tensorboard").to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let want = format!(
+            "{} {} {} {}",
+            images[0].step,
+            sheet.width(),
+            sheet.height(),
+            images[0].encoded.len()
+        );
+        assert_eq!(text(&o.stdout).trim(), want);
+    } else {
+        eprintln!("DINO_TENSORBOARD_PYTHON not set: TensorBoard's own reader not run");
+    }
     let count = |img: &image::RgbImage, c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
     for n in expected {
         let img = image::open(pdir.join(format!("{n}.png")))

@@ -109,7 +109,7 @@ pub fn with_kernel_path<R>(path: KernelPath, f: impl FnOnce() -> R) -> R {
 /// composed candle ops that run on CUDA (see the module comment). The functions take no argument and return
 /// what a test may return (`()` or a `Result`).
 ///
-/// ```ignore
+/// ```text
 /// dino_kernels::portable_path_tests!(golden_head_matches_official, every_trainable_parameter_gets_a_gradient);
 /// ```
 #[macro_export]

@@ -320,6 +320,9 @@ pub fn save_sheet(
     Ok(path.to_path_buf())
 }
 
+/// The TensorBoard tag of the sheet `dino train` writes (its Images tab).
+pub const TENSORBOARD_TAG: &str = "attention/last_block";
+
 /// Images on the sheet `dino train` writes at the end of a ViT run.
 pub const SHEET_IMAGES: usize = 8;
 

@@ -172,6 +172,11 @@ impl JsonLog {
         Ok(())
     }
 
+    /// The TensorBoard event file this log also writes, if any.
+    pub fn tensorboard(&mut self) -> Option<&mut crate::tensorboard::EventWriter> {
+        self.tensorboard.as_mut()
+    }
+
     /// The log file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -847,7 +847,23 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             );
             let path = out.join("plots").join("attention.png");
             let teacher = trainer.teacher.model.backbone.as_ref();
-            match crate::attention::write_sheet(cfg, teacher, ds, &path, &title) {
+            let tb = log.as_mut().and_then(|l| l.tensorboard());
+            match crate::attention::write_sheet(cfg, teacher, ds, &path, &title).and_then(|sheet| {
+                // The same PNG in TensorBoard's Images tab, at the run's last iteration.
+                if let (Some(p), Some(tb)) = (&sheet, tb) {
+                    let png = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+                    let (w, h) = image::image_dimensions(p)
+                        .map_err(|e| Error::Msg(format!("{}: {e}", p.display())))?;
+                    tb.write_image(
+                        crate::attention::TENSORBOARD_TAG,
+                        summary.global_iteration as i64,
+                        &png,
+                        w,
+                        h,
+                    )?;
+                }
+                Ok(sheet)
+            }) {
                 Ok(Some(p)) => summary.plots.push(p),
                 Ok(None) => {}
                 Err(e) => progress.warn(&format!(
