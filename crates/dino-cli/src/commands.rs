@@ -857,8 +857,8 @@ pub fn attention(a: &AttentionArgs) -> Result<()> {
             rows.len(),
             if rows.len() == 1 { "" } else { "s" },
             a.image.display(),
-            if files.len() > rows.len() {
-                format!(" (the first {} of {})", rows.len(), files.len())
+            if files.len() > sheet_n {
+                format!(" (from its first {sheet_n} of {})", files.len())
             } else {
                 String::new()
             }
