@@ -306,79 +306,21 @@ fn eval_knn_reports_accuracy_and_caches_features() {
     );
 }
 
-/// The linear probe's settings are checked before any feature is extracted, each error naming its flag.
-#[test]
-fn eval_linear_flags_are_one_line_errors() {
-    let (_tmp, data, out) = trained();
-    for (flag, v, needle) in [
-        ("--lr", "-1", "--lr -1: must be a positive number"),
-        ("--epochs", "0", "--epochs 0: must be positive"),
-        (
-            "--probe-batch-size",
-            "0",
-            "--probe-batch-size 0: must be positive",
-        ),
-        (
-            "--n-last-blocks",
-            "0",
-            "--n-last-blocks 0: must be positive",
-        ),
-    ] {
-        let o = run(&[
-            "eval-linear",
-            "--checkpoint",
-            out.to_str().unwrap(),
-            "--dataset",
-            "fashion-mnist",
-            "--data-path",
-            data.to_str().unwrap(),
-            flag,
-            v,
-        ]);
-        assert_one_line_error(&o, &[needle]);
-    }
-}
-
-#[test]
-fn extract_writes_features_and_labels() {
-    let (tmp, data, out) = trained();
-    let f = tmp.path().join("feats.safetensors");
-    let o = run(&[
-        "extract",
-        "--checkpoint",
-        out.to_str().unwrap(),
-        "--dataset",
-        "fashion-mnist",
-        "--data-path",
-        data.to_str().unwrap(),
-        "--split",
-        "test",
-        "--output",
-        f.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let t = candle_core::safetensors::load(&f, &candle_core::Device::Cpu).unwrap();
-    assert_eq!(t["features"].dims(), &[64, 32]);
-    assert_eq!(t["labels"].dims(), &[64]);
-    let labels: Vec<i64> = t["labels"].to_vec1().unwrap();
-    // The first Fashion-MNIST test labels: 9 2 1 1 6.
-    assert_eq!(&labels[..5], &[9, 2, 1, 1, 6]);
-    let feats: Vec<Vec<f32>> = t["features"].to_vec2().unwrap();
-    assert!(feats.iter().flatten().all(|v| v.is_finite()));
-    assert!(feats[0] != feats[1], "features of different images differ");
-}
-
-#[test]
-fn attention_writes_maps_and_threshold_overlays() {
-    let (tmp, _, out) = trained();
-    let img = shared().join("cifar10-test20/png");
-    let first = std::fs::read_dir(&img)
+/// The first PNG (by name) of the shared CIFAR-10 sample.
+fn first_cifar_png() -> PathBuf {
+    std::fs::read_dir(shared().join("cifar10-test20/png"))
         .unwrap()
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "png"))
         .min()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn attention_writes_maps_and_threshold_overlays() {
+    let (tmp, _, out) = trained();
+    let first = first_cifar_png();
     let dir = tmp.path().join("attn");
     let o = run(&[
         "attention",
@@ -434,15 +376,7 @@ fn attention_skips_unreadable_images_of_a_folder() {
     let (tmp, _, out) = trained();
     let folder = tmp.path().join("attn-mixed");
     std::fs::create_dir_all(&folder).unwrap();
-    let png = shared().join("cifar10-test20/png");
-    let good = std::fs::read_dir(&png)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "png"))
-        .min()
-        .unwrap();
-    std::fs::copy(&good, folder.join("good.png")).unwrap();
+    std::fs::copy(first_cifar_png(), folder.join("good.png")).unwrap();
     std::fs::write(folder.join("broken.jpg"), b"not a jpeg").unwrap();
     let maps = tmp.path().join("attn-mixed-out");
     let args = |img: &Path| {
@@ -569,20 +503,47 @@ fn bad_flag_values_are_one_line() {
     );
 }
 
+/// Evaluation flags are checked before any feature is extracted, each error naming its flag: crops smaller
+/// than a patch, and the linear probe's settings.
 #[test]
-fn eval_crops_smaller_than_a_patch_are_one_line() {
+fn eval_flags_are_one_line_errors() {
     let (_tmp, data, out) = trained();
-    for (flag, v, needle) in [
+    for (cmd, flag, v, needle) in [
         (
+            "eval-knn",
             "--crop",
             "4",
             "--crop 4: smaller than the network's patch size 7",
         ),
-        ("--crop", "0", "--crop 0: must be positive"),
-        ("--resize", "0", "--resize 0: must be positive"),
+        ("eval-knn", "--crop", "0", "--crop 0: must be positive"),
+        ("eval-knn", "--resize", "0", "--resize 0: must be positive"),
+        (
+            "eval-linear",
+            "--lr",
+            "-1",
+            "--lr -1: must be a positive number",
+        ),
+        (
+            "eval-linear",
+            "--epochs",
+            "0",
+            "--epochs 0: must be positive",
+        ),
+        (
+            "eval-linear",
+            "--probe-batch-size",
+            "0",
+            "--probe-batch-size 0: must be positive",
+        ),
+        (
+            "eval-linear",
+            "--n-last-blocks",
+            "0",
+            "--n-last-blocks 0: must be positive",
+        ),
     ] {
         let o = run(&[
-            "eval-knn",
+            cmd,
             "--checkpoint",
             out.to_str().unwrap(),
             "--dataset",
