@@ -306,6 +306,35 @@ fn eval_knn_reports_accuracy_and_caches_features() {
     );
 }
 
+#[test]
+fn extract_writes_features_and_labels() {
+    let (tmp, data, out) = trained();
+    let f = tmp.path().join("feats.safetensors");
+    let o = run(&[
+        "extract",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--dataset",
+        "fashion-mnist",
+        "--data-path",
+        data.to_str().unwrap(),
+        "--split",
+        "test",
+        "--output",
+        f.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let t = candle_core::safetensors::load(&f, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t["features"].dims(), &[64, 32]);
+    assert_eq!(t["labels"].dims(), &[64]);
+    let labels: Vec<i64> = t["labels"].to_vec1().unwrap();
+    // The first Fashion-MNIST test labels: 9 2 1 1 6.
+    assert_eq!(&labels[..5], &[9, 2, 1, 1, 6]);
+    let feats: Vec<Vec<f32>> = t["features"].to_vec2().unwrap();
+    assert!(feats.iter().flatten().all(|v| v.is_finite()));
+    assert!(feats[0] != feats[1], "features of different images differ");
+}
+
 /// The first PNG (by name) of the shared CIFAR-10 sample.
 fn first_cifar_png() -> PathBuf {
     std::fs::read_dir(shared().join("cifar10-test20/png"))
