@@ -92,7 +92,8 @@ pub fn global_positions(rank: usize, world: usize, b: usize) -> Vec<u64> {
 pub struct MultiCropBatch {
     /// `crops[c]` has shape `(B, 3, h_c, w_c)`: global crops first, then local crops.
     pub crops: Vec<Tensor>,
-    /// The dataset index of each row (the substitute's index where a sample was skipped).
+    /// The dataset index of each row (the substitute's index where a sample was skipped; with an
+    /// [`EvalBatcher`] unreadable samples have no row).
     pub indices: Vec<usize>,
     /// The label of each row, when the dataset is labelled.
     pub labels: Option<Vec<usize>>,
@@ -163,9 +164,9 @@ struct Shared {
     device: Device,
     /// Per-sample decode state: known-bad samples are not decoded (nor warned about) again.
     state: Vec<AtomicU8>,
-    /// What becomes of an unreadable sample's slot, for the epoch's warning: "substituted by the next readable
-    /// ones" (training) or "left out" ([`EvalBatcher`]).
-    unreadable_fate: &'static str,
+    /// Whether an unreadable sample's slot takes the next readable sample (training) or is left out of its
+    /// batch ([`EvalBatcher`]: an evaluation must not count an image twice, nor give a file another's row).
+    substitute: bool,
 }
 
 /// One processed slot of a batch.
@@ -194,19 +195,27 @@ impl Shared {
         }
     }
 
-    /// Decode (or substitute) and transform the sample at slot `i`.
-    fn process(&self, i: usize, seed: u64, epoch: u64) -> Result<Sample> {
+    /// Decode (or substitute) and transform the sample at slot `i`; `None` for an unreadable one that is left
+    /// out (see `substitute`).
+    fn process(&self, i: usize, seed: u64, epoch: u64) -> Result<Option<Sample>> {
         let n = self.dataset.len();
         let mut rng = sample_rng(seed, epoch, i);
+        if !self.substitute {
+            return Ok(self.try_get(i).map(|img| Sample {
+                index: i,
+                views: self.transform.views(&img, &mut rng),
+                skipped: false,
+            }));
+        }
         for t in 0..MAX_SUBSTITUTE_TRIES.min(n) {
             let j = (i + t) % n;
             if let Some(img) = self.try_get(j) {
                 let views = self.transform.views(&img, &mut rng);
-                return Ok(Sample {
+                return Ok(Some(Sample {
                     index: j,
                     views,
                     skipped: t > 0,
-                });
+                }));
             }
         }
         Err(Error::Loader(format!(
@@ -216,7 +225,8 @@ impl Shared {
         )))
     }
 
-    /// Build the batch of `slots` (dataset indices) on the pool.
+    /// Build the batch of `slots` (dataset indices) on the pool. Without `substitute`, a batch whose samples are
+    /// all unreadable has no crops and no rows.
     fn batch(
         &self,
         slots: &[usize],
@@ -225,19 +235,21 @@ impl Shared {
         iteration: usize,
         skipped: &AtomicUsize,
     ) -> Result<MultiCropBatch> {
-        let samples: Vec<Result<Sample>> = self.pool.install(|| {
+        let samples: Vec<Result<Option<Sample>>> = self.pool.install(|| {
             slots
                 .par_iter()
                 .map(|&i| self.process(i, seed, epoch))
                 .collect()
         });
-        let samples: Vec<Sample> = samples.into_iter().collect::<Result<_>>()?;
-        let n_skipped = samples.iter().filter(|s| s.skipped).count();
+        let samples: Vec<Option<Sample>> = samples.into_iter().collect::<Result<_>>()?;
+        let left_out = samples.iter().filter(|s| s.is_none()).count();
+        let samples: Vec<Sample> = samples.into_iter().flatten().collect();
+        let n_skipped = left_out + samples.iter().filter(|s| s.skipped).count();
         skipped.fetch_add(n_skipped, Ordering::Relaxed);
         let nv = self.transform.num_views();
         let b = samples.len();
         let mut crops = Vec::with_capacity(nv);
-        for c in 0..nv {
+        for c in (0..nv).take_while(|_| b > 0) {
             let first = samples[0].views.get(c).ok_or_else(|| {
                 Error::Loader(format!(
                     "the transform returned {} views, num_views() says {nv}",
@@ -304,6 +316,17 @@ impl MultiCropLoader {
         cfg: LoaderConfig,
         device: Device,
     ) -> Result<Self> {
+        Self::build(dataset, transform, cfg, device, true)
+    }
+
+    /// The loader; `substitute`: see `Shared::substitute`.
+    fn build(
+        dataset: Arc<dyn Dataset>,
+        transform: Arc<dyn Transform>,
+        cfg: LoaderConfig,
+        device: Device,
+        substitute: bool,
+    ) -> Result<Self> {
         if cfg.batch_size == 0 {
             return Err(Error::InvalidArgument(
                 "batch_size must be at least 1".into(),
@@ -352,7 +375,7 @@ impl MultiCropLoader {
                 pool,
                 device,
                 state,
-                unreadable_fate: "substituted by the next readable ones",
+                substitute,
             }),
             cfg,
         })
@@ -464,7 +487,11 @@ impl MultiCropLoader {
                     tracing::warn!(
                         "epoch {epoch}: skipped {n} unreadable samples of '{}' ({})",
                         shared.dataset.name(),
-                        shared.unreadable_fate
+                        if shared.substitute {
+                            "substituted by the next readable ones"
+                        } else {
+                            "left out"
+                        }
                     );
                 }
             });
@@ -618,11 +645,9 @@ impl EvalBatcher {
             drop_last: false,
             ..LoaderConfig::default()
         };
-        let mut loader = MultiCropLoader::new(dataset, transform, cfg)?;
-        if let Some(shared) = Arc::get_mut(&mut loader.shared) {
-            shared.unreadable_fate = "left out";
-        }
-        Ok(Self { loader })
+        Ok(Self {
+            loader: MultiCropLoader::build(dataset, transform, cfg, Device::Cpu, false)?,
+        })
     }
 
     /// Number of batches: `ceil(N / B)`.
@@ -637,44 +662,14 @@ impl EvalBatcher {
 
     /// Iterate over all batches in dataset order. A batch whose samples are all unreadable is not yielded.
     pub fn iter(&self) -> impl Iterator<Item = Result<EvalBatch>> + '_ {
-        let b = self.loader.cfg.batch_size;
-        self.loader.epoch(0).enumerate().filter_map(move |(it, r)| {
-            let mut batch = match r {
-                Ok(batch) => batch,
-                Err(e) => return Some(Err(e)),
-            };
-            let images = batch.crops.swap_remove(0);
-            // The loader fills an unreadable sample's slot with the next readable one: row r of iteration
-            // `it` holds slot `it * b + r` unless it is such a stand-in, which is left out here.
-            let keep: Vec<usize> = (0..batch.indices.len())
-                .filter(|&r| batch.indices[r] == it * b + r)
-                .collect();
-            if keep.len() == batch.indices.len() {
-                return Some(Ok(EvalBatch {
-                    images,
-                    indices: batch.indices,
-                    labels: batch.labels,
-                }));
-            }
-            if keep.is_empty() {
-                return None;
-            }
-            let rows = Tensor::new(
-                keep.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-                images.device(),
-            );
-            Some(
-                rows.and_then(|rows| images.index_select(&rows, 0))
-                    .map_err(Error::from)
-                    .map(|images| EvalBatch {
-                        images,
-                        indices: keep.iter().map(|&r| batch.indices[r]).collect(),
-                        labels: batch
-                            .labels
-                            .as_ref()
-                            .map(|l| keep.iter().map(|&r| l[r]).collect()),
-                    }),
-            )
+        self.loader.epoch(0).filter_map(|r| match r {
+            Ok(b) if b.indices.is_empty() => None,
+            Ok(mut b) => Some(Ok(EvalBatch {
+                images: b.crops.swap_remove(0),
+                indices: b.indices,
+                labels: b.labels,
+            })),
+            Err(e) => Some(Err(e)),
         })
     }
 }

@@ -177,6 +177,19 @@ pub fn cell_side(side: u32) -> u32 {
     }
 }
 
+/// A sheet as written: where, its size, and the PNG bytes (for TensorBoard, without reading the file back).
+#[derive(Debug, Clone)]
+pub struct Sheet {
+    /// The PNG file.
+    pub path: PathBuf,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// The encoded PNG, as in the file.
+    pub png: Vec<u8>,
+}
+
 /// Margin around a sheet, pixels.
 const SHEET_MARGIN: u32 = 16;
 /// Height of a sheet's title line and of each subtitle line, pixels.
@@ -198,7 +211,7 @@ pub fn save_sheet(
     title: &str,
     subtitle: &[String],
     rows: &[SheetRow],
-) -> Result<PathBuf> {
+) -> Result<Sheet> {
     let Some(first) = rows.first() else {
         return Err(Error::Msg(format!(
             "{}: no images for the attention sheet",
@@ -315,9 +328,16 @@ pub fn save_sheet(
     }
     let img = RgbImage::from_raw(width, height, buf)
         .ok_or_else(|| Error::Msg(format!("{}: sheet buffer size mismatch", path.display())))?;
-    img.save(path)
-        .map_err(|e| Error::Msg(format!("{}: cannot write PNG: {e}", path.display())))?;
-    Ok(path.to_path_buf())
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| Error::Msg(format!("{}: cannot encode PNG: {e}", path.display())))?;
+    std::fs::write(path, &png).map_err(|e| Error::io(path, e))?;
+    Ok(Sheet {
+        path: path.to_path_buf(),
+        width,
+        height,
+        png,
+    })
 }
 
 /// The TensorBoard tag of the sheet `dino train` writes (its Images tab).
@@ -336,7 +356,7 @@ pub fn write_sheet(
     ds: std::sync::Arc<dyn dino_data::dataset::Dataset>,
     path: &Path,
     title: &str,
-) -> Result<Option<PathBuf>> {
+) -> Result<Option<Sheet>> {
     use candle_core::{DType, Device};
     let len = ds.len();
     let n = len.min(SHEET_IMAGES);

@@ -158,6 +158,12 @@ impl KnnSetup {
         knn_eval(&train, &test, cfg.knn_k, cfg.knn_temperature)
     }
 
+    /// The baseline of the same network at random initialisation (the seeded init is deterministic).
+    fn run_init(&self, cfg: &TrainConfig, device: &candle_core::Device) -> Result<KnnResult> {
+        let net = DinoNetwork::new(cfg, cfg.seed, 0.0, device)?;
+        self.run(cfg, net.model.backbone.as_ref())
+    }
+
     /// The features of `ds`; under data parallelism each rank extracts every `world`-th image and the
     /// features are gathered over the ranks (as the official `eval_knn` does), in dataset order on every rank.
     fn features(
@@ -519,10 +525,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut knn_pixels = None;
     let mut stop: Option<i32> = None;
     if let (true, Some(k)) = (cfg.eval_final && start_g < total, &knn) {
-        let init = || {
-            let net = DinoNetwork::new(cfg, cfg.seed, 0.0, &device)?;
-            k.run(cfg, net.model.backbone.as_ref())
-        };
+        let init = || k.run_init(cfg, &device);
         let pixels = || k.pixels(cfg);
         let baselines: [(&str, KnnEval, &mut Option<KnnResult>); 2] = [
             ("the network at random initialisation", &init, &mut knn_init),
@@ -773,17 +776,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     if cfg.eval_final && stop.is_none() {
         if let Some(k) = &knn {
             if summary.knn_final.is_none() {
-                let (r, s) = unless_stopped(coll.as_ref(), world, || {
+                (summary.knn_final, stop) = unless_stopped(coll.as_ref(), world, || {
                     k.run(cfg, trainer.teacher.model.backbone.as_ref())
                 })?;
-                (summary.knn_final, stop) = (r, s);
             }
             if knn_init.is_none() && stop.is_none() {
-                let (r, s) = unless_stopped(coll.as_ref(), world, || {
-                    let init = DinoNetwork::new(cfg, cfg.seed, 0.0, &device)?;
-                    k.run(cfg, init.model.backbone.as_ref())
-                })?;
-                (knn_init, stop) = (r, s);
+                (knn_init, stop) =
+                    unless_stopped(coll.as_ref(), world, || k.run_init(cfg, &device))?;
             }
             if knn_pixels.is_none() && stop.is_none() {
                 (knn_pixels, stop) = unless_stopped(coll.as_ref(), world, || k.pixels(cfg))?;
@@ -847,24 +846,25 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             );
             let path = out.join("plots").join("attention.png");
             let teacher = trainer.teacher.model.backbone.as_ref();
-            let tb = log.as_mut().and_then(|l| l.tensorboard());
-            match crate::attention::write_sheet(cfg, teacher, ds, &path, &title).and_then(|sheet| {
-                // The same PNG in TensorBoard's Images tab, at the run's last iteration.
-                if let (Some(p), Some(tb)) = (&sheet, tb) {
-                    let png = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-                    let (w, h) = image::image_dimensions(p)
-                        .map_err(|e| Error::Msg(format!("{}: {e}", p.display())))?;
-                    tb.write_image(
-                        crate::attention::TENSORBOARD_TAG,
-                        summary.global_iteration as i64,
-                        &png,
-                        w,
-                        h,
-                    )?;
-                }
-                Ok(sheet)
-            }) {
-                Ok(Some(p)) => summary.plots.push(p),
+            let sheet =
+                crate::attention::write_sheet(cfg, teacher, ds, &path, &title).and_then(|sheet| {
+                    // The same PNG in TensorBoard's Images tab, at the run's last iteration.
+                    if let (Some(sh), Some(tb)) =
+                        (&sheet, log.as_mut().and_then(|l| l.tensorboard()))
+                    {
+                        let step = summary.global_iteration as i64;
+                        tb.write_image(
+                            crate::attention::TENSORBOARD_TAG,
+                            step,
+                            &sh.png,
+                            sh.width,
+                            sh.height,
+                        )?;
+                    }
+                    Ok(sheet)
+                });
+            match sheet {
+                Ok(Some(sh)) => summary.plots.push(sh.path),
                 Ok(None) => {}
                 Err(e) => progress.warn(&format!(
                     "warning: {} not written: {}",
