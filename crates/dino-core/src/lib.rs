@@ -111,7 +111,9 @@ pub use error::{Error, Result};
 pub use ibot::{ibot_loss_dense, IbotPatchLoss, IbotPatchLossConfig};
 pub use knn::{knn_classifier, l2_normalize, KnnResult};
 pub use koleo::{koleo_loss, koleo_per_crop, koleo_per_crop_over_ranks};
-pub use loss::{sinkhorn_knopp_teacher, DinoLoss, DinoLossConfig, TeacherCentering};
+pub use loss::{
+    sinkhorn_knopp_teacher, DinoLoss, DinoLossConfig, TeacherCentering, TeacherTargets,
+};
 pub use monitor::CollapseMetrics;
 pub use optim::{
     cancel_gradients_last_layer, clip_gradients, AdamW, Lars, Optimizer, ParamGroup, Sgd,

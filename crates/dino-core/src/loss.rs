@@ -7,6 +7,7 @@
 //! ([`TeacherCentering::SinkhornKnopp`], [`sinkhorn_knopp_teacher`]), is a config choice; the centre is then
 //! never updated, as in the official dinov2 code.
 
+use std::ops::Range;
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
@@ -105,6 +106,22 @@ struct LastCall {
     teacher_temp: f64,
     /// The Sinkhorn-Knopp targets (2B, K), when that mode made them.
     probs: Option<Tensor>,
+}
+
+/// The teacher's side of one step's loss ([`DinoLoss::teacher_targets`]), shared by the passes over the
+/// student's crops.
+#[derive(Debug, Clone)]
+pub struct TeacherTargets {
+    /// Teacher logits (2B, K), f32, detached.
+    teacher: Tensor,
+    /// The centre (1, K) the targets use (before this step's update).
+    center: Tensor,
+    /// Teacher temperature of the step's epoch.
+    temp: f64,
+    /// The Sinkhorn-Knopp targets (2B, K), in that mode.
+    probs: Option<Tensor>,
+    /// Rows per crop, B.
+    batch: usize,
 }
 
 /// The DINO loss with its centre buffer (`center`, shape (1, K), zeros at start).
@@ -215,7 +232,28 @@ impl DinoLoss {
         teacher_output: &Tensor,
         epoch: usize,
     ) -> Result<Tensor> {
-        let (n, b, k) = self.check_shapes(student_output, teacher_output)?;
+        let (n, _, _) = self.check_shapes(student_output, teacher_output)?;
+        let targets = self.teacher_targets(teacher_output, epoch)?;
+        let loss = self.student_loss(&targets, student_output, 0..n)?;
+        self.finish(targets, loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)?;
+        Ok(loss)
+    }
+
+    /// The first of the three parts of [`forward`](Self::forward), for a step whose student crops go
+    /// through the network in several passes (each pass's activations freed by its backward before the
+    /// next): the targets of the teacher's `teacher_output` (2*B, K) at `epoch`, made once per step
+    /// (Sinkhorn-Knopp runs here, with its all-reduces). The centre is left alone until
+    /// [`finish`](Self::finish).
+    pub fn teacher_targets(&self, teacher_output: &Tensor, epoch: usize) -> Result<TeacherTargets> {
+        let k = self.cfg.out_dim;
+        let td = teacher_output.dims();
+        if td.len() != 2 || td[1] != k || td[0] == 0 || td[0] % 2 > 0 {
+            return Err(Error::shape(
+                "teacher_output",
+                format!("(2 * B, K) with B > 0 and K = {k}"),
+                td,
+            ));
+        }
         let temp = self.teacher_temp(epoch)?;
         let teacher = teacher_output.detach().to_dtype(DType::F32)?;
         let probs = match self.cfg.centering {
@@ -224,47 +262,103 @@ impl DinoLoss {
                 Some(sinkhorn_knopp_teacher(&teacher, temp, n_iterations)?)
             }
         };
-        let loss = match (&probs, cpu_fast_path(&[student_output])) {
+        Ok(TeacherTargets {
+            batch: td[0] / 2,
+            teacher,
+            center: self.center.clone(),
+            temp,
+            probs,
+        })
+    }
+
+    /// The second part: the loss terms of the student crops `views` (a range of crop indices in
+    /// `0..ncrops`), `student_output` their rows `(views.len() * B, K)`, crop-major. Each term is divided
+    /// by the whole step's pair count, so the values (and gradients) of passes that cover every crop once
+    /// add up to [`forward`](Self::forward)'s; one pass over `0..ncrops` is `forward`'s loss itself. The
+    /// gradient flows to `student_output` only.
+    pub fn student_loss(
+        &self,
+        targets: &TeacherTargets,
+        student_output: &Tensor,
+        views: Range<usize>,
+    ) -> Result<Tensor> {
+        let (n, k, b) = (self.cfg.ncrops, self.cfg.out_dim, targets.batch);
+        if views.is_empty() || views.end > n {
+            return Err(Error::arg(
+                "views",
+                format!("{views:?} is not a non-empty range of the {n} crops (0..{n})"),
+            ));
+        }
+        let sd = student_output.dims();
+        if sd != [views.len() * b, k] {
+            return Err(Error::shape(
+                "student_output",
+                format!(
+                    "({} crops * B = {b}, K = {k}) for crops {views:?}",
+                    views.len()
+                ),
+                sd,
+            ));
+        }
+        if !student_output
+            .device()
+            .same_device(targets.teacher.device())
+        {
+            return Err(Error::arg(
+                "teacher_output",
+                "must be on the student_output's device",
+            ));
+        }
+        let loss = match (&targets.probs, cpu_fast_path(&[student_output])) {
             (None, true) => {
                 let op = DinoLossOp::new(
                     n,
                     b,
                     k,
                     self.cfg.student_temp,
-                    temp,
-                    self.center.flatten_all()?.to_vec1::<f32>()?,
-                );
+                    targets.temp,
+                    targets.center.flatten_all()?.to_vec1::<f32>()?,
+                )
+                .for_views(views);
                 let student = student_output.to_dtype(DType::F32)?.contiguous()?;
-                student.apply_op2(&teacher.contiguous()?, op)?
+                student.apply_op2(&targets.teacher.contiguous()?, op)?
             }
             (Some(q), true) => {
-                let op = DinoLossOp::with_teacher_probs(n, b, k, self.cfg.student_temp);
+                let op =
+                    DinoLossOp::with_teacher_probs(n, b, k, self.cfg.student_temp).for_views(views);
                 let student = student_output.to_dtype(DType::F32)?.contiguous()?;
                 student.apply_op2(&q.contiguous()?, op)?
             }
-            (None, false) => dino_loss_composed(
+            (None, false) => dino_loss_composed_views(
                 student_output,
-                &teacher,
-                &self.center,
+                &teacher_probs_composed(&targets.teacher, &targets.center, targets.temp)?,
                 n,
+                views,
                 self.cfg.student_temp,
-                temp,
             )?,
             (Some(q), false) => {
-                dino_loss_composed_probs(student_output, q, n, self.cfg.student_temp)?
+                dino_loss_composed_views(student_output, q, n, views, self.cfg.student_temp)?
             }
         };
-        self.last = Some(LastCall {
-            loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-            teacher_output: teacher.clone(),
-            center_before: self.center.clone(),
-            teacher_temp: temp,
-            probs: probs.clone(),
-        });
-        if probs.is_none() {
-            self.update_center(&teacher)?;
-        }
         Ok(loss)
+    }
+
+    /// The third part, once after every pass of the step: records `loss` (the sum of the passes' DINO
+    /// loss values) for [`last_metrics`](Self::last_metrics) and updates the centre with the teacher's
+    /// batch mean (centering mode; all-reduced over the ranks).
+    pub fn finish(&mut self, targets: TeacherTargets, loss: f64) -> Result<()> {
+        let probs_given = targets.probs.is_some();
+        self.last = Some(LastCall {
+            loss,
+            teacher_output: targets.teacher.clone(),
+            center_before: targets.center,
+            teacher_temp: targets.temp,
+            probs: targets.probs,
+        });
+        if !probs_given {
+            self.update_center(&targets.teacher)?;
+        }
+        Ok(())
     }
 
     /// [`forward`](Self::forward) for per-crop lists: `student` holds n tensors (B, K) (2 global crops
@@ -412,19 +506,8 @@ pub fn dino_loss_composed(
     student_temp: f64,
     teacher_temp: f64,
 ) -> Result<Tensor> {
-    // In f64, as the fused kernel's sums: candle's f32 reductions add K = 65536 terms one after another, which
-    // put the gradient 3e-3 relative away from the official values (torch's f32 sums are pairwise). The loss
-    // comes back in the student's dtype; the gradient flows through the casts.
-    let dt = DType::F64;
-    let student = (student_output.to_dtype(dt)? / student_temp)?;
-    let ls = candle_nn::ops::log_softmax(&student, D::Minus1)?;
-    let teacher = teacher_output.detach().to_dtype(dt)?;
-    let center = center.to_dtype(dt)?;
-    let q = candle_nn::ops::softmax(
-        &(teacher.broadcast_sub(&center)? / teacher_temp)?,
-        D::Minus1,
-    )?;
-    Ok(cross_entropy_pairs(&ls, &q.detach(), ncrops)?.to_dtype(student_output.dtype())?)
+    let q = teacher_probs_composed(&teacher_output.detach(), center, teacher_temp)?;
+    dino_loss_composed_views(student_output, &q, ncrops, 0..ncrops, student_temp)
 }
 
 /// The loss of [`dino_loss_composed`] for given teacher targets `teacher_probs` (2B, K) (e.g. from
@@ -435,26 +518,63 @@ pub fn dino_loss_composed_probs(
     ncrops: usize,
     student_temp: f64,
 ) -> Result<Tensor> {
-    // f64 internally, as [`dino_loss_composed`].
+    dino_loss_composed_views(
+        student_output,
+        teacher_probs,
+        ncrops,
+        0..ncrops,
+        student_temp,
+    )
+}
+
+/// `softmax((teacher - center) / teacher_temp)` in f64 (2B, K), detached.
+fn teacher_probs_composed(teacher: &Tensor, center: &Tensor, teacher_temp: f64) -> Result<Tensor> {
+    // In f64, as the fused kernel's sums: candle's f32 reductions add K = 65536 terms one after another, which
+    // put the gradient 3e-3 relative away from the official values (torch's f32 sums are pairwise).
+    let dt = DType::F64;
+    let teacher = teacher.detach().to_dtype(dt)?;
+    let center = center.to_dtype(dt)?;
+    Ok(candle_nn::ops::softmax(
+        &(teacher.broadcast_sub(&center)? / teacher_temp)?,
+        D::Minus1,
+    )?
+    .detach())
+}
+
+/// The loss terms of the student crops `views` (rows `(views.len() * B, K)`) against the teacher targets
+/// `q` (2B, K), each divided by the pair count of all `ncrops` crops; composed from candle ops in f64 (the
+/// loss comes back in the student's dtype, the gradient flows through the casts).
+fn dino_loss_composed_views(
+    student_output: &Tensor,
+    q: &Tensor,
+    ncrops: usize,
+    views: Range<usize>,
+    student_temp: f64,
+) -> Result<Tensor> {
     let dt = DType::F64;
     let student = (student_output.to_dtype(dt)? / student_temp)?;
     let ls = candle_nn::ops::log_softmax(&student, D::Minus1)?;
     Ok(
-        cross_entropy_pairs(&ls, &teacher_probs.detach().to_dtype(dt)?, ncrops)?
+        cross_entropy_pairs(&ls, &q.detach().to_dtype(dt)?, ncrops, views)?
             .to_dtype(student_output.dtype())?,
     )
 }
 
-/// Mean over the pairs (teacher crop iq, student crop v != iq) of the batch-mean cross-entropy, from the
-/// student log-probabilities `ls` (nB, K) and the teacher targets `q` (2B, K).
-fn cross_entropy_pairs(ls: &Tensor, q: &Tensor, ncrops: usize) -> Result<Tensor> {
-    let ls = ls.chunk(ncrops, 0)?;
+/// Over the pairs (teacher crop iq, student crop v != iq) with v in `views`: the batch-mean cross-entropy,
+/// summed and divided by the pair count of all `ncrops` crops (2 ncrops - 2), from the student
+/// log-probabilities `ls` (views.len() * B, K) and the teacher targets `q` (2B, K).
+fn cross_entropy_pairs(
+    ls: &Tensor,
+    q: &Tensor,
+    ncrops: usize,
+    views: Range<usize>,
+) -> Result<Tensor> {
+    let ls = ls.chunk(views.len(), 0)?;
     let q = q.chunk(2, 0)?;
     let b = ls[0].dim(0)? as f64;
     let mut total: Option<Tensor> = None;
-    let mut terms = 0usize;
     for (iq, qi) in q.iter().enumerate() {
-        for (v, lv) in ls.iter().enumerate() {
+        for (v, lv) in views.clone().zip(&ls) {
             if v == iq {
                 continue;
             }
@@ -463,11 +583,10 @@ fn cross_entropy_pairs(ls: &Tensor, q: &Tensor, ncrops: usize) -> Result<Tensor>
                 Some(t) => (t + term)?,
                 None => term,
             });
-            terms += 1;
         }
     }
     let total = total.ok_or_else(|| Error::arg("ncrops", "no pair of different views"))?;
-    Ok((total / terms as f64)?)
+    Ok((total / (2 * ncrops - 2) as f64)?)
 }
 
 /// A centre read from a checkpoint (K values, shape already checked) as the (1, K) f32 buffer on `device`.
@@ -636,6 +755,9 @@ struct FwdCache {
 /// other than v and `w_v = sum_k Q_v[b,k]` their count. The teacher gets no gradient.
 pub struct DinoLossOp {
     ncrops: usize,
+    /// The student crops this op's first input holds: `views.len() * B` rows (all `0..ncrops` unless
+    /// [`DinoLossOp::for_views`] narrowed them).
+    views: Range<usize>,
     batch: usize,
     out_dim: usize,
     student_temp: f32,
@@ -659,6 +781,7 @@ impl DinoLossOp {
     ) -> Self {
         Self {
             ncrops,
+            views: 0..ncrops,
             batch,
             out_dim,
             student_temp: student_temp as f32,
@@ -681,6 +804,14 @@ impl DinoLossOp {
             teacher_probs: true,
             ..Self::new(ncrops, batch, out_dim, student_temp, 1.0, Vec::new())
         }
+    }
+
+    /// The op for the student crops `views` only (its first input then has `views.len() * B` rows): the
+    /// same terms and gradient rows as the op over every crop has for them, divided by the same pair count,
+    /// so ops over ranges that cover every crop once add up to the op over all of them.
+    pub fn for_views(mut self, views: Range<usize>) -> Self {
+        self.views = views;
+        self
     }
 
     fn n_terms(&self) -> usize {
@@ -721,12 +852,17 @@ impl CustomOp2 for DinoLossOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, b, k) = (self.ncrops, self.batch, self.out_dim);
+        let (n, b, k) = (self.views.len(), self.batch, self.out_dim);
         let student = cpu_f32(s1, l1, "student_output")?;
         let teacher = cpu_f32(s2, l2, "teacher_output")?;
         let center_ok = self.teacher_probs || self.center.len() == k;
-        if student.len() != n * b * k || teacher.len() != 2 * b * k || !center_ok {
-            candle_core::bail!("dino loss: sizes do not match ncrops {n}, batch {b}, out_dim {k}");
+        let views_ok = !self.views.is_empty() && self.views.end <= self.ncrops;
+        if student.len() != n * b * k || teacher.len() != 2 * b * k || !center_ok || !views_ok {
+            candle_core::bail!(
+                "dino loss: sizes do not match crops {:?} of {}, batch {b}, out_dim {k}",
+                self.views,
+                self.ncrops
+            );
         }
         // Teacher: q = softmax((t - center) / T), as torch: subtract, divide, max, exp, normalise. Every
         // element of q is written below (a copy, or each row's first loop) before it is read.
@@ -777,9 +913,10 @@ impl CustomOp2 for DinoLossOp {
         let mut ce = vec![0f64; n * b];
         let q_ref = &q;
         let stats_ref = &stats;
+        let v0 = self.views.start;
         par_fill(&mut ce, 2 * k, |r| {
             simd!({
-                let (v, bi) = (r / b, r % b);
+                let (v, bi) = (v0 + r / b, r % b);
                 let s = &student[r * k..(r + 1) * k];
                 let shift = stats_ref[r].max + stats_ref[r].log_sum;
                 // A plain loop, not `map().sum()`: the iterator's `fold` stays out of line and would
@@ -807,7 +944,7 @@ impl CustomOp2 for DinoLossOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, b, k) = (self.ncrops, self.batch, self.out_dim);
+        let (n, b, k) = (self.views.len(), self.batch, self.out_dim);
         let g = grad_res
             .to_dtype(DType::F32)?
             .flatten_all()?
@@ -828,9 +965,10 @@ impl CustomOp2 for DinoLossOp {
         let scale = g / (st * (b * self.n_terms()) as f32);
         // Every row's first loop writes all of it before the targets' terms are added.
         let mut grad = uninit_f32(n * b * k);
+        let v0 = self.views.start;
         par_rows_mut(&mut grad, k, |r, out| {
             simd!({
-                let (v, bi) = (r / b, r % b);
+                let (v, bi) = (v0 + r / b, r % b);
                 let s = &student[r * k..(r + 1) * k];
                 let RowStats { max, log_sum } = cache.student_rows[r];
                 let shift = max + log_sum;

@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Tensor, Var};
 use common::{assert_close, get, golden, scalar, vec_f64};
 use dino_core::loss::dino_loss_composed;
-use dino_core::{DinoLoss, DinoLossConfig, Error};
+use dino_core::{DinoLoss, DinoLossConfig, Error, TeacherCentering};
 
 fn golden_cfg() -> DinoLossConfig {
     // DINOLoss(64, ncrops 6, 0.04 -> 0.07 over 30 epochs, 100 epochs)
@@ -223,6 +223,96 @@ fn fused_op_matches_composed_candle_ops_and_finite_differences() {
     }
 }
 
+/// The loss split into passes over the student's crops (`teacher_targets`, `student_loss` per range of
+/// crops, `finish`) adds up to one `forward`: the values sum to its loss, the gradient rows are its rows,
+/// the centre and the collapse monitors end the same; in both teacher modes, with splits that keep the
+/// global crops together, split them, and mix a global crop with local ones.
+#[test]
+fn loss_split_into_crop_passes_adds_up_to_the_whole() {
+    let dev = common::tdev();
+    let (n, b, k) = (6usize, 3usize, 37usize);
+    let student = (Tensor::randn(0f32, 1.0, (n * b, k), &dev).unwrap() * 0.3).unwrap();
+    let teacher = (Tensor::randn(0f32, 1.0, (2 * b, k), &dev).unwrap() * 0.3).unwrap();
+    let center = (Tensor::randn(0f32, 1.0, (1, k), &dev).unwrap() * 0.1).unwrap();
+    for centering in [
+        TeacherCentering::Centering,
+        TeacherCentering::SinkhornKnopp { n_iterations: 3 },
+    ] {
+        let cfg = DinoLossConfig {
+            centering,
+            ..DinoLossConfig::new(k, n, 0.04, 0.07, 10, 20)
+        };
+        let fresh = || {
+            let mut l = DinoLoss::new(cfg.clone(), &dev).unwrap();
+            l.set_center(&center).unwrap();
+            l
+        };
+        let mut whole = fresh();
+        let (l, grad) = loss_and_grad(&mut whole, &student, &teacher, 5);
+        let splits: [&[std::ops::Range<usize>]; 4] = [
+            &[0..6],
+            &[0..2, 2..6],
+            &[0..1, 1..2, 2..3, 3..4, 4..5, 5..6],
+            &[0..3, 3..6],
+        ];
+        for split in splits {
+            let what = format!("{centering:?}, passes {split:?}");
+            let mut parts = fresh();
+            let targets = parts.teacher_targets(&teacher, 5).unwrap();
+            let mut total = 0f64;
+            let mut rows = Vec::new();
+            for v in split {
+                let s = Var::from_tensor(&student.narrow(0, v.start * b, v.len() * b).unwrap())
+                    .unwrap();
+                let lv = parts
+                    .student_loss(&targets, s.as_tensor(), v.clone())
+                    .unwrap();
+                total += scalar(&lv);
+                rows.push(lv.backward().unwrap().get(s.as_tensor()).unwrap().clone());
+            }
+            parts.finish(targets, total).unwrap();
+            assert!(
+                (total - scalar(&l)).abs() < 1e-6 * scalar(&l).abs(),
+                "{what}: passes sum to {total}, forward gives {}",
+                scalar(&l)
+            );
+            let g = Tensor::cat(&rows, 0).unwrap();
+            assert_close(&format!("{what}: gradient"), &g, &grad, 1e-9, 1e-6);
+            assert_close(
+                &format!("{what}: centre"),
+                parts.center(),
+                whole.center(),
+                0.0,
+                0.0,
+            );
+            let (mw, mp) = (
+                whole.last_metrics().unwrap().unwrap(),
+                parts.last_metrics().unwrap().unwrap(),
+            );
+            assert!(
+                (mw.teacher_entropy - mp.teacher_entropy).abs() < 1e-9,
+                "{what}"
+            );
+            assert!(
+                (mw.kl_teacher_student - mp.kl_teacher_student).abs() < 1e-5,
+                "{what}"
+            );
+        }
+        // a range outside the crops, an empty one, rows that do not match the range
+        let parts = fresh();
+        let targets = parts.teacher_targets(&teacher, 5).unwrap();
+        let rows = |c: usize| student.narrow(0, 0, c * b).unwrap();
+        for (v, s, needle) in [
+            (5..7, rows(2), "5..7"),
+            (2..2, rows(1), "2..2"),
+            (2..4, rows(3), "student_output"),
+        ] {
+            let e = parts.student_loss(&targets, &s, v).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+}
+
 #[test]
 fn gradient_reaches_the_student_only() {
     let dev = common::tdev();
@@ -325,4 +415,5 @@ dino_kernels::portable_path_tests!(
     five_call_sequence_matches_center_ema,
     out_dim_65536_matches_official,
     gradient_reaches_the_student_only,
+    loss_split_into_crop_passes_adds_up_to_the_whole,
 );
