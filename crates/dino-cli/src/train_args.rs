@@ -3,7 +3,8 @@
 
 use clap::{ArgAction, Args};
 use dino_train::{
-    Arch, Centering, DatasetKind, MatmulPrecision, OptimizerKind, TrainConfig, VitLinearInit,
+    Arch, Centering, DatasetKind, MatmulPrecision, OptimizerKind, StudentPasses, TrainConfig,
+    VitLinearInit,
 };
 use std::path::PathBuf;
 
@@ -23,6 +24,10 @@ fn parse_precision(s: &str) -> Result<MatmulPrecision, String> {
 
 fn parse_kernels(s: &str) -> Result<dino_train::KernelPath, String> {
     s.parse()
+}
+
+fn parse_student_passes(s: &str) -> Result<StudentPasses, String> {
+    s.parse::<StudentPasses>().map_err(|e| e.to_string())
 }
 
 fn parse_centering(s: &str) -> Result<Centering, String> {
@@ -200,6 +205,11 @@ pub struct TrainArgs {
     /// portable (the composition everywhere, as on CUDA; slower on the CPU). Also DINO_KERNELS. [auto]
     #[arg(long, value_parser = parse_kernels)]
     pub kernels: Option<dino_train::KernelPath>,
+    /// How the student's crops go through the network in a step, each pass's activations freed before the
+    /// next: all (one pass, as the official code), resolution (the global crops, then the local crops) or
+    /// crop (one pass per crop, ViT only). Less memory with more passes, the same gradient. [all]
+    #[arg(long, value_parser = parse_student_passes)]
+    pub student_passes: Option<StudentPasses>,
 
     // ----- multi-crop -----
     /// Scale range of the global crops (two numbers). [0.4 1.0]
@@ -318,6 +328,7 @@ impl TrainArgs {
             head_last_layer_bf16,
             device,
             kernels,
+            student_passes,
             local_crops_number,
             color_jitter_p,
             solarize_p,
@@ -595,11 +606,14 @@ mod tests {
             "0.4",
             "--ibot-mask-sample-probability",
             "0.25",
+            "--student-passes",
+            "crop",
         ])
         .unwrap()
         .resolve()
         .unwrap();
         assert_eq!(c.centering, Centering::SinkhornKnopp);
+        assert_eq!(c.student_passes, StudentPasses::Crop);
         assert_eq!(
             (
                 c.ibot_loss_weight,
@@ -630,6 +644,13 @@ mod tests {
             .unwrap();
         assert_eq!((c.epochs, c.warmup_epochs), (1, 1));
         assert!(parse(&["--centering", "median"]).is_err());
+        let e = parse(&["--student-passes", "half"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--student-passes") && e.contains("all, resolution or crop"),
+            "{e}"
+        );
         let e = parse(&["--vit-linear-init", "xavier"])
             .unwrap_err()
             .to_string();

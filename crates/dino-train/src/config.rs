@@ -79,6 +79,41 @@ impl std::str::FromStr for Centering {
     }
 }
 
+/// How the student's crops go through the network in a training step (`--student-passes`).
+///
+/// The DINO loss is a sum of terms, one per student crop, against teacher targets that get no gradient, so
+/// the student's crops can go forward and backward in several passes whose gradients add up to the
+/// one-pass gradient; each pass's activations are freed by its backward before the next pass starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StudentPasses {
+    /// One forward and one backward over every crop, as the official code (default).
+    #[default]
+    All,
+    /// One pass per run of crops with the same resolution, the groups the multi-crop wrapper runs the
+    /// backbone on (the 2 global crops, then the local crops): the same BatchNorm statistics as one pass.
+    Resolution,
+    /// One pass per crop (with iBOT the 2 masked global crops share one): the least memory. ViT only, as a
+    /// ResNet's BatchNorm statistics would come from one crop instead of its resolution group.
+    Crop,
+}
+
+impl std::str::FromStr for StudentPasses {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "all" => Ok(Self::All),
+            "resolution" => Ok(Self::Resolution),
+            "crop" => Ok(Self::Crop),
+            _ => Err(Error::config(
+                "student_passes",
+                s,
+                "expected all, resolution or crop",
+            )),
+        }
+    }
+}
+
 /// How the ViT's block linears start (`--vit-linear-init`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -342,6 +377,13 @@ pub struct TrainConfig {
     /// layer (unless `head_last_layer_bf16`), the loss, the optimiser and evaluation stay f32, except the
     /// pre-activation GELU keeps for its backward pass, kept in bf16 as under autocast. Default highest.
     pub matmul_precision: MatmulPrecision,
+    /// How the student's crops go through the network in a step: `all` (one forward and backward over every
+    /// crop, as the official code), `resolution` (one pass per crop resolution: the global crops, then the
+    /// local crops) or `crop` (one pass per crop; ViT only). The passes' gradients add up to the one-pass
+    /// gradient (the same up to the order of float additions); peak memory falls with more passes (vit_small,
+    /// batch 64, 2 x 224 + 10 x 96 px crops: see docs/RECIPES.md). Not part of a run's identity: a run may
+    /// resume with another value. Default all.
+    pub student_passes: StudentPasses,
     /// Where the run computes: `cpu`, `cuda` (GPU 0), `cuda:N`, or `auto` (GPU 0 when this build has CUDA and a
     /// GPU answers, else the CPU). Not part of a run's identity: a checkpoint resumes on any device. Default cpu.
     pub device: crate::device::DeviceSpec,
@@ -474,6 +516,7 @@ impl Default for TrainConfig {
             min_lr: 1e-6,
             optimizer: OptimizerKind::Adamw,
             matmul_precision: MatmulPrecision::Highest,
+            student_passes: StudentPasses::All,
             device: crate::device::DeviceSpec::Cpu,
             kernels: dino_models::KernelPath::Auto,
             global_crops_scale: [0.4, 1.0],
@@ -516,6 +559,7 @@ impl Default for TrainConfig {
 pub const RESUME_IGNORED_KEYS: &[&str] = &[
     "device",
     "kernels",
+    "student_passes",
     "data_path",
     "val_data_path",
     "output_dir",
@@ -830,6 +874,25 @@ impl TrainConfig {
         finite_nonneg("knn_temperature", self.knn_temperature)?;
         finite_nonneg("koleo_loss_weight", self.koleo_loss_weight)?;
         finite_nonneg("ibot_loss_weight", self.ibot_loss_weight)?;
+        if self.student_passes == StudentPasses::Crop && !arch.is_vit() {
+            return Err(Error::config(
+                "student_passes",
+                "crop",
+                format!(
+                    "{}'s BatchNorm would take its statistics from one crop instead of the crop's resolution \
+                     group; use resolution (the same statistics as one pass)",
+                    self.arch
+                ),
+            ));
+        }
+        if self.student_passes != StudentPasses::All && self.use_bn_in_head {
+            return Err(Error::config(
+                "student_passes",
+                format!("{:?}", self.student_passes).to_ascii_lowercase(),
+                "use_bn_in_head = true: the head's BatchNorm takes its statistics over every crop at once, \
+                 which only one pass (all) gives",
+            ));
+        }
         if self.ibot_loss_weight > 0.0 && !arch.is_vit() {
             return Err(Error::config(
                 "ibot_loss_weight",

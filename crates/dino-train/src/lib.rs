@@ -38,7 +38,9 @@ pub mod signals;
 pub mod tensorboard;
 pub mod trainer;
 
-pub use config::{Arch, Centering, DatasetKind, OptimizerKind, TrainConfig, VitLinearInit};
+pub use config::{
+    Arch, Centering, DatasetKind, OptimizerKind, StudentPasses, TrainConfig, VitLinearInit,
+};
 pub use device::DeviceSpec;
 pub use dino_models::{KernelPath, MatmulPrecision};
 pub use error::{Error, Result};

@@ -6,13 +6,14 @@
 //! 1. `g = epoch * niter_per_ep + it`; lr (all groups) = `lr_schedule[g]`, wd (group 0) = `wd_schedule[g]`;
 //! 2. the student's drop-path draws are keyed by `(seed, g)` and each row's crop and global-batch position
 //!    (exact resume; the same masks on any number of ranks);
-//! 3. teacher forward on the 2 global crops FIRST (output detached: no gradient reaches the teacher),
-//!    then student forward on all crops, then the DINO loss (the centre is updated inside); with iBOT
+//! 3. teacher forward on the 2 global crops FIRST (output detached: no gradient reaches the teacher) and
+//!    its targets, then student forward on all crops, the DINO loss and backward (with `student_passes`,
+//!    forward, loss terms and backward per group of crops, the gradients added), then the centre update; with iBOT
 //!    (`ibot_loss_weight > 0`) the student's global crops get patch masks drawn from `(seed, g)` for the whole
 //!    global batch (so each rank's masks do not depend on the split), both networks' patch tokens at the
 //!    masked positions go through the shared head, and the masked-patch loss is added;
-//! 4. a non-finite loss stops with [`Error::NonFiniteLoss`] naming the epoch and iteration;
-//! 5. backward; under data parallelism the gradients are averaged over the ranks (a few large bucketed
+//! 4. a non-finite loss stops with [`Error::NonFiniteLoss`] naming the epoch and iteration, before any update;
+//! 5. under data parallelism the gradients are averaged over the ranks (a few large bucketed
 //!    all-reduces, as DDP) and the loss value too; then per-parameter clipping (`clip_grad`), last-layer gradients dropped while
 //!    `epoch < freeze_last_layer`, optimiser step (two groups, wd on group 0 only);
 //! 6. teacher EMA with `momentum_schedule[g]`.
@@ -32,7 +33,7 @@ use dino_models::with_matmul_precision;
 use rand::SeedableRng;
 
 use crate::checkpoint::take_prefixed;
-use crate::config::{OptimizerKind, TrainConfig};
+use crate::config::{OptimizerKind, StudentPasses, TrainConfig};
 use crate::error::{Error, Result};
 use crate::model::DinoNetwork;
 
@@ -175,6 +176,39 @@ fn ibot_masks(
         .flat_map(|c| pos.iter().map(move |&q| c * global_b + q as usize))
         .collect();
     Ok(all.select(&rows))
+}
+
+/// One step's iBOT pieces shared by the teacher and the student pass over the global crops.
+struct IbotStep {
+    /// Flat indices of the masked patches in the `(2B, N)` grid, `(m)` u32.
+    idx: Tensor,
+    /// Each masked patch's weight, `(m)`.
+    weights: Tensor,
+    /// The masks `(2B, N)` u8.
+    mask_t: Tensor,
+    /// Global crops the masks were drawn for (2B).
+    n_crops: usize,
+    /// The teacher's targets for the masked patches, `(m, K)`.
+    targets: Tensor,
+}
+
+/// The crops of each student pass (ranges into the crop list, in order, covering it once): one range for
+/// `all`, the multi-crop wrapper's resolution groups for `resolution`, one crop each for `crop` (with iBOT
+/// the 2 global crops stay in one pass: their masks and patch targets are drawn for both).
+fn student_pass_ranges(
+    passes: StudentPasses,
+    crops: &[Tensor],
+    ibot: bool,
+) -> Result<Vec<std::ops::Range<usize>>> {
+    let n = crops.len();
+    Ok(match passes {
+        StudentPasses::All => std::iter::once(0..n).collect(),
+        StudentPasses::Resolution => dino_models::multicrop::resolution_groups(crops)?,
+        StudentPasses::Crop if ibot => std::iter::once(0..2.min(n))
+            .chain((2..n).map(|c| c..c + 1))
+            .collect(),
+        StudentPasses::Crop => (0..n).map(|c| c..c + 1).collect(),
+    })
 }
 
 /// Mixed into the seed of the iBOT masks, so that they are not drawn from drop path's stream.
@@ -475,7 +509,7 @@ impl Trainer {
         let mut clock = std::time::Instant::now();
         let mut lap = |slot: &mut f64| {
             let now = std::time::Instant::now();
-            *slot = (now - clock).as_secs_f64();
+            *slot += (now - clock).as_secs_f64();
             clock = now;
         };
         // Teacher first, on the two global crops; detached (stop-gradient), and run under `no_grad` so its
@@ -483,7 +517,8 @@ impl Trainer {
         // their backward passes keep.
         let precision = self.cfg.matmul_precision;
         let koleo_w = self.cfg.koleo_loss_weight;
-        let (loss, s_feat, ibot_loss) = if let Some(ibot) = self.ibot.as_mut() {
+        let passes = student_pass_ranges(self.cfg.student_passes, crops, self.ibot.is_some())?;
+        let (t_out, ibot_step) = if let Some(ibot) = self.ibot.as_mut() {
             let masks = ibot_masks(&self.cfg, g, rank, world, &crops[0])?;
             let dev = crops[0].device();
             let n = masks.n_masked();
@@ -502,56 +537,81 @@ impl Trainer {
                 })
             })?;
             lap(&mut timings.teacher_forward);
-            let (s_feat, s_out, s_patch) = with_matmul_precision(precision, || {
-                self.student
-                    .model
-                    .forward_ibot(crops, Some(&mask_t), &idx, true)
-            })?;
-            lap(&mut timings.student_forward);
-            let loss = self.loss.forward(&s_out, &t_out.detach(), epoch)?;
             let targets = ibot.teacher_targets(&t_patch.detach(), teacher_temp)?;
-            let l = ibot.forward_masked(&s_patch, &targets, &weights, masks.n_crops)?;
-            let loss = (loss + (&l * self.cfg.ibot_loss_weight)?)?;
-            (loss, (koleo_w > 0.0).then_some(s_feat), Some(l))
+            let step = IbotStep {
+                idx,
+                weights,
+                mask_t,
+                n_crops: masks.n_crops,
+                targets,
+            };
+            (t_out.detach(), Some(step))
         } else {
             let t_out = dino_models::no_grad(|| {
                 with_matmul_precision(precision, || self.teacher.model.forward(&crops[..2], true))
             })?
             .detach();
             lap(&mut timings.teacher_forward);
-            let (s_feat, s_out) = if koleo_w > 0.0 {
-                let (f, o) = with_matmul_precision(precision, || {
-                    self.student.model.forward_with_features(crops, true)
-                })?;
-                (Some(f), o)
-            } else {
-                let o =
-                    with_matmul_precision(precision, || self.student.model.forward(crops, true))?;
-                (None, o)
-            };
-            lap(&mut timings.student_forward);
-            (self.loss.forward(&s_out, &t_out, epoch)?, s_feat, None)
+            (t_out, None)
         };
-        // DINOv2's KoLeo on the backbone CLS features of the 2 global crops, one term per crop: over the
-        // global batch (the rows gathered over the ranks: one process's loss and gradients), or on this
-        // rank's rows alone as the official code does (`koleo_global_batch = false`).
-        let loss = match &s_feat {
-            Some(f) => {
-                let global = f.narrow(0, 0, 2 * local_b)?;
-                let k = if self.cfg.koleo_global_batch {
-                    dino_core::koleo_per_crop_over_ranks(&global, 2, koleo_w, &coll)?
-                } else {
-                    dino_core::koleo_per_crop(&global, 2, koleo_w)?
-                };
-                (loss + k)?
-            }
-            None => loss,
-        };
+        let targets = self.loss.teacher_targets(&t_out, epoch)?;
+        lap(&mut timings.loss);
         let scalar = |t: &Tensor| -> Result<f64> {
             Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
         };
-        let mut loss_v = scalar(&loss)?;
-        let mut ibot_v = ibot_loss.as_ref().map(scalar).transpose()?;
+        // The student, in one pass over every crop (the official step) or in several (`student_passes`):
+        // each pass's forward, loss terms and backward, its activations freed before the next pass; the
+        // passes' gradients add up to the one-pass gradient. The global crops' terms (iBOT, KoLeo) go with
+        // the pass that holds them.
+        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        let (mut loss_v, mut dino_v, mut ibot_v) = (0f64, 0f64, None);
+        for views in passes {
+            let globals = views.end.min(2).saturating_sub(views.start);
+            let pass = &crops[views.clone()];
+            let ibot_pass = ibot_step.as_ref().filter(|_| globals > 0);
+            let (s_feat, s_out, s_patch) = with_matmul_precision(precision, || {
+                let student = &self.student.model;
+                Ok::<_, Error>(if let Some(ib) = ibot_pass {
+                    let (f, o, p) = student.forward_ibot(pass, Some(&ib.mask_t), &ib.idx, true)?;
+                    (Some(f), o, Some(p))
+                } else if koleo_w > 0.0 && globals > 0 {
+                    let (f, o) = student.forward_with_features(pass, true)?;
+                    (Some(f), o, None)
+                } else {
+                    (None, student.forward(pass, true)?, None)
+                })
+            })?;
+            lap(&mut timings.student_forward);
+            let dino = self.loss.student_loss(&targets, &s_out, views)?;
+            let mut loss = dino.clone();
+            if let (Some(ib), Some(ibot), Some(patch)) = (ibot_pass, self.ibot.as_ref(), &s_patch) {
+                let l = ibot.forward_masked(patch, &ib.targets, &ib.weights, ib.n_crops)?;
+                ibot_v = Some(scalar(&l)?);
+                loss = (loss + (&l * self.cfg.ibot_loss_weight)?)?;
+            }
+            // DINOv2's KoLeo on the backbone CLS features of the global crops, one term per crop: over the
+            // global batch (the rows gathered over the ranks: one process's loss and gradients), or on this
+            // rank's rows alone as the official code does (`koleo_global_batch = false`).
+            if let (Some(f), true) = (&s_feat, koleo_w > 0.0 && globals > 0) {
+                let global = f.narrow(0, 0, globals * local_b)?;
+                let k = if self.cfg.koleo_global_batch {
+                    dino_core::koleo_per_crop_over_ranks(&global, globals, koleo_w, &coll)?
+                } else {
+                    dino_core::koleo_per_crop(&global, globals, koleo_w)?
+                };
+                loss = (loss + k)?;
+            }
+            dino_v += scalar(&dino)?;
+            loss_v += scalar(&loss)?;
+            lap(&mut timings.loss);
+            let pass_grads = loss.backward()?;
+            match grads.as_mut() {
+                Some(acc) => acc.extend(pass_grads)?,
+                None => grads = Some(pass_grads),
+            }
+            lap(&mut timings.backward);
+        }
+        self.loss.finish(targets, dino_v)?;
         if world > 1 {
             // The global batch's loss: the mean of the ranks' (equal-sized) batch means. A non-finite
             // loss on any rank makes it non-finite on every rank, so all of them stop at the same step.
@@ -569,8 +629,7 @@ impl Trainer {
                 global_iteration: g,
             });
         }
-        let mut grads = loss.backward()?;
-        lap(&mut timings.backward);
+        let mut grads = grads.ok_or_else(|| Error::Msg("a step without a student pass".into()))?;
         let all_reduce_bytes = if world > 1 {
             let (bytes, wait) = average_gradients(coll.as_ref(), &mut grads, &self.params)?;
             timings.rank_wait = wait;

@@ -3,7 +3,7 @@
 //! clip 3.0, freeze_last_layer 1, EMA; the same images every iteration. Each step's loss, lr, wd, momentum,
 //! teacher temperature, per-parameter clip norms, number of parameters reaching AdamW, and per-parameter
 //! sums of the student (sum and sum of squares) and teacher must match; then the centres, the final tensors
-//! and the Adam moments.
+//! and the Adam moments; also with the student's crops in passes (per resolution, per crop).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
 use dino_train::model::DinoNetwork;
-use dino_train::{MatmulPrecision, TrainConfig, Trainer};
+use dino_train::{MatmulPrecision, StudentPasses, TrainConfig, Trainer};
 use serde_json::Value;
 
 /// The device these checks run on: the CPU, or GPU 0 under `DINO_TEST_DEVICE=cuda` (`cargo xtask gpu-check`).
@@ -65,13 +65,14 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 /// The trainer of the golden run (student and teacher from the saved official weights) and its 4 crops.
 fn golden_trainer(matmul_precision: MatmulPrecision) -> (Trainer, Vec<Tensor>) {
-    golden_trainer_with(matmul_precision, false)
+    golden_trainer_with(matmul_precision, false, StudentPasses::All)
 }
 
-/// [`golden_trainer`] with `head_last_layer_bf16` set as given.
+/// [`golden_trainer`] with `head_last_layer_bf16` and `student_passes` set as given.
 fn golden_trainer_with(
     matmul_precision: MatmulPrecision,
     head_last_layer_bf16: bool,
+    student_passes: StudentPasses,
 ) -> (Trainer, Vec<Tensor>) {
     // The run of the golden file: lr 0.0005 * 512 / 256 = 1e-3, 100 epochs x 2 it, 2 warm-up epochs,
     // teacher temp 0.04 -> 0.07 over 30 epochs, drop path 0, 2 local crops.
@@ -94,6 +95,7 @@ fn golden_trainer_with(
         freeze_last_layer: 1,
         matmul_precision,
         head_last_layer_bf16,
+        student_passes,
         ..TrainConfig::default()
     };
 
@@ -132,11 +134,31 @@ fn golden_trainer_with(
 
 #[test]
 fn reproduces_the_four_official_training_iterations() {
+    official_iterations(StudentPasses::All);
+}
+
+/// The student's crops in two passes (the 2 global crops, then the 2 local ones), each freed by its
+/// backward before the next: the same 4 official iterations, to the same tolerances.
+#[test]
+fn reproduces_the_official_iterations_in_one_pass_per_resolution() {
+    official_iterations(StudentPasses::Resolution);
+}
+
+/// One pass per crop (4 passes): the same 4 official iterations.
+#[test]
+fn reproduces_the_official_iterations_in_one_pass_per_crop() {
+    official_iterations(StudentPasses::Crop);
+}
+
+/// The 4 iterations of the official run, step by step (loss, schedules, clip norms, per-parameter sums,
+/// centre) and at the end (every parameter, the teacher and Adam's moments), with the student's crops in
+/// the given passes.
+fn official_iterations(passes: StudentPasses) {
     let manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(golden("manifest.json")).unwrap()).unwrap();
     let entry = &manifest["train_steps"];
 
-    let (mut trainer, crops) = golden_trainer(MatmulPrecision::Highest);
+    let (mut trainer, crops) = golden_trainer_with(MatmulPrecision::Highest, false, passes);
     let gold = load("train_steps.safetensors");
 
     let mut lr_sum = 0.0;
@@ -387,7 +409,11 @@ fn bf16_steps(mode: dino_kernels::bf16::Bf16Gemm, head_last_layer_bf16: bool) {
         let manifest: Value =
             serde_json::from_str(&std::fs::read_to_string(golden("manifest.json")).unwrap())
                 .unwrap();
-        let (mut trainer, crops) = golden_trainer_with(MatmulPrecision::Bf16, head_last_layer_bf16);
+        let (mut trainer, crops) = golden_trainer_with(
+            MatmulPrecision::Bf16,
+            head_last_layer_bf16,
+            StudentPasses::All,
+        );
         let (mut f32_trainer, _) = golden_trainer(MatmulPrecision::Highest);
         for (i, want) in manifest["train_steps"]["steps"]
             .as_array()
@@ -435,5 +461,6 @@ fn bf16_steps(mode: dino_kernels::bf16::Bf16Gemm, head_last_layer_bf16: bool) {
 
 dino_kernels::portable_path_tests!(
     reproduces_the_four_official_training_iterations,
+    reproduces_the_official_iterations_in_one_pass_per_crop,
     bf16_matmuls_stay_within_mixed_precision_distance_of_the_official_iterations,
 );
