@@ -26,7 +26,8 @@
 //! Options: `--quick` (1 warm-up + 3 measured iterations), `--case C` (one case), `--list`, and for scaling
 //! measurements `--batch N` / `--local-crops L` (override the configuration's batch size / local crop count),
 //! `--matmul-precision bf16` (the linear layers' products in bf16, see `TrainConfig::matmul_precision`),
-//! `--head-last-layer-bf16` (with bf16, the head's last layer too, see `TrainConfig::head_last_layer_bf16`).
+//! `--head-last-layer-bf16` (with bf16, the head's last layer too, see `TrainConfig::head_last_layer_bf16`),
+//! `--student-passes resolution|crop` (the student's crops in passes, see `TrainConfig::student_passes`).
 //!
 //! Output: one JSON line per case on stdout (median seconds, images/s, peak RSS, per-phase medians, FLOPs and
 //! GFLOP/s); progress on stderr.
@@ -155,6 +156,7 @@ struct Overrides {
     matmul_precision: dino_train::MatmulPrecision,
     /// `--head-last-layer-bf16`: the head's last layer takes bf16 products too (with bf16).
     head_last_layer_bf16: bool,
+    student_passes: dino_train::StudentPasses,
     device: dino_train::DeviceSpec,
 }
 
@@ -220,6 +222,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
     }
     cfg.matmul_precision = ov.matmul_precision;
     cfg.head_last_layer_bf16 = ov.head_last_layer_bf16;
+    cfg.student_passes = ov.student_passes;
     if let Some(l) = ov.local_crops {
         cfg.local_crops_number = l;
     }
@@ -337,6 +340,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
         "config": name,
         "matmul_precision": cfg.matmul_precision.to_string(),
         "head_last_layer_bf16": cfg.head_last_layer_bf16,
+        "student_passes": format!("{:?}", cfg.student_passes).to_ascii_lowercase(),
         "device": dino_train::device::describe(&dev),
         "out_dim": out_dim,
         "batch": b,
@@ -436,11 +440,27 @@ fn main() {
         },
         None => dino_train::DeviceSpec::Cpu,
     };
+    let student_passes = match args.iter().position(|a| a == "--student-passes") {
+        Some(i) => match args.get(i + 1).map(|v| v.parse()) {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                eprintln!("error: --student-passes: {e}");
+                std::process::exit(2);
+            }
+            None => {
+                eprintln!("error: --student-passes needs a value (auto, all, resolution or crop)");
+                std::process::exit(2);
+            }
+        },
+        // One pass unless asked: the figures of docs/PERFORMANCE.md (the default, auto, runs two).
+        None => dino_train::StudentPasses::All,
+    };
     let ov = Overrides {
         batch: value("--batch"),
         local_crops: value("--local-crops"),
         matmul_precision,
         head_last_layer_bf16: args.iter().any(|a| a == "--head-last-layer-bf16"),
+        student_passes,
         device,
     };
     for case in cases {

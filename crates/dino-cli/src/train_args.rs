@@ -206,8 +206,9 @@ pub struct TrainArgs {
     #[arg(long, value_parser = parse_kernels)]
     pub kernels: Option<dino_train::KernelPath>,
     /// How the student's crops go through the network in a step, each pass's activations freed before the
-    /// next: all (one pass, as the official code), resolution (the global crops, then the local crops) or
-    /// crop (one pass per crop, ViT only). Less memory with more passes, the same gradient. [all]
+    /// next: all (one pass, as the official code), resolution (the global crops, then the local crops), crop
+    /// (one pass per crop, ViT only) or auto (resolution; all with --use-bn-in-head). Less memory with more
+    /// passes, the same gradient. [auto]
     #[arg(long, value_parser = parse_student_passes)]
     pub student_passes: Option<StudentPasses>,
 
@@ -648,7 +649,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("--student-passes") && e.contains("all, resolution or crop"),
+            e.contains("--student-passes") && e.contains("auto, all, resolution or crop"),
             "{e}"
         );
         let e = parse(&["--vit-linear-init", "xavier"])

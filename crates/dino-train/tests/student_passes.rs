@@ -75,7 +75,10 @@ fn two_steps(cfg: &TrainConfig) -> (BTreeMap<String, Tensor>, Vec<f64>) {
 /// `passes` against one pass: the same losses and every state tensor (student, teacher, optimiser, centres)
 /// within float-summation distance of the tensor's scale.
 fn same_steps(what: &str, cfg: TrainConfig, passes: StudentPasses) {
-    let (want, want_loss) = two_steps(&cfg);
+    let (want, want_loss) = two_steps(&TrainConfig {
+        student_passes: StudentPasses::All,
+        ..cfg.clone()
+    });
     let (got, got_loss) = two_steps(&TrainConfig {
         student_passes: passes,
         ..cfg
@@ -195,4 +198,16 @@ fn resnet_takes_the_same_steps_in_one_pass_per_resolution_and_refuses_one_per_cr
     .unwrap_err()
     .to_string();
     assert!(e.contains("use_bn_in_head"), "{e}");
+    // auto (the default): per resolution, or one pass with the head's BatchNorm (and accepted there)
+    let bn = TrainConfig {
+        use_bn_in_head: true,
+        ..vit()
+    };
+    bn.validate().unwrap();
+    assert_eq!(bn.student_passes, StudentPasses::Auto);
+    assert_eq!(bn.student_passes.resolve(true), StudentPasses::All);
+    assert_eq!(
+        vit().student_passes.resolve(false),
+        StudentPasses::Resolution
+    );
 }
