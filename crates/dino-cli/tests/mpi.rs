@@ -546,6 +546,20 @@ fn vit_two_ranks_are_one_rank_across_resume_and_kill() {
         ),
     );
     one_step_equivalence(&bin, &koleo, tmp.path(), "koleo", 7, &per_gpu);
+    // The student's crops in passes (one per crop, iBOT's two global crops in one) with iBOT and KoLeo over
+    // the global batch: each pass's collectives (KoLeo's gather, its gradient's all-reduce) meet in the same
+    // order on every rank, and the gradients of the passes add up before the average.
+    let passes = write_cfg(
+        tmp.path(),
+        "passes.toml",
+        &format!(
+            "student_passes = \"crop\"\nibot_loss_weight = 1.0\n{}",
+            std::fs::read_to_string(&koleo)
+                .unwrap()
+                .replace("use_bn_in_head = true", "use_bn_in_head = false")
+        ),
+    );
+    one_step_equivalence(&bin, &passes, tmp.path(), "passes", 7, &per_gpu);
     let per_rank = write_cfg(
         tmp.path(),
         "koleo_rank.toml",
