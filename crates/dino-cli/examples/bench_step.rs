@@ -89,13 +89,6 @@ fn forward_flops(cfg: &TrainConfig) -> (f64, f64) {
     (2.0 * (2.0 * g + l), 2.0 * (2.0 * g_off + l_off))
 }
 
-fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
@@ -349,8 +342,8 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
         "seconds_per_step_median": med,
         "seconds_per_step_min": times.iter().copied().fold(f64::INFINITY, f64::min),
         "images_per_s": b as f64 / med,
-        "peak_rss_bytes": peak_rss_bytes(),
-        "peak_rss_gib": peak_rss_bytes().map(|b| b as f64 / (1u64 << 30) as f64),
+        "peak_rss_bytes": dino_train::runtime::peak_rss_bytes(),
+        "peak_rss_gib": dino_train::runtime::peak_rss_bytes().map(|b| b as f64 / (1u64 << 30) as f64),
         "total_seconds": t_all.elapsed().as_secs_f64(),
         "cpus": cpus(),
         "cpu": cpu.name(),

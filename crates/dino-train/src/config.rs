@@ -396,7 +396,7 @@ pub struct TrainConfig {
     /// local crops), `crop` (one pass per crop; ViT only) or `auto` (`resolution`, or `all` with
     /// `use_bn_in_head`). The passes' gradients add up to the one-pass gradient (the same up to the order of
     /// float additions); peak memory falls with more passes (vit_small/16, batch 64, 2 x 224 + 8 x 96 px
-    /// crops: 18.2, 12.8 and 8.5 GB), the step slows where a pass is small (see the README). Not part of a
+    /// crops: 17.3, 12.2 and 8.1 GiB), the step slows where a pass is small (see the README). Not part of a
     /// run's identity: a run may resume with another value. Default auto.
     pub student_passes: StudentPasses,
     /// Where the run computes: `cpu`, `cuda` (GPU 0), `cuda:N`, or `auto` (GPU 0 when this build has CUDA and a
