@@ -1090,6 +1090,19 @@ fn evaluation_commands_share_the_work_over_the_ranks() {
         one, two,
         "eval-knn with unreadable images: 1 rank against 2 ranks"
     );
+    // A rank whose whole share is unreadable (rank 1 of 2 gets sample 1 of these 2) has no rows; the others'
+    // rows still make the evaluation one process makes (it ended the job before).
+    let val2 = lab.join("val2");
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(val2.join(class)).unwrap();
+    }
+    std::fs::copy(&files[14], val2.join("a/x.png")).unwrap();
+    std::fs::write(val2.join("b/zz.png"), b"not a png").unwrap();
+    let knn2 = [&knn[..6], &[val2.to_str().unwrap(), "--nb-knn", "3"]].concat();
+    let one = text(&ok(dino_on(&bin, 0, &knn2), "eval-knn, one readable, 1 rank").stdout);
+    let two = text(&ok(dino_on(&bin, 2, &knn2), "eval-knn, one readable, 2 ranks").stdout);
+    assert!(one.contains("train 14 x 32, test 1 x 32"), "{one}");
+    assert_eq!(one, two, "eval-knn, a rank without readable images");
     for np in [0, 2] {
         let f = tmp.path().join(format!("lab{np}.safetensors"));
         let a = ["extract", "--checkpoint", run_s, "--data-path", train_s];

@@ -107,6 +107,12 @@ pub enum Error {
         /// Who holds it ("pid P on host H").
         holder: String,
     },
+    /// An evaluation's dataset has no image that decodes, so there is nothing to extract.
+    #[error("no features extracted: dataset '{dataset}' has no readable image")]
+    NoReadableImage {
+        /// The dataset's name.
+        dataset: String,
+    },
     /// A stop request ([`crate::signals`]) cut an evaluation short; nothing is wrong.
     #[error("stopped by {}", crate::signals::name(*signal))]
     Interrupted {

@@ -72,10 +72,9 @@ pub fn extract_with(
         }
     }
     if feats.is_empty() {
-        return Err(Error::Msg(format!(
-            "no features extracted: dataset '{}' has no readable image",
-            ds.name()
-        )));
+        return Err(Error::NoReadableImage {
+            dataset: ds.name().to_string(),
+        });
     }
     let features = Tensor::cat(&feats, 0)?.to_dtype(DType::F32)?;
     Ok(Features {
@@ -133,6 +132,8 @@ pub fn extract_over_ranks(
                 let at: Vec<usize> = f.indices.iter().map(|&k| mine[k]).collect();
                 Ok(Some((f.features.to_vec2::<f32>()?, at)))
             }
+            // Every image of this rank's share is unreadable: no rows here, the other ranks may have some.
+            Err(Error::NoReadableImage { .. }) => Ok(None),
             Err(Error::Interrupted { signal }) => Err(signal),
             Err(e) => return Err(e),
         }
@@ -169,6 +170,12 @@ pub fn extract_over_ranks(
     }
     coll.all_reduce_sum_f32(&mut all)?;
     let indices: Vec<usize> = (0..n).filter(|&i| all[n * d + i] > 0.5).collect();
+    if indices.is_empty() {
+        // On every rank alike, as one process would say it.
+        return Err(Error::NoReadableImage {
+            dataset: ds.name().to_string(),
+        });
+    }
     let mut rows = Vec::with_capacity(indices.len() * d);
     for &i in &indices {
         rows.extend_from_slice(&all[i * d..(i + 1) * d]);
