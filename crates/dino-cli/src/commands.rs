@@ -970,7 +970,48 @@ pub fn plot(dir: &Path) -> Result<()> {
         paths.len(),
         dir.join("plots").display()
     );
+    // The attention sheet too, from the latest checkpoint: for a run still going, where the teacher looks now.
+    match redraw_attention(dir) {
+        Ok(Some(p)) => println!("attention sheet: {}", p.display()),
+        Ok(None) => {}
+        Err(e) => eprintln!(
+            "warning: {} not redrawn: {e:#}",
+            dir.join("plots").join("attention.png").display()
+        ),
+    }
     Ok(())
+}
+
+/// `dino plot`'s `plots/attention.png`: the teacher of `dir`'s latest checkpoint on the images `dino train`
+/// draws its sheet from. `Ok(None)` without a checkpoint or for a ResNet.
+fn redraw_attention(dir: &Path) -> Result<Option<PathBuf>> {
+    let Some(file) = dino_train::checkpoint::find_latest(dir) else {
+        return Ok(None);
+    };
+    let dev = candle_core::Device::Cpu;
+    let (tensors, meta) = dino_train::checkpoint::load(&file, &dev)?;
+    let cfg = meta.config;
+    if !cfg.arch_kind()?.is_vit() {
+        return Ok(None);
+    }
+    let teacher = dino_train::model::DinoNetwork::new(&cfg, cfg.seed, 0.0, &dev)?;
+    let want: std::collections::BTreeMap<String, Tensor> =
+        dino_train::checkpoint::take_prefixed(&tensors, "teacher")
+            .into_iter()
+            .collect();
+    dino_models::weights::load_strict(
+        &teacher.vars(),
+        &want,
+        &format!("{} (teacher)", file.display()),
+    )?;
+    let sheet = dino_train::attention::write_sheet(
+        &cfg,
+        teacher.model.backbone.as_ref(),
+        dino_train::attention::sheet_dataset(&cfg)?,
+        &dir.join("plots").join("attention.png"),
+        &dino_train::attention::sheet_title(&cfg, meta.global_iteration),
+    )?;
+    Ok(sheet.map(|s| s.path))
 }
 
 /// `dino export`: official-named safetensors, loadable strictly by PyTorch.

@@ -60,7 +60,8 @@ enum Command {
     /// Export weights to safetensors with the official parameter names.
     Export(Box<commands::ExportArgs>),
     /// Draw the PNG plots of a training output dir from its log.jsonl (one chart per logged quantity and
-    /// summary.png, in <dir>/plots); for a run still going or one that was stopped.
+    /// summary.png, in <dir>/plots), and a ViT's attention.png from its latest checkpoint; for a run still
+    /// going or one that was stopped.
     Plot {
         /// The training output dir (holding log.jsonl).
         dir: PathBuf,

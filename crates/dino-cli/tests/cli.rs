@@ -838,6 +838,25 @@ fn plots_of_a_run_are_titled_charts_and_plot_redraws_them() {
             "{f} differs when redrawn"
         );
     }
+    // Without a checkpoint there is no attention sheet to draw; with the run's last one, `dino plot` draws
+    // the sheet the run drew, to the byte (the same teacher, images and transform).
+    assert!(!copy.join("plots/attention.png").exists());
+    assert!(!text(&o.stderr).contains("warning"), "{}", text(&o.stderr));
+    for f in ["checkpoint.safetensors", "checkpoint.json"] {
+        std::fs::copy(out.join(f), copy.join(f)).unwrap();
+    }
+    let o = run(&["plot", copy.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("attention sheet: "),
+        "{}",
+        text(&o.stdout)
+    );
+    assert!(
+        std::fs::read(pdir.join("attention.png")).unwrap()
+            == std::fs::read(copy.join("plots/attention.png")).unwrap(),
+        "attention.png differs when redrawn from the checkpoint"
+    );
     let o = run(&["plot", tmp.path().to_str().unwrap()]);
     assert_one_line_error(
         &o,

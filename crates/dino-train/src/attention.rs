@@ -346,6 +346,32 @@ pub const TENSORBOARD_TAG: &str = "attention/last_block";
 /// Images on the sheet `dino train` writes at the end of a ViT run.
 pub const SHEET_IMAGES: usize = 8;
 
+/// The title of the sheet of a run of `cfg` after `iterations` global iterations.
+pub fn sheet_title(cfg: &crate::config::TrainConfig, iterations: usize) -> String {
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    format!(
+        "Last-block attention of the teacher: {}, {iterations} iteration{} ({} epoch{})",
+        cfg.arch,
+        plural(iterations),
+        cfg.epochs,
+        plural(cfg.epochs)
+    )
+}
+
+/// The images `dino train` draws its sheet from: the labelled validation split when the run evaluates k-NN
+/// (`eval_every` or `eval_final`, with a labelled training split as its bank), else the training images.
+pub fn sheet_dataset(
+    cfg: &crate::config::TrainConfig,
+) -> Result<std::sync::Arc<dyn dino_data::dataset::Dataset>> {
+    use crate::data::{open_bank, open_train, open_val};
+    if cfg.eval_every > 0 || cfg.eval_final {
+        if let (Some(_), Some(val)) = (open_bank(cfg)?, open_val(cfg)?) {
+            return Ok(val);
+        }
+    }
+    open_train(cfg)
+}
+
 /// The attention sheet of `backbone` ([`save_sheet`] at `path`) for [`SHEET_IMAGES`] images spread evenly
 /// over `ds` (indices `i * len / n`, so a class-sorted folder shows several classes), through the run's
 /// evaluation transform; each row labelled with its class, or its file without labels. `Ok(None)` for

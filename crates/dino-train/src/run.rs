@@ -829,21 +829,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         summary.plots = write_plots(&out)?;
         // What the trained ViT looks at; a sheet that cannot be made is a warning, not a failed run.
         if stop.is_none() {
+            // The datasets already open here, picked as `attention::sheet_dataset` picks them.
             let ds = knn
                 .as_ref()
                 .map_or_else(|| train_ds.clone(), |k| k.val.clone());
-            let title = format!(
-                "Last-block attention of the teacher: {}, {} iteration{} ({} epoch{})",
-                cfg.arch,
-                summary.global_iteration,
-                if summary.global_iteration == 1 {
-                    ""
-                } else {
-                    "s"
-                },
-                cfg.epochs,
-                if cfg.epochs == 1 { "" } else { "s" }
-            );
+            let title = crate::attention::sheet_title(cfg, summary.global_iteration);
             let path = out.join("plots").join("attention.png");
             let teacher = trainer.teacher.model.backbone.as_ref();
             let sheet =

@@ -8,10 +8,10 @@
 //!    (exact resume; the same masks on any number of ranks);
 //! 3. teacher forward on the 2 global crops FIRST (output detached: no gradient reaches the teacher) and
 //!    its targets, then student forward on all crops, the DINO loss and backward (with `student_passes`,
-//!    forward, loss terms and backward per group of crops, the gradients added), then the centre update; with iBOT
-//!    (`ibot_loss_weight > 0`) the student's global crops get patch masks drawn from `(seed, g)` for the whole
-//!    global batch (so each rank's masks do not depend on the split), both networks' patch tokens at the
-//!    masked positions go through the shared head, and the masked-patch loss is added;
+//!    forward, loss terms and backward per group of crops, the gradients added), then the centre update;
+//!    with iBOT (`ibot_loss_weight > 0`) the student's global crops get patch masks drawn from `(seed, g)`
+//!    for the whole global batch (so each rank's masks do not depend on the split), both networks' patch
+//!    tokens at the masked positions go through the shared head, and the masked-patch loss is added;
 //! 4. a non-finite loss stops with [`Error::NonFiniteLoss`] naming the epoch and iteration, before any update;
 //! 5. under data parallelism the gradients are averaged over the ranks (a few large bucketed
 //!    all-reduces, as DDP) and the loss value too; then per-parameter clipping (`clip_grad`), last-layer gradients dropped while
@@ -206,8 +206,9 @@ fn detached(mut grads: candle_core::backprop::GradStore) -> candle_core::backpro
 }
 
 /// The crops of each student pass (ranges into the crop list, in order, covering it once), for `passes`
-/// already resolved ([`StudentPasses::resolve`]): one range for `all`, the multi-crop wrapper's resolution groups for `resolution`, one crop each for `crop` (with iBOT
-/// the 2 global crops stay in one pass: their masks and patch targets are drawn for both).
+/// already resolved ([`StudentPasses::resolve`]): one range for `all`, the multi-crop wrapper's resolution
+/// groups for `resolution`, one crop each for `crop` (with iBOT the 2 global crops stay in one pass: their
+/// masks and patch targets are drawn for both).
 fn student_pass_ranges(
     passes: StudentPasses,
     crops: &[Tensor],
@@ -768,7 +769,7 @@ mod tests {
 
     /// A parameter's gradient that is a product with an activation is a node of the activation's graph;
     /// `detached` cuts it, with the values kept (kept, each student pass's graph lived on in the gradient
-    /// store until the optimiser step: +3.4 GB per global-crop pass of vit_small at batch 64).
+    /// store until the optimiser step: +3.4 GiB per global-crop pass of vit_small at batch 64).
     #[test]
     fn detached_gradients_hold_no_graph() {
         let dev = Device::Cpu;
