@@ -132,7 +132,8 @@ pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<i32> {
             "trained {} iterations ({} per epoch) in {:.1} s{peak}; mean loss first epoch {:.4}, last epoch {:.4}",
             s.global_iteration, s.niter_per_ep, s.seconds, s.first_epoch_loss, s.last_epoch_loss
         );
-        if let Some(a) = advice {
+        // Once: the run may have said it after its first step already.
+        if let (Some(a), false) = (advice, s.memory_noted) {
             eprintln!("{a}");
         }
     }
@@ -174,7 +175,7 @@ pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<i32> {
 }
 
 /// The peak memory of a finished run for its result line (`", peak memory 12.2 GiB"`; rank 0's process under
-/// mpirun), and [`memory_advice`] for it.
+/// mpirun), and `runtime::memory_advice` for it.
 fn peak_memory(cfg: &TrainConfig) -> (String, Option<String>) {
     let Some(peak) = dino_train::runtime::peak_rss_bytes() else {
         return (String::new(), None);
@@ -185,32 +186,9 @@ fn peak_memory(cfg: &TrainConfig) -> (String, Option<String>) {
         ""
     };
     let line = format!(", peak memory {:.1} GiB{who}", gib(peak));
-    let advice =
-        dino_train::runtime::total_memory_bytes().and_then(|total| memory_advice(peak, total, cfg));
+    let advice = dino_train::runtime::total_memory_bytes()
+        .and_then(|total| dino_train::runtime::memory_advice(peak, total, cfg));
     (line, advice)
-}
-
-/// Advice when a run's `peak` memory came within a quarter of the machine's `total` and its step could run
-/// in smaller student passes (`student_passes`: the same training in less memory); `None` otherwise.
-fn memory_advice(peak: u64, total: u64, cfg: &TrainConfig) -> Option<String> {
-    use dino_train::StudentPasses;
-    let vit = cfg.arch_kind().map(|a| a.is_vit()).unwrap_or(false);
-    let smaller = match cfg.student_passes.resolve(cfg.use_bn_in_head) {
-        _ if cfg.use_bn_in_head => None,
-        StudentPasses::All if vit => Some("resolution (or crop)"),
-        StudentPasses::All => Some("resolution"),
-        StudentPasses::Resolution if vit => Some("crop"),
-        _ => None,
-    }?;
-    (peak.saturating_mul(4) > total.saturating_mul(3)).then(|| {
-        format!(
-            "note: the run's peak memory, {:.1} GiB, is {:.0}% of this machine's {:.1} GiB; --student-passes \
-             {smaller} trains the same in less (each pass's activations are freed before the next)",
-            gib(peak),
-            100.0 * peak as f64 / total as f64,
-            gib(total)
-        )
-    })
 }
 
 /// Bytes in GiB.
@@ -1039,55 +1017,4 @@ pub fn export(a: &ExportArgs) -> Result<()> {
         a.output.display()
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use dino_train::StudentPasses;
-
-    #[test]
-    fn memory_advice_names_the_next_smaller_passes_near_the_machine_limit() {
-        const GIB: u64 = 1 << 30;
-        let vit = |passes| TrainConfig {
-            student_passes: passes,
-            ..TrainConfig::official()
-        };
-        let a = memory_advice(20 * GIB, 24 * GIB, &vit(StudentPasses::Auto)).unwrap();
-        assert!(
-            a.contains("20.0 GiB")
-                && a.contains("83%")
-                && a.contains("24.0 GiB")
-                && a.contains("--student-passes crop"),
-            "{a}"
-        );
-        let a = memory_advice(20 * GIB, 24 * GIB, &vit(StudentPasses::All)).unwrap();
-        assert!(a.contains("--student-passes resolution (or crop)"), "{a}");
-        // Far from the limit, already per crop, or with the head's BatchNorm (one pass only): nothing.
-        assert_eq!(
-            memory_advice(12 * GIB, 24 * GIB, &vit(StudentPasses::Auto)),
-            None
-        );
-        assert_eq!(
-            memory_advice(20 * GIB, 24 * GIB, &vit(StudentPasses::Crop)),
-            None
-        );
-        let bn = TrainConfig {
-            use_bn_in_head: true,
-            ..TrainConfig::official()
-        };
-        assert_eq!(memory_advice(20 * GIB, 24 * GIB, &bn), None);
-        // A ResNet runs per resolution at most (per crop would change its BatchNorm statistics).
-        let resnet = |passes| TrainConfig {
-            arch: "resnet18".into(),
-            student_passes: passes,
-            ..TrainConfig::official()
-        };
-        assert_eq!(
-            memory_advice(20 * GIB, 24 * GIB, &resnet(StudentPasses::Auto)),
-            None
-        );
-        let a = memory_advice(20 * GIB, 24 * GIB, &resnet(StudentPasses::All)).unwrap();
-        assert!(a.contains("--student-passes resolution trains"), "{a}");
-    }
 }

@@ -106,6 +106,9 @@ pub struct TrainSummary {
     pub took_over_lock: Option<LockHolder>,
     /// The run was lengthened by this call (`TrainOptions::extend`): from how many epochs.
     pub extended_from_epochs: Option<usize>,
+    /// After this process's first step, its peak memory was near the machine's and the note saying so
+    /// ([`crate::runtime::memory_advice`]) was printed.
+    pub memory_noted: bool,
 }
 
 /// Everything the k-NN evaluation needs, opened once.
@@ -507,6 +510,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         plots: Vec::new(),
         took_over_lock: run_lock.as_ref().and_then(|l| l.took_over.clone()),
         extended_from_epochs: extended.map(|e| e.from_epochs),
+        memory_noted: false,
     };
     let knn = if cfg.eval_every > 0 || cfg.eval_final {
         KnnSetup::open(cfg)?
@@ -606,6 +610,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             let stats = trainer.step(&batch.crops, epoch, it)?;
             let g = stats.global_iteration + 1;
             summary.global_iteration = g;
+            if g == start_g + 1 && main {
+                // The first step sets most of the peak: say it now if it is near the machine's memory.
+                if let Some(note) = crate::runtime::memory_advice_now(cfg) {
+                    progress.warn(&format!("after the first step: {note}"));
+                    summary.memory_noted = true;
+                }
+            }
             summary.last_loss = stats.loss;
             loss_sum += stats.loss;
             n_loss += 1;

@@ -13,6 +13,35 @@ pub fn total_memory_bytes() -> Option<u64> {
     proc_kib("/proc/meminfo", "MemTotal:")
 }
 
+/// Advice when a run's `peak` memory came within a quarter of the machine's `total` and its step could run
+/// in smaller student passes (`student_passes`: the same training in less memory); `None` otherwise.
+pub fn memory_advice(peak: u64, total: u64, cfg: &crate::TrainConfig) -> Option<String> {
+    use crate::StudentPasses;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let vit = cfg.arch_kind().map(|a| a.is_vit()).unwrap_or(false);
+    let smaller = match cfg.student_passes.resolve(cfg.use_bn_in_head) {
+        _ if cfg.use_bn_in_head => None,
+        StudentPasses::All if vit => Some("resolution (or crop)"),
+        StudentPasses::All => Some("resolution"),
+        StudentPasses::Resolution if vit => Some("crop"),
+        _ => None,
+    }?;
+    (peak.saturating_mul(4) > total.saturating_mul(3)).then(|| {
+        format!(
+            "note: the run's peak memory, {:.1} GiB, is {:.0}% of this machine's {:.1} GiB; --student-passes \
+             {smaller} trains the same in less (each pass's activations are freed before the next)",
+            gib(peak),
+            100.0 * peak as f64 / total as f64,
+            gib(total)
+        )
+    })
+}
+
+/// [`memory_advice`] for this process now (Linux; `None` elsewhere).
+pub fn memory_advice_now(cfg: &crate::TrainConfig) -> Option<String> {
+    memory_advice(peak_rss_bytes()?, total_memory_bytes()?, cfg)
+}
+
 /// The `key: N kB` line of a /proc file, in bytes.
 fn proc_kib(path: &str, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(path).ok()?;
@@ -24,6 +53,52 @@ fn proc_kib(path: &str, key: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{StudentPasses, TrainConfig};
+
+    #[test]
+    fn memory_advice_names_the_next_smaller_passes_near_the_machine_limit() {
+        const GIB: u64 = 1 << 30;
+        let vit = |passes| TrainConfig {
+            student_passes: passes,
+            ..TrainConfig::official()
+        };
+        let a = memory_advice(20 * GIB, 24 * GIB, &vit(StudentPasses::Auto)).unwrap();
+        assert!(
+            a.contains("20.0 GiB")
+                && a.contains("83%")
+                && a.contains("24.0 GiB")
+                && a.contains("--student-passes crop"),
+            "{a}"
+        );
+        let a = memory_advice(20 * GIB, 24 * GIB, &vit(StudentPasses::All)).unwrap();
+        assert!(a.contains("--student-passes resolution (or crop)"), "{a}");
+        // Far from the limit, already per crop, or with the head's BatchNorm (one pass only): nothing.
+        assert_eq!(
+            memory_advice(12 * GIB, 24 * GIB, &vit(StudentPasses::Auto)),
+            None
+        );
+        assert_eq!(
+            memory_advice(20 * GIB, 24 * GIB, &vit(StudentPasses::Crop)),
+            None
+        );
+        let bn = TrainConfig {
+            use_bn_in_head: true,
+            ..TrainConfig::official()
+        };
+        assert_eq!(memory_advice(20 * GIB, 24 * GIB, &bn), None);
+        // A ResNet runs per resolution at most (per crop would change its BatchNorm statistics).
+        let resnet = |passes| TrainConfig {
+            arch: "resnet18".into(),
+            student_passes: passes,
+            ..TrainConfig::official()
+        };
+        assert_eq!(
+            memory_advice(20 * GIB, 24 * GIB, &resnet(StudentPasses::Auto)),
+            None
+        );
+        let a = memory_advice(20 * GIB, 24 * GIB, &resnet(StudentPasses::All)).unwrap();
+        assert!(a.contains("--student-passes resolution trains"), "{a}");
+    }
 
     #[test]
     #[cfg(target_os = "linux")]
