@@ -333,7 +333,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
         "config": name,
         "matmul_precision": cfg.matmul_precision.to_string(),
         "head_last_layer_bf16": cfg.head_last_layer_bf16,
-        "student_passes": format!("{:?}", cfg.student_passes).to_ascii_lowercase(),
+        "student_passes": cfg.student_passes.to_string(),
         "device": dino_train::device::describe(&dev),
         "out_dim": out_dim,
         "batch": b,
@@ -343,7 +343,7 @@ fn run_case(case: &str, quick: bool, ov: Overrides) -> Result<serde_json::Value>
         "seconds_per_step_min": times.iter().copied().fold(f64::INFINITY, f64::min),
         "images_per_s": b as f64 / med,
         "peak_rss_bytes": dino_train::runtime::peak_rss_bytes(),
-        "peak_rss_gib": dino_train::runtime::peak_rss_bytes().map(|b| b as f64 / (1u64 << 30) as f64),
+        "peak_rss_gib": dino_train::runtime::peak_rss_bytes().map(dino_train::runtime::gib),
         "total_seconds": t_all.elapsed().as_secs_f64(),
         "cpus": cpus(),
         "cpu": cpu.name(),
@@ -405,49 +405,36 @@ fn main() {
             }
         }
     };
-    let matmul_precision = match args.iter().position(|a| a == "--matmul-precision") {
-        Some(i) => match args.get(i + 1).map(|v| v.parse()) {
-            Some(Ok(p)) => p,
-            Some(Err(e)) => {
-                eprintln!("error: --matmul-precision: {e}");
-                std::process::exit(2);
-            }
+    // `--flag VALUE`, parsed; a missing or bad value ends the program with the flag named.
+    let parsed = |flag: &str, values: &str| -> Option<String> {
+        let i = args.iter().position(|a| a == flag)?;
+        match args.get(i + 1) {
+            Some(v) => Some(v.clone()),
             None => {
-                eprintln!("error: --matmul-precision needs a value (highest or bf16)");
+                eprintln!("error: {flag} needs a value ({values})");
                 std::process::exit(2);
             }
-        },
-        None => dino_train::MatmulPrecision::Highest,
+        }
     };
-    let device = match args.iter().position(|a| a == "--device") {
-        Some(i) => match args.get(i + 1).map(|v| v.parse::<dino_train::DeviceSpec>()) {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => {
-                eprintln!("error: --device: {e}");
-                std::process::exit(2);
-            }
-            None => {
-                eprintln!("error: --device needs a value (cpu, cuda, cuda:N or auto)");
-                std::process::exit(2);
-            }
-        },
-        None => dino_train::DeviceSpec::Cpu,
-    };
-    let student_passes = match args.iter().position(|a| a == "--student-passes") {
-        Some(i) => match args.get(i + 1).map(|v| v.parse()) {
-            Some(Ok(p)) => p,
-            Some(Err(e)) => {
-                eprintln!("error: --student-passes: {e}");
-                std::process::exit(2);
-            }
-            None => {
-                eprintln!("error: --student-passes needs a value (auto, all, resolution or crop)");
-                std::process::exit(2);
-            }
-        },
-        // One pass unless asked: the figures of docs/PERFORMANCE.md (the default, auto, runs two).
-        None => dino_train::StudentPasses::All,
-    };
+    fn or_exit<T, E: std::fmt::Display>(flag: &str, r: std::result::Result<T, E>) -> T {
+        r.unwrap_or_else(|e| {
+            eprintln!("error: {flag}: {e}");
+            std::process::exit(2);
+        })
+    }
+    let matmul_precision = parsed("--matmul-precision", "highest or bf16")
+        .map_or(dino_train::MatmulPrecision::Highest, |v| {
+            or_exit("--matmul-precision", v.parse())
+        });
+    let device = parsed("--device", "cpu, cuda, cuda:N or auto")
+        .map_or(dino_train::DeviceSpec::Cpu, |v| {
+            or_exit("--device", v.parse::<dino_train::DeviceSpec>())
+        });
+    // One pass unless asked: the figures of docs/PERFORMANCE.md (the default, auto, runs two).
+    let student_passes = parsed("--student-passes", "auto, all, resolution or crop")
+        .map_or(dino_train::StudentPasses::All, |v| {
+            or_exit("--student-passes", v.parse::<dino_train::StudentPasses>())
+        });
     let ov = Overrides {
         batch: value("--batch"),
         local_crops: value("--local-crops"),

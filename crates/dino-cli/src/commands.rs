@@ -185,15 +185,13 @@ fn peak_memory(cfg: &TrainConfig) -> (String, Option<String>) {
     } else {
         ""
     };
-    let line = format!(", peak memory {:.1} GiB{who}", gib(peak));
+    let line = format!(
+        ", peak memory {:.1} GiB{who}",
+        dino_train::runtime::gib(peak)
+    );
     let advice = dino_train::runtime::total_memory_bytes()
         .and_then(|total| dino_train::runtime::memory_advice(peak, total, cfg));
     (line, advice)
-}
-
-/// Bytes in GiB.
-fn gib(bytes: u64) -> f64 {
-    bytes as f64 / (1u64 << 30) as f64
 }
 
 /// Whether this process is rank 0 (always, outside mpirun): the one that prints results and writes files.
@@ -963,31 +961,28 @@ pub fn plot(dir: &Path) -> Result<()> {
 /// `dino plot`'s `plots/attention.png`: the teacher of `dir`'s latest checkpoint on the images `dino train`
 /// draws its sheet from. `Ok(None)` without a checkpoint or for a ResNet.
 fn redraw_attention(dir: &Path) -> Result<Option<PathBuf>> {
-    let Some(file) = dino_train::checkpoint::find_latest(dir) else {
-        return Ok(None);
-    };
-    let dev = candle_core::Device::Cpu;
-    let (tensors, meta) = dino_train::checkpoint::load(&file, &dev)?;
-    let cfg = meta.config;
-    if !cfg.arch_kind()?.is_vit() {
+    if dino_train::checkpoint::find_latest(dir).is_none() {
         return Ok(None);
     }
-    let teacher = dino_train::model::DinoNetwork::new(&cfg, cfg.seed, 0.0, &dev)?;
-    let want: std::collections::BTreeMap<String, Tensor> =
-        dino_train::checkpoint::take_prefixed(&tensors, "teacher")
-            .into_iter()
-            .collect();
-    dino_models::weights::load_strict(
-        &teacher.vars(),
-        &want,
-        &format!("{} (teacher)", file.display()),
-    )?;
+    let args = ModelArgs {
+        checkpoint: dir.to_string_lossy().into_owned(),
+        checkpoint_key: "teacher".into(),
+        arch: None,
+        patch_size: None,
+        offline: true,
+        device: dino_train::DeviceSpec::Cpu,
+    };
+    let loaded = source::load(&args, false)?;
+    if !matches!(loaded.net, Net::Vit(_)) {
+        return Ok(None);
+    }
+    let cfg = &loaded.cfg;
     let sheet = dino_train::attention::write_sheet(
-        &cfg,
-        teacher.model.backbone.as_ref(),
-        dino_train::attention::sheet_dataset(&cfg)?,
+        cfg,
+        loaded.net.backbone(),
+        dino_train::attention::sheet_dataset(cfg)?,
         &dir.join("plots").join("attention.png"),
-        &dino_train::attention::sheet_title(&cfg, meta.global_iteration),
+        &dino_train::attention::sheet_title(cfg, loaded.global_iteration.unwrap_or(0)),
     )?;
     Ok(sheet.map(|s| s.path))
 }

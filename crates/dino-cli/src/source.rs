@@ -82,6 +82,8 @@ pub struct Loaded {
     pub net: Net,
     /// The file read (and key), for messages.
     pub origin: String,
+    /// For a dino checkpoint, the global iterations it had trained.
+    pub global_iteration: Option<usize>,
 }
 
 /// Whether `file` is a dino-train checkpoint (a safetensors file whose header carries our metadata).
@@ -156,6 +158,7 @@ pub fn load(args: &ModelArgs, with_head: bool) -> Result<Loaded> {
             varmap,
             net,
             origin,
+            global_iteration: Some(meta.global_iteration),
         });
     }
     if with_head {
@@ -192,5 +195,6 @@ pub fn load(args: &ModelArgs, with_head: bool) -> Result<Loaded> {
         varmap,
         net,
         origin: report.origin,
+        global_iteration: None,
     })
 }

@@ -117,6 +117,17 @@ impl std::str::FromStr for StudentPasses {
     }
 }
 
+impl std::fmt::Display for StudentPasses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::All => "all",
+            Self::Resolution => "resolution",
+            Self::Crop => "crop",
+        })
+    }
+}
+
 impl StudentPasses {
     /// The passes a configuration runs: `auto` made `resolution`, or `all` when the head has BatchNorm.
     pub fn resolve(self, use_bn_in_head: bool) -> Self {
@@ -907,7 +918,7 @@ impl TrainConfig {
         {
             return Err(Error::config(
                 "student_passes",
-                format!("{:?}", self.student_passes).to_ascii_lowercase(),
+                self.student_passes,
                 "use_bn_in_head = true: the head's BatchNorm takes its statistics over every crop at once, \
                  which only one pass (all) gives",
             ));

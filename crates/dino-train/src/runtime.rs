@@ -13,11 +13,15 @@ pub fn total_memory_bytes() -> Option<u64> {
     proc_kib("/proc/meminfo", "MemTotal:")
 }
 
+/// Bytes in GiB.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 /// Advice when a run's `peak` memory came within a quarter of the machine's `total` and its step could run
 /// in smaller student passes (`student_passes`: the same training in less memory); `None` otherwise.
 pub fn memory_advice(peak: u64, total: u64, cfg: &crate::TrainConfig) -> Option<String> {
     use crate::StudentPasses;
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let vit = cfg.arch_kind().map(|a| a.is_vit()).unwrap_or(false);
     let smaller = match cfg.student_passes.resolve(cfg.use_bn_in_head) {
         _ if cfg.use_bn_in_head => None,
