@@ -120,17 +120,26 @@ pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<i32> {
     if let Some(g) = s.resumed_from {
         println!("resumed from global iteration {g}");
     }
-    if s.first_epoch_loss.is_nan() {
-        // No epoch ran in this process: the checkpoint it resumed from had finished the schedule.
+    if s.global_iteration <= s.resumed_from.unwrap_or(0) {
+        // No step ran in this process: the checkpoint it resumed from had finished the schedule.
         println!(
             "trained {} iterations ({} per epoch); the run had already finished, no epoch left to train",
             s.global_iteration, s.niter_per_ep
         );
     } else {
-        let (peak, advice) = peak_memory(&cfg);
+        let (peak, advice) = peak_memory(&cfg, s.memory_estimate);
+        let losses = if s.first_epoch_loss.is_nan() {
+            // Stopped inside its first epoch (the hidden --stop-after).
+            format!("; last loss {:.4}, no epoch completed", s.last_loss)
+        } else {
+            format!(
+                "; mean loss first epoch {:.4}, last epoch {:.4}",
+                s.first_epoch_loss, s.last_epoch_loss
+            )
+        };
         println!(
-            "trained {} iterations ({} per epoch) in {:.1} s{peak}; mean loss first epoch {:.4}, last epoch {:.4}",
-            s.global_iteration, s.niter_per_ep, s.seconds, s.first_epoch_loss, s.last_epoch_loss
+            "trained {} iterations ({} per epoch) in {:.1} s{peak}{losses}",
+            s.global_iteration, s.niter_per_ep, s.seconds
         );
         // Once: the run may have said it after its first step already.
         if let (Some(a), false) = (advice, s.memory_noted) {
@@ -174,9 +183,10 @@ pub fn train(args: &TrainArgs, flags: TrainFlags) -> Result<i32> {
     Ok(0)
 }
 
-/// The peak memory of a finished run for its result line (`", peak memory 12.2 GiB"`; rank 0's process under
-/// mpirun), and `runtime::memory_advice` for it.
-fn peak_memory(cfg: &TrainConfig) -> (String, Option<String>) {
+/// The peak memory of a finished run for its result line (`", peak memory 12.2 GiB (12.9 estimated)"`; rank
+/// 0's process under mpirun; the estimate made before the first step, where one was), and
+/// `runtime::memory_advice` for it.
+fn peak_memory(cfg: &TrainConfig, estimate: Option<u64>) -> (String, Option<String>) {
     let Some(peak) = dino_train::runtime::peak_rss_bytes() else {
         return (String::new(), None);
     };
@@ -186,8 +196,11 @@ fn peak_memory(cfg: &TrainConfig) -> (String, Option<String>) {
         ""
     };
     let line = format!(
-        ", peak memory {:.1} GiB{who}",
-        dino_train::runtime::gib(peak)
+        ", peak memory {:.1} GiB{}{who}",
+        dino_train::runtime::gib(peak),
+        estimate
+            .map(|e| format!(" ({:.1} estimated)", dino_train::runtime::gib(e)))
+            .unwrap_or_default()
     );
     let advice = dino_train::runtime::total_memory_bytes()
         .and_then(|total| dino_train::runtime::memory_advice(peak, total, cfg));

@@ -672,6 +672,25 @@ fn training_a_finished_run_again_says_it_had_finished() {
     assert!(!so.contains("NaN"), "{so}");
 }
 
+/// A run stopped inside its first epoch (the hidden --stop-after) reports the steps it trained, its last loss
+/// and its peak memory beside the estimate made before the first step, not "already finished" or a NaN.
+#[test]
+fn a_run_stopped_inside_its_first_epoch_reports_what_it_trained() {
+    let (tmp, data, _) = trained();
+    let cfg = tmp.path().join("tiny.toml");
+    let run = tmp.path().join("stopped-early");
+    let mut args = tiny_train_args(&cfg, data, &run);
+    args.extend(["--stop-after", "1"].map(String::from));
+    let o = dino().args(args).output().unwrap();
+    let (so, se) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{so}{se}");
+    assert!(so.contains("trained 1 iterations"), "{so}");
+    assert!(so.contains("no epoch completed"), "{so}");
+    assert!(so.contains("estimated)"), "{so}");
+    assert!(!so.contains("already finished"), "{so}");
+    assert!(!so.contains("NaN"), "{so}");
+}
+
 /// Every PNG of a run: the expected set, sizes, ink, a title band, and the reference lines' colours.
 #[test]
 fn plots_of_a_run_are_titled_charts_and_plot_redraws_them() {

@@ -30,6 +30,7 @@ pub mod error;
 pub mod eval;
 pub mod lock;
 pub mod log;
+pub mod memory;
 pub mod model;
 pub mod plot;
 pub mod run;

@@ -109,6 +109,33 @@ pub struct TrainSummary {
     /// After this process's first step, its peak memory was near the machine's and the note saying so
     /// ([`crate::runtime::memory_advice`]) was printed.
     pub memory_noted: bool,
+    /// This process's peak resident memory as estimated before its first step ([`crate::memory`]; rank 0,
+    /// on the CPU with [`TensorAlloc`](crate::runtime::TensorAlloc) as the global allocator).
+    pub memory_estimate: Option<u64>,
+}
+
+/// This process's peak resident memory in the coming steps, estimated by probing the student
+/// ([`crate::memory::StepMemory`]), with a warning on `progress` when `ranks_here` such processes will not
+/// fit in the memory this machine has available. `None` where the probe does not run (another device,
+/// another global allocator) or fails (the step then says why).
+fn memory_estimate(
+    trainer: &Trainer,
+    local_batch: usize,
+    ranks_here: usize,
+    progress: &mut Progress,
+) -> Option<u64> {
+    let mem = crate::memory::StepMemory::probe(trainer).ok()??;
+    let cfg = &trainer.cfg;
+    let passes = cfg.student_passes.resolve(cfg.use_bn_in_head);
+    let vit = cfg.arch_kind().map(|a| a.is_vit()).unwrap_or(false);
+    if let Some(available) = crate::runtime::available_memory_bytes() {
+        if let Some(w) =
+            crate::memory::shortage_warning(&mem, passes, local_batch, ranks_here, available, vit)
+        {
+            progress.warn(&w);
+        }
+    }
+    Some(crate::runtime::rss_bytes()? + mem.resident_growth(passes, local_batch))
 }
 
 /// Everything the k-NN evaluation needs, opened once.
@@ -511,6 +538,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         took_over_lock: run_lock.as_ref().and_then(|l| l.took_over.clone()),
         extended_from_epochs: extended.map(|e| e.from_epochs),
         memory_noted: false,
+        memory_estimate: None,
     };
     let knn = if cfg.eval_every > 0 || cfg.eval_final {
         KnnSetup::open(cfg)?
@@ -560,6 +588,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         return Ok(summary);
     }
 
+    // Before the first step and before the loader's threads allocate: will the steps fit? (A process the
+    // kernel kills for memory says nothing.)
+    if main && start_g < total {
+        summary.memory_estimate =
+            memory_estimate(&trainer, local_batch, coll.local_size(), &mut progress);
+    }
     let loader = MultiCropLoader::with_device(
         train_ds.clone(),
         data::augmentation(cfg)?,

@@ -1,7 +1,10 @@
 //! Process-level settings for training speed (defined in `dino_models::runtime`, beside the ops they serve),
 //! and the process's memory figures.
 
-pub use dino_models::runtime::{main_thread_in_pool, tune_allocator, TensorAlloc};
+pub use dino_models::runtime::{
+    allocated_bytes, main_thread_in_pool, peak_allocated_bytes, reset_peak_allocated,
+    tune_allocator, TensorAlloc,
+};
 
 /// This process's peak resident memory in bytes (Linux `VmHWM`); `None` where /proc does not tell.
 pub fn peak_rss_bytes() -> Option<u64> {
@@ -11,6 +14,17 @@ pub fn peak_rss_bytes() -> Option<u64> {
 /// The machine's memory in bytes (Linux `MemTotal`); `None` where /proc does not tell.
 pub fn total_memory_bytes() -> Option<u64> {
     proc_kib("/proc/meminfo", "MemTotal:")
+}
+
+/// The memory this machine can give processes now without swapping (Linux `MemAvailable`); `None` where /proc
+/// does not tell.
+pub fn available_memory_bytes() -> Option<u64> {
+    proc_kib("/proc/meminfo", "MemAvailable:")
+}
+
+/// This process's resident memory now (Linux `VmRSS`); `None` where /proc does not tell.
+pub fn rss_bytes() -> Option<u64> {
+    proc_kib("/proc/self/status", "VmRSS:")
 }
 
 /// Bytes in GiB.
@@ -114,5 +128,10 @@ mod tests {
         let total = total_memory_bytes().unwrap();
         assert!(peak >= 64 << 20, "peak {peak}");
         assert!(total > peak, "total {total}, peak {peak}");
+        let (rss, available) = (rss_bytes().unwrap(), available_memory_bytes().unwrap());
+        // The peak read after the resident figure (which grows while the test binary runs).
+        let peak = peak_rss_bytes().unwrap();
+        assert!((64 << 20..=peak).contains(&rss), "rss {rss}, peak {peak}");
+        assert!(available < total, "available {available}, total {total}");
     }
 }
