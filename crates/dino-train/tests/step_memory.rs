@@ -52,22 +52,9 @@ fn resnet() -> TrainConfig {
     }
 }
 
-/// The step's crops (2 global, then the local ones), values in [-1, 1) from a fixed pattern of `seed`.
-fn crops(cfg: &TrainConfig, seed: usize) -> Vec<Tensor> {
-    let b = cfg.batch_size;
-    (0..2 + cfg.local_crops_number)
-        .map(|c| {
-            let s = if c < 2 {
-                cfg.global_crops_size
-            } else {
-                cfg.local_crops_size
-            };
-            let v: Vec<f32> = (0..b * 3 * s * s)
-                .map(|i| ((i * 7919 + c * 104_729 + seed * 31) % 2001) as f32 / 1000.0 - 1.0)
-                .collect();
-            Tensor::from_vec(v, (b, 3, s, s), &Device::Cpu).unwrap()
-        })
-        .collect()
+/// The step's crops (2 global, then the local ones): the step benchmark's deterministic pattern.
+fn crops(cfg: &TrainConfig) -> Vec<Tensor> {
+    dino_train::bench::pattern_crops(cfg, &Device::Cpu).unwrap()
 }
 
 /// Every state tensor after two steps, as f32 bits, and the losses; `probe` first when asked.
@@ -78,7 +65,7 @@ fn two_steps(cfg: &TrainConfig, probe: bool) -> (Vec<(String, Vec<u32>)>, Vec<u6
         assert!(mem.is_some(), "TensorAlloc counts here, so the probe runs");
     }
     let losses = (0..2)
-        .map(|it| t.step(&crops(cfg, it), 0, it).unwrap().loss.to_bits())
+        .map(|it| t.step(&crops(cfg), 0, it).unwrap().loss.to_bits())
         .collect();
     let state = t
         .state_tensors()
@@ -145,7 +132,7 @@ fn the_estimate_is_near_the_peak_a_step_reaches() {
         };
         let mut t = Trainer::new(&cfg, 2, &Device::Cpu).unwrap();
         let mem = StepMemory::probe(&t).unwrap().unwrap();
-        let step_crops = crops(&cfg, 0);
+        let step_crops = crops(&cfg);
         let estimate = mem.peak(passes, cfg.batch_size);
         // The first step allocates for the first time; the second is the steady state the estimate is for.
         t.step(&step_crops, 0, 0).unwrap();
