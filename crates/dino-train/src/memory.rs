@@ -191,8 +191,7 @@ impl StepMemory {
         })
     }
 
-    /// The passes of `passes` (resolved) as crop ranges with their activation bytes at `batch` images per
-    /// crop.
+    /// The activation bytes of each pass of `passes` (resolved) at `batch` images per crop.
     fn pass_bytes(&self, passes: StudentPasses, batch: usize) -> Vec<u64> {
         match passes {
             StudentPasses::All | StudentPasses::Auto => {
@@ -203,13 +202,16 @@ impl StepMemory {
                 .groups
                 .iter()
                 .flat_map(|g| {
-                    // With iBOT the 2 global crops are one pass; otherwise a crop is its group's share.
-                    let n = if self.ibot && g.crops.start == 0 {
-                        1
+                    // A crop is its group's share; with iBOT the 2 global crops are one pass.
+                    let len = g.crops.len().max(1);
+                    let share = g.at(batch) / len as u64;
+                    let together = if self.ibot && g.crops.start == 0 {
+                        len.min(2)
                     } else {
-                        g.crops.len().max(1)
+                        1
                     };
-                    std::iter::repeat_n(g.at(batch) / n as u64, n)
+                    std::iter::once(share * together as u64)
+                        .chain(std::iter::repeat_n(share, len - together))
                 })
                 .collect(),
         }
@@ -224,9 +226,10 @@ impl StepMemory {
     }
 
     /// The bytes this process will hold at the peak of a step in `passes` (resolved) at `batch` images per
-    /// crop: what it held when probed, the batches in flight, the optimiser's first use of its scratch and
-    /// one set of gradients, the largest pass's activations with [`BACKWARD_HEADROOM`], and with several
-    /// passes the gradients summed so far and the next pass's, added.
+    /// crop: what it held when probed, the batches in flight, two parameter-sized sets (the gradients, and
+    /// what the optimiser and the clip allocate beside them; four with several passes, whose gradients are
+    /// summed while the next pass's are made) and the largest pass's activations with
+    /// [`BACKWARD_HEADROOM`].
     pub fn peak(&self, passes: StudentPasses, batch: usize) -> u64 {
         let several = self.pass_bytes(passes, batch).len() > 1;
         let grads = self.params * if several { 4 } else { 2 };
@@ -377,6 +380,21 @@ mod tests {
         assert_eq!(
             mem(true).activations(StudentPasses::Crop, 64),
             100 * 64 * MIB
+        );
+        assert_eq!(m.pass_bytes(StudentPasses::Crop, 64).len(), 10);
+        assert_eq!(mem(true).pass_bytes(StudentPasses::Crop, 64).len(), 9);
+        // Global and local crops of one size are one group: per crop with iBOT, the first 2 stay together.
+        let one_size = StepMemory {
+            groups: vec![GroupBytes {
+                crops: 0..6,
+                per_image: 60 * MIB,
+                fixed: 0,
+            }],
+            ..mem(true)
+        };
+        assert_eq!(
+            one_size.pass_bytes(StudentPasses::Crop, 1),
+            [20, 10, 10, 10, 10].map(|b| b * MIB)
         );
         let headroom = |b: u64| (b as f64 * BACKWARD_HEADROOM) as u64;
         // One pass: held + 2 sets of gradients; several: 4.
