@@ -278,10 +278,15 @@ impl StepMemory {
 /// peak RSS growth over peak allocated growth 0.92-1.33 (34th session).
 pub const RESIDENT_PER_BYTE: f64 = 1.25;
 
+/// The share of the available memory above which an estimated step is warned about: the resident estimate
+/// was 0.77-1.31x the measured peak (34th session: ViT-Small per crop 0.94, ResNet-18 at batch 32 0.77), so a
+/// step estimated at 85% of what is free may well not fit.
+pub const WARN_ABOVE: f64 = 0.85;
+
 /// A warning when a step in `passes` (resolved) at `batch` images per crop will not fit: `ranks` processes
 /// like this one on this machine, each growing by its [`StepMemory::resident_growth`], against `available`
-/// bytes (`MemAvailable`). Names the smaller student passes (`vit`: per crop too) and the largest batch that
-/// would fit in nine tenths of it. `None` when it fits.
+/// bytes (`MemAvailable`), above [`WARN_ABOVE`] of it. Names the smaller student passes (`vit`: per crop too)
+/// and the largest batch estimated within that share. `None` when it fits.
 pub fn shortage_warning(
     mem: &StepMemory,
     passes: StudentPasses,
@@ -292,7 +297,7 @@ pub fn shortage_warning(
 ) -> Option<String> {
     let ranks = ranks.max(1) as u64;
     let need = |p: StudentPasses, b: usize| mem.resident_growth(p, b).saturating_mul(ranks);
-    if need(passes, batch) <= available {
+    if (need(passes, batch) as f64) <= WARN_ABOVE * available as f64 {
         return None;
     }
     let smaller: &[StudentPasses] = match passes {
@@ -305,8 +310,11 @@ pub fn shortage_warning(
         .iter()
         .map(|&p| format!("--student-passes {p} about {:.1} GiB", gib(need(p, batch))))
         .collect();
-    // A tenth kept back: the estimate is within about that of the peak.
-    let fit = mem.largest_batch(passes, available / ranks / 10 * 9);
+    // Within the share that is not warned about.
+    let fit = mem.largest_batch(
+        passes,
+        (WARN_ABOVE * available as f64 / ranks as f64) as u64,
+    );
     if fit > 0 && fit < batch {
         options.push(format!(
             "--batch-size-per-gpu {fit} about {:.1} GiB",
@@ -316,7 +324,7 @@ pub fn shortage_warning(
     Some(format!(
         "warning: a training step will need about {:.1} GiB more memory{} (estimated: {:.1} GiB of the \
          student's activations per process at {batch} images per crop in {}) and this machine \
-         has {:.1} GiB available: the kernel will likely kill the run in its first step{}",
+         has {:.1} GiB available: the kernel may kill the run in its first step{}",
         gib(need(passes, batch)),
         if ranks > 1 {
             format!(" for its {ranks} processes on this machine")
@@ -424,10 +432,13 @@ mod tests {
         // Per resolution at 64 images: (0.4 GiB + 1.1 x 6.25 GiB) x 1.25, about 9.09 GiB.
         let need = growth(StudentPasses::Resolution, 64);
         assert!((9.0..9.2).contains(&gib(need)), "{}", gib(need));
+        let roomy = (need as f64 / WARN_ABOVE) as u64 + 1;
         assert_eq!(
-            shortage_warning(&m, StudentPasses::Resolution, 64, 1, need, true),
+            shortage_warning(&m, StudentPasses::Resolution, 64, 1, roomy, true),
             None
         );
+        // Within the estimate's error of the available memory: warned.
+        assert!(shortage_warning(&m, StudentPasses::Resolution, 64, 1, need, true).is_some());
         let w = shortage_warning(&m, StudentPasses::Resolution, 64, 1, 8 * GIB, true).unwrap();
         assert!(w.contains("about 9.1 GiB more memory"), "{w}");
         assert!(w.contains("6.2 GiB of the student's activations"), "{w}");
@@ -436,16 +447,18 @@ mod tests {
         // Per crop: (0.4 + 1.1 x 3.125) x 1.25 = 4.8 GiB.
         assert!(w.contains("--student-passes crop about 4.8 GiB"), "{w}");
         // The largest batch within 8 GiB: (0.39 + 1.1 x 0.09766 b) x 1.25 <= 8 -> b <= 55.9; the one offered
-        // keeps a tenth back: (0.39 + 1.1 x 0.09766 b) x 1.25 <= 7.2 -> b <= 49.98.
+        // stays within WARN_ABOVE of it: (0.39 + 1.1 x 0.09766 b) x 1.25 <= 6.8 -> b <= 47.0.
         let fit = m.largest_batch(StudentPasses::Resolution, 8 * GIB);
         assert_eq!(fit, 55);
         assert!(growth(StudentPasses::Resolution, fit) <= 8 * GIB);
         assert!(growth(StudentPasses::Resolution, fit + 1) > 8 * GIB);
-        assert_eq!(
-            m.largest_batch(StudentPasses::Resolution, 8 * GIB / 10 * 9),
-            49
-        );
-        assert!(w.contains("--batch-size-per-gpu 49 about"), "{w}");
+        let budget = (WARN_ABOVE * (8 * GIB) as f64) as u64;
+        let offered = m.largest_batch(StudentPasses::Resolution, budget);
+        assert!((46..=47).contains(&offered), "{offered}");
+        assert!(growth(StudentPasses::Resolution, offered) <= budget);
+        assert!(growth(StudentPasses::Resolution, offered + 1) > budget);
+        let offer = format!("--batch-size-per-gpu {offered} about");
+        assert!(w.contains(&offer), "{w}");
         // A ResNet has no per-crop passes to offer; one pass offers per resolution.
         let w = shortage_warning(&m, StudentPasses::Resolution, 64, 1, 8 * GIB, false).unwrap();
         assert!(!w.contains("--student-passes"), "{w}");
@@ -458,7 +471,7 @@ mod tests {
             w.contains("about 18.2 GiB more memory for its 2 processes"),
             "{w}"
         );
-        assert!(w.contains("--batch-size-per-gpu 49 about"), "{w}");
+        assert!(w.contains(&offer), "{w}");
         // Nothing fits: no batch is offered.
         let w = shortage_warning(&m, StudentPasses::Crop, 64, 1, 100 * MIB, true).unwrap();
         assert!(!w.contains("Less:"), "{w}");
