@@ -55,8 +55,8 @@ pub struct StepMemory {
 
 /// Headroom on the probed activations for what a step holds beside them while it runs backward (the
 /// gradients of the layer at hand, the loss's buffers, drop path's masks). With it, [`StepMemory::peak`] was
-/// 0.93-1.26x the bytes a step's peak held, over ViT-Tiny at 32 and 224 px, ViT-Small at 224 px, iBOT and
-/// ResNet-18, in every student-pass mode (34th session, docs/PERFORMANCE-LOG.md).
+/// 0.93-1.26x the bytes a step's peak held, over ViT-Tiny at 32 and 224 px, ViT-Small at 224 px, iBOT,
+/// ResNet-18 and ResNet-50, in every student-pass mode (34th session, docs/PERFORMANCE-LOG.md).
 const BACKWARD_HEADROOM: f64 = 1.1;
 
 impl StepMemory {
@@ -274,8 +274,9 @@ impl StepMemory {
 
 /// Resident bytes a process gains for each byte its allocator adds at a step's peak: freed activations of
 /// one size leave holes that blocks of another size do not fill (glibc's heap, never trimmed, see
-/// [`tune_allocator`](crate::runtime::tune_allocator)). Measured over the cases of [`BACKWARD_HEADROOM`]:
-/// peak RSS growth over peak allocated growth 0.92-1.33 (34th session).
+/// [`tune_allocator`](crate::runtime::tune_allocator)). Measured over the cases of [`BACKWARD_HEADROOM`] and
+/// ResNet-50: peak RSS growth over peak allocated growth 0.92-1.46 (34th session; the ResNets' convolution
+/// buffers spread it most, see [`WARN_ABOVE`]).
 pub const RESIDENT_PER_BYTE: f64 = 1.25;
 
 /// The share of the available memory above which an estimated step is warned about: the resident estimate
