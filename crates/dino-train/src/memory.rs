@@ -57,7 +57,7 @@ pub struct StepMemory {
 /// gradients of the layer at hand, the loss's buffers, drop path's masks). With it, [`StepMemory::peak`] was
 /// 0.93-1.26x the bytes a step's peak held, over ViT-Tiny at 32 and 224 px, ViT-Small at 224 px, iBOT,
 /// ResNet-18 and ResNet-50, in every student-pass mode (34th session, docs/PERFORMANCE-LOG.md).
-const BACKWARD_HEADROOM: f64 = 1.1;
+pub const BACKWARD_HEADROOM: f64 = 1.1;
 
 impl StepMemory {
     /// Probes `trainer`'s student on crops of its configured sizes, two images each. `None` where the count
