@@ -3,7 +3,7 @@
 //! it as the process's [`dino_core::collective`], and sets each rank's thread count; [`finalize`] ends it.
 //! Without the feature, or launched alone, the process is world 1 ([`dino_core::Local`]).
 //!
-//! The MPI backend ([`Mpi`], rsmpi) serialises every call behind one mutex (MPI initialised with
+//! The MPI backend (`Mpi` with the `mpi` feature, rsmpi) serialises every call behind one mutex (MPI initialised with
 //! `MPI_THREAD_SERIALIZED`) and splits large buffers into chunks of at most 2^30 elements (MPI counts are
 //! 32-bit).
 //!

@@ -5,7 +5,7 @@
 //! - [`trainer::Trainer`]: one training iteration in the official order ([`trainer::Trainer::step`]).
 //! - [`run::train`]: a whole run with checkpoints, exact resume, logs, plots and k-NN evaluation;
 //!   [`run::train_default`] is the no-argument run on the embedded Fashion-MNIST subset.
-//! - [`bench`]: the step benchmark's configurations and input crops.
+//! - [`bench`](mod@bench): the step benchmark's configurations and input crops.
 //! - [`checkpoint`]: atomic safetensors checkpoints with embedded JSON metadata.
 //! - [`eval`]: feature extraction, weighted k-NN and the linear probe.
 //! - [`lock`]: one run per output directory (a `flock`ed `dino.lock` naming its holder).
@@ -16,6 +16,7 @@
 //! - [`signals`]: a graceful stop on SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2 (a checkpoint after the
 //!   current step).
 //! - [`dist`]: the process group of a data-parallel run (MPI with the `mpi` feature), rank threads.
+//! - [`memory`]: a step's memory estimated before the first step, and the warning when it will not fit.
 //! - [`runtime::tune_allocator`], [`runtime::main_thread_in_pool`]: allocator and thread-pool settings for the
 //!   training process.
 
