@@ -809,6 +809,20 @@ impl TrainConfig {
         self.arch.parse()
     }
 
+    /// The student-pass modes smaller than this run's (resolved) that its model allows, largest first: none
+    /// with the head's BatchNorm (one pass only), per resolution at most for a ResNet (per crop would change
+    /// its BatchNorm statistics); what the memory note and warning offer.
+    pub fn smaller_student_passes(&self) -> &'static [StudentPasses] {
+        let vit = self.arch_kind().map(|a| a.is_vit()).unwrap_or(false);
+        match self.student_passes.resolve(self.use_bn_in_head) {
+            _ if self.use_bn_in_head => &[],
+            StudentPasses::All if vit => &[StudentPasses::Resolution, StudentPasses::Crop],
+            StudentPasses::All => &[StudentPasses::Resolution],
+            StudentPasses::Resolution if vit => &[StudentPasses::Crop],
+            _ => &[],
+        }
+    }
+
     /// Number of crops per image: 2 global + `local_crops_number`.
     pub fn ncrops(&self) -> usize {
         2 + self.local_crops_number

@@ -9,6 +9,7 @@
 use std::ops::Range;
 
 use candle_core::Tensor;
+use dino_core::IbotPatchLoss;
 
 use crate::config::StudentPasses;
 use crate::error::{Error, Result};
@@ -73,36 +74,24 @@ impl StepMemory {
         if !dev.is_cpu() || allocated_bytes().is_none() {
             return Ok(None);
         }
-        let crops = (0..cfg.ncrops())
-            .map(|c| {
-                let s = if c < 2 {
-                    cfg.global_crops_size
-                } else {
-                    cfg.local_crops_size
-                };
-                Tensor::zeros((2, 3, s, s), candle_core::DType::F32, dev)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let crops = &crops[..];
-        let groups = dino_models::multicrop::resolution_groups(crops)?;
-        let ibot = trainer.ibot.is_some();
-        // iBOT's masked patches per global crop, expected: the masked crops' share times their mean ratio.
-        let masked_fraction = if ibot {
-            let r = trainer.cfg.ibot_mask_ratio_min_max;
-            trainer.cfg.ibot_mask_sample_probability * (r[0] + r[1]) / 2.0
-        } else {
-            0.0
+        // Two images of each crop size (the step benchmark's pattern; only the shapes matter).
+        let crops = crate::bench::pattern_crops(
+            &crate::TrainConfig {
+                batch_size: 2,
+                ..cfg.clone()
+            },
+            dev,
+        )?;
+        let groups = dino_models::multicrop::resolution_groups(&crops)?;
+        // The student's forward on `k` images of each of a group's crops; iBOT's forward for the global ones.
+        let forward = |g: &Range<usize>, k: usize| {
+            let ibot = trainer.ibot.as_ref().filter(|_| g.start == 0);
+            Self::forward(trainer, &crops[g.clone()], ibot, k)
         };
         // The first forward at a shape grows thread-local scratch (gemm's packing buffers) that stays: run
         // each group once before counting.
         for g in &groups {
-            drop(Self::forward(
-                trainer,
-                &crops[g.clone()],
-                g.start == 0 && ibot,
-                masked_fraction,
-                2,
-            )?);
+            drop(forward(g, 2)?);
         }
         let held = allocated_bytes().unwrap_or(0) as u64;
         let mut out = Vec::with_capacity(groups.len());
@@ -110,13 +99,7 @@ impl StepMemory {
             let mut bytes = [0u64; 2];
             for (slot, k) in bytes.iter_mut().zip([1usize, 2]) {
                 let before = allocated_bytes().unwrap_or(0);
-                let held_out = Self::forward(
-                    trainer,
-                    &crops[g.clone()],
-                    g.start == 0 && ibot,
-                    masked_fraction,
-                    k,
-                )?;
+                let held_out = forward(&g, k)?;
                 *slot = allocated_bytes().unwrap_or(0).saturating_sub(before) as u64;
                 drop(held_out);
             }
@@ -138,34 +121,36 @@ impl StepMemory {
             held,
             params,
             groups: out,
-            ibot,
+            ibot: trainer.ibot.is_some(),
             crops_per_image: (3 * 4 * pixels) as u64,
             batches_held: cfg.prefetch_batches as u64 + 1,
         }))
     }
 
     /// The student's forward on the first `k` images of each of `crops`, its outputs returned (they hold
-    /// the activations); with `ibot`, iBOT's forward with a `masked_fraction` of each global crop's patches
-    /// masked, and its masked-patch loss.
+    /// the activations); with the iBOT `loss`, iBOT's forward with the expected share of each global crop's
+    /// patches masked, and the masked-patch loss.
     fn forward(
         trainer: &Trainer,
         crops: &[Tensor],
-        ibot: bool,
-        masked_fraction: f64,
+        ibot: Option<&IbotPatchLoss>,
         k: usize,
     ) -> Result<Vec<Tensor>> {
         let sub = crops
             .iter()
-            .map(|c| c.narrow(0, 0, k.min(c.dim(0)?)))
+            .map(|c| c.narrow(0, 0, k))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let student = &trainer.student.model;
-        dino_models::with_matmul_precision(trainer.cfg.matmul_precision, || {
-            if !ibot {
+        let cfg = &trainer.cfg;
+        dino_models::with_matmul_precision(cfg.matmul_precision, || {
+            let Some(loss) = ibot else {
                 return Ok(vec![student.forward(&sub, false)?]);
-            }
+            };
+            // The masked crops' share times their mean mask ratio.
+            let r = cfg.ibot_mask_ratio_min_max;
+            let masked_fraction = cfg.ibot_mask_sample_probability * (r[0] + r[1]) / 2.0;
             let (rows, _, h, w) = sub[0].dims4()?;
-            let p = trainer.cfg.patch_size;
-            let n = (h / p) * (w / p);
+            let n = (h / cfg.patch_size) * (w / cfg.patch_size);
             let q = ((masked_fraction * n as f64).round() as usize).min(n);
             let dev = sub[0].device();
             let mask: Vec<u8> = (0..2 * rows)
@@ -180,10 +165,7 @@ impl StepMemory {
             let (f, o, pt) = student.forward_ibot(&sub, Some(&mask), &idx, false)?;
             // The masked-patch loss keeps its own f64 buffers of the patch logits for the backward pass:
             // run it on uniform targets.
-            let Some(loss) = trainer.ibot.as_ref() else {
-                return Ok(vec![f, o, pt]);
-            };
-            let k = trainer.cfg.out_dim;
+            let k = cfg.out_dim;
             let targets = Tensor::full(1.0 / k as f32, (m, k), dev)?;
             let weights = Tensor::full(1.0 / q.max(1) as f32, m, dev)?;
             let l = loss.forward_masked(&pt, &targets, &weights, 2 * rows)?;
@@ -286,27 +268,22 @@ pub const WARN_ABOVE: f64 = 0.85;
 
 /// A warning when a step in `passes` (resolved) at `batch` images per crop will not fit: `ranks` processes
 /// like this one on this machine, each growing by its [`StepMemory::resident_growth`], against `available`
-/// bytes (`MemAvailable`), above [`WARN_ABOVE`] of it. Names the smaller student passes (`vit`: per crop too)
-/// and the largest batch estimated within that share. `None` when it fits.
+/// bytes (`MemAvailable`), above [`WARN_ABOVE`] of it. Names the `smaller` student passes the run allows
+/// ([`TrainConfig::smaller_student_passes`](crate::TrainConfig::smaller_student_passes)) and the largest
+/// batch estimated within that share. `None` when it fits.
 pub fn shortage_warning(
     mem: &StepMemory,
     passes: StudentPasses,
+    smaller: &[StudentPasses],
     batch: usize,
     ranks: usize,
     available: u64,
-    vit: bool,
 ) -> Option<String> {
     let ranks = ranks.max(1) as u64;
     let need = |p: StudentPasses, b: usize| mem.resident_growth(p, b).saturating_mul(ranks);
     if (need(passes, batch) as f64) <= WARN_ABOVE * available as f64 {
         return None;
     }
-    let smaller: &[StudentPasses] = match passes {
-        StudentPasses::All if vit => &[StudentPasses::Resolution, StudentPasses::Crop],
-        StudentPasses::All => &[StudentPasses::Resolution],
-        StudentPasses::Resolution if vit => &[StudentPasses::Crop],
-        _ => &[],
-    };
     let mut options: Vec<String> = smaller
         .iter()
         .map(|&p| format!("--student-passes {p} about {:.1} GiB", gib(need(p, batch))))
@@ -429,18 +406,32 @@ mod tests {
     #[test]
     fn a_step_that_does_not_fit_is_named_with_what_would() {
         let m = mem(false);
+        // What each run allows below its passes (`TrainConfig::smaller_student_passes`).
+        let cfg = |arch: &str, passes, use_bn_in_head| crate::TrainConfig {
+            arch: arch.into(),
+            student_passes: passes,
+            use_bn_in_head,
+            ..crate::TrainConfig::official()
+        };
+        let vit = cfg("vit_small", StudentPasses::Resolution, false).smaller_student_passes();
+        let resnet_res = cfg("resnet18", StudentPasses::Resolution, false).smaller_student_passes();
+        let resnet_all = cfg("resnet18", StudentPasses::All, false).smaller_student_passes();
+        // With the head's BatchNorm a run has one pass only: no smaller passes are offered.
+        let bn = cfg("vit_small", StudentPasses::Auto, true).smaller_student_passes();
+        let w = shortage_warning(&m, StudentPasses::All, bn, 64, 1, 8 * GIB).unwrap();
+        assert!(!w.contains("--student-passes"), "{w}");
         let growth = |p, b| m.resident_growth(p, b);
         // Per resolution at 64 images: (0.4 GiB + 1.1 x 6.25 GiB) x 1.25, about 9.09 GiB.
         let need = growth(StudentPasses::Resolution, 64);
         assert!((9.0..9.2).contains(&gib(need)), "{}", gib(need));
         let roomy = (need as f64 / WARN_ABOVE) as u64 + 1;
         assert_eq!(
-            shortage_warning(&m, StudentPasses::Resolution, 64, 1, roomy, true),
+            shortage_warning(&m, StudentPasses::Resolution, vit, 64, 1, roomy),
             None
         );
         // Within the estimate's error of the available memory: warned.
-        assert!(shortage_warning(&m, StudentPasses::Resolution, 64, 1, need, true).is_some());
-        let w = shortage_warning(&m, StudentPasses::Resolution, 64, 1, 8 * GIB, true).unwrap();
+        assert!(shortage_warning(&m, StudentPasses::Resolution, vit, 64, 1, need).is_some());
+        let w = shortage_warning(&m, StudentPasses::Resolution, vit, 64, 1, 8 * GIB).unwrap();
         assert!(w.contains("about 9.1 GiB more memory"), "{w}");
         assert!(w.contains("6.2 GiB of the student's activations"), "{w}");
         assert!(w.contains("per-resolution passes"), "{w}");
@@ -461,20 +452,21 @@ mod tests {
         let offer = format!("--batch-size-per-gpu {offered} about");
         assert!(w.contains(&offer), "{w}");
         // A ResNet has no per-crop passes to offer; one pass offers per resolution.
-        let w = shortage_warning(&m, StudentPasses::Resolution, 64, 1, 8 * GIB, false).unwrap();
+        let w =
+            shortage_warning(&m, StudentPasses::Resolution, resnet_res, 64, 1, 8 * GIB).unwrap();
         assert!(!w.contains("--student-passes"), "{w}");
-        let w = shortage_warning(&m, StudentPasses::All, 64, 1, 8 * GIB, false).unwrap();
+        let w = shortage_warning(&m, StudentPasses::All, resnet_all, 64, 1, 8 * GIB).unwrap();
         assert!(w.contains("--student-passes resolution"), "{w}");
         assert!(w.contains("in one pass"), "{w}");
         // Two processes on the machine need twice as much; each gets half the memory.
-        let w = shortage_warning(&m, StudentPasses::Resolution, 64, 2, 16 * GIB, true).unwrap();
+        let w = shortage_warning(&m, StudentPasses::Resolution, vit, 64, 2, 16 * GIB).unwrap();
         assert!(
             w.contains("about 18.2 GiB more memory for its 2 processes"),
             "{w}"
         );
         assert!(w.contains(&offer), "{w}");
         // Nothing fits: no batch is offered.
-        let w = shortage_warning(&m, StudentPasses::Crop, 64, 1, 100 * MIB, true).unwrap();
+        let w = shortage_warning(&m, StudentPasses::Crop, &[], 64, 1, 100 * MIB).unwrap();
         assert!(!w.contains("Less:"), "{w}");
     }
 

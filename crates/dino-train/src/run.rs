@@ -127,11 +127,16 @@ fn memory_estimate(
     let mem = crate::memory::StepMemory::probe(trainer).ok()??;
     let cfg = &trainer.cfg;
     let passes = cfg.student_passes.resolve(cfg.use_bn_in_head);
-    let vit = cfg.arch_kind().map(|a| a.is_vit()).unwrap_or(false);
     if let Some(available) = crate::runtime::available_memory_bytes() {
-        if let Some(w) =
-            crate::memory::shortage_warning(&mem, passes, local_batch, ranks_here, available, vit)
-        {
+        let smaller = cfg.smaller_student_passes();
+        if let Some(w) = crate::memory::shortage_warning(
+            &mem,
+            passes,
+            smaller,
+            local_batch,
+            ranks_here,
+            available,
+        ) {
             progress.warn(&w);
         }
     }

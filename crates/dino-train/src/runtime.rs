@@ -35,15 +35,11 @@ pub fn gib(bytes: u64) -> f64 {
 /// Advice when a run's `peak` memory came within a quarter of the machine's `total` and its step could run
 /// in smaller student passes (`student_passes`: the same training in less memory); `None` otherwise.
 pub fn memory_advice(peak: u64, total: u64, cfg: &crate::TrainConfig) -> Option<String> {
-    use crate::StudentPasses;
-    let vit = cfg.arch_kind().map(|a| a.is_vit()).unwrap_or(false);
-    let smaller = match cfg.student_passes.resolve(cfg.use_bn_in_head) {
-        _ if cfg.use_bn_in_head => None,
-        StudentPasses::All if vit => Some("resolution (or crop)"),
-        StudentPasses::All => Some("resolution"),
-        StudentPasses::Resolution if vit => Some("crop"),
-        _ => None,
-    }?;
+    let smaller = match cfg.smaller_student_passes() {
+        [] => return None,
+        [next] => next.to_string(),
+        [next, rest @ ..] => format!("{next} (or {})", rest[0]),
+    };
     (peak.saturating_mul(4) > total.saturating_mul(3)).then(|| {
         format!(
             "note: the run's peak memory, {:.1} GiB, is {:.0}% of this machine's {:.1} GiB; --student-passes \
