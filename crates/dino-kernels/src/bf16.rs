@@ -5,7 +5,8 @@
 //! `torch.set_float32_matmul_precision("medium")` on a CPU with bf16 support, with f32 outputs.
 //!
 //! Operands are packed once per call, straight from f32:
-//! - the left operand `(m, k)` either as rows of k-pairs (`pack_rows`, a row-major input) or as panels of
+//! - the left operand `(m, k)` either as rows of k-pairs (`pack_rows`, a row-major input; row-major bf16 rows
+//!   of an even k, a producer's bf16 output, are their own pair packing and are read in place) or as panels of
 //!   [`MR`] rows (`pack_kn` from its transpose), each entry a `u32` holding the bf16 pair `(a[i][2p], a[i][2p+1])`;
 //! - the right operand `(k, n)` as panels of [`NR`] columns, each row of a panel the pairs
 //!   `(b[2p][j], b[2p+1][j])` of [`NR`] columns (`pack_nk` when `b` is stored transposed, `pack_kn` otherwise).
@@ -696,9 +697,31 @@ pub(crate) unsafe fn gemm_rows_src(
     if b.amx {
         // An empty k: `gemm` zeroes `c` (or leaves it, accumulating).
         gemm(m, n, &Lhs::Tiles(&[], 0), b, c, ldc, accumulate)
+    } else if let Some(pairs) = pairs_in_place(a, m, k) {
+        gemm(m, n, &Lhs::Rows(pairs, k / 2), b, c, ldc, accumulate)
     } else {
         let (rows, kp) = pack_rows(&a.to_f32(0..m * k), m, k, k);
         gemm(m, n, &Lhs::Rows(&rows, kp), b, c, ldc, accumulate)
+    }
+}
+
+/// `m` row-major bf16 rows of an even `k` read as the `vdpbf16ps` kernel's rows of `k / 2` pairs, in place: a
+/// bf16 row is its own pair packing (the pair `(a[2p], a[2p+1])` is the little-endian `u32` at `2p`), so a
+/// producer's bf16 output (a LayerNorm, the attention, GELU) costs no packing pass. None for f32 rows, an odd
+/// `k` or rows not on a 4-byte boundary (those are packed).
+fn pairs_in_place<'a>(a: Rows<'a>, m: usize, k: usize) -> Option<&'a [u32]> {
+    match a {
+        Rows::Bf16(src) if k.is_multiple_of(2) && (src.as_ptr() as usize).is_multiple_of(4) => {
+            assert!(
+                src.len() >= m * k,
+                "bf16 GEMM: {} bf16 values for {m} rows of {k}",
+                src.len()
+            );
+            // SAFETY: the first m * k values of src (checked) are m * k / 2 u32s at a 4-byte boundary
+            // (checked); any bit pattern is a u32, and the borrow is src's.
+            Some(unsafe { std::slice::from_raw_parts(src.as_ptr() as *const u32, m * k / 2) })
+        }
+        _ => None,
     }
 }
 
@@ -1624,6 +1647,85 @@ mod tests {
                         .zip(&want)
                         .all(|(g, w)| g.to_bits() == w.to_bits());
                     assert!(same, "{m}x{n}x{k}, {init:?}");
+                }
+            }
+        });
+    }
+
+    /// bf16 rows read in place by the `vdpbf16ps` kernel (an even k, rows on a 4-byte boundary: no packing at
+    /// all) against the same values packed from f32: the same bits, from zeros, onto `c` and from a bias; an
+    /// odd k and rows off a 4-byte boundary take the packing instead, with the same bits too.
+    #[test]
+    fn dp_reads_bf16_rows_in_place_with_the_packed_bits() {
+        if !supported() {
+            eprintln!("BF16 GEMM TEST NOT RUN: this CPU has no AVX-512 BF16");
+            return;
+        }
+        with_bf16_gemm(Bf16Gemm::Always, || {
+            for &(m, n, k) in &[
+                (1usize, 1usize, 2usize),
+                (12, 40, 1),
+                (13, 35, 7),
+                (31, 20, 64),
+                (200, 33, 600),
+                (257, 96, 768),
+            ] {
+                let a: Vec<f32> = pattern(m * k, 1).into_iter().map(round_bf16).collect();
+                // The bf16 values in two u32 buffers (4-byte aligned): from the first u16 of one (on the
+                // boundary) and from the second u16 of the other (off it).
+                let bits: Vec<u16> = a.iter().map(|&v| to_bf16_bits(v)).collect();
+                let fill = |from: usize| -> Vec<u32> {
+                    let mut store = vec![0u32; (from + m * k).div_ceil(2)];
+                    // SAFETY: the u32 buffer viewed as its 2 * len u16s.
+                    let halves = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            store.as_mut_ptr() as *mut u16,
+                            2 * store.len(),
+                        )
+                    };
+                    halves[from..from + m * k].copy_from_slice(&bits);
+                    store
+                };
+                let (on_store, off_store) = (fill(0), fill(1));
+                // SAFETY: as in fill.
+                let view = |s: &[u32], from: usize| unsafe {
+                    &std::slice::from_raw_parts(s.as_ptr() as *const u16, 2 * s.len())
+                        [from..from + m * k]
+                };
+                let (on, off) = (view(&on_store, 0), view(&off_store, 1));
+                assert_eq!(
+                    pairs_in_place(Rows::Bf16(on), m, k).is_some(),
+                    k % 2 == 0,
+                    "{m}x{k}: in place exactly for an even k"
+                );
+                assert!(pairs_in_place(Rows::Bf16(off), m, k).is_none());
+                let b = pack_nk(&pattern(n * k, 2), n, k, k, NR);
+                assert!(!b.amx);
+                let bias = pattern(n, 4);
+                let c0 = pattern(m * n, 3);
+                for init in [
+                    crate::amx::Init::Zero,
+                    crate::amx::Init::Load,
+                    crate::amx::Init::Bias(&bias),
+                ] {
+                    let mut want = c0.clone();
+                    // SAFETY: a is (m, k), b packed (k, n), want (m, n), the bias n values; AVX-512 BF16
+                    // is available (checked above).
+                    unsafe {
+                        gemm_rows_src(m, n, k, Rows::F32(&a), &b, want.as_mut_ptr(), n, init)
+                    };
+                    for (src, what) in [(on, "in place"), (off, "off the boundary")] {
+                        let mut got = c0.clone();
+                        // SAFETY: as above, src (m, k).
+                        unsafe {
+                            gemm_rows_src(m, n, k, Rows::Bf16(src), &b, got.as_mut_ptr(), n, init)
+                        };
+                        let same = got
+                            .iter()
+                            .zip(&want)
+                            .all(|(g, w)| g.to_bits() == w.to_bits());
+                        assert!(same, "{m}x{n}x{k}, {init:?}, {what}");
+                    }
                 }
             }
         });
