@@ -337,6 +337,12 @@ impl Geo {
     /// Backward: writes dQ into `dq` (laid out like Q) and dK, dV into `dkv` (laid out like K/V); `go` is the
     /// `(B*tq, D)` output gradient. `dq` and `dkv` may be the same buffer when Q and K/V share one.
     ///
+    /// Under the `vdpbf16ps` kernel the backward products stay in f32 (`small_gemm`) even where the forward
+    /// ones take bf16: three of its four products have a `t x t` operand (P, dS twice) against a head width of
+    /// 64, so packing them to bf16 pairs cost more than their products (AMD Zen 5, step/imagenet/4096 bf16:
+    /// packing 8% of the step, the heads' bf16 products 4%), and the step ran 1.06-1.17x faster in 7 of 8
+    /// interleaved pairs with f32 backward products (35th session). The AMX kernel keeps bf16 here.
+    ///
     /// # Safety
     /// `dq` / `dkv` must be valid for the layouts of Q and K/V; `q`, `kv`, `go`, `probs` must match the geometry.
     unsafe fn backward(
@@ -348,6 +354,14 @@ impl Geo {
         dq: SyncPtr,
         dkv: SyncPtr,
     ) {
+        if self.bf16 && self.small && crate::bf16::kernel() == Some(crate::bf16::Bf16Kernel::Dp) {
+            // f32 backward products under the vdpbf16ps kernel (see above).
+            let f32_geo = Geo {
+                bf16: false,
+                ..*self
+            };
+            return f32_geo.backward(q, kv, go, probs, dq, dkv);
+        }
         let (tq, t, hd, d) = (self.tq, self.t, self.hd, self.d());
         let (qp, kvp, gop) = (
             q.as_ptr() as usize,
@@ -968,6 +982,68 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// The backward pass of bf16 heads: f32 products under the `vdpbf16ps` kernel (the bits of the f32 heads'
+    /// backward on the same probabilities), bf16 ones under AMX (other bits), see [`Geo::backward`].
+    #[test]
+    fn bf16_heads_backward_products_by_kernel() {
+        use crate::bf16::{supported, with_bf16_gemm, Bf16Gemm};
+        if !supported() || !small_gemm::available() {
+            eprintln!("BF16 ATTENTION BACKWARD TEST NOT RUN: this CPU has no AVX-512 BF16");
+            return;
+        }
+        let (b, t, heads, hd) = (2usize, BF16_MIN_TOKENS + 12, 2usize, 64usize);
+        let d = heads * hd;
+        let geo = |bf16: bool| Geo {
+            b,
+            tq: t,
+            t,
+            heads,
+            hd,
+            scale: (hd as f32).powf(-0.5),
+            q_rs: 3 * d,
+            q_off: 0,
+            kv_rs: 3 * d,
+            k_off: d,
+            v_off: 2 * d,
+            bf16,
+            small: true,
+        };
+        let qkv: Vec<f32> = pattern(b * t * 3 * d, 5).iter().map(|v| v * 0.25).collect();
+        let go = pattern(b * t * d, 6);
+        // Rows of positive weights summing to 1 stand in for the kept probabilities.
+        let mut probs: Vec<f32> = pattern(b * heads * t * t, 7)
+            .iter()
+            .map(|v| v + 2.5)
+            .collect();
+        probs.chunks_mut(t).for_each(|row| {
+            let s: f32 = row.iter().sum();
+            row.iter_mut().for_each(|v| *v /= s)
+        });
+        let grad = |g: Geo, mode: Bf16Gemm| {
+            let mut dqkv = vec![0f32; qkv.len()];
+            let p = SyncPtr(dqkv.as_mut_ptr());
+            // SAFETY: dqkv has qkv's layout, which the geometry describes; probs are (b * heads, t, t).
+            with_bf16_gemm(mode, || unsafe {
+                g.backward(&qkv, &qkv, &go, &probs, p, p)
+            });
+            dqkv
+        };
+        let f32_bits = grad(geo(false), Bf16Gemm::Always);
+        let dp = grad(geo(true), Bf16Gemm::Always);
+        assert!(
+            dp.iter()
+                .zip(&f32_bits)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "vdpbf16ps: the backward products are not the f32 ones"
+        );
+        if crate::amx::available() {
+            let amx = grad(geo(true), Bf16Gemm::Amx);
+            assert!(amx != f32_bits, "AMX: the backward products ran in f32");
+        } else {
+            eprintln!("AMX PASS NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
+        }
     }
 
     #[test]
