@@ -340,8 +340,8 @@ impl Geo {
     /// Under the `vdpbf16ps` kernel the backward products stay in f32 (`small_gemm`) even where the forward
     /// ones take bf16: three of its four products have a `t x t` operand (P, dS twice) against a head width of
     /// 64, so packing them to bf16 pairs cost more than their products (AMD Zen 5, step/imagenet/4096 bf16:
-    /// packing 8% of the step, the heads' bf16 products 4%), and the step ran 1.06-1.17x faster in 7 of 8
-    /// interleaved pairs with f32 backward products (35th session). The AMX kernel keeps bf16 here.
+    /// packing 8% of the step, the heads' bf16 products 4%); with f32 backward products that step ran 0.99-1.16x
+    /// (median 1.10x, 4 interleaved pairs) and imagenet/65536 unchanged (35th session). AMX keeps bf16 here.
     ///
     /// # Safety
     /// `dq` / `dkv` must be valid for the layouts of Q and K/V; `q`, `kv`, `go`, `probs` must match the geometry.
