@@ -1606,6 +1606,39 @@ mod tests {
         with_bf16_gemm(Bf16Gemm::Amx, || check_kernel(Bf16Gemm::Amx));
     }
 
+    /// `gemm_rows_src` on each bf16 source of the `(m, k)` values `a` (bit patterns, each named for the message)
+    /// against the same values packed from f32, `b` packed `(k, n)`: the same bits from zeros, onto `c` and from
+    /// a bias.
+    fn assert_bf16_rows_give_the_f32_bits(
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        b: &Packed,
+        sources: &[(&[u16], &str)],
+    ) {
+        let bias = pattern(n, 4);
+        let c0 = pattern(m * n, 3);
+        for init in [
+            crate::amx::Init::Zero,
+            crate::amx::Init::Load,
+            crate::amx::Init::Bias(&bias),
+        ] {
+            let mut want = c0.clone();
+            // SAFETY: a is (m, k), b packed (k, n) for this thread's kernel (which the callers checked the CPU
+            // has), want (m, n), the bias n values.
+            unsafe { gemm_rows_src(m, n, k, Rows::F32(a), b, want.as_mut_ptr(), n, init) };
+            for &(src, what) in sources {
+                let mut got = c0.clone();
+                // SAFETY: as above, src (m, k).
+                unsafe { gemm_rows_src(m, n, k, Rows::Bf16(src), b, got.as_mut_ptr(), n, init) };
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(same, "{m}x{n}x{k}, {init:?}, {what}");
+            }
+        }
+    }
+
     /// bf16 rows read in place by the AMX kernel (k a multiple of 32: whole 32-row blocks straight from the
     /// rows, the rest packed) against the same values packed from f32: the same bits, from zeros, onto `c` and
     /// from a bias, with no whole block, one, several past the row blocks at short and long k, a partial last
@@ -1628,26 +1661,7 @@ mod tests {
                 let a16: Vec<u16> = a.iter().map(|&v| to_bf16_bits(v)).collect();
                 let b = pack_nk(&pattern(n * k, 2), n, k, k, NR);
                 assert!(b.amx && b.kp == k / 2);
-                let bias = pattern(n, 4);
-                let c0 = pattern(m * n, 3);
-                for init in [
-                    crate::amx::Init::Zero,
-                    crate::amx::Init::Load,
-                    crate::amx::Init::Bias(&bias),
-                ] {
-                    let (mut got, mut want) = (c0.clone(), c0.clone());
-                    // SAFETY: a and a16 are (m, k), b packed (k, n) for AMX, got and want (m, n), the bias n
-                    // values; AMX is available (checked above).
-                    unsafe {
-                        gemm_rows_src(m, n, k, Rows::Bf16(&a16), &b, got.as_mut_ptr(), n, init);
-                        gemm_rows_src(m, n, k, Rows::F32(&a), &b, want.as_mut_ptr(), n, init);
-                    }
-                    let same = got
-                        .iter()
-                        .zip(&want)
-                        .all(|(g, w)| g.to_bits() == w.to_bits());
-                    assert!(same, "{m}x{n}x{k}, {init:?}");
-                }
+                assert_bf16_rows_give_the_f32_bits((m, n, k), &a, &b, &[(&a16, "in place")]);
             }
         });
     }
@@ -1701,32 +1715,8 @@ mod tests {
                 assert!(pairs_in_place(Rows::Bf16(off), m, k).is_none());
                 let b = pack_nk(&pattern(n * k, 2), n, k, k, NR);
                 assert!(!b.amx);
-                let bias = pattern(n, 4);
-                let c0 = pattern(m * n, 3);
-                for init in [
-                    crate::amx::Init::Zero,
-                    crate::amx::Init::Load,
-                    crate::amx::Init::Bias(&bias),
-                ] {
-                    let mut want = c0.clone();
-                    // SAFETY: a is (m, k), b packed (k, n), want (m, n), the bias n values; AVX-512 BF16
-                    // is available (checked above).
-                    unsafe {
-                        gemm_rows_src(m, n, k, Rows::F32(&a), &b, want.as_mut_ptr(), n, init)
-                    };
-                    for (src, what) in [(on, "in place"), (off, "off the boundary")] {
-                        let mut got = c0.clone();
-                        // SAFETY: as above, src (m, k).
-                        unsafe {
-                            gemm_rows_src(m, n, k, Rows::Bf16(src), &b, got.as_mut_ptr(), n, init)
-                        };
-                        let same = got
-                            .iter()
-                            .zip(&want)
-                            .all(|(g, w)| g.to_bits() == w.to_bits());
-                        assert!(same, "{m}x{n}x{k}, {init:?}, {what}");
-                    }
-                }
+                let sources = [(on, "in place"), (off, "off the boundary")];
+                assert_bf16_rows_give_the_f32_bits((m, n, k), &a, &b, &sources);
             }
         });
     }
