@@ -50,8 +50,9 @@ enum HeadOut {
     Bf16(SyncPtr<u16>),
 }
 
-/// Keys per sequence from which the heads' products take bf16 under [`crate::fused::MatmulPrecision::Bf16`]:
-/// below it they stay in f32 through [`small_gemm`]. On the Intel Xeon with AMX (family 6 model 207), 3
+/// Keys per sequence from which the heads' products take bf16 under [`crate::fused::MatmulPrecision::Bf16`]
+/// (under the `vdpbf16ps` kernel the forward ones only, see [`Geo::backward`]): below it they stay in f32
+/// through [`small_gemm`]. On the Intel Xeon with AMX (family 6 model 207), 3
 /// interleaved pairs of bf16 steps: cifar/4096 (65 and 17 tokens) 2.21-2.32 s with AMX heads against
 /// 2.16-2.24 s with f32 heads; imagenet/4096 (197 and 37 tokens) 0.78-0.89 s against 0.81-0.91 s.
 pub(crate) const BF16_MIN_TOKENS: usize = 128;
