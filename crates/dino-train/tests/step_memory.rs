@@ -140,16 +140,16 @@ fn the_estimate_is_near_the_peak_a_step_reaches() {
         t.step(&step_crops, 0, 1).unwrap();
         let peak = peak_allocated_bytes().unwrap() as u64;
         let ratio = estimate as f64 / peak as f64;
+        let acts = mem.activations(passes, cfg.batch_size);
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         eprintln!(
             "{what} {passes}: estimate {:.1} MiB (held {:.1}, activations {:.1}), peak {:.1} MiB: {ratio:.2}",
             mib(estimate),
             mib(mem.held),
-            mib(mem.activations(passes, cfg.batch_size)),
+            mib(acts),
             mib(peak)
         );
         // The activations weigh: an estimate without them would be far below the peak.
-        let acts = mem.activations(passes, cfg.batch_size);
         assert!(
             acts as f64 > peak as f64 / 3.0,
             "{what} {passes}: activations {acts} of a peak of {peak}: too small a case to tell"
