@@ -198,8 +198,8 @@ pub fn with_bf16_gemm<R>(mode: Bf16Gemm, f: impl FnOnce() -> R) -> R {
     crate::dispatch::with_thread_value(&THREAD_MODE, Some(mode), f)
 }
 
-/// `vdpbf16ps`'s rate over the f32 AVX-512 FMA's on one core of this CPU (best of 3 short runs of each
-/// loop), measured once per process; None without AVX-512 BF16.
+/// `vdpbf16ps`'s rate over the f32 AVX-512 FMA's on one core of this CPU (the best of 5 short runs of each
+/// loop, alternating, on the calling thread), measured once per process; None without AVX-512 BF16.
 pub fn dp_speedup() -> Option<f64> {
     static RATIO: std::sync::OnceLock<Option<f64>> = std::sync::OnceLock::new();
     *RATIO.get_or_init(|| {
@@ -207,13 +207,12 @@ pub fn dp_speedup() -> Option<f64> {
         if !supported() {
             return None;
         }
-        let best = |c: Ceiling| {
-            (0..3)
-                .filter_map(|_| c.measure(1, 200_000))
-                .fold(0.0f64, f64::max)
-        };
-        let f32_rate = best(Ceiling::F32Avx512);
-        (f32_rate > 0.0).then(|| best(Ceiling::Bf16Avx512) / f32_rate)
+        let (mut f32_rate, mut bf16_rate) = (0.0f64, 0.0f64);
+        for _ in 0..5 {
+            f32_rate = f32_rate.max(Ceiling::F32Avx512.measure(1, 200_000)?);
+            bf16_rate = bf16_rate.max(Ceiling::Bf16Avx512.measure(1, 200_000)?);
+        }
+        (f32_rate > 0.0).then(|| bf16_rate / f32_rate)
     })
 }
 
