@@ -983,6 +983,35 @@ pub(crate) mod x86 {
         p1: usize,
         dst: *mut u32,
     ) {
+        if width < 16 {
+            // Narrow panels (MR = 12): a masked 12-lane pass per panel ran at 3.9 G values/s, half the rate of
+            // 32-wide panels; whole 16-lane vectors of the row pair into an L1 scratch, then one masked copy
+            // per panel.
+            let chunk = (768 / width) * width;
+            let mut scratch = [0u32; 768];
+            for p in p0..p1 {
+                let r0 = &src[2 * p * ld..2 * p * ld + n];
+                let r1 = (2 * p + 1 < k).then(|| &src[(2 * p + 1) * ld..(2 * p + 1) * ld + n]);
+                for c0 in (0..n).step_by(chunk) {
+                    let cn = chunk.min(n - c0);
+                    interleave_rows(
+                        &r0[c0..c0 + cn],
+                        r1.map(|r| &r[c0..c0 + cn]),
+                        &mut scratch[..cn],
+                    );
+                    for j in (0..cn).step_by(width) {
+                        let cols = width.min(cn - j);
+                        let v = _mm512_maskz_loadu_epi32(
+                            mask16(cols),
+                            scratch.as_ptr().add(j) as *const i32,
+                        );
+                        let at = dst.add((((c0 + j) / width) * kp + p) * width);
+                        _mm512_mask_storeu_epi32(at as *mut i32, mask16(cols), v);
+                    }
+                }
+            }
+            return;
+        }
         for p in p0..p1 {
             let r0 = &src[2 * p * ld..2 * p * ld + n];
             let r1 = (2 * p + 1 < k).then(|| &src[(2 * p + 1) * ld..(2 * p + 1) * ld + n]);
@@ -1453,6 +1482,9 @@ mod tests {
             (17, 16, 1100),
             (290, 96, 96),
             (270, 48, 300),
+            // A transposed left operand past one 768-column scratch of the narrow panels' packing, its last
+            // panel partial, odd k.
+            (790, 20, 5),
         ] {
             let a = pattern(m * k, 1);
             let b = pattern(k * n, 2);
