@@ -10,8 +10,12 @@
 //!   arithmetic, bf16 autocast; the `ceiling` case gives this CPU's f32 and bf16 register-only FMA rates); with
 //!   `--rounds N` the whole selection N times, interleaved, then the rounds' medians and per-round ratios.
 //! - `bench-summary FILE...`: those medians and ratios from saved JSON lines (a file per round).
+//! - `bench-ab --variant NAME=PATH [--variant ...] --case CASE... [--matmul-precision P] [--rounds N] [--out FILE]`:
+//!   interleaved rounds of `bench_step` binaries (or one binary under different environments), the order
+//!   rotated per round, with per-round ratios to the first variant and the run's order effect.
 //! - `gpu-check`: builds the CUDA binaries and the script that checks them on a GPU machine (`target/gpu-check`).
 
+mod ab;
 mod bench;
 mod ci;
 mod fetch;
@@ -91,6 +95,31 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         summary: Option<PathBuf>,
     },
+    /// Interleaved A/B rounds of `bench_step` binaries: each round runs every variant once per case, the
+    /// order rotated by one place per round (every variant in every position equally often), then per-round
+    /// ratios to the first variant and each position's speed against its round's mean.
+    BenchAb {
+        /// `NAME=PATH [VAR=VALUE]...`: a `bench_step` binary (copy target/release/examples/bench_step aside per
+        /// build) and the environment it runs under; at least two, ratios are to the first.
+        #[arg(
+            long = "variant",
+            required = true,
+            value_name = "NAME=PATH [VAR=VALUE]..."
+        )]
+        variants: Vec<ab::Variant>,
+        /// `bench_step` cases, e.g. step/cifar/4096 (repeatable).
+        #[arg(long = "case", required = true)]
+        cases: Vec<String>,
+        /// The products of every run: highest (f32) or bf16.
+        #[arg(long, default_value = "highest", value_parser = ["highest", "bf16"])]
+        matmul_precision: String,
+        /// Rounds; a multiple of the number of variants balances the positions.
+        #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        rounds: u32,
+        /// Write the JSON lines (with variant, round and position) to this file.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// The medians and per-round ratios of saved `bench` JSON lines (a file per round, unless the lines carry
     /// their `round`), as Markdown tables.
     BenchSummary {
@@ -155,6 +184,23 @@ fn run(cli: Cli) -> Result<()> {
                 summary,
             },
         ),
+        Cmd::BenchAb {
+            variants,
+            cases,
+            matmul_precision,
+            rounds,
+            out,
+        } => {
+            let s = ab::run(&ab::AbArgs {
+                variants,
+                cases,
+                matmul_precision,
+                rounds: rounds as usize,
+                out,
+            })?;
+            print!("{s}");
+            Ok(())
+        }
         Cmd::BenchSummary { files } => {
             print!("{}", summary::from_files(&files)?);
             Ok(())
