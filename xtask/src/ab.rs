@@ -3,8 +3,9 @@
 //! variant once per case, the variants' order rotated by one place per round, so that every variant runs in
 //! every position equally often: on these VMs the position alone moves a run by ~10% (a run right after a long
 //! one is slower), and a fixed order turns that into a false gain or loss. The summary gives per-round ratios
-//! to the first variant (images/s and the minimum step time), their median and range, and each position's
-//! median speed against its round's mean, which shows the order effect of the run itself.
+//! to the first variant (images/s and the minimum step time), their median and range, each variant's median
+//! time per phase (a change to the backward pass that moves the forward phases too points at the machine), and
+//! each position's median speed against its round's mean, which shows the order effect of the run itself.
 
 use crate::summary::median;
 use anyhow::{bail, Context, Result};
@@ -88,6 +89,8 @@ pub struct AbRun {
     pub images_per_s: f64,
     /// The fastest step, seconds.
     pub min_step_s: f64,
+    /// The median seconds of each phase (`phase_seconds_median`: teacher_forward, student_forward, backward...).
+    pub phases: Vec<(String, f64)>,
 }
 
 /// Run the rounds, write the lines, return the summary (Markdown).
@@ -136,6 +139,14 @@ pub fn run(args: &AbArgs) -> Result<String> {
                         format!("variant `{}`, {case}: no images_per_s in its line", v.name)
                     })?,
                     min_step_s: value["seconds_per_step_min"].as_f64().unwrap_or(f64::NAN),
+                    phases: value["phase_seconds_median"]
+                        .as_object()
+                        .map(|m| {
+                            m.iter()
+                                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 };
                 eprintln!(
                     "round {} {case} {}: {:.2} images/s",
@@ -235,6 +246,37 @@ pub fn summary(names: &[&str], cases: &[String], runs: &[AbRun]) -> String {
                 ratio_cell(&by_ips),
                 ratio_cell(&by_min),
             );
+        }
+    }
+    // Where a difference lies: each variant's median per phase (a change to the backward pass that moves the
+    // forward phases too points at the machine, not at the change).
+    let phase_names: Vec<&str> = ["teacher_forward", "student_forward", "backward"]
+        .into_iter()
+        .filter(|p| runs.iter().any(|r| r.phases.iter().any(|(k, _)| k == p)))
+        .collect();
+    if !phase_names.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n| case | variant | {} (median ms) |\n|---|---|---|",
+            phase_names.join(" / ")
+        );
+        for case in cases {
+            for (vi, name) in names.iter().enumerate() {
+                let cells: Vec<String> = phase_names
+                    .iter()
+                    .map(|p| {
+                        let xs: Vec<f64> = runs
+                            .iter()
+                            .filter(|r| r.case == *case && r.variant == vi)
+                            .filter_map(|r| {
+                                r.phases.iter().find(|(k, _)| k == p).map(|x| x.1 * 1e3)
+                            })
+                            .collect();
+                        median(&xs).map_or("-".into(), |m| format!("{m:.0}"))
+                    })
+                    .collect();
+                let _ = writeln!(s, "| {case} | {name} | {} |", cells.join(" / "));
+            }
         }
     }
     // The order effect: each position's images/s over its round's mean, all variants and cases together.
@@ -338,6 +380,10 @@ mod tests {
             position,
             images_per_s: ips,
             min_step_s: 1.0 / ips,
+            phases: vec![
+                ("teacher_forward".into(), 0.1 / ips),
+                ("backward".into(), 0.2 / ips),
+            ],
         }
     }
 
@@ -371,6 +417,20 @@ mod tests {
         );
         // Over the round's mean the first run reads 10 / 9.4 or 11 / 9.5 (median 1.111), the second 0.889.
         assert!(s.contains("position 1: 1.111, position 2: 0.889"), "{s}");
+        // The phase medians (ms) per variant, only the phases the lines carry as columns: a's teacher forward
+        // takes 100 / images/s ms in each round, its backward twice that.
+        assert!(
+            s.contains("| case | variant | teacher_forward / backward (median ms) |"),
+            "{s}"
+        );
+        let a_tf: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.variant == 0)
+            .map(|r| 100.0 / r.images_per_s)
+            .collect();
+        let m = median(&a_tf).unwrap();
+        let want = format!("| c | a | {m:.0} / {:.0} |", 2.0 * m);
+        assert!(s.contains(&want), "{want} in {s}");
     }
 
     #[test]
