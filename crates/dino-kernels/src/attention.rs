@@ -341,8 +341,9 @@ impl Geo {
     /// Under the `vdpbf16ps` kernel the backward products stay in f32 (`small_gemm`) even where the forward
     /// ones take bf16: three of its four products have a `t x t` operand (P, dS twice) against a head width of
     /// 64, so packing them to bf16 pairs cost more than their products (AMD Zen 5, step/imagenet/4096 bf16:
-    /// packing 8% of the step, the heads' bf16 products 4%); with f32 backward products that step ran 0.99-1.16x
-    /// (median 1.10x, 4 interleaved pairs) and imagenet/65536 unchanged (35th session). AMX keeps bf16 here.
+    /// packing 8% of the step, the heads' bf16 products 4%); with f32 backward products that step ran 1.05x
+    /// (minimum step 1.07x; the backward phase 322 -> 283 ms) and imagenet/65536 1.07x (331 -> 305 ms), medians
+    /// of 6 rounds in rotated order (`cargo xtask bench-ab`, 36th session). AMX keeps bf16 here.
     ///
     /// # Safety
     /// `dq` / `dkv` must be valid for the layouts of Q and K/V; `q`, `kv`, `go`, `probs` must match the geometry.
