@@ -7,7 +7,7 @@
 //! time per phase (a change to the backward pass that moves the forward phases too points at the machine), and
 //! each position's median speed against its round's mean, which shows the order effect of the run itself.
 
-use crate::summary::median;
+use crate::summary::{joined, median, range};
 use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -186,14 +186,9 @@ fn run_one(v: &Variant, case: &str, precision: &str) -> Result<serde_json::Value
             .with_context(|| format!("variant `{}`, {case}: unreadable line {l}", v.name)),
         _ => {
             let err = String::from_utf8_lossy(&o.stderr);
-            let tail: String = err
-                .chars()
-                .rev()
-                .take(600)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
+            // Its last 600 characters.
+            let from = err.char_indices().rev().nth(599).map_or(0, |(i, _)| i);
+            let tail = &err[from..];
             bail!(
                 "variant `{}`, {case}: {} gave no result ({}): {tail}",
                 v.name,
@@ -238,10 +233,7 @@ pub fn summary(names: &[&str], cases: &[String], runs: &[AbRun]) -> String {
             let _ = writeln!(
                 s,
                 "| {case} | {name} | {} ({}) | {} | {} |",
-                ips.iter()
-                    .map(|x| format!("{x:.2}"))
-                    .collect::<Vec<_>>()
-                    .join(" / "),
+                joined(&ips, 2),
                 median(&ips).map_or("-".into(), |m| format!("{m:.2}")),
                 ratio_cell(&by_ips),
                 ratio_cell(&by_min),
@@ -320,8 +312,7 @@ fn ratio_cell(xs: &[f64]) -> String {
     match median(xs) {
         None => "-".into(),
         Some(m) => {
-            let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let (lo, hi) = range(xs);
             format!("**{m:.3}x** [{lo:.2}-{hi:.2}]")
         }
     }

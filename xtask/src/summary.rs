@@ -158,7 +158,7 @@ pub fn median(xs: &[f64]) -> Option<f64> {
 }
 
 /// `xs` with `decimals` digits, joined by " / ".
-fn joined(xs: &[f64], decimals: usize) -> String {
+pub fn joined(xs: &[f64], decimals: usize) -> String {
     xs.iter()
         .map(|v| format!("{v:.decimals$}"))
         .collect::<Vec<_>>()
@@ -166,7 +166,7 @@ fn joined(xs: &[f64], decimals: usize) -> String {
 }
 
 /// The smallest and largest of `xs` (infinities when empty).
-fn range(xs: &[f64]) -> (f64, f64) {
+pub fn range(xs: &[f64]) -> (f64, f64) {
     xs.iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
             (lo.min(x), hi.max(x))
