@@ -165,6 +165,21 @@ fn train_two_epochs_writes_checkpoints_and_logs() {
     assert_eq!(meta["niter_per_ep"], 4, "256 images / batch 64");
     assert_eq!(meta["global_iteration"], 8);
     assert!(meta["last_loss"].as_f64().unwrap().is_finite());
+    // What computed the steps: the CPU fast path's f32 products, this process's threads, one rank.
+    let compute = &meta["compute"];
+    assert_eq!(
+        (&compute["device"], &compute["kernels"], &compute["ranks"]),
+        (&"cpu".into(), &"auto".into(), &1.into()),
+        "{meta}"
+    );
+    assert!(
+        compute["products"]
+            .as_str()
+            .unwrap()
+            .starts_with("f32: gemm ")
+            && compute["threads"].as_u64().unwrap() >= 1,
+        "{meta}"
+    );
 }
 
 #[test]
@@ -180,6 +195,11 @@ fn the_portable_kernels_on_device_auto_train_the_same_run() {
     let all = format!("{}{}", text(&o.stdout), text(&o.stderr));
     assert!(o.status.success(), "{all}");
     assert!(all.contains("; portable kernels"), "{all}");
+    assert!(
+        all.contains("\ncompute: ")
+            && all.contains("; products f32: candle matmul (portable path)\n"),
+        "{all}"
+    );
     let loss = |dir: &Path| {
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json")).unwrap())

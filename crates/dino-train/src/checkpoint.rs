@@ -74,6 +74,58 @@ impl Default for Versions {
     }
 }
 
+/// What computed a run's steps: the device, the CPU's kernel flags, the path of the products, the kernel
+/// path, threads and ranks. A run resumed on other compute continues the same training from the same state,
+/// but its steps round differently from the uninterrupted run's (bit-exact resume needs the same compute).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compute {
+    /// The device the steps ran on (`cpu`, `cuda:0`).
+    pub device: String,
+    /// The CPU, as `/proc/cpuinfo` names it (`AMD EPYC (family 26 model 2)`); empty where it gives no name.
+    pub cpu: String,
+    /// The CPU flags that pick a kernel (of `dino_kernels::cpu::FLAGS`).
+    pub cpu_flags: Vec<String>,
+    /// The linear layers' products: `dino_kernels::cpu::gemm_path` on the CPU (`f32: gemm 0.19 AVX-512
+    /// kernels`, `bf16: dino-kernels AMX tdpbf16ps tiles, f32 accumulation`), `<precision> on cuda:N` on a GPU.
+    pub products: String,
+    /// The kernel path in force (`auto`: the CPU fast path; `portable`: composed candle ops).
+    pub kernels: String,
+    /// Compute threads of each rank.
+    pub threads: usize,
+    /// Ranks of the run.
+    pub ranks: usize,
+}
+
+impl Compute {
+    /// What differs between `self` (a checkpoint's) and `now` in a way that changes the steps' rounding, each
+    /// as `key: old -> new` (the CPU's name alone does not count: the same flags take the same kernels).
+    pub fn changes_to(&self, now: &Compute) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cmp = |key: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{key}: {a} -> {b}"));
+            }
+        };
+        cmp("device", self.device.clone(), now.device.clone());
+        if self.cpu_flags != now.cpu_flags {
+            let flags = |c: &Compute| {
+                let f = if c.cpu_flags.is_empty() {
+                    "no kernel flags".to_string()
+                } else {
+                    c.cpu_flags.join(" ")
+                };
+                format!("{} ({f})", if c.cpu.is_empty() { "?" } else { &c.cpu })
+            };
+            cmp("cpu", flags(self), flags(now));
+        }
+        cmp("products", self.products.clone(), now.products.clone());
+        cmp("kernels", self.kernels.clone(), now.kernels.clone());
+        cmp("threads", self.threads.to_string(), now.threads.to_string());
+        cmp("ranks", self.ranks.to_string(), now.ranks.to_string());
+        out
+    }
+}
+
 /// The metadata of a checkpoint (also written as `<name>.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointMeta {
@@ -100,6 +152,9 @@ pub struct CheckpointMeta {
     /// epoch record averages over the whole epoch as the uninterrupted run's does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch_sums: Option<EpochSums>,
+    /// What computed the steps of the process that wrote it (absent from checkpoints before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute: Option<Compute>,
 }
 
 /// Sums over the iterations of an epoch so far (loss every iteration, teacher entropy every logged one).
@@ -329,6 +384,7 @@ mod tests {
             versions: Versions::default(),
             extensions: Vec::new(),
             epoch_sums: None,
+            compute: None,
         }
     }
 

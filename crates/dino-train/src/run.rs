@@ -17,7 +17,9 @@ use dino_data::loader::{LoaderConfig, MultiCropLoader};
 use dino_data::Transform;
 use dino_models::Backbone;
 
-use crate::checkpoint::{self, CheckpointMeta, EpochSums, Extension, RngState, Versions, LATEST};
+use crate::checkpoint::{
+    self, CheckpointMeta, Compute, EpochSums, Extension, RngState, Versions, LATEST,
+};
 use crate::config::TrainConfig;
 use crate::data;
 use crate::error::{Error, Result};
@@ -106,6 +108,11 @@ pub struct TrainSummary {
     pub took_over_lock: Option<LockHolder>,
     /// The run was lengthened by this call (`TrainOptions::extend`): from how many epochs.
     pub extended_from_epochs: Option<usize>,
+    /// What this process computes with ([`Compute`], recorded in its checkpoints).
+    pub compute: Compute,
+    /// Resumed from a checkpoint written on other compute: the differences (`key: old -> new`, see
+    /// [`Compute::changes_to`]); the steps from here round differently from the uninterrupted run's.
+    pub resumed_on_other_compute: Vec<String>,
     /// After this process's first step, its peak memory was near the machine's and the note saying so
     /// ([`crate::runtime::memory_advice`]) was printed.
     pub memory_noted: bool,
@@ -223,6 +230,37 @@ impl KnnSetup {
 struct RunIdentity {
     fingerprint: checkpoint::DatasetFingerprint,
     extensions: Vec<Extension>,
+    compute: Compute,
+}
+
+/// What this process computes `cfg`'s steps with on `device`, as one of `ranks` ranks (call it after the
+/// kernel path is set).
+fn compute_of(cfg: &TrainConfig, device: &candle_core::Device, ranks: usize) -> Compute {
+    let cpu = dino_kernels::cpu::CpuInfo::detect();
+    let kernels = dino_models::kernel_path();
+    let dtype = match cfg.matmul_precision {
+        MatmulPrecision::Highest => "f32",
+        MatmulPrecision::Bf16 => "bf16",
+    };
+    let products = if !device.is_cpu() {
+        format!(
+            "{dtype}: candle matmul on {}",
+            crate::device::describe(device)
+        )
+    } else if kernels == dino_models::KernelPath::Portable {
+        format!("{dtype}: candle matmul (portable path)")
+    } else {
+        dino_kernels::cpu::gemm_path(cfg.matmul_precision)
+    };
+    Compute {
+        device: crate::device::describe(device),
+        cpu: cpu.name().unwrap_or_default(),
+        cpu_flags: cpu.flags.iter().map(|f| f.to_string()).collect(),
+        products,
+        kernels: kernels.to_string(),
+        threads: rayon::current_num_threads(),
+        ranks,
+    }
 }
 
 fn save_checkpoint(
@@ -254,6 +292,7 @@ fn save_checkpoint(
         versions: Versions::default(),
         extensions: ident.extensions.clone(),
         epoch_sums,
+        compute: Some(ident.compute.clone()),
     };
     let tensors = trainer.state_tensors()?;
     for stem in stems {
@@ -363,6 +402,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     if cfg.kernels == dino_models::KernelPath::Portable {
         dino_models::set_kernel_path(dino_models::KernelPath::Portable);
     }
+    let compute = compute_of(cfg, &device, world);
 
     let train_ds = data::open_train(cfg)?;
     let description = data::describe(cfg, train_ds.as_ref());
@@ -384,6 +424,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut extensions = Vec::new();
     let mut extended = None;
     let mut resumed_sums: Option<EpochSums> = None;
+    let mut compute_changes = Vec::new();
     if opts.resume {
         let latest = checkpoint::find_latest(&out);
         if latest.is_none() && opts.extend {
@@ -438,6 +479,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 });
             }
             trainer.load_state(&tensors, &path.display().to_string())?;
+            if let Some(old) = &meta.compute {
+                compute_changes = old.changes_to(&compute);
+            }
+            if meta.config.student_passes != cfg.student_passes {
+                compute_changes.push(format!(
+                    "student_passes: {} -> {}",
+                    meta.config.student_passes, cfg.student_passes
+                ));
+            }
             start_g = meta.global_iteration.min(total);
             resumed_from = Some(start_g);
         }
@@ -445,6 +495,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let ident = RunIdentity {
         fingerprint,
         extensions,
+        compute: compute.clone(),
     };
     let mut log = if main {
         checkpoint::atomic_write(&out.join("config.toml"), cfg.to_toml_string().as_bytes())?;
@@ -496,6 +547,32 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             None => String::new(),
         }
     ));
+    progress.println(&format!(
+        "compute: {}; products {}",
+        if device.is_cpu() {
+            format!(
+                "{} thread{} on {}",
+                compute.threads,
+                if compute.threads == 1 { "" } else { "s" },
+                if compute.cpu.is_empty() {
+                    "the CPU"
+                } else {
+                    &compute.cpu
+                }
+            )
+        } else {
+            compute.device.clone()
+        },
+        compute.products
+    ));
+    if main && !compute_changes.is_empty() {
+        progress.warn(&format!(
+            "note: resumed on other compute than the checkpoint was written with ({}): training continues from \
+             the saved state, but its steps may round differently from the uninterrupted run's (resume is bit \
+             for bit on the same compute)",
+            compute_changes.join("; ")
+        ));
+    }
     if let Some(ext) = &extended {
         let g = ext.at_global_iteration;
         let at = |v: &[f64]| v.get(g).copied().unwrap_or(f64::NAN);
@@ -544,6 +621,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         extended_from_epochs: extended.map(|e| e.from_epochs),
         memory_noted: false,
         memory_estimate: None,
+        compute,
+        resumed_on_other_compute: compute_changes,
     };
     let knn = if cfg.eval_every > 0 || cfg.eval_final {
         KnnSetup::open(cfg)?

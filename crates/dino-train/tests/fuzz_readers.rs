@@ -961,6 +961,15 @@ fn tiny_checkpoint(dir: &Path) -> PathBuf {
         versions: Versions::default(),
         extensions: Vec::new(),
         epoch_sums: None,
+        compute: Some(Compute {
+            device: "cpu".into(),
+            cpu: "c".into(),
+            cpu_flags: vec!["avx2".into()],
+            products: "f32: p".into(),
+            kernels: "auto".into(),
+            threads: 2,
+            ranks: 1,
+        }),
     };
     let dev = Device::Cpu;
     let tensors = vec![

@@ -172,6 +172,13 @@ fn interrupted_mid_epoch_then_resumed_equals_uninterrupted() {
     assert_eq!(s.resumed_from, Some(6));
     assert_eq!(s.global_iteration, 10);
     assert_same_state(&reference, &dir);
+    // The same compute: nothing noted, and the checkpoints record it.
+    assert!(
+        s.resumed_on_other_compute.is_empty(),
+        "{:?}",
+        s.resumed_on_other_compute
+    );
+    assert_eq!(final_state(&dir).1.compute.as_ref(), Some(&s.compute));
     // The per-epoch checkpoints exist under their own names.
     assert!(
         weights_path(&dir, "checkpoint0000").is_file()
@@ -181,6 +188,99 @@ fn interrupted_mid_epoch_then_resumed_equals_uninterrupted() {
     let s = train(&cfg, &quiet()).unwrap();
     assert_eq!((s.resumed_from, s.global_iteration), (Some(10), 10));
     assert_same_state(&reference, &dir);
+}
+
+/// A checkpoint records what computed its steps; a resume on other compute (another products path or thread
+/// count, other kernel flags, another `student_passes`) continues and names each difference, old -> new; the
+/// CPU's name alone and a checkpoint written before the record existed note nothing.
+#[test]
+fn resume_on_other_compute_names_the_differences() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("run");
+    let opts = TrainOptions {
+        stop_after_iterations: Some(3),
+        ..quiet()
+    };
+    let first = train(&tiny(&dir), &opts).unwrap();
+    assert!(first.interrupted);
+    let now = first.compute.clone();
+    assert_eq!((now.device.as_str(), now.ranks), ("cpu", 1));
+    assert!(now.threads >= 1 && !now.products.is_empty(), "{now:?}");
+    // The checkpoint (iteration 2) rewritten with its metadata edited, as if another machine had written it.
+    let (tensors, original) = final_state(&dir);
+    assert_eq!(original.global_iteration, 2);
+    let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    let rewrite = |edit: &dyn Fn(&mut checkpoint::CheckpointMeta)| {
+        let mut meta = original.clone();
+        edit(&mut meta);
+        checkpoint::save(&dir, LATEST, &tensors, &meta).unwrap();
+    };
+    let resume = |cfg: &TrainConfig| {
+        let s = train(cfg, &opts).unwrap();
+        assert_eq!(s.resumed_from, Some(2));
+        s
+    };
+    let amx = "bf16: dino-kernels AMX tdpbf16ps tiles, f32 accumulation";
+    rewrite(&|m| {
+        let c = m
+            .compute
+            .as_mut()
+            .expect("the checkpoint records its compute");
+        c.cpu = "Another CPU (family 6 model 143)".into();
+        c.products = amx.into();
+        c.threads = now.threads + 7;
+    });
+    let s = resume(&tiny(&dir));
+    assert_eq!(
+        s.resumed_on_other_compute,
+        vec![
+            format!("products: {amx} -> {}", now.products),
+            format!("threads: {} -> {}", now.threads + 7, now.threads),
+        ]
+    );
+    // Other kernel flags, and student_passes (a key a resume may change).
+    rewrite(&|m| {
+        m.compute.as_mut().unwrap().cpu_flags = vec!["avx2".into(), "fma".into()];
+    });
+    let mut cfg = tiny(&dir);
+    cfg.student_passes = dino_train::StudentPasses::Crop;
+    let s = resume(&cfg);
+    assert_eq!(
+        s.resumed_on_other_compute.len(),
+        2,
+        "{:?}",
+        s.resumed_on_other_compute
+    );
+    assert!(
+        s.resumed_on_other_compute[0].starts_with("cpu: ")
+            && s.resumed_on_other_compute[0].contains("(avx2 fma) -> ")
+            && s.resumed_on_other_compute[1].starts_with("student_passes: "),
+        "{:?}",
+        s.resumed_on_other_compute
+    );
+    // Only the CPU's name differs, or the checkpoint predates the record: nothing to note.
+    for edit in [
+        &(|m: &mut checkpoint::CheckpointMeta| m.compute.as_mut().unwrap().cpu = "Renamed".into())
+            as &dyn Fn(&mut checkpoint::CheckpointMeta),
+        &|m: &mut checkpoint::CheckpointMeta| m.compute = None,
+    ] {
+        rewrite(edit);
+        let s = resume(&tiny(&dir));
+        assert!(
+            s.resumed_on_other_compute.is_empty(),
+            "{:?}",
+            s.resumed_on_other_compute
+        );
+    }
+    // The next checkpoint records this process's compute.
+    let further = TrainOptions {
+        stop_after_iterations: Some(5),
+        ..quiet()
+    };
+    train(&tiny(&dir), &further).unwrap();
+    let meta = final_state(&dir).1;
+    assert!(meta.global_iteration > 2, "{}", meta.global_iteration);
+    assert_eq!(meta.compute.as_ref(), Some(&now));
 }
 
 /// The per-epoch count of unreadable images (`skipped_images` in the log) survives a resume inside the epoch:
