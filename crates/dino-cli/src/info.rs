@@ -214,6 +214,20 @@ fn describe_meta(m: &dino_train::checkpoint::CheckpointMeta) {
         "versions: dino-train {} candle {} format {}; seed {}",
         m.versions.dino_train, m.versions.candle, m.versions.format, m.rng.seed
     );
+    if let Some(k) = &m.compute {
+        println!(
+            "compute (the process that wrote it): {}, {} rank{} x {} thread{}, {} ({}); products {}; kernels {}",
+            k.device,
+            k.ranks,
+            if k.ranks == 1 { "" } else { "s" },
+            k.threads,
+            if k.threads == 1 { "" } else { "s" },
+            if k.cpu.is_empty() { "?" } else { &k.cpu },
+            k.cpu_flags.join(" "),
+            k.products,
+            k.kernels
+        );
+    }
     println!("config (TOML):");
     for line in c.to_toml_string().lines() {
         println!("  {line}");

@@ -246,6 +246,12 @@ fn info_describes_the_checkpoint() {
     assert!(s.contains("vit_custom"), "{s}");
     assert!(s.contains("teacher.backbone"), "{s}");
     assert!(s.contains("student.head"), "{s}");
+    assert!(
+        s.contains("\ncompute (the process that wrote it): cpu, 1 rank x ")
+            && s.contains("; products f32: gemm ")
+            && s.contains("; kernels auto\n"),
+        "{s}"
+    );
     // The patch embedding of a 32-wide ViT with 7 px patches.
     let o = run(&[
         "info",

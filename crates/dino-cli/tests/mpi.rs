@@ -651,6 +651,12 @@ fn vit_two_ranks_are_one_rank_across_resume_and_kill() {
         "{}",
         text(&o.stdout)
     );
+    // Another number of ranks rounds differently (the tolerance above), and the resume says so.
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("note: resumed on other compute") && err.contains("ranks: 2 -> 1"),
+        "{err}"
+    );
     assert_same_state(&one, &mixed, noise.state_tol());
 
     // kill -9 of rank 1 in the middle of the run.
@@ -711,6 +717,12 @@ fn vit_two_ranks_are_one_rank_across_resume_and_kill() {
     );
     let o = ok(train(&bin, 2, &cfg, &killed, &[]), "resume after kill");
     assert!(text(&o.stdout).contains("resumed from global iteration"));
+    // The same compute as the killed job's: no note.
+    assert!(
+        !text(&o.stderr).contains("resumed on other compute"),
+        "{}",
+        text(&o.stderr)
+    );
     assert_same_state(&one, &killed, noise.state_tol());
 }
 
