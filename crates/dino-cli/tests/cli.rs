@@ -236,6 +236,25 @@ fn device_cuda_without_the_feature_is_one_line() {
     assert!(text(&o.stderr).contains("expected cpu, cuda, cuda:N or auto"));
 }
 
+/// `dino info run | head`: the reader closes stdout early; dino stops quietly (status 141, as SIGPIPE would
+/// end it), not with an internal error.
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let (_, _, out) = trained();
+    let mut child = dino()
+        .args(["info", "--all", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before dino (still starting and reading the checkpoint) writes its first line.
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(141), "{err}");
+    assert!(err.is_empty(), "{err}");
+}
+
 #[test]
 fn info_describes_the_checkpoint() {
     let (_, _, out) = trained();
