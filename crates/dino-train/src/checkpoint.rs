@@ -98,7 +98,9 @@ pub struct Compute {
 
 impl Compute {
     /// What differs between `self` (a checkpoint's) and `now` in a way that changes the steps' rounding, each
-    /// as `key: old -> new` (the CPU's name alone does not count: the same flags take the same kernels).
+    /// as `key: old -> new`. The CPU's kernel flags, the kernel path and the threads count only where both
+    /// computed on the CPU (a GPU's steps do not depend on them), the CPU by its flags alone (the same flags
+    /// take the same kernels, whatever the name).
     pub fn changes_to(&self, now: &Compute) -> Vec<String> {
         let mut out = Vec::new();
         let mut cmp = |key: &str, a: String, b: String| {
@@ -107,7 +109,8 @@ impl Compute {
             }
         };
         cmp("device", self.device.clone(), now.device.clone());
-        if self.cpu_flags != now.cpu_flags {
+        let on_cpu = self.device == "cpu" && now.device == "cpu";
+        if on_cpu && self.cpu_flags != now.cpu_flags {
             let flags = |c: &Compute| {
                 let f = if c.cpu_flags.is_empty() {
                     "no kernel flags".to_string()
@@ -119,8 +122,10 @@ impl Compute {
             cmp("cpu", flags(self), flags(now));
         }
         cmp("products", self.products.clone(), now.products.clone());
-        cmp("kernels", self.kernels.clone(), now.kernels.clone());
-        cmp("threads", self.threads.to_string(), now.threads.to_string());
+        if on_cpu {
+            cmp("kernels", self.kernels.clone(), now.kernels.clone());
+            cmp("threads", self.threads.to_string(), now.threads.to_string());
+        }
         cmp("ranks", self.ranks.to_string(), now.ranks.to_string());
         out
     }
@@ -386,6 +391,70 @@ mod tests {
             epoch_sums: None,
             compute: None,
         }
+    }
+
+    #[test]
+    fn compute_changes_name_what_changes_the_rounding() {
+        let cpu = Compute {
+            device: "cpu".into(),
+            cpu: "A (family 26 model 2)".into(),
+            cpu_flags: vec!["avx2".into(), "fma".into(), "avx512f".into()],
+            products: "f32: gemm 0.19 AVX-512 kernels".into(),
+            kernels: "auto".into(),
+            threads: 2,
+            ranks: 1,
+        };
+        assert!(cpu.changes_to(&cpu).is_empty());
+        let renamed = Compute {
+            cpu: "B".into(),
+            ..cpu.clone()
+        };
+        assert!(cpu.changes_to(&renamed).is_empty(), "the name alone");
+        let other = Compute {
+            cpu: "C".into(),
+            cpu_flags: vec!["avx2".into(), "fma".into()],
+            products: "f32: gemm 0.19 AVX2+FMA kernels".into(),
+            kernels: "portable".into(),
+            threads: 4,
+            ranks: 2,
+            ..cpu.clone()
+        };
+        assert_eq!(
+            cpu.changes_to(&other),
+            vec![
+                "cpu: A (family 26 model 2) (avx2 fma avx512f) -> C (avx2 fma)",
+                "products: f32: gemm 0.19 AVX-512 kernels -> f32: gemm 0.19 AVX2+FMA kernels",
+                "kernels: auto -> portable",
+                "threads: 2 -> 4",
+                "ranks: 1 -> 2",
+            ]
+        );
+        // On a GPU the host's flags, kernel path and threads do not enter the steps.
+        let gpu = Compute {
+            device: "cuda:0".into(),
+            products: "f32: candle matmul on cuda:0".into(),
+            ..cpu.clone()
+        };
+        let gpu_elsewhere = Compute {
+            cpu_flags: Vec::new(),
+            threads: 16,
+            kernels: "portable".into(),
+            ..gpu.clone()
+        };
+        assert!(gpu.changes_to(&gpu_elsewhere).is_empty());
+        assert_eq!(
+            cpu.changes_to(&gpu),
+            vec![
+                "device: cpu -> cuda:0",
+                "products: f32: gemm 0.19 AVX-512 kernels -> f32: candle matmul on cuda:0",
+            ]
+        );
+        // Checkpoints written before the record parse without it.
+        let mut json: serde_json::Value = serde_json::to_value(meta()).unwrap();
+        assert!(json.get("compute").is_none(), "None is not written");
+        json["compute"] = serde_json::to_value(&cpu).unwrap();
+        let back: CheckpointMeta = serde_json::from_value(json).unwrap();
+        assert_eq!(back.compute, Some(cpu));
     }
 
     #[test]

@@ -111,7 +111,8 @@ pub struct TrainSummary {
     /// What this process computes with ([`Compute`], recorded in its checkpoints).
     pub compute: Compute,
     /// Resumed from a checkpoint written on other compute: the differences (`key: old -> new`, see
-    /// [`Compute::changes_to`]); the steps from here round differently from the uninterrupted run's.
+    /// [`Compute::changes_to`]), also said on the console; the steps from here may round differently from
+    /// the uninterrupted run's.
     pub resumed_on_other_compute: Vec<String>,
     /// After this process's first step, its peak memory was near the machine's and the note saying so
     /// ([`crate::runtime::memory_advice`]) was printed.
@@ -565,8 +566,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         },
         compute.products
     ));
-    if main && !compute_changes.is_empty() {
-        progress.warn(&format!(
+    if !compute_changes.is_empty() {
+        progress.println(&format!(
             "note: resumed on other compute than the checkpoint was written with ({}): training continues from \
              the saved state, but its steps may round differently from the uninterrupted run's (resume is bit \
              for bit on the same compute)",
