@@ -121,9 +121,10 @@ fn main() {
             .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".to_string());
-        // Except stdout closed by its reader (`dino info run | head`): quiet, with the status of a process
-        // that SIGPIPE (13) ended, as other command-line tools do (Rust ignores SIGPIPE, so println! panics).
-        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+        // Except stdout or stderr closed by its reader (`dino info run | head`): quiet, with the status of a
+        // process that SIGPIPE (13) ended, as other command-line tools do (Rust ignores SIGPIPE, so println!
+        // panics). A training run ends as if killed: its last checkpoint resumes it.
+        if msg.starts_with("failed printing to std") && msg.contains("Broken pipe") {
             std::process::exit(141);
         }
         let at = info

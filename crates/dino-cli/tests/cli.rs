@@ -236,8 +236,8 @@ fn device_cuda_without_the_feature_is_one_line() {
     assert!(text(&o.stderr).contains("expected cpu, cuda, cuda:N or auto"));
 }
 
-/// `dino info run | head`: the reader closes stdout early; dino stops quietly (status 141, as SIGPIPE would
-/// end it), not with an internal error.
+/// `dino info run | head`: the reader closes stdout (or stderr) early; dino stops quietly (status 141, as
+/// SIGPIPE would end it), not with an internal error.
 #[test]
 fn a_closed_stdout_ends_quietly() {
     let (_, _, out) = trained();
@@ -253,6 +253,18 @@ fn a_closed_stdout_ends_quietly() {
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(141), "{err}");
     assert!(err.is_empty(), "{err}");
+    // `dino train ... 2>&1 | head`: the progress lines go to stderr.
+    let (tmp, data, _) = trained();
+    let other = tmp.path().join("run-stderr-closed");
+    let mut child = dino()
+        .args(tiny_train_args(&tmp.path().join("tiny.toml"), data, &other))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(141), "{}", text(&o.stdout));
 }
 
 #[test]
