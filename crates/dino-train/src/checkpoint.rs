@@ -131,6 +131,28 @@ impl Compute {
     }
 }
 
+/// Top-1 and top-5 k-NN accuracy, percent.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Accuracy {
+    /// Top-1, percent.
+    pub top1: f64,
+    /// Top-5, percent.
+    pub top5: f64,
+}
+
+/// The k-NN baselines a run measures before its first step (the seeded network at random initialisation,
+/// the raw pixels), kept so that a resumed run need not measure them again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KnnBaselines {
+    /// What the figures depend on beyond the checked configuration: the bank's and the validation split's
+    /// identity and the evaluation keys a resume may change (`knn_k`, `knn_temperature`, `eval_resize`, ...).
+    pub eval: String,
+    /// The network at random initialisation, when measured.
+    pub init: Option<Accuracy>,
+    /// The raw pixels, when measured.
+    pub pixels: Option<Accuracy>,
+}
+
 /// The metadata of a checkpoint (also written as `<name>.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointMeta {
@@ -160,6 +182,9 @@ pub struct CheckpointMeta {
     /// What computed the steps of the process that wrote it (absent from checkpoints before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compute: Option<Compute>,
+    /// The k-NN baselines measured before the first step, when they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub knn_baselines: Option<KnnBaselines>,
 }
 
 /// Sums over the iterations of an epoch so far (loss every iteration, teacher entropy every logged one).
@@ -390,6 +415,7 @@ mod tests {
             extensions: Vec::new(),
             epoch_sums: None,
             compute: None,
+            knn_baselines: None,
         }
     }
 

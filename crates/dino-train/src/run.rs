@@ -18,7 +18,8 @@ use dino_data::Transform;
 use dino_models::Backbone;
 
 use crate::checkpoint::{
-    self, CheckpointMeta, Compute, EpochSums, Extension, RngState, Versions, LATEST,
+    self, Accuracy, CheckpointMeta, Compute, EpochSums, Extension, KnnBaselines, RngState,
+    Versions, LATEST,
 };
 use crate::config::TrainConfig;
 use crate::data;
@@ -114,6 +115,9 @@ pub struct TrainSummary {
     /// [`Compute::changes_to`]), also said on the console; the steps from here may round differently from
     /// the uninterrupted run's.
     pub resumed_on_other_compute: Vec<String>,
+    /// How many of the two k-NN baselines (random initialisation, raw pixels) this process took from the
+    /// checkpoint it resumed instead of measuring them again.
+    pub knn_baselines_recorded: usize,
     /// After this process's first step, its peak memory was near the machine's and the note saying so
     /// ([`crate::runtime::memory_advice`]) was printed.
     pub memory_noted: bool,
@@ -171,6 +175,24 @@ impl KnnSetup {
             val,
             transform: data::eval_transform(cfg)?,
         }))
+    }
+
+    /// What the baselines depend on beyond the configuration a resume checks: the bank's and the validation
+    /// split's identity ([`data::fingerprint`]) and the evaluation keys a resume may change.
+    fn baseline_key(&self, cfg: &TrainConfig) -> Result<String> {
+        let id = |ds: &Arc<dyn Dataset>| -> Result<String> {
+            let f = data::fingerprint(ds.as_ref(), &ds.describe())?;
+            Ok(format!("{} ({} images, {})", f.description, f.len, f.hash))
+        };
+        Ok(format!(
+            "bank {}; val {}; knn_k {}, knn_temperature {}, eval_resize {}, eval_crop {}",
+            id(&self.bank)?,
+            id(&self.val)?,
+            cfg.knn_k,
+            cfg.knn_temperature,
+            cfg.eval_resize,
+            cfg.eval_crop
+        ))
     }
 
     /// The raw-pixel baseline ([`crate::eval::extract_pixels`] of the bank and the queries, then the same
@@ -232,6 +254,7 @@ struct RunIdentity {
     fingerprint: checkpoint::DatasetFingerprint,
     extensions: Vec<Extension>,
     compute: Compute,
+    baselines: Option<KnnBaselines>,
 }
 
 /// What this process computes `cfg`'s steps with on `device`, as one of `ranks` ranks (call it after the
@@ -294,6 +317,7 @@ fn save_checkpoint(
         extensions: ident.extensions.clone(),
         epoch_sums,
         compute: Some(ident.compute.clone()),
+        knn_baselines: ident.baselines.clone(),
     };
     let tensors = trainer.state_tensors()?;
     for stem in stems {
@@ -426,6 +450,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut extended = None;
     let mut resumed_sums: Option<EpochSums> = None;
     let mut compute_changes = Vec::new();
+    let mut recorded_baselines = None;
     if opts.resume {
         let latest = checkpoint::find_latest(&out);
         if latest.is_none() && opts.extend {
@@ -483,6 +508,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             if let Some(old) = &meta.compute {
                 compute_changes = old.changes_to(&compute);
             }
+            recorded_baselines = meta.knn_baselines.clone();
             if meta.config.student_passes != cfg.student_passes {
                 compute_changes.push(format!(
                     "student_passes: {} -> {}",
@@ -493,10 +519,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             resumed_from = Some(start_g);
         }
     }
-    let ident = RunIdentity {
+    let mut ident = RunIdentity {
         fingerprint,
         extensions,
         compute: compute.clone(),
+        // Until this process measures them (or finds them in the checkpoint, below): what it resumed.
+        baselines: recorded_baselines.clone(),
     };
     let mut log = if main {
         checkpoint::atomic_write(&out.join("config.toml"), cfg.to_toml_string().as_bytes())?;
@@ -622,6 +650,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         extended_from_epochs: extended.map(|e| e.from_epochs),
         memory_noted: false,
         memory_estimate: None,
+        knn_baselines_recorded: 0,
         compute,
         resumed_on_other_compute: compute_changes,
     };
@@ -636,12 +665,33 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     }
 
     // The same network at random initialisation (the seeded init is deterministic), measured first so the
-    // baseline is on screen before training starts. A stop request cuts these short: nothing was trained in
-    // this process, so there is nothing to write (a resumed run's checkpoint stays as it was).
+    // baseline is on screen before training starts; a resumed run takes the figures its checkpoint recorded
+    // for the same evaluation. A stop request cuts these short: nothing was trained in this process, so there
+    // is nothing to write (a resumed run's checkpoint stays as it was).
     let mut knn_init = None;
     let mut knn_pixels = None;
     let mut stop: Option<i32> = None;
     if let (true, Some(k)) = (cfg.eval_final && start_g < total, &knn) {
+        let key = k.baseline_key(cfg)?;
+        let mut recorded = recorded_baselines.filter(|b| b.eval == key);
+        if world > 1 {
+            // Every rank takes part in measuring them: all take the recorded figures or none does.
+            let mut agree = [f64::from(u8::from(recorded.is_some()))];
+            coll.all_reduce_sum_f64(&mut agree)?;
+            if agree[0] != world as f64 {
+                recorded = None;
+            }
+        }
+        let known = |a: Option<Accuracy>| {
+            a.map(|a| KnnResult {
+                top1: a.top1,
+                top5: a.top5,
+            })
+        };
+        knn_init = recorded.as_ref().and_then(|b| known(b.init));
+        knn_pixels = recorded.as_ref().and_then(|b| known(b.pixels));
+        summary.knn_baselines_recorded =
+            usize::from(knn_init.is_some()) + usize::from(knn_pixels.is_some());
         let init = || k.run_init(cfg, &device);
         let pixels = || k.pixels(cfg);
         let baselines: [(&str, KnnEval, &mut Option<KnnResult>); 2] = [
@@ -649,6 +699,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             ("the raw pixels", &pixels, &mut knn_pixels),
         ];
         for (what, eval, slot) in baselines {
+            if let Some(r) = slot {
+                progress.println(&format!(
+                    "k-NN of {what}: top-1 {:.2}% top-5 {:.2}% (recorded in the checkpoint)",
+                    r.top1, r.top5
+                ));
+                continue;
+            }
             let (r, s) = unless_stopped(coll.as_ref(), world, eval)?;
             if let Some(r) = r {
                 progress.println(&format!(
@@ -662,6 +719,17 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 break;
             }
         }
+        let kept = |r: Option<KnnResult>| {
+            r.map(|r| Accuracy {
+                top1: r.top1,
+                top5: r.top5,
+            })
+        };
+        ident.baselines = Some(KnnBaselines {
+            eval: key,
+            init: kept(knn_init),
+            pixels: kept(knn_pixels),
+        });
     }
     if stop.is_some() {
         // What finished before the request stays in the summary.

@@ -970,6 +970,14 @@ fn tiny_checkpoint(dir: &Path) -> PathBuf {
             threads: 2,
             ranks: 1,
         }),
+        knn_baselines: Some(KnnBaselines {
+            eval: "e".into(),
+            init: Some(Accuracy {
+                top1: 10.0,
+                top5: 50.0,
+            }),
+            pixels: None,
+        }),
     };
     let dev = Device::Cpu;
     let tensors = vec![

@@ -283,6 +283,56 @@ fn resume_on_other_compute_names_the_differences() {
     assert_eq!(meta.compute.as_ref(), Some(&now));
 }
 
+/// The k-NN baselines measured before the first step (the seeded network at random initialisation, the raw
+/// pixels) are recorded in the checkpoints: a resumed run takes them from there instead of measuring them
+/// again (the figures of the uninterrupted run), and measures them again when the evaluation changed
+/// (`knn_k`, which a resume may change).
+#[test]
+fn a_resumed_run_takes_the_knn_baselines_from_its_checkpoint() {
+    let root = tempfile::tempdir().unwrap();
+    let with_eval = |dir: &Path| TrainConfig {
+        eval_final: true,
+        eval_max_train: 80,
+        eval_max_val: 40,
+        eval_resize: 28,
+        eval_crop: 28,
+        ..tiny(dir)
+    };
+    let reference = train(&with_eval(&root.path().join("reference")), &quiet()).unwrap();
+    let (init, pixels) = (reference.knn_init.unwrap(), reference.knn_pixels.unwrap());
+    assert_eq!(reference.knn_baselines_recorded, 0);
+
+    let dir = root.path().join("run");
+    let stop_at_3 = TrainOptions {
+        stop_after_iterations: Some(3),
+        ..quiet()
+    };
+    let first = train(&with_eval(&dir), &stop_at_3).unwrap();
+    assert!(first.interrupted);
+    assert_eq!(first.knn_baselines_recorded, 0);
+    let b = final_state(&dir)
+        .1
+        .knn_baselines
+        .expect("the checkpoint records them");
+    let rec = |a: Option<checkpoint::Accuracy>| a.map(|a| (a.top1, a.top5));
+    assert_eq!(rec(b.init), Some((init.top1, init.top5)));
+    assert_eq!(rec(b.pixels), Some((pixels.top1, pixels.top5)));
+    assert!(b.eval.contains("knn_k 20"), "{}", b.eval);
+
+    // Another k: measured again (this stop writes no checkpoint, so the recorded figures stay).
+    let mut other_k = with_eval(&dir);
+    other_k.knn_k = 5;
+    let s = train(&other_k, &stop_at_3).unwrap();
+    assert_eq!((s.resumed_from, s.knn_baselines_recorded), (Some(2), 0));
+
+    // The same evaluation, to the end: both from the checkpoint, and the run's figures are the uninterrupted
+    // run's.
+    let s = train(&with_eval(&dir), &quiet()).unwrap();
+    assert_eq!((s.resumed_from, s.knn_baselines_recorded), (Some(2), 2));
+    assert_eq!((s.knn_init, s.knn_pixels), (Some(init), Some(pixels)));
+    assert_eq!(s.knn_final, reference.knn_final);
+}
+
 /// The per-epoch count of unreadable images (`skipped_images` in the log) survives a resume inside the epoch:
 /// the checkpoint carries the count so far, so the resumed epoch reports what the uninterrupted one does.
 #[test]
