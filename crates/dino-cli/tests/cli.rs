@@ -240,30 +240,33 @@ fn device_cuda_without_the_feature_is_one_line() {
 /// SIGPIPE would end it), not with an internal error.
 #[test]
 fn a_closed_stdout_ends_quietly() {
-    let (_, _, out) = trained();
-    let mut child = dino()
-        .args(["info", "--all", out.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Closed before dino (still starting and reading the checkpoint) writes its first line.
-    drop(child.stdout.take());
-    let o = child.wait_with_output().unwrap();
+    // `dino` with `args`, its stdout or stderr closed before it (still starting) writes its first line.
+    let closed = |args: &[String], stdout: bool| {
+        let mut child = dino()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        if stdout {
+            drop(child.stdout.take());
+        } else {
+            drop(child.stderr.take());
+        }
+        child.wait_with_output().unwrap()
+    };
+    let (tmp, data, out) = trained();
+    let info = ["info", "--all", out.to_str().unwrap()].map(String::from);
+    let o = closed(&info, true);
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(141), "{err}");
     assert!(err.is_empty(), "{err}");
     // `dino train ... 2>&1 | head`: the progress lines go to stderr.
-    let (tmp, data, _) = trained();
     let other = tmp.path().join("run-stderr-closed");
-    let mut child = dino()
-        .args(tiny_train_args(&tmp.path().join("tiny.toml"), data, &other))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stderr.take());
-    let o = child.wait_with_output().unwrap();
+    let o = closed(
+        &tiny_train_args(&tmp.path().join("tiny.toml"), data, &other),
+        false,
+    );
     assert_eq!(o.status.code(), Some(141), "{}", text(&o.stdout));
 }
 

@@ -71,6 +71,14 @@ fn quiet() -> TrainOptions {
     }
 }
 
+/// [`quiet`], returning as if killed once `g` global iterations are complete.
+fn stop_after(g: usize) -> TrainOptions {
+    TrainOptions {
+        stop_after_iterations: Some(g),
+        ..quiet()
+    }
+}
+
 fn final_state(dir: &Path) -> (HashMap<String, Tensor>, checkpoint::CheckpointMeta) {
     checkpoint::load(&weights_path(dir, LATEST), &Device::Cpu).unwrap()
 }
@@ -197,10 +205,7 @@ fn interrupted_mid_epoch_then_resumed_equals_uninterrupted() {
 fn resume_on_other_compute_names_the_differences() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("run");
-    let opts = TrainOptions {
-        stop_after_iterations: Some(3),
-        ..quiet()
-    };
+    let opts = stop_after(3);
     let first = train(&tiny(&dir), &opts).unwrap();
     assert!(first.interrupted);
     let now = first.compute.clone();
@@ -273,11 +278,7 @@ fn resume_on_other_compute_names_the_differences() {
         );
     }
     // The next checkpoint records this process's compute.
-    let further = TrainOptions {
-        stop_after_iterations: Some(5),
-        ..quiet()
-    };
-    train(&tiny(&dir), &further).unwrap();
+    train(&tiny(&dir), &stop_after(5)).unwrap();
     let meta = final_state(&dir).1;
     assert!(meta.global_iteration > 2, "{}", meta.global_iteration);
     assert_eq!(meta.compute.as_ref(), Some(&now));
@@ -303,10 +304,7 @@ fn a_resumed_run_takes_the_knn_baselines_from_its_checkpoint() {
     assert_eq!(reference.knn_baselines_recorded, 0);
 
     let dir = root.path().join("run");
-    let stop_at_3 = TrainOptions {
-        stop_after_iterations: Some(3),
-        ..quiet()
-    };
+    let stop_at_3 = stop_after(3);
     let first = train(&with_eval(&dir), &stop_at_3).unwrap();
     assert!(first.interrupted);
     assert_eq!(first.knn_baselines_recorded, 0);
