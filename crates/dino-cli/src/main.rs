@@ -24,8 +24,17 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Compute threads of this process (default: the cores divided by the ranks on this node).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = parse_threads)]
     threads: Option<usize>,
+}
+
+/// A thread count of at least one (`--threads 0` would otherwise run one thread without saying so).
+fn parse_threads(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("at least 1 (leave --threads out for the default)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// The command line, with every flag's value free to start with a minus sign, so that `--teacher-temp -1`

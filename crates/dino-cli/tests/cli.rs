@@ -573,6 +573,15 @@ fn bad_flag_values_are_one_line() {
         &["--optimizer", "adam"],
     );
     assert_one_line_error(&run(&["train", "--batch-size", "0"]), &["batch_size"]);
+    // Zero threads would run one without saying so.
+    assert_one_line_error(
+        &run(&["train", "--threads", "0"]),
+        &["--threads", "at least 1"],
+    );
+    assert_one_line_error(
+        &run(&["info", "x", "--threads", "0"]),
+        &["--threads", "at least 1"],
+    );
     // A negative value reaches the configuration's check, which names the key (not "unexpected argument").
     assert_one_line_error(
         &run(&["train", "--teacher-temp", "-1"]),
