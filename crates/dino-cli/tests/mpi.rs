@@ -591,6 +591,11 @@ fn vit_two_ranks_are_one_rank_across_resume_and_kill() {
         "2 ranks",
     );
     assert!(text(&o2.stderr).contains("2 ranks (mpi) x 32 images = batch 64"));
+    assert!(
+        text(&o2.stderr).contains(" per rank on "),
+        "{}",
+        text(&o2.stderr)
+    );
     assert_same_state(&one, &two, noise.state_tol());
     assert_same_losses(&one, &two, noise.loss_tol());
     // The final k-NN of the 2-rank run (each rank extracts half the features, gathered) is the k-NN of one

@@ -580,15 +580,18 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         "compute: {}; products {}",
         if device.is_cpu() {
             format!(
-                "{} thread{} on {}",
+                "{} thread{}{} on {}",
                 compute.threads,
                 if compute.threads == 1 { "" } else { "s" },
+                if world > 1 { " per rank" } else { "" },
                 if compute.cpu.is_empty() {
                     "the CPU"
                 } else {
                     &compute.cpu
                 }
             )
+        } else if world > 1 {
+            format!("{} (rank 0)", compute.device)
         } else {
             compute.device.clone()
         },
