@@ -228,6 +228,19 @@ fn describe_meta(m: &dino_train::checkpoint::CheckpointMeta) {
             k.kernels
         );
     }
+    if let Some(b) = &m.knn_baselines {
+        let acc = |a: Option<dino_train::checkpoint::Accuracy>| {
+            a.map_or("not measured".to_string(), |a| {
+                format!("top-1 {:.2}% top-5 {:.2}%", a.top1, a.top5)
+            })
+        };
+        println!(
+            "k-NN baselines (before the first step): random init {}, raw pixels {} ({})",
+            acc(b.init),
+            acc(b.pixels),
+            b.eval
+        );
+    }
     println!("config (TOML):");
     for line in c.to_toml_string().lines() {
         println!("  {line}");

@@ -795,6 +795,14 @@ fn plots_of_a_run_are_titled_charts_and_plot_redraws_them() {
         !se.contains("vs same network at random initialisation"),
         "{se}"
     );
+    // The checkpoint keeps the baselines (a resume takes them from there); `dino info` shows them.
+    let info = text(&run(&["info", out.to_str().unwrap()]).stdout);
+    assert!(
+        info.contains("\nk-NN baselines (before the first step): random init top-1 ")
+            && info.contains(", raw pixels top-1 ")
+            && info.contains("knn_k 20"),
+        "{info}"
+    );
     let pdir = out.join("plots");
     let mut names: Vec<String> = std::fs::read_dir(&pdir)
         .unwrap()
