@@ -292,8 +292,14 @@ impl DataArgs {
             c.eval_max_val = n;
         }
         if c.dataset != DatasetKind::Embedded && !c.data_path.exists() {
+            // `embedded` names a dataset kind, not a path (training's default `data_path`).
+            let hint = if c.data_path == std::path::Path::new("embedded") {
+                " (the embedded Fashion-MNIST subset: --dataset embedded)"
+            } else {
+                ""
+            };
             bail!(
-                "--data-path {}: no such file or directory",
+                "--data-path {}: no such file or directory{hint}",
                 c.data_path.display()
             );
         }

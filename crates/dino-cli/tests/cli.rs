@@ -653,6 +653,15 @@ fn eval_flags_are_one_line_errors() {
         ]);
         assert_one_line_error(&o, &[needle]);
     }
+    // `embedded` (training's default data_path) is a dataset kind here: the error says how to name it.
+    let o = run(&[
+        "eval-knn",
+        "--checkpoint",
+        out.to_str().unwrap(),
+        "--data-path",
+        "embedded",
+    ]);
+    assert_one_line_error(&o, &["--data-path embedded", "--dataset embedded"]);
 }
 
 #[test]
