@@ -92,8 +92,25 @@ impl CpuInfo {
 }
 
 /// The GEMM the linear layers' products take on this CPU at `precision` (on the calling thread, see
-/// [`crate::bf16::Bf16Gemm`]).
+/// [`crate::bf16::Bf16Gemm`]), with why bf16 requests run in f32 where they do (the measured `vdpbf16ps`
+/// rate, which varies a little between processes: [`gemm_kernel`] is the same text without it).
 pub fn gemm_path(precision: MatmulPrecision) -> String {
+    let kernel = gemm_kernel(precision);
+    if precision != MatmulPrecision::Bf16 || kernel.starts_with("bf16") {
+        return kernel;
+    }
+    match crate::bf16::dp_speedup() {
+        Some(r) => {
+            format!("{kernel} (bf16 requested; vdpbf16ps runs at {r:.2}x the f32 FMA rate here)")
+        }
+        None => format!("{kernel} (bf16 requested; no AVX-512 BF16)"),
+    }
+}
+
+/// Which GEMM kernel the linear layers' products take on this CPU at `precision` (on the calling thread),
+/// e.g. `f32: gemm 0.19 AVX-512 kernels` or `bf16: dino-kernels vdpbf16ps (AVX-512 BF16), f32 accumulation`:
+/// the same text in every process on this CPU.
+pub fn gemm_kernel(precision: MatmulPrecision) -> String {
     match (precision, crate::bf16::kernel()) {
         (MatmulPrecision::Bf16, Some(crate::bf16::Bf16Kernel::Amx)) => {
             return "bf16: dino-kernels AMX tdpbf16ps tiles, f32 accumulation".into()
@@ -103,23 +120,16 @@ pub fn gemm_path(precision: MatmulPrecision) -> String {
         }
         _ => {}
     }
-    let why = if precision != MatmulPrecision::Bf16 {
-        String::new()
-    } else if let Some(r) = crate::bf16::dp_speedup() {
-        format!(" (bf16 requested; vdpbf16ps runs at {r:.2}x the f32 FMA rate here)")
-    } else {
-        " (bf16 requested; no AVX-512 BF16)".into()
-    };
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            return format!("f32: gemm 0.19 AVX-512 kernels{why}");
+            return "f32: gemm 0.19 AVX-512 kernels".into();
         }
         if std::arch::is_x86_feature_detected!("fma") {
-            return format!("f32: gemm 0.19 AVX2+FMA kernels{why}");
+            return "f32: gemm 0.19 AVX2+FMA kernels".into();
         }
     }
-    format!("f32: gemm 0.19 portable kernels{why}")
+    "f32: gemm 0.19 portable kernels".into()
 }
 
 /// A register-only arithmetic loop whose rate bounds what a kernel can reach.
@@ -352,6 +362,35 @@ mod tests {
         );
         assert_eq!(none.name().as_deref(), Some("Some CPU"));
         assert_eq!(CpuInfo::parse("").name(), None);
+    }
+
+    /// `gemm_kernel` names the kernel alone (the same text in every process); `gemm_path` adds why a bf16
+    /// request runs in f32 (the measured `vdpbf16ps` rate) and otherwise says the same.
+    #[test]
+    fn gemm_kernel_is_the_path_without_the_measured_rate() {
+        use crate::bf16::{with_bf16_gemm, Bf16Gemm};
+        let f32_kernel = gemm_kernel(MatmulPrecision::Highest);
+        assert!(f32_kernel.starts_with("f32: gemm 0.19 "), "{f32_kernel}");
+        assert_eq!(gemm_path(MatmulPrecision::Highest), f32_kernel);
+        // bf16 requested, run in f32.
+        with_bf16_gemm(Bf16Gemm::Never, || {
+            assert_eq!(gemm_kernel(MatmulPrecision::Bf16), f32_kernel);
+            let path = gemm_path(MatmulPrecision::Bf16);
+            assert!(
+                path.starts_with(&format!("{f32_kernel} (bf16 requested; ")),
+                "{path}"
+            );
+        });
+        // bf16 products where the CPU has a bf16 kernel: both say which.
+        if crate::bf16::supported() {
+            with_bf16_gemm(Bf16Gemm::Always, || {
+                let k = gemm_kernel(MatmulPrecision::Bf16);
+                assert!(k.starts_with("bf16: dino-kernels vdpbf16ps"), "{k}");
+                assert_eq!(gemm_path(MatmulPrecision::Bf16), k);
+            });
+        } else {
+            eprintln!("NOT RUN: the bf16 kernel's names (no AVX-512 BF16 on this CPU)");
+        }
     }
 
     /// No measurement reads faster than the hardware can run: two vector instructions per cycle (AMX: two

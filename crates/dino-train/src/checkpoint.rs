@@ -85,8 +85,9 @@ pub struct Compute {
     pub cpu: String,
     /// The CPU flags that pick a kernel (of `dino_kernels::cpu::FLAGS`).
     pub cpu_flags: Vec<String>,
-    /// The linear layers' products: `dino_kernels::cpu::gemm_path` on the CPU (`f32: gemm 0.19 AVX-512
-    /// kernels`, `bf16: dino-kernels AMX tdpbf16ps tiles, f32 accumulation`), `<precision> on cuda:N` on a GPU.
+    /// The linear layers' products: `dino_kernels::cpu::gemm_kernel` on the CPU (`f32: gemm 0.19 AVX-512
+    /// kernels`, `bf16: dino-kernels AMX tdpbf16ps tiles, f32 accumulation`), `f32: candle matmul
+    /// (portable path)` on the portable path, `<dtype>: candle matmul on cuda:N` on a GPU.
     pub products: String,
     /// The kernel path in force (`auto`: the CPU fast path; `portable`: composed candle ops).
     pub kernels: String,

@@ -274,7 +274,8 @@ fn compute_of(cfg: &TrainConfig, device: &candle_core::Device, ranks: usize) -> 
     } else if kernels == dino_models::KernelPath::Portable {
         format!("{dtype}: candle matmul (portable path)")
     } else {
-        dino_kernels::cpu::gemm_path(cfg.matmul_precision)
+        // Not `gemm_path`: its measured rates differ between processes on one CPU.
+        dino_kernels::cpu::gemm_kernel(cfg.matmul_precision)
     };
     Compute {
         device: crate::device::describe(device),
