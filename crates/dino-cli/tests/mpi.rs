@@ -592,7 +592,8 @@ fn vit_two_ranks_are_one_rank_across_resume_and_kill() {
     );
     assert!(text(&o2.stderr).contains("2 ranks (mpi) x 32 images = batch 64"));
     assert!(
-        text(&o2.stderr).contains(" per rank on "),
+        text(&o2.stderr).contains(" per rank on ")
+            && !text(&o2.stderr).contains("otherwise than rank 0"),
         "{}",
         text(&o2.stderr)
     );
@@ -842,6 +843,43 @@ fn resnet_sync_batchnorm_two_ranks_are_one_rank() {
 
 /// Bad input under mpirun: a batch that does not split over the ranks, a NaN loss, and ranks with different
 /// configurations, are one-line errors naming the rank, and the job ends.
+/// A heterogeneous job (here rank 0 on the portable kernels, rank 1 on the CPU fast path) trains, and says
+/// which ranks compute otherwise than rank 0 and how.
+#[test]
+fn ranks_on_other_kernels_say_so() {
+    let Some(bin) = mpi_dino() else { return };
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_cfg(tmp.path(), "vit.toml", VIT);
+    let dir = tmp.path().join("mixed-kernels");
+    let app = |c: &mut Command| {
+        c.arg(&bin)
+            .arg("train")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--output-dir")
+            .arg(&dir)
+            .args(["--stop-after", "1"]);
+    };
+    // MPMD: one app context per rank, the first with DINO_KERNELS=portable.
+    let mut c = mpirun(1);
+    c.args(["-x", "DINO_KERNELS=portable"]);
+    app(&mut c);
+    c.args([":", "-np", "1"]);
+    app(&mut c);
+    let o = ok(c.output().unwrap(), "2 ranks on other kernels");
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("note: 1 of 2 ranks computes their steps otherwise than rank 0")
+            && err.contains(
+                "note (rank 1 of 2): computes otherwise than rank 0 (products: f32: candle matmul \
+                 (portable path) -> f32: gemm "
+            )
+            && err.contains("kernels: portable -> auto)"),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_input_under_mpirun_is_one_line() {
     let Some(bin) = mpi_dino() else { return };

@@ -429,6 +429,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         dino_models::set_kernel_path(dino_models::KernelPath::Portable);
     }
     let compute = compute_of(cfg, &device, world);
+    let ranks_computing_otherwise = if world > 1 {
+        compare_compute(coll.as_ref(), &compute)?
+    } else {
+        0
+    };
 
     let train_ds = data::open_train(cfg)?;
     let description = data::describe(cfg, train_ds.as_ref());
@@ -598,6 +603,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         },
         compute.products
     ));
+    if ranks_computing_otherwise > 0 {
+        progress.println(&format!(
+            "note: {ranks_computing_otherwise} of {world} ranks {} their steps otherwise than rank 0 (their own \
+             notes say how): the averaged steps keep every replica the same, but the run rounds as a mix of \
+             kernels",
+            if ranks_computing_otherwise == 1 { "computes" } else { "compute" }
+        ));
+    }
     if !compute_changes.is_empty() {
         progress.println(&format!(
             "note: resumed on other compute than the checkpoint was written with ({}): training continues from \
@@ -1105,6 +1118,35 @@ fn agreed_stop(coll: &dyn dino_core::Collective, world: usize) -> Result<Option<
 
 /// Every rank must run the same configuration: rank 0's TOML is broadcast and compared; a difference on any
 /// rank is an error on every rank (naming the first differing key).
+/// How many ranks compute their steps otherwise than rank 0 (another products kernel, kernel path or CPU kernel
+/// flags: a heterogeneous job); each such rank says how on its stderr.
+fn compare_compute(coll: &dyn dino_core::Collective, mine: &Compute) -> Result<usize> {
+    let text = serde_json::to_string(mine).unwrap_or_default();
+    let mut root = text.clone().into_bytes();
+    coll.broadcast_bytes(&mut root, 0)?;
+    let changes = serde_json::from_slice::<Compute>(&root)
+        .map(|r| {
+            // Threads and ranks are each rank's own; what rounds differently is the rest.
+            let r = Compute {
+                threads: mine.threads,
+                ..r
+            };
+            r.changes_to(mine)
+        })
+        .unwrap_or_else(|_| vec!["<rank 0's compute record does not parse>".into()]);
+    if !changes.is_empty() {
+        eprintln!(
+            "note (rank {} of {}): computes otherwise than rank 0 ({})",
+            coll.rank(),
+            coll.world_size(),
+            changes.join("; ")
+        );
+    }
+    let mut n = [f64::from(u8::from(!changes.is_empty()))];
+    coll.all_reduce_sum_f64(&mut n)?;
+    Ok(n[0] as usize)
+}
+
 fn check_same_config(coll: &dyn dino_core::Collective, cfg: &TrainConfig) -> Result<()> {
     let mine = cfg.to_toml_string();
     let mut root = mine.clone().into_bytes();
