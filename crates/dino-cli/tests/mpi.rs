@@ -120,14 +120,18 @@ fn train(bin: &Path, np: usize, cfg: &Path, dir: &Path, extra: &[&str]) -> Outpu
         c.arg(bin);
         c
     };
+    train_args(&mut c, cfg, dir, extra).env("RUST_BACKTRACE", "1");
+    c.output().expect("runs")
+}
+
+/// `train --config cfg --output-dir dir extra...` appended to `c` (after the binary).
+fn train_args<'c>(c: &'c mut Command, cfg: &Path, dir: &Path, extra: &[&str]) -> &'c mut Command {
     c.arg("train")
         .arg("--config")
         .arg(cfg)
         .arg("--output-dir")
         .arg(dir)
         .args(extra)
-        .env("RUST_BACKTRACE", "1");
-    c.output().expect("runs")
 }
 
 fn load(dir: &Path) -> HashMap<String, Vec<f64>> {
@@ -841,8 +845,6 @@ fn resnet_sync_batchnorm_two_ranks_are_one_rank() {
     assert!(rv.iter().any(|v| (v - 1.0).abs() > 1e-3));
 }
 
-/// Bad input under mpirun: a batch that does not split over the ranks, a NaN loss, and ranks with different
-/// configurations, are one-line errors naming the rank, and the job ends.
 /// A heterogeneous job (here rank 0 on the portable kernels, rank 1 on the CPU fast path) trains, and says
 /// which ranks compute otherwise than rank 0 and how.
 #[test]
@@ -853,13 +855,7 @@ fn ranks_on_other_kernels_say_so() {
     let cfg = write_cfg(tmp.path(), "vit.toml", VIT);
     let dir = tmp.path().join("mixed-kernels");
     let app = |c: &mut Command| {
-        c.arg(&bin)
-            .arg("train")
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--output-dir")
-            .arg(&dir)
-            .args(["--stop-after", "1"]);
+        train_args(c.arg(&bin), &cfg, &dir, &["--stop-after", "1"]);
     };
     // MPMD: one app context per rank, the first with DINO_KERNELS=portable.
     let mut c = mpirun(1);
@@ -880,6 +876,8 @@ fn ranks_on_other_kernels_say_so() {
     );
 }
 
+/// Bad input under mpirun: a batch that does not split over the ranks, a NaN loss, and ranks with different
+/// configurations, are one-line errors naming the rank, and the job ends.
 #[test]
 fn bad_input_under_mpirun_is_one_line() {
     let Some(bin) = mpi_dino() else { return };

@@ -141,6 +141,24 @@ pub struct Accuracy {
     pub top5: f64,
 }
 
+impl From<dino_core::KnnResult> for Accuracy {
+    fn from(r: dino_core::KnnResult) -> Self {
+        Self {
+            top1: r.top1,
+            top5: r.top5,
+        }
+    }
+}
+
+impl From<Accuracy> for dino_core::KnnResult {
+    fn from(a: Accuracy) -> Self {
+        Self {
+            top1: a.top1,
+            top5: a.top5,
+        }
+    }
+}
+
 /// The k-NN baselines a run measures before its first step (the seeded network at random initialisation,
 /// the raw pixels), kept so that a resumed run need not measure them again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

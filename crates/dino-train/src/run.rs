@@ -699,14 +699,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 recorded = None;
             }
         }
-        let known = |a: Option<Accuracy>| {
-            a.map(|a| KnnResult {
-                top1: a.top1,
-                top5: a.top5,
-            })
-        };
-        knn_init = recorded.as_ref().and_then(|b| known(b.init));
-        knn_pixels = recorded.as_ref().and_then(|b| known(b.pixels));
+        knn_init = recorded.as_ref().and_then(|b| b.init.map(KnnResult::from));
+        knn_pixels = recorded
+            .as_ref()
+            .and_then(|b| b.pixels.map(KnnResult::from));
         summary.knn_baselines_recorded =
             usize::from(knn_init.is_some()) + usize::from(knn_pixels.is_some());
         let init = || k.run_init(cfg, &device);
@@ -736,16 +732,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 break;
             }
         }
-        let kept = |r: Option<KnnResult>| {
-            r.map(|r| Accuracy {
-                top1: r.top1,
-                top5: r.top5,
-            })
-        };
         ident.baselines = Some(KnnBaselines {
             eval: key,
-            init: kept(knn_init),
-            pixels: kept(knn_pixels),
+            init: knn_init.map(Accuracy::from),
+            pixels: knn_pixels.map(Accuracy::from),
         });
     }
     if stop.is_some() {
@@ -1122,18 +1112,17 @@ fn agreed_stop(coll: &dyn dino_core::Collective, world: usize) -> Result<Option<
 /// flags: a heterogeneous job); each such rank says how on its stderr.
 fn compare_compute(coll: &dyn dino_core::Collective, mine: &Compute) -> Result<usize> {
     let text = serde_json::to_string(mine).unwrap_or_default();
-    let mut root = text.clone().into_bytes();
-    coll.broadcast_bytes(&mut root, 0)?;
-    let changes = serde_json::from_slice::<Compute>(&root)
-        .map(|r| {
-            // Threads and ranks are each rank's own; what rounds differently is the rest.
-            let r = Compute {
+    let (changes, ranks) = differences_from_rank0(coll, text, |root| {
+        match root.and_then(|t| serde_json::from_str::<Compute>(&t).ok()) {
+            // The threads are each rank's own; what rounds differently is the rest.
+            Some(r) => Compute {
                 threads: mine.threads,
                 ..r
-            };
-            r.changes_to(mine)
-        })
-        .unwrap_or_else(|_| vec!["<rank 0's compute record does not parse>".into()]);
+            }
+            .changes_to(mine),
+            None => vec!["<rank 0's compute record does not parse>".into()],
+        }
+    })?;
     if !changes.is_empty() {
         eprintln!(
             "note (rank {} of {}): computes otherwise than rank 0 ({})",
@@ -1142,32 +1131,41 @@ fn compare_compute(coll: &dyn dino_core::Collective, mine: &Compute) -> Result<u
             changes.join("; ")
         );
     }
-    let mut n = [f64::from(u8::from(!changes.is_empty()))];
+    Ok(ranks)
+}
+
+/// This rank's differences from rank 0 (`diff` of rank 0's text of what `mine` is this rank's text of; None
+/// when it is not UTF-8), and how many ranks found any: the shared step of the checks that every rank runs
+/// what rank 0 does.
+fn differences_from_rank0(
+    coll: &dyn dino_core::Collective,
+    mine: String,
+    diff: impl FnOnce(Option<String>) -> Vec<String>,
+) -> Result<(Vec<String>, usize)> {
+    let mut root = mine.into_bytes();
+    coll.broadcast_bytes(&mut root, 0)?;
+    let d = diff(String::from_utf8(root).ok());
+    let mut n = [f64::from(u8::from(!d.is_empty()))];
     coll.all_reduce_sum_f64(&mut n)?;
-    Ok(n[0] as usize)
+    Ok((d, n[0] as usize))
 }
 
 fn check_same_config(coll: &dyn dino_core::Collective, cfg: &TrainConfig) -> Result<()> {
     let mine = cfg.to_toml_string();
-    let mut root = mine.clone().into_bytes();
-    coll.broadcast_bytes(&mut root, 0)?;
-    let root_cfg = String::from_utf8(root)
-        .ok()
-        .and_then(|t| toml::from_str::<TrainConfig>(&t).ok());
-    let diff = match &root_cfg {
-        Some(r) if r.to_toml_string() == mine => Vec::new(),
-        Some(r) => {
-            let d = r.diff_for_resume(cfg);
-            if d.is_empty() {
-                vec!["(keys ignored on resume)".to_string()]
-            } else {
-                d
+    let (diff, bad) = differences_from_rank0(coll, mine.clone(), |root| {
+        match root.and_then(|t| toml::from_str::<TrainConfig>(&t).ok()) {
+            Some(r) if r.to_toml_string() == mine => Vec::new(),
+            Some(r) => {
+                let d = r.diff_for_resume(cfg);
+                if d.is_empty() {
+                    vec!["(keys ignored on resume)".to_string()]
+                } else {
+                    d
+                }
             }
+            None => vec!["<rank 0's configuration does not parse>".to_string()],
         }
-        None => vec!["<rank 0's configuration does not parse>".to_string()],
-    };
-    let mut bad = [f64::from(u8::from(!diff.is_empty()))];
-    coll.all_reduce_sum_f64(&mut bad)?;
+    })?;
     if !diff.is_empty() {
         return Err(Error::Msg(format!(
             "rank {} runs another configuration than rank 0: {}",
@@ -1175,10 +1173,9 @@ fn check_same_config(coll: &dyn dino_core::Collective, cfg: &TrainConfig) -> Res
             diff.join(", ")
         )));
     }
-    if bad[0] > 0.0 {
+    if bad > 0 {
         return Err(Error::Msg(format!(
-            "{} rank(s) run another configuration than rank 0 (their error names the keys)",
-            bad[0]
+            "{bad} rank(s) run another configuration than rank 0 (their error names the keys)"
         )));
     }
     Ok(())

@@ -141,10 +141,7 @@ fn reference_and_resumed(root: &Path, cfg: impl Fn(&Path) -> TrainConfig) -> (Pa
     let reference = root.join("reference");
     train(&cfg(&reference), &quiet()).unwrap();
     let dir = root.join("interrupted");
-    let opts = TrainOptions {
-        stop_after_iterations: Some(7),
-        ..quiet()
-    };
+    let opts = stop_after(7);
     assert!(train(&cfg(&dir), &opts).unwrap().interrupted);
     let s = train(&cfg(&dir), &quiet()).unwrap();
     assert_eq!((s.resumed_from, s.global_iteration), (Some(6), 10));
@@ -159,14 +156,7 @@ fn interrupted_mid_epoch_then_resumed_equals_uninterrupted() {
     let dir = root.path().join("interrupted");
     let cfg = tiny(&dir);
     // "Killed" right after global iteration 7 (epoch 1, iteration 2): the last checkpoint is at iteration 6.
-    let s = train(
-        &cfg,
-        &TrainOptions {
-            stop_after_iterations: Some(7),
-            ..quiet()
-        },
-    )
-    .unwrap();
+    let s = train(&cfg, &stop_after(7)).unwrap();
     assert!(s.interrupted);
     assert_eq!(final_state(&dir).1.global_iteration, 6);
     // A crash while writing the next checkpoint leaves a torn temporary file; it must be ignored.
@@ -370,10 +360,7 @@ fn unreadable_images_are_counted_across_a_resume_inside_the_epoch() {
     let reference = root.path().join("reference");
     train(&cfg(&reference), &quiet()).unwrap();
     let dir = root.path().join("resumed");
-    let opts = TrainOptions {
-        stop_after_iterations: Some(3),
-        ..quiet()
-    };
+    let opts = stop_after(3);
     assert!(train(&cfg(&dir), &opts).unwrap().interrupted);
     let before = final_state(&dir).1.epoch_sums.unwrap().skipped_images as u64;
     let s = train(&cfg(&dir), &quiet()).unwrap();
@@ -618,14 +605,7 @@ fn changed_config_on_resume_is_refused_naming_the_keys() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("run");
     let cfg = tiny(&dir);
-    train(
-        &cfg,
-        &TrainOptions {
-            stop_after_iterations: Some(5),
-            ..quiet()
-        },
-    )
-    .unwrap();
+    train(&cfg, &stop_after(5)).unwrap();
     let changed = TrainConfig {
         lr: 0.02,
         teacher_temp: 0.05,
@@ -786,14 +766,7 @@ fn second_run_on_a_directory_in_use_refuses_then_takes_over() {
         .unwrap()
         .global_iteration;
     let stop = (at + 1..).find(|g| g % 5 != 0).unwrap();
-    let s = train(
-        &cfg,
-        &TrainOptions {
-            stop_after_iterations: Some(stop),
-            ..quiet()
-        },
-    )
-    .unwrap();
+    let s = train(&cfg, &stop_after(stop)).unwrap();
     let holder = s.took_over_lock.expect("a stale lock was taken over");
     assert_eq!((holder.pid, holder.host), (pid, host_name()));
     assert!(s.resumed_from.is_some());
@@ -942,14 +915,7 @@ fn a_full_disk_while_checkpointing_keeps_the_last_checkpoint() {
     let reference = reference_run(root.path());
     let dir = root.path().join("full");
     let cfg = tiny(&dir);
-    train(
-        &cfg,
-        &TrainOptions {
-            stop_after_iterations: Some(4),
-            ..quiet()
-        },
-    )
-    .unwrap();
+    train(&cfg, &stop_after(4)).unwrap();
     let ck = weights_path(&dir, LATEST);
     let size = std::fs::metadata(&ck).unwrap().len();
     let out = child_test("fsize_child_process_entry")
@@ -1008,14 +974,7 @@ fn tensorboard_curves_of_a_resumed_run_equal_the_uninterrupted_ones() {
     // log, once in the event file, and every value equals the uninterrupted run's.
     let dir = root.path().join("resumed");
     let cfg = tiny(&dir);
-    train(
-        &cfg,
-        &TrainOptions {
-            stop_after_iterations: Some(7),
-            ..quiet()
-        },
-    )
-    .unwrap();
+    train(&cfg, &stop_after(7)).unwrap();
     let s = train(&cfg, &quiet()).unwrap();
     assert_eq!(s.resumed_from, Some(6));
     let got = tensorboard_curves(&dir);
