@@ -586,31 +586,27 @@ fn pack_kn_in(src: &[f32], k: usize, n: usize, ld: usize, width: usize, parallel
     }
 }
 
-/// [`pack_kn`] (width [`NR`], on the calling thread) of a `(k, n)` row-major matrix of bf16 bit patterns:
-/// the same panels, nothing rounded.
-fn pack_kn_bf16(src: &[u16], k: usize, n: usize, ld: usize) -> Packed {
-    let amx = amx_packing();
-    let (mut data, real, kp) = padded_panels(k, n, NR, amx);
+/// [`pack_kn`] of a `(k, n)` row-major matrix of bf16 bit patterns in panels of `width` columns ([`NR`] for
+/// a right operand, [`MR`] for a left one stored transposed), on the calling thread: the same panels, nothing
+/// rounded.
+fn pack_kn_bf16(src: &[u16], k: usize, n: usize, ld: usize, width: usize) -> Packed {
+    let amx = width == NR && amx_packing();
+    let (mut data, real, kp) = padded_panels(k, n, width, amx);
     assert!(
         k == 0 || src.len() >= (k - 1) * ld + n,
         "pack_kn_bf16: {k} x {n} rows in {} values",
         src.len()
     );
-    for p in 0..real {
-        let r0 = &src[2 * p * ld..2 * p * ld + n];
-        let r1 = (2 * p + 1 < k).then(|| &src[(2 * p + 1) * ld..(2 * p + 1) * ld + n]);
-        for (jp, j0) in (0..n).step_by(NR).enumerate() {
-            let cols = NR.min(n - j0);
-            let out = &mut data[(jp * kp + p) * NR..(jp * kp + p) * NR + cols];
-            // SAFETY: `supported()` is checked by the callers (a bf16 operand exists only where it is).
-            unsafe {
-                x86::interleave_rows_bf16(&r0[j0..j0 + cols], r1.map(|r| &r[j0..j0 + cols]), out)
-            }
-        }
-    }
+    assert!(
+        width == NR || width == MR,
+        "pack_kn_bf16: panels of {width}"
+    );
+    // SAFETY: `supported()` is checked by the callers (a bf16 operand exists only where it is); rows 0..k of
+    // `n` values lie in `src` (asserted), and every entry [panel][p][0..cols] for p < real lies in `data`.
+    unsafe { x86::interleave_pairs_bf16(src, ld, k, n, width, kp, real, data.as_mut_ptr()) }
     Packed {
         data,
-        width: NR,
+        width,
         kp,
         amx,
     }
@@ -779,7 +775,7 @@ unsafe fn amx_rows(
 }
 
 /// `c (m, n) [+]= aᵀ b` for row-major `a (k, m)` and `b (k, n)` (row strides `lda`, `ldb`; e.g. a block's
-/// term `gᵀ x` of a weight gradient, `x` in f32 or bf16), both packed on the calling thread. With
+/// term `gᵀ x` of a weight gradient), each in f32 or bf16, both packed on the calling thread. With
 /// `accumulate` the product is added to `c`.
 ///
 /// # Safety
@@ -789,7 +785,7 @@ pub(crate) unsafe fn gemm_tn(
     m: usize,
     n: usize,
     k: usize,
-    a: &[f32],
+    a: Rows,
     lda: usize,
     b: Rows,
     ldb: usize,
@@ -799,13 +795,21 @@ pub(crate) unsafe fn gemm_tn(
 ) {
     let bp = match b {
         Rows::F32(b) => pack_kn_in(b, k, n, ldb, NR, false),
-        Rows::Bf16(b) => pack_kn_bf16(b, k, n, ldb),
+        Rows::Bf16(b) => pack_kn_bf16(b, k, n, ldb, NR),
     };
-    let lhs = if bp.amx {
-        let (tiles, kp) = pack_tiles_t(a, k, m, lda, false);
-        LhsT::Tiles(tiles, kp)
-    } else {
-        LhsT::Panels(pack_kn_in(a, k, m, lda, MR, false))
+    let lhs = match a {
+        Rows::F32(a) if bp.amx => {
+            let (tiles, kp) = pack_tiles_t(a, k, m, lda, false);
+            LhsT::Tiles(tiles, kp)
+        }
+        // bf16 values widen exactly, and the tiles round them to themselves.
+        Rows::Bf16(_) if bp.amx => {
+            let len = if k == 0 { 0 } else { (k - 1) * lda + m };
+            let (tiles, kp) = pack_tiles_t(&a.to_f32(0..len), k, m, lda, false);
+            LhsT::Tiles(tiles, kp)
+        }
+        Rows::F32(a) => LhsT::Panels(pack_kn_in(a, k, m, lda, MR, false)),
+        Rows::Bf16(a) => LhsT::Panels(pack_kn_bf16(a, k, m, lda, MR)),
     };
     gemm(m, n, &lhs.at(0), &bp, c, ldc, accumulate)
 }
@@ -999,15 +1003,7 @@ pub(crate) mod x86 {
                         r1.map(|r| &r[c0..c0 + cn]),
                         &mut scratch[..cn],
                     );
-                    for j in (0..cn).step_by(width) {
-                        let cols = width.min(cn - j);
-                        let v = _mm512_maskz_loadu_epi32(
-                            mask16(cols),
-                            scratch.as_ptr().add(j) as *const i32,
-                        );
-                        let at = dst.add((((c0 + j) / width) * kp + p) * width);
-                        _mm512_mask_storeu_epi32(at as *mut i32, mask16(cols), v);
-                    }
+                    scatter_to_panels(&scratch[..cn], c0, width, kp, p, dst);
                 }
             }
             return;
@@ -1023,6 +1019,26 @@ pub(crate) mod x86 {
                 interleave_rows(&r0[j0..j0 + cols], r1.map(|r| &r[j0..j0 + cols]), out);
                 j0 += width;
             }
+        }
+    }
+
+    /// Pair row `p` of columns `c0..c0 + row.len()` (`row`, in order) into panels of `width` (< 16) columns
+    /// at `dst` (`[panel][p][c]`, `kp` pairs per panel; `c0` a multiple of `width`): one masked store per panel.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn scatter_to_panels(
+        row: &[u32],
+        c0: usize,
+        width: usize,
+        kp: usize,
+        p: usize,
+        dst: *mut u32,
+    ) {
+        for j in (0..row.len()).step_by(width) {
+            let cols = width.min(row.len() - j);
+            let v = _mm512_maskz_loadu_epi32(mask16(cols), row.as_ptr().add(j) as *const i32);
+            let at = dst.add((((c0 + j) / width) * kp + p) * width);
+            _mm512_mask_storeu_epi32(at as *mut i32, mask16(cols), v);
         }
     }
 
@@ -1211,27 +1227,142 @@ pub(crate) mod x86 {
         }
     }
 
-    /// [`interleave_rows`] from bf16 bit patterns: `out[c] = (r0[c], r1[c])` (`r1` absent: 0).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn interleave_rows_bf16(r0: &[u16], r1: Option<&[u16]>, out: &mut [u32]) {
-        let n = r0.len();
-        let mut c = 0;
-        while c < n {
-            let m = mask16(n - c);
-            let a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
-                m,
-                r0.as_ptr().add(c) as *const i16,
-            ));
-            let b = match r1 {
-                Some(r1) => _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
-                    m,
-                    r1.as_ptr().add(c) as *const i16,
-                )),
-                None => _mm512_setzero_si512(),
-            };
-            let v = _mm512_or_si512(a, _mm512_slli_epi32::<16>(b));
-            _mm512_mask_storeu_epi32(out.as_mut_ptr().add(c) as *mut i32, m, v);
-            c += 16;
+    /// Up to 32 columns of a pair of bf16 rows at `r0` and `r1` (null: zeros) as `cols` pairs at `out`:
+    /// `out[c] = (r0[c], r1[c])`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn interleave32_bf16(r0: *const u16, r1: *const u16, cols: usize, out: *mut u32) {
+        // Lane 2c of the first half takes column c of r0, lane 2c + 1 column c of r1 (index 32 + c: the
+        // second operand); the second half the same for columns 16..32.
+        const LO: [i16; 32] = interleave_index(0);
+        const HI: [i16; 32] = interleave_index(16);
+        let m = mask32(cols);
+        let a = _mm512_maskz_loadu_epi16(m, r0 as *const i16);
+        let b = if r1.is_null() {
+            _mm512_setzero_si512()
+        } else {
+            _mm512_maskz_loadu_epi16(m, r1 as *const i16)
+        };
+        let lo = _mm512_permutex2var_epi16(a, _mm512_loadu_si512(LO.as_ptr() as *const _), b);
+        _mm512_mask_storeu_epi32(out as *mut i32, mask16(cols), lo);
+        if cols > 16 {
+            let hi = _mm512_permutex2var_epi16(a, _mm512_loadu_si512(HI.as_ptr() as *const _), b);
+            _mm512_mask_storeu_epi32(out.add(16) as *mut i32, mask16(cols - 16), hi);
+        }
+    }
+
+    /// The `vpermt2w` indices interleaving columns `first..first + 16` of two rows.
+    const fn interleave_index(first: usize) -> [i16; 32] {
+        let mut idx = [0i16; 32];
+        let mut e = 0;
+        while e < 32 {
+            idx[e] = (first + e / 2 + if e % 2 == 1 { 32 } else { 0 }) as i16;
+            e += 1;
+        }
+        idx
+    }
+
+    /// [`interleave_pairs`] of bf16 bit patterns, pairs `0..p1`: panel entry `c` of pair row `p` is
+    /// `(src[2p][j], src[2p+1][j])` (zero past `k`); `width` is [`super::NR`] (32) or narrower.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn interleave_pairs_bf16(
+        src: &[u16],
+        ld: usize,
+        k: usize,
+        n: usize,
+        width: usize,
+        kp: usize,
+        p1: usize,
+        dst: *mut u32,
+    ) {
+        // Columns in runs of COLS, each run through every pair row before the next: the writes then go to
+        // COLS / width panels at a time (all the panels of a wide row at once ran at half the rate).
+        const COLS: usize = 192;
+        // Four pair rows of a run (the narrow panels' scratch).
+        let mut scratch = [0u32; 4 * COLS];
+        for c0 in (0..n).step_by(COLS) {
+            let cn = COLS.min(n - c0);
+            let mut p = 0;
+            // Panels of 12 (MR): four pair rows at a time, whose 4 x 12 entries of a panel are three whole
+            // vectors (on a cache line when kp is a multiple of 4), where one masked 12-lane store per pair row
+            // straddled lines.
+            while width == 12 && p + 4 <= p1 {
+                for q in 0..4 {
+                    let r0 = src.as_ptr().add(2 * (p + q) * ld + c0);
+                    let r1 = if 2 * (p + q) + 1 < k {
+                        src.as_ptr().add((2 * (p + q) + 1) * ld + c0)
+                    } else {
+                        std::ptr::null()
+                    };
+                    let sc = scratch.as_mut_ptr().add(q * COLS);
+                    for j in (0..cn).step_by(32) {
+                        let r1j = if r1.is_null() { r1 } else { r1.add(j) };
+                        interleave32_bf16(r0.add(j), r1j, (cn - j).min(32), sc.add(j));
+                    }
+                }
+                let sc = scratch.as_ptr();
+                for j in (0..cn).step_by(12) {
+                    let out = dst.add((((c0 + j) / 12) * kp + p) * 12) as *mut i32;
+                    let cols = 12.min(cn - j);
+                    if cols < 12 {
+                        for q in 0..4 {
+                            let v = _mm512_maskz_loadu_epi32(
+                                mask16(cols),
+                                sc.add(q * COLS + j) as *const i32,
+                            );
+                            _mm512_mask_storeu_epi32(out.add(12 * q), mask16(cols), v);
+                        }
+                        continue;
+                    }
+                    // Lanes from row q at column j + c sit at sc[q * COLS + j + c]; a merge-masked load at
+                    // `row - offset` places that row's first columns in the vector's upper lanes.
+                    let row = |q: usize| sc.add(q * COLS + j) as *const i32;
+                    let v0 = _mm512_maskz_loadu_epi32(0x0fff, row(0));
+                    let v0 = _mm512_mask_loadu_epi32(v0, 0xf000, row(1).wrapping_sub(12));
+                    let v1 = _mm512_maskz_loadu_epi32(0x00ff, row(1).add(4));
+                    let v1 = _mm512_mask_loadu_epi32(v1, 0xff00, row(2).wrapping_sub(8));
+                    let v2 = _mm512_maskz_loadu_epi32(0x000f, row(2).add(8));
+                    let v2 = _mm512_mask_loadu_epi32(v2, 0xfff0, row(3).wrapping_sub(4));
+                    _mm512_storeu_si512(out as *mut _, v0);
+                    _mm512_storeu_si512(out.add(16) as *mut _, v1);
+                    _mm512_storeu_si512(out.add(32) as *mut _, v2);
+                }
+                p += 4;
+            }
+            for p in p..p1 {
+                let r0 = src.as_ptr().add(2 * p * ld + c0);
+                let r1 = if 2 * p + 1 < k {
+                    src.as_ptr().add((2 * p + 1) * ld + c0)
+                } else {
+                    std::ptr::null()
+                };
+                // Column j of the run in the second row (null past k).
+                let at = |j: usize| {
+                    if r1.is_null() {
+                        r1
+                    } else {
+                        r1.wrapping_add(j)
+                    }
+                };
+                if width == 32 {
+                    for j in (0..cn).step_by(32) {
+                        let out = dst.add((((c0 + j) / 32) * kp + p) * 32);
+                        interleave32_bf16(r0.add(j), at(j), (cn - j).min(32), out);
+                    }
+                    continue;
+                }
+                // Narrow panels: whole 32-column runs into an L1 scratch, then one masked copy per panel.
+                for j in (0..cn).step_by(32) {
+                    interleave32_bf16(
+                        r0.add(j),
+                        at(j),
+                        (cn - j).min(32),
+                        scratch.as_mut_ptr().add(j),
+                    );
+                }
+                scatter_to_panels(&scratch[..cn], c0, width, kp, p, dst);
+            }
         }
     }
 
@@ -1362,7 +1493,17 @@ mod x86 {
     pub(super) unsafe fn tile_row_bf16(_: Option<&[u16]>, _: usize, _: usize, _: &mut [u32]) {
         unreachable!("bf16 GEMM without AVX-512 BF16")
     }
-    pub(super) unsafe fn interleave_rows_bf16(_: &[u16], _: Option<&[u16]>, _: &mut [u32]) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn interleave_pairs_bf16(
+        _: &[u16],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: *mut u32,
+    ) {
         unreachable!("bf16 GEMM without AVX-512 BF16")
     }
     #[allow(clippy::too_many_arguments)]
@@ -1796,6 +1937,40 @@ mod tests {
                     }
                 }
             });
+        }
+    }
+
+    /// Packing bf16 rows gives the panels of packing their f32 values (which round to themselves), entry for
+    /// entry with the padding, for both panel widths: k odd, even and past a multiple of 4 (the 12-wide panels
+    /// go four pair rows at a time), n across the 192-column runs and with partial last panels, `ld` > n.
+    #[test]
+    fn bf16_rows_pack_as_their_f32_values() {
+        if !supported() {
+            eprintln!("BF16 PACKING TEST NOT RUN: this CPU has no AVX-512 BF16");
+            return;
+        }
+        for &(k, n) in &[
+            (1usize, 1usize),
+            (7, 12),
+            (8, 13),
+            (9, 200),
+            (64, 384),
+            (30, 401),
+            (17, 36),
+        ] {
+            for ld in [n, n + 5] {
+                let f: Vec<f32> = pattern(k * ld, 11).into_iter().map(round_bf16).collect();
+                let b: Vec<u16> = f.iter().map(|&v| to_bf16_bits(v)).collect();
+                for width in [NR, MR] {
+                    let want = pack_kn_in(&f, k, n, ld, width, false);
+                    let got = pack_kn_bf16(&b, k, n, ld, width);
+                    assert_eq!((got.kp, got.width), (want.kp, want.width));
+                    assert!(
+                        got.data[..] == want.data[..],
+                        "{k} x {n} (ld {ld}) in panels of {width}"
+                    );
+                }
+            }
         }
     }
 

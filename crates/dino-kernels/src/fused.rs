@@ -927,7 +927,8 @@ impl CustomOp3 for LinearGradOp {
 /// [`GELU_BLOCK_ROWS`]: `dpre = g ⊙ GELU'(pre)` into a block buffer, then, while that is in cache, its column
 /// sums (db), its rows of `dx = dpre W` and its term of `dW += dpreᵀ x`. The task partials of `dW` and `db`
 /// are added in task order. `dpre` is never written out whole. With `bf16` the GEMMs take bf16 products
-/// (W packed once; each block packs its `dpre`, `dpreᵀ` and `x` rows on its own thread). With `pre` None the
+/// (W packed once; each block packs its `dpre`, `dpreᵀ` and `x` rows on its own thread, and under
+/// `vdpbf16ps` rounds `dpre` to bf16 rows first, read in place by `dx`). With `pre` None the
 /// layer has no GELU: `dpre = g`, read in place, and `db` is left at zeros (the caller sums `g`).
 #[allow(clippy::too_many_arguments)]
 fn linear_grad_blocked(
@@ -945,6 +946,11 @@ fn linear_grad_blocked(
     let parts = rayon::current_num_threads().max(1);
     // bf16 products: W (read as `(out, inp)` for `dx = dpre W`) packed once for every block.
     let wk = (bf16 && need_dx).then(|| bf16::pack_kn(w, out, inp, inp, bf16::NR));
+    // Under `vdpbf16ps` a block's `dpre` is rounded to bf16 once, row by row as it is made (its column sums
+    // taken from the f32 row first): `dx` reads those rows in place and `dW` packs their transpose from half
+    // the bytes, where the f32 block was packed twice (the same roundings, so the same bits). AMX packs the
+    // f32 block.
+    let bf16_rows = bf16 && bf16::kernel() == Some(bf16::Bf16Kernel::Dp);
     let dxp = dx.as_mut_ptr() as usize;
     let job = |i: usize| -> (Vec<f32>, Vec<f32>) {
         let (x0, x1) = part(r, parts, i);
@@ -955,7 +961,13 @@ fn linear_grad_blocked(
             vec![0f32; out * inp]
         };
         let mut db = vec![0f32; out];
-        let mut dpre = ops::uninit_f32(if pre.is_some() {
+        // The f32 `dpre` of a block (of a row, when the block is kept in bf16).
+        let mut dpre = ops::uninit_f32(match (pre.is_some(), bf16_rows) {
+            (false, _) => 0,
+            (true, false) => GELU_BLOCK_ROWS.min(r) * out,
+            (true, true) => out,
+        });
+        let mut dpre_bf16 = bf16::uninit_bf16(if bf16_rows {
             GELU_BLOCK_ROWS.min(r) * out
         } else {
             0
@@ -964,19 +976,37 @@ fn linear_grad_blocked(
         while r0 < x1 {
             let sn = GELU_BLOCK_ROWS.min(x1 - r0);
             let span = r0 * out..(r0 + sn) * out;
-            let blk: &[f32] = match pre {
-                Some(pre) => {
-                    let blk = &mut dpre[..sn * out];
-                    gelu_bwd_rows(pre.from(span.start), &g[span], blk);
-                    ops::col_sum_chunk(blk, &mut db);
-                    blk
+            let blk = if bf16_rows {
+                let rows = bf16::bf16_bits_mut(&mut dpre_bf16[..sn * out]);
+                for i in 0..sn {
+                    let at = span.start + i * out;
+                    let row: &[f32] = match pre {
+                        Some(pre) => {
+                            let d = &mut dpre[..out];
+                            gelu_bwd_rows(pre.from(at), &g[at..at + out], d);
+                            ops::col_sum_chunk(d, &mut db);
+                            d
+                        }
+                        None => &g[at..at + out],
+                    };
+                    bf16::round_to_bf16(row, &mut rows[i * out..(i + 1) * out]);
                 }
-                None => &g[span],
+                bf16::Rows::Bf16(bf16::bf16_bits(&dpre_bf16[..sn * out]))
+            } else {
+                bf16::Rows::F32(match pre {
+                    Some(pre) => {
+                        let blk = &mut dpre[..sn * out];
+                        gelu_bwd_rows(pre.from(span.start), &g[span], blk);
+                        ops::col_sum_chunk(blk, &mut db);
+                        blk
+                    }
+                    None => &g[span],
+                })
             };
             if let Some(wk) = &wk {
                 // SAFETY: blk is (sn, out), wk is W packed; rows r0..r0+sn of dx (r, inp) are this task's own.
                 unsafe {
-                    bf16::gemm_rows(
+                    bf16::gemm_rows_src(
                         sn,
                         inp,
                         out,
@@ -984,10 +1014,10 @@ fn linear_grad_blocked(
                         wk,
                         (dxp as *mut f32).add(r0 * inp),
                         inp,
-                        false,
+                        crate::amx::Init::Zero,
                     )
                 }
-            } else if need_dx {
+            } else if let (true, bf16::Rows::F32(blk)) = (need_dx, blk) {
                 // SAFETY: blk is (sn, out), w is (out, inp); rows r0..r0+sn of dx (r, inp) are this task's own.
                 unsafe {
                     dx_rows(
@@ -1003,8 +1033,8 @@ fn linear_grad_blocked(
             }
             // SAFETY: blk is (sn, out), x rows r0.. are (sn, inp); dw is this task's (out, inp) partial.
             unsafe {
-                match (bf16, x) {
-                    (true, _) => bf16::gemm_tn(
+                match (bf16, blk, x) {
+                    (true, _, _) => bf16::gemm_tn(
                         out,
                         inp,
                         sn,
@@ -1016,7 +1046,7 @@ fn linear_grad_blocked(
                         inp,
                         r0 > x0,
                     ),
-                    (false, bf16::Rows::F32(x)) => dw_rows(
+                    (false, bf16::Rows::F32(blk), bf16::Rows::F32(x)) => dw_rows(
                         out,
                         inp,
                         sn,
@@ -1026,8 +1056,8 @@ fn linear_grad_blocked(
                         x[r0 * inp..].as_ptr(),
                         Parallelism::None,
                     ),
-                    (false, bf16::Rows::Bf16(_)) => {
-                        unreachable!("f32 products of a bf16 input (the callers widen it)")
+                    (false, ..) => {
+                        unreachable!("f32 products of bf16 operands (the callers widen them)")
                     }
                 }
             }
