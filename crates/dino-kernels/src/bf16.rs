@@ -659,8 +659,8 @@ pub(crate) unsafe fn gemm_rows(
 }
 
 /// [`gemm_rows`] with a left operand in f32 or bf16 ([`Rows`]), the product started from `init`: zeros, `c`'s
-/// contents, or a bias row on every row (`c = a · b + bias`). The AMX kernel starts its tiles from the bias
-/// row; the other kernels write the bias rows into `c` and accumulate onto them.
+/// contents, or a bias row on every row (`c = a · b + bias`; the kernels start their tiles from the bias row,
+/// nothing is written into `c` first).
 ///
 /// # Safety
 /// As [`gemm`]; a bias holds `n` values.
@@ -678,25 +678,14 @@ pub(crate) unsafe fn gemm_rows_src(
     if b.amx && b.kp > 0 {
         return amx_rows(m, n, k, a, b, c, ldc, init);
     }
-    if let crate::amx::Init::Bias(bias) = init {
-        assert!(
-            bias.len() >= n,
-            "bf16 GEMM: a bias of {} values for {n} columns",
-            bias.len()
-        );
-        for i in 0..m {
-            std::ptr::copy_nonoverlapping(bias.as_ptr(), c.add(i * ldc), n);
-        }
-    }
-    let accumulate = !matches!(init, crate::amx::Init::Zero);
     if b.amx {
-        // An empty k: `gemm` zeroes `c` (or leaves it, accumulating).
-        gemm(m, n, &Lhs::Tiles(&[], 0), b, c, ldc, accumulate)
+        // An empty k: `c` is its start alone.
+        gemm_from(m, n, &Lhs::Tiles(&[], 0), b, c, ldc, init)
     } else if let Some(pairs) = pairs_in_place(a, m, k) {
-        gemm(m, n, &Lhs::Rows(pairs, k / 2), b, c, ldc, accumulate)
+        gemm_from(m, n, &Lhs::Rows(pairs, k / 2), b, c, ldc, init)
     } else {
         let (rows, kp) = pack_rows(&a.to_f32(0..m * k), m, k, k);
-        gemm(m, n, &Lhs::Rows(&rows, kp), b, c, ldc, accumulate)
+        gemm_from(m, n, &Lhs::Rows(&rows, kp), b, c, ldc, init)
     }
 }
 
@@ -829,6 +818,33 @@ pub(crate) unsafe fn gemm(
     ldc: usize,
     accumulate: bool,
 ) {
+    gemm_from(
+        m,
+        n,
+        a,
+        b,
+        c,
+        ldc,
+        crate::amx::Init::accumulating(accumulate),
+    )
+}
+
+/// [`gemm`] started from `init`: zeros, `c`'s contents, or a bias row of `n` values on every row (each tile
+/// adds the bias to its first block's sums where it would add `c`'s contents: the bits of accumulating onto
+/// bias rows written into `c`, without writing them).
+///
+/// # Safety
+/// As [`gemm`]; a bias holds `n` values.
+pub(crate) unsafe fn gemm_from(
+    m: usize,
+    n: usize,
+    a: &Lhs,
+    b: &Packed,
+    c: *mut f32,
+    ldc: usize,
+    init: crate::amx::Init,
+) {
+    use crate::amx::Init;
     debug_assert_eq!(b.width, NR);
     let kp = b.kp;
     if let Lhs::Tiles(d, akp) = a {
@@ -836,32 +852,38 @@ pub(crate) unsafe fn gemm(
     } else {
         assert!(!b.amx, "bf16 GEMM: an AMX packing without AMX tiles");
     }
+    if let Init::Bias(bias) = init {
+        assert!(
+            bias.len() >= n,
+            "bf16 GEMM: a bias of {} values for {n} columns",
+            bias.len()
+        );
+    }
     if kp == 0 {
-        if !accumulate {
-            for i in 0..m {
-                std::ptr::write_bytes(c.add(i * ldc), 0, n);
+        for i in 0..m {
+            match init {
+                Init::Zero => std::ptr::write_bytes(c.add(i * ldc), 0, n),
+                Init::Load => {}
+                Init::Bias(bias) => std::ptr::copy_nonoverlapping(bias.as_ptr(), c.add(i * ldc), n),
             }
         }
         return;
     }
     if let Lhs::Tiles(d, _) = a {
-        return crate::amx::gemm(
-            m,
-            n,
-            crate::amx::Lhs::Tiles(d.as_ptr()),
-            b,
-            c,
-            ldc,
-            crate::amx::Init::accumulating(accumulate),
-        );
+        return crate::amx::gemm(m, n, crate::amx::Lhs::Tiles(d.as_ptr()), b, c, ldc, init);
     }
     let panels = n.div_ceil(NR);
     for i0 in (0..m).step_by(MC) {
         let i1 = (i0 + MC).min(m);
         for p0 in (0..kp).step_by(KC) {
             let pn = KC.min(kp - p0);
-            let overwrite = p0 == 0 && !accumulate;
             for jp in 0..panels {
+                let start = match init {
+                    _ if p0 > 0 => x86::Start::C,
+                    Init::Zero => x86::Start::Zero,
+                    Init::Load => x86::Start::C,
+                    Init::Bias(bias) => x86::Start::Row(bias.as_ptr().add(jp * NR)),
+                };
                 let cols = NR.min(n - jp * NR);
                 let bp = b.data.as_ptr().add(jp * kp * NR + p0 * NR);
                 for ib in (i0..i1).step_by(MR) {
@@ -876,7 +898,7 @@ pub(crate) unsafe fn gemm(
                         }
                     };
                     let cp = c.add(ib * ldc + jp * NR);
-                    x86::tile(rows, pn, ap, rs, ps, bp, cp, ldc, cols, overwrite);
+                    x86::tile(rows, pn, ap, rs, ps, bp, cp, ldc, cols, start);
                 }
             }
         }
@@ -937,9 +959,22 @@ pub(crate) unsafe fn gemm_strided(
     gemm(m, n, &a, &b, dst.0, dst.2 as usize, false)
 }
 
+/// What a `vdpbf16ps` tile's sums are added to when stored.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Start {
+    /// Nothing: the tile overwrites `c`.
+    Zero,
+    /// `c`'s contents.
+    C,
+    /// A row of the tile's columns (a bias), the same for every row.
+    Row(*const f32),
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
+
+    pub(crate) use super::Start;
 
     /// The first `min(n, 16)` lanes.
     #[inline(always)]
@@ -1404,12 +1439,12 @@ pub(crate) mod x86 {
         c: *mut f32,
         ldc: usize,
         cols: usize,
-        overwrite: bool,
+        start: Start,
     ) {
         macro_rules! go {
             ($($r:literal)*) => {
                 match rows {
-                    $($r => kernel::<$r>(pn, a, rs, ps, b, c, ldc, cols, overwrite),)*
+                    $($r => kernel::<$r>(pn, a, rs, ps, b, c, ldc, cols, start),)*
                     _ => unreachable!("tile rows"),
                 }
             };
@@ -1428,7 +1463,7 @@ pub(crate) mod x86 {
         c: *mut f32,
         ldc: usize,
         cols: usize,
-        overwrite: bool,
+        start: Start,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for p in 0..pn {
@@ -1448,9 +1483,14 @@ pub(crate) mod x86 {
         for (i, acc) in acc.iter().enumerate() {
             let row = c.add(i * ldc);
             let (mut v0, mut v1) = (acc[0], acc[1]);
-            if !overwrite {
-                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+            let base = match start {
+                Start::Zero => None,
+                Start::C => Some(row as *const f32),
+                Start::Row(bias) => Some(bias),
+            };
+            if let Some(base) = base {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, base));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, base.add(16)));
             }
             _mm512_mask_storeu_ps(row, m0, v0);
             _mm512_mask_storeu_ps(row.add(16), m1, v1);
@@ -1460,6 +1500,7 @@ pub(crate) mod x86 {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
+    pub(super) use super::Start;
     pub(super) unsafe fn pairs_of_row(_: &[f32], _: &mut [u32]) {
         unreachable!("bf16 GEMM without AVX-512 BF16")
     }
@@ -1529,7 +1570,7 @@ mod x86 {
         _: *mut f32,
         _: usize,
         _: usize,
-        _: bool,
+        _: Start,
     ) {
         unreachable!("bf16 GEMM without AVX-512 BF16")
     }
