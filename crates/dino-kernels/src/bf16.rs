@@ -2015,9 +2015,9 @@ mod tests {
         }
     }
 
-    /// `gemm_rows_src` from a bias (the AMX tiles started from the bias row) against `gemm_rows` accumulating onto rows
-    /// that hold the bias: the same bits, on each kernel, over whole and partial 32 x 32 blocks and an empty k
-    /// (the bias alone).
+    /// `gemm_rows_src` from a bias (the tiles started from the bias row) against `gemm_rows` accumulating onto rows
+    /// that hold the bias: the same bits, on each kernel, over whole and partial 32 x 32 blocks, several k and row
+    /// blocks, and an empty k (the bias alone).
     #[test]
     fn gemm_rows_from_a_bias_equals_accumulating_onto_bias_rows() {
         if !supported() {
@@ -2035,6 +2035,8 @@ mod tests {
                     (37, 70, 5),
                     (300, 33, 64),
                     (64, 64, 40),
+                    // Three k blocks of the vdpbf16ps loop (KC pairs each) and two row blocks (MC rows).
+                    (200, 70, 1100),
                 ] {
                     let a = pattern(m * k, 1);
                     let bias = pattern(n, 4);
