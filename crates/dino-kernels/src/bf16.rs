@@ -1982,36 +1982,48 @@ mod tests {
     }
 
     /// Packing bf16 rows gives the panels of packing their f32 values (which round to themselves), entry for
-    /// entry with the padding, for both panel widths: k odd, even and past a multiple of 4 (the 12-wide panels
-    /// go four pair rows at a time), n across the 192-column runs and with partial last panels, `ld` > n.
+    /// entry with the padding, for both panel widths and each kernel's layout (AMX pads k): k odd, even and
+    /// past a multiple of 4 (the 12-wide panels go four pair rows at a time), n across the 192-column runs and
+    /// with partial last panels, `ld` > n.
     #[test]
     fn bf16_rows_pack_as_their_f32_values() {
         if !supported() {
             eprintln!("BF16 PACKING TEST NOT RUN: this CPU has no AVX-512 BF16");
             return;
         }
-        for &(k, n) in &[
-            (1usize, 1usize),
-            (7, 12),
-            (8, 13),
-            (9, 200),
-            (64, 384),
-            (30, 401),
-            (17, 36),
-        ] {
-            for ld in [n, n + 5] {
-                let f: Vec<f32> = pattern(k * ld, 11).into_iter().map(round_bf16).collect();
-                let b: Vec<u16> = f.iter().map(|&v| to_bf16_bits(v)).collect();
-                for width in [NR, MR] {
-                    let want = pack_kn_in(&f, k, n, ld, width, false);
-                    let got = pack_kn_bf16(&b, k, n, ld, width);
-                    assert_eq!((got.kp, got.width), (want.kp, want.width));
-                    assert!(
-                        got.data[..] == want.data[..],
-                        "{k} x {n} (ld {ld}) in panels of {width}"
-                    );
-                }
+        for mode in [Bf16Gemm::Always, Bf16Gemm::Amx] {
+            if mode == Bf16Gemm::Amx && !crate::amx::available() {
+                eprintln!("AMX PASS NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
+                continue;
             }
+            with_bf16_gemm(mode, || {
+                for &(k, n) in &[
+                    (1usize, 1usize),
+                    (7, 12),
+                    (8, 13),
+                    (9, 200),
+                    (64, 384),
+                    (30, 401),
+                    (17, 36),
+                ] {
+                    for ld in [n, n + 5] {
+                        let f: Vec<f32> = pattern(k * ld, 11).into_iter().map(round_bf16).collect();
+                        let b: Vec<u16> = f.iter().map(|&v| to_bf16_bits(v)).collect();
+                        for width in [NR, MR] {
+                            let want = pack_kn_in(&f, k, n, ld, width, false);
+                            let got = pack_kn_bf16(&b, k, n, ld, width);
+                            assert_eq!(
+                                (got.kp, got.width, got.amx),
+                                (want.kp, want.width, want.amx)
+                            );
+                            assert!(
+                                got.data[..] == want.data[..],
+                                "{k} x {n} (ld {ld}) in panels of {width}, {mode:?}"
+                            );
+                        }
+                    }
+                }
+            });
         }
     }
 
