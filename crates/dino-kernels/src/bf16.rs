@@ -283,17 +283,43 @@ pub(crate) fn bf16_products<R>(f: impl FnOnce() -> R) -> R {
 pub(crate) fn for_each_bf16_kernel<E>(
     body: impl Fn() -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
+    let mut r = Ok(());
+    for_each_kernel_mode(|mode| {
+        if r.is_ok() {
+            TEST_MODE.with(|m| m.set(mode));
+            r = body();
+            TEST_MODE.with(|m| m.set(Bf16Gemm::Always));
+        }
+    });
+    r
+}
+
+/// `body` with each bf16 kernel mode a test must cover: `vdpbf16ps` ([`Bf16Gemm::Always`]), then AMX
+/// ([`Bf16Gemm::Amx`]) where the CPU offers it, else saying, loudly, that the AMX pass did not run.
+fn for_each_kernel_mode(mut body: impl FnMut(Bf16Gemm)) {
     for mode in [Bf16Gemm::Always, Bf16Gemm::Amx] {
         if mode == Bf16Gemm::Amx && !crate::amx::available() {
             eprintln!("AMX PASS NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
             continue;
         }
-        TEST_MODE.with(|m| m.set(mode));
-        let r = body();
-        TEST_MODE.with(|m| m.set(Bf16Gemm::Always));
-        r?;
+        body(mode)
     }
-    Ok(())
+}
+
+/// Test harness of [`crate::bf16_path_tests`]: `f` under [`MatmulPrecision::Bf16`] once per bf16 kernel of this
+/// CPU (`vdpbf16ps`, even where [`Bf16Gemm::Auto`] would take f32, then AMX tiles), each run on the thread
+/// that calls it; on a CPU without AVX-512 BF16 it says so, loudly, and runs nothing (no bf16 path exists
+/// there).
+pub fn on_each_bf16_kernel(what: &str, mut f: impl FnMut()) {
+    if !supported() {
+        eprintln!("BF16 PATH NOT RUN ({what}): this CPU has no AVX-512 BF16");
+        return;
+    }
+    for_each_kernel_mode(|mode| {
+        with_bf16_gemm(mode, || {
+            crate::fused::with_matmul_precision(MatmulPrecision::Bf16, &mut f)
+        })
+    })
 }
 
 /// Whether a linear layer with `rows` input rows runs in bf16 under `precision` on this CPU.

@@ -127,6 +127,49 @@ macro_rules! portable_path_tests {
     };
 }
 
+/// Test harness: a `mod bf16_products` holding, for each named test function of the enclosing module, a test
+/// of the same name that runs it under [`crate::MatmulPrecision::Bf16`] once per bf16 kernel of this CPU
+/// ([`crate::bf16::on_each_bf16_kernel`]: `vdpbf16ps`, and AMX tiles where present; on a CPU without them it
+/// says, loudly, that nothing ran). The functions take no argument and return `()` or a `Result`.
+///
+/// ```text
+/// dino_kernels::bf16_path_tests!(one_backward_pass_reaches_every_parameter);
+/// ```
+#[macro_export]
+macro_rules! bf16_path_tests {
+    ($($name:ident),+ $(,)?) => {
+        /// The same checks with bf16 products, on each bf16 kernel of this CPU.
+        mod bf16_products {
+            $(
+                #[test]
+                fn $name() {
+                    $crate::bf16::on_each_bf16_kernel(stringify!($name), || {
+                        $crate::dispatch::TestOutcome::check(super::$name(), stringify!($name))
+                    })
+                }
+            )+
+        }
+    };
+}
+
+/// What a test function of [`bf16_path_tests`] returns: `()`, or a `Result` whose error fails the test.
+pub trait TestOutcome {
+    /// Panics, naming the test, if this outcome is a failure.
+    fn check(self, name: &str);
+}
+
+impl TestOutcome for () {
+    fn check(self, _: &str) {}
+}
+
+impl<E: std::fmt::Debug> TestOutcome for Result<(), E> {
+    fn check(self, name: &str) {
+        if let Err(e) = self {
+            panic!("{name} with bf16 products: {e:?}")
+        }
+    }
+}
+
 /// Runs `f` with the thread-local `key` set to `value` on the calling thread, then puts the previous value
 /// back (also when `f` panics): the scope of this crate's per-thread switches.
 pub(crate) fn with_thread_value<T: Copy + 'static, R>(

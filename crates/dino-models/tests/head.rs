@@ -645,3 +645,5 @@ fn last_layer_bf16_follows_the_precision_only_when_asked() {
     let b = head.forward(&x, false).unwrap();
     assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
 }
+
+dino_kernels::bf16_path_tests!(every_trainable_parameter_gets_a_gradient,);

@@ -316,3 +316,8 @@ dino_kernels::portable_path_tests!(
     ibot_forward_selects_patch_tokens_and_reaches_every_parameter,
     gradients_reach_backbone_and_head,
 );
+
+dino_kernels::bf16_path_tests!(
+    ibot_forward_selects_patch_tokens_and_reaches_every_parameter,
+    gradients_reach_backbone_and_head,
+);

@@ -327,23 +327,36 @@ fn tiny_trainable(cfg: ViTConfig, seed: u64) -> Result<(VisionTransformer, Vec<(
 #[test]
 fn one_backward_pass_reaches_every_parameter() -> Result<()> {
     for pool in [Pool::Cls, Pool::Avg] {
-        backward_reaches_every_parameter(pool)?;
+        backward_reaches_every_parameter(pool, 4, true)?;
     }
     Ok(())
 }
 
-fn backward_reaches_every_parameter(pool: Pool) -> Result<()> {
+/// The same with one batch of 64 images and no drop path: 1,088 token rows in every block, enough for the
+/// row-blocked backward of every linear layer (bf16 products block a layer without GELU from 1,024 rows on),
+/// and no other batch whose gradient could hide a zero from the blocked path.
+#[test]
+fn one_backward_pass_in_row_blocks_reaches_every_parameter() -> Result<()> {
+    backward_reaches_every_parameter(Pool::Cls, 64, false)
+}
+
+/// With `multi_crop` a batch of `batch` images and as many smaller, non-square crops (interpolated
+/// positions), as multi-crop does, with drop path 0.1; otherwise the one batch, without drop path.
+fn backward_reaches_every_parameter(pool: Pool, batch: usize, multi_crop: bool) -> Result<()> {
     let cfg = ViTConfig {
         pool,
-        ..ViTConfig::custom(16, 4, 16, 2, 2).with_drop_path(0.1)
+        ..ViTConfig::custom(16, 4, 16, 2, 2).with_drop_path(if multi_crop { 0.1 } else { 0.0 })
     };
     let (vit, vars) = tiny_trainable(cfg, 11)?;
     vit.reseed(5);
-    // A training-size batch and a smaller, non-square crop batch (interpolated positions), as multi-crop does.
-    let x1 = randn(102, &[4, 3, 16, 16])?;
-    let x2 = randn(103, &[4, 3, 8, 12])?;
-    let r = randn(104, &[8, 16])?;
-    let y = Tensor::cat(&[vit.forward_t(&x1, true)?, vit.forward_t(&x2, true)?], 0)?;
+    let x1 = randn(102, &[batch, 3, 16, 16])?;
+    let (y, r) = if multi_crop {
+        let x2 = randn(103, &[batch, 3, 8, 12])?;
+        let y = Tensor::cat(&[vit.forward_t(&x1, true)?, vit.forward_t(&x2, true)?], 0)?;
+        (y, randn(104, &[2 * batch, 16])?)
+    } else {
+        (vit.forward_t(&x1, true)?, randn(104, &[batch, 16])?)
+    };
     let grads = (y * r)?.sum_all()?.backward()?;
     assert_eq!(vars.len(), 4 + 2 * 12 + 2);
     for (name, var) in &vars {
@@ -528,6 +541,12 @@ fn avg_pool_is_the_mean_of_the_normed_patch_tokens() -> Result<()> {
 dino_kernels::portable_path_tests!(
     vit_tiny16_matches_official_outputs,
     one_backward_pass_reaches_every_parameter,
+    one_backward_pass_in_row_blocks_reaches_every_parameter,
     gradients_match_finite_differences,
     drop_path_is_training_only_seeded_and_linear_in_depth,
+);
+
+dino_kernels::bf16_path_tests!(
+    one_backward_pass_reaches_every_parameter,
+    one_backward_pass_in_row_blocks_reaches_every_parameter,
 );

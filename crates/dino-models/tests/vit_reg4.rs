@@ -271,3 +271,8 @@ dino_kernels::portable_path_tests!(
     one_backward_pass_reaches_registers_and_gammas,
     cls_attention_is_the_cls_row_over_the_patch_grid,
 );
+
+dino_kernels::bf16_path_tests!(
+    one_masked_backward_pass_reaches_the_mask_token,
+    one_backward_pass_reaches_registers_and_gammas,
+);

@@ -270,3 +270,5 @@ dino_kernels::portable_path_tests!(
     one_backward_pass_reaches_every_parameter,
     patch_gradients_match_finite_differences,
 );
+
+dino_kernels::bf16_path_tests!(one_backward_pass_reaches_every_parameter,);
