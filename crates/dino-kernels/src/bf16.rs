@@ -1964,47 +1964,37 @@ mod tests {
     /// heap (16-byte aligned) as well as large ones, with the system allocator this test binary has.
     #[test]
     fn packings_start_on_a_cache_line() {
-        if !supported() {
-            eprintln!("BF16 PACKING TEST NOT RUN: this CPU has no AVX-512 BF16");
-            return;
-        }
         let line = |p: *const u32| (p as usize).is_multiple_of(64);
-        for mode in [Bf16Gemm::Always, Bf16Gemm::Amx] {
-            if mode == Bf16Gemm::Amx && !crate::amx::available() {
-                eprintln!("AMX PASS NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
-                continue;
-            }
-            with_bf16_gemm(mode, || {
-                // Several allocations of each size, so that one aligned by chance does not pass.
-                for &(m, k) in &[(3usize, 5usize), (17, 40), (40, 17), (70, 130), (300, 64)] {
-                    for _ in 0..4 {
-                        let src = pattern(m * k, 3);
-                        assert!(
-                            line(pack_nk(&src, m, k, k, NR).data.as_ptr()),
-                            "pack_nk {m}x{k}"
-                        );
-                        assert!(
-                            line(pack_kn(&src, k, m, m, NR).data.as_ptr()),
-                            "pack_kn {m}x{k}"
-                        );
-                        assert!(
-                            line(pack_rows(&src, m, k, k).0.as_ptr()),
-                            "pack_rows {m}x{k}"
-                        );
-                        let lhs = LhsT::pack(&src, k, m, m);
-                        let p = match &lhs {
-                            LhsT::Panels(p) => p.data.as_ptr(),
-                            LhsT::Tiles(t, _) => t.as_ptr(),
-                        };
-                        assert!(line(p), "LhsT::pack {m}x{k}");
-                        assert!(
-                            line(pack_tiles(&src, m, k, k).0.as_ptr()),
-                            "pack_tiles {m}x{k}"
-                        );
-                    }
+        on_each_bf16_kernel("packings_start_on_a_cache_line", || {
+            // Several allocations of each size, so that one aligned by chance does not pass.
+            for &(m, k) in &[(3usize, 5usize), (17, 40), (40, 17), (70, 130), (300, 64)] {
+                for _ in 0..4 {
+                    let src = pattern(m * k, 3);
+                    assert!(
+                        line(pack_nk(&src, m, k, k, NR).data.as_ptr()),
+                        "pack_nk {m}x{k}"
+                    );
+                    assert!(
+                        line(pack_kn(&src, k, m, m, NR).data.as_ptr()),
+                        "pack_kn {m}x{k}"
+                    );
+                    assert!(
+                        line(pack_rows(&src, m, k, k).0.as_ptr()),
+                        "pack_rows {m}x{k}"
+                    );
+                    let lhs = LhsT::pack(&src, k, m, m);
+                    let p = match &lhs {
+                        LhsT::Panels(p) => p.data.as_ptr(),
+                        LhsT::Tiles(t, _) => t.as_ptr(),
+                    };
+                    assert!(line(p), "LhsT::pack {m}x{k}");
+                    assert!(
+                        line(pack_tiles(&src, m, k, k).0.as_ptr()),
+                        "pack_tiles {m}x{k}"
+                    );
                 }
-            });
-        }
+            }
+        });
     }
 
     /// Packing bf16 rows gives the panels of packing their f32 values (which round to themselves), entry for
@@ -2013,44 +2003,35 @@ mod tests {
     /// with partial last panels, `ld` > n.
     #[test]
     fn bf16_rows_pack_as_their_f32_values() {
-        if !supported() {
-            eprintln!("BF16 PACKING TEST NOT RUN: this CPU has no AVX-512 BF16");
-            return;
-        }
-        for mode in [Bf16Gemm::Always, Bf16Gemm::Amx] {
-            if mode == Bf16Gemm::Amx && !crate::amx::available() {
-                eprintln!("AMX PASS NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
-                continue;
-            }
-            with_bf16_gemm(mode, || {
-                for &(k, n) in &[
-                    (1usize, 1usize),
-                    (7, 12),
-                    (8, 13),
-                    (9, 200),
-                    (64, 384),
-                    (30, 401),
-                    (17, 36),
-                ] {
-                    for ld in [n, n + 5] {
-                        let f: Vec<f32> = pattern(k * ld, 11).into_iter().map(round_bf16).collect();
-                        let b: Vec<u16> = f.iter().map(|&v| to_bf16_bits(v)).collect();
-                        for width in [NR, MR] {
-                            let want = pack_kn_in(&f, k, n, ld, width, false);
-                            let got = pack_kn_bf16(&b, k, n, ld, width);
-                            assert_eq!(
-                                (got.kp, got.width, got.amx),
-                                (want.kp, want.width, want.amx)
-                            );
-                            assert!(
-                                got.data[..] == want.data[..],
-                                "{k} x {n} (ld {ld}) in panels of {width}, {mode:?}"
-                            );
-                        }
+        on_each_bf16_kernel("bf16_rows_pack_as_their_f32_values", || {
+            let mode = bf16_gemm();
+            for &(k, n) in &[
+                (1usize, 1usize),
+                (7, 12),
+                (8, 13),
+                (9, 200),
+                (64, 384),
+                (30, 401),
+                (17, 36),
+            ] {
+                for ld in [n, n + 5] {
+                    let f: Vec<f32> = pattern(k * ld, 11).into_iter().map(round_bf16).collect();
+                    let b: Vec<u16> = f.iter().map(|&v| to_bf16_bits(v)).collect();
+                    for width in [NR, MR] {
+                        let want = pack_kn_in(&f, k, n, ld, width, false);
+                        let got = pack_kn_bf16(&b, k, n, ld, width);
+                        assert_eq!(
+                            (got.kp, got.width, got.amx),
+                            (want.kp, want.width, want.amx)
+                        );
+                        assert!(
+                            got.data[..] == want.data[..],
+                            "{k} x {n} (ld {ld}) in panels of {width}, {mode:?}"
+                        );
                     }
                 }
-            });
-        }
+            }
+        });
     }
 
     /// `gemm_rows_src` from a bias (the tiles started from the bias row) against `gemm_rows` accumulating onto rows
@@ -2058,16 +2039,10 @@ mod tests {
     /// blocks, and an empty k (the bias alone).
     #[test]
     fn gemm_rows_from_a_bias_equals_accumulating_onto_bias_rows() {
-        if !supported() {
-            eprintln!("BF16 GEMM TEST NOT RUN: this CPU has no AVX-512 BF16");
-            return;
-        }
-        for mode in [Bf16Gemm::Always, Bf16Gemm::Amx] {
-            if mode == Bf16Gemm::Amx && !crate::amx::available() {
-                eprintln!("AMX PASS NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
-                continue;
-            }
-            with_bf16_gemm(mode, || {
+        on_each_bf16_kernel(
+            "gemm_rows_from_a_bias_equals_accumulating_onto_bias_rows",
+            || {
+                let mode = bf16_gemm();
                 for &(m, n, k) in &[
                     (37usize, 70usize, 0usize),
                     (37, 70, 5),
@@ -2100,7 +2075,7 @@ mod tests {
                         "{m}x{n}x{k}, {mode:?}"
                     );
                 }
-            });
-        }
+            },
+        );
     }
 }
