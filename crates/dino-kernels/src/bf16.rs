@@ -1365,14 +1365,11 @@ pub(crate) mod x86 {
                 let sc = scratch.as_ptr();
                 for j in (0..cn).step_by(12) {
                     let out = dst.add((((c0 + j) / 12) * kp + p) * 12) as *mut i32;
-                    let cols = 12.min(cn - j);
-                    if cols < 12 {
+                    if cn - j < 12 {
+                        // A partial last panel: row by row.
                         for q in 0..4 {
-                            let v = _mm512_maskz_loadu_epi32(
-                                mask16(cols),
-                                sc.add(q * COLS + j) as *const i32,
-                            );
-                            _mm512_mask_storeu_epi32(out.add(12 * q), mask16(cols), v);
+                            let row = &scratch[q * COLS + j..q * COLS + cn];
+                            scatter_to_panels(row, c0 + j, 12, kp, p + q, dst);
                         }
                         continue;
                     }

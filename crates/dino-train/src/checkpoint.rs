@@ -1,8 +1,9 @@
 //! Checkpoints: one safetensors file (student, teacher, optimiser moments and per-parameter steps, centre)
 //! whose header also embeds the JSON metadata (epoch, iteration, full config, RNG state, dataset fingerprint,
 //! versions, what computed the steps, the k-NN baselines), plus a human-readable copy of that metadata as
-//! `<name>.json`. Both are written atomically (temporary file, fsync, rename, fsync of the directory). The weights file is the source of truth: its
-//! embedded metadata is always consistent with its tensors, even if a crash hits between the two renames.
+//! `<name>.json`. Both are written atomically (temporary file, fsync, rename, fsync of the directory). The
+//! weights file is the source of truth: its embedded metadata is always consistent with its tensors, even if
+//! a crash hits between the two renames.
 //!
 //! Tensor names inside the file: `student.<param>`, `teacher.<param>` (official parameter paths such as
 //! `backbone.blocks.0.attn.qkv.weight`, `head.last_layer.weight_v`), `optimizer.<state>.<param>` and

@@ -1106,8 +1106,6 @@ fn agreed_stop(coll: &dyn dino_core::Collective, world: usize) -> Result<Option<
     Ok((v[0] > 0.0).then(|| mine.unwrap_or((v[1] / v[0]).round() as i32)))
 }
 
-/// Every rank must run the same configuration: rank 0's TOML is broadcast and compared; a difference on any
-/// rank is an error on every rank (naming the first differing key).
 /// How many ranks compute their steps otherwise than rank 0 (another products kernel, kernel path or CPU kernel
 /// flags: a heterogeneous job); each such rank says how on its stderr.
 fn compare_compute(coll: &dyn dino_core::Collective, mine: &Compute) -> Result<usize> {
@@ -1150,6 +1148,8 @@ fn differences_from_rank0(
     Ok((d, n[0] as usize))
 }
 
+/// Every rank must run the same configuration: rank 0's TOML is broadcast and compared; a difference on any
+/// rank is an error on every rank (naming the first differing key).
 fn check_same_config(coll: &dyn dino_core::Collective, cfg: &TrainConfig) -> Result<()> {
     let mine = cfg.to_toml_string();
     let (diff, bad) = differences_from_rank0(coll, mine.clone(), |root| {
