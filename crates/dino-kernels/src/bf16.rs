@@ -176,7 +176,7 @@ impl std::str::FromStr for Bf16Gemm {
 }
 
 thread_local! {
-    static THREAD_MODE: std::cell::Cell<Option<Bf16Gemm>> = const { std::cell::Cell::new(None) };
+    pub(crate) static THREAD_MODE: std::cell::Cell<Option<Bf16Gemm>> = const { std::cell::Cell::new(None) };
 }
 
 /// The mode in force on this thread: [`with_bf16_gemm`]'s, else `DINO_BF16_GEMM` (read once; an unknown
@@ -193,9 +193,14 @@ pub fn bf16_gemm() -> Bf16Gemm {
     })
 }
 
-/// Run `f` with `mode` on the calling thread (where the ops choose their path), then restore the previous.
-pub fn with_bf16_gemm<R>(mode: Bf16Gemm, f: impl FnOnce() -> R) -> R {
-    crate::dispatch::with_thread_value(&THREAD_MODE, Some(mode), f)
+/// Run `f` with `mode` in force, on a pool of fresh threads that all have it (and the calling thread's other
+/// switches, see [`crate::dispatch::on_pool_with_switches`]), so the ops' pool jobs take `mode`'s kernel too;
+/// the calling thread's mode is restored after. For tests and benchmarks of a kernel: it starts a pool per
+/// call (a process picks its mode with `DINO_BF16_GEMM`).
+pub fn with_bf16_gemm<R: Send>(mode: Bf16Gemm, f: impl FnOnce() -> R + Send) -> R {
+    crate::dispatch::with_thread_value(&THREAD_MODE, Some(mode), || {
+        crate::dispatch::on_pool_with_switches(f)
+    })
 }
 
 /// `vdpbf16ps`'s rate over the f32 AVX-512 FMA's on one core of this CPU (the best of 5 short runs of each
@@ -271,7 +276,7 @@ thread_local! {
 /// [`for_each_bf16_kernel`] says otherwise) wherever the CPU has it: the kernels' tests must exercise it even
 /// where [`Bf16Gemm::Auto`] would not take it.
 #[cfg(test)]
-pub(crate) fn bf16_products<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn bf16_products<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     with_bf16_gemm(TEST_MODE.with(|m| m.get()), || {
         crate::fused::with_matmul_precision(MatmulPrecision::Bf16, f)
     })
@@ -310,7 +315,7 @@ fn for_each_kernel_mode(mut body: impl FnMut(Bf16Gemm)) {
 /// CPU (`vdpbf16ps`, even where [`Bf16Gemm::Auto`] would take f32, then AMX tiles), each run on the thread
 /// that calls it; on a CPU without AVX-512 BF16 it says so, loudly, and runs nothing (no bf16 path exists
 /// there).
-pub fn on_each_bf16_kernel(what: &str, mut f: impl FnMut()) {
+pub fn on_each_bf16_kernel(what: &str, mut f: impl FnMut() + Send) {
     if !supported() {
         eprintln!("BF16 PATH NOT RUN ({what}): this CPU has no AVX-512 BF16");
         return;
@@ -1768,19 +1773,26 @@ mod tests {
             let (atw, btw) = (widen(&at, k, m), widen(&bt, n, k));
             for (lhs, rhs, what) in [
                 (
-                    (aw.as_ptr(), 1isize, (k + pad) as isize),
-                    (bw.as_ptr(), 1isize, (n + pad) as isize),
+                    (&aw, 1isize, (k + pad) as isize),
+                    (&bw, 1isize, (n + pad) as isize),
                     "a, b",
                 ),
                 (
-                    (atw.as_ptr(), (m + pad) as isize, 1),
-                    (btw.as_ptr(), (k + pad) as isize, 1),
+                    (&atw, (m + pad) as isize, 1),
+                    (&btw, (k + pad) as isize, 1),
                     "aᵀ, bᵀ",
                 ),
             ] {
                 let mut c = vec![0f32; m * n];
                 with_bf16_gemm(mode, || unsafe {
-                    gemm_strided(m, n, k, (c.as_mut_ptr(), 1, n as isize), lhs, rhs)
+                    gemm_strided(
+                        m,
+                        n,
+                        k,
+                        (c.as_mut_ptr(), 1, n as isize),
+                        (lhs.0.as_ptr(), lhs.1, lhs.2),
+                        (rhs.0.as_ptr(), rhs.1, rhs.2),
+                    )
                 });
                 for i in 0..m {
                     for j in 0..n {

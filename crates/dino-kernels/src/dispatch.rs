@@ -187,6 +187,57 @@ pub(crate) fn with_thread_value<T: Copy + 'static, R>(
     f()
 }
 
+/// This crate's per-thread switches as one thread has them: the kernel path, the matmul precision, `no_grad`
+/// and the bf16 GEMM mode.
+#[derive(Clone, Copy)]
+struct Switches {
+    path: Option<KernelPath>,
+    precision: crate::fused::MatmulPrecision,
+    no_grad: bool,
+    bf16: Option<crate::bf16::Bf16Gemm>,
+}
+
+impl Switches {
+    /// The calling thread's switches.
+    fn here() -> Self {
+        Self {
+            path: THREAD.with(|c| c.get()),
+            precision: crate::fused::PRECISION.with(|c| c.get()),
+            no_grad: crate::fused::NO_GRAD.with(|c| c.get()),
+            bf16: crate::bf16::THREAD_MODE.with(|c| c.get()),
+        }
+    }
+
+    /// Puts these switches in force on the calling thread.
+    fn apply(self) {
+        THREAD.with(|c| c.set(self.path));
+        crate::fused::PRECISION.with(|c| c.set(self.precision));
+        crate::fused::NO_GRAD.with(|c| c.set(self.no_grad));
+        crate::bf16::THREAD_MODE.with(|c| c.set(self.bf16));
+    }
+}
+
+/// Runs `f` on a pool of fresh threads, as many as the calling thread's pool has, each of them with the
+/// calling thread's switches in force ([`Switches`]): rayon's threads do not inherit thread-locals, so an op
+/// called inside `f` and its pool jobs all see the switches of the scope that called this. Where no pool can
+/// be started, `f` runs on the calling thread (it says so; its pool jobs then follow the process-wide
+/// settings).
+pub(crate) fn on_pool_with_switches<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let switches = Switches::here();
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(rayon::current_num_threads())
+        .thread_name(|i| format!("dino-scope-{i}"))
+        .start_handler(move |_| switches.apply())
+        .build()
+    {
+        Ok(pool) => pool.install(f),
+        Err(e) => {
+            eprintln!("dino-kernels: no pool for a switch scope ({e}); its pool jobs take the process-wide switches");
+            f()
+        }
+    }
+}
+
 /// Whether an op on `tensors` takes the CPU fast path: every tensor on the CPU and the path not forced to
 /// portable. The op checks dtypes and layouts its kernel needs on top of this.
 pub fn cpu_fast_path(tensors: &[&Tensor]) -> bool {
@@ -235,5 +286,41 @@ mod tests {
         assert_eq!(cpu_f32_fast_path(&[&t]), outer);
         let i = Tensor::zeros(3, candle_core::DType::U32, &candle_core::Device::Cpu).unwrap();
         with_kernel_path(KernelPath::Auto, || assert!(!cpu_f32_fast_path(&[&i])));
+    }
+
+    /// A bf16 mode scope reaches every thread its ops' pool jobs can run on, with the calling thread's other
+    /// switches, and leaves the calling thread as it was.
+    #[test]
+    fn pool_jobs_take_the_switches_of_the_bf16_mode_scope() {
+        use crate::bf16::{bf16_gemm, with_bf16_gemm, Bf16Gemm};
+        use crate::fused::{matmul_precision, with_matmul_precision, MatmulPrecision};
+        let outer = bf16_gemm();
+        for mode in [
+            Bf16Gemm::Never,
+            Bf16Gemm::Always,
+            Bf16Gemm::Amx,
+            Bf16Gemm::Auto,
+        ] {
+            let seen = with_kernel_path(KernelPath::Portable, || {
+                with_matmul_precision(MatmulPrecision::Bf16, || {
+                    with_bf16_gemm(mode, || {
+                        let here = (bf16_gemm(), kernel_path(), matmul_precision());
+                        // Every thread of the pool the ops' jobs go to.
+                        let jobs =
+                            rayon::broadcast(|_| (bf16_gemm(), kernel_path(), matmul_precision()));
+                        assert_eq!(jobs.len(), rayon::current_num_threads());
+                        (here, jobs)
+                    })
+                })
+            });
+            let want = (mode, KernelPath::Portable, MatmulPrecision::Bf16);
+            assert_eq!(seen.0, want, "the scope's own thread");
+            assert!(
+                seen.1.iter().all(|&j| j == want),
+                "{mode:?}: pool threads saw {:?}",
+                seen.1
+            );
+            assert_eq!(bf16_gemm(), outer);
+        }
     }
 }

@@ -77,7 +77,7 @@ impl std::fmt::Display for MatmulPrecision {
 }
 
 thread_local! {
-    static PRECISION: Cell<MatmulPrecision> = const { Cell::new(MatmulPrecision::Highest) };
+    pub(crate) static PRECISION: Cell<MatmulPrecision> = const { Cell::new(MatmulPrecision::Highest) };
 }
 
 /// Sets the precision of the linear layers run on the calling thread from now on (forward and their backward
@@ -97,7 +97,7 @@ pub fn with_matmul_precision<R>(precision: MatmulPrecision, f: impl FnOnce() -> 
 }
 
 thread_local! {
-    static NO_GRAD: Cell<bool> = const { Cell::new(false) };
+    pub(crate) static NO_GRAD: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Runs `f` without recording the backward passes of this crate's fused ops on the calling thread, as
