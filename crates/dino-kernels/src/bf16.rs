@@ -300,15 +300,33 @@ pub(crate) fn for_each_bf16_kernel<E>(
 }
 
 /// `body` with each bf16 kernel mode a test must cover: `vdpbf16ps` ([`Bf16Gemm::Always`]), then AMX
-/// ([`Bf16Gemm::Amx`]) where the CPU offers it, else saying, loudly, that the AMX pass did not run.
+/// ([`Bf16Gemm::Amx`]) where [`amx_test_pass_runs`].
 fn for_each_kernel_mode(mut body: impl FnMut(Bf16Gemm)) {
     for mode in [Bf16Gemm::Always, Bf16Gemm::Amx] {
-        if mode == Bf16Gemm::Amx && !crate::amx::available() {
-            eprintln!("AMX PASS NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
+        if mode == Bf16Gemm::Amx && !amx_test_pass_runs("a bf16 kernel test") {
             continue;
         }
         body(mode)
     }
+}
+
+/// The environment variable that makes every test's AMX pass required: with `DINO_REQUIRE_AMX=1` a CPU (or
+/// OS) without AMX fails [`amx_test_pass_runs`] instead of skipping (set it on a CPU that has AMX, so that a
+/// detection fault cannot skip the AMX passes unseen).
+pub const REQUIRE_AMX_VAR: &str = "DINO_REQUIRE_AMX";
+
+/// Test harness: whether a test's AMX pass (`what`) can run here. Where AMX is absent it says so, loudly, and
+/// panics when [`REQUIRE_AMX_VAR`] is `1`.
+pub fn amx_test_pass_runs(what: &str) -> bool {
+    let here = crate::amx::available();
+    if !here {
+        eprintln!("AMX PASS NOT RUN ({what}): this CPU (or its OS) offers no AMX bf16 tiles");
+        assert!(
+            std::env::var(REQUIRE_AMX_VAR).as_deref() != Ok("1"),
+            "{REQUIRE_AMX_VAR}=1 but AMX is unavailable ({what})"
+        );
+    }
+    here
 }
 
 /// Test harness of [`crate::bf16_path_tests`]: `f` under [`MatmulPrecision::Bf16`] once per bf16 kernel of this
@@ -1831,24 +1849,10 @@ mod tests {
         with_bf16_gemm(Bf16Gemm::Always, || check_kernel(Bf16Gemm::Always));
     }
 
-    /// Whether the AMX tests can run here. Where AMX is absent they cannot: this says so loudly, and fails when
-    /// `DINO_REQUIRE_AMX=1` (set it on a CPU that has AMX, so that a detection fault cannot hide the tests).
-    fn amx_runs_here() -> bool {
-        let here = crate::amx::available();
-        if !here {
-            eprintln!("AMX GEMM TEST NOT RUN: this CPU (or its OS) offers no AMX bf16 tiles");
-            assert!(
-                std::env::var("DINO_REQUIRE_AMX").as_deref() != Ok("1"),
-                "DINO_REQUIRE_AMX=1 but AMX is unavailable"
-            );
-        }
-        here
-    }
-
-    /// The AMX kernel on the same cases (see [`amx_runs_here`] where AMX is absent).
+    /// The AMX kernel on the same cases (see [`amx_test_pass_runs`] where AMX is absent).
     #[test]
     fn amx_gemm_matches_the_product_of_rounded_operands() {
-        if !amx_runs_here() {
+        if !amx_test_pass_runs("the AMX GEMM") {
             return;
         }
         with_bf16_gemm(Bf16Gemm::Amx, || check_kernel(Bf16Gemm::Amx));
@@ -1893,7 +1897,7 @@ mod tests {
     /// one, and k past one cache block (512 pairs).
     #[test]
     fn amx_reads_bf16_rows_in_place_with_the_packed_bits() {
-        if !amx_runs_here() {
+        if !amx_test_pass_runs("the AMX GEMM") {
             return;
         }
         with_bf16_gemm(Bf16Gemm::Amx, || {
