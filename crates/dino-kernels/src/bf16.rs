@@ -331,9 +331,9 @@ pub fn amx_test_pass_runs(what: &str) -> bool {
 }
 
 /// Test harness of [`crate::bf16_path_tests`]: `f` under [`MatmulPrecision::Bf16`] once per bf16 kernel of this
-/// CPU (`vdpbf16ps`, even where [`Bf16Gemm::Auto`] would take f32, then AMX tiles), each run on the thread
-/// that calls it; on a CPU without AVX-512 BF16 it says so, loudly, and runs nothing (no bf16 path exists
-/// there).
+/// CPU (`vdpbf16ps`, even where [`Bf16Gemm::Auto`] would take f32, then AMX tiles), each run inside
+/// [`with_bf16_gemm`] (so the ops' pool jobs take that kernel too); on a CPU without AVX-512 BF16 it says so,
+/// loudly, and runs nothing (no bf16 path exists there).
 pub fn on_each_bf16_kernel(what: &str, mut f: impl FnMut() + Send) {
     if !supported() {
         eprintln!("BF16 PATH NOT RUN ({what}): this CPU has no AVX-512 BF16");

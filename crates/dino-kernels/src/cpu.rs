@@ -259,9 +259,9 @@ impl Ceiling {
 }
 
 /// Independent accumulators of the `vdpbf16ps` ceiling loop: 24, the `vdpbf16ps` kernel's register tile (12 x 2
-/// zmm). With 12 the loop ran at 445-453 GFLOP/s on one core of AMD Zen 5 (family 26 model 2) and with 24 at
-/// 476-481 (the instruction's latency times its two pipes leaves 12 no slack), below the 440-455 that the GEMM
-/// kernel reached on the ViT's shapes; the f32 FMA loop ran at 236-241 with either count (39th session).
+/// zmm). On one core of AMD Zen 5 (family 26 model 2) the loop ran at 445-453 GFLOP/s with 12, no more than the
+/// GEMM kernel's 440-455 on the ViT's shapes, and at 476-481 with 24 (12 in flight do not hide the
+/// instruction's latency there); the f32 FMA loop ran at 236-241 with either count (39th session).
 pub const BF16_ACCUMULATORS: usize = 24;
 
 #[cfg(target_arch = "x86_64")]
