@@ -212,11 +212,12 @@ pub fn dp_speedup() -> Option<f64> {
         if !supported() {
             return None;
         }
+        // 2.4 million instructions per run of either loop.
+        let run = |c: Ceiling| c.measure(1, 2_400_000 / c.accumulators() as u64);
         let (mut f32_rate, mut bf16_rate) = (0.0f64, 0.0f64);
         for _ in 0..5 {
-            f32_rate = f32_rate.max(Ceiling::F32Avx512.measure(1, 200_000)?);
-            // Half the iterations: the bf16 loop has twice the f32 loop's instructions per iteration.
-            bf16_rate = bf16_rate.max(Ceiling::Bf16Avx512.measure(1, 100_000)?);
+            f32_rate = f32_rate.max(run(Ceiling::F32Avx512)?);
+            bf16_rate = bf16_rate.max(run(Ceiling::Bf16Avx512)?);
         }
         (f32_rate > 0.0).then(|| bf16_rate / f32_rate)
     })

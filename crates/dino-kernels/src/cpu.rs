@@ -184,15 +184,25 @@ impl Ceiling {
         }
     }
 
-    /// FLOP of one loop iteration (independent accumulators, one instruction each: 12 for the f32 FMA loops,
-    /// [`BF16_ACCUMULATORS`] for `vdpbf16ps`; AMX: 4 tile accumulators).
-    pub fn flop_per_iteration(self) -> f64 {
+    /// Independent accumulators of the loop, one instruction each per iteration: [`F32_ACCUMULATORS`] for the
+    /// f32 FMA loops, [`BF16_ACCUMULATORS`] for `vdpbf16ps`, 4 tiles for AMX.
+    pub fn accumulators(self) -> usize {
         match self {
-            Ceiling::F32Avx512 => 12.0 * 32.0,
-            Ceiling::F32Avx2 => 12.0 * 16.0,
-            Ceiling::Bf16Avx512 => BF16_ACCUMULATORS as f64 * 64.0,
-            Ceiling::Bf16Amx => 4.0 * 16.0 * 16.0 * 32.0 * 2.0,
+            Ceiling::F32Avx512 | Ceiling::F32Avx2 => F32_ACCUMULATORS,
+            Ceiling::Bf16Avx512 => BF16_ACCUMULATORS,
+            Ceiling::Bf16Amx => 4,
         }
+    }
+
+    /// FLOP of one loop iteration: [`Ceiling::accumulators`] instructions.
+    pub fn flop_per_iteration(self) -> f64 {
+        let per_instruction = match self {
+            Ceiling::F32Avx512 => 32.0,
+            Ceiling::F32Avx2 => 16.0,
+            Ceiling::Bf16Avx512 => 64.0,
+            Ceiling::Bf16Amx => 16.0 * 16.0 * 32.0 * 2.0,
+        };
+        self.accumulators() as f64 * per_instruction
     }
 
     /// Run `iterations` of the loop on the calling thread; returns the sum of the accumulators' lanes (so the
@@ -264,6 +274,10 @@ impl Ceiling {
 /// instruction's latency there); the f32 FMA loop ran at 236-241 with either count (39th session).
 pub const BF16_ACCUMULATORS: usize = 24;
 
+/// Independent accumulators of the f32 FMA ceiling loops (12: enough on every CPU measured, and within the 16
+/// ymm registers of AVX2).
+pub const F32_ACCUMULATORS: usize = 12;
+
 #[cfg(target_arch = "x86_64")]
 mod loops {
     use std::arch::x86_64::*;
@@ -276,7 +290,7 @@ mod loops {
     pub unsafe fn f32_zmm(n: u64) -> f64 {
         let a = _mm512_set1_ps(A);
         let b = _mm512_set1_ps(B);
-        let mut acc = [_mm512_setzero_ps(); 12];
+        let mut acc = [_mm512_setzero_ps(); super::F32_ACCUMULATORS];
         for _ in 0..n {
             for r in acc.iter_mut() {
                 *r = _mm512_fmadd_ps(*r, a, b);
@@ -289,7 +303,7 @@ mod loops {
     pub unsafe fn f32_ymm(n: u64) -> f64 {
         let a = _mm256_set1_ps(A);
         let b = _mm256_set1_ps(B);
-        let mut acc = [_mm256_setzero_ps(); 12];
+        let mut acc = [_mm256_setzero_ps(); super::F32_ACCUMULATORS];
         for _ in 0..n {
             for r in acc.iter_mut() {
                 *r = _mm256_fmadd_ps(*r, a, b);
@@ -338,7 +352,7 @@ mod tests {
                     8.0
                 };
                 let (a, b) = (loops::A as f64, loops::B as f64);
-                12.0 * lanes * b * (a.powf(n as f64) - 1.0) / (a - 1.0)
+                F32_ACCUMULATORS as f64 * lanes * b * (a.powf(n as f64) - 1.0) / (a - 1.0)
             }
             // Each step adds the pair products 2 * (x * y) with x = y = 1 (exact in bf16) to every lane.
             Ceiling::Bf16Avx512 => BF16_ACCUMULATORS as f64 * 16.0 * 2.0 * n as f64,
@@ -408,8 +422,7 @@ mod tests {
         for c in Ceiling::ALL {
             let per_cycle = match c {
                 Ceiling::Bf16Amx => 2.0 * 16.0 * 16.0 * 32.0 * 2.0 / 16.0,
-                Ceiling::Bf16Avx512 => 2.0 * c.flop_per_iteration() / BF16_ACCUMULATORS as f64,
-                _ => 2.0 * c.flop_per_iteration() / 12.0,
+                _ => 2.0 * c.flop_per_iteration() / c.accumulators() as f64,
             };
             let bound = per_cycle * 6.0;
             if !c.supported() {
